@@ -1,0 +1,81 @@
+"""guidediff: guided diffusion sampling in JAX.
+
+The pipeline, one module per stage: forward SDE (`_sde`) -> score (`_score`, exact
+oracles in `_oracle`) -> guidance (`_guidance`, score -> score, chained) -> reverse
+terms (`_reverse`) -> diffrax solvers (`_solver`) on a grid (`_grid`) with grid
+Brownian noise (`_brownian`) -> particles (`_sample`).
+"""
+
+from ._brownian import GridBrownianPath as GridBrownianPath
+from ._grid import (
+    logsnr_grid as logsnr_grid,
+    quadratic_grid as quadratic_grid,
+    uniform_grid as uniform_grid,
+)
+from ._guidance.base import (
+    AbstractGuidance as AbstractGuidance,
+    Chain as Chain,
+    Guided as Guided,
+    Identity as Identity,
+    chain as chain,
+    guide as guide,
+    stateless as stateless,
+)
+from ._guidance.cfg import ClassifierFree as ClassifierFree, cfg as cfg
+from ._guidance.classifier import (
+    ClassifierGuidance as ClassifierGuidance,
+    classifier_guidance as classifier_guidance,
+)
+from ._guidance.gradient import (
+    GradientGuidance as GradientGuidance,
+    gradient_guidance as gradient_guidance,
+)
+from ._guidance.interval import Interval as Interval, interval as interval
+from ._guidance.reward import (
+    RewardGuidance as RewardGuidance,
+    reward_guidance as reward_guidance,
+)
+from ._oracle import (
+    ExpLinearReward as ExpLinearReward,
+    Gaussian as Gaussian,
+    GaussianBumpReward as GaussianBumpReward,
+    GaussianMixture as GaussianMixture,
+    MixtureScore as MixtureScore,
+    PointCloud as PointCloud,
+)
+from ._reverse import (
+    AdditiveNoiseTerm as AdditiveNoiseTerm,
+    ReverseDrift as ReverseDrift,
+    probability_flow as probability_flow,
+    reverse_sde as reverse_sde,
+)
+from ._sample import Samples as Samples, sample as sample
+from ._score import (
+    AbstractScore as AbstractScore,
+    EpsScore as EpsScore,
+    ScoreFn as ScoreFn,
+    X0Score as X0Score,
+    denoise as denoise,
+    eps_to_score as eps_to_score,
+    score_to_eps as score_to_eps,
+    score_to_x0 as score_to_x0,
+    x0_to_score as x0_to_score,
+)
+from ._sde import (
+    VESDE as VESDE,
+    VPSDE as VPSDE,
+    AbstractSDE as AbstractSDE,
+    AbstractVPSchedule as AbstractVPSchedule,
+    CosineSchedule as CosineSchedule,
+    LinearBeta as LinearBeta,
+    OneMinusT as OneMinusT,
+)
+from ._solver import ExponentialIntegrator as ExponentialIntegrator
+from ._weights import (
+    Constant as Constant,
+    PiecewiseLinear as PiecewiseLinear,
+    as_weight as as_weight,
+)
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+r"""Fixed time grids for sampling, from the noise end $T$ down to $\varepsilon$."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._sde import AbstractSDE
+
+
+def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
+    """`num_steps + 1` equally spaced times from `t_start` to `t_end`."""
+    _check_steps(num_steps)
+    return jnp.linspace(t_start, t_end, num_steps + 1)
+
+
+def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
+    r"""$t_i = t_{end} + (t_{start} - t_{end})(1 - i/N)^2$: finer near the data end."""
+    _check_steps(num_steps)
+    u = 1.0 - jnp.arange(num_steps + 1) / num_steps
+    return t_end + (t_start - t_end) * u**2
+
+
+def logsnr_grid(
+    sde: AbstractSDE, t_start: float, t_end: float, num_steps: int
+) -> Float[Array, " n"]:
+    r"""Times equally spaced in log-SNR $\lambda(t) = \log(\alpha^2/\sigma^2)$.
+
+    $\lambda$ is inverted by bisection (it is monotone decreasing in $t$).
+    """
+    _check_steps(num_steps)
+    lam = jnp.linspace(sde.log_snr(t_start), sde.log_snr(t_end), num_steps + 1)
+
+    def invert(target):
+        def body(_, lohi):
+            lo, hi = lohi
+            mid = 0.5 * (lo + hi)
+            go_up = sde.log_snr(mid) > target  # too little noise: move towards t_start
+            return jnp.where(go_up, mid, lo), jnp.where(go_up, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(
+            0,
+            100,
+            body,
+            (jnp.asarray(t_end, lam.dtype), jnp.asarray(t_start, lam.dtype)),
+        )
+        return 0.5 * (lo + hi)
+
+    ts = jax.vmap(invert)(lam)
+    return ts.at[0].set(t_start).at[-1].set(t_end)
+
+
+def _check_steps(num_steps) -> None:
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
+
+
+def check_grid(sde: AbstractSDE, ts) -> None:
+    """Clear errors for a grid that is not strictly decreasing from the noise end
+    towards the data, or that leaves the SDE's time range `[0, T]`."""
+    try:
+        arr = np.asarray(ts)
+    except (TypeError, jax.errors.TracerArrayConversionError):
+        return  # traced: checked by the caller's own tests
+    if arr.ndim != 1 or arr.shape[0] < 2:
+        raise ValueError(
+            f"the time grid must be 1-D with at least 2 times, got {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("the time grid contains non-finite times")
+    if not np.all(np.diff(arr) < 0):
+        bad = int(np.argmax(np.diff(arr) >= 0))
+        raise ValueError(
+            "the time grid must be strictly decreasing (from the noise end T to the data "
+            f"end), but ts[{bad}]={arr[bad]} <= ts[{bad + 1}]={arr[bad + 1]}"
+        )
+    T = float(sde.T)
+    if arr[0] > T * (1 + 1e-12) or arr[-1] < 0:
+        raise ValueError(
+            f"the time grid [{arr[0]}, ..., {arr[-1]}] leaves the SDE's range [0, {T}]"
+        )

@@ -1,0 +1,76 @@
+r"""Classifier-free guidance."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._custom_types import Args
+from .._score import AbstractScore
+from .._weights import Weight, as_weight
+from .base import AbstractGuidance
+
+
+class ClassifierFree(AbstractGuidance):
+    r"""$\tilde s = s(x \mid c) + w(t)\,\big(s(x\mid c) - s(x)\big)
+    = (1 + w)s(x\mid c) - w\,s(x)$. See `cfg`."""
+
+    weight: eqx.Module
+    null_args: Args
+    unconditional: AbstractScore | None
+    batched: bool = eqx.field(static=True)
+
+    def apply(self, score, t, x, args):
+        if self.unconditional is not None:
+            cond = score(t, x, args)
+            uncond = self.unconditional(t, x, args)
+        elif self.batched:
+            # One call of the score on the stacked (cond, null) args: under the outer
+            # particle vmap this is a single network call on 2N inputs.
+            null = jtu.tree_map(
+                lambda a, n: jnp.asarray(n, jnp.asarray(a).dtype), args, self.null_args
+            )
+            both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
+            out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)
+            cond, uncond = out[0], out[1]
+        else:
+            cond = score(t, x, args)
+            uncond = score(t, x, self.null_args)
+        w = self.weight(t).astype(cond.dtype)
+        return cond + w * (cond - uncond)
+
+
+def cfg(
+    weight: Weight,
+    *,
+    null_args: Args = None,
+    unconditional: AbstractScore | None = None,
+    batched: bool = True,
+) -> ClassifierFree:
+    r"""Classifier-free guidance (Ho & Salimans), PAPER.md §3.2:
+
+    $$\tilde s_t(x\mid c) = s_t(x\mid c) + w(t)\big(s_t(x\mid c) - s_t(x)\big).$$
+
+    $w = 0$ is plain conditional sampling; diffusers' scale is $1 + w$.
+
+    **Arguments:**
+
+    - `weight`: $w$, a number or a schedule $t\mapsto w(t)$.
+    - `null_args`: the `args` that make the *same* score unconditional (e.g. the null
+      class label). The conditional and unconditional calls are then batched into one
+      call (`batched=True`), which is one network evaluation on twice the inputs.
+    - `unconditional`: alternatively, a separate unconditional score (called with the
+      same `args`). Give exactly one of `null_args` / `unconditional`.
+
+    !!! example
+
+        ```python
+        gmm = gd.GaussianMixture(...)
+        guided = gd.guide(gmm.conditional_score(sde), gd.cfg(2.0, null_args=gmm.null_label))
+        ```
+    """
+    if (null_args is None) == (unconditional is None):
+        raise ValueError("cfg needs exactly one of `null_args` or `unconditional`")
+    if unconditional is not None and not isinstance(unconditional, AbstractScore):
+        raise TypeError("`unconditional` must be an AbstractScore")
+    return ClassifierFree(as_weight(weight), null_args, unconditional, batched)

@@ -1,0 +1,37 @@
+r"""The reward-guidance term of Jiao, Chen & Li (PAPER.md §2.3)."""
+
+import equinox as eqx
+
+from .._score import AbstractScore
+from .._weights import Weight, as_weight
+from .base import AbstractGuidance
+
+
+class RewardGuidance(AbstractGuidance):
+    r"""$\tilde s = s + w(t)\,(s^r - s)$. See `reward_guidance`."""
+
+    reward_score: AbstractScore
+    weight: eqx.Module
+
+    def apply(self, score, t, x, args):
+        s = score(t, x, args)
+        s_r = self.reward_score(t, x, args)
+        return s + self.weight(t).astype(s.dtype) * (s_r - s)
+
+
+def reward_guidance(
+    reward_score: AbstractScore, weight: Weight = 1.0
+) -> RewardGuidance:
+    r"""Reward guidance: inject $w(s^r - s)$ into the backward SDE (PAPER.md §2.3),
+
+    $$\tilde s_t = s_t + w(t)\big(s^r_t - s_t\big),$$
+
+    where $s^r_t$ is the score of the reward-reweighted law $p^r \propto p\,r$
+    (exact, e.g. `gmm.tilt(reward).score(sde)`, or trained by reward-weighted
+    denoising score matching). $w = 0$ samples $p$, $w = 1$ samples $p^r$ exactly,
+    and $E[r(Y^w)]$ rises with $w \ge 0$ (PAPER.md §2.4); $w < 0$ lowers it (the
+    cost-reduction view).
+    """
+    if not isinstance(reward_score, AbstractScore):
+        raise TypeError("`reward_score` must be an AbstractScore")
+    return RewardGuidance(reward_score, as_weight(weight))

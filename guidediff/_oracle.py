@@ -1,0 +1,530 @@
+r"""Exact oracles: distributions whose time-$t$ scores are known in closed form.
+
+Under any SDE of `guidediff._sde` the time-$t$ marginal of a Gaussian mixture
+$\sum_k \pi_k\mathcal N(\mu_k, \Sigma_k)$ is again a Gaussian mixture,
+
+$$p_t = \sum_k \pi_k\,\mathcal N\big(\alpha(t)\mu_k,\ \alpha(t)^2\Sigma_k + \sigma(t)^2 I\big),$$
+
+so its score, its class posterior $p_t(c \mid x)$ and its reward tilts are exact.
+Tests, experiments and benchmarks lean on these oracles.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ._custom_types import Args, Key, Scalar, Time
+from ._score import AbstractScore
+from ._sde import AbstractSDE
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_label(label: Array, num_classes: int, *, allow_null: bool) -> Array:
+    """Clear error for a label outside [0, num_classes) (or == num_classes if null)."""
+    label = jnp.asarray(label)
+    if not jnp.issubdtype(label.dtype, jnp.integer):
+        raise TypeError(f"class labels must be integers, got dtype {label.dtype}")
+    hi = num_classes if allow_null else num_classes - 1
+    if _is_concrete(label):
+        lv = np.asarray(label)
+        if np.any((lv < 0) | (lv > hi)):
+            raise ValueError(
+                f"unknown class label {lv.tolist()}: this mixture has classes "
+                f"0..{num_classes - 1}"
+                + (
+                    f" and the null (unconditional) label {num_classes}"
+                    if allow_null
+                    else ""
+                )
+            )
+        return label
+    return eqx.error_if(
+        label,
+        (label < 0) | (label > hi),
+        f"unknown class label: valid labels are 0..{hi}",
+    )
+
+
+class GaussianMixture(eqx.Module):
+    r"""A Gaussian mixture $\sum_k \pi_k \mathcal N(\mu_k, \Sigma_k)$ with class labels.
+
+    Component $k$ belongs to class `labels[k]`; the class-conditional law $p(x\mid c)$
+    is the mixture restricted to the components of class $c$.
+
+    **Arguments:**
+
+    - `weights`: $(K,)$ non-negative mixture weights (normalised here).
+    - `means`: $(K, d)$.
+    - `covs`: $(K, d, d)$ symmetric positive definite, or $(K,)$ / $(K, d)$ for
+      isotropic / diagonal covariances.
+    - `labels`: $(K,)$ integer class of each component (default: component index).
+
+    !!! example
+
+        ```python
+        gmm = gd.GaussianMixture(
+            weights=[0.5, 0.5], means=[[-2.0, 0.0], [2.0, 0.0]], covs=[1.0, 1.0]
+        )
+        score = gmm.score(gd.VPSDE())          # exact score of p_t
+        s = score(0.5, jnp.zeros(2))
+        ```
+    """
+
+    log_weights: Float[Array, " K"]
+    means: Float[Array, "K d"]
+    evals: Float[Array, "K d"]
+    evecs: Float[Array, "K d d"]
+    labels: Int[Array, " K"]
+    num_classes: int = eqx.field(static=True)
+
+    def __init__(
+        self, weights, means, covs, labels=None, num_classes: int | None = None
+    ):
+        dtype = jnp.result_type(float)
+        means = jnp.asarray(means, dtype)
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (K, d), got {means.shape}")
+        K, d = means.shape
+        weights = jnp.asarray(weights, dtype)
+        if weights.shape != (K,):
+            raise ValueError(f"weights must have shape ({K},), got {weights.shape}")
+        if _is_concrete(weights):
+            w = np.asarray(weights)
+            if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(
+                    "mixture weights must be finite, non-negative and not all zero"
+                )
+        covs = jnp.asarray(covs, dtype)
+        if covs.shape == (K,):
+            covs = covs[:, None, None] * jnp.eye(d, dtype=dtype)[None]
+        elif covs.shape == (K, d):
+            covs = jax.vmap(jnp.diag)(covs)
+        elif covs.shape != (K, d, d):
+            raise ValueError(
+                f"covs must be (K,), (K, d) or (K, d, d); got {covs.shape}"
+            )
+        evals, evecs = jnp.linalg.eigh(covs)
+        if _is_concrete(evals) and np.any(np.asarray(evals) <= 0):
+            raise ValueError("every covariance must be positive definite")
+        if labels is None:
+            labels = jnp.arange(K)
+        labels = jnp.asarray(labels, jnp.int32)
+        if labels.shape != (K,):
+            raise ValueError(f"labels must have shape ({K},), got {labels.shape}")
+        if num_classes is None:
+            num_classes = int(np.max(np.asarray(labels))) + 1
+        if np.any(np.asarray(labels) < 0) or np.any(np.asarray(labels) >= num_classes):
+            raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+        self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
+        self.means = means
+        self.evals = evals
+        self.evecs = evecs
+        self.labels = labels
+        self.num_classes = int(num_classes)
+
+    # -- basic properties ---------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def weights(self) -> Float[Array, " K"]:
+        return jnp.exp(self.log_weights)
+
+    @property
+    def covs(self) -> Float[Array, "K d d"]:
+        return jnp.einsum("kij,kj,klj->kil", self.evecs, self.evals, self.evecs)
+
+    @property
+    def null_label(self) -> int:
+        """The label meaning "no class" (the unconditional law): `num_classes`."""
+        return self.num_classes
+
+    def class_prob(self, c) -> Scalar:
+        """$p(c) = \\sum_{k: \\text{label}_k = c}\\pi_k$."""
+        c = _check_label(c, self.num_classes, allow_null=False)
+        return jnp.sum(jnp.where(self.labels == c, self.weights, 0.0))
+
+    def mean(self) -> Float[Array, " d"]:
+        return self.weights @ self.means
+
+    def cov(self) -> Float[Array, "d d"]:
+        m = self.mean()
+        second = jnp.einsum("k,kij->ij", self.weights, self.covs) + jnp.einsum(
+            "k,ki,kj->ij", self.weights, self.means, self.means
+        )
+        return second - jnp.outer(m, m)
+
+    # -- time-t densities and scores -------------------------------------------------
+
+    def _component_terms(self, x: Array, alpha, sigma):
+        """Per-component log N_t(x) and score, for one particle x of shape (d,)."""
+        dtype = x.dtype
+        v = (alpha**2 * self.evals + sigma**2).astype(dtype)  # (K, d)
+        diff = x[None, :] - alpha.astype(dtype) * self.means.astype(dtype)  # (K, d)
+        proj = jnp.einsum("kij,ki->kj", self.evecs.astype(dtype), diff)  # U^T diff
+        logn = -0.5 * jnp.sum(
+            proj**2 / v + jnp.log(v), axis=-1
+        ) - 0.5 * self.dim * math.log(2 * math.pi)
+        scores = -jnp.einsum("kij,kj->ki", self.evecs.astype(dtype), proj / v)
+        return logn, scores
+
+    def _log_resp(self, logn: Array, label=None) -> Array:
+        logits = self.log_weights.astype(logn.dtype) + logn
+        if label is not None:
+            keep = (self.labels == label) | (label == self.num_classes)
+            logits = jnp.where(keep, logits, -jnp.inf)
+        return logits
+
+    def log_prob_t(
+        self, sde: AbstractSDE | None, t: Time, x: Array, label=None
+    ) -> Scalar:
+        """$\\log p_t(x)$ (or $\\log p_t(x\\mid c)$ given `label`); `sde=None` means t=0."""
+        alpha, sigma = _coeffs(sde, t, x.dtype)
+        logn, _ = self._component_terms(x, alpha, sigma)
+        logits = self._log_resp(logn, label)
+        out = jax.nn.logsumexp(logits)
+        if label is not None:
+            out = out - jnp.log(
+                jnp.sum(jnp.where(self.labels == label, self.weights, 0.0))
+                + jnp.where(label == self.num_classes, 1.0, 0.0)
+            ).astype(out.dtype)
+        return out
+
+    def log_prob(self, x: Array, label=None) -> Scalar:
+        """The clean log-density $\\log p(x)$ (or $\\log p(x \\mid c)$)."""
+        return self.log_prob_t(None, 0.0, x, label)
+
+    def score_t(self, sde: AbstractSDE, t: Time, x: Array, label=None) -> Array:
+        r"""$\nabla_x\log p_t(x)$, or $\nabla_x \log p_t(x \mid c)$ given `label`."""
+        alpha, sigma = sde.marginal(t)
+        logn, scores = self._component_terms(x, alpha, sigma)
+        resp = jax.nn.softmax(self._log_resp(logn, label))
+        return resp @ scores
+
+    def log_classifier_t(
+        self, sde: AbstractSDE | None, t: Time, x: Array, label
+    ) -> Scalar:
+        r"""The exact noisy classifier $\log p_t(c \mid x)$ ($t = 0$ if `sde` is None)."""
+        alpha, sigma = _coeffs(sde, t, x.dtype)
+        logn, _ = self._component_terms(x, alpha, sigma)
+        logits = self._log_resp(logn)
+        return jax.nn.logsumexp(jnp.where(self.labels == label, logits, -jnp.inf)) - (
+            jax.nn.logsumexp(logits)
+        )
+
+    def classifier_prob(self, x: Array, label) -> Scalar:
+        r"""The clean Bayes posterior $p(c \mid x)$ for one particle `x`."""
+        label = _check_label(label, self.num_classes, allow_null=False)
+        return jnp.exp(self.log_classifier_t(None, 0.0, x, label))
+
+    # -- scores as pytrees ----------------------------------------------------------
+
+    def score(self, sde: AbstractSDE) -> "MixtureScore":
+        """The exact unconditional score of $p_t$ (ignores `args`)."""
+        return MixtureScore(self, sde, conditional=False)
+
+    def conditional_score(self, sde: AbstractSDE) -> "MixtureScore":
+        """The exact class-conditional score; `args` is the integer label.
+
+        `args == num_classes` (the `null_label`) gives the unconditional score, so
+        `gd.cfg(w, null_args=gmm.null_label)` is classifier-free guidance.
+        """
+        return MixtureScore(self, sde, conditional=True)
+
+    def log_classifier(self, sde: AbstractSDE) -> "MixtureClassifier":
+        r"""$(t, x, c) \mapsto \log p_t(c \mid x)$, for `gd.classifier_guidance`."""
+        return MixtureClassifier(self, sde)
+
+    # -- sampling --------------------------------------------------------------------
+
+    def sample_with_labels(self, key: Key, n: int) -> tuple[Array, Array]:
+        """`n` exact draws and their class labels."""
+        kc, kz = jr.split(key)
+        comp = jr.categorical(kc, self.log_weights, shape=(n,))
+        z = jr.normal(kz, (n, self.dim), self.means.dtype)
+        scale = self.evecs[comp] * jnp.sqrt(self.evals[comp])[:, None, :]
+        x = self.means[comp] + jnp.einsum("nij,nj->ni", scale, z)
+        return x, self.labels[comp]
+
+    def sample(self, key: Key, n: int) -> Float[Array, "n d"]:
+        """`n` exact draws."""
+        return self.sample_with_labels(key, n)[0]
+
+    def conditional(self, label: int) -> "GaussianMixture":
+        """The class-conditional law $p(\\cdot \\mid c)$ as a mixture of its components."""
+        label = int(_check_label(label, self.num_classes, allow_null=False))
+        keep = np.asarray(self.labels) == label
+        return GaussianMixture(
+            self.weights[keep],
+            self.means[keep],
+            self.covs[keep],
+            self.labels[keep],
+            num_classes=self.num_classes,
+        )
+
+    # -- reward tilts -------------------------------------------------------------------
+
+    def tilt(self, reward) -> "GaussianMixture":
+        r"""The reweighted law $p^r \propto p\cdot r$ for a reward with a closed-form
+        tilt (`GaussianBumpReward`, `ExpLinearReward`)."""
+        return reward.tilt_mixture(self)
+
+
+def _coeffs(sde, t, dtype):
+    if sde is None:
+        return jnp.ones((), dtype), jnp.zeros((), dtype)
+    return sde.marginal(t)
+
+
+class MixtureScore(AbstractScore):
+    """The exact score of a `GaussianMixture` under an SDE (see `GaussianMixture.score`)."""
+
+    mixture: GaussianMixture
+    sde: AbstractSDE
+    conditional: bool = eqx.field(static=True)
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        if not self.conditional:
+            return self.mixture.score_t(self.sde, t, x)
+        label = _check_label(args, self.mixture.num_classes, allow_null=True)
+        return self.mixture.score_t(self.sde, t, x, label)
+
+
+class MixtureClassifier(eqx.Module):
+    r"""$(t, x, c) \mapsto \log p_t(c \mid x)$ of a `GaussianMixture`."""
+
+    mixture: GaussianMixture
+    sde: AbstractSDE
+
+    def __call__(self, t: Time, x: Array, args: Args) -> Scalar:
+        label = _check_label(args, self.mixture.num_classes, allow_null=False)
+        return self.mixture.log_classifier_t(self.sde, t, x, label)
+
+
+class Gaussian(eqx.Module):
+    r"""A Gaussian $\mathcal N(\mu, \Sigma)$: a one-component `GaussianMixture` with
+    the marginal moments in closed form.
+
+    $X_t \sim \mathcal N(\alpha(t)\mu,\ \alpha(t)^2\Sigma + \sigma(t)^2 I)$.
+    """
+
+    mixture: GaussianMixture
+
+    def __init__(self, mean, cov):
+        mean = jnp.asarray(mean, jnp.result_type(float))
+        cov = jnp.asarray(cov, mean.dtype)
+        if cov.ndim == 0:
+            cov = cov * jnp.eye(mean.shape[0], dtype=mean.dtype)
+        self.mixture = GaussianMixture(jnp.ones(1), mean[None], cov[None])
+
+    @property
+    def mean(self) -> Array:
+        return self.mixture.means[0]
+
+    @property
+    def cov(self) -> Array:
+        return self.mixture.covs[0]
+
+    def marginal_moments(self, sde: AbstractSDE, t: Time) -> tuple[Array, Array]:
+        """The exact mean and covariance of $X_t$."""
+        alpha, sigma = sde.marginal(t)
+        d = self.mean.shape[0]
+        return alpha * self.mean, alpha**2 * self.cov + sigma**2 * jnp.eye(d)
+
+    def score(self, sde: AbstractSDE) -> MixtureScore:
+        return self.mixture.score(sde)
+
+    def log_prob(self, x: Array) -> Scalar:
+        return self.mixture.log_prob(x)
+
+    def sample(self, key: Key, n: int) -> Array:
+        return self.mixture.sample(key, n)
+
+
+class PointCloud(eqx.Module):
+    r"""The (weighted) uniform law over a point set $\{p_i\}$: $\sum_i w_i\delta_{p_i}$.
+
+    Its time-$t$ marginal is $\sum_i w_i \mathcal N(\alpha p_i, \sigma^2 I)$, with score
+    $s_t(x) = (\alpha\sum_i\gamma_i(x) p_i - x)/\sigma^2$, $\gamma_i \propto
+    w_i\mathcal N(x; \alpha p_i, \sigma^2 I)$. Defined for $t > 0$ only.
+    """
+
+    points: Float[Array, "n d"]
+    log_weights: Float[Array, " n"]
+
+    def __init__(self, points, weights=None):
+        points = jnp.asarray(points, jnp.result_type(float))
+        if points.ndim != 2:
+            raise ValueError(f"points must have shape (n, d), got {points.shape}")
+        n = points.shape[0]
+        if weights is None:
+            weights = jnp.ones(n, points.dtype)
+        weights = _check_nonnegative(weights, "point weights")
+        if weights.shape != (n,):
+            raise ValueError(f"weights must have shape ({n},), got {weights.shape}")
+        self.points = points
+        self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
+
+    def score_t(self, sde: AbstractSDE, t: Time, x: Array) -> Array:
+        alpha, sigma = sde.marginal(t)
+        alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
+        mu = alpha * self.points.astype(x.dtype)
+        logits = (
+            self.log_weights.astype(x.dtype)
+            - 0.5 * jnp.sum((x[None, :] - mu) ** 2, axis=-1) / sigma**2
+        )
+        resp = jax.nn.softmax(logits)
+        return (resp @ mu - x) / sigma**2
+
+    def score(self, sde: AbstractSDE) -> "PointCloudScore":
+        return PointCloudScore(self, sde)
+
+    def sample(self, key: Key, n: int) -> Array:
+        idx = jr.categorical(key, self.log_weights, shape=(n,))
+        return self.points[idx]
+
+    def tilt(self, rewards: ArrayLike) -> "PointCloud":
+        r"""The reweighted law with weights $\propto w_i r(p_i)$; `rewards` are the
+        non-negative values $r(p_i)$ (or a callable reward)."""
+        if callable(rewards):
+            rewards = jax.vmap(rewards)(self.points)
+        rewards = _check_nonnegative(rewards, "rewards")
+        return PointCloud(self.points, jnp.exp(self.log_weights) * rewards)
+
+
+class PointCloudScore(AbstractScore):
+    cloud: PointCloud
+    sde: AbstractSDE
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return self.cloud.score_t(self.sde, t, x)
+
+
+def _check_nonnegative(values: ArrayLike, what: str) -> Array:
+    values = jnp.asarray(values, jnp.result_type(float))
+    if _is_concrete(values):
+        v = np.asarray(values)
+        if np.any(np.isnan(v)):
+            raise ValueError(f"{what} contain NaN")
+        if np.any(v < 0):
+            raise ValueError(
+                f"{what} must be non-negative (a tilt p*r needs r >= 0); got minimum "
+                f"{v.min()}. For a signed reward R use an exponential tilt exp(R/alpha)."
+            )
+        if not np.any(v > 0):
+            raise ValueError(f"{what} are all zero: the tilted law is undefined")
+        if np.any(np.isinf(v)):
+            raise ValueError(f"{what} contain inf")
+    return values
+
+
+# ---------------------------------------------------------------------------------
+# Rewards with closed-form tilts of a Gaussian mixture (PAPER.md 6.3).
+# ---------------------------------------------------------------------------------
+
+
+class GaussianBumpReward(eqx.Module):
+    r"""$r(x) = \exp(-\|x - a\|^2 / (2 s^2))$.
+
+    Tilting component $\mathcal N(\mu_k, \Sigma_k)$ gives
+    $\Sigma_k' = (\Sigma_k^{-1} + s^{-2}I)^{-1}$,
+    $\mu_k' = \Sigma_k'(\Sigma_k^{-1}\mu_k + a/s^2)$ and
+    $\pi_k' \propto \pi_k\,\mathcal N(a; \mu_k, \Sigma_k + s^2 I)$.
+    """
+
+    center: Float[Array, " d"]
+    width: Float[Array, ""]
+
+    def __init__(self, center, width):
+        self.center = jnp.asarray(center, jnp.result_type(float))
+        self.width = jnp.asarray(width, jnp.result_type(float))
+        if _is_concrete(self.width) and not float(self.width) > 0:
+            raise ValueError(
+                f"the bump width must be positive, got {float(self.width)}"
+            )
+
+    def log(self, x: Array) -> Scalar:
+        return -0.5 * jnp.sum((x - self.center) ** 2) / self.width**2
+
+    def __call__(self, x: Array) -> Scalar:
+        return jnp.exp(self.log(x))
+
+    def _per_component(self, gmm: GaussianMixture):
+        d = gmm.dim
+        s2 = self.width**2
+        v = gmm.evals + s2  # eigenvalues of Sigma_k + s^2 I
+        diff = jnp.einsum("kij,ki->kj", gmm.evecs, self.center[None] - gmm.means)
+        log_n = -0.5 * jnp.sum(diff**2 / v + jnp.log(v), -1) - 0.5 * d * math.log(
+            2 * math.pi
+        )
+        # E_k[r] = (2 pi s^2)^{d/2} N(a; mu_k, Sigma_k + s^2 I)
+        log_er = log_n + 0.5 * d * jnp.log(2 * math.pi * s2)
+        return log_er
+
+    def expectation(self, gmm: GaussianMixture) -> Scalar:
+        r"""$E_{X\sim p}[r(X)]$ in closed form."""
+        return jnp.exp(jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm)))
+
+    def tilt_mixture(self, gmm: GaussianMixture) -> GaussianMixture:
+        s2 = self.width**2
+        new_evals = gmm.evals * s2 / (gmm.evals + s2)
+        # mu' = Sigma'(Sigma^{-1} mu + a/s^2), in each component's eigenbasis.
+        rhs = (
+            jnp.einsum("kij,ki->kj", gmm.evecs, gmm.means) / gmm.evals
+            + jnp.einsum("kij,i->kj", gmm.evecs, self.center) / s2
+        )
+        new_means = jnp.einsum("kij,kj->ki", gmm.evecs, new_evals * rhs)
+        new_covs = jnp.einsum("kij,kj,klj->kil", gmm.evecs, new_evals, gmm.evecs)
+        logw = gmm.log_weights + self._per_component(gmm)
+        return GaussianMixture(
+            jnp.exp(logw - jnp.max(logw)),
+            new_means,
+            new_covs,
+            gmm.labels,
+            gmm.num_classes,
+        )
+
+
+class ExpLinearReward(eqx.Module):
+    r"""$r(x) = \exp(\lambda^\top x)$.
+
+    Tilting component $k$ gives $\mathcal N(\mu_k + \Sigma_k\lambda, \Sigma_k)$ with
+    $\pi_k' \propto \pi_k\exp(\lambda^\top\mu_k + \tfrac12\lambda^\top\Sigma_k\lambda)$.
+    """
+
+    direction: Float[Array, " d"]
+
+    def __init__(self, direction):
+        self.direction = jnp.asarray(direction, jnp.result_type(float))
+
+    def log(self, x: Array) -> Scalar:
+        return jnp.dot(self.direction, x)
+
+    def __call__(self, x: Array) -> Scalar:
+        return jnp.exp(self.log(x))
+
+    def _per_component(self, gmm: GaussianMixture):
+        quad = jnp.einsum("i,kij,j->k", self.direction, gmm.covs, self.direction)
+        return gmm.means @ self.direction + 0.5 * quad
+
+    def expectation(self, gmm: GaussianMixture) -> Scalar:
+        r"""$E_{X\sim p}[r(X)]$ in closed form."""
+        return jnp.exp(jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm)))
+
+    def tilt_mixture(self, gmm: GaussianMixture) -> GaussianMixture:
+        covs = gmm.covs
+        new_means = gmm.means + jnp.einsum("kij,j->ki", covs, self.direction)
+        logw = gmm.log_weights + self._per_component(gmm)
+        return GaussianMixture(
+            jnp.exp(logw - jnp.max(logw)), new_means, covs, gmm.labels, gmm.num_classes
+        )

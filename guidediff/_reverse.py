@@ -1,0 +1,66 @@
+r"""Reverse-time dynamics as diffrax terms.
+
+For the forward SDE $dX = f(t)X\,dt + g(t)\,dW$ with score $s_t$, integrated from
+$t = T$ down to $t = \varepsilon$ (diffrax handles $t_0 > t_1$):
+
+- reverse SDE (Anderson): $dX = [f(t)X - g(t)^2 s_t(X)]\,dt + g(t)\,d\bar W$;
+- probability-flow ODE: $dX = [f(t)X - \tfrac12 g(t)^2 s_t(X)]\,dt$.
+
+Both start from the prior at $T$ and share one drift module, so every guidance works
+with both.
+"""
+
+import diffrax as dfx
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array
+
+from ._custom_types import Args, Time
+from ._score import AbstractScore
+from ._sde import AbstractSDE
+
+
+class ReverseDrift(eqx.Module):
+    r"""$f(t)x - \lambda\,g(t)^2 s_t(x)$, with $\lambda = 1$ (SDE) or $\tfrac12$ (ODE)."""
+
+    sde: AbstractSDE
+    score: AbstractScore
+    score_scale: float = eqx.field(static=True)
+
+    def __call__(self, t: Time, y: Array, args: Args) -> Array:
+        s = self.score(t, y, args)
+        g2 = (self.sde.diffusion(t) ** 2).astype(y.dtype)
+        return self.sde.drift(t, y) - (self.score_scale * g2) * s
+
+
+class AdditiveNoiseTerm(dfx.AbstractTerm):
+    r"""$g(t)\,dW_t$ for a scalar diffusion $g(t)$: the vector field is the scalar
+    $g(t)$ and the product with the Brownian increment is elementwise (cheaper than a
+    `lineax.DiagonalLinearOperator`)."""
+
+    sde: AbstractSDE
+    path: dfx.AbstractBrownianPath
+
+    def vf(self, t, y, args):
+        return self.sde.diffusion(t)
+
+    def contr(self, t0, t1, **kwargs):
+        return self.path.evaluate(t0, t1, **kwargs)
+
+    def prod(self, vf, control):
+        return jtu.tree_map(lambda c: jnp.asarray(vf, c.dtype) * c, control)
+
+
+def reverse_sde(
+    sde: AbstractSDE, score: AbstractScore, brownian: dfx.AbstractBrownianPath
+) -> dfx.MultiTerm:
+    """The reverse-time SDE as `MultiTerm(ODETerm(drift), AdditiveNoiseTerm)`."""
+    return dfx.MultiTerm(
+        dfx.ODETerm(ReverseDrift(sde, score, 1.0)), AdditiveNoiseTerm(sde, brownian)
+    )
+
+
+def probability_flow(sde: AbstractSDE, score: AbstractScore) -> dfx.ODETerm:
+    """The probability-flow ODE as an `ODETerm`."""
+    return dfx.ODETerm(ReverseDrift(sde, score, 0.5))

@@ -1,0 +1,104 @@
+r"""The score abstraction: a pure function of `(t, x, args)` for ONE particle.
+
+A score $s(t, x, \text{args}) \approx \nabla_x \log p_t(x \mid \text{args})$ is an
+`eqx.Module`, so that everything it depends on (network weights, oracle parameters,
+guidance weights) is a pytree leaf: `jax.grad` reaches it, `jit` does not bake it in
+as a constant, and changing it does not recompile.
+
+Networks often predict the noise $\varepsilon$ or the clean data $x_0$ instead. With
+$x_t = \alpha x_0 + \sigma\varepsilon$ (see `AbstractSDE.marginal`) the three are
+related by Tweedie's formula
+
+$$s = -\varepsilon/\sigma = (\alpha\hat x_0 - x)/\sigma^2.$$
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+from jaxtyping import Array
+
+from ._custom_types import Args, Time
+from ._sde import AbstractSDE
+
+
+class AbstractScore(eqx.Module):
+    """A score function $s(t, x, \\text{args})$ of one particle.
+
+    Subclasses implement `__call__(t, x, args) -> array shaped like x`. Particles are a
+    `jax.vmap` over calls, never a batch axis inside.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        """The score at time `t` and state `x`."""
+
+
+class ScoreFn(AbstractScore):
+    """Wrap a plain function `fn(t, x, args) -> score` as a score.
+
+    The function is a static field: arrays it closes over are compile-time constants
+    and invisible to `jax.grad`. Prefer an `eqx.Module` for anything with parameters.
+    """
+
+    fn: Callable = eqx.field(static=True)
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return self.fn(t, x, args)
+
+
+def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
+    r"""$s = -\varepsilon / \sigma(t)$."""
+    _, sigma = sde.marginal(t)
+    return -eps / sigma.astype(eps.dtype)
+
+
+def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
+    r"""$\varepsilon = -\sigma(t)\, s$."""
+    _, sigma = sde.marginal(t)
+    return -sigma.astype(score.dtype) * score
+
+
+def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
+    r"""$s = (\alpha(t)\hat x_0 - x) / \sigma(t)^2$."""
+    alpha, sigma = sde.marginal(t)
+    return (alpha.astype(x.dtype) * x0 - x) / sigma.astype(x.dtype) ** 2
+
+
+def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
+    r"""Tweedie's denoiser $\hat x_0 = (x + \sigma(t)^2 s) / \alpha(t)$."""
+    alpha, sigma = sde.marginal(t)
+    return (x + sigma.astype(x.dtype) ** 2 * score) / alpha.astype(x.dtype)
+
+
+def denoise(
+    sde: AbstractSDE, score: AbstractScore, t: Time, x: Array, args: Args = None
+):
+    r"""Tweedie's posterior mean $E[X_0 \mid X_t = x] = (x + \sigma^2 s(t,x))/\alpha$."""
+    return score_to_x0(sde, t, x, score(t, x, args))
+
+
+class EpsScore(AbstractScore):
+    r"""A noise-prediction model $\hat\varepsilon(t, x, \text{args})$ read as a score.
+
+    $s(t, x) = -\hat\varepsilon(t, x)/\sigma(t)$.
+    """
+
+    model: Callable
+    sde: AbstractSDE
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return eps_to_score(self.sde, t, x, self.model(t, x, args))
+
+
+class X0Score(AbstractScore):
+    r"""A data-prediction model $\hat x_0(t, x, \text{args})$ read as a score.
+
+    $s(t, x) = (\alpha(t)\hat x_0(t, x) - x)/\sigma(t)^2$.
+    """
+
+    model: Callable
+    sde: AbstractSDE
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return x0_to_score(self.sde, t, x, self.model(t, x, args))

@@ -1,0 +1,273 @@
+r"""Forward SDEs with Gaussian marginals.
+
+Every SDE here is linear with scalar coefficients,
+
+$$dX_t = f(t) X_t\,dt + g(t)\,dW_t,\qquad X_t \overset{d}{=} \alpha(t) X_0 + \sigma(t) Z,$$
+
+so the time-$t$ marginal of any data law is known in closed form through the mean
+coefficient $\alpha(t)$ and the standard deviation $\sigma(t)$. Time runs forward from
+data ($t=0$) to noise ($t=T$); sampling integrates back from $T$ to a small $\varepsilon$.
+"""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from equinox import AbstractVar
+from jaxtyping import Array, ArrayLike, Float
+
+from ._custom_types import Key, Scalar, Time
+
+
+def _as_float(x: ArrayLike) -> Array:
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+# ---------------------------------------------------------------------------------
+# Noise schedules of the VP SDE, in terms of alpha_bar(t) = alpha(t)^2.
+# ---------------------------------------------------------------------------------
+
+
+class AbstractVPSchedule(eqx.Module):
+    r"""A variance-preserving noise schedule.
+
+    Defines $\log\bar\alpha(t)$ and $\beta(t) = -\frac{d}{dt}\log\bar\alpha(t)$ in
+    closed form, and the default time horizon `T`.
+    """
+
+    @abc.abstractmethod
+    def log_alpha_bar(self, t: Time) -> Scalar:
+        """$\\log\\bar\\alpha(t)$."""
+
+    @abc.abstractmethod
+    def beta(self, t: Time) -> Scalar:
+        """$\\beta(t) = -\\frac{d}{dt}\\log\\bar\\alpha(t)$."""
+
+    @property
+    @abc.abstractmethod
+    def default_T(self) -> float:
+        """The default start time of the reverse process."""
+
+
+class LinearBeta(AbstractVPSchedule):
+    r"""$\beta(t) = \beta_{\min} + t(\beta_{\max} - \beta_{\min})$ on $[0, 1]$ (score_sde).
+
+    $\log\bar\alpha(t) = -\beta_{\min} t - \tfrac12 t^2 (\beta_{\max} - \beta_{\min})$.
+    """
+
+    beta_min: Float[Array, ""] = eqx.field(converter=_as_float, default=0.1)
+    beta_max: Float[Array, ""] = eqx.field(converter=_as_float, default=20.0)
+
+    def log_alpha_bar(self, t: Time) -> Scalar:
+        return -self.beta_min * t - 0.5 * t**2 * (self.beta_max - self.beta_min)
+
+    def beta(self, t: Time) -> Scalar:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    @property
+    def default_T(self) -> float:
+        return 1.0
+
+
+class CosineSchedule(AbstractVPSchedule):
+    r"""Nichol & Dhariwal's cosine schedule on $[0, 1]$.
+
+    $\bar\alpha(t) = \cos^2\!\big(\tfrac{\pi}{2}\tfrac{t+s}{1+s}\big) /
+    \cos^2\!\big(\tfrac{\pi}{2}\tfrac{s}{1+s}\big)$, which reaches 0 at $t = 1$ where
+    $\beta$ diverges; the default start is $T = 1 - 10^{-3}$.
+    """
+
+    s: Float[Array, ""] = eqx.field(converter=_as_float, default=0.008)
+
+    def _angle(self, t: Time) -> Scalar:
+        return 0.5 * jnp.pi * (t + self.s) / (1.0 + self.s)
+
+    def log_alpha_bar(self, t: Time) -> Scalar:
+        return 2.0 * (
+            jnp.log(jnp.cos(self._angle(t))) - jnp.log(jnp.cos(self._angle(0.0)))
+        )
+
+    def beta(self, t: Time) -> Scalar:
+        return jnp.pi / (1.0 + self.s) * jnp.tan(self._angle(t))
+
+    @property
+    def default_T(self) -> float:
+        return 1.0 - 1e-3
+
+
+class OneMinusT(AbstractVPSchedule):
+    r"""$\bar\alpha(t) = 1 - t$ on $[0, 1]$, i.e. $\beta(t) = 1/(1-t)$ (PAPER.md §1).
+
+    $X_t = \sqrt{1-t}\,X_0 + \sqrt{t}\,Z$. $X_1$ is exactly $\mathcal N(0, I)$ but the
+    coefficients are singular at $t = 1$; the default start is $T = 1 - 10^{-3}$.
+    """
+
+    def log_alpha_bar(self, t: Time) -> Scalar:
+        return jnp.log1p(-t)
+
+    def beta(self, t: Time) -> Scalar:
+        return 1.0 / (1.0 - t)
+
+    @property
+    def default_T(self) -> float:
+        return 1.0 - 1e-3
+
+
+# ---------------------------------------------------------------------------------
+# SDEs
+# ---------------------------------------------------------------------------------
+
+
+class AbstractSDE(eqx.Module):
+    r"""A forward SDE $dX = f(t)X\,dt + g(t)\,dW$ with Gaussian marginals.
+
+    Subclasses give `drift_coeff` $f(t)$, `diffusion` $g(t)$, `marginal`
+    $(\alpha(t), \sigma(t))$ and `prior_std`; everything else follows.
+    """
+
+    T: AbstractVar[float]
+
+    @abc.abstractmethod
+    def drift_coeff(self, t: Time) -> Scalar:
+        """$f(t)$, with drift $f(t) x$."""
+
+    @abc.abstractmethod
+    def diffusion(self, t: Time) -> Scalar:
+        """$g(t)$."""
+
+    @abc.abstractmethod
+    def marginal(self, t: Time) -> tuple[Scalar, Scalar]:
+        r"""$(\alpha(t), \sigma(t))$ with $X_t \overset{d}{=} \alpha(t)X_0 + \sigma(t)Z$."""
+
+    @abc.abstractmethod
+    def prior_std(self) -> Scalar:
+        """The standard deviation of the (zero-mean, isotropic) prior at time `T`."""
+
+    def drift(self, t: Time, x: Array) -> Array:
+        """$f(t)\\,x$."""
+        return self.drift_coeff(t).astype(x.dtype) * x
+
+    def log_snr(self, t: Time) -> Scalar:
+        r"""$\lambda(t) = \log(\alpha(t)^2/\sigma(t)^2)$, decreasing in $t$."""
+        alpha, sigma = self.marginal(t)
+        return 2.0 * (jnp.log(alpha) - jnp.log(sigma))
+
+    def perturb(self, t: Time, x0: Array, noise: Array) -> Array:
+        r"""$x_t = \alpha(t) x_0 + \sigma(t)\varepsilon$."""
+        alpha, sigma = self.marginal(t)
+        return alpha.astype(x0.dtype) * x0 + sigma.astype(x0.dtype) * noise
+
+    def prior_sample(self, key: Key, shape: tuple[int, ...], dtype=None) -> Array:
+        """A draw from the prior $\\mathcal N(0, \\sigma_T^2 I)$."""
+        dtype = jnp.result_type(float) if dtype is None else dtype
+        return self.prior_std().astype(dtype) * jr.normal(key, shape, dtype)
+
+    def prior_logp(self, x: Array) -> Scalar:
+        """The prior log-density at one particle `x`."""
+        std = self.prior_std()
+        d = x.size
+        return -0.5 * jnp.sum((x / std) ** 2) - d * (
+            jnp.log(std) + 0.5 * math.log(2 * math.pi)
+        )
+
+    def check_time(self, t: Time) -> None:
+        """Raise a `ValueError` if a concrete time lies outside `[0, T]`."""
+        try:
+            tv = float(t)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return
+        if not (0.0 <= tv <= float(self.T)):
+            raise ValueError(
+                f"time {tv} is outside this SDE's range [0, {float(self.T)}]"
+            )
+
+
+class VPSDE(AbstractSDE):
+    r"""The variance-preserving SDE $dX = -\tfrac12\beta(t)X\,dt + \sqrt{\beta(t)}\,dW$.
+
+    $\alpha(t) = \sqrt{\bar\alpha(t)}$ and $\sigma(t) = \sqrt{1 - \bar\alpha(t)}$; the
+    prior is $\mathcal N(0, I)$.
+
+    **Arguments:**
+
+    - `schedule`: a `LinearBeta` (default, score_sde), `CosineSchedule` or `OneMinusT`
+      (PAPER.md: $\bar\alpha(t) = 1 - t$).
+    - `T`: where the reverse process starts. Defaults to the schedule's `default_T`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE(gd.OneMinusT())
+        alpha, sigma = sde.marginal(0.5)  # (sqrt(0.5), sqrt(0.5))
+        ```
+    """
+
+    schedule: AbstractVPSchedule
+    T: float = eqx.field(static=True)
+
+    def __init__(
+        self, schedule: AbstractVPSchedule | None = None, T: float | None = None
+    ):
+        self.schedule = LinearBeta() if schedule is None else schedule
+        self.T = float(self.schedule.default_T if T is None else T)
+        if not 0.0 < self.T <= 1.0:
+            raise ValueError(f"VPSDE needs 0 < T <= 1, got T={self.T}")
+
+    def drift_coeff(self, t: Time) -> Scalar:
+        return -0.5 * self.schedule.beta(t)
+
+    def diffusion(self, t: Time) -> Scalar:
+        return jnp.sqrt(self.schedule.beta(t))
+
+    def marginal(self, t: Time) -> tuple[Scalar, Scalar]:
+        lab = self.schedule.log_alpha_bar(t)
+        return jnp.exp(0.5 * lab), jnp.sqrt(-jnp.expm1(lab))
+
+    def prior_std(self) -> Scalar:
+        return jnp.ones((), jnp.result_type(float))
+
+
+class VESDE(AbstractSDE):
+    r"""The variance-exploding SDE $dX = \sqrt{\tfrac{d}{dt}\sigma^2(t)}\,dW$.
+
+    With $\bar\sigma(t) = \sigma_{\min}(\sigma_{\max}/\sigma_{\min})^t$, the exact
+    marginal is $X_t = X_0 + \sigma(t)Z$ with
+    $\sigma(t)^2 = \bar\sigma(t)^2 - \sigma_{\min}^2$ (so $\sigma(0) = 0$), and
+    $g(t)^2 = 2\log(\sigma_{\max}/\sigma_{\min})\,\bar\sigma(t)^2$. The prior is
+    $\mathcal N(0, \sigma(T)^2 I)$.
+    """
+
+    sigma_min: Float[Array, ""] = eqx.field(converter=_as_float, default=0.01)
+    sigma_max: Float[Array, ""] = eqx.field(converter=_as_float, default=50.0)
+    T: float = eqx.field(static=True, default=1.0)
+
+    def __check_init__(self):
+        try:
+            lo, hi = float(self.sigma_min), float(self.sigma_max)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return
+        if not 0.0 < lo < hi:
+            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {lo}, {hi}")
+
+    def _sigma_bar(self, t: Time) -> Scalar:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def drift_coeff(self, t: Time) -> Scalar:
+        return jnp.zeros_like(self._sigma_bar(t))
+
+    def diffusion(self, t: Time) -> Scalar:
+        log_ratio = jnp.log(self.sigma_max / self.sigma_min)
+        return self._sigma_bar(t) * jnp.sqrt(2.0 * log_ratio)
+
+    def marginal(self, t: Time) -> tuple[Scalar, Scalar]:
+        sb = self._sigma_bar(t)
+        # sigma^2 = sigma_min^2 * (r^(2t) - 1), computed with expm1 for small t.
+        log_ratio = jnp.log(self.sigma_max / self.sigma_min)
+        var = self.sigma_min**2 * jnp.expm1(2.0 * t * log_ratio)
+        return jnp.ones_like(sb), jnp.sqrt(var)
+
+    def prior_std(self) -> Scalar:
+        return self.marginal(self.T)[1]
