@@ -35,6 +35,16 @@ from ._guidance.reward import (
     RewardGuidance as RewardGuidance,
     reward_guidance as reward_guidance,
 )
+from ._metrics import (
+    energy_distance as energy_distance,
+    frac_improved as frac_improved,
+    mean_stderr as mean_stderr,
+    mmd2 as mmd2,
+    reciprocal_prob as reciprocal_prob,
+    reward_stats as reward_stats,
+    sliced_wasserstein as sliced_wasserstein,
+    two_sample_test as two_sample_test,
+)
 from ._oracle import (
     ExpLinearReward as ExpLinearReward,
     Gaussian as Gaussian,

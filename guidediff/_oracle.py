@@ -29,12 +29,14 @@ def _is_concrete(x) -> bool:
 
 def _check_label(label: Array, num_classes: int, *, allow_null: bool) -> Array:
     """Clear error for a label outside [0, num_classes) (or == num_classes if null)."""
-    label = jnp.asarray(label)
+    concrete = _is_concrete(label)
+    if concrete:
+        label = np.asarray(label)  # checked before any tracing can stage it
+    hi = num_classes if allow_null else num_classes - 1
     if not jnp.issubdtype(label.dtype, jnp.integer):
         raise TypeError(f"class labels must be integers, got dtype {label.dtype}")
-    hi = num_classes if allow_null else num_classes - 1
-    if _is_concrete(label):
-        lv = np.asarray(label)
+    if concrete:
+        lv = label
         if np.any((lv < 0) | (lv > hi)):
             raise ValueError(
                 f"unknown class label {lv.tolist()}: this mixture has classes "
@@ -219,6 +221,18 @@ class GaussianMixture(eqx.Module):
         logn, _ = self._component_terms(x, alpha, sigma)
         logits = self._log_resp(logn)
         return jax.nn.logsumexp(jnp.where(self.labels == label, logits, -jnp.inf)) - (
+            jax.nn.logsumexp(logits)
+        )
+
+    def log_classifier_complement_t(
+        self, sde: AbstractSDE | None, t: Time, x: Array, label
+    ) -> Scalar:
+        r"""$\log(1 - p_t(c \mid x))$, computed without cancellation (so it still
+        resolves changes where $p_t(c\mid x)$ rounds to 1)."""
+        alpha, sigma = _coeffs(sde, t, x.dtype)
+        logn, _ = self._component_terms(x, alpha, sigma)
+        logits = self._log_resp(logn)
+        return jax.nn.logsumexp(jnp.where(self.labels != label, logits, -jnp.inf)) - (
             jax.nn.logsumexp(logits)
         )
 

@@ -96,9 +96,6 @@ def test_cfg_lowers_reciprocal_classifier_probability():
     for w in [0.5, 1.0, 2.0]:
         m, se = reciprocal_prob(probs[w])
         assert float(m) + 4 * float(se) < theory, (w, float(m), float(se), theory)
-    # guidance does not improve every sample (shared noise across w)
-    improved = np.asarray(probs[2.0] > probs[0.0])
-    assert 0.0 < improved.mean() < 1.0
 
 
 def test_cfg_gaussian_closed_form():

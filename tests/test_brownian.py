@@ -1,0 +1,85 @@
+"""The grid Brownian path: law, direction conventions, drivers, errors."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import scipy.stats
+from helpers import three_class_gmm
+
+import guidediff as gd
+
+
+TS = gd.uniform_grid(1.0, 1e-3, 50)
+
+
+def test_increments_are_standard_normal():
+    path = gd.GridBrownianPath((3,), TS, jr.key(0))
+    sorted_ts = jnp.sort(TS)
+    incs = jax.vmap(lambda a, b: path.evaluate(a, b))(sorted_ts[:-1], sorted_ts[1:])
+    z = np.asarray(incs / jnp.sqrt(jnp.diff(sorted_ts))[:, None]).ravel()
+    keys = jax.vmap(lambda i: jr.fold_in(jr.key(1), i))(jnp.arange(200))
+    many = jax.vmap(lambda k: gd.GridBrownianPath((3,), TS, k).evaluate(TS[5], TS[4]))(
+        keys
+    )
+    z = np.concatenate([z, np.asarray(many / jnp.sqrt(TS[4] - TS[5])).ravel()])
+    # KS test at a stated false-alarm rate of 0.1%
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+    # reversing the interval negates the increment
+    np.testing.assert_array_equal(
+        path.evaluate(TS[3], TS[4]), -path.evaluate(TS[4], TS[3])
+    )
+
+
+def test_not_a_grid_cell_is_an_error():
+    path = gd.GridBrownianPath((2,), TS, jr.key(0))
+    with pytest.raises(Exception, match="not one grid cell"):
+        jax.block_until_ready(path.evaluate(TS[5], TS[3]))
+    with pytest.raises(ValueError, match="point values"):
+        path.evaluate(TS[5])
+
+
+@pytest.mark.parametrize("solver", [None, dfx.Euler()], ids=["exp-integrator", "euler"])
+def test_scan_and_diffeqsolve_drivers_agree(solver):
+    gmm = three_class_gmm()
+    sde = gd.VPSDE()
+    kw = dict(num_particles=64, ts=TS, solver=solver)
+    a = gd.sample(jr.key(0), sde, gmm.score(sde), (2,), driver="scan", **kw)
+    b = gd.sample(jr.key(0), sde, gmm.score(sde), (2,), driver="diffeqsolve", **kw)
+    np.testing.assert_allclose(a.ys, b.ys, rtol=1e-12, atol=1e-12)
+    traj_a = gd.sample(
+        jr.key(0), sde, gmm.score(sde), (2,), driver="scan", save_trajectory=True, **kw
+    )
+    traj_b = gd.sample(
+        jr.key(0),
+        sde,
+        gmm.score(sde),
+        (2,),
+        driver="diffeqsolve",
+        save_trajectory=True,
+        **kw,
+    )
+    assert traj_a.ys.shape == (64, TS.shape[0], 2)
+    np.testing.assert_allclose(traj_a.ys, traj_b.ys, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(traj_a.ys[:, -1], a.ys, rtol=1e-12)
+
+
+def test_failed_particles_are_flagged_not_raised():
+    sde = gd.VPSDE()
+    bad = gd.ScoreFn(lambda t, x, args: jnp.where(x[0] > 1.5, jnp.nan, -x))
+    out = gd.sample(jr.key(0), sde, bad, (2,), num_particles=200, ts=TS)
+    assert 0 < int(out.num_failed) < 200
+    assert np.all(np.isfinite(np.asarray(out.ys)[~np.asarray(out.failed)]))
+
+
+def test_error_if_is_differentiable():
+    # the grid path is an ordinary function: reverse mode works through it
+    f = lambda s: jnp.sum(
+        gd.GridBrownianPath((2,), TS * s, jr.key(0)).evaluate(TS[3] * s, TS[2] * s)
+    )
+    g = jax.grad(f)(1.0)
+    assert np.isfinite(float(g))
+    assert isinstance(eqx.filter_eval_shape(f, 1.0), jax.ShapeDtypeStruct)

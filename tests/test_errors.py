@@ -1,0 +1,71 @@
+"""Bad input gets a clear error (one test each)."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+from helpers import three_class_gmm
+
+import guidediff as gd
+
+
+SDE = gd.VPSDE()
+GMM = three_class_gmm()
+TS = gd.uniform_grid(1.0, 1e-3, 10)
+
+
+def test_score_shape_mismatch():
+    bad = gd.ScoreFn(lambda t, x, args: x[:1])
+    with pytest.raises(
+        ValueError, match=r"returned shape \(1,\) for a particle of shape \(2,\)"
+    ):
+        gd.sample(jr.key(0), SDE, bad, (2,), num_particles=2, ts=TS)
+
+
+def test_unknown_class_label():
+    with pytest.raises(ValueError, match="unknown class label"):
+        gd.sample(jr.key(0), SDE, GMM.conditional_score(SDE), (2,), ts=TS, args=7)
+    with pytest.raises(ValueError, match="unknown class label"):
+        GMM.classifier_prob(jnp.zeros(2), 3)  # the null label is not a class
+    # traced labels are checked at run time
+    f = jax.jit(lambda c: GMM.conditional_score(SDE)(0.5, jnp.zeros(2), c))
+    with pytest.raises(Exception, match="unknown class label"):
+        jax.block_until_ready(f(jnp.asarray(9)))
+
+
+def test_grid_not_monotone():
+    ts = jnp.array([1.0, 0.5, 0.7, 0.1])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=ts)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=TS[::-1])
+
+
+def test_grid_outside_sde_range():
+    with pytest.raises(ValueError, match="leaves the SDE's range"):
+        gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=jnp.array([1.5, 0.5, 0.1]))
+    with pytest.raises(ValueError, match="leaves the SDE's range"):
+        gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=jnp.array([0.5, -0.1]))
+
+
+def test_negative_reward_in_tilt():
+    cloud = gd.PointCloud(jnp.zeros((3, 2)))
+    with pytest.raises(ValueError, match="non-negative"):
+        cloud.tilt(jnp.array([1.0, -0.5, 2.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        cloud.tilt(jnp.array([1.0, jnp.nan, 2.0]))
+    with pytest.raises(ValueError, match="all zero"):
+        cloud.tilt(jnp.zeros(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        gd.GaussianMixture([0.5, -0.5], [[0.0], [1.0]], [1.0, 1.0])
+
+
+def test_bad_guidance_arguments():
+    with pytest.raises(ValueError, match="exactly one"):
+        gd.cfg(1.0)
+    with pytest.raises(ValueError, match="t_lo <= t_hi"):
+        gd.interval(gd.cfg(1.0, null_args=3), 0.8, 0.2)
+    with pytest.raises(TypeError, match="AbstractScore"):
+        gd.sample(jr.key(0), SDE, lambda t, x, a: -x, (2,), ts=TS)
+    with pytest.raises(ValueError, match="process"):
+        gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=TS, process="langevin")

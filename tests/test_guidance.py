@@ -1,0 +1,184 @@
+"""Guidance transform laws, transformation invariances, retracing and gradients."""
+
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import three_class_gmm
+
+import guidediff as gd
+from guidediff._sample import _sample_jit
+
+
+SDE = gd.VPSDE()
+GMM = three_class_gmm()
+COND = GMM.conditional_score(SDE)
+TILTED = GMM.tilt(gd.GaussianBumpReward([1.0, 1.0], 1.0))
+X = jnp.array([0.4, -0.3])
+LABEL = jnp.asarray(1)
+
+
+def _guidances(w1=1.5, w2=0.7, w3=2.0):
+    g1 = gd.cfg(w1, null_args=GMM.null_label)
+    g2 = gd.classifier_guidance(GMM.log_classifier(SDE), w2)
+    g3 = gd.interval(gd.reward_guidance(TILTED.conditional_score(SDE), w3), 0.2, 0.8)
+    return g1, g2, g3
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_chain_laws(t):
+    g1, g2, g3 = _guidances()
+    base = COND(t, X, LABEL)
+    np.testing.assert_array_equal(gd.guide(COND, gd.chain())(t, X, LABEL), base)
+    np.testing.assert_array_equal(
+        gd.guide(COND, gd.chain(g1))(t, X, LABEL), gd.guide(COND, g1)(t, X, LABEL)
+    )
+    flat = gd.guide(COND, gd.chain(g1, g2, g3))(t, X, LABEL)
+    left = gd.guide(COND, gd.chain(gd.chain(g1, g2), g3))(t, X, LABEL)
+    right = gd.guide(COND, gd.chain(g1, gd.chain(g2, g3)))(t, X, LABEL)
+    manual = gd.guide(gd.guide(gd.guide(COND, g1), g2), g3)(t, X, LABEL)
+    np.testing.assert_allclose(left, flat, rtol=1e-14)
+    np.testing.assert_allclose(right, flat, rtol=1e-14)
+    np.testing.assert_allclose(manual, flat, rtol=1e-14)
+    assert not np.allclose(flat, base)  # the chain does something
+
+
+def test_zero_weight_is_identity():
+    for t in [0.1, 0.5, 0.9]:
+        base = COND(t, X, LABEL)
+        for g in [
+            gd.cfg(0.0, null_args=GMM.null_label),
+            gd.cfg(0.0, null_args=GMM.null_label, batched=False),
+            gd.cfg(0.0, unconditional=GMM.score(SDE)),
+            gd.classifier_guidance(GMM.log_classifier(SDE), 0.0),
+            gd.reward_guidance(TILTED.conditional_score(SDE), 0.0),
+            gd.gradient_guidance(lambda x0: -jnp.sum(x0**2), 0.0, SDE),
+            gd.chain(*_guidances(0.0, 0.0, 0.0)),
+        ]:
+            np.testing.assert_array_equal(gd.guide(COND, g)(t, X, LABEL), base)
+
+
+def test_guidance_formulas():
+    t = 0.5
+    cond, uncond = COND(t, X, LABEL), GMM.score(SDE)(t, X)
+    w = 1.5
+    for g in [gd.cfg(w, null_args=3), gd.cfg(w, null_args=3, batched=False)]:
+        np.testing.assert_allclose(
+            gd.guide(COND, g)(t, X, LABEL), (1 + w) * cond - w * uncond, rtol=1e-12
+        )
+    # exact classifier guidance at w = 1 == the conditional score
+    clf = gd.classifier_guidance(GMM.log_classifier(SDE), 1.0)
+    np.testing.assert_allclose(
+        gd.guide(GMM.score(SDE), clf)(t, X, LABEL), cond, rtol=1e-10
+    )
+    # reward guidance at w = 1 == the tilted score
+    rg = gd.reward_guidance(TILTED.score(SDE), 1.0)
+    np.testing.assert_allclose(
+        gd.guide(GMM.score(SDE), rg)(t, X), TILTED.score(SDE)(t, X), rtol=1e-12
+    )
+    # gradient guidance: s + w grad_x R(x0_hat(x))
+    reward = lambda x0: -0.5 * jnp.sum((x0 - 1.0) ** 2)
+    gg = gd.gradient_guidance(reward, 0.3, SDE)
+    s = GMM.score(SDE)
+    expected = s(t, X) + 0.3 * jax.grad(lambda y: reward(gd.denoise(SDE, s, t, y)))(X)
+    np.testing.assert_allclose(gd.guide(s, gg)(t, X), expected, rtol=1e-12)
+    # interval: outside it, the plain score
+    iv = gd.interval(gd.cfg(w, null_args=3), 0.6, 0.9)
+    np.testing.assert_array_equal(gd.guide(COND, iv)(0.5, X, LABEL), cond)
+    np.testing.assert_allclose(
+        gd.guide(COND, iv)(0.7, X, LABEL),
+        gd.guide(COND, gd.cfg(w, null_args=3))(0.7, X, LABEL),
+    )
+    # schedules: a PiecewiseLinear weight
+    sched = gd.PiecewiseLinear([0.0, 1.0], [0.0, 2.0])
+    np.testing.assert_allclose(
+        gd.guide(COND, gd.cfg(sched, null_args=3))(t, X, LABEL),
+        gd.guide(COND, gd.cfg(1.0, null_args=3))(t, X, LABEL),
+    )
+
+
+def test_jit_vmap_equal_plain():
+    guided = gd.guide(COND, gd.chain(*_guidances()))
+    xs = jr.normal(jr.key(0), (5, 2))
+    plain = np.stack([guided(0.5, x, LABEL) for x in xs])
+    vm = jax.vmap(guided, in_axes=(None, 0, None))(0.5, xs, LABEL)
+    jt = jax.jit(jax.vmap(guided, in_axes=(None, 0, None)))(0.5, xs, LABEL)
+    np.testing.assert_allclose(vm, plain, rtol=1e-13)
+    np.testing.assert_allclose(jt, plain, rtol=1e-13)
+
+
+def test_sample_jit_equals_no_jit():
+    guided = gd.guide(COND, gd.cfg(1.0, null_args=3))
+    ts = gd.uniform_grid(1.0, 1e-3, 8)
+    kw = dict(num_particles=3, ts=ts, args=1)
+    jitted = gd.sample(jr.key(2), SDE, guided, (2,), **kw).ys
+    with jax.disable_jit():
+        eager = gd.sample(jr.key(2), SDE, guided, (2,), **kw).ys
+    np.testing.assert_allclose(eager, jitted, rtol=1e-12, atol=1e-12)
+
+
+def test_particles_independent_of_batch_size():
+    guided = gd.guide(COND, gd.cfg(1.0, null_args=3))
+    ts = gd.uniform_grid(1.0, 1e-3, 20)
+    big = gd.sample(jr.key(3), SDE, guided, (2,), num_particles=16, ts=ts, args=1).ys
+    small = gd.sample(jr.key(3), SDE, guided, (2,), num_particles=5, ts=ts, args=1).ys
+    loop = np.stack(
+        [
+            gd.sample(
+                jr.key(3), SDE, guided, (2,), num_particles=i + 1, ts=ts, args=1
+            ).ys[i]
+            for i in range(3)
+        ]
+    )
+    np.testing.assert_allclose(small, big[:5], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(loop, big[:3], rtol=1e-13, atol=1e-13)
+
+
+def test_no_retrace_when_weight_label_or_key_change():
+    ts = gd.uniform_grid(1.0, 1e-3, 10)
+
+    def run(w, label, key):
+        guided = gd.guide(
+            COND,
+            gd.chain(
+                gd.cfg(w, null_args=3), gd.interval(gd.cfg(w, null_args=3), 0.1, 0.5)
+            ),
+        )
+        return gd.sample(
+            jr.key(key), SDE, guided, (2,), num_particles=4, ts=ts, args=label
+        ).ys
+
+    run(1.0, 0, 0)
+    before = _sample_jit._cached._cache_size()
+    a = run(2.0, 0, 0)
+    b = run(2.0, 1, 0)
+    c = run(2.0, 1, 5)
+    assert _sample_jit._cached._cache_size() == before
+    assert not np.allclose(a, b) and not np.allclose(b, c)
+
+
+def _objective(w, driver="scan", solver=None, n=6, steps=30):
+    guided = gd.guide(GMM.score(SDE), gd.reward_guidance(TILTED.score(SDE), w))
+    out = gd.sample(
+        jr.key(4),
+        SDE,
+        guided,
+        (2,),
+        num_particles=n,
+        ts=gd.uniform_grid(1.0, 1e-3, steps),
+        driver=driver,
+        solver=solver,
+    )
+    return jnp.mean(jnp.sum(out.ys**2, axis=-1))
+
+
+@pytest.mark.parametrize("solver", [None, dfx.Euler()], ids=["exp-integrator", "euler"])
+def test_grad_wrt_weight_matches_finite_differences(solver):
+    w, h = 1.3, 1e-5
+    g_scan = jax.grad(lambda w: _objective(w, solver=solver))(w)
+    g_dfx = jax.grad(lambda w: _objective(w, "diffeqsolve", solver))(w)
+    fd = (_objective(w + h, solver=solver) - _objective(w - h, solver=solver)) / (2 * h)
+    np.testing.assert_allclose(g_scan, fd, rtol=1e-4)
+    np.testing.assert_allclose(g_dfx, g_scan, rtol=1e-8)  # adjoints agree
