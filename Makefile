@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
+SRC := $(wildcard guidediff tests benchmarks)
 
 .PHONY: demo test test-slow lint format bench clean
 
@@ -18,12 +19,12 @@ demo: $(STAMP)
 	$(BIN)/guidediff demo --out $(OUT)/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check guidediff tests benchmarks
-	$(BIN)/ruff format --check guidediff tests benchmarks
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 
 format: $(STAMP)
-	$(BIN)/ruff format guidediff tests benchmarks
-	$(BIN)/ruff check --fix guidediff tests benchmarks
+	$(BIN)/ruff format $(SRC)
+	$(BIN)/ruff check --fix $(SRC)
 
 # pytest exits 5 when it collects no test; that must fail, so no `|| true` anywhere.
 test: lint
