@@ -7,6 +7,7 @@ Brownian noise (`_brownian`) -> particles (`_sample`).
 """
 
 from ._brownian import GridBrownianPath as GridBrownianPath
+from ._data import digits as digits, swiss_roll as swiss_roll
 from ._grid import (
     logsnr_grid as logsnr_grid,
     quadratic_grid as quadratic_grid,
@@ -34,6 +35,16 @@ from ._guidance.interval import Interval as Interval, interval as interval
 from ._guidance.reward import (
     RewardGuidance as RewardGuidance,
     reward_guidance as reward_guidance,
+)
+from ._losses import (
+    check_labels as check_labels,
+    conditional_dsm_loss as conditional_dsm_loss,
+    drop_labels as drop_labels,
+    dsm_example_loss as dsm_example_loss,
+    dsm_loss as dsm_loss,
+    noisy_classifier_loss as noisy_classifier_loss,
+    reward_weighted_dsm_loss as reward_weighted_dsm_loss,
+    reward_weights as reward_weights,
 )
 from ._metrics import (
     energy_distance as energy_distance,
@@ -89,3 +100,32 @@ from ._weights import (
 
 
 __version__ = "0.1.0"
+
+# Flax networks, the Flax adapter and the orbax-backed training loop load lazily, so
+# that `import guidediff` (the sampling core) never imports flax or orbax.
+_LAZY = {
+    "MLPScoreNet": "._nn",
+    "UNet": "._nn",
+    "CNNClassifier": "._nn",
+    "sinusoidal_embedding": "._nn",
+    "count_params": "._nn",
+    "LinenModel": "._flax",
+    "flax_score": "._flax",
+    "fit": "._train",
+    "FitResult": "._train",
+    "load_checkpoint": "._train",
+    "warm_start": "._train",
+    "CheckpointError": "._train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'guidediff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,121 @@
+r"""The Flax adapter: the only module of guidediff's core that imports flax.
+
+A Flax Linen network is a pure function `apply(variables, t, x, args)`. Here it is
+carried into the rest of guidediff as a pytree (DESIGN.md, decision 2): a
+`LinenModel` holds the `variables` as leaves and the apply function as a static
+field, so `jax.grad` reaches the weights, `jit` does not bake them in as constants,
+and swapping in new weights (an EMA copy, a checkpoint) does not recompile.
+`flax_score` then reads the network's output as a score through `EpsScore`,
+`X0Score` or directly:
+
+$$s(t, x) = -\hat\varepsilon(t, x)/\sigma(t), \qquad
+s(t, x) = (\alpha(t)\hat x_0(t, x) - x)/\sigma(t)^2, \qquad s(t, x) = \hat s(t, x).$$
+"""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import flax.linen as nn
+from jaxtyping import Array, PyTree
+
+from ._custom_types import Args, Time
+from ._score import AbstractScore, EpsScore, X0Score
+from ._sde import AbstractSDE
+
+
+def _apply_fn(module_or_apply_fn: nn.Module | Callable) -> Callable:
+    if isinstance(module_or_apply_fn, nn.Module):
+        return module_or_apply_fn.apply
+    if callable(module_or_apply_fn):
+        return module_or_apply_fn
+    raise TypeError(
+        "expected a flax.linen.Module or an apply function "
+        f"`apply(variables, t, x, args)`, got {type(module_or_apply_fn).__name__}"
+    )
+
+
+class LinenModel(eqx.Module):
+    """A Flax Linen network as a pytree: `model(t, x, args) = apply_fn(variables, t, x,
+    args)` for ONE particle.
+
+    **Arguments:**
+
+    - `variables`: the network's variables (`module.init(...)`), pytree leaves.
+    - `apply_fn`: `module.apply`, or any pure `apply_fn(variables, t, x, args)`; a
+      static field (hashed, not traced). Keep one module instance per network so
+      the jit cache is reused.
+
+    A `flax.linen.Module` may be passed in place of `apply_fn`; its `apply` is used.
+
+    !!! example
+
+        ```python
+        net = gd.MLPScoreNet()
+        variables = net.init(jax.random.key(0), 0.5, jnp.zeros(2))
+        model = gd.LinenModel(variables, net)
+        eps = model(0.5, jnp.ones(2), None)
+        ```
+    """
+
+    variables: PyTree[Any]
+    apply_fn: Callable = eqx.field(static=True)
+
+    def __init__(self, variables: PyTree[Any], apply_fn: nn.Module | Callable):
+        self.variables = variables
+        self.apply_fn = _apply_fn(apply_fn)
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return self.apply_fn(self.variables, t, x, args)
+
+
+class _DirectScore(AbstractScore):
+    """A model that predicts the score itself."""
+
+    model: Callable
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return self.model(t, x, args)
+
+
+def flax_score(
+    module_or_apply_fn: nn.Module | Callable,
+    variables: PyTree[Any],
+    sde: AbstractSDE,
+    prediction: Literal["eps", "x0", "score"] = "eps",
+) -> AbstractScore:
+    r"""Read a Flax Linen network as a score $s(t, x, \text{args})$ of one particle.
+
+    **Arguments:**
+
+    - `module_or_apply_fn`: a `flax.linen.Module` whose `__call__(t, x, args)` takes
+      one particle (such as `gd.MLPScoreNet` or `gd.UNet`, whose `args` is the class
+      label), or an apply function `apply(variables, t, x, args)`.
+    - `variables`: the trained variables (e.g. `fit(...).ema_params`).
+    - `sde`: the forward SDE the network was trained for (gives $\alpha, \sigma$).
+    - `prediction`: what the network predicts: `"eps"` the noise $\varepsilon$
+      ($s = -\hat\varepsilon/\sigma$), `"x0"` the clean data
+      ($s = (\alpha\hat x_0 - x)/\sigma^2$) or `"score"` the score itself.
+
+    **Returns:** an `AbstractScore` (an `EpsScore`, `X0Score` or a direct score)
+    whose `model` is a `LinenModel`; `jax.grad` with respect to the variables works
+    through it, e.g. `eqx.filter_grad` of any function of the score.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        net = gd.MLPScoreNet()
+        result = gd.fit(loss, net.init(key, 0.5, jnp.zeros(2)), data, ...)
+        score = gd.flax_score(net, result.ema_params, sde)
+        s = score(0.5, jnp.zeros(2), None)
+        ```
+    """
+    model = LinenModel(variables, module_or_apply_fn)
+    if prediction == "eps":
+        return EpsScore(model, sde)
+    if prediction == "x0":
+        return X0Score(model, sde)
+    if prediction == "score":
+        return _DirectScore(model)
+    raise ValueError(f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}")

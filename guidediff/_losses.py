@@ -1,0 +1,494 @@
+r"""Denoising score matching losses: plain, conditional (label dropout) and
+reward-weighted (PAPER.md section 4).
+
+With $x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$, $\varepsilon \sim \mathcal N(0, I)$,
+the conditional score is $\nabla_{x_t}\log p(x_t \mid x_0) = -\varepsilon/\sigma(t)$
+and denoising score matching minimises
+
+$$\mathcal L(\theta) = \mathbb E_{t \sim U[t_{\min}, T]}\,\mathbb E_{x_0, \varepsilon}
+\Big[\lambda(t)\,\tfrac1d\big\|s_\theta(t, x_t) + \varepsilon/\sigma(t)\big\|^2\Big],$$
+
+whose minimiser is the true score $\nabla\log p_t$ for any weighting $\lambda > 0$
+($d$ is the number of elements of one particle). The network may predict
+$\varepsilon$, $x_0$ or the score (see `guidediff._score`); the residual is computed in
+the prediction's own space and rescaled, so the standard choices are exact:
+
+| `weighting` | $\lambda(t)$ | the loss equals |
+|---|---|---|
+| `"eps"` (default) | $\sigma^2$ | $\tfrac1d\|\hat\varepsilon - \varepsilon\|^2$ (DDPM)|
+| `"x0"` | $\sigma^4/\alpha^2$ | $\tfrac1d\|\hat x_0 - x_0\|^2$ |
+| `"score"` | $1$ | $\tfrac1d\|\hat s + \varepsilon/\sigma\|^2$ |
+| `"likelihood"` | $g(t)^2$ | Song et al. (2021)'s likelihood weighting |
+| a callable | `weighting(t)` | |
+
+Every loss is built the same way: a per-example loss (`dsm_example_loss`), vmapped
+over the minibatch, then a (weighted) mean. A custom loss is a few lines:
+
+```python
+def my_loss(params, key, batch):
+    x0, r = batch
+    keys = jax.random.split(key, x0.shape[0])
+    per_example = jax.vmap(
+        lambda k, x: gd.dsm_example_loss(net.apply, params, k, x, sde)
+    )(keys, x0)
+    return jnp.mean(gd.reward_weights(r) * per_example)
+```
+
+The model function is `model_fn(params, t, x, label) -> prediction` for ONE particle,
+such as a Flax module's `apply` (`label` is `None` for unconditional networks).
+"""
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree
+
+from ._custom_types import Key, Scalar, Time
+from ._sde import AbstractSDE
+
+
+ModelFn: TypeAlias = Callable[[PyTree[Any], Time, Array, Any], Array]
+"""`model_fn(params, t, x, label) -> prediction`, for one particle."""
+
+Prediction: TypeAlias = Literal["eps", "x0", "score"]
+Weighting: TypeAlias = (
+    Literal["eps", "x0", "score", "likelihood"] | Callable[[Time], Scalar]
+)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+# ---------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------
+
+
+def check_labels(
+    labels: Int[ArrayLike, "..."], num_classes: int, *, allow_null: bool = True
+) -> Int[Array, "..."]:
+    """Check integer class labels: `0..num_classes-1`, plus the null label
+    `num_classes` if `allow_null`.
+
+    A concrete bad label raises `ValueError` now; under `jit` the check is an
+    `equinox.error_if`, which raises when the computation runs.
+    """
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"class labels must be integers, got dtype {labels.dtype}")
+    hi = num_classes if allow_null else num_classes - 1
+    valid = f"0..{num_classes - 1}" + (
+        f" or the null label {num_classes}" if allow_null else ""
+    )
+    if _is_concrete(labels):
+        lv = np.asarray(labels)
+        bad = (lv < 0) | (lv > hi)
+        if np.any(bad):
+            raise ValueError(
+                f"class labels out of range: got {np.unique(lv[bad]).tolist()}, "
+                f"valid labels are {valid}"
+            )
+        return labels
+    return eqx.error_if(
+        labels, (labels < 0) | (labels > hi), f"class label out of range: valid {valid}"
+    )
+
+
+def reward_weights(
+    rewards: Float[ArrayLike, " n"], *, temperature: float | None = None
+) -> Float[Array, " n"]:
+    r"""Per-example weights with mean one, from rewards (PAPER.md 4.1).
+
+    - `temperature=None`: plain rewards $r_i \ge 0$, $w_i = r_i / \bar r$ with
+      $\bar r = \frac1n\sum_j r_j$. Minimising $\frac1n\sum_i w_i\ell_i$ is
+      denoising score matching for the tilted law $p^r \propto p\,r$.
+    - `temperature=alpha`: an exponential tilt $r_i = \exp(R_i/\alpha)$ of signed
+      rewards $R_i$, normalised in log space,
+      $w_i = n\exp(R_i/\alpha - \operatorname{logsumexp}_j R_j/\alpha)$, which never
+      overflows.
+
+    Negative, NaN or infinite rewards, or plain rewards that are all zero, raise a
+    `ValueError` when concrete and an `equinox.error_if` error at run time under `jit`.
+
+    !!! example
+
+        ```python
+        gd.reward_weights(jnp.array([0.0, 1.0, 3.0]))  # [0.0, 0.75, 2.25]
+        gd.reward_weights(jnp.array([-1.0, 1.0]), temperature=0.5)
+        ```
+    """
+    rewards = jnp.asarray(rewards)
+    if not jnp.issubdtype(rewards.dtype, jnp.floating):
+        rewards = rewards.astype(jnp.result_type(float))
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape (n,), got {rewards.shape}")
+    n = rewards.shape[0]
+    if temperature is not None:
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if _is_concrete(rewards):
+            rv = np.asarray(rewards)
+            if not np.all(np.isfinite(rv)):
+                raise ValueError("rewards contain NaN or inf")
+        else:
+            rewards = eqx.error_if(
+                rewards, ~jnp.all(jnp.isfinite(rewards)), "rewards contain NaN or inf"
+            )
+        logw = rewards / temperature
+        return n * jnp.exp(logw - jax.nn.logsumexp(logw))
+    if _is_concrete(rewards):
+        rv = np.asarray(rewards)
+        if np.any(np.isnan(rv)):
+            raise ValueError("rewards contain NaN")
+        if np.any(rv < 0):
+            raise ValueError(
+                "rewards must be non-negative (a weight p*r needs r >= 0); got minimum "
+                f"{rv.min()}. For a signed reward R use an exponential tilt, "
+                "temperature=alpha, i.e. r = exp(R/alpha)."
+            )
+        if np.any(np.isinf(rv)):
+            raise ValueError("rewards contain inf")
+        if not np.any(rv > 0):
+            raise ValueError("rewards are all zero: the weighted loss is undefined")
+    else:
+        rewards = eqx.error_if(
+            rewards,
+            jnp.any(jnp.isnan(rewards))
+            | jnp.any(rewards < 0)
+            | jnp.any(jnp.isinf(rewards))
+            | ~jnp.any(rewards > 0),
+            "rewards must be finite and non-negative, and not all zero "
+            "(in this minibatch)",
+        )
+    return rewards / jnp.mean(rewards)
+
+
+def _check_batch(x0: Array, what: str, values: Array | None) -> None:
+    if values is not None and (values.ndim != 1 or values.shape[0] != x0.shape[0]):
+        raise ValueError(
+            f"{what} must have shape ({x0.shape[0]},) to match x0 of shape "
+            f"{x0.shape}, got {values.shape}"
+        )
+
+
+# ---------------------------------------------------------------------------------
+# The per-example loss
+# ---------------------------------------------------------------------------------
+
+
+def _lambda(weighting, sde: AbstractSDE, t: Time, alpha, sigma):
+    if callable(weighting):
+        return jnp.asarray(weighting(t))
+    if weighting == "eps":
+        return sigma**2
+    if weighting == "x0":
+        return sigma**4 / alpha**2
+    if weighting == "score":
+        return jnp.ones_like(sigma)
+    if weighting == "likelihood":
+        return sde.diffusion(t) ** 2
+    raise ValueError(
+        "weighting must be 'eps', 'x0', 'score', 'likelihood' or a callable "
+        f"t -> lambda(t), got {weighting!r}"
+    )
+
+
+def dsm_example_loss(
+    model_fn: ModelFn,
+    params: PyTree[Any],
+    key: Key,
+    x0: Float[Array, "*x"],
+    sde: AbstractSDE,
+    *,
+    label: Int[ArrayLike, ""] | None = None,
+    weighting: Weighting = "eps",
+    t_min: float = 1e-3,
+    prediction: Prediction = "eps",
+) -> Scalar:
+    r"""The denoising score matching loss of ONE example at a random $(t, \varepsilon)$.
+
+    Draws $t \sim U[t_{\min}, T]$ and $\varepsilon \sim \mathcal N(0, I)$ from `key`,
+    forms $x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$ and returns
+    $\lambda(t)\frac1d\|\hat s(t, x_t) + \varepsilon/\sigma(t)\|^2$, with $\hat s$ the
+    score read from `model_fn(params, t, x_t, label)` (see the module docstring for
+    `weighting` and `prediction`). Vmap it over a minibatch for a custom loss.
+
+    !!! example
+
+        ```python
+        keys = jax.random.split(key, x0.shape[0])
+        losses = jax.vmap(
+            lambda k, x: gd.dsm_example_loss(net.apply, params, k, x, sde)
+        )(keys, x0)
+        ```
+    """
+    if prediction not in ("eps", "x0", "score"):
+        raise ValueError(
+            f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}"
+        )
+    if not 0.0 <= t_min < sde.T:
+        raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
+    dtype = x0.dtype
+    kt, kz = jr.split(key)
+    t = jr.uniform(kt, (), dtype, minval=t_min, maxval=sde.T)
+    eps = jr.normal(kz, x0.shape, dtype)
+    alpha, sigma = sde.marginal(t)
+    alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
+    x_t = alpha * x0 + sigma * eps
+    out = model_fn(params, t, x_t, label)
+    if out.shape != x0.shape:
+        raise ValueError(
+            f"the model returned shape {out.shape} for an input of shape {x0.shape}"
+        )
+    out = out.astype(dtype)
+    if prediction == "eps":
+        residual = out - eps
+    elif prediction == "x0":
+        residual = out - x0
+    else:
+        residual = out + eps / sigma
+    loss = jnp.mean(residual**2)
+    if weighting == prediction:
+        return loss
+    natural = _lambda(prediction, sde, t, alpha, sigma)
+    return (_lambda(weighting, sde, t, alpha, sigma) / natural).astype(dtype) * loss
+
+
+def _per_example(
+    model_fn, params, key, x0, sde, labels, weighting, t_min, prediction
+) -> Float[Array, " n"]:
+    keys = jr.split(key, x0.shape[0])
+
+    def one(k, x, label):
+        return dsm_example_loss(
+            model_fn,
+            params,
+            k,
+            x,
+            sde,
+            label=label,
+            weighting=weighting,
+            t_min=t_min,
+            prediction=prediction,
+        )
+
+    return jax.vmap(one)(keys, x0, labels)
+
+
+# ---------------------------------------------------------------------------------
+# Minibatch losses
+# ---------------------------------------------------------------------------------
+
+
+def dsm_loss(
+    model_fn: ModelFn,
+    params: PyTree[Any],
+    key: Key,
+    x0: Float[Array, " n *x"],
+    sde: AbstractSDE,
+    *,
+    weighting: Weighting = "eps",
+    t_min: float = 1e-3,
+    labels: Int[ArrayLike, " n"] | None = None,
+    prediction: Prediction = "eps",
+) -> Scalar:
+    r"""Denoising score matching on a minibatch `x0` (examples stacked on axis 0).
+
+    The mean over the batch of `dsm_example_loss`: each example gets its own
+    $t \sim U[t_{\min}, T]$ and noise. With the defaults (`prediction="eps"`,
+    `weighting="eps"`) this is
+    $\frac1n\sum_i \frac1d\|\hat\varepsilon(t_i, x_{t_i}) - \varepsilon_i\|^2$, i.e.
+    $\lambda(t) = \sigma(t)^2$ on the score loss.
+
+    **Arguments:**
+
+    - `model_fn`: `model_fn(params, t, x, label)` for one particle, e.g. `net.apply`.
+    - `params`: the network variables.
+    - `key`: a PRNG key (times and noises).
+    - `x0`: the clean minibatch, shape `(n, *x_shape)`.
+    - `sde`: the forward SDE.
+    - `weighting`, `prediction`: see the module docstring.
+    - `t_min`: the smallest training time.
+    - `labels`: optional `(n,)` integer labels passed to the model as-is (see
+      `conditional_dsm_loss` for label dropout).
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        net = gd.MLPScoreNet()
+        loss_fn = lambda params, key, x0: gd.dsm_loss(net.apply, params, key, x0, sde)
+        result = gd.fit(loss_fn, params, data, optimizer=optax.adam(1e-3), ...)
+        ```
+    """
+    x0 = jnp.asarray(x0)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        _check_batch(x0, "labels", labels)
+    per = _per_example(
+        model_fn, params, key, x0, sde, labels, weighting, t_min, prediction
+    )
+    return jnp.mean(per)
+
+
+def drop_labels(
+    key: Key, labels: Int[ArrayLike, " n"], num_classes: int, p_uncond: float
+) -> Int[Array, " n"]:
+    """Replace each label by the null label `num_classes` with probability
+    `p_uncond` (classifier-free guidance's label dropout). Checks the labels."""
+    labels = check_labels(labels, num_classes, allow_null=True)
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+    drop = jr.bernoulli(key, p_uncond, labels.shape)
+    return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
+
+
+def conditional_dsm_loss(
+    model_fn: ModelFn,
+    params: PyTree[Any],
+    key: Key,
+    x0: Float[Array, " n *x"],
+    labels: Int[ArrayLike, " n"],
+    sde: AbstractSDE,
+    *,
+    num_classes: int,
+    p_uncond: float = 0.1,
+    weighting: Weighting = "eps",
+    t_min: float = 1e-3,
+    prediction: Prediction = "eps",
+) -> Scalar:
+    r"""Conditional denoising score matching with label dropout, training the
+    conditional scores $s(t, x \mid c)$ and the unconditional score
+    $s(t, x) = s(t, x \mid \varnothing)$ in one network.
+
+    Each label is replaced by the null label $\varnothing$ = `num_classes` with
+    probability `p_uncond`, then the loss is `dsm_loss` with the (dropped) labels
+    passed to the model. Labels must lie in `0..num_classes` (a label already equal
+    to `num_classes` is an unlabelled example); anything else is an error.
+
+    !!! example
+
+        ```python
+        net = gd.MLPScoreNet(num_classes=3)
+        def loss_fn(params, key, batch):
+            x0, labels = batch
+            return gd.conditional_dsm_loss(
+                net.apply, params, key, x0, labels, sde, num_classes=3, p_uncond=0.2
+            )
+        ```
+    """
+    x0 = jnp.asarray(x0)
+    labels = jnp.asarray(labels)
+    _check_batch(x0, "labels", labels)
+    kdrop, kloss = jr.split(key)
+    labels = drop_labels(kdrop, labels, num_classes, p_uncond)
+    per = _per_example(
+        model_fn, params, kloss, x0, sde, labels, weighting, t_min, prediction
+    )
+    return jnp.mean(per)
+
+
+def reward_weighted_dsm_loss(
+    model_fn: ModelFn,
+    params: PyTree[Any],
+    key: Key,
+    x0: Float[Array, " n *x"],
+    rewards: Float[ArrayLike, " n"] | Callable[[Array], Scalar],
+    sde: AbstractSDE,
+    *,
+    temperature: float | None = None,
+    weighting: Weighting = "eps",
+    t_min: float = 1e-3,
+    labels: Int[ArrayLike, " n"] | None = None,
+    prediction: Prediction = "eps",
+) -> Scalar:
+    r"""Reward-weighted denoising score matching (PAPER.md 4.1).
+
+    $$\mathcal L(\phi) = \frac1n\sum_i w_i\,\ell_i(\phi), \qquad
+    w_i = \frac{r(x_0^{(i)})}{\frac1n\sum_j r(x_0^{(j)})},$$
+
+    with $\ell_i$ the per-example DSM loss (`dsm_example_loss`). Because
+    $E_p[r(X_0)f(X_0)] = E_p[r]\,E_{p^r}[f]$, its minimiser is the score of the tilted
+    law $p^r \propto p\,r$: the network learns $\hat s^r$ from $(x_0, r(x_0))$ pairs
+    alone, with no trajectories and no reward gradients. Normalising by the batch mean
+    only rescales the loss (it is a self-normalised estimate, unbiased as
+    $n \to \infty$).
+
+    **Arguments:**
+
+    - `rewards`: `(n,)` reward values $r(x_0^{(i)}) \ge 0$, or a function of one
+      example (vmapped here). With `temperature=alpha` they are signed rewards $R$
+      and the tilt is $\exp(R/\alpha)$, normalised in log space (see
+      `reward_weights`).
+    - the other arguments as in `dsm_loss`.
+
+    Negative, NaN or all-zero rewards raise a `ValueError` (at run time under `jit`,
+    where an all-zero minibatch is also an error: make sure minibatches carry reward).
+
+    !!! example
+
+        ```python
+        reward = lambda x: jnp.exp(-0.5 * jnp.sum((x - 1.0) ** 2) / 0.5**2)
+        def loss_fn(params, key, x0):
+            return gd.reward_weighted_dsm_loss(net.apply, params, key, x0, reward, sde)
+        ```
+    """
+    x0 = jnp.asarray(x0)
+    if callable(rewards):
+        rewards = jax.vmap(rewards)(x0)
+    rewards = jnp.asarray(rewards)
+    _check_batch(x0, "rewards", rewards)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        _check_batch(x0, "labels", labels)
+    w = reward_weights(rewards, temperature=temperature)
+    per = _per_example(
+        model_fn, params, key, x0, sde, labels, weighting, t_min, prediction
+    )
+    return jnp.mean(w.astype(per.dtype) * per)
+
+
+def noisy_classifier_loss(
+    model_fn: Callable[[PyTree[Any], Time, Array], Array],
+    params: PyTree[Any],
+    key: Key,
+    x0: Float[Array, " n *x"],
+    labels: Int[ArrayLike, " n"],
+    sde: AbstractSDE | None,
+    *,
+    num_classes: int,
+    t_min: float = 1e-3,
+) -> Scalar:
+    r"""Cross-entropy of a (noisy) classifier, for classifier guidance.
+
+    With an `sde`, each example is noised to
+    $x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$, $t \sim U[t_{\min}, T]$, and the loss
+    is $-\frac1n\sum_i\log\operatorname{softmax}(f_\theta(t_i, x_{t_i}))_{c_i}$,
+    whose minimiser is the noisy posterior $p_t(c \mid x_t)$. With
+    `sde=None` the classifier is trained on clean data ($t = 0$).
+    `model_fn(params, t, x) -> logits` takes one particle, e.g. `CNNClassifier.apply`.
+    """
+    x0 = jnp.asarray(x0)
+    labels = check_labels(labels, num_classes, allow_null=False)
+    _check_batch(x0, "labels", labels)
+    keys = jr.split(key, x0.shape[0])
+
+    def one(k, x, c):
+        if sde is None:
+            t = jnp.zeros((), x.dtype)
+            x_t = x
+        else:
+            kt, kz = jr.split(k)
+            t = jr.uniform(kt, (), x.dtype, minval=t_min, maxval=sde.T)
+            x_t = sde.perturb(t, x, jr.normal(kz, x.shape, x.dtype))
+        logits = model_fn(params, t, x_t)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, c)
+
+    return jnp.mean(jax.vmap(one)(keys, x0, labels))

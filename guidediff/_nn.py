@@ -1,0 +1,315 @@
+r"""Small Flax Linen networks for scores and noisy classifiers.
+
+Every network here works on ONE particle, like every score in guidediff (DESIGN.md,
+decision 3): `apply(variables, t, x, label)` takes an unbatched `x`, a scalar time `t`
+and an optional scalar integer `label`, and returns one output. Batches are a
+`jax.vmap` over the apply function with the variables unbatched (the losses in
+`guidediff._losses` do this), which XLA turns into ordinary batched matrix products
+and convolutions.
+
+Class conditioning follows the classifier-free guidance convention: with
+`num_classes = C` the labels `0..C-1` are classes and the extra index `C` is the
+"null" label (no class), so one network learns the conditional scores
+$s(t, x \mid c)$ and the unconditional score $s(t, x) = s(t, x \mid C)$. A `label`
+of `None` means the null label.
+
+Parameters are float32. Inputs are cast to float32 inside and the output is cast back
+to the dtype of `x`, so networks stay fast when `jax_enable_x64` is on. A concrete
+label outside `0..C` is a `ValueError`; a traced one gives NaN outputs (the losses
+check their labels, see `guidediff._losses.check_labels`).
+
+On CPU, initialise conv nets under `jax.jit` (`jax.jit(net.init)(key, t, x, label)`):
+eager, op-by-op initialisation is much slower.
+
+Networks are modules of this file only; the rest of guidediff sees them through
+`guidediff._flax` (DESIGN.md, decision 2).
+"""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
+
+
+def sinusoidal_embedding(
+    t: Float[ArrayLike, ""], dim: int, max_period: float = 10_000.0, scale: float = 1e3
+) -> Float[Array, " dim"]:
+    r"""The transformer / DDPM sinusoidal embedding of a scalar time.
+
+    With $u = \text{scale}\cdot t$ and frequencies
+    $\omega_k = \text{max\_period}^{-k/h}$, $k = 0..h-1$, $h = \text{dim}/2$:
+
+    $$e(t) = [\cos(\omega_0 u), \dots, \cos(\omega_{h-1} u),
+    \sin(\omega_0 u), \dots, \sin(\omega_{h-1} u)].$$
+
+    `scale = 1000` maps continuous times $t \in [0, 1]$ onto DDPM's step range.
+    Computed in float32.
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"the embedding dimension must be even, got {dim}")
+    half = dim // 2
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim != 0:
+        raise ValueError(f"expected a scalar time, got shape {t.shape}")
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    arg = scale * t * freqs
+    return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)])
+
+
+def _check_x(x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+
+
+class _Conditioning(nn.Module):
+    """Time embedding (+ class embedding) -> a conditioning vector of size `dim`."""
+
+    dim: int
+    num_classes: int | None = None
+
+    @nn.compact
+    def __call__(self, t: Float[ArrayLike, ""], label: Int[ArrayLike, ""] | None):
+        emb = sinusoidal_embedding(t, self.dim)
+        emb = nn.Dense(self.dim)(emb)
+        emb = nn.silu(emb)
+        emb = nn.Dense(self.dim)(emb)
+        if self.num_classes is not None:
+            if label is None:
+                label = self.num_classes
+            label = jnp.asarray(label)
+            if label.ndim != 0:
+                raise ValueError(
+                    "one particle takes one scalar label; vmap over a batch of labels "
+                    f"(got shape {label.shape})"
+                )
+            if not jnp.issubdtype(label.dtype, jnp.integer):
+                raise TypeError(f"class labels must be integers, got {label.dtype}")
+            if not isinstance(label, jax.core.Tracer) and not (
+                0 <= int(label) <= self.num_classes
+            ):
+                raise ValueError(
+                    f"class label {int(label)} out of range: valid labels are "
+                    f"0..{self.num_classes - 1} or the null label {self.num_classes}"
+                )
+            # num_classes + 1 rows: index num_classes is the null (unconditional) label.
+            emb = emb + nn.Embed(self.num_classes + 1, self.dim, name="class_embed")(
+                label
+            )
+        return emb
+
+
+class MLPScoreNet(nn.Module):
+    r"""An MLP for low-dimensional data (e.g. 2-D mixtures, Swiss rolls).
+
+    `apply(variables, t, x, label=None)` flattens one particle `x` (any shape), embeds
+    `t` (sinusoidal embedding, then a 2-layer MLP) and, when `num_classes` is set, adds
+    a learned class embedding; it runs `len(hidden)` SiLU layers and returns an
+    output shaped like `x` (an $\varepsilon$-, $x_0$- or score prediction, as the
+    loss decides). Each hidden layer is
+    $h \leftarrow \mathrm{SiLU}(W h + b + V c)$ with $c$ the conditioning vector.
+
+    **Arguments:**
+
+    - `hidden`: widths of the hidden layers.
+    - `time_embed_dim`: size of the time (and class) embedding.
+    - `num_classes`: if set, the network is class-conditional; label `num_classes`
+      (or `None`) is the null label used for classifier-free guidance.
+
+    !!! example
+
+        ```python
+        net = MLPScoreNet(hidden=(128, 128, 128))
+        variables = net.init(jax.random.key(0), 0.5, jnp.zeros(2))
+        eps = net.apply(variables, 0.5, jnp.ones(2))  # shape (2,)
+        ```
+    """
+
+    hidden: Sequence[int] = (128, 128, 128)
+    time_embed_dim: int = 64
+    num_classes: int | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        t: Float[ArrayLike, ""],
+        x: Float[Array, "*x"],
+        label: Int[ArrayLike, ""] | None = None,
+    ) -> Float[Array, "*x"]:
+        x = jnp.asarray(x)
+        _check_x(x)
+        out_dtype = x.dtype
+        h = x.astype(jnp.float32).reshape(-1)
+        cond = nn.silu(_Conditioning(self.time_embed_dim, self.num_classes)(t, label))
+        for width in self.hidden:
+            h = nn.silu(nn.Dense(width)(h) + nn.Dense(width, use_bias=False)(cond))
+        out = nn.Dense(x.size, kernel_init=nn.initializers.zeros)(h)
+        return out.reshape(x.shape).astype(out_dtype)
+
+
+class _ResBlock(nn.Module):
+    features: int
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, h: Array, cond: Array) -> Array:
+        g = math.gcd(self.groups, h.shape[-1])
+        z = nn.silu(nn.GroupNorm(num_groups=g)(h))
+        z = nn.Conv(self.features, (3, 3))(z)
+        z = z + nn.Dense(self.features)(nn.silu(cond))[None, None, None, :]
+        z = nn.silu(nn.GroupNorm(num_groups=math.gcd(self.groups, self.features))(z))
+        z = nn.Conv(self.features, (3, 3))(z)
+        if h.shape[-1] != self.features:
+            h = nn.Conv(self.features, (1, 1))(h)
+        return h + z
+
+
+def _as_image(x: Array) -> tuple[Array, tuple[int, ...]]:
+    """(H, W) or (H, W, C) -> (1, H, W, C) float32, remembering the input shape."""
+    x = jnp.asarray(x)
+    _check_x(x)
+    if x.ndim == 2:
+        img = x[:, :, None]
+    elif x.ndim == 3:
+        img = x
+    else:
+        raise ValueError(
+            "expected one image of shape (H, W) or (H, W, C); vmap over a batch "
+            f"(got shape {x.shape})"
+        )
+    # GroupNorm treats the leading axis as the batch: give one particle a batch of 1.
+    return img.astype(jnp.float32)[None], x.shape
+
+
+class UNet(nn.Module):
+    r"""A small U-Net for single-channel images such as 8x8 digits or 28x28 MNIST.
+
+    `apply(variables, t, x, label=None)` takes ONE image `x` of shape `(H, W)` or
+    `(H, W, C)` (channels last) and returns an array of the same shape. Each level
+    holds `blocks_per_level` residual blocks (GroupNorm, SiLU, 3x3 convs, plus the
+    time/class conditioning); the image is halved between levels with a strided conv
+    and doubled back with nearest-neighbour upsampling, with skip connections. `H` and
+    `W` must be divisible by `2 ** (len(features) - 1)`: with the default two levels
+    8x8 runs at 8x8 / 4x4 and 28x28 at 28x28 / 14x14.
+
+    **Arguments:**
+
+    - `features`: channels per level.
+    - `time_embed_dim`: size of the time (and class) embedding.
+    - `num_classes`: class conditioning with the null label `num_classes`, as in
+      `MLPScoreNet`.
+    - `blocks_per_level`: residual blocks per level on the way down and up.
+
+    !!! example
+
+        ```python
+        net = UNet(features=(32, 64), num_classes=10)
+        variables = jax.jit(net.init)(jax.random.key(0), 0.5, jnp.zeros((8, 8)), 3)
+        eps = net.apply(variables, 0.5, jnp.zeros((8, 8)), 3)  # shape (8, 8)
+        ```
+    """
+
+    features: Sequence[int] = (32, 64)
+    time_embed_dim: int = 64
+    num_classes: int | None = None
+    blocks_per_level: int = 1
+
+    @nn.compact
+    def __call__(
+        self,
+        t: Float[ArrayLike, ""],
+        x: Float[Array, "H W *C"],
+        label: Int[ArrayLike, ""] | None = None,
+    ) -> Float[Array, "H W *C"]:
+        out_dtype = jnp.asarray(x).dtype
+        h, shape = _as_image(x)
+        factor = 2 ** (len(self.features) - 1)
+        if h.shape[1] % factor or h.shape[2] % factor:
+            raise ValueError(
+                f"image size {h.shape[1:3]} must be divisible by {factor} for "
+                f"{len(self.features)} levels"
+            )
+        cond = _Conditioning(self.time_embed_dim, self.num_classes)(t, label)
+        h = nn.Conv(self.features[0], (3, 3))(h)
+        skips = []
+        for level, feat in enumerate(self.features):
+            for _ in range(self.blocks_per_level):
+                h = _ResBlock(feat)(h, cond)
+            skips.append(h)
+            if level < len(self.features) - 1:
+                h = nn.Conv(feat, (3, 3), strides=(2, 2))(h)
+        h = _ResBlock(self.features[-1])(h, cond)
+        for level in reversed(range(len(self.features))):
+            feat = self.features[level]
+            if level < len(self.features) - 1:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+            h = jnp.concatenate([h, skips[level]], axis=-1)
+            for _ in range(self.blocks_per_level):
+                h = _ResBlock(feat)(h, cond)
+        h = nn.silu(nn.GroupNorm(num_groups=math.gcd(8, h.shape[-1]))(h))
+        channels = shape[-1] if len(shape) == 3 else 1
+        out = nn.Conv(channels, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        return out[0].reshape(shape).astype(out_dtype)
+
+
+class CNNClassifier(nn.Module):
+    r"""A small convolutional classifier returning logits, optionally noise-aware.
+
+    `apply(variables, t, x)` takes ONE image of shape `(H, W)` or `(H, W, C)` and
+    returns `(num_classes,)` logits, so `jax.nn.log_softmax(logits)[c]` is
+    $\log p(c \mid x)$. With `time_conditioned=True` the time embedding is added to
+    every block and the network models the noisy classifier $\log p_t(c \mid x_t)$
+    used by classifier guidance; otherwise `t` is ignored (pass anything, e.g. `0.0`).
+    The `(t, x)` argument order matches the scores'.
+
+    **Arguments:**
+
+    - `num_classes`: the number of classes.
+    - `features`: channels of the conv blocks; each block but the last is followed by
+      2x2 average pooling.
+    - `time_conditioned`: whether the classifier sees `t`.
+    - `time_embed_dim`: size of the time embedding.
+
+    !!! example
+
+        ```python
+        clf = CNNClassifier(num_classes=10, time_conditioned=True)
+        variables = clf.init(jax.random.key(0), 0.5, jnp.zeros((8, 8)))
+        logits = clf.apply(variables, 0.5, jnp.zeros((8, 8)))  # shape (10,)
+        ```
+    """
+
+    num_classes: int
+    features: Sequence[int] = (32, 64)
+    time_conditioned: bool = False
+    time_embed_dim: int = 64
+
+    @nn.compact
+    def __call__(
+        self, t: Float[ArrayLike, ""] | None, x: Float[Array, "H W *C"]
+    ) -> Float[Array, " num_classes"]:
+        out_dtype = jnp.asarray(x).dtype
+        h, _ = _as_image(x)
+        cond = None
+        if self.time_conditioned:
+            if t is None:
+                raise ValueError("a time-conditioned classifier needs a time t")
+            cond = nn.silu(_Conditioning(self.time_embed_dim)(t, None))
+        for i, feat in enumerate(self.features):
+            h = nn.Conv(feat, (3, 3))(h)
+            if cond is not None:
+                h = h + nn.Dense(feat)(cond)[None, None, None, :]
+            h = nn.silu(nn.GroupNorm(num_groups=math.gcd(8, feat))(h))
+            if i < len(self.features) - 1:
+                h = nn.avg_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+        h = jnp.mean(h, axis=(1, 2))[0]
+        h = nn.silu(nn.Dense(self.features[-1])(h))
+        logits = nn.Dense(self.num_classes)(h)
+        return logits.astype(out_dtype)
+
+
+def count_params(variables) -> int:
+    """The number of scalars in a variables pytree."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(variables))

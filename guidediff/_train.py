@@ -1,0 +1,559 @@
+r"""A small, deterministic, resumable training loop on optax.
+
+`fit` runs `num_steps` optimiser steps of a loss `loss_fn(params, key, batch)`,
+several steps per jitted call (`lax.scan`), with an exponential moving average
+(EMA) of the parameters, periodic evaluation, a tqdm progress bar and orbax
+checkpoints.
+
+Everything random is a pure function of the step index: step $k$ uses the key
+`fold_in(key, k)`, split into a data key (which minibatch) and a loss key (which $t$
+and noise). Hence a run is deterministic given `key`, and a run interrupted after $k$
+steps and resumed from its checkpoint to $n$ steps gives bit-for-bit the same
+parameters, EMA, optimiser state and loss history as an uninterrupted $n$-step run.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jaxtyping import Array, PyTree
+
+from ._custom_types import Key
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for is missing, corrupt or does not match."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What `fit` returns.
+
+    **Attributes:**
+
+    - `params`: the final parameters.
+    - `ema_params`: the EMA of the parameters (`None` if `ema_decay=None`).
+    - `opt_state`: the final optimiser state.
+    - `losses`: `(num_steps,)` numpy array, the loss of every step (on resume, the
+      steps before the checkpoint come from the checkpoint).
+    - `evals`: list of `(step, eval_fn(...))` pairs.
+    - `step`: the number of steps done.
+    """
+
+    params: PyTree[Any]
+    ema_params: PyTree[Any] | None
+    opt_state: PyTree[Any]
+    losses: np.ndarray
+    evals: list
+    step: int
+
+
+def warm_start(pretrained: PyTree[Any], like: PyTree[Any] | None = None) -> PyTree[Any]:
+    r"""Initialise a network from pretrained parameters: a fresh copy of them.
+
+    PAPER.md 4.1: the reweighted score $\hat s^r_\phi$ is naturally initialised from
+    the pretrained score $s_\theta$, i.e. $\phi_0 = \theta$, and fine-tuned with
+    `reward_weighted_dsm_loss`. This is only a copy (new buffers, so donating or
+    updating the copy never touches the pretrained weights); the two networks must
+    have the same architecture. If `like` (e.g. `net.init(...)` of the new network) is
+    given, its structure, shapes and dtypes are checked against `pretrained` and a
+    mismatch is a `ValueError`.
+
+    !!! example
+
+        ```python
+        base = gd.fit(dsm, net.init(k, 0.5, x), data, ...).ema_params
+        phi0 = gd.warm_start(base)
+        tuned = gd.fit(reward_loss, phi0, data, ...)
+        ```
+    """
+    if like is not None:
+        s1, s2 = jax.tree.structure(pretrained), jax.tree.structure(like)
+        if s1 != s2:
+            raise ValueError(
+                "pretrained parameters do not match the new network's structure:\n"
+                f"{s1}\nvs\n{s2}"
+            )
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(pretrained),
+            jax.tree.leaves(like),
+            strict=True,
+        ):
+            if jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)}: pretrained "
+                    f"{jnp.shape(a)} {jnp.result_type(a)} vs new {jnp.shape(b)} "
+                    f"{jnp.result_type(b)}"
+                )
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), pretrained)
+
+
+# ---------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------
+
+
+def _data_mode(data) -> str:
+    if isinstance(data, Iterator):
+        return "iterator"
+    if callable(data) and not isinstance(data, jax.Array):
+        return "sampler"
+    leaves = jax.tree.leaves(data)
+    if not leaves or not all(hasattr(x, "shape") and x.ndim >= 1 for x in leaves):
+        raise TypeError(
+            "data must be a pytree of arrays with a leading example axis, a jittable "
+            "function key -> batch, or an iterator of batches"
+        )
+    n = {x.shape[0] for x in leaves}
+    if len(n) != 1:
+        raise ValueError(f"every data array needs the same leading size, got {n}")
+    return "arrays"
+
+
+def _minibatch(arrays, key, batch_size):
+    n = jax.tree.leaves(arrays)[0].shape[0]
+    idx = jr.randint(key, (batch_size,), 0, n)
+    return jax.tree.map(lambda a: a[idx], arrays)
+
+
+# ---------------------------------------------------------------------------------
+# The jitted chunk of steps
+# ---------------------------------------------------------------------------------
+
+
+def _ema_update(ema, params, decay, step):
+    # Warm-up: decay_k = min(decay, (1 + k) / (10 + k)), so early averages do not
+    # remember the random initialisation for thousands of steps.
+    k = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + k) / (10.0 + k))
+    return jax.tree.map(
+        lambda e, p: (d.astype(e.dtype) * e + (1 - d).astype(e.dtype) * p).astype(
+            e.dtype
+        ),
+        ema,
+        params,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "loss_static",
+        "optimizer",
+        "sampler_static",
+        "batch_size",
+        "length",
+    ),
+)
+def _run_chunk(
+    state,
+    start,
+    key,
+    arrays,
+    batches,
+    ema_decay,
+    loss_dynamic,
+    sampler_dynamic,
+    *,
+    loss_static,
+    optimizer,
+    sampler_static,
+    batch_size,
+    length,
+):
+    # Callables may be pytrees holding arrays (e.g. an eqx.Module): their arrays are
+    # traced arguments, the rest is static (hashed) and keys the compilation cache.
+    loss_fn = eqx.combine(loss_dynamic, loss_static)
+    sampler = eqx.combine(sampler_dynamic, sampler_static)
+
+    def body(state, inp):
+        step, batch = inp
+        params, opt_state, ema = state
+        kdata, kloss = jr.split(jr.fold_in(key, step))
+        if sampler is not None:
+            batch = sampler(kdata)
+        elif arrays is not None:
+            batch = _minibatch(arrays, kdata, batch_size)
+        loss, grads = jax.value_and_grad(loss_fn)(params, kloss, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if ema is not None:
+            ema = _ema_update(ema, params, ema_decay, step)
+        return (params, opt_state, ema), loss
+
+    steps = start + jnp.arange(length, dtype=jnp.uint32)
+    return jax.lax.scan(body, state, (steps, batches))
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------
+
+
+def _manager(directory, *, create: bool, max_to_keep: int | None = None):
+    return ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+        item_names=("state", "meta"),
+    )
+
+
+def _key_data(key) -> list[int]:
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jr.key_data(key)
+    return np.asarray(key).ravel().tolist()
+
+
+def _jsonable(value):
+    try:
+        out = jax.tree.map(lambda v: np.asarray(v).tolist(), value)
+        json.dumps(out)
+        return out
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_tree(state, losses) -> dict:
+    return {
+        "params": state[0],
+        "opt_state": state[1],
+        "ema": state[2],
+        "losses": losses,
+    }
+
+
+def _save(mngr, step: int, state, losses: np.ndarray, meta: dict) -> None:
+    """One checkpoint: the arrays (parameters, optimiser state, EMA and the loss
+    history) through orbax's standard handler, the rest as JSON."""
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_as_tree(state, losses)),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+
+def _restore(directory, like_state, step: int | None = None):
+    """Restore `(state, meta, step)`; a missing or corrupt checkpoint raises."""
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"resume=True but the checkpoint directory {path} does not exist; "
+            "refusing to start from scratch (pass resume=False for a fresh run)"
+        )
+    mngr = _manager(path, create=False)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"resume=True but {path} holds no checkpoint; refusing to start from "
+                "scratch (pass resume=False for a fresh run)"
+            )
+        step_dirs = [int(f) for f in os.listdir(path) if f.isdigit()]
+        if step is None and max(step_dirs, default=-1) > max(steps):
+            raise CheckpointError(
+                f"the latest checkpoint in {path}, step {max(step_dirs)}, is "
+                f"incomplete or corrupt (the last valid one is step {max(steps)}); "
+                "refusing to fall back silently: remove it to resume from the "
+                "previous one"
+            )
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {path}: {steps}")
+        try:
+            meta = mngr.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+            if meta is None or int(meta["step"]) != step:
+                raise ValueError("its metadata is missing or inconsistent")
+            like = _as_tree(like_state, np.zeros((step,), meta["loss_dtype"]))
+            tree = mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))
+            )["state"]
+            for (p, a), b in zip(
+                jax.tree_util.tree_leaves_with_path(tree),
+                jax.tree.leaves(like),
+                strict=True,
+            ):
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    raise ValueError(
+                        f"{jax.tree_util.keystr(p)} has {a.shape} {a.dtype}, "
+                        f"expected {b.shape} {b.dtype}"
+                    )
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything orbax raises means "corrupt"
+            raise CheckpointError(
+                f"could not restore the checkpoint of step {step} in {path}: it is "
+                f"corrupt or does not match these parameters/optimiser "
+                f"({type(e).__name__}: {e})"
+            ) from e
+    finally:
+        mngr.close()
+    state = (tree["params"], tree["opt_state"], tree["ema"])
+    return state, np.asarray(tree["losses"]), meta, step
+
+
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    params: PyTree[Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    ema: bool = True,
+    step: int | None = None,
+) -> FitResult:
+    """Load a checkpoint written by `fit` (the latest one unless `step` is given).
+
+    `params` (e.g. `net.init(...)`) and `optimizer` give the structure to restore
+    into; `ema` says whether the run kept an EMA. Returns a `FitResult` (its `losses`
+    cover the steps up to the checkpoint). A missing or corrupt checkpoint raises
+    `CheckpointError`.
+    """
+    like = (params, optimizer.init(params), params if ema else None)
+    state, losses, meta, step = _restore(checkpoint_dir, like, step)
+    return FitResult(
+        params=state[0],
+        ema_params=state[2],
+        opt_state=state[1],
+        losses=losses,
+        evals=[tuple(e) for e in meta.get("evals") or []],
+        step=step,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------
+
+
+def fit(
+    loss_fn: Callable[[PyTree[Any], Key, Any], Array],
+    params: PyTree[Any],
+    data: PyTree[Array] | Callable[[Key], Any] | Iterator,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    key: Key,
+    batch_size: int | None = None,
+    steps_per_dispatch: int = 100,
+    ema_decay: float | None = 0.999,
+    eval_every: int | None = None,
+    eval_fn: Callable[[int, PyTree[Any], PyTree[Any] | None], Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    max_to_keep: int | None = 3,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    r"""Minimise `loss_fn` with an optax optimiser, deterministically and resumably.
+
+    Step $k$ ($k = 0, \dots, n-1$) computes `loss_fn(params, loss_key, batch)` with
+    `kdata, loss_key = split(fold_in(key, k))` and the batch chosen by `kdata`, then
+    applies `optimizer`, and updates the EMA
+    $\bar\theta \leftarrow d_k\bar\theta + (1 - d_k)\theta$ with
+    $d_k = \min(\text{ema\_decay}, (1 + k)/(10 + k))$.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(params, key, batch) -> scalar`, e.g. a closure over
+      `gd.dsm_loss`. Use the same function object across calls to reuse compilation.
+    - `params`: the initial parameters (a pytree).
+    - `data`: one of
+        - a pytree of arrays with a leading example axis (e.g. `x0` or
+          `(x0, labels)`): minibatches of `batch_size` are drawn with replacement,
+          inside the jitted step, as a function of `kdata`;
+        - a jittable function `kdata -> batch` (e.g. sampling an oracle afresh);
+        - a Python iterator of batches (stacked on the host, `steps_per_dispatch`
+          at a time). On `resume=True` a restarted iterator is fast-forwarded past
+          the batches already used, so resuming is exact if the iterator is
+          deterministic.
+    - `optimizer`: an `optax.GradientTransformation` (reuse the object to reuse
+      compilation).
+    - `num_steps`: the total number of steps (including any done before a resume).
+    - `key`: the PRNG key of the run.
+    - `batch_size`: minibatch size, for array data.
+    - `steps_per_dispatch`: steps per jitted call (a `lax.scan`); amortises dispatch
+      and the host round trip. Chunks are aligned to multiples of it and cut at
+      `eval_every`, `checkpoint_every` and `num_steps` (choose those as multiples of
+      it to avoid compiling more than one chunk length).
+    - `ema_decay`: EMA decay, or `None` for no EMA.
+    - `eval_every`, `eval_fn`: every `eval_every` steps, call
+      `eval_fn(step, params, ema_params)` on the host and record its value.
+    - `checkpoint_dir`: where orbax checkpoints go (`None`: none). A fresh run
+      refuses a directory that already holds checkpoints.
+    - `checkpoint_every`: save every so many steps; the last step is always saved.
+    - `max_to_keep`: the number of checkpoints kept.
+    - `resume`: continue from the latest checkpoint in `checkpoint_dir`. A missing
+      or corrupt checkpoint raises `CheckpointError`; it never silently starts
+      afresh.
+    - `progress`: show a tqdm bar with the loss.
+
+    **Returns:** a `FitResult` (final `params`, `ema_params`, `opt_state`, `losses`
+    per step, `evals`, `step`). A non-finite loss raises `FloatingPointError`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        net = gd.MLPScoreNet()
+        params = net.init(jax.random.key(0), 0.5, jnp.zeros(2))
+        loss_fn = lambda p, k, x0: gd.dsm_loss(net.apply, p, k, x0, sde)
+        result = gd.fit(loss_fn, params, gd.swiss_roll(0, 10_000),
+                        optimizer=optax.adam(1e-3), num_steps=5000, batch_size=512,
+                        key=jax.random.key(1), steps_per_dispatch=500)
+        score = gd.flax_score(net, result.ema_params, sde)
+        ```
+    """
+    from tqdm.auto import tqdm
+
+    if num_steps < 0 or int(num_steps) != num_steps:
+        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps}")
+    if steps_per_dispatch < 1:
+        raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
+    for name, v in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if (eval_every is None) != (eval_fn is None):
+        raise ValueError("eval_every and eval_fn go together")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+
+    mode = _data_mode(data)
+    if mode == "arrays" and batch_size is None:
+        raise ValueError("array data needs a batch_size")
+    arrays = jax.tree.map(jnp.asarray, data) if mode == "arrays" else None
+    sampler = data if mode == "sampler" else None
+    loss_dynamic, loss_static = eqx.partition(loss_fn, eqx.is_array)
+    sampler_dynamic, sampler_static = eqx.partition(sampler, eqx.is_array)
+
+    state = (params, optimizer.init(params), params if ema_decay is not None else None)
+    step = 0
+    losses: list[np.ndarray] = []
+    evals: list = []
+    key_data = _key_data(key)
+
+    mngr = None
+    if checkpoint_dir is not None:
+        if resume:
+            state, past_losses, meta, step = _restore(checkpoint_dir, state)
+            if meta["key"] != key_data:
+                raise CheckpointError(
+                    f"the checkpoint in {checkpoint_dir} was written by a run with a "
+                    "different key; resuming it with this key would not reproduce it"
+                )
+            if step > num_steps:
+                raise ValueError(
+                    f"the checkpoint is at step {step}, beyond num_steps={num_steps}"
+                )
+            losses.append(past_losses)
+            evals.extend(tuple(e) for e in meta.get("evals") or [])
+        mngr = _manager(checkpoint_dir, create=True, max_to_keep=max_to_keep)
+        existing = mngr.all_steps()
+        if not resume and existing:
+            mngr.close()
+            raise FileExistsError(
+                f"{checkpoint_dir} already holds checkpoints {list(existing)}; pass "
+                "resume=True to continue that run, or use a fresh directory"
+            )
+
+    if mode == "iterator" and step > 0:
+        for _ in range(step):  # fast-forward past the batches already used
+            if next(data, None) is None:
+                raise ValueError("the data iterator ran out while fast-forwarding")
+
+    def boundary(s: int) -> int:
+        nxt = [num_steps, (s // steps_per_dispatch + 1) * steps_per_dispatch]
+        for every in (eval_every, checkpoint_every):
+            if every is not None:
+                nxt.append((s // every + 1) * every)
+        return min(nxt)
+
+    def checkpoint(s):
+        hist = np.concatenate(losses)
+        meta = {
+            "step": s,
+            "key": key_data,
+            "loss_dtype": str(hist.dtype),
+            "evals": _jsonable([list(e) for e in evals]),
+        }
+        _save(mngr, s, state, hist, meta)
+
+    key_arr = jnp.asarray(key)
+    decay = jnp.asarray(0.0 if ema_decay is None else ema_decay, jnp.float32)
+    bar = tqdm(total=num_steps, initial=step, disable=not progress, desc="fit")
+    try:
+        while step < num_steps:
+            length = boundary(step) - step
+            batches = None
+            if mode == "iterator":
+                try:
+                    chunk = [next(data) for _ in range(length)]
+                except StopIteration:
+                    raise ValueError(
+                        f"the data iterator ran out of batches before step {num_steps}"
+                    ) from None
+                batches = jax.tree.map(lambda *b: np.stack(b), *chunk)
+            state, chunk_losses = _run_chunk(
+                state,
+                jnp.asarray(step, jnp.uint32),
+                key_arr,
+                arrays,
+                batches,
+                decay,
+                loss_dynamic,
+                sampler_dynamic,
+                loss_static=loss_static,
+                optimizer=optimizer,
+                sampler_static=sampler_static,
+                batch_size=batch_size,
+                length=length,
+            )
+            chunk_losses = np.asarray(chunk_losses)
+            losses.append(chunk_losses)
+            if not np.all(np.isfinite(chunk_losses)):
+                bad = step + int(np.argmin(np.isfinite(chunk_losses)))
+                raise FloatingPointError(f"the loss is not finite at step {bad}")
+            step += length
+            postfix = {"loss": f"{float(np.mean(chunk_losses)):.4g}"}
+            if eval_every is not None and step % eval_every == 0:
+                value = eval_fn(step, state[0], state[2])
+                evals.append((step, value))
+                try:
+                    postfix["eval"] = f"{float(value):.4g}"
+                except (TypeError, ValueError):
+                    pass
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(length)
+            if mngr is not None and (
+                step == num_steps
+                or (checkpoint_every is not None and step % checkpoint_every == 0)
+            ):
+                checkpoint(step)
+    finally:
+        bar.close()
+        if mngr is not None:
+            mngr.wait_until_finished()
+            mngr.close()
+
+    hist = np.concatenate(losses) if losses else np.zeros((0,), np.float32)
+    return FitResult(
+        params=state[0],
+        ema_params=state[2],
+        opt_state=state[1],
+        losses=hist,
+        evals=evals,
+        step=step,
+    )

@@ -1,0 +1,365 @@
+"""Denoising score matching losses (guidediff._losses), checked on Gaussian data whose
+exact noise/data/score predictors and irreducible losses are known in closed form.
+
+For $x_0 \\sim \\mathcal N(0, s^2 I)$ and $x_t = \\alpha x_0 + \\sigma\\varepsilon$, with
+$v = \\alpha^2 s^2 + \\sigma^2$: $\\hat\\varepsilon = \\sigma x / v$,
+$\\hat x_0 = \\alpha s^2 x / v$, $s_t(x) = -x / v$, and the irreducible
+$\\varepsilon$-loss is $E\\|\\hat\\varepsilon - \\varepsilon\\|^2/d = \\alpha^2 s^2 / v$.
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from guidediff._losses import (
+    check_labels,
+    conditional_dsm_loss,
+    drop_labels,
+    dsm_example_loss,
+    dsm_loss,
+    noisy_classifier_loss,
+    reward_weighted_dsm_loss,
+    reward_weights,
+)
+from guidediff._sde import VPSDE
+
+
+SDE = VPSDE()
+S = 0.7  # data std
+D = 2
+N = 20_000
+
+
+def _v(p, t):
+    alpha, sigma = SDE.marginal(t)
+    return alpha, sigma, alpha**2 * p["s"] ** 2 + sigma**2
+
+
+def eps_model(p, t, x, label):
+    alpha, sigma, v = _v(p, t)
+    return sigma * x / v
+
+
+def x0_model(p, t, x, label):
+    alpha, sigma, v = _v(p, t)
+    return alpha * p["s"] ** 2 * x / v
+
+
+def score_model(p, t, x, label):
+    return -x / _v(p, t)[2]
+
+
+PARAMS = {"s": jnp.asarray(S)}
+MODELS = {"eps": eps_model, "x0": x0_model, "score": score_model}
+
+
+@pytest.fixture(scope="module")
+def x0():
+    return S * jr.normal(jr.key(0), (N, D))
+
+
+def _per_example(model, key, x0, **kw):
+    keys = jr.split(key, x0.shape[0])
+    fn = lambda k, x: dsm_example_loss(model, PARAMS, k, x, SDE, **kw)
+    return jax.jit(jax.vmap(fn))(keys, x0)
+
+
+def test_dsm_loss_matches_closed_form(x0):
+    """The Monte Carlo loss of the exact predictor equals the irreducible loss
+    E_t[alpha^2 s^2 / v] to within 4 standard errors."""
+    t_min = 1e-3
+    per = _per_example(eps_model, jr.key(1), x0, t_min=t_min)
+    ts = np.linspace(t_min, SDE.T, 20_001)
+    alpha, sigma = jax.vmap(SDE.marginal)(ts)
+    alpha, sigma = np.asarray(alpha), np.asarray(sigma)
+    expected = np.trapezoid(alpha**2 * S**2 / (alpha**2 * S**2 + sigma**2), ts) / (
+        SDE.T - t_min
+    )
+    se = float(jnp.std(per)) / np.sqrt(N)
+    assert abs(float(jnp.mean(per)) - expected) < 4 * se
+    # dsm_loss is the batch mean of the per-example losses, with the same keys.
+    total = dsm_loss(eps_model, PARAMS, jr.key(1), x0, SDE, t_min=t_min)
+    np.testing.assert_allclose(total, jnp.mean(per), rtol=1e-12)
+
+
+WEIGHTINGS = ["eps", "x0", "score", "likelihood"]
+
+
+def test_predictions_agree(x0):
+    """Exact eps-, x0- and score-predictors are the same score, so every prediction
+    type gives the same per-example loss under a given weighting."""
+    xs = x0[:2000]
+    keys = jr.split(jr.key(2), xs.shape[0])
+
+    @jax.jit
+    def all_losses(keys, xs):
+        out = {}
+        for weighting in WEIGHTINGS:
+            for prediction, model in MODELS.items():
+                fn = lambda k, x: dsm_example_loss(
+                    model, PARAMS, k, x, SDE, weighting=weighting, prediction=prediction
+                )
+                out[weighting, prediction] = jax.vmap(fn)(keys, xs)
+        return out
+
+    out = all_losses(keys, xs)
+    for weighting in WEIGHTINGS:
+        ref = out[weighting, "eps"]
+        for prediction in ("x0", "score"):
+            np.testing.assert_allclose(
+                out[weighting, prediction], ref, rtol=1e-9, atol=1e-12
+            )
+
+
+def test_callable_weighting(x0):
+    xs = x0[:2000]
+    keys = jr.split(jr.key(3), xs.shape[0])
+    callables = {
+        "eps": lambda t: SDE.marginal(t)[1] ** 2,
+        "likelihood": lambda t: SDE.diffusion(t) ** 2,
+        "score": lambda t: jnp.ones_like(t),
+    }
+
+    @jax.jit
+    def pairs(keys, xs):
+        out = {}
+        for name, fn in callables.items():
+            for w in (name, fn):
+                loss = lambda k, x: dsm_example_loss(
+                    eps_model, PARAMS, k, x, SDE, weighting=w
+                )
+                out[name, callable(w)] = jax.vmap(loss)(keys, xs)
+        return out
+
+    out = pairs(keys, xs)
+    for name in callables:
+        np.testing.assert_allclose(out[name, False], out[name, True], rtol=1e-12)
+
+
+def test_true_parameter_minimises_loss(x0):
+    """With common random numbers, the exact score (s = S) beats nearby ones."""
+
+    def loss(s):
+        return dsm_loss(eps_model, {"s": s}, jr.key(4), x0, SDE)
+
+    grid = jnp.linspace(0.5 * S, 1.5 * S, 21)
+    values = jax.jit(jax.vmap(loss))(grid)
+    assert abs(float(grid[jnp.argmin(values)]) - S) <= 0.05 * S + 1e-12
+    g = jax.grad(loss)(jnp.asarray(S))
+    assert np.isfinite(g)
+
+
+def test_reward_weighted_minimiser_is_tilted_score(x0):
+    """With r(x) = exp(-|x|^2 / (2 w^2)), p^r = N(0, s_r^2) with
+    1/s_r^2 = 1/s^2 + 1/w^2: the reward-weighted loss is minimised at s = s_r."""
+    w = 1.0
+    s_r = (1 / S**2 + 1 / w**2) ** -0.5
+    reward = lambda x: jnp.exp(-0.5 * jnp.sum(x**2) / w**2)
+
+    def loss(s):
+        return reward_weighted_dsm_loss(eps_model, {"s": s}, jr.key(5), x0, reward, SDE)
+
+    grid = jnp.linspace(0.7 * s_r, 1.3 * S, 31)
+    values = jax.jit(jax.vmap(loss))(grid)
+    best = float(grid[jnp.argmin(values)])
+    assert abs(best - s_r) <= 0.05 * s_r
+    assert abs(best - S) > 0.1  # and not the untilted one
+
+
+def test_reward_weighted_special_cases(x0):
+    xs = x0[:512]
+    key = jr.key(6)
+    plain = dsm_loss(eps_model, PARAMS, key, xs, SDE)
+    const = reward_weighted_dsm_loss(
+        eps_model, PARAMS, key, xs, 2.0 * jnp.ones(512), SDE
+    )
+    np.testing.assert_allclose(const, plain, rtol=1e-12)
+    # An exponential tilt exp(R/alpha) equals plain rewards r = exp(R/alpha).
+    big_r = -0.5 * jnp.sum(xs**2, axis=-1)
+    tilt = reward_weighted_dsm_loss(
+        eps_model, PARAMS, key, xs, big_r, SDE, temperature=0.5
+    )
+    direct = reward_weighted_dsm_loss(
+        eps_model, PARAMS, key, xs, jnp.exp(big_r / 0.5), SDE
+    )
+    np.testing.assert_allclose(tilt, direct, rtol=1e-10)
+    # ... and the tilt is stable where exp(R/alpha) overflows.
+    huge = reward_weighted_dsm_loss(
+        eps_model, PARAMS, key, xs, big_r + 1e5, SDE, temperature=0.5
+    )
+    np.testing.assert_allclose(huge, tilt, rtol=1e-8)
+    # Rewards as a function of one example are vmapped.
+    fn = reward_weighted_dsm_loss(
+        eps_model, PARAMS, key, xs, lambda x: jnp.exp(-jnp.sum(x**2)), SDE
+    )
+    np.testing.assert_allclose(fn, direct, rtol=1e-10)
+
+
+def test_reward_weights():
+    np.testing.assert_allclose(
+        reward_weights(jnp.array([0.0, 1.0, 3.0])), [0, 0.75, 2.25]
+    )
+    w = reward_weights(jnp.array([0.0, jnp.log(3.0)]), temperature=1.0)
+    np.testing.assert_allclose(w, [0.5, 1.5])
+    np.testing.assert_allclose(
+        reward_weights(jnp.array([1e4, 1e4]), temperature=1e-2), [1.0, 1.0]
+    )
+    np.testing.assert_allclose(
+        jnp.mean(reward_weights(jr.uniform(jr.key(0), (7,)))), 1.0
+    )
+
+
+@pytest.mark.parametrize(
+    "rewards, match",
+    [
+        ([1.0, -0.5, 2.0], "non-negative"),
+        ([1.0, jnp.nan, 2.0], "NaN"),
+        ([0.0, 0.0, 0.0], "all zero"),
+        ([1.0, jnp.inf, 2.0], "inf"),
+    ],
+)
+def test_bad_rewards(rewards, match):
+    rewards = jnp.asarray(rewards)
+    with pytest.raises(ValueError, match=match):
+        reward_weights(rewards)
+    xs = jnp.ones((3, 2))
+    with pytest.raises(ValueError, match=match):
+        reward_weighted_dsm_loss(eps_model, PARAMS, jr.key(0), xs, rewards, SDE)
+    # Traced (e.g. inside fit's jitted step): a run-time error, never a NaN loss.
+    with pytest.raises(Exception, match="rewards must be finite and non-negative"):
+        jax.jit(reward_weights)(rewards).block_until_ready()
+    with pytest.raises(Exception, match="rewards must be finite and non-negative"):
+        jax.jit(
+            lambda r: reward_weighted_dsm_loss(eps_model, PARAMS, jr.key(0), xs, r, SDE)
+        )(rewards).block_until_ready()
+
+
+def test_bad_tilts_and_shapes():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        reward_weights(jnp.array([1.0, jnp.nan]), temperature=1.0)
+    with pytest.raises(Exception, match="NaN or inf"):
+        jax.jit(lambda r: reward_weights(r, temperature=1.0))(
+            jnp.array([1.0, jnp.inf])
+        ).block_until_ready()
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        reward_weights(jnp.array([1.0]), temperature=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        reward_weights(jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match=r"rewards must have shape \(4,\)"):
+        reward_weighted_dsm_loss(
+            eps_model, PARAMS, jr.key(0), jnp.ones((4, 2)), jnp.ones(3), SDE
+        )
+
+
+# ---------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------
+
+
+def test_check_labels():
+    labels = jnp.array([0, 1, 2, 3])
+    assert check_labels(labels, 3) is not None  # 3 == the null label
+    for bad in ([0, -1], [0, 4]):
+        with pytest.raises(ValueError, match="out of range"):
+            check_labels(jnp.array(bad), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        check_labels(labels, 3, allow_null=False)
+    with pytest.raises(TypeError, match="integers"):
+        check_labels(jnp.array([0.0, 1.0]), 3)
+    with pytest.raises(Exception, match="class label out of range"):
+        jax.jit(lambda c: check_labels(c, 3))(jnp.array([0, 7])).block_until_ready()
+
+
+def test_drop_labels():
+    labels = jnp.zeros(N, jnp.int32) + 2
+    np.testing.assert_array_equal(drop_labels(jr.key(0), labels, 3, 0.0), labels)
+    np.testing.assert_array_equal(drop_labels(jr.key(0), labels, 3, 1.0), 3)
+    dropped = drop_labels(jr.key(0), labels, 3, 0.3)
+    frac = float(jnp.mean(dropped == 3))
+    assert set(np.unique(dropped).tolist()) == {2, 3}
+    assert abs(frac - 0.3) < 4 * np.sqrt(0.3 * 0.7 / N)
+    with pytest.raises(ValueError, match="p_uncond"):
+        drop_labels(jr.key(0), labels, 3, 1.5)
+
+
+def _labelled_model(p, t, x, label):
+    # A model that sees its label: the exact predictor shifted by the label.
+    return eps_model(p, t, x, label) + 0.01 * label
+
+
+def test_conditional_loss(x0):
+    xs = x0[:256]
+    labels = jr.randint(jr.key(1), (256,), 0, 3)
+    key = jr.key(7)
+    no_drop = conditional_dsm_loss(
+        _labelled_model, PARAMS, key, xs, labels, SDE, num_classes=3, p_uncond=0.0
+    )
+    ref = dsm_loss(_labelled_model, PARAMS, jr.split(key)[1], xs, SDE, labels=labels)
+    np.testing.assert_allclose(no_drop, ref, rtol=1e-12)
+    all_null = conditional_dsm_loss(
+        _labelled_model, PARAMS, key, xs, labels, SDE, num_classes=3, p_uncond=1.0
+    )
+    ref_null = dsm_loss(
+        _labelled_model, PARAMS, jr.split(key)[1], xs, SDE, labels=jnp.full(256, 3)
+    )
+    np.testing.assert_allclose(all_null, ref_null, rtol=1e-12)
+
+
+def test_conditional_loss_bad_labels(x0):
+    xs = x0[:4]
+    for bad in ([0, 1, 4, 2], [0, -1, 1, 2]):
+        with pytest.raises(ValueError, match="out of range"):
+            conditional_dsm_loss(
+                _labelled_model,
+                PARAMS,
+                jr.key(0),
+                xs,
+                jnp.array(bad),
+                SDE,
+                num_classes=3,
+            )
+    with pytest.raises(Exception, match="class label out of range"):
+        jax.jit(
+            lambda c: conditional_dsm_loss(
+                _labelled_model, PARAMS, jr.key(0), xs, c, SDE, num_classes=3
+            )
+        )(jnp.array([0, 1, 9, 2])).block_until_ready()
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        conditional_dsm_loss(
+            _labelled_model,
+            PARAMS,
+            jr.key(0),
+            xs,
+            jnp.array([0, 1]),
+            SDE,
+            num_classes=3,
+        )
+
+
+def test_noisy_classifier_loss(x0):
+    xs = x0[:64]
+    labels = jnp.arange(64) % 4
+    zero_logits = lambda p, t, x: jnp.zeros(4, x.dtype) * p["s"]
+    for sde in (SDE, None):
+        loss = noisy_classifier_loss(
+            zero_logits, PARAMS, jr.key(0), xs, labels, sde, num_classes=4
+        )
+        np.testing.assert_allclose(loss, np.log(4.0), rtol=1e-12)
+    with pytest.raises(ValueError, match="out of range"):
+        noisy_classifier_loss(
+            zero_logits, PARAMS, jr.key(0), xs, labels, SDE, num_classes=3
+        )
+
+
+def test_loss_argument_errors(x0):
+    xs = x0[:4]
+    with pytest.raises(ValueError, match="t_min"):
+        dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, t_min=1.0)
+    with pytest.raises(ValueError, match="prediction"):
+        dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, prediction="v")
+    with pytest.raises(ValueError, match="weighting"):
+        dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, weighting="snr")
+    with pytest.raises(ValueError, match="returned shape"):
+        dsm_loss(lambda p, t, x, c: x[:1], PARAMS, jr.key(0), xs, SDE)

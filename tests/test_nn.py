@@ -1,0 +1,244 @@
+"""Networks (guidediff._nn) and the Flax adapter (guidediff._flax)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from guidediff._flax import LinenModel, flax_score
+from guidediff._nn import CNNClassifier, MLPScoreNet, UNet, sinusoidal_embedding
+from guidediff._score import AbstractScore, EpsScore, X0Score
+from guidediff._sde import VPSDE
+
+
+@jax.jit
+def _perturb(variables, scale=0.1):
+    """Deterministic non-zero weights everywhere (the output layers are
+    zero-initialised); no RNG, so it compiles fast."""
+    leaves, treedef = jax.tree.flatten(variables)
+    leaves = [
+        x
+        + scale * jnp.sin(1.7 * jnp.arange(x.size) + i).reshape(x.shape).astype(x.dtype)
+        for i, x in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    net = MLPScoreNet(hidden=(32, 32), time_embed_dim=16, num_classes=3)
+    init = jax.jit(lambda: _perturb(net.init(jr.key(0), 0.5, jnp.zeros(2), 0)))
+    return net, init()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    net = UNet(features=(8, 16), time_embed_dim=16, num_classes=10)
+    # jit: eager op-by-op initialisation of a conv net is slow on CPU.
+    init = jax.jit(
+        lambda: _perturb(net.init(jr.key(0), 0.5, jnp.zeros((8, 8)), 0), 0.05)
+    )
+    return net, init()
+
+
+def test_sinusoidal_embedding():
+    e = sinusoidal_embedding(0.0, 8)
+    assert e.shape == (8,) and e.dtype == jnp.float32
+    np.testing.assert_array_equal(e, jnp.concatenate([jnp.ones(4), jnp.zeros(4)]))
+    e1, e2 = sinusoidal_embedding(0.3, 16), sinusoidal_embedding(0.31, 16)
+    assert not np.allclose(e1, e2)
+    with pytest.raises(ValueError, match="even"):
+        sinusoidal_embedding(0.0, 7)
+    with pytest.raises(ValueError, match="scalar"):
+        sinusoidal_embedding(jnp.zeros(3), 8)
+
+
+@pytest.mark.parametrize("shape", [(2,), (3, 4)])
+def test_mlp_shapes_and_dtypes(shape):
+    net = MLPScoreNet(hidden=(16, 16), time_embed_dim=8)
+    variables = net.init(jr.key(0), 0.5, jnp.zeros(shape))
+    # float32 parameters even under jax_enable_x64 (see conftest.py).
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+    for dtype in (jnp.float32, jnp.float64):
+        out = net.apply(variables, 0.5, jnp.ones(shape, dtype))
+        assert out.shape == shape and out.dtype == dtype
+    with pytest.raises(TypeError, match="floating"):
+        net.apply(variables, 0.5, jnp.ones(shape, jnp.int32))
+
+
+def test_mlp_null_label(mlp):
+    net, variables = mlp
+    x = jnp.array([0.3, -0.7])
+    emb = variables["params"]["_Conditioning_0"]["class_embed"]["embedding"]
+    assert emb.shape[0] == 4  # 3 classes + the null label
+    out_none = net.apply(variables, 0.4, x)
+    out_null = net.apply(variables, 0.4, x, 3)
+    np.testing.assert_array_equal(out_none, out_null)
+    outs = [net.apply(variables, 0.4, x, c) for c in range(4)]
+    for i in range(4):
+        for j in range(i):
+            assert not np.allclose(outs[i], outs[j])
+    with pytest.raises(TypeError, match="integers"):
+        net.apply(variables, 0.4, x, 1.0)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="out of range"):
+            net.apply(variables, 0.4, x, bad)
+    with pytest.raises(ValueError, match="one scalar label"):
+        net.apply(variables, 0.4, x, jnp.array([0, 1]))
+
+
+def test_mlp_vmap_equals_loop(mlp):
+    net, variables = mlp
+    xs = jr.normal(jr.key(2), (5, 2))
+    ts = jnp.linspace(0.1, 0.9, 5)
+    labels = jnp.array([0, 1, 2, 3, 1])
+    batched = jax.vmap(net.apply, (None, 0, 0, 0))(variables, ts, xs, labels)
+    looped = jnp.stack(
+        [net.apply(variables, t, x, c) for t, x, c in zip(ts, xs, labels, strict=True)]
+    )
+    np.testing.assert_allclose(batched, looped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 1), (28, 28), (28, 28, 1)])
+def test_unet_shapes(unet, shape):
+    net, variables = unet  # conv weights do not depend on the image size
+    out = jax.eval_shape(net.apply, variables, 0.5, jnp.ones(shape), 3)
+    assert out.shape == shape and out.dtype == jnp.float64
+    out32 = jax.eval_shape(net.apply, variables, 0.5, jnp.ones(shape, jnp.float32), 3)
+    assert out32.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+
+
+def test_unet_vmap_labels_and_errors(unet):
+    net, variables = unet
+    xs = jr.normal(jr.key(3), (3, 8, 8))
+    labels = jnp.array([0, 5, 10])
+    apply = jax.jit(net.apply)
+    batched = jax.jit(jax.vmap(net.apply, (None, None, 0, 0)))(
+        variables, 0.3, xs, labels
+    )
+    looped = jnp.stack(
+        [apply(variables, 0.3, x, c) for x, c in zip(xs, labels, strict=True)]
+    )
+    np.testing.assert_allclose(batched, looped, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(looped[0], looped[1])
+    assert not np.allclose(looped[1], looped[2])
+    # (H, W) and (H, W, 1) are the same image.
+    with_channel = jax.eval_shape(net.apply, variables, 0.3, xs[0][..., None], 0)
+    assert with_channel.shape == (8, 8, 1)
+    with pytest.raises(ValueError, match="divisible"):
+        jax.eval_shape(net.apply, variables, 0.3, jnp.zeros((7, 7)), 0)
+    with pytest.raises(ValueError, match="vmap over a batch"):
+        jax.eval_shape(net.apply, variables, 0.3, jnp.zeros((2, 8, 8, 1)), 0)
+
+
+@pytest.mark.parametrize("time_conditioned", [False, True])
+def test_cnn_classifier(time_conditioned):
+    clf = CNNClassifier(
+        num_classes=10, features=(8, 16), time_conditioned=time_conditioned
+    )
+    x = jr.normal(jr.key(2), (8, 8))
+
+    @jax.jit  # one compilation: init, perturb and two evaluations
+    def run(x):
+        variables = _perturb(clf.init(jr.key(0), 0.5, jnp.zeros((8, 8))))
+        return variables, clf.apply(variables, 0.5, x), clf.apply(variables, 0.9, x)
+
+    variables, logits, other_t = run(x)
+    assert logits.shape == (10,) and logits.dtype == jnp.float64
+    assert np.allclose(logits, other_t) != time_conditioned
+    if time_conditioned:
+        with pytest.raises(ValueError, match="needs a time"):
+            jax.eval_shape(clf.apply, variables, None, x)
+    else:
+        assert jax.eval_shape(clf.apply, variables, None, x).shape == (10,)
+
+
+# ---------------------------------------------------------------------------------
+# The adapter
+# ---------------------------------------------------------------------------------
+
+
+def test_linen_model_is_a_pytree(mlp):
+    net, variables = mlp
+    model = LinenModel(variables, net)
+    assert len(jax.tree.leaves(model)) == len(jax.tree.leaves(variables))
+    x = jnp.array([0.1, 0.2])
+    np.testing.assert_array_equal(model(0.5, x, 1), net.apply(variables, 0.5, x, 1))
+    # A bare apply function works too.
+    model2 = LinenModel(variables, net.apply)
+    np.testing.assert_array_equal(model2(0.5, x, 1), model(0.5, x, 1))
+    with pytest.raises(TypeError, match="apply function"):
+        LinenModel(variables, 3)
+
+
+def test_flax_score_parametrisations(mlp):
+    net, variables = mlp
+    sde = VPSDE()
+    t, x = 0.4, jnp.array([0.5, -1.0])
+    alpha, sigma = sde.marginal(t)
+    out = net.apply(variables, t, x, 2)
+    eps_score = flax_score(net, variables, sde)
+    assert isinstance(eps_score, EpsScore)
+    np.testing.assert_allclose(eps_score(t, x, 2), -out / sigma, rtol=1e-12)
+    x0_score = flax_score(net, variables, sde, prediction="x0")
+    assert isinstance(x0_score, X0Score)
+    np.testing.assert_allclose(
+        x0_score(t, x, 2), (alpha * out - x) / sigma**2, rtol=1e-12
+    )
+    direct = flax_score(net, variables, sde, prediction="score")
+    assert isinstance(direct, AbstractScore)
+    np.testing.assert_array_equal(direct(t, x, 2), out)
+    with pytest.raises(ValueError, match="prediction"):
+        flax_score(net, variables, sde, prediction="v")
+
+
+def test_flax_score_grad_wrt_variables(mlp):
+    """jax.grad reaches the variables through the score, and agrees with the
+    gradient of the same function written directly on net.apply."""
+    net, variables = mlp
+    sde = VPSDE()
+    xs = jr.normal(jr.key(4), (6, 2))
+    ts = jnp.linspace(0.1, 1.0, 6)
+
+    def via_score(v):
+        score = flax_score(net, v, sde)
+        return jnp.sum(jax.vmap(score, (0, 0, None))(ts, xs, 1) ** 2)
+
+    def direct(v):
+        sig = jax.vmap(lambda t: sde.marginal(t)[1])(ts)
+        eps = jax.vmap(net.apply, (None, 0, 0, None))(v, ts, xs, 1)
+        return jnp.sum((eps / sig[:, None]) ** 2)
+
+    g1 = jax.grad(via_score)(variables)
+    g2 = jax.grad(direct)(variables)
+    assert jax.tree.structure(g1) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(g1)) > 0
+    # eqx.filter_grad with respect to the score module itself.
+    score = flax_score(net, variables, sde)
+    g3 = eqx.filter_grad(lambda s: jnp.sum(jax.vmap(s, (0, 0, None))(ts, xs, 1) ** 2))(
+        score
+    )
+    for a, b in zip(
+        jax.tree.leaves(g3.model.variables), jax.tree.leaves(g1), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_flax_score_no_retrace_on_new_variables(mlp):
+    net, variables = mlp
+    sde = VPSDE()
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def evaluate(score, x):
+        return score(0.5, x, 0)
+
+    x = jnp.array([0.1, 0.2])
+    a = evaluate(flax_score(net, variables, sde), x)
+    b = evaluate(flax_score(net, _perturb(variables, 0.2), sde), x)
+    assert not np.allclose(a, b)

@@ -1,0 +1,530 @@
+r"""Training (guidediff._train, guidediff._data), and the acceptance checks of the
+learned scores against exact Gaussian-mixture oracles.
+
+Relative L2 error of a score $\hat s$ against the exact score $s$:
+
+$$\mathrm{err} = \sqrt{\frac{E\|\hat s(t, x_t) - s(t, x_t)\|^2}{E\|s(t, x_t)\|^2}},$$
+
+a Monte Carlo average over $M = 4000$ pairs with $t \sim U[0.05, 1]$ and
+$x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$, $x_0$ drawn from the law whose score is
+being learned (the data, the tilted law, or the class-conditional law). The
+acceptance threshold is 0.15.
+"""
+
+import os
+import shutil
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import guidediff as gd
+from guidediff._data import digits, swiss_roll
+from guidediff._flax import flax_score
+from guidediff._losses import conditional_dsm_loss, dsm_loss, reward_weighted_dsm_loss
+from guidediff._nn import MLPScoreNet, UNet
+from guidediff._oracle import GaussianBumpReward, GaussianMixture
+from guidediff._sde import VPSDE
+from guidediff._train import (
+    CheckpointError,
+    _run_chunk,
+    fit,
+    load_checkpoint,
+    warm_start,
+)
+
+
+SDE = VPSDE()
+TOL = 0.15
+BATCH = 512
+
+
+def _tree_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb, strict=True)
+    )
+
+
+def rel_err(score, exact, law, args=None, m=4000):
+    """The relative L2 error defined in the module docstring (fixed evaluation key)."""
+    kt, kx, kz = jr.split(jr.key(1234), 3)
+    t = jr.uniform(kt, (m,), minval=0.05, maxval=1.0)
+    x0 = law.sample(kx, m)
+    xt = jax.vmap(SDE.perturb)(t, x0, jr.normal(kz, x0.shape))
+    a = jax.vmap(score, (0, 0, None))(t, xt, args)
+    b = jax.vmap(exact, (0, 0, None))(t, xt, args)
+    return float(
+        jnp.sqrt(jnp.mean(jnp.sum((a - b) ** 2, -1)) / jnp.mean(jnp.sum(b**2, -1)))
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Acceptance: learned scores against the exact oracle scores
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture(
+        weights=[0.3, 0.3, 0.4],
+        means=[[-1.5, 0.0], [1.5, 0.0], [0.0, 1.5]],
+        covs=[[0.09, 0.09], [0.16, 0.16], [0.09, 0.09]],
+        labels=[0, 1, 2],
+    )
+
+
+def _schedule(num_steps, lr=2e-3):
+    return optax.adam(
+        optax.warmup_cosine_decay_schedule(0.0, lr, 100, num_steps, lr / 20)
+    )
+
+
+@pytest.fixture(scope="module")
+def unconditional(gmm):
+    """3x128 MLP, eps-prediction, 3000 steps of fresh GMM samples (~10 s on CPU)."""
+    net = MLPScoreNet(hidden=(128, 128, 128), time_embed_dim=32)
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    result = fit(
+        lambda p, k, x0: dsm_loss(net.apply, p, k, x0, SDE),
+        params,
+        lambda k: gmm.sample(k, BATCH),
+        optimizer=_schedule(3000),
+        num_steps=3000,
+        key=jr.key(1),
+        steps_per_dispatch=500,
+        ema_decay=0.99,
+        progress=False,
+    )
+    return net, result
+
+
+def test_learned_score_matches_oracle(gmm, unconditional):
+    net, result = unconditional
+    assert result.losses.shape == (3000,)
+    assert np.mean(result.losses[-500:]) < np.mean(result.losses[:100])
+    err = rel_err(flax_score(net, result.ema_params, SDE), gmm.score(SDE), gmm)
+    err_raw = rel_err(flax_score(net, result.params, SDE), gmm.score(SDE), gmm)
+    print(f"unconditional: relative L2 error {err:.4f} (EMA), {err_raw:.4f} (raw)")
+    assert err < TOL, err
+    assert err_raw < TOL, err_raw
+
+
+REWARD = GaussianBumpReward(jnp.array([1.5, 0.5]), 1.0)
+
+
+@pytest.fixture(scope="module")
+def reweighted(gmm, unconditional):
+    """Fine-tune the pretrained net (warm start) with the reward-weighted loss for a
+    Gaussian bump reward."""
+    net, base = unconditional
+    phi0 = warm_start(base.ema_params, like=base.params)
+    result = fit(
+        lambda p, k, x0: reward_weighted_dsm_loss(net.apply, p, k, x0, REWARD, SDE),
+        phi0,
+        lambda k: gmm.sample(k, BATCH),
+        optimizer=_schedule(1000),
+        num_steps=1000,
+        key=jr.key(2),
+        steps_per_dispatch=500,
+        ema_decay=0.99,
+        progress=False,
+    )
+    return phi0, result
+
+
+def test_reward_weighted_learns_tilted_score(gmm, unconditional, reweighted):
+    """The reward-weighted net learns the exactly tilted mixture's score."""
+    net, _ = unconditional
+    phi0, result = reweighted
+    tilted = gmm.tilt(REWARD)
+    # The task is not trivial: the untilted score is far from the tilted one.
+    assert rel_err(gmm.score(SDE), tilted.score(SDE), tilted) > 0.2
+    assert rel_err(flax_score(net, phi0, SDE), tilted.score(SDE), tilted) > 0.2
+    err = rel_err(flax_score(net, result.ema_params, SDE), tilted.score(SDE), tilted)
+    print(f"reward-weighted: relative L2 error to the tilted score {err:.4f}")
+    assert err < TOL, err
+
+
+def test_learned_reward_guidance_raises_reward(gmm, unconditional, reweighted):
+    """Sampling with s + w (s_r - s) from the two trained networks raises E[r] with w
+    as the exact oracles do (w in {0, 1, 2}); shared noise, paired standard errors."""
+    net, base = unconditional
+    _, rw = reweighted
+    learned = (
+        flax_score(net, base.ema_params, SDE),
+        flax_score(net, rw.ema_params, SDE),
+    )
+    exact = (gmm.score(SDE), gmm.tilt(REWARD).score(SDE))
+    ts = gd.uniform_grid(SDE.T, 1e-3, 200)
+    rewards = {}
+    for name, (s, s_r) in {"learned": learned, "exact": exact}.items():
+        for w in [0.0, 1.0, 2.0]:
+            guided = gd.guide(s, gd.reward_guidance(s_r, w))
+            out = gd.sample(jr.key(5), SDE, guided, (2,), num_particles=3000, ts=ts)
+            assert int(out.num_failed) == 0
+            rewards[name, w] = jax.vmap(REWARD)(out.ys)
+    for name in ["learned", "exact"]:
+        for lo, hi in [(0.0, 1.0), (1.0, 2.0)]:
+            d, se = gd.mean_stderr(rewards[name, hi] - rewards[name, lo])
+            print(f"{name}: E[r] w={lo}->{hi}: +{float(d):.4f} (se {float(se):.4f})")
+            assert float(d) > 3 * float(se), (name, lo, hi)
+    # The learned sampler's rewards track the exact ones (paired by the shared noise).
+    for w in [0.0, 1.0, 2.0]:
+        d, se = gd.mean_stderr(rewards["learned", w] - rewards["exact", w])
+        m = float(jnp.mean(rewards["exact", w]))
+        print(
+            f"w={w}: learned - exact E[r] = {float(d):.4f} (se {float(se):.4f}), {m:.4f}"
+        )
+        assert abs(float(d)) < 0.03 * m + 4 * float(se)
+
+
+def test_conditional_net_with_label_dropout(gmm):
+    """One net, trained with label dropout (p_uncond = 0.3), gives every class's
+    conditional score and (with the null label) the unconditional score."""
+    net = MLPScoreNet(hidden=(128, 128, 128), time_embed_dim=32, num_classes=3)
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+
+    def loss_fn(p, k, batch):
+        x0, labels = batch
+        return conditional_dsm_loss(
+            net.apply, p, k, x0, labels, SDE, num_classes=3, p_uncond=0.3
+        )
+
+    result = fit(
+        loss_fn,
+        params,
+        lambda k: gmm.sample_with_labels(k, BATCH),
+        optimizer=_schedule(4000),
+        num_steps=4000,
+        key=jr.key(3),
+        steps_per_dispatch=500,
+        ema_decay=0.99,
+        progress=False,
+    )
+    score = flax_score(net, result.ema_params, SDE)
+    exact = gmm.conditional_score(SDE)
+    errs = [rel_err(score, exact, gmm.conditional(c), args=c) for c in range(3)]
+    errs.append(rel_err(score, gmm.score(SDE), gmm, args=3))
+    print(f"conditional: relative L2 errors (classes 0, 1, 2, null) {errs}")
+    assert max(errs) < TOL, errs
+    # The null label is what an unconditional call (args=None) uses.
+    x = jnp.array([0.3, 0.2])
+    np.testing.assert_array_equal(score(0.5, x, None), score(0.5, x, 3))
+
+
+# ---------------------------------------------------------------------------------
+# fit: determinism, EMA, checkpoints, resumption
+# ---------------------------------------------------------------------------------
+
+SMALL = MLPScoreNet(hidden=(32, 32), time_embed_dim=16)
+SMALL_PARAMS = SMALL.init(jr.key(0), 0.5, jnp.zeros(2))
+OPT = optax.adam(1e-3)
+DATA = swiss_roll(0, 1000, noise=0.3)
+
+
+def small_loss(params, key, x0):
+    return dsm_loss(SMALL.apply, params, key, x0, SDE)
+
+
+def _fit_small(num_steps, **kw):
+    kw.setdefault("key", jr.key(1))
+    kw.setdefault("progress", False)
+    return fit(
+        small_loss,
+        SMALL_PARAMS,
+        DATA,
+        optimizer=OPT,
+        num_steps=num_steps,
+        batch_size=64,
+        steps_per_dispatch=50,
+        **kw,
+    )
+
+
+def _record(step, params, ema):
+    return float(small_loss(params, jr.key(99), DATA[:256]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return _fit_small(200, eval_every=50, eval_fn=_record)
+
+
+def test_deterministic(uninterrupted):
+    again = _fit_small(200, eval_every=50, eval_fn=_record)
+    assert _tree_equal(again.params, uninterrupted.params)
+    assert np.array_equal(again.losses, uninterrupted.losses)
+    other = _fit_small(200, key=jr.key(2))
+    assert not np.array_equal(other.losses, uninterrupted.losses)
+    assert [s for s, _ in uninterrupted.evals] == [50, 100, 150, 200]
+
+
+def test_resume_is_bit_exact(tmp_path, uninterrupted):
+    """k = 120 steps (checkpoints at 100 and 120), then resume to n = 200: the same
+    parameters, optimiser state, EMA, loss history and evals as one 200-step run."""
+    ckpt = tmp_path / "run"
+    first = _fit_small(
+        120, checkpoint_dir=ckpt, checkpoint_every=100, eval_every=50, eval_fn=_record
+    )
+    assert first.step == 120
+    assert sorted(int(f) for f in os.listdir(ckpt) if f.isdigit()) == [100, 120]
+    resumed = _fit_small(
+        200,
+        checkpoint_dir=ckpt,
+        checkpoint_every=100,
+        resume=True,
+        eval_every=50,
+        eval_fn=_record,
+        progress=True,
+    )
+    assert resumed.step == 200
+    assert _tree_equal(resumed.params, uninterrupted.params)
+    assert _tree_equal(resumed.opt_state, uninterrupted.opt_state)
+    assert _tree_equal(resumed.ema_params, uninterrupted.ema_params)
+    assert resumed.losses.dtype == uninterrupted.losses.dtype
+    assert np.array_equal(resumed.losses, uninterrupted.losses)
+    assert resumed.evals == uninterrupted.evals
+
+
+def test_checkpoint_round_trip(tmp_path, uninterrupted):
+    ckpt = tmp_path / "run"
+    result = _fit_small(200, checkpoint_dir=ckpt, checkpoint_every=100)
+    loaded = load_checkpoint(ckpt, SMALL_PARAMS, OPT)
+    assert loaded.step == 200
+    assert _tree_equal(loaded.params, result.params)
+    assert _tree_equal(loaded.opt_state, result.opt_state)
+    assert _tree_equal(loaded.ema_params, result.ema_params)
+    assert np.array_equal(loaded.losses, result.losses)
+    # An earlier step is the state of a run that stopped there.
+    at_100 = load_checkpoint(ckpt, SMALL_PARAMS, OPT, step=100)
+    short = _fit_small(100)
+    assert _tree_equal(at_100.params, short.params)
+    assert np.array_equal(at_100.losses, short.losses)
+    # Resuming a finished run returns it as it is.
+    again = _fit_small(200, checkpoint_dir=ckpt, resume=True)
+    assert _tree_equal(again.params, result.params)
+
+
+def test_resume_errors(tmp_path):
+    # Missing directory, or a directory without checkpoints: never a fresh start.
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _fit_small(100, checkpoint_dir=tmp_path / "nope", resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        _fit_small(100, checkpoint_dir=tmp_path / "empty", resume=True)
+    with pytest.raises(ValueError, match="needs a checkpoint_dir"):
+        _fit_small(100, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "empty", SMALL_PARAMS, OPT)
+
+    ckpt = tmp_path / "run"
+    _fit_small(100, checkpoint_dir=ckpt)
+    # A fresh run refuses to overwrite an existing run.
+    with pytest.raises(FileExistsError, match="resume=True"):
+        _fit_small(100, checkpoint_dir=ckpt)
+    # Resuming with another key would not reproduce the run.
+    with pytest.raises(CheckpointError, match="different key"):
+        _fit_small(200, checkpoint_dir=ckpt, resume=True, key=jr.key(7))
+    with pytest.raises(ValueError, match="beyond num_steps"):
+        _fit_small(50, checkpoint_dir=ckpt, resume=True)
+    # A network that does not match the checkpoint.
+    other = MLPScoreNet(hidden=(16,), time_embed_dim=16)
+    with pytest.raises(CheckpointError, match="corrupt or does not match"):
+        load_checkpoint(ckpt, other.init(jr.key(0), 0.5, jnp.zeros(2)), OPT)
+
+    # Corrupt files in the latest checkpoint.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    for root, _, files in os.walk(corrupt / "100" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _fit_small(200, checkpoint_dir=corrupt, resume=True)
+
+
+def test_iterator_data_and_resume(tmp_path):
+    def batches():
+        rng = np.random.default_rng(0)
+        while True:
+            yield np.asarray(DATA)[rng.integers(0, DATA.shape[0], 64)]
+
+    def run(num_steps, **kw):
+        return fit(
+            small_loss,
+            SMALL_PARAMS,
+            batches(),
+            optimizer=OPT,
+            num_steps=num_steps,
+            key=jr.key(1),
+            steps_per_dispatch=50,
+            progress=False,
+            **kw,
+        )
+
+    full = run(150)
+    run(100, checkpoint_dir=tmp_path / "it")
+    resumed = run(150, checkpoint_dir=tmp_path / "it", resume=True)
+    assert _tree_equal(resumed.params, full.params)
+    assert np.array_equal(resumed.losses, full.losses)
+
+
+def test_ema():
+    """A constant gradient with SGD: params_k = p0 - lr (k + 1); the EMA follows
+    ema_k = d_k ema_{k-1} + (1 - d_k) params_k with d_k = min(d, (1 + k)/(10 + k))."""
+    p0 = {"w": jnp.zeros(3, jnp.float32)}
+    loss = lambda p, k, batch: jnp.sum(p["w"])
+    kw = dict(
+        optimizer=optax.sgd(0.1),
+        num_steps=40,
+        key=jr.key(0),
+        steps_per_dispatch=16,
+        progress=False,
+    )
+    result = fit(loss, p0, lambda k: jnp.zeros(()), ema_decay=0.9, **kw)
+    ema, p = np.zeros(3, np.float32), np.zeros(3, np.float32)
+    for k in range(40):
+        p = p - np.float32(0.1)
+        d = np.float32(min(0.9, (1 + k) / (10 + k)))
+        ema = d * ema + (1 - d) * p
+    np.testing.assert_allclose(result.params["w"], p, rtol=1e-6)
+    np.testing.assert_allclose(result.ema_params["w"], ema, rtol=1e-5)
+    no_decay = fit(loss, p0, lambda k: jnp.zeros(()), ema_decay=0.0, **kw)
+    np.testing.assert_array_equal(no_decay.ema_params["w"], no_decay.params["w"])
+    assert (
+        fit(loss, p0, lambda k: jnp.zeros(()), ema_decay=None, **kw).ema_params is None
+    )
+
+
+class _ShiftLoss(eqx.Module):
+    shift: jax.Array
+
+    def __call__(self, params, key, batch):
+        return jnp.sum((params["w"] - jnp.mean(batch, axis=0) - self.shift) ** 2)
+
+
+class _Sampler(eqx.Module):
+    center: jax.Array
+
+    def __call__(self, key):
+        return self.center[None] + 0.01 * jr.normal(key, (8, 2))
+
+
+def test_pytree_callables():
+    """A loss and a sampler may be eqx.Modules holding arrays (their arrays are
+    traced, so new values do not recompile)."""
+    kw = dict(optimizer=optax.adam(0.1), num_steps=200, key=jr.key(0), progress=False)
+    a = fit(_ShiftLoss(jnp.ones(2)), {"w": jnp.zeros(2)}, _Sampler(jnp.zeros(2)), **kw)
+    np.testing.assert_allclose(a.params["w"], [1.0, 1.0], atol=0.05)
+    compiled = _run_chunk._cache_size()
+    b = fit(_ShiftLoss(-jnp.ones(2)), {"w": jnp.zeros(2)}, _Sampler(jnp.ones(2)), **kw)
+    np.testing.assert_allclose(b.params["w"], [0.0, 0.0], atol=0.05)
+    assert _run_chunk._cache_size() == compiled
+
+
+def test_fit_errors():
+    with pytest.raises(ValueError, match="ran out"):
+        fit(
+            small_loss,
+            SMALL_PARAMS,
+            iter([DATA[:8]] * 5),
+            optimizer=OPT,
+            num_steps=10,
+            key=jr.key(0),
+            progress=False,
+        )
+    with pytest.raises(FloatingPointError, match="step"):
+        fit(
+            lambda p, k, b: jnp.sum(p["w"]) * jnp.nan,
+            {"w": jnp.ones(2)},
+            lambda k: jnp.zeros(()),
+            optimizer=optax.sgd(0.1),
+            num_steps=10,
+            key=jr.key(0),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(small_loss, SMALL_PARAMS, DATA, optimizer=OPT, num_steps=1, key=jr.key(0))
+    with pytest.raises(ValueError, match="go together"):
+        _fit_small(10, eval_every=5)
+    with pytest.raises(TypeError, match="pytree of arrays"):
+        fit(small_loss, SMALL_PARAMS, 3.0, optimizer=OPT, num_steps=1, key=jr.key(0))
+
+
+def test_warm_start():
+    copy = warm_start(SMALL_PARAMS, like=SMALL_PARAMS)
+    assert _tree_equal(copy, SMALL_PARAMS)
+    assert all(
+        a is not b
+        for a, b in zip(
+            jax.tree.leaves(copy), jax.tree.leaves(SMALL_PARAMS), strict=True
+        )
+    )
+    other = MLPScoreNet(hidden=(16, 32), time_embed_dim=16).init(
+        jr.key(0), 0.5, jnp.zeros(2)
+    )
+    with pytest.raises(ValueError, match="Dense_0"):
+        warm_start(SMALL_PARAMS, like=other)
+    with pytest.raises(ValueError, match="structure"):
+        warm_start(SMALL_PARAMS, like={"params": {}})
+
+
+# ---------------------------------------------------------------------------------
+# Data sets, and one end-to-end image run
+# ---------------------------------------------------------------------------------
+
+
+def test_swiss_roll():
+    x = swiss_roll(0, 2000, noise=0.2)
+    assert x.shape == (2000, 2) and x.dtype == jnp.float64
+    assert np.all(np.abs(np.std(x, axis=0) - 0.95) < 0.15)
+    np.testing.assert_array_equal(x, swiss_roll(0, 2000, noise=0.2))
+    assert not np.array_equal(x, swiss_roll(1, 2000, noise=0.2))
+    y = swiss_roll(jr.key(0), 10, scale=2.0)
+    assert y.shape == (10, 2)
+
+
+def test_digits():
+    images, labels = digits()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
+    assert float(images.min()) == -1.0 and float(images.max()) == 1.0
+    assert set(np.unique(labels).tolist()) == set(range(10))
+    some, some_labels = digits(classes=(3, 7), channel_axis=True)
+    assert some.shape[1:] == (8, 8, 1)
+    assert set(np.unique(some_labels).tolist()) == {3, 7}
+    with pytest.raises(ValueError, match="no digits"):
+        digits(classes=(11,))
+
+
+def test_unet_on_digits_smoke():
+    """A class-conditional U-Net trains on the 8x8 digits (loss goes down)."""
+    images, labels = digits()
+    net = UNet(features=(8, 16), time_embed_dim=16, num_classes=10)
+    params = jax.jit(net.init)(jr.key(0), 0.5, images[0], 0)
+
+    def loss_fn(p, k, batch):
+        return conditional_dsm_loss(
+            net.apply, p, k, batch[0], batch[1], SDE, num_classes=10, p_uncond=0.1
+        )
+
+    result = fit(
+        loss_fn,
+        params,
+        (images, labels),
+        optimizer=optax.adam(3e-3),
+        num_steps=60,
+        batch_size=32,
+        key=jr.key(0),
+        steps_per_dispatch=30,
+        progress=False,
+    )
+    assert np.all(np.isfinite(result.losses))
+    assert np.mean(result.losses[-20:]) < np.mean(result.losses[:5])
+    score = flax_score(net, result.ema_params, SDE)
+    s = eqx.filter_jit(lambda sc, x: sc(0.5, x, 3))(score, images[0])
+    assert s.shape == (8, 8) and np.all(np.isfinite(s))
