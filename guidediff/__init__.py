@@ -70,7 +70,11 @@ from ._reverse import (
     probability_flow as probability_flow,
     reverse_sde as reverse_sde,
 )
-from ._sample import Samples as Samples, sample as sample
+from ._sample import (
+    Samples as Samples,
+    initial_noise as initial_noise,
+    sample as sample,
+)
 from ._score import (
     AbstractScore as AbstractScore,
     EpsScore as EpsScore,
@@ -116,6 +120,12 @@ _LAZY = {
     "load_checkpoint": "._train",
     "warm_start": "._train",
     "CheckpointError": "._train",
+    "tune_guidance": "._tune",
+    "TuneResult": "._tune",
+    "finetune_through_sampler": "._tune",
+    "FinetuneResult": "._tune",
+    "save_learning_curve": "._tune",
+    "squared_displacement": "._tune",
 }
 
 

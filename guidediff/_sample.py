@@ -5,14 +5,35 @@ One particle's solve is written once; particles are a `vmap` over per-particle k
 how they are sharded. Two drivers run the same diffrax solvers:
 
 - `"scan"` (default on a fixed grid): a `lax.scan` over the solver's own `init`/`step`,
-  with a per-step `jax.checkpoint` for reverse mode (memory O(N·d) per particle for
-  the carried states only, recomputing each step's internals);
+  checkpointed for reverse mode (see "Memory" below);
 - `"diffeqsolve"`: `diffrax.diffeqsolve` with `StepTo(ts)`, or with an adaptive
   `stepsize_controller` (then the noise is a `VirtualBrownianTree`).
 
 Both give the same samples for the same key on the same grid.
+
+Everything is differentiable (DESIGN.md, decision 4; STYLE.md 2.5): `jax.grad` of any
+scalar function of the samples reaches the guidance weights, network parameters, SDE
+schedule parameters (all array leaves) and the initial states (`y0=`), through the
+SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
+
+- Memory. With `checkpoint=True` the `"scan"` driver stores $O(\sqrt N)$ states for
+  reverse mode, not $O(N)$: the $N$ steps are split into about $\sqrt N$ chunks of
+  about $\sqrt N$ steps; the backward pass recomputes one chunk at a time (each step
+  under its own `jax.checkpoint`). `checkpoint="step"` stores the $N$ states (one
+  `jax.checkpoint` per step: less recomputation), `checkpoint=False` every step's
+  internals.
+  The `"diffeqsolve"` driver uses diffrax's adjoints (`RecursiveCheckpointAdjoint`
+  by default, `DirectAdjoint`, `BacksolveAdjoint`, `ForwardMode`).
+- Truncated backprop (DRaFT-K): `truncate_backprop=K` stops the gradient at the state
+  $K$ steps before the end, so only the last $K$ steps are differentiated (and
+  stored); the samples are unchanged.
+- Noise. `brownian="grid"` (default on a fixed grid) and `"tree"`
+  (`VirtualBrownianTree`) are differentiable; `"unsafe"` (`UnsafeBrownianPath`) is a
+  forward-only fast path for `driver="diffeqsolve"`, and reverse-mode
+  differentiation through it raises an error naming the fix.
 """
 
+import math
 from typing import Literal
 
 import diffrax as dfx
@@ -23,6 +44,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._brownian import GridBrownianPath
@@ -59,7 +81,53 @@ def _particle_keys(key: Key, n: int) -> Array:
     return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(n))
 
 
-def _scan_solve(terms, solver, ts, y0, args, save_all: bool, checkpoint: bool):
+def _stop_gradient(tree):
+    """`lax.stop_gradient` on every floating-point array leaf of a pytree."""
+    return jtu.tree_map(
+        lambda a: lax.stop_gradient(a) if eqx.is_inexact_array(a) else a, tree
+    )
+
+
+def _scan_steps(step, carry, xs, checkpoint: str):
+    """`lax.scan(step, carry, xs)`, checkpointed for reverse mode.
+
+    - `"sqrt"`: the N steps run as an outer scan over about sqrt(N) chunks of about
+      sqrt(N) steps, each chunk under `jax.checkpoint` and each step inside it under
+      its own `jax.checkpoint`. Reverse mode stores the chunk-boundary states and one
+      chunk's step states at a time (about 2 sqrt(N) states) and recomputes the rest
+      (two extra forward passes in all).
+    - `"step"`: each step under `jax.checkpoint`: N states stored, one extra forward.
+    - `"none"`: every step's internals are stored.
+
+    The values are those of the plain scan in every case.
+    """
+    if checkpoint == "none":
+        return lax.scan(step, carry, xs)
+    step = jax.checkpoint(step, prevent_cse=False)
+    if checkpoint == "step":
+        return lax.scan(step, carry, xs)
+    n = jtu.tree_leaves(xs)[0].shape[0]
+    chunk_len = max(1, math.isqrt(n))
+    num_chunks, rest = divmod(n, chunk_len)
+    if num_chunks <= 1:
+        return lax.scan(step, carry, xs)
+
+    def chunk(c, xs_chunk):
+        return lax.scan(step, c, xs_chunk)
+
+    split = num_chunks * chunk_len
+    head = jtu.tree_map(
+        lambda a: a[:split].reshape(num_chunks, chunk_len, *a.shape[1:]), xs
+    )
+    carry, ys = lax.scan(jax.checkpoint(chunk, prevent_cse=False), carry, head)
+    ys = jtu.tree_map(lambda a: a.reshape(split, *a.shape[2:]), ys)
+    if rest:
+        carry, ys_tail = lax.scan(step, carry, jtu.tree_map(lambda a: a[split:], xs))
+        ys = jtu.tree_map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+    return carry, ys
+
+
+def _scan_solve(terms, solver, ts, y0, args, save_all: bool, checkpoint: str):
     state0 = solver.init(terms, ts[0], ts[1], y0, args)
 
     def step(carry, t01):
@@ -69,10 +137,8 @@ def _scan_solve(terms, solver, ts, y0, args, save_all: bool, checkpoint: bool):
         result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
         return (y1, state1, result), (y1 if save_all else None)
 
-    if checkpoint:
-        step = jax.checkpoint(step)
     carry0 = (y0, state0, dfx.RESULTS.successful)
-    (y_final, _, result), ys = lax.scan(step, carry0, (ts[:-1], ts[1:]))
+    (y_final, _, result), ys = _scan_steps(step, carry0, (ts[:-1], ts[1:]), checkpoint)
     if save_all:
         ys = jnp.concatenate([y0[None], ys], axis=0)
     else:
@@ -105,8 +171,59 @@ def _diffeqsolve(
     return ys, sol.result, sol.stats["num_steps"]
 
 
+def _solve(
+    terms,
+    solver,
+    ts,
+    y0,
+    args,
+    *,
+    driver,
+    save_all,
+    controller,
+    adjoint,
+    max_steps,
+    checkpoint,
+    truncate,
+):
+    """One particle's solve; with `truncate = K`, the gradient stops K steps early."""
+
+    def run(terms, solver, ts, y0, args):
+        if driver == "scan":
+            return _scan_solve(terms, solver, ts, y0, args, save_all, checkpoint)
+        dt0 = ts[1] - ts[0]
+        return _diffeqsolve(
+            terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
+        )
+
+    num_steps = ts.shape[0] - 1
+    if truncate is None or truncate >= num_steps:
+        return run(terms, solver, ts, y0, args)
+    # DRaFT-K: the first N - K steps see no tangents at all (so nothing is stored for
+    # them), the last K steps are differentiated. Both segments use the same noise
+    # (the Brownian path is built on the whole grid), so the samples are unchanged.
+    split = num_steps - truncate
+    ys_a, res_a, n_a = run(*_stop_gradient((terms, solver, ts[: split + 1], y0, args)))
+    y_mid = lax.stop_gradient(ys_a[-1] if save_all else ys_a)
+    ys_b, res_b, n_b = run(terms, solver, ts[split:], y_mid, args)
+    result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
+    ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_all else ys_b
+    return ys, result, n_a + n_b
+
+
+_UNSAFE_GRAD_MSG = (
+    "gd.sample(..., brownian='unsafe') uses diffrax.UnsafeBrownianPath, which cannot "
+    "be reverse-mode differentiated (jax.grad / jax.vjp). To differentiate through "
+    "the sampler use brownian='grid' (the default on a fixed grid: a "
+    "GridBrownianPath, reverse-differentiable) or brownian='tree' (a "
+    "diffrax.VirtualBrownianTree); keep 'unsafe' for forward-only sampling or "
+    "forward mode (jax.jvp, adjoint=diffrax.ForwardMode())."
+)
+
+
 def _sample_particle(
     key,
+    y0,
     sde,
     score,
     shape,
@@ -123,28 +240,40 @@ def _sample_particle(
     max_steps,
     checkpoint,
     bm_tol,
+    brownian,
+    truncate,
 ):
     k_prior, k_bm = jr.split(key)
-    y0 = sde.prior_sample(k_prior, shape, dtype)
+    if y0 is None:
+        y0 = sde.prior_sample(k_prior, shape, dtype)
     struct = jax.ShapeDtypeStruct(shape, dtype)
     if process == "sde":
-        if controller is None:
+        if brownian == "grid":
             bm = GridBrownianPath(struct, ts, k_bm)
-        else:
+        elif brownian == "tree":
             lo, hi = jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1])
             bm = dfx.VirtualBrownianTree(lo, hi, tol=bm_tol, shape=struct, key=k_bm)
+        else:
+            bm = dfx.UnsafeBrownianPath(shape=struct, key=k_bm)
         terms = reverse_sde(sde, score, bm)
     else:
         terms = probability_flow(sde, score)
-    if driver == "scan":
-        ys, result, nsteps = _scan_solve(
-            terms, solver, ts, y0, args, save_all, checkpoint
-        )
-    else:
-        dt0 = ts[1] - ts[0]
-        ys, result, nsteps = _diffeqsolve(
-            terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
-        )
+    ys, result, nsteps = _solve(
+        terms,
+        solver,
+        ts,
+        y0,
+        args,
+        driver=driver,
+        save_all=save_all,
+        controller=controller,
+        adjoint=adjoint,
+        max_steps=max_steps,
+        checkpoint=checkpoint,
+        truncate=truncate,
+    )
+    if process == "sde" and brownian == "unsafe":
+        ys = nondifferentiable_backward(ys, msg=_UNSAFE_GRAD_MSG, symbolic=True)
     if denoise:
         t_end = ts[-1]
         final = ys[-1] if save_all else ys
@@ -155,12 +284,27 @@ def _sample_particle(
 
 
 @eqx.filter_jit
-def _sample_jit(keys, sde, score, args, ts, solver, adjoint, controller, static):
-    (shape, dtype, process, driver, save_all, denoise, max_steps, ckpt, bm_tol) = static
+def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, static):
+    (
+        num,
+        sharding,
+        shape,
+        dtype,
+        process,
+        driver,
+        save_all,
+        denoise,
+        max_steps,
+        ckpt,
+        bm_tol,
+        brownian,
+        truncate,
+    ) = static
 
-    def one(key):
+    def one(key, y0):
         return _sample_particle(
             key,
+            y0,
             sde,
             score,
             shape,
@@ -177,9 +321,53 @@ def _sample_jit(keys, sde, score, args, ts, solver, adjoint, controller, static)
             max_steps,
             ckpt,
             bm_tol,
+            brownian,
+            truncate,
         )
 
-    return jax.vmap(one)(keys)
+    # Particle keys are made inside the compiled program (no eager dispatch per call)
+    # and laid out over the devices when a sharding is given.
+    keys = _particle_keys(key, num)
+    if sharding is not None:
+        keys = jax.lax.with_sharding_constraint(keys, sharding)
+    return jax.vmap(one)(keys, y0)
+
+
+def initial_noise(
+    key: Key,
+    sde: AbstractSDE,
+    shape: tuple[int, ...],
+    *,
+    num_particles: int | None = None,
+    dtype=None,
+) -> Float[Array, "*particles_x"]:
+    r"""The prior draws $X_T \sim \mathcal N(0, \sigma_T^2 I)$ that `sample` starts from.
+
+    Particle `i` draws from `fold_in(key, i)` exactly as `sample` does, so
+    `sample(key, ..., y0=initial_noise(key, ...))` equals `sample(key, ...)`. Pass
+    `y0` explicitly to differentiate with respect to the initial noise.
+
+    **Returns:** `(num_particles, *shape)`, or `shape` when `num_particles` is None.
+
+    !!! example
+
+        ```python
+        y0 = gd.initial_noise(key, sde, (2,), num_particles=64)
+        dy = jax.grad(lambda y0: gd.sample(key, sde, score, (2,), y0=y0).ys.sum())(y0)
+        ```
+    """
+    shape = tuple(int(s) for s in shape)
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    n = 1 if num_particles is None else int(num_particles)
+    y0 = _initial_noise_jit(key, sde, shape, dtype, n)
+    return y0[0] if num_particles is None else y0
+
+
+@eqx.filter_jit
+def _initial_noise_jit(key, sde, shape, dtype, n):
+    keys = _particle_keys(key, n)
+    # the prior half of the split in `_sample_particle`
+    return jax.vmap(lambda k: sde.prior_sample(jr.split(k)[0], shape, dtype))(keys)
 
 
 def sample(
@@ -198,7 +386,10 @@ def sample(
     save_trajectory: bool = False,
     denoise: bool = False,
     adjoint: dfx.AbstractAdjoint | None = None,
-    checkpoint: bool = True,
+    checkpoint: bool | Literal["sqrt", "step"] = True,
+    truncate_backprop: int | None = None,
+    y0: Float[ArrayLike, "*particles_x"] | None = None,
+    brownian: Literal["grid", "tree", "unsafe"] | None = None,
     max_steps: int = 16384,
     brownian_tol: float = 1e-3,
     sharding: jax.sharding.Sharding | None = None,
@@ -230,11 +421,31 @@ def sample(
       steps (then the SDE noise is a `VirtualBrownianTree` with `brownian_tol`).
     - `save_trajectory`: save every grid time (`ys` gains a time axis).
     - `denoise`: replace the final state by Tweedie's $\hat x_0$ at `ts[-1]`.
-    - `adjoint`: diffrax adjoint for the `"diffeqsolve"` driver.
-    - `checkpoint`: per-step `jax.checkpoint` in the `"scan"` driver (reverse mode).
+    - `adjoint`: diffrax adjoint for the `"diffeqsolve"` driver (default
+      `RecursiveCheckpointAdjoint()`; `ForwardMode()` with `brownian="unsafe"`).
+    - `checkpoint`: reverse-mode memory of the `"scan"` driver. `True` (= `"sqrt"`):
+      about $2\sqrt N$ stored states for $N$ steps, at the cost of two extra forward
+      passes; `"step"`: one `jax.checkpoint` per step, $N$ stored states and one
+      extra forward pass (often faster when states are small); `False`: every
+      step's internals are stored.
+    - `truncate_backprop`: `K` differentiates only the last `K` steps (DRaFT-K): the
+      gradient stops at the state `K` steps before the end (fixed grids only).
+    - `y0`: explicit initial states, `(num_particles, *shape)` (or `shape` for one
+      particle), instead of prior draws; `jax.grad` reaches them. The keys still
+      give the Brownian paths. See `initial_noise` for the default draws.
+    - `brownian`: the SDE noise: `"grid"` (`GridBrownianPath`, default on a fixed
+      grid), `"tree"` (`diffrax.VirtualBrownianTree` with `brownian_tol`; default
+      with a `stepsize_controller`) or `"unsafe"` (`diffrax.UnsafeBrownianPath`:
+      forward only, `driver="diffeqsolve"` on a fixed grid).
     - `sharding`: shard the particle axis (e.g. a `NamedSharding` over a mesh).
 
     **Returns:** a `Samples`. Failed particles are flagged in `failed`, never raised.
+
+    **Gradients.** `jax.grad` of any scalar function of `out.ys` differentiates
+    through every step (discretise-then-optimise): with respect to guidance weights
+    and schedules, network parameters, SDE schedule parameters (e.g.
+    `LinearBeta.beta_max`) and `y0`. The grid path and the virtual tree are smooth
+    functions of everything but the key; `brownian="unsafe"` raises on reverse mode.
 
     !!! example
 
@@ -243,6 +454,17 @@ def sample(
         gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
         out = gd.sample(jr.key(0), sde, gmm.score(sde), (2,), num_particles=1000)
         out.ys.shape  # (1000, 2)
+        ```
+
+    !!! example "Gradient with respect to a guidance weight"
+
+        ```python
+        def mean_reward(w):
+            guided = gd.guide(gmm.score(sde), gd.reward_guidance(s_r, w))
+            ys = gd.sample(key, sde, guided, (2,), num_particles=256).ys
+            return jnp.mean(jax.vmap(reward)(ys))
+
+        dw = jax.grad(mean_reward)(0.5)
         ```
     """
     shape = tuple(int(s) for s in shape)
@@ -264,10 +486,14 @@ def sample(
         ts = uniform_grid(sde.T, 1e-3, 500)
     ts = jnp.asarray(ts, dtype)
     check_grid(sde, ts)
+    brownian = _check_brownian(brownian, process, driver, stepsize_controller, adjoint)
+    if adjoint is None:
+        unsafe = process == "sde" and brownian == "unsafe"
+        adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
+    truncate = _check_truncate(truncate_backprop, stepsize_controller)
+    checkpoint = _checkpoint_mode(checkpoint)
     if solver is None:
         solver = ExponentialIntegrator(sde) if process == "sde" else dfx.Heun()
-    if adjoint is None:
-        adjoint = dfx.RecursiveCheckpointAdjoint()
     _check_score_shape(score, ts, shape, dtype, args)
     # Numbers in args become array leaves, so a new label does not recompile.
     args = jtu.tree_map(
@@ -277,11 +503,16 @@ def sample(
         args,
     )
 
+    if y0 is not None:
+        y0, num_particles = _check_y0(y0, shape, dtype, num_particles)
     single = num_particles is None
-    keys = _particle_keys(key, 1 if single else int(num_particles))
-    if sharding is not None:
-        keys = jax.device_put(keys, sharding)
+    if y0 is not None and single:
+        y0 = y0[None]
+    if sharding is not None and y0 is not None:
+        y0 = jax.device_put(y0, sharding)
     static = (
+        1 if single else int(num_particles),
+        sharding,
         shape,
         dtype,
         process,
@@ -289,11 +520,13 @@ def sample(
         bool(save_trajectory),
         bool(denoise),
         int(max_steps),
-        bool(checkpoint),
+        checkpoint,
         float(brownian_tol),
+        brownian,
+        truncate,
     )
     ys, result, failed, nsteps = _sample_jit(
-        keys, sde, score, args, ts, solver, adjoint, stepsize_controller, static
+        key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static
     )
     out_ts = ts if save_trajectory else ts[-1]
     if single:
@@ -319,3 +552,83 @@ def _check_score_shape(score, ts, shape, dtype, args) -> None:
             "must return an array shaped like x (scores are per particle: vmap is "
             "applied by gd.sample)"
         )
+
+
+def _check_brownian(brownian, process, driver, controller, adjoint) -> str:
+    if brownian is None:
+        return "grid" if controller is None else "tree"
+    if brownian not in ("grid", "tree", "unsafe"):
+        raise ValueError(
+            f"brownian must be 'grid', 'tree' or 'unsafe', got {brownian!r}"
+        )
+    if process != "sde":
+        return brownian  # the probability-flow ODE has no noise
+    if brownian == "grid" and controller is not None:
+        raise ValueError(
+            "brownian='grid' gives increments over the fixed grid only; adaptive "
+            "steps (a stepsize_controller) need brownian='tree' (VirtualBrownianTree)"
+        )
+    if brownian == "unsafe":
+        if driver != "diffeqsolve" or controller is not None:
+            raise ValueError(
+                "brownian='unsafe' (diffrax.UnsafeBrownianPath) is a forward-only "
+                "fast path for driver='diffeqsolve' on a fixed grid (no "
+                "stepsize_controller); on the 'scan' driver the default "
+                "brownian='grid' is as fast and differentiable"
+            )
+        if isinstance(adjoint, dfx.RecursiveCheckpointAdjoint | dfx.BacksolveAdjoint):
+            raise ValueError(
+                f"adjoint={type(adjoint).__name__}() is for reverse-mode gradients, "
+                "which brownian='unsafe' (diffrax.UnsafeBrownianPath) cannot give. "
+                "Use brownian='grid' (default) or 'tree' (VirtualBrownianTree) to "
+                "differentiate, or leave adjoint=None (diffrax.ForwardMode()) for "
+                "forward-only sampling"
+            )
+    return brownian
+
+
+def _checkpoint_mode(checkpoint) -> str:
+    if checkpoint is True or checkpoint == "sqrt":
+        return "sqrt"
+    if checkpoint is False:
+        return "none"
+    if checkpoint == "step":
+        return "step"
+    raise ValueError(
+        f"checkpoint must be True, False, 'sqrt' or 'step', got {checkpoint!r}"
+    )
+
+
+def _check_truncate(truncate, controller) -> int | None:
+    if truncate is None:
+        return None
+    if int(truncate) != truncate or truncate < 1:
+        raise ValueError(
+            f"truncate_backprop must be a positive number of steps, got {truncate!r}"
+        )
+    if controller is not None:
+        raise ValueError(
+            "truncate_backprop counts steps of a fixed grid; it cannot be combined "
+            "with an adaptive stepsize_controller"
+        )
+    return int(truncate)
+
+
+def _check_y0(y0, shape, dtype, num_particles):
+    y0 = jnp.asarray(y0)
+    if not jnp.issubdtype(y0.dtype, jnp.floating):
+        raise TypeError(f"y0 must be floating point, got dtype {y0.dtype}")
+    y0 = y0.astype(dtype)
+    if y0.shape == shape and num_particles is None:
+        return y0, None
+    if y0.shape[1:] == shape and y0.ndim == len(shape) + 1:
+        if num_particles is not None and int(num_particles) != y0.shape[0]:
+            raise ValueError(
+                f"y0 holds {y0.shape[0]} particles but num_particles={num_particles}"
+            )
+        return y0, y0.shape[0]
+    raise ValueError(
+        f"y0 must have shape (num_particles, *shape) = (n, {', '.join(map(str, shape))}"
+        f"{',' if len(shape) == 1 else ''}) or, for one particle, {shape}; "
+        f"got {y0.shape}"
+    )

@@ -1,0 +1,409 @@
+r"""Optimising through the sampler: learned guidance schedules and DRaFT fine-tuning.
+
+Both optimisers here backpropagate a reward through `sample` (discretise-then-optimise,
+memory-bounded by the scan driver's checkpointing, optionally truncated to the last
+$K$ steps):
+
+- `tune_guidance` learns a guidance schedule $w(t)$ (a `PiecewiseLinear` with $K$
+  knots, its values the parameters) that maximises
+  $J(w) = E[r(Y^w)] - \lambda\,E\|Y^w - Y^0\|^2$, where $Y^0$ is the unguided sample
+  driven by the same noise;
+- `finetune_through_sampler` fine-tunes a score network's parameters to maximise
+  $E[r(Y^\theta)]$ (DRaFT, Clark et al. 2024; DRaFT-K with `truncate_backprop=K`).
+
+Both return the result and a learning curve (a list of dicts), which
+`save_learning_curve` writes as JSON and PNG.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import diffrax as dfx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Float, PyTree
+
+from ._custom_types import Args, Key, Scalar
+from ._grid import uniform_grid
+from ._sample import sample
+from ._score import AbstractScore
+from ._sde import AbstractSDE
+from ._weights import PiecewiseLinear, Weight
+
+
+def squared_displacement(y: Array, y_ref: Array) -> Scalar:
+    r"""$\|y - y_{\text{ref}}\|^2$ for one particle: the default penalty (its mean over
+    particles is the mean squared displacement from the unguided samples)."""
+    return jnp.sum((y - y_ref) ** 2)
+
+
+class TuneResult(NamedTuple):
+    """What `tune_guidance` returns.
+
+    - `schedule`: the learned `PiecewiseLinear` weight $w(t)$.
+    - `curve`: one dict per optimiser step: `step`, `objective`, `reward`, `penalty`
+      (minibatch estimates before that step's update) and `time_s` (wall time
+      since the first step, compilation excluded).
+    - `compile_s`: the compilation time of the optimiser step.
+    """
+
+    schedule: PiecewiseLinear
+    curve: list[dict[str, float]]
+    compile_s: float
+
+
+class FinetuneResult(NamedTuple):
+    """What `finetune_through_sampler` returns.
+
+    - `params`: the fine-tuned parameters.
+    - `curve`: one dict per optimiser step: `step`, `objective`, `reward` (and
+      `penalty` when `lam != 0`), `time_s` (compilation excluded).
+    - `compile_s`: the compilation time of the optimiser step.
+    """
+
+    params: PyTree[Any]
+    curve: list[dict[str, float]]
+    compile_s: float
+
+
+def _check_per_particle(fn: Callable, name: str, *structs) -> None:
+    """`fn` must map one particle (or a pair) to one real scalar."""
+    try:
+        out = jax.eval_shape(fn, *structs)
+    except Exception as e:  # re-raised with context
+        raise ValueError(
+            f"calling `{name}` on one particle of shape {structs[0].shape} failed: {e}"
+        ) from e
+    shape = getattr(out, "shape", None)
+    if shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = shape if shape is not None else type(out).__name__
+        raise ValueError(
+            f"`{name}` must return one real scalar per particle (the objective is its "
+            f"mean over particles), but it returned {got} for a particle of shape "
+            f"{structs[0].shape}; reduce it to a scalar, e.g. `jnp.sum(...)`, and let "
+            "guidediff average over particles"
+        )
+
+
+def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project):
+    """Run `num_iters` jitted optax steps of `loss(params, key) -> (loss, aux)`.
+
+    Returns the parameters, the curve, and the compile time (excluded from the
+    curve's `time_s`)."""
+    opt_state = optimizer.init(params)
+
+    def step(params, opt_state, key):
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = project(optax.apply_updates(params, updates))
+        return params, opt_state, value, aux
+
+    start = time.perf_counter()
+    step = jax.jit(step).lower(params, opt_state, key).compile()
+    compile_s = time.perf_counter() - start
+    curve = []
+    start = time.perf_counter()
+    for k in range(int(num_iters)):
+        k_step = key if fixed_noise else jr.fold_in(key, k)
+        new_params, opt_state, value, aux = step(params, opt_state, k_step)
+        row = {"step": k, "objective": -float(value)}
+        row.update({name: float(v) for name, v in aux.items()})
+        row["time_s"] = time.perf_counter() - start
+        if not all(math.isfinite(v) for v in row.values()):
+            raise FloatingPointError(
+                f"the objective is not finite at step {k} ({row}); lower the "
+                "learning rate, bound the parameters, or check the reward"
+            )
+        curve.append(row)
+        params = new_params
+    return params, curve, compile_s
+
+
+def tune_guidance(
+    key: Key,
+    sde: AbstractSDE,
+    guided: Callable[[Weight], AbstractScore],
+    reward: Callable[[Array], Scalar],
+    shape: tuple[int, ...],
+    *,
+    num_knots: int = 8,
+    init: float | PiecewiseLinear = 0.0,
+    lam: float = 0.0,
+    penalty: Callable[[Array, Array], Scalar] = squared_displacement,
+    num_iters: int = 100,
+    num_particles: int = 256,
+    learning_rate: float = 0.05,
+    optimizer: optax.GradientTransformation | None = None,
+    bounds: tuple[float, float] | None = None,
+    fixed_noise: bool = False,
+    ts: Float[ArrayLike, " n"] | None = None,
+    args: Args = None,
+    process: Literal["sde", "ode"] = "sde",
+    solver: dfx.AbstractSolver | None = None,
+    truncate_backprop: int | None = None,
+) -> TuneResult:
+    r"""Learn a guidance schedule $w(t)$ by gradient ascent through the sampler.
+
+    The schedule is a `PiecewiseLinear` with `num_knots` knots equally spaced on
+    $[t_{\text{end}}, T]$; its knot values $v$ are the parameters. Each step draws
+    `num_particles` samples $Y^w_i$ with `guided(w)`, and the unguided samples
+    $Y^0_i$ (`guided` at $w \equiv 0$, which every guidance maps to the identity)
+    driven by the same noise, and ascends
+
+    $$J(v) = \frac1n\sum_i r(Y^w_i) - \lambda\,\frac1n\sum_i
+    \text{penalty}(Y^w_i, Y^0_i),$$
+
+    with `penalty` the squared displacement $\|Y^w_i - Y^0_i\|^2$ by default: the
+    reward is traded against how far guidance moves each sample. Step $k$ uses the
+    key `fold_in(key, k)` (`fixed_noise=True`: always `key`).
+
+    **Arguments:**
+
+    - `key`, `sde`, `shape`: as for `sample`.
+    - `guided`: `weight -> score`, e.g.
+      `lambda w: gd.guide(s, gd.reward_guidance(s_r, w))`.
+    - `reward`: `r(x) -> scalar` for one particle, differentiable (e.g. a
+      `gd.GaussianBumpReward`).
+    - `num_knots`, `init`: the schedule's knots, and its initial value (a number) or
+      an initial `PiecewiseLinear` (its knot times are kept).
+    - `lam`, `penalty`: the penalty weight and `penalty(y, y_ref) -> scalar`.
+    - `num_iters`, `num_particles`: optimiser steps, particles per step.
+    - `learning_rate`, `optimizer`: `optax.adam(learning_rate)` by default.
+    - `bounds`: `(lo, hi)`: the knot values are clipped into it after each step.
+    - `ts`, `args`, `process`, `solver`, `truncate_backprop`: passed to `sample`
+      (default grid: 100 uniform steps from `sde.T` to `1e-3`).
+
+    **Returns:** a `TuneResult` `(schedule, curve)`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+        reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+        s, s_r = gmm.score(sde), gmm.tilt(reward).score(sde)
+        result = gd.tune_guidance(
+            jr.key(0), sde, lambda w: gd.guide(s, gd.reward_guidance(s_r, w)),
+            reward, (2,), lam=0.05, num_iters=200,
+        )
+        result.schedule(0.5), result.curve[-1]["reward"]
+        gd.save_learning_curve(result.curve, "out/tune")  # out/tune.json, .png
+        ```
+    """
+    shape = tuple(int(s) for s in shape)
+    dtype = jnp.result_type(float)
+    if ts is None:
+        ts = uniform_grid(sde.T, 1e-3, 100)
+    ts = jnp.asarray(ts, dtype)
+    if isinstance(init, PiecewiseLinear):
+        schedule0 = init
+    else:
+        if int(num_knots) != num_knots or num_knots < 2:
+            raise ValueError(f"num_knots must be an integer >= 2, got {num_knots}")
+        times = jnp.linspace(ts[-1], ts[0], int(num_knots))
+        schedule0 = PiecewiseLinear(times, jnp.full(int(num_knots), init, dtype))
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    _check_per_particle(reward, "reward", x)
+    _check_per_particle(penalty, "penalty", x, x)
+    zero = PiecewiseLinear(schedule0.times, jnp.zeros_like(schedule0.values))
+    for w in (schedule0, zero):
+        if not isinstance(guided(w), AbstractScore):
+            raise TypeError(
+                "`guided(weight)` must return a score (an AbstractScore), e.g. "
+                "lambda w: gd.guide(score, gd.reward_guidance(reward_score, w))"
+            )
+    kw = dict(
+        num_particles=int(num_particles),
+        ts=ts,
+        args=args,
+        process=process,
+        solver=solver,
+        truncate_backprop=truncate_backprop,
+    )
+    times = schedule0.times
+
+    def loss(values, k):
+        ys = sample(k, sde, guided(PiecewiseLinear(times, values)), shape, **kw).ys
+        ref = lax.stop_gradient(sample(k, sde, guided(zero), shape, **kw).ys)
+        r = jnp.mean(jax.vmap(reward)(ys))
+        pen = jnp.mean(jax.vmap(penalty)(ys, ref))
+        return -(r - lam * pen), {"reward": r, "penalty": pen}
+
+    if optimizer is None:
+        optimizer = optax.adam(learning_rate)
+    if bounds is None:
+        project = lambda v: v
+    else:
+        lo, hi = bounds
+        project = lambda v: jnp.clip(v, lo, hi)
+    values, curve, compile_s = _optimise(
+        loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project
+    )
+    return TuneResult(PiecewiseLinear(times, values), curve, compile_s)
+
+
+def finetune_through_sampler(
+    key: Key,
+    sde: AbstractSDE,
+    make_score: Callable[[PyTree[Any]], AbstractScore],
+    params: PyTree[Any],
+    reward: Callable[[Array], Scalar],
+    shape: tuple[int, ...],
+    *,
+    num_iters: int = 100,
+    num_particles: int = 64,
+    learning_rate: float = 1e-4,
+    optimizer: optax.GradientTransformation | None = None,
+    truncate_backprop: int | None = None,
+    lam: float = 0.0,
+    penalty: Callable[[Array, Array], Scalar] = squared_displacement,
+    fixed_noise: bool = False,
+    ts: Float[ArrayLike, " n"] | None = None,
+    args: Args = None,
+    process: Literal["sde", "ode"] = "sde",
+    solver: dfx.AbstractSolver | None = None,
+) -> FinetuneResult:
+    r"""DRaFT: fine-tune a score network by backpropagating a reward through sampling.
+
+    With $Y^\theta_i$ the samples of `make_score(θ)` (particle keys from
+    `fold_in(key, k)` at step $k$), each optax step ascends
+
+    $$J(\theta) = \frac1n\sum_i r(Y^\theta_i)
+    \;\big[-\ \lambda\,\frac1n\sum_i \text{penalty}(Y^\theta_i, Y^{\theta_0}_i)\big],$$
+
+    differentiating through every solver step (checkpointed), or through the last
+    $K$ steps only with `truncate_backprop=K` (DRaFT-K: the state $K$ steps before
+    the end is treated as a constant, so the cost is $K$ differentiated steps). The
+    optional penalty keeps samples near those of the initial parameters $\theta_0$
+    under the same noise.
+
+    This is the trajectory-based baseline: every step simulates whole trajectories,
+    unlike reward-weighted denoising score matching (`gd.reward_weighted_dsm_loss`).
+
+    **Arguments:**
+
+    - `make_score`: `params -> score`, e.g.
+      `lambda p: gd.flax_score(net, p, sde)`.
+    - `params`: the initial (pretrained) parameters.
+    - `reward`: differentiable `r(x) -> scalar` for one particle.
+    - `truncate_backprop`: `K` for DRaFT-K, `None` for full backpropagation.
+    - `lam`, `penalty`: optional penalty towards the initial model's samples.
+    - the rest as in `tune_guidance` (default grid: 100 uniform steps).
+
+    **Returns:** a `FinetuneResult` `(params, curve)`.
+
+    !!! example
+
+        ```python
+        net = gd.MLPScoreNet()
+        make = lambda p: gd.flax_score(net, p, sde)
+        result = gd.finetune_through_sampler(
+            jr.key(0), sde, make, pretrained, reward, (2,),
+            num_iters=200, truncate_backprop=10, learning_rate=1e-4,
+        )
+        score = make(result.params)
+        ```
+    """
+    shape = tuple(int(s) for s in shape)
+    dtype = jnp.result_type(float)
+    if ts is None:
+        ts = uniform_grid(sde.T, 1e-3, 100)
+    ts = jnp.asarray(ts, dtype)
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    _check_per_particle(reward, "reward", x)
+    if lam:
+        _check_per_particle(penalty, "penalty", x, x)
+    if not isinstance(make_score(params), AbstractScore):
+        raise TypeError(
+            "`make_score(params)` must return a score (an AbstractScore), e.g. "
+            "lambda p: gd.flax_score(net, p, sde)"
+        )
+    kw = dict(
+        num_particles=int(num_particles),
+        ts=ts,
+        args=args,
+        process=process,
+        solver=solver,
+        truncate_backprop=truncate_backprop,
+    )
+    params0 = params
+
+    def loss(params, k):
+        ys = sample(k, sde, make_score(params), shape, **kw).ys
+        r = jnp.mean(jax.vmap(reward)(ys))
+        if not lam:
+            return -r, {"reward": r}
+        ref = lax.stop_gradient(sample(k, sde, make_score(params0), shape, **kw).ys)
+        pen = jnp.mean(jax.vmap(penalty)(ys, ref))
+        return -(r - lam * pen), {"reward": r, "penalty": pen}
+
+    if optimizer is None:
+        optimizer = optax.adam(learning_rate)
+    params, curve, compile_s = _optimise(
+        loss, params, optimizer, num_iters, key, fixed_noise, lambda p: p
+    )
+    return FinetuneResult(params, curve, compile_s)
+
+
+def save_learning_curve(
+    curve: list[dict[str, float]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Write a learning curve as `PATH.json` and `PATH.png` (matplotlib, Agg).
+
+    The JSON is `{"curve": curve, **meta}`; the figure has one panel per quantity
+    (`objective`, `reward`, `penalty`, those present) against `step`. A `.json` or
+    `.png` suffix on `path` is dropped. Returns the two paths.
+
+    !!! example
+
+        ```python
+        json_path, png_path = gd.save_learning_curve(result.curve, "out/tune")
+        ```
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curve:
+        raise ValueError("the learning curve is empty")
+    path = Path(path)
+    if path.suffix in (".json", ".png"):
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = path.with_suffix(".json"), path.with_suffix(".png")
+    payload = {"curve": [{k: _jsonable(v) for k, v in r.items()} for r in curve]}
+    payload.update(meta or {})
+    json_path.write_text(json.dumps(payload, indent=2))
+
+    names = [n for n in ("objective", "reward", "penalty") if n in curve[0]]
+    steps = np.array([r["step"] for r in curve])
+    fig = Figure(figsize=(3.6 * len(names), 3.2))
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        ax.plot(steps, [r[name] for r in curve], lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    return json_path, png_path
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic | jax.Array):
+        return np.asarray(v).item()
+    return v
