@@ -12,3 +12,5 @@ def test_readme_example_runs(capsys):
         exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "(2000, 2) 0" in out
+    grad = float(out.strip().splitlines()[-1].split("Array(")[-1].split(",")[0])
+    assert grad > 0.0  # the reward rises with the guidance weight
