@@ -48,11 +48,18 @@ def _check_label(label: Array, num_classes: int, *, allow_null: bool) -> Array:
                 )
             )
         return label
-    return eqx.error_if(
-        label,
-        (label < 0) | (label > hi),
-        f"unknown class label: valid labels are 0..{hi}",
-    )
+    return label
+
+
+def _poison_unknown(value: Array, label: Array, num_classes: int, allow_null: bool):
+    """NaN where a traced label is unknown. Concrete labels were already rejected with
+    a ValueError; inside a compiled solve a raising check would cost a device-to-host
+    sync per step on GPUs, so bad labels make the particles fail (flagged by
+    `gd.sample`) instead."""
+    if _is_concrete(label):
+        return value
+    hi = num_classes if allow_null else num_classes - 1
+    return jnp.where((label < 0) | (label > hi), jnp.nan, value)
 
 
 class GaussianMixture(eqx.Module):
@@ -310,8 +317,11 @@ class MixtureScore(AbstractScore):
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         if not self.conditional:
             return self.mixture.score_t(self.sde, t, x)
-        label = _check_label(args, self.mixture.num_classes, allow_null=True)
-        return self.mixture.score_t(self.sde, t, x, label)
+        n = self.mixture.num_classes
+        label = _check_label(args, n, allow_null=True)
+        return _poison_unknown(
+            self.mixture.score_t(self.sde, t, x, label), label, n, True
+        )
 
 
 class MixtureClassifier(eqx.Module):
@@ -321,8 +331,10 @@ class MixtureClassifier(eqx.Module):
     sde: AbstractSDE
 
     def __call__(self, t: Time, x: Array, args: Args) -> Scalar:
-        label = _check_label(args, self.mixture.num_classes, allow_null=False)
-        return self.mixture.log_classifier_t(self.sde, t, x, label)
+        n = self.mixture.num_classes
+        label = _check_label(args, n, allow_null=False)
+        out = self.mixture.log_classifier_t(self.sde, t, x, label)
+        return _poison_unknown(out, label, n, False)
 
 
 class Gaussian(eqx.Module):

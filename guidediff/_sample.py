@@ -538,8 +538,18 @@ def sample(
 
 def _check_score_shape(score, ts, shape, dtype, args) -> None:
     x = jax.ShapeDtypeStruct(shape, dtype)
+    # Concrete arrays in args are passed as numpy here, so that value checks inside
+    # the score (e.g. an unknown class label) run now, with a clear Python error.
+    args = jtu.tree_map(
+        lambda a: (
+            np.asarray(a)
+            if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+            else a
+        ),
+        args,
+    )
     try:
-        out = eqx.filter_eval_shape(score, ts[0], x, args)
+        out = eqx.filter_eval_shape(lambda t, x_: score(t, x_, args), ts[0], x)
     except Exception as e:  # re-raised with context: which call failed and why
         raise ValueError(
             f"calling the score on one particle of shape {shape} with args={args!r} "

@@ -36,8 +36,22 @@ def test_increments_are_standard_normal():
 
 def test_not_a_grid_cell_is_an_error():
     path = gd.GridBrownianPath((2,), TS, jr.key(0))
-    with pytest.raises(Exception, match="not one grid cell"):
-        jax.block_until_ready(path.evaluate(TS[5], TS[3]))
+    # not a grid cell: NaN increments (the particles of such a solve fail, flagged)
+    assert np.all(np.isnan(np.asarray(path.evaluate(TS[5], TS[3]))))
+    sde, gmm = gd.VPSDE(), three_class_gmm()
+    fine = gd.uniform_grid(1.0, 1e-3, 100)
+    terms = gd.reverse_sde(sde, gmm.score(sde), path)
+    sol = dfx.diffeqsolve(
+        terms,
+        dfx.Euler(),
+        1.0,
+        1e-3,
+        None,
+        jnp.zeros(2),
+        stepsize_controller=dfx.StepTo(fine),
+        throw=False,
+    )
+    assert not np.all(np.isfinite(np.asarray(sol.ys)))
     with pytest.raises(ValueError, match="point values"):
         path.evaluate(TS[5])
 

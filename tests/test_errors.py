@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
 from helpers import three_class_gmm
 
@@ -27,10 +28,33 @@ def test_unknown_class_label():
         gd.sample(jr.key(0), SDE, GMM.conditional_score(SDE), (2,), ts=TS, args=7)
     with pytest.raises(ValueError, match="unknown class label"):
         GMM.classifier_prob(jnp.zeros(2), 3)  # the null label is not a class
-    # traced labels are checked at run time
+    with pytest.raises(ValueError, match="unknown class label"):
+        gd.sample(
+            jr.key(0),
+            SDE,
+            GMM.conditional_score(SDE),
+            (2,),
+            ts=TS,
+            args=jnp.asarray(-1),
+        )
+    # traced labels (inside a user's jit) poison the score, so particles fail
     f = jax.jit(lambda c: GMM.conditional_score(SDE)(0.5, jnp.zeros(2), c))
-    with pytest.raises(Exception, match="unknown class label"):
-        jax.block_until_ready(f(jnp.asarray(9)))
+    assert np.all(np.isnan(np.asarray(f(jnp.asarray(9)))))
+    assert np.all(np.isfinite(np.asarray(f(jnp.asarray(1)))))
+    run = jax.jit(
+        lambda c: (
+            gd.sample(
+                jr.key(0),
+                SDE,
+                GMM.conditional_score(SDE),
+                (2,),
+                ts=TS,
+                num_particles=4,
+                args=c,
+            ).num_failed
+        )
+    )
+    assert int(run(jnp.asarray(9))) == 4 and int(run(jnp.asarray(1))) == 0
 
 
 def test_grid_not_monotone():
