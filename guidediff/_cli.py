@@ -11,7 +11,19 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--out", default="out/demo", help="output folder")
     p_demo.add_argument("--particles", type=int, default=4000)
     p_demo.add_argument("--steps", type=int, default=500)
+    p_rep = sub.add_parser(
+        "reproduce",
+        help="reproduce one of the paper's experiments (results.json + PNG figures)",
+    )
+    p_rep.add_argument("name", help="experiment name (see `guidediff reproduce list`)")
+    p_rep.add_argument(
+        "--quick", action="store_true", help="small sizes (< 2 min on a CPU)"
+    )
+    p_rep.add_argument("--out", default=None, help="output folder (out/NAME)")
+    p_rep.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args.name, args.out, quick=args.quick, seed=args.seed)
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -20,6 +32,36 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"guidediff demo: cannot write to {args.out!r}: {e}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _reproduce(name: str, out: str | None, *, quick: bool, seed: int) -> int:
+    from ._experiments import EXPERIMENTS
+    from ._experiments._common import prepare_out_dir
+
+    names = ", ".join(EXPERIMENTS)
+    if name == "list":
+        print(names)
+        return 0
+    if name not in EXPERIMENTS:
+        print(
+            f"guidediff reproduce: unknown experiment {name!r}; choose one of: {names}",
+            file=sys.stderr,
+        )
+        return 2
+    out = f"out/{name}" if out is None else out
+    try:
+        out_dir = prepare_out_dir(out)
+    except OSError as e:
+        print(f"guidediff reproduce: cannot write to {out!r}: {e}", file=sys.stderr)
+        return 2
+    mode = "quick" if quick else "full"
+    print(f"guidediff reproduce {name} ({mode} mode) -> {out_dir}", flush=True)
+    results = EXPERIMENTS[name](out_dir, quick=quick, seed=seed)
+    print(f"wrote {out_dir / 'results.json'} ({results['seconds']:.1f} s)")
+    claims = results.get("claims", {})
+    for claim, value in claims.items():
+        print(f"  {claim}: {value}")
     return 0
 
 

@@ -1,0 +1,167 @@
+"""Shared plumbing of the `guidediff reproduce` experiments.
+
+Output folders, `results.json`, figures, Monte-Carlo summaries with standard errors,
+and sampling over a grid of guidance weights with shared noise (particle `i` uses
+the same key for every weight, so samples are paired across weights and the score
+pytree keeps one structure, so the sampler compiles once per score type).
+"""
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._grid import uniform_grid
+from .._metrics import energy_distance, mean_stderr, two_sample_test
+from .._sample import sample
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create `out_dir` and check that a file can be written in it.
+
+    Raises `OSError` (with the path in the message) if it cannot be created or
+    written, before any computation starts.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".guidediff-write-test"
+    probe.write_text("ok")
+    probe.unlink()
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """The device, JAX version and float width a run used."""
+    dev = jax.devices()[0]
+    return {
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', str(dev))}",
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "x64": bool(jax.config.jax_enable_x64),
+        "python": platform.python_version(),
+    }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Arrays and numpy scalars to lists and floats; NaN/inf to None."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, jax.Array | np.ndarray):
+        return to_jsonable(np.asarray(value).tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_results(out: Path, results: dict[str, Any]) -> Path:
+    """Write `results.json` in `out` and return its path."""
+    path = out / "results.json"
+    path.write_text(json.dumps(to_jsonable(results), indent=2))
+    return path
+
+
+class Stopwatch:
+    """Wall-clock seconds since creation (`elapsed()`)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def log_grid(lo: float, hi: float, num: int, *, with_zero: bool = True) -> list[float]:
+    """`num` log-spaced weights from `lo` to `hi`, preceded by 0."""
+    ws = [float(w) for w in np.logspace(math.log10(lo), math.log10(hi), num)]
+    return ([0.0] if with_zero else []) + ws
+
+
+def stats(values) -> tuple[float, float]:
+    """Mean and standard error (over the leading axis) as floats."""
+    m, se = mean_stderr(jnp.asarray(values))
+    return float(m), float(se)
+
+
+def sample_over_weights(
+    key,
+    sde,
+    make_score: Callable[[Any], Any],
+    weights: Sequence[float],
+    shape: tuple[int, ...],
+    *,
+    num_particles: int,
+    num_steps: int,
+    t_end: float = 1e-3,
+    args=None,
+) -> dict[float, np.ndarray]:
+    """Samples of `make_score(w)` for each `w`, with the same noise for every `w`
+    (uniform grid of `num_steps` steps from `sde.T` to `t_end`).
+
+    `w` enters the score as an array leaf, so the sampler compiles once. A failed
+    particle raises `FloatingPointError`.
+    """
+    ts = uniform_grid(sde.T, t_end, num_steps)
+    out = {}
+    for w in weights:
+        score = make_score(jnp.asarray(w, jnp.result_type(float)))
+        res = sample(
+            key, sde, score, shape, num_particles=num_particles, ts=ts, args=args
+        )
+        failed = int(res.num_failed)
+        if failed:
+            raise FloatingPointError(f"{failed} particles failed at w={w}")
+        out[float(w)] = np.asarray(res.ys)
+    return out
+
+
+def distance_to(samples, reference, max_points: int = 2000) -> float:
+    """Unbiased energy distance between two sample sets (first `max_points` each)."""
+    a = jnp.asarray(samples[:max_points])
+    b = jnp.asarray(reference[:max_points]).astype(a.dtype)
+    return float(energy_distance(a, b))
+
+
+def two_sample_pvalue(samples, reference, key, max_points: int = 2000) -> float:
+    """Energy-distance permutation test p-value of `samples` against `reference`."""
+    a = jnp.asarray(samples[:max_points])
+    b = jnp.asarray(reference[:max_points]).astype(a.dtype)
+    return float(two_sample_test(a, b, key=key)[1])
+
+
+def monotone_within(
+    means: Sequence[float], ses: Sequence[float], *, increasing: bool, k: float = 3.0
+) -> bool:
+    """Whether consecutive means move in the stated direction up to `k` combined
+    standard errors."""
+    sign = 1.0 if increasing else -1.0
+    for a, b, sa, sb in zip(means[:-1], means[1:], ses[:-1], ses[1:], strict=True):
+        if sign * (b - a) < -k * math.hypot(sa, sb):
+            return False
+    return True
