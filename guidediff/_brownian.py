@@ -86,3 +86,30 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
         # device-to-host sync per step on GPUs.
         bad = jnp.abs((hi - lo) - cell) > 1e-6 * jnp.maximum(cell, 1e-12) + 1e-12
         return jnp.where(bad, jnp.nan, inc)
+
+
+class _StepIncrement(dfx.AbstractBrownianPath):
+    """The increment of one known step, returned for whatever interval is asked.
+
+    Used by guidediff's fixed-grid driver, which knows each step's cell index: it
+    draws `GridBrownianPath.cell_increment(k, dt)` directly and hands the solver this
+    one-step path, so no per-step search of the grid is needed (a `searchsorted`
+    loop per step costs device-host round trips on GPUs).
+    """
+
+    increment: Array
+    levy_area: type = eqx.field(static=True, default=dfx.BrownianIncrement)
+
+    @property
+    def t0(self):
+        return -jnp.inf
+
+    @property
+    def t1(self):
+        return jnp.inf
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        del t0, t1, left
+        if use_levy:
+            raise ValueError("no Levy area on a grid Brownian path: use Ito solvers")
+        return self.increment

@@ -47,10 +47,10 @@ import numpy as np
 from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._brownian import GridBrownianPath
+from ._brownian import GridBrownianPath, _StepIncrement
 from ._custom_types import Args, Key
 from ._grid import check_grid, uniform_grid
-from ._reverse import probability_flow, reverse_sde
+from ._reverse import AdditiveNoiseTerm, probability_flow, reverse_sde
 from ._score import AbstractScore, score_to_x0
 from ._sde import AbstractSDE
 from ._solver import ExponentialIntegrator
@@ -127,18 +127,48 @@ def _scan_steps(step, carry, xs, checkpoint: str):
     return carry, ys
 
 
-def _scan_solve(terms, solver, ts, y0, args, save_all: bool, checkpoint: str):
-    state0 = solver.init(terms, ts[0], ts[1], y0, args)
+def _grid_path(terms) -> GridBrownianPath | None:
+    """The `GridBrownianPath` of `reverse_sde` terms, if that is what they hold."""
+    if isinstance(terms, dfx.MultiTerm) and len(terms.terms) == 2:
+        noise = terms.terms[1]
+        if isinstance(noise, AdditiveNoiseTerm) and isinstance(
+            noise.path, GridBrownianPath
+        ):
+            return noise.path
+    return None
 
-    def step(carry, t01):
+
+def _scan_solve(
+    terms, solver, ts, y0, args, save_all: bool, checkpoint: str, step_offset: int = 0
+):
+    state0 = solver.init(terms, ts[0], ts[1], y0, args)
+    num = ts.shape[0] - 1
+    path = _grid_path(terms)
+    if path is not None:
+        # Each step's cell of the (sorted) path grid is known here: draw its increment
+        # directly instead of searching the grid (same values as path.evaluate).
+        total = path.grid.shape[0] - 1
+        global_step = step_offset + jnp.arange(num)
+        cells = jnp.where(ts[0] > ts[-1], total - 1 - global_step, global_step)
+    else:
+        cells = jnp.zeros(num, jnp.int32)
+
+    def step(carry, xs):
         y, state, result = carry
-        t0, t1 = t01
-        y1, _, _, state1, res = solver.step(terms, t0, t1, y, args, state, False)
+        t0, t1, cell = xs
+        step_terms = terms
+        if path is not None:
+            inc = path.cell_increment(cell, t1 - t0)
+            step_terms = eqx.tree_at(
+                lambda tm: tm.terms[1].path, terms, _StepIncrement(inc)
+            )
+        y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
         result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
         return (y1, state1, result), (y1 if save_all else None)
 
     carry0 = (y0, state0, dfx.RESULTS.successful)
-    (y_final, _, result), ys = _scan_steps(step, carry0, (ts[:-1], ts[1:]), checkpoint)
+    xs = (ts[:-1], ts[1:], cells)
+    (y_final, _, result), ys = _scan_steps(step, carry0, xs, checkpoint)
     if save_all:
         ys = jnp.concatenate([y0[None], ys], axis=0)
     else:
@@ -188,9 +218,11 @@ def _solve(
 ):
     """One particle's solve; with `truncate = K`, the gradient stops K steps early."""
 
-    def run(terms, solver, ts, y0, args):
+    def run(terms, solver, ts, y0, args, step_offset=0):
         if driver == "scan":
-            return _scan_solve(terms, solver, ts, y0, args, save_all, checkpoint)
+            return _scan_solve(
+                terms, solver, ts, y0, args, save_all, checkpoint, step_offset
+            )
         dt0 = ts[1] - ts[0]
         return _diffeqsolve(
             terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
@@ -205,7 +237,7 @@ def _solve(
     split = num_steps - truncate
     ys_a, res_a, n_a = run(*_stop_gradient((terms, solver, ts[: split + 1], y0, args)))
     y_mid = lax.stop_gradient(ys_a[-1] if save_all else ys_a)
-    ys_b, res_b, n_b = run(terms, solver, ts[split:], y_mid, args)
+    ys_b, res_b, n_b = run(terms, solver, ts[split:], y_mid, args, split)
     result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
     ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_all else ys_b
     return ys, result, n_a + n_b

@@ -1,0 +1,306 @@
+"""Helpers shared by the benchmark scripts: flags, timing, memory, device and version
+information, and JSON results.
+
+Timing follows `timeit`: the first call (trace + compile + one run) is timed on its
+own; after `warmup` untimed calls, `repeats` calls are timed one by one, each ended
+by `jax.block_until_ready`, and the median is reported (the minimum and maximum
+too). Compile time is the first call minus the steady-state median.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TIMING_METHOD = (
+    "first call timed alone (trace + compile + run); then 1 untimed warm-up call; "
+    "then `repeats` calls timed one by one with time.perf_counter around "
+    "fn(...) + jax.block_until_ready; run_s is their median; compile_s = "
+    "first_call_s - run_s"
+)
+
+
+def parser(description: str, *, default_repeats: int = 5) -> argparse.ArgumentParser:
+    """The flags every script takes (scripts add their own)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes, for a CPU smoke run"
+    )
+    p.add_argument(
+        "--particles", type=int, default=None, help="particle count for every size"
+    )
+    p.add_argument("--steps", type=int, default=None, help="number of solver steps")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed repeats, median reported (default {default_repeats}, 2 if --quick)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder for the JSON result (default benchmarks/results)",
+    )
+    p.set_defaults(default_repeats=default_repeats)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None):
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else args.default_repeats
+    return args
+
+
+def on_accelerator() -> bool:
+    return jax.default_backend() != "cpu"
+
+
+def _block_jax(out):
+    return jax.block_until_ready(out)
+
+
+def timeit(
+    fn: Callable,
+    *args,
+    repeats: int = 5,
+    warmup: int = 1,
+    block: Callable = _block_jax,
+) -> tuple[dict, Any]:
+    """Time `fn(*args)` as described in the module docstring.
+
+    Returns `(timing, output_of_first_call)`; `block` waits for an output (the
+    default is `jax.block_until_ready`; a PyTorch peer passes its own).
+    """
+    t0 = time.perf_counter()
+    out = block(fn(*args))
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        block(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - t0)
+    run = statistics.median(times)
+    timing = {
+        "run_s": run,
+        "run_min_s": min(times),
+        "run_max_s": max(times),
+        "repeats": repeats,
+        "first_call_s": first,
+        "compile_s": max(first - run, 0.0),
+    }
+    return timing, out
+
+
+def try_timeit(fn: Callable, *args, **kwargs) -> tuple[dict, Any]:
+    """`timeit`, but a failure (e.g. out of memory) is recorded, not raised:
+    returns `({"error": message}, None)`."""
+    try:
+        return timeit(fn, *args, **kwargs)
+    except Exception as e:  # recorded in the JSON; the other variants still run
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        print(f"  FAILED: {msg}", flush=True)
+        return {"error": msg}, None
+
+
+def ratio(numerator: dict | None, denominator: dict | None) -> float | None:
+    """`numerator["run_s"] / denominator["run_s"]` (None if either is missing)."""
+    if not numerator or not denominator:
+        return None
+    if "run_s" not in numerator or "run_s" not in denominator:
+        return None
+    return numerator["run_s"] / denominator["run_s"]
+
+
+def compiled_memory(jitted: Callable, *args) -> dict | None:
+    """XLA's memory analysis of `jitted` (a `jax.jit` function) compiled for `args`:
+    temporary, argument and output bytes. Compiles once more (not timed)."""
+    try:
+        analysis = jitted.lower(*args).compile().memory_analysis()
+    except Exception as e:  # not every backend implements it
+        return {"error": f"{type(e).__name__}: {e}"}
+    if analysis is None:
+        return None
+    keys = (
+        "temp_size_in_bytes",
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
+    return {k: int(getattr(analysis, k)) for k in keys if hasattr(analysis, k)}
+
+
+def device_memory_stats() -> dict | None:
+    """The default device's allocator statistics (None where unavailable, e.g. CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        return None
+    if not stats:
+        return None
+    keep = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    return {k: int(stats[k]) for k in keep if k in stats}
+
+
+def device_info() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "host_cpu_count": os.cpu_count(),
+        "host_machine": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "eqx_on_error": os.environ.get("EQX_ON_ERROR", "raise (default)"),
+        "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
+
+
+def device_tag() -> str:
+    """`gpu`, `cpu` or `tpu`: the suffix of the result file."""
+    backend = jax.default_backend()
+    return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def versions() -> dict:
+    import diffrax
+    import equinox
+    import flax
+    import jaxlib
+    import numpy
+
+    import guidediff
+
+    out = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "diffrax": diffrax.__version__,
+        "equinox": equinox.__version__,
+        "flax": flax.__version__,
+        "numpy": numpy.__version__,
+        "guidediff": guidediff.__version__,
+    }
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].__version__
+    return out
+
+
+def write_result(name: str, args, payload: dict) -> Path:
+    """Write `payload` (plus device, versions and run settings) to
+    `args.out/{name}_{device tag}.json` and return the path."""
+    result = {
+        "benchmark": name,
+        "device": device_info(),
+        "versions": versions(),
+        "quick": bool(args.quick),
+        "argv": list(sys.argv[1:]),
+        "timestamp_utc": datetime.datetime.now(datetime.UTC).isoformat(),
+        "timing_method": TIMING_METHOD,
+        **payload,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{device_tag()}.json"
+    path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def header(name: str) -> None:
+    """Print the benchmark name and the device it runs on."""
+    dev = jax.devices()[0]
+    print(
+        f"== {name} on {dev.platform}:{dev.device_kind} "
+        f"({jax.device_count()} device(s)), jax {jax.__version__}"
+    )
+
+
+def describe(t: dict) -> str:
+    """`run ... compile ...` of a timing, or `FAILED`."""
+    if "run_s" not in t:
+        return "FAILED"
+    return f"run {fmt_s(t['run_s']):>11}   compile {fmt_s(t['compile_s']):>11}"
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x >= 1.0:
+        return f"{x:.3f} s"
+    return f"{x * 1e3:.2f} ms"
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Print `rows` (dicts) as an aligned text table of `columns`."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def time_all(
+    fns: dict[str, Callable], *args, repeats: int, label: str = ""
+) -> tuple[dict, dict]:
+    """`timeit` each of `fns` on the same `args`; print one line each as it goes.
+
+    Returns `({name: timing}, {name: output of the first call})`; a variant that
+    fails gets `{"error": message}` and output None.
+    """
+    timings, outputs = {}, {}
+    for name, fn in fns.items():
+        timings[name], outputs[name] = try_timeit(fn, *args, repeats=repeats)
+        t = timings[name]
+        if "error" in t:
+            continue
+        print(
+            f"  {label}{name:<28} run {fmt_s(t['run_s']):>11}   "
+            f"compile {fmt_s(t['compile_s']):>11}",
+            flush=True,
+        )
+    return timings, outputs
+
+
+def f32_matmul_probe() -> dict:
+    """How float32 matmuls run under the default precision: the relative error of a
+    512x512 product against float64 (TF32 gives ~1e-3, true float32 ~1e-6)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((512, 512))
+    b = rng.standard_normal((512, 512))
+    got = np.asarray(jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32))
+    ref = a @ b
+    err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    return {"rel_err_vs_float64": err, "looks_like_tf32": err > 1e-4}

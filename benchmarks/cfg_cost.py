@@ -1,0 +1,120 @@
+"""The cost of classifier-free guidance inside the sampler.
+
+At the 64-D size with a class-conditional MLP (a label embedding with a null class,
+added to the first hidden layer), all inside `jax.jit`, `gd.sample` scan driver:
+
+- `plain`: conditional sampling, one network call per step on N particles;
+- `plain_2n`: the same on 2N particles (one batched network call on 2N inputs);
+- `cfg_batched`: `gd.cfg(w, null_args=null, batched=True)`: the conditional and the
+  unconditional call batched into one network call;
+- `cfg_two_calls`: `batched=False`: two network calls per step;
+- `cfg_interval`: `gd.interval(cfg_batched, t_lo, t_hi)` on half the time interval
+  (unguided, one call, elsewhere).
+
+Targets: cfg_batched <= 1.15 x plain_2n; the ratios are reported as measured.
+
+    PYTHONPATH=. python -m benchmarks.cfg_cost [--quick]
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+import guidediff as gd
+
+from . import _common as C, _problems as P
+
+
+NAME = "cfg_cost"
+TARGET_BATCHED_VS_2N = 1.15
+
+
+def main(argv=None) -> dict:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--size", default="64d", choices=list(P.SIZES))
+    p.add_argument("--weight", type=float, default=2.0)
+    args = C.parse(p, argv)
+    C.header(NAME)
+    size = P.SIZES[args.size]
+    n = P.particles_for(size, args)
+    problem = P.make_problem(size, n, quick=args.quick, num_classes=P.NUM_CLASSES)
+    steps = P.steps_for(args)
+    ts = P.time_grid(steps)
+    label = jnp.asarray(3, jnp.int32)
+    null = P.NUM_CLASSES
+    # Half of [T_END, T]: the middle half of the time range.
+    span = P.SDE.T - P.T_END
+    t_lo, t_hi = P.T_END + 0.25 * span, P.T_END + 0.75 * span
+    cfg = gd.cfg(args.weight, null_args=null, batched=True)
+    variants = {
+        "plain": P.gd_sampler(problem, args=label),
+        "plain_2n": P.gd_sampler(problem, args=label, particles=2 * n),
+        "cfg_batched": P.gd_sampler(problem, args=label, guidance=cfg),
+        "cfg_two_calls": P.gd_sampler(
+            problem,
+            args=label,
+            guidance=gd.cfg(args.weight, null_args=null, batched=False),
+        ),
+        "cfg_interval": P.gd_sampler(
+            problem, args=label, guidance=gd.interval(cfg, t_lo, t_hi)
+        ),
+    }
+    print(f"-- {size.name}: {n} particles, {steps} steps, width {problem.width}")
+    fwd, out = C.time_all(
+        {k: jax.jit(v) for k, v in variants.items()},
+        problem.params,
+        jr.key(0),
+        ts,
+        repeats=args.repeats,
+    )
+    frac_active = float(jnp.mean((ts[:-1] >= t_lo) & (ts[:-1] <= t_hi)))
+    ratios = {
+        "cfg_batched_over_plain_2n": C.ratio(fwd["cfg_batched"], fwd["plain_2n"]),
+        "cfg_batched_over_plain": C.ratio(fwd["cfg_batched"], fwd["plain"]),
+        "cfg_two_calls_over_plain": C.ratio(fwd["cfg_two_calls"], fwd["plain"]),
+        "cfg_two_calls_over_cfg_batched": C.ratio(
+            fwd["cfg_two_calls"], fwd["cfg_batched"]
+        ),
+        "cfg_interval_over_cfg_batched": C.ratio(
+            fwd["cfg_interval"], fwd["cfg_batched"]
+        ),
+        "cfg_interval_over_plain": C.ratio(fwd["cfg_interval"], fwd["plain"]),
+        "plain_2n_over_plain": C.ratio(fwd["plain_2n"], fwd["plain"]),
+    }
+    # If the interval's lax.cond really skips the unconditional call outside the
+    # interval, its cost is about this fraction of cfg_batched's.
+    expected_interval = (
+        frac_active + (1 - frac_active) * ratios["cfg_batched_over_plain"] ** -1
+    )
+    C.print_table(
+        [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"]
+    )
+    C.write_result(
+        NAME,
+        args,
+        {
+            **P.run_fields(size, n, steps, problem.width),
+            "network": (
+                f"class-conditional MLP {size.depth}x{problem.width} SiLU, "
+                f"{P.NUM_CLASSES} classes + null; label embedding added to the "
+                "first hidden layer"
+            ),
+            "flops_per_eval": problem.flops_per_eval,
+            "guidance_weight": args.weight,
+            "interval": [t_lo, t_hi],
+            "fraction_of_steps_in_interval": frac_active,
+            "forward": fwd,
+            "ratios": ratios,
+            "target_cfg_batched_over_plain_2n": TARGET_BATCHED_VS_2N,
+            "meets_target": ratios["cfg_batched_over_plain_2n"] <= TARGET_BATCHED_VS_2N,
+            "cfg_interval_over_cfg_batched_if_skipped": expected_interval,
+            "max_abs_diff_cfg_batched_vs_two_calls": P.max_abs_diff(
+                out["cfg_batched"], out["cfg_two_calls"]
+            ),
+        },
+    )
+    return {"ratios": ratios}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Time and memory of differentiating through the sampler, as the number of steps grows.
+
+The objective is E[r(samples)] with r(x) = mean_j x_j^2, differentiated with respect
+to the score network's parameters (the 64-D MLP by default). For each number of
+steps N:
+
+- `forward`: `gd.sample` (scan driver) inside `jax.jit`;
+- `guidediff_grad`: `jax.grad` through `gd.sample(..., checkpoint=True)` (the scan
+  driver's default: O(sqrt N) stored states, two recomputed forward passes);
+- `guidediff_grad_step_ckpt`: `checkpoint="step"` (N states, one recomputation);
+- `diffrax_vbt_grad`: `diffrax.diffeqsolve` with a `VirtualBrownianTree` and
+  `RecursiveCheckpointAdjoint` (max_steps = N);
+- `guidediff_diffeqsolve_grad`: `gd.sample(..., driver="diffeqsolve", max_steps=N)`.
+
+The two diffeqsolve-based gradients are timed only up to `--peer-max-steps` (200)
+steps; above, only their memory is reported.
+
+Memory: XLA's compiled memory analysis (temporary bytes) for every variant, on every
+backend; on a GPU also the allocator's `peak_bytes_in_use` after each run (a
+process-lifetime peak: runs go in order of increasing N). Memory-only row (compiled,
+never run): `gd.sample(..., checkpoint=False)`.
+
+    PYTHONPATH=. python -m benchmarks.grad_cost [--quick] [--steps-list 50 100 200]
+"""
+
+import jax
+import jax.random as jr
+
+from . import _common as C, _problems as P
+
+
+NAME = "grad_cost"
+DEFAULT_STEPS = (50, 100, 200, 400, 1000)
+
+
+def _particles(args) -> int:
+    if args.particles is not None:
+        return args.particles
+    if args.quick:
+        return 16
+    return 4096 if C.on_accelerator() else 256
+
+
+def run_steps(problem: P.Problem, steps: int, args) -> dict:
+    ts = P.time_grid(steps)
+    key = jr.key(0)
+    print(f"-- N = {steps} steps", flush=True)
+    fns = {
+        "forward": jax.jit(P.gd_sampler(problem)),
+        "guidediff_grad": P.grad_of(P.gd_sampler(problem, checkpoint=True)),
+        "guidediff_grad_step_ckpt": P.grad_of(P.gd_sampler(problem, checkpoint="step")),
+        "diffrax_vbt_grad": P.grad_of(
+            P.diffrax_sampler(problem, path="vbt", tol=args.vbt_tol)
+        ),
+        "guidediff_diffeqsolve_grad": P.grad_of(
+            P.gd_sampler(problem, driver="diffeqsolve", max_steps=steps)
+        ),
+    }
+    memory_only = {
+        "guidediff_grad_no_checkpoint": P.grad_of(
+            P.gd_sampler(problem, checkpoint=False)
+        ),
+    }
+    row = {"steps": steps, "timings": {}, "compiled_memory": {}, "device_peak": {}}
+    if steps > args.peer_max_steps:
+        # The diffeqsolve-based gradients are 10-20x slower: time them only up to
+        # --peer-max-steps (their memory is still reported).
+        for name in ("diffrax_vbt_grad", "guidediff_diffeqsolve_grad"):
+            memory_only[name] = fns.pop(name)
+            row["timings"][name] = {"skipped": "steps > --peer-max-steps"}
+    for name, fn in fns.items():
+        timing, _ = C.try_timeit(fn, problem.params, key, ts, repeats=args.repeats)
+        row["timings"][name] = timing
+        row["compiled_memory"][name] = C.compiled_memory(fn, problem.params, key, ts)
+        row["device_peak"][name] = C.device_memory_stats()
+        print(
+            f"  {name:<28} {C.describe(timing)}   temp "
+            f"{_mib(row['compiled_memory'][name])}",
+            flush=True,
+        )
+    for name, fn in memory_only.items():
+        row["compiled_memory"][name] = C.compiled_memory(fn, problem.params, key, ts)
+        print(f"  {name:<28} (not run)  temp {_mib(row['compiled_memory'][name])}")
+    t = row["timings"]
+    row["grad_over_forward"] = C.ratio(t["guidediff_grad"], t["forward"])
+    row["diffrax_vbt_grad_over_guidediff_grad"] = C.ratio(
+        t["diffrax_vbt_grad"], t["guidediff_grad"]
+    )
+    row["diffeqsolve_grad_over_guidediff_grad"] = C.ratio(
+        t["guidediff_diffeqsolve_grad"], t["guidediff_grad"]
+    )
+    return row
+
+
+def _temp(mem: dict | None) -> int | None:
+    if not mem or "temp_size_in_bytes" not in mem:
+        return None
+    return mem["temp_size_in_bytes"]
+
+
+def _ms(timing: dict) -> float | None:
+    return 1e3 * timing["run_s"] if "run_s" in timing else None
+
+
+def _mib(mem: dict | None) -> str:
+    b = _temp(mem)
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+def main(argv=None) -> dict:
+    p = C.parser(__doc__.splitlines()[0], default_repeats=3)
+    p.add_argument("--size", default="64d", choices=list(P.SIZES))
+    p.add_argument("--steps-list", type=int, nargs="+", default=None)
+    p.add_argument("--vbt-tol", type=float, default=1e-3)
+    p.add_argument(
+        "--peer-max-steps",
+        type=int,
+        default=200,
+        help="time the diffeqsolve-based gradients only up to this many steps",
+    )
+    args = C.parse(p, argv)
+    C.header(NAME)
+    steps_list = args.steps_list or ([4, 8] if args.quick else list(DEFAULT_STEPS))
+    size = P.SIZES[args.size]
+    problem = P.make_problem(size, _particles(args), quick=args.quick)
+    print(f"{size.name}: {problem.particles} particles, width {problem.width}")
+    rows = [run_steps(problem, n, args) for n in sorted(steps_list)]
+    table = []
+    for r in rows:
+        t, m = r["timings"], r["compiled_memory"]
+        table.append(
+            {
+                "steps": r["steps"],
+                "fwd_ms": _ms(t["forward"]),
+                "grad_ms": _ms(t["guidediff_grad"]),
+                "vbt_grad_ms": _ms(t["diffrax_vbt_grad"]),
+                "grad/fwd": r["grad_over_forward"],
+                "grad_MiB": (_temp(m["guidediff_grad"]) or 0) / 2**20,
+                "step_MiB": (_temp(m["guidediff_grad_step_ckpt"]) or 0) / 2**20,
+                "vbt_MiB": (_temp(m["diffrax_vbt_grad"]) or 0) / 2**20,
+                "nockpt_MiB": (_temp(m["guidediff_grad_no_checkpoint"]) or 0) / 2**20,
+            }
+        )
+    C.print_table(table, list(table[0]))
+    C.write_result(
+        NAME,
+        args,
+        {
+            "size": size.name,
+            "dim": size.dim,
+            "particles": problem.particles,
+            "network_width": problem.width,
+            "objective": "mean over particles of mean_j x_j^2 (r(x) = |x|^2 / d)",
+            "wrt": "all MLP parameters",
+            "vbt_tol": args.vbt_tol,
+            "memory_note": (
+                "compiled_memory = XLA memory_analysis of the jitted function "
+                "(temp_size_in_bytes: scratch, residuals included); device_peak = "
+                "allocator peak_bytes_in_use since the process started (GPU only)"
+            ),
+            "results": rows,
+        },
+    )
+    return {"results": rows}
+
+
+if __name__ == "__main__":
+    main()

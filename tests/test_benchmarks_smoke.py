@@ -1,0 +1,155 @@
+"""Smoke tests: every benchmark script runs at a tiny size and writes its JSON.
+
+Each script runs as `python -m benchmarks.NAME --quick --out TMP` (plus flags that
+keep it to a few seconds) in its own process, on the CPU, two at a time, with XLA's
+backend optimisations off (compiling dominates these runs; no timing is checked).
+The tests check the exit status and the JSON's keys, never the timings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Extra flags per script: the smallest run that still exercises every code path.
+# Longest first, so that the two workers finish together.
+RUNS = {
+    "peers": ["--sizes", "64d", "--repeats", "1"],
+    "grad_cost": ["--steps-list", "4", "--repeats", "1"],
+    "against_scan": ["--sizes", "64d", "--repeats", "1"],
+    "scaling": "--particles-list 16 --steps 4 --repeats 1 --kinds strong".split(),
+    "mfu": ["--steps", "4", "--repeats", "1"],
+    "cfg_cost": ["--repeats", "1"],
+}
+
+COMMON_KEYS = {
+    "benchmark",
+    "device",
+    "versions",
+    "quick",
+    "timing_method",
+    "timestamp_utc",
+}
+TIMING_KEYS = {
+    "run_s",
+    "run_min_s",
+    "run_max_s",
+    "repeats",
+    "first_call_s",
+    "compile_s",
+}
+
+
+def _run(name: str, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)]
+    return subprocess.run(
+        cmd + RUNS[name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(RUNS, pool.map(lambda n: _run(n, out), RUNS), strict=True))
+    return {"out": out, "procs": procs}
+
+
+def _load(runs, name: str) -> dict:
+    proc = runs["procs"][name]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    path = runs["out"] / f"{name}_cpu.json"
+    assert path.exists(), f"{path} not written; stdout: {proc.stdout[-2000:]}"
+    result = json.loads(path.read_text())
+    assert COMMON_KEYS <= set(result), COMMON_KEYS - set(result)
+    assert result["benchmark"] == name
+    assert result["quick"] is True
+    assert result["device"]["backend"] == "cpu"
+    assert {"jax", "diffrax", "guidediff"} <= set(result["versions"])
+    return result
+
+
+def _timing(t: dict) -> None:
+    assert TIMING_KEYS <= set(t), TIMING_KEYS - set(t)
+    assert t["run_s"] > 0
+
+
+def test_against_scan(runs):
+    r = _load(runs, "against_scan")
+    assert [x["size"] for x in r["results"]] == ["64d"]
+    for x in r["results"]:
+        for v in ("guidediff", "guidediff_jit", "hand", "hand_same_noise"):
+            _timing(x["forward"][v])
+        for v in ("guidediff", "guidediff_step_ckpt", "hand", "hand_same_noise"):
+            _timing(x["backward"][v])
+        assert {"forward", "forward_jit", "backward"} <= set(x["ratios"])
+        # The same-noise baseline reproduces guidediff's samples.
+        assert x["max_abs_diff_same_noise"] <= 1e-4 * max(1.0, x["sample_scale"])
+
+
+def test_peers(runs):
+    r = _load(runs, "peers")
+    (x,) = r["results"]
+    for v in ("guidediff", "guidediff_diffeqsolve", "diffrax_unsafe", "diffrax_vbt"):
+        _timing(x["forward"][v])
+    _timing(x["backward"]["diffrax_vbt"])
+    assert "forward_diffrax_vbt" in x["speedup_of_guidediff"]
+    if not r["torch_available"]:
+        assert any("torch" in n for n in x["notes"])
+
+
+def test_cfg_cost(runs):
+    r = _load(runs, "cfg_cost")
+    for v in ("plain", "plain_2n", "cfg_batched", "cfg_two_calls", "cfg_interval"):
+        _timing(r["forward"][v])
+    assert "cfg_batched_over_plain_2n" in r["ratios"]
+    assert r["max_abs_diff_cfg_batched_vs_two_calls"] < 1e-3
+
+
+def test_grad_cost(runs):
+    r = _load(runs, "grad_cost")
+    (row,) = r["results"]
+    assert row["steps"] == 4
+    for v in ("forward", "guidediff_grad", "guidediff_grad_step_ckpt"):
+        _timing(row["timings"][v])
+        assert row["compiled_memory"][v]["temp_size_in_bytes"] >= 0
+    assert "guidediff_grad_no_checkpoint" in row["compiled_memory"]
+
+
+def test_mfu(runs):
+    r = _load(runs, "mfu")
+    assert {x["dtype"] for x in r["results"]} == {"float32", "bfloat16"}
+    for x in r["results"]:
+        _timing(x["timing"])
+        assert x["achieved_flops_per_s"] > 0
+    assert r["peaks_flops_per_s"] is None  # no peak is claimed for a CPU
+
+
+def test_scaling(runs):
+    r = _load(runs, "scaling")
+    assert r["device"]["num_devices"] == 4  # forced host devices
+    assert [x["particles"] for x in r["vs_particles"]] == [16]
+    four = [x for x in r["vs_devices"] if x["devices"] == 4 and x["call"] == "eager"]
+    assert four and all(x["output_devices"] == 4 for x in four)
+    strong = [x for x in r["vs_devices"] if x["scaling"] == "strong"]
+    assert all(x["max_abs_diff_vs_1_device"] < 1e-4 for x in strong)
