@@ -34,7 +34,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/guidediff bench
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

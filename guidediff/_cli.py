@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_rep.add_argument("--out", default=None, help="output folder (out/NAME)")
     p_rep.add_argument("--seed", type=int, default=0)
+    sub.add_parser(
+        "bench", help="run the benchmarks (from a source checkout; flags go to run_all)"
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to run_all
+        return _bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "reproduce":
         return _reproduce(args.name, args.out, quick=args.quick, seed=args.seed)
@@ -63,6 +69,29 @@ def _reproduce(name: str, out: str | None, *, quick: bool, seed: int) -> int:
     for claim, value in claims.items():
         print(f"  {claim}: {value}")
     return 0
+
+
+def _bench(rest: list[str]) -> int:
+    """`python -m benchmarks.run_all REST` in the source checkout this package is in."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run_all.py").is_file():
+        print(
+            "guidediff bench: the benchmarks live in the source checkout "
+            "(benchmarks/), which is not next to this installed package; clone the "
+            "repository and run `make bench` there",
+            file=sys.stderr,
+        )
+        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(root), env.get("PYTHONPATH")])
+    )
+    cmd = [sys.executable, "-m", "benchmarks.run_all", *rest]
+    return subprocess.run(cmd, cwd=root, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -46,3 +46,8 @@ def test_unwritable_out_dir(tmp_path):
     )
     assert proc.returncode != 0
     assert "cannot write" in proc.stderr
+
+
+def test_bench_passes_flags_to_run_all(capsys):
+    # --help of run_all proves the subcommand finds and runs the benchmarks
+    assert main(["bench", "--help"]) == 0
