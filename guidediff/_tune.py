@@ -198,11 +198,10 @@ def tune_guidance(
         gd.save_learning_curve(result.curve, "out/tune")  # out/tune.json, .png
         ```
     """
-    shape = tuple(int(s) for s in shape)
-    dtype = jnp.result_type(float)
-    if ts is None:
-        ts = uniform_grid(sde.T, 1e-3, 100)
-    ts = jnp.asarray(ts, dtype)
+    shape, dtype, kw = _sampler_setup(
+        sde, shape, ts, num_particles, args, process, solver, truncate_backprop
+    )
+    ts = kw["ts"]
     if isinstance(init, PiecewiseLinear):
         schedule0 = init
     else:
@@ -220,14 +219,6 @@ def tune_guidance(
                 "`guided(weight)` must return a score (an AbstractScore), e.g. "
                 "lambda w: gd.guide(score, gd.reward_guidance(reward_score, w))"
             )
-    kw = dict(
-        num_particles=int(num_particles),
-        ts=ts,
-        args=args,
-        process=process,
-        solver=solver,
-        truncate_backprop=truncate_backprop,
-    )
     times = schedule0.times
 
     def loss(values, k):
@@ -248,6 +239,26 @@ def tune_guidance(
         loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project
     )
     return TuneResult(PiecewiseLinear(times, values), curve, compile_s)
+
+
+def _sampler_setup(
+    sde, shape, ts, num_particles, args, process, solver, truncate_backprop
+):
+    """The particle shape, the float dtype and the keyword arguments of `sample`
+    (default grid: 100 uniform steps from `sde.T` to 1e-3)."""
+    shape = tuple(int(s) for s in shape)
+    dtype = jnp.result_type(float)
+    if ts is None:
+        ts = uniform_grid(sde.T, 1e-3, 100)
+    kw = dict(
+        num_particles=int(num_particles),
+        ts=jnp.asarray(ts, dtype),
+        args=args,
+        process=process,
+        solver=solver,
+        truncate_backprop=truncate_backprop,
+    )
+    return shape, dtype, kw
 
 
 def finetune_through_sampler(
@@ -312,11 +323,9 @@ def finetune_through_sampler(
         score = make(result.params)
         ```
     """
-    shape = tuple(int(s) for s in shape)
-    dtype = jnp.result_type(float)
-    if ts is None:
-        ts = uniform_grid(sde.T, 1e-3, 100)
-    ts = jnp.asarray(ts, dtype)
+    shape, dtype, kw = _sampler_setup(
+        sde, shape, ts, num_particles, args, process, solver, truncate_backprop
+    )
     x = jax.ShapeDtypeStruct(shape, dtype)
     _check_per_particle(reward, "reward", x)
     if lam:
@@ -326,14 +335,6 @@ def finetune_through_sampler(
             "`make_score(params)` must return a score (an AbstractScore), e.g. "
             "lambda p: gd.flax_score(net, p, sde)"
         )
-    kw = dict(
-        num_particles=int(num_particles),
-        ts=ts,
-        args=args,
-        process=process,
-        solver=solver,
-        truncate_backprop=truncate_backprop,
-    )
     params0 = params
 
     def loss(params, k):

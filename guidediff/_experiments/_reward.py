@@ -6,10 +6,13 @@ r"""Shared parts of the reward-guidance experiments (PAPER.md sections 2.3 and 4
 - `reward_sweep`: samples of $s + w(s^r - s)$ over a grid of $w$ with shared noise,
   and $E[r(Y^w)]$ with standard errors.
 - figures of $E[r]$ against $w$ and of the sample clouds.
+- `run_reward_experiment`: the whole run of `reward-gmm` and `reward-pointset`
+  given the laws, the reward and the configuration.
 """
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,8 +26,20 @@ from .._guidance.base import guide
 from .._guidance.reward import reward_guidance
 from .._losses import dsm_loss, reward_weighted_dsm_loss
 from .._nn import MLPScoreNet
+from .._sde import VPSDE
 from .._train import fit, warm_start
-from ._common import pyplot, sample_over_weights, save_figure, stats
+from ._common import (
+    Stopwatch,
+    distance_to,
+    environment,
+    monotone_within,
+    pyplot,
+    sample_over_weights,
+    save_figure,
+    stats,
+    two_sample_pvalue,
+    write_results,
+)
 
 
 def make_net(hidden: Sequence[int]) -> MLPScoreNet:
@@ -222,3 +237,136 @@ def reward_heatmap(reward: Callable, lims, num: int = 100):
     pts = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1))
     rr = np.asarray(jax.vmap(reward)(pts)).reshape(xx.shape)
     return xx, yy, rr
+
+
+def run_reward_experiment(
+    out: Path,
+    *,
+    name: str,
+    quick: bool,
+    seed: int,
+    cfg: dict,
+    base,
+    tilted,
+    reward: Callable,
+    train_data: Any,
+    exact_values: tuple[float, float],
+    describe: dict,
+    lims,
+    show: Sequence[float],
+    base_panel: tuple[str, Any] | None = None,
+    curve_title: str,
+    cloud_title: str,
+    clock: Stopwatch | None = None,
+) -> dict:
+    r"""The run shared by `reward-gmm` and `reward-pointset`.
+
+    `base` and `tilted` are the exact laws $p$ and $p^r$ (`.score(sde)`,
+    `.sample(key, n)`), `train_data` the training data of `train_scores`,
+    `exact_values` $(E_p[r], E_{p^r}[r])$, `describe` the leading entries of the
+    `config` record, `show` the weights drawn in the sample figure and `base_panel`
+    its first panel `(label, points)` (default: exact draws of $p$).
+
+    Trains the base and reweighted networks, samples $s + w(s^r - s)$ over `cfg`'s
+    weights with exact and learned scores (shared noise), measures the energy
+    distance and a two-sample test at $w = 1$ against exact draws of $p^r$, writes
+    `results.json`, `<name>.png` and `<name>_samples.png` into `out`, and returns the
+    results.
+    """
+    clock = Stopwatch() if clock is None else clock
+    sde = VPSDE()
+    key = jr.key(seed)
+    k_train, k_sample, k_ref, k_test = jr.split(key, 4)
+    net, base_p, rew_p, info, _ = train_scores(
+        k_train,
+        sde,
+        train_data,
+        reward,
+        hidden=cfg["hidden"],
+        steps=cfg["steps"],
+        reward_steps=cfg["reward_steps"],
+        batch_size=cfg["batch_size"],
+    )
+    info["seconds"] = clock.elapsed()
+    weights = [float(w) for w in cfg["weights"]]
+    kw = dict(num_particles=cfg["num_particles"], num_steps=cfg["num_steps"])
+    scores = {
+        "exact": (base.score(sde), tilted.score(sde)),
+        "learned": learned_scores(net, base_p, rew_p, sde),
+    }
+    samples, means, ses = {}, {}, {}
+    for label, (s, s_r) in scores.items():
+        samples[label], means[label], ses[label] = reward_sweep(
+            k_sample, sde, s, s_r, reward, weights, (2,), **kw
+        )
+    exact_unguided, exact_tilted = exact_values
+    n = cfg["distance_points"]
+    ref_a, ref_b = (tilted.sample(k, n) for k in jr.split(k_ref))
+    dist = {label: distance_to(samples[label][1.0], ref_a, n) for label in samples}
+    dist["noise_floor"] = distance_to(ref_b, ref_a, n)
+    dist["learned_w0_to_p"] = distance_to(
+        samples["learned"][0.0], base.sample(k_ref, n)
+    )
+    pvals = {
+        label: two_sample_pvalue(samples[label][1.0], ref_a, k_test, n)
+        for label in samples
+    }
+    i1 = weights.index(1.0)
+    results = {
+        "experiment": name,
+        "quick": quick,
+        "seed": seed,
+        "w": weights,
+        "reward_mean": means,
+        "reward_stderr": ses,
+        "exact_reward_unguided": exact_unguided,
+        "exact_reward_tilted": exact_tilted,
+        "energy_distance_w1": dist,
+        "two_sample_pvalue_w1": pvals,
+        "config": {
+            **describe,
+            "sde": "VPSDE (linear beta 0.1..20), T = 1",
+            "solver": "exponential integrator, uniform grid from 1 to 1e-3",
+            **{k: v for k, v in cfg.items() if k != "weights"},
+        },
+        "training": info,
+        "claims": {
+            "exact_reward_increasing": monotone_within(
+                means["exact"], ses["exact"], increasing=True
+            ),
+            "learned_reward_increasing": monotone_within(
+                means["learned"], ses["learned"], increasing=True
+            ),
+            "exact_w1_matches_tilted": bool(
+                abs(means["exact"][i1] - exact_tilted) < 3 * ses["exact"][i1]
+            ),
+        },
+        **environment(),
+    }
+    stem = name.replace("-", "_")
+    plot_reward_curves(
+        out / f"{stem}.png",
+        weights,
+        {label: (means[label], ses[label]) for label in means},
+        exact_unguided,
+        exact_tilted,
+        curve_title,
+    )
+    if base_panel is None:
+        base_panel = ("exact draws of p", base.sample(k_ref, 2000))
+    panels = {base_panel[0]: np.asarray(base_panel[1])}
+    panels["exact draws of p^r"] = np.asarray(ref_a)
+    for label in ("exact", "learned"):
+        for w in (w for w in show if w in weights):
+            tag = "DDPM, w = 0" if w == 0 else f"w = {w:g}"
+            panels[f"{label} scores, {tag}"] = samples[label][w]
+    plot_clouds(
+        out / f"{stem}_samples.png",
+        panels,
+        reward_heatmap(reward, lims),
+        lims,
+        cloud_title,
+    )
+    results["seconds"] = clock.elapsed()
+    write_results(out, results)
+    return results

@@ -21,27 +21,8 @@ two-sample test.
 import math
 from pathlib import Path
 
-import jax.random as jr
-import numpy as np
-
 from .._oracle import GaussianBumpReward, GaussianMixture
-from .._sde import VPSDE
-from ._common import (
-    Stopwatch,
-    distance_to,
-    environment,
-    monotone_within,
-    two_sample_pvalue,
-    write_results,
-)
-from ._reward import (
-    learned_scores,
-    plot_clouds,
-    plot_reward_curves,
-    reward_heatmap,
-    reward_sweep,
-    train_scores,
-)
+from ._reward import run_reward_experiment
 
 
 QUICK = dict(
@@ -97,102 +78,27 @@ def exact_reward_values(gmm: GaussianMixture, reward: GaussianBumpReward):
 
 def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
     """Run the experiment, write `results.json` and figures into `out`."""
-    clock = Stopwatch()
     cfgd = QUICK if quick else FULL
-    sde = VPSDE()
     gmm = base_mixture()
     reward = bump_reward()
-    tilted = gmm.tilt(reward)
-    key = jr.key(seed)
-    k_train, k_sample, k_ref, k_test = jr.split(key, 4)
-    net, base_p, rew_p, info, _ = train_scores(
-        k_train,
-        sde,
-        gmm.sample,
-        reward,
-        hidden=cfgd["hidden"],
-        steps=cfgd["steps"],
-        reward_steps=cfgd["reward_steps"],
-        batch_size=cfgd["batch_size"],
-    )
-    info["seconds"] = clock.elapsed()
-    weights = [float(w) for w in cfgd["weights"]]
-    kw = dict(num_particles=cfgd["num_particles"], num_steps=cfgd["num_steps"])
-    scores = {
-        "exact": (gmm.score(sde), tilted.score(sde)),
-        "learned": learned_scores(net, base_p, rew_p, sde),
-    }
-    samples, means, ses = {}, {}, {}
-    for name, (s, s_r) in scores.items():
-        samples[name], means[name], ses[name] = reward_sweep(
-            k_sample, sde, s, s_r, reward, weights, (2,), **kw
-        )
-    exact_unguided, exact_tilted = exact_reward_values(gmm, reward)
-    n = cfgd["distance_points"]
-    ref_a, ref_b = (tilted.sample(k, n) for k in jr.split(k_ref))
-    dist = {name: distance_to(samples[name][1.0], ref_a, n) for name in samples}
-    dist["noise_floor"] = distance_to(ref_b, ref_a, n)
-    dist["learned_w0_to_p"] = distance_to(samples["learned"][0.0], gmm.sample(k_ref, n))
-    pvals = {
-        name: two_sample_pvalue(samples[name][1.0], ref_a, k_test, n)
-        for name in samples
-    }
-    i1 = weights.index(1.0)
-    results = {
-        "experiment": "reward-gmm",
-        "quick": quick,
-        "seed": seed,
-        "w": weights,
-        "reward_mean": means,
-        "reward_stderr": ses,
-        "exact_reward_unguided": exact_unguided,
-        "exact_reward_tilted": exact_tilted,
-        "energy_distance_w1": dist,
-        "two_sample_pvalue_w1": pvals,
-        "config": {
+    return run_reward_experiment(
+        out,
+        name="reward-gmm",
+        quick=quick,
+        seed=seed,
+        cfg=cfgd,
+        base=gmm,
+        tilted=gmm.tilt(reward),
+        reward=reward,
+        train_data=gmm.sample,
+        exact_values=exact_reward_values(gmm, reward),
+        describe={
             "base": "2-D mixture of 4 Gaussians at (+-2.5, +-2.5), weights "
             "0.4/0.25/0.25/0.1 (the lightest at (2.5, 2.5))",
             "reward": "Gaussian bump r(x) = exp(-|x - a|^2 / (2 s^2)), a = (2, 2), s = 1.5",
-            "sde": "VPSDE (linear beta 0.1..20), T = 1",
-            "solver": "exponential integrator, uniform grid from 1 to 1e-3",
-            **{k: v for k, v in cfgd.items() if k != "weights"},
         },
-        "training": info,
-        "claims": {
-            "exact_reward_increasing": monotone_within(
-                means["exact"], ses["exact"], increasing=True
-            ),
-            "learned_reward_increasing": monotone_within(
-                means["learned"], ses["learned"], increasing=True
-            ),
-            "exact_w1_matches_tilted": bool(
-                abs(means["exact"][i1] - exact_tilted) < 3 * ses["exact"][i1]
-            ),
-        },
-        **environment(),
-    }
-    plot_reward_curves(
-        out / "reward_gmm.png",
-        weights,
-        {name: (means[name], ses[name]) for name in means},
-        exact_unguided,
-        exact_tilted,
-        "reward guidance on a Gaussian mixture",
+        lims=LIMS,
+        show=(0.0, 1.0, float(cfgd["weights"][-1])),
+        curve_title="reward guidance on a Gaussian mixture",
+        cloud_title="samples (blue) over the reward (orange)",
     )
-    show = [w for w in (0.0, 1.0, weights[-1]) if w in weights]
-    panels = {"exact draws of p": np.asarray(gmm.sample(k_ref, 2000))}
-    panels["exact draws of p^r"] = np.asarray(ref_a)
-    for name in ("exact", "learned"):
-        for w in show:
-            label = "DDPM, w = 0" if w == 0 else f"w = {w:g}"
-            panels[f"{name} scores, {label}"] = samples[name][w]
-    plot_clouds(
-        out / "reward_gmm_samples.png",
-        panels,
-        reward_heatmap(reward, LIMS),
-        LIMS,
-        "samples (blue) over the reward (orange)",
-    )
-    results["seconds"] = clock.elapsed()
-    write_results(out, results)
-    return results
