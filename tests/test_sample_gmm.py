@@ -114,3 +114,40 @@ def test_cfg_gaussian_closed_form():
     assert np.all(np.abs(ys.mean(0) - np.asarray(target.mean)) < 4 * se)
     var_se = np.sqrt(2 / (N - 1)) * v
     assert np.all(np.abs(ys.var(0, ddof=1) - v) < 4 * var_se)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", [None, dfx.Euler()], ids=["exp-integrator", "euler"])
+def test_reverse_sde_matches_gmm_large(solver):
+    """Ten times the particles and twice the steps: the 4-SE bands are ~3x tighter,
+    so discretisation bias that hides at N = 4000 would show here."""
+    n = 40000
+    out = gd.sample(
+        jr.key(11),
+        SDE,
+        GMM.score(SDE),
+        (2,),
+        num_particles=n,
+        ts=gd.uniform_grid(1.0, 1e-3, 1000),
+        solver=solver,
+    )
+    assert int(out.num_failed) == 0
+    assert_matches_mixture(GMM, out.ys, GMM.sample(jr.key(97), n))
+
+
+@pytest.mark.slow
+def test_reward_guidance_w1_large():
+    n = 40000
+    tilted = GMM.tilt(REWARD)
+    guided = gd.guide(GMM.score(SDE), gd.reward_guidance(tilted.score(SDE), 1.0))
+    out = gd.sample(
+        jr.key(12),
+        SDE,
+        guided,
+        (2,),
+        num_particles=n,
+        ts=gd.uniform_grid(1.0, 1e-3, 1000),
+    )
+    assert_matches_mixture(tilted, out.ys, tilted.sample(jr.key(96), n))
+    r, se = mean_stderr(jax.vmap(REWARD)(out.ys))
+    assert abs(float(r - REWARD.expectation(tilted))) < 4 * float(se)
