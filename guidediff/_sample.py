@@ -50,6 +50,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 from ._brownian import GridBrownianPath, _StepIncrement
 from ._custom_types import Args, Key
 from ._grid import check_grid, uniform_grid
+from ._guidance.base import Guided
 from ._reverse import AdditiveNoiseTerm, probability_flow, reverse_sde
 from ._score import AbstractScore, score_to_x0
 from ._sde import AbstractSDE
@@ -568,7 +569,53 @@ def sample(
     return Samples(ys, out_ts, result, failed, nsteps)
 
 
+_CHECKED_SIGNATURES: dict = {}  # a memo of score/args signatures already checked
+_MAX_CHECKED = 256
+
+
+def _signature(score, shape, dtype, args):
+    """A hashable summary that determines the shape check's outcome: the structure
+    and leaf shapes/dtypes of the score and args, and the values of small args arrays
+    (class labels are checked by value). `None` (do not cache) if anything is traced
+    or unhashable."""
+    leaves, treedef = jtu.tree_flatten((score, args))
+    num_score = len(jtu.tree_leaves(score))
+    sig = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array | np.ndarray):
+            value = None
+            if i >= num_score and leaf.size <= 8:
+                value = tuple(np.asarray(leaf).ravel().tolist())
+            sig.append((leaf.shape, str(leaf.dtype), value))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            sig.append(leaf)
+    return (treedef, tuple(sig), shape, str(dtype))
+
+
 def _check_score_shape(score, ts, shape, dtype, args) -> None:
+    """Trace one score call (eval_shape) and check it returns `shape`; remembered per
+    signature, so repeated eager calls of `gd.sample` do not re-trace the score."""
+    try:
+        sig = _signature(score, shape, dtype, args)
+        hash(sig)
+    except TypeError:
+        sig = None
+    if sig is not None and sig in _CHECKED_SIGNATURES:
+        return
+    _check_score_shape_uncached(score, ts, shape, dtype, args)
+    if sig is not None:
+        if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED:
+            _CHECKED_SIGNATURES.clear()
+        _CHECKED_SIGNATURES[sig] = True
+
+
+def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     x = jax.ShapeDtypeStruct(shape, dtype)
     # Concrete arrays in args are passed as numpy here, so that value checks inside
     # the score (e.g. an unknown class label) run now, with a clear Python error.
@@ -580,7 +627,14 @@ def _check_score_shape(score, ts, shape, dtype, args) -> None:
         ),
         args,
     )
+    # The innermost (unguided) score is also called directly: guidance such as
+    # batched CFG vmaps over args, which would hide their concrete values.
+    base = score
+    while isinstance(base, Guided):
+        base = base.score
     try:
+        if base is not score:
+            eqx.filter_eval_shape(lambda t, x_: base(t, x_, args), ts[0], x)
         out = eqx.filter_eval_shape(lambda t, x_: score(t, x_, args), ts[0], x)
     except Exception as e:  # re-raised with context: which call failed and why
         raise ValueError(

@@ -28,6 +28,10 @@ def test_unknown_class_label():
         gd.sample(jr.key(0), SDE, GMM.conditional_score(SDE), (2,), ts=TS, args=7)
     with pytest.raises(ValueError, match="unknown class label"):
         GMM.classifier_prob(jnp.zeros(2), 3)  # the null label is not a class
+    # also behind guidance that vmaps over args (batched CFG)
+    guided = gd.guide(GMM.conditional_score(SDE), gd.cfg(1.0, null_args=GMM.null_label))
+    with pytest.raises(ValueError, match="unknown class label"):
+        gd.sample(jr.key(0), SDE, guided, (2,), ts=TS, args=5)
     with pytest.raises(ValueError, match="unknown class label"):
         gd.sample(
             jr.key(0),

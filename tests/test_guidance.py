@@ -182,3 +182,21 @@ def test_grad_wrt_weight_matches_finite_differences(solver):
     fd = (_objective(w + h, solver=solver) - _objective(w - h, solver=solver)) / (2 * h)
     np.testing.assert_allclose(g_scan, fd, rtol=1e-4)
     np.testing.assert_allclose(g_dfx, g_scan, rtol=1e-8)  # adjoints agree
+
+
+def test_eager_sample_does_not_retrace_the_score():
+    """The shape check traces the score once per signature, not on every call."""
+    traces = []
+
+    def fn(t, x, args):
+        traces.append(1)  # runs only while tracing
+        return -x
+
+    score = gd.ScoreFn(fn)
+    ts = gd.uniform_grid(1.0, 1e-3, 5)
+    for k in range(3):
+        gd.sample(jr.key(k), SDE, score, (2,), num_particles=2, ts=ts)
+    first = len(traces)
+    for k in range(3):
+        gd.sample(jr.key(k), SDE, score, (2,), num_particles=2, ts=ts)
+    assert len(traces) == first
