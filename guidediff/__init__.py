@@ -3,7 +3,10 @@
 The pipeline, one module per stage: forward SDE (`_sde`) -> score (`_score`, exact
 oracles in `_oracle`) -> guidance (`_guidance`, score -> score, chained) -> reverse
 terms (`_reverse`) -> diffrax solvers (`_solver`) on a grid (`_grid`) with grid
-Brownian noise (`_brownian`) -> particles (`_sample`).
+Brownian noise (`_brownian`), run by the scan / diffeqsolve drivers (`_driver`) ->
+particles (`_sample`) -> metrics (`_metrics`). Training (`_nn`, `_flax`, `_losses`,
+`_train`, `_data`), differentiable tuning (`_tune`) and the paper's experiments
+(`_experiments`) build on these.
 """
 
 from ._brownian import GridBrownianPath as GridBrownianPath

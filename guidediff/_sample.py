@@ -33,13 +33,11 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
   differentiation through it raises an error naming the fix.
 """
 
-import math
 from typing import Literal
 
 import diffrax as dfx
 import equinox as eqx
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -47,11 +45,18 @@ import numpy as np
 from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._brownian import GridBrownianPath, _StepIncrement
+from ._brownian import GridBrownianPath
 from ._custom_types import Args, Key
+from ._driver import _solve
 from ._grid import check_grid, uniform_grid
-from ._guidance.base import Guided
-from ._reverse import AdditiveNoiseTerm, probability_flow, reverse_sde
+from ._reverse import probability_flow, reverse_sde
+from ._sample_checks import (
+    _check_brownian,
+    _check_score_shape,
+    _check_truncate,
+    _check_y0,
+    _checkpoint_mode,
+)
 from ._score import AbstractScore, score_to_x0
 from ._sde import AbstractSDE
 from ._solver import ExponentialIntegrator
@@ -80,168 +85,6 @@ class Samples(eqx.Module):
 
 def _particle_keys(key: Key, n: int) -> Array:
     return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(n))
-
-
-def _stop_gradient(tree):
-    """`lax.stop_gradient` on every floating-point array leaf of a pytree."""
-    return jtu.tree_map(
-        lambda a: lax.stop_gradient(a) if eqx.is_inexact_array(a) else a, tree
-    )
-
-
-def _scan_steps(step, carry, xs, checkpoint: str):
-    """`lax.scan(step, carry, xs)`, checkpointed for reverse mode.
-
-    - `"sqrt"`: the N steps run as an outer scan over about sqrt(N) chunks of about
-      sqrt(N) steps, each chunk under `jax.checkpoint` and each step inside it under
-      its own `jax.checkpoint`. Reverse mode stores the chunk-boundary states and one
-      chunk's step states at a time (about 2 sqrt(N) states) and recomputes the rest
-      (two extra forward passes in all).
-    - `"step"`: each step under `jax.checkpoint`: N states stored, one extra forward.
-    - `"none"`: every step's internals are stored.
-
-    The values are those of the plain scan in every case.
-    """
-    if checkpoint == "none":
-        return lax.scan(step, carry, xs)
-    step = jax.checkpoint(step, prevent_cse=False)
-    if checkpoint == "step":
-        return lax.scan(step, carry, xs)
-    n = jtu.tree_leaves(xs)[0].shape[0]
-    chunk_len = max(1, math.isqrt(n))
-    num_chunks, rest = divmod(n, chunk_len)
-    if num_chunks <= 1:
-        return lax.scan(step, carry, xs)
-
-    def chunk(c, xs_chunk):
-        return lax.scan(step, c, xs_chunk)
-
-    split = num_chunks * chunk_len
-    head = jtu.tree_map(
-        lambda a: a[:split].reshape(num_chunks, chunk_len, *a.shape[1:]), xs
-    )
-    carry, ys = lax.scan(jax.checkpoint(chunk, prevent_cse=False), carry, head)
-    ys = jtu.tree_map(lambda a: a.reshape(split, *a.shape[2:]), ys)
-    if rest:
-        carry, ys_tail = lax.scan(step, carry, jtu.tree_map(lambda a: a[split:], xs))
-        ys = jtu.tree_map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
-    return carry, ys
-
-
-def _grid_path(terms) -> GridBrownianPath | None:
-    """The `GridBrownianPath` of `reverse_sde` terms, if that is what they hold."""
-    if isinstance(terms, dfx.MultiTerm) and len(terms.terms) == 2:
-        noise = terms.terms[1]
-        if isinstance(noise, AdditiveNoiseTerm) and isinstance(
-            noise.path, GridBrownianPath
-        ):
-            return noise.path
-    return None
-
-
-def _scan_solve(
-    terms, solver, ts, y0, args, save_all: bool, checkpoint: str, step_offset: int = 0
-):
-    state0 = solver.init(terms, ts[0], ts[1], y0, args)
-    num = ts.shape[0] - 1
-    path = _grid_path(terms)
-    if path is not None:
-        # Each step's cell of the (sorted) path grid is known here: draw its increment
-        # directly instead of searching the grid (same values as path.evaluate).
-        total = path.grid.shape[0] - 1
-        global_step = step_offset + jnp.arange(num)
-        cells = jnp.where(ts[0] > ts[-1], total - 1 - global_step, global_step)
-    else:
-        cells = jnp.zeros(num, jnp.int32)
-
-    def step(carry, xs):
-        y, state, result = carry
-        t0, t1, cell = xs
-        step_terms = terms
-        if path is not None:
-            inc = path.cell_increment(cell, t1 - t0)
-            step_terms = eqx.tree_at(
-                lambda tm: tm.terms[1].path, terms, _StepIncrement(inc)
-            )
-        y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
-        result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
-        return (y1, state1, result), (y1 if save_all else None)
-
-    carry0 = (y0, state0, dfx.RESULTS.successful)
-    xs = (ts[:-1], ts[1:], cells)
-    (y_final, _, result), ys = _scan_steps(step, carry0, xs, checkpoint)
-    if save_all:
-        ys = jnp.concatenate([y0[None], ys], axis=0)
-    else:
-        ys = y_final
-    return ys, result, jnp.asarray(ts.shape[0] - 1)
-
-
-def _diffeqsolve(
-    terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
-):
-    if controller is None:
-        controller = dfx.StepTo(ts)
-        dt0 = None
-    saveat = dfx.SaveAt(ts=ts) if save_all else dfx.SaveAt(t1=True)
-    sol = dfx.diffeqsolve(
-        terms,
-        solver,
-        ts[0],
-        ts[-1],
-        dt0,
-        y0,
-        args,
-        saveat=saveat,
-        stepsize_controller=controller,
-        adjoint=adjoint,
-        max_steps=max_steps,
-        throw=False,
-    )
-    ys = sol.ys if save_all else sol.ys[0]
-    return ys, sol.result, sol.stats["num_steps"]
-
-
-def _solve(
-    terms,
-    solver,
-    ts,
-    y0,
-    args,
-    *,
-    driver,
-    save_all,
-    controller,
-    adjoint,
-    max_steps,
-    checkpoint,
-    truncate,
-):
-    """One particle's solve; with `truncate = K`, the gradient stops K steps early."""
-
-    def run(terms, solver, ts, y0, args, step_offset=0):
-        if driver == "scan":
-            return _scan_solve(
-                terms, solver, ts, y0, args, save_all, checkpoint, step_offset
-            )
-        dt0 = ts[1] - ts[0]
-        return _diffeqsolve(
-            terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
-        )
-
-    num_steps = ts.shape[0] - 1
-    if truncate is None or truncate >= num_steps:
-        return run(terms, solver, ts, y0, args)
-    # DRaFT-K: the first N - K steps see no tangents at all (so nothing is stored for
-    # them), the last K steps are differentiated. Both segments use the same noise
-    # (the Brownian path is built on the whole grid), so the samples are unchanged.
-    split = num_steps - truncate
-    ys_a, res_a, n_a = run(*_stop_gradient((terms, solver, ts[: split + 1], y0, args)))
-    y_mid = lax.stop_gradient(ys_a[-1] if save_all else ys_a)
-    ys_b, res_b, n_b = run(terms, solver, ts[split:], y_mid, args, split)
-    result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
-    ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_all else ys_b
-    return ys, result, n_a + n_b
 
 
 _UNSAFE_GRAD_MSG = (
@@ -567,164 +410,3 @@ def sample(
             lambda a: a[0], (ys, result, failed, nsteps)
         )
     return Samples(ys, out_ts, result, failed, nsteps)
-
-
-_CHECKED_SIGNATURES: dict = {}  # a memo of score/args signatures already checked
-_MAX_CHECKED = 256
-
-
-def _signature(score, shape, dtype, args):
-    """A hashable summary that determines the shape check's outcome: the structure
-    and leaf shapes/dtypes of the score and args, and the values of small args arrays
-    (class labels are checked by value). `None` (do not cache) if anything is traced
-    or unhashable."""
-    leaves, treedef = jtu.tree_flatten((score, args))
-    num_score = len(jtu.tree_leaves(score))
-    sig = []
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, jax.core.Tracer):
-            return None
-        if isinstance(leaf, jax.Array | np.ndarray):
-            value = None
-            if i >= num_score and leaf.size <= 8:
-                value = tuple(np.asarray(leaf).ravel().tolist())
-            sig.append((leaf.shape, str(leaf.dtype), value))
-        else:
-            try:
-                hash(leaf)
-            except TypeError:
-                return None
-            sig.append(leaf)
-    return (treedef, tuple(sig), shape, str(dtype))
-
-
-def _check_score_shape(score, ts, shape, dtype, args) -> None:
-    """Trace one score call (eval_shape) and check it returns `shape`; remembered per
-    signature, so repeated eager calls of `gd.sample` do not re-trace the score."""
-    try:
-        sig = _signature(score, shape, dtype, args)
-        hash(sig)
-    except TypeError:
-        sig = None
-    if sig is not None and sig in _CHECKED_SIGNATURES:
-        return
-    _check_score_shape_uncached(score, ts, shape, dtype, args)
-    if sig is not None:
-        if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED:
-            _CHECKED_SIGNATURES.clear()
-        _CHECKED_SIGNATURES[sig] = True
-
-
-def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
-    x = jax.ShapeDtypeStruct(shape, dtype)
-    # Concrete arrays in args are passed as numpy here, so that value checks inside
-    # the score (e.g. an unknown class label) run now, with a clear Python error.
-    args = jtu.tree_map(
-        lambda a: (
-            np.asarray(a)
-            if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
-            else a
-        ),
-        args,
-    )
-    # The innermost (unguided) score is also called directly: guidance such as
-    # batched CFG vmaps over args, which would hide their concrete values.
-    base = score
-    while isinstance(base, Guided):
-        base = base.score
-    try:
-        if base is not score:
-            eqx.filter_eval_shape(lambda t, x_: base(t, x_, args), ts[0], x)
-        out = eqx.filter_eval_shape(lambda t, x_: score(t, x_, args), ts[0], x)
-    except Exception as e:  # re-raised with context: which call failed and why
-        raise ValueError(
-            f"calling the score on one particle of shape {shape} with args={args!r} "
-            f"failed: {e}"
-        ) from e
-    if not hasattr(out, "shape") or tuple(out.shape) != shape:
-        got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"the score returned shape {got} for a particle of shape {shape}; a score "
-            "must return an array shaped like x (scores are per particle: vmap is "
-            "applied by gd.sample)"
-        )
-
-
-def _check_brownian(brownian, process, driver, controller, adjoint) -> str:
-    if brownian is None:
-        return "grid" if controller is None else "tree"
-    if brownian not in ("grid", "tree", "unsafe"):
-        raise ValueError(
-            f"brownian must be 'grid', 'tree' or 'unsafe', got {brownian!r}"
-        )
-    if process != "sde":
-        return brownian  # the probability-flow ODE has no noise
-    if brownian == "grid" and controller is not None:
-        raise ValueError(
-            "brownian='grid' gives increments over the fixed grid only; adaptive "
-            "steps (a stepsize_controller) need brownian='tree' (VirtualBrownianTree)"
-        )
-    if brownian == "unsafe":
-        if driver != "diffeqsolve" or controller is not None:
-            raise ValueError(
-                "brownian='unsafe' (diffrax.UnsafeBrownianPath) is a forward-only "
-                "fast path for driver='diffeqsolve' on a fixed grid (no "
-                "stepsize_controller); on the 'scan' driver the default "
-                "brownian='grid' is as fast and differentiable"
-            )
-        if isinstance(adjoint, dfx.RecursiveCheckpointAdjoint | dfx.BacksolveAdjoint):
-            raise ValueError(
-                f"adjoint={type(adjoint).__name__}() is for reverse-mode gradients, "
-                "which brownian='unsafe' (diffrax.UnsafeBrownianPath) cannot give. "
-                "Use brownian='grid' (default) or 'tree' (VirtualBrownianTree) to "
-                "differentiate, or leave adjoint=None (diffrax.ForwardMode()) for "
-                "forward-only sampling"
-            )
-    return brownian
-
-
-def _checkpoint_mode(checkpoint) -> str:
-    if checkpoint is True or checkpoint == "sqrt":
-        return "sqrt"
-    if checkpoint is False:
-        return "none"
-    if checkpoint == "step":
-        return "step"
-    raise ValueError(
-        f"checkpoint must be True, False, 'sqrt' or 'step', got {checkpoint!r}"
-    )
-
-
-def _check_truncate(truncate, controller) -> int | None:
-    if truncate is None:
-        return None
-    if int(truncate) != truncate or truncate < 1:
-        raise ValueError(
-            f"truncate_backprop must be a positive number of steps, got {truncate!r}"
-        )
-    if controller is not None:
-        raise ValueError(
-            "truncate_backprop counts steps of a fixed grid; it cannot be combined "
-            "with an adaptive stepsize_controller"
-        )
-    return int(truncate)
-
-
-def _check_y0(y0, shape, dtype, num_particles):
-    y0 = jnp.asarray(y0)
-    if not jnp.issubdtype(y0.dtype, jnp.floating):
-        raise TypeError(f"y0 must be floating point, got dtype {y0.dtype}")
-    y0 = y0.astype(dtype)
-    if y0.shape == shape and num_particles is None:
-        return y0, None
-    if y0.shape[1:] == shape and y0.ndim == len(shape) + 1:
-        if num_particles is not None and int(num_particles) != y0.shape[0]:
-            raise ValueError(
-                f"y0 holds {y0.shape[0]} particles but num_particles={num_particles}"
-            )
-        return y0, y0.shape[0]
-    raise ValueError(
-        f"y0 must have shape (num_particles, *shape) = (n, {', '.join(map(str, shape))}"
-        f"{',' if len(shape) == 1 else ''}) or, for one particle, {shape}; "
-        f"got {y0.shape}"
-    )

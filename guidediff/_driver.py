@@ -1,0 +1,184 @@
+r"""The two fixed-grid/adaptive drivers that run a diffrax solver over ONE particle.
+
+- `"scan"`: `lax.scan` over the solver's own `init`/`step`, checkpointed for reverse
+  mode (`"sqrt"`, `"step"` or none); with a `GridBrownianPath` each step's increment
+  is drawn from its known cell index.
+- `"diffeqsolve"`: `diffrax.diffeqsolve` with `StepTo(ts)` or an adaptive controller.
+
+`_solve` adds truncated backprop (DRaFT-K) on top of either. `gd.sample` (in
+`_sample.py`) builds the terms and vmaps these over particles.
+"""
+
+import math
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._brownian import GridBrownianPath, _StepIncrement
+from ._reverse import AdditiveNoiseTerm
+
+
+def _stop_gradient(tree):
+    """`lax.stop_gradient` on every floating-point array leaf of a pytree."""
+    return jtu.tree_map(
+        lambda a: lax.stop_gradient(a) if eqx.is_inexact_array(a) else a, tree
+    )
+
+
+def _scan_steps(step, carry, xs, checkpoint: str):
+    """`lax.scan(step, carry, xs)`, checkpointed for reverse mode.
+
+    - `"sqrt"`: the N steps run as an outer scan over about sqrt(N) chunks of about
+      sqrt(N) steps, each chunk under `jax.checkpoint` and each step inside it under
+      its own `jax.checkpoint`. Reverse mode stores the chunk-boundary states and one
+      chunk's step states at a time (about 2 sqrt(N) states) and recomputes the rest
+      (two extra forward passes in all).
+    - `"step"`: each step under `jax.checkpoint`: N states stored, one extra forward.
+    - `"none"`: every step's internals are stored.
+
+    The values are those of the plain scan in every case.
+    """
+    if checkpoint == "none":
+        return lax.scan(step, carry, xs)
+    step = jax.checkpoint(step, prevent_cse=False)
+    if checkpoint == "step":
+        return lax.scan(step, carry, xs)
+    n = jtu.tree_leaves(xs)[0].shape[0]
+    chunk_len = max(1, math.isqrt(n))
+    num_chunks, rest = divmod(n, chunk_len)
+    if num_chunks <= 1:
+        return lax.scan(step, carry, xs)
+
+    def chunk(c, xs_chunk):
+        return lax.scan(step, c, xs_chunk)
+
+    split = num_chunks * chunk_len
+    head = jtu.tree_map(
+        lambda a: a[:split].reshape(num_chunks, chunk_len, *a.shape[1:]), xs
+    )
+    carry, ys = lax.scan(jax.checkpoint(chunk, prevent_cse=False), carry, head)
+    ys = jtu.tree_map(lambda a: a.reshape(split, *a.shape[2:]), ys)
+    if rest:
+        carry, ys_tail = lax.scan(step, carry, jtu.tree_map(lambda a: a[split:], xs))
+        ys = jtu.tree_map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+    return carry, ys
+
+
+def _grid_path(terms) -> GridBrownianPath | None:
+    """The `GridBrownianPath` of `reverse_sde` terms, if that is what they hold."""
+    if isinstance(terms, dfx.MultiTerm) and len(terms.terms) == 2:
+        noise = terms.terms[1]
+        if isinstance(noise, AdditiveNoiseTerm) and isinstance(
+            noise.path, GridBrownianPath
+        ):
+            return noise.path
+    return None
+
+
+def _scan_solve(
+    terms, solver, ts, y0, args, save_all: bool, checkpoint: str, step_offset: int = 0
+):
+    state0 = solver.init(terms, ts[0], ts[1], y0, args)
+    num = ts.shape[0] - 1
+    path = _grid_path(terms)
+    if path is not None:
+        # Each step's cell of the (sorted) path grid is known here: draw its increment
+        # directly instead of searching the grid (same values as path.evaluate).
+        total = path.grid.shape[0] - 1
+        global_step = step_offset + jnp.arange(num)
+        cells = jnp.where(ts[0] > ts[-1], total - 1 - global_step, global_step)
+    else:
+        cells = jnp.zeros(num, jnp.int32)
+
+    def step(carry, xs):
+        y, state, result = carry
+        t0, t1, cell = xs
+        step_terms = terms
+        if path is not None:
+            inc = path.cell_increment(cell, t1 - t0)
+            step_terms = eqx.tree_at(
+                lambda tm: tm.terms[1].path, terms, _StepIncrement(inc)
+            )
+        y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
+        result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
+        return (y1, state1, result), (y1 if save_all else None)
+
+    carry0 = (y0, state0, dfx.RESULTS.successful)
+    xs = (ts[:-1], ts[1:], cells)
+    (y_final, _, result), ys = _scan_steps(step, carry0, xs, checkpoint)
+    if save_all:
+        ys = jnp.concatenate([y0[None], ys], axis=0)
+    else:
+        ys = y_final
+    return ys, result, jnp.asarray(ts.shape[0] - 1)
+
+
+def _diffeqsolve(
+    terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
+):
+    if controller is None:
+        controller = dfx.StepTo(ts)
+        dt0 = None
+    saveat = dfx.SaveAt(ts=ts) if save_all else dfx.SaveAt(t1=True)
+    sol = dfx.diffeqsolve(
+        terms,
+        solver,
+        ts[0],
+        ts[-1],
+        dt0,
+        y0,
+        args,
+        saveat=saveat,
+        stepsize_controller=controller,
+        adjoint=adjoint,
+        max_steps=max_steps,
+        throw=False,
+    )
+    ys = sol.ys if save_all else sol.ys[0]
+    return ys, sol.result, sol.stats["num_steps"]
+
+
+def _solve(
+    terms,
+    solver,
+    ts,
+    y0,
+    args,
+    *,
+    driver,
+    save_all,
+    controller,
+    adjoint,
+    max_steps,
+    checkpoint,
+    truncate,
+):
+    """One particle's solve; with `truncate = K`, the gradient stops K steps early."""
+
+    def run(terms, solver, ts, y0, args, step_offset=0):
+        if driver == "scan":
+            return _scan_solve(
+                terms, solver, ts, y0, args, save_all, checkpoint, step_offset
+            )
+        dt0 = ts[1] - ts[0]
+        return _diffeqsolve(
+            terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
+        )
+
+    num_steps = ts.shape[0] - 1
+    if truncate is None or truncate >= num_steps:
+        return run(terms, solver, ts, y0, args)
+    # DRaFT-K: the first N - K steps see no tangents at all (so nothing is stored for
+    # them), the last K steps are differentiated. Both segments use the same noise
+    # (the Brownian path is built on the whole grid), so the samples are unchanged.
+    split = num_steps - truncate
+    ys_a, res_a, n_a = run(*_stop_gradient((terms, solver, ts[: split + 1], y0, args)))
+    y_mid = lax.stop_gradient(ys_a[-1] if save_all else ys_a)
+    ys_b, res_b, n_b = run(terms, solver, ts[split:], y_mid, args, split)
+    result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
+    ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_all else ys_b
+    return ys, result, n_a + n_b

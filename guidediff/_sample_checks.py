@@ -1,0 +1,171 @@
+r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._guidance.base import Guided
+
+
+_CHECKED_SIGNATURES: dict = {}  # a memo of score/args signatures already checked
+_MAX_CHECKED = 256
+
+
+def _signature(score, shape, dtype, args):
+    """A hashable summary that determines the shape check's outcome: the structure
+    and leaf shapes/dtypes of the score and args, and the values of small args arrays
+    (class labels are checked by value). `None` (do not cache) if anything is traced
+    or unhashable."""
+    leaves, treedef = jtu.tree_flatten((score, args))
+    num_score = len(jtu.tree_leaves(score))
+    sig = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array | np.ndarray):
+            value = None
+            if i >= num_score and leaf.size <= 8:
+                value = tuple(np.asarray(leaf).ravel().tolist())
+            sig.append((leaf.shape, str(leaf.dtype), value))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            sig.append(leaf)
+    return (treedef, tuple(sig), shape, str(dtype))
+
+
+def _check_score_shape(score, ts, shape, dtype, args) -> None:
+    """Trace one score call (eval_shape) and check it returns `shape`; remembered per
+    signature, so repeated eager calls of `gd.sample` do not re-trace the score."""
+    try:
+        sig = _signature(score, shape, dtype, args)
+        hash(sig)
+    except TypeError:
+        sig = None
+    if sig is not None and sig in _CHECKED_SIGNATURES:
+        return
+    _check_score_shape_uncached(score, ts, shape, dtype, args)
+    if sig is not None:
+        if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED:
+            _CHECKED_SIGNATURES.clear()
+        _CHECKED_SIGNATURES[sig] = True
+
+
+def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    # Concrete arrays in args are passed as numpy here, so that value checks inside
+    # the score (e.g. an unknown class label) run now, with a clear Python error.
+    args = jtu.tree_map(
+        lambda a: (
+            np.asarray(a)
+            if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+            else a
+        ),
+        args,
+    )
+    # The innermost (unguided) score is also called directly: guidance such as
+    # batched CFG vmaps over args, which would hide their concrete values.
+    base = score
+    while isinstance(base, Guided):
+        base = base.score
+    try:
+        if base is not score:
+            eqx.filter_eval_shape(lambda t, x_: base(t, x_, args), ts[0], x)
+        out = eqx.filter_eval_shape(lambda t, x_: score(t, x_, args), ts[0], x)
+    except Exception as e:  # re-raised with context: which call failed and why
+        raise ValueError(
+            f"calling the score on one particle of shape {shape} with args={args!r} "
+            f"failed: {e}"
+        ) from e
+    if not hasattr(out, "shape") or tuple(out.shape) != shape:
+        got = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"the score returned shape {got} for a particle of shape {shape}; a score "
+            "must return an array shaped like x (scores are per particle: vmap is "
+            "applied by gd.sample)"
+        )
+
+
+def _check_brownian(brownian, process, driver, controller, adjoint) -> str:
+    if brownian is None:
+        return "grid" if controller is None else "tree"
+    if brownian not in ("grid", "tree", "unsafe"):
+        raise ValueError(
+            f"brownian must be 'grid', 'tree' or 'unsafe', got {brownian!r}"
+        )
+    if process != "sde":
+        return brownian  # the probability-flow ODE has no noise
+    if brownian == "grid" and controller is not None:
+        raise ValueError(
+            "brownian='grid' gives increments over the fixed grid only; adaptive "
+            "steps (a stepsize_controller) need brownian='tree' (VirtualBrownianTree)"
+        )
+    if brownian == "unsafe":
+        if driver != "diffeqsolve" or controller is not None:
+            raise ValueError(
+                "brownian='unsafe' (diffrax.UnsafeBrownianPath) is a forward-only "
+                "fast path for driver='diffeqsolve' on a fixed grid (no "
+                "stepsize_controller); on the 'scan' driver the default "
+                "brownian='grid' is as fast and differentiable"
+            )
+        if isinstance(adjoint, dfx.RecursiveCheckpointAdjoint | dfx.BacksolveAdjoint):
+            raise ValueError(
+                f"adjoint={type(adjoint).__name__}() is for reverse-mode gradients, "
+                "which brownian='unsafe' (diffrax.UnsafeBrownianPath) cannot give. "
+                "Use brownian='grid' (default) or 'tree' (VirtualBrownianTree) to "
+                "differentiate, or leave adjoint=None (diffrax.ForwardMode()) for "
+                "forward-only sampling"
+            )
+    return brownian
+
+
+def _checkpoint_mode(checkpoint) -> str:
+    if checkpoint is True or checkpoint == "sqrt":
+        return "sqrt"
+    if checkpoint is False:
+        return "none"
+    if checkpoint == "step":
+        return "step"
+    raise ValueError(
+        f"checkpoint must be True, False, 'sqrt' or 'step', got {checkpoint!r}"
+    )
+
+
+def _check_truncate(truncate, controller) -> int | None:
+    if truncate is None:
+        return None
+    if int(truncate) != truncate or truncate < 1:
+        raise ValueError(
+            f"truncate_backprop must be a positive number of steps, got {truncate!r}"
+        )
+    if controller is not None:
+        raise ValueError(
+            "truncate_backprop counts steps of a fixed grid; it cannot be combined "
+            "with an adaptive stepsize_controller"
+        )
+    return int(truncate)
+
+
+def _check_y0(y0, shape, dtype, num_particles):
+    y0 = jnp.asarray(y0)
+    if not jnp.issubdtype(y0.dtype, jnp.floating):
+        raise TypeError(f"y0 must be floating point, got dtype {y0.dtype}")
+    y0 = y0.astype(dtype)
+    if y0.shape == shape and num_particles is None:
+        return y0, None
+    if y0.shape[1:] == shape and y0.ndim == len(shape) + 1:
+        if num_particles is not None and int(num_particles) != y0.shape[0]:
+            raise ValueError(
+                f"y0 holds {y0.shape[0]} particles but num_particles={num_particles}"
+            )
+        return y0, y0.shape[0]
+    raise ValueError(
+        f"y0 must have shape (num_particles, *shape) = (n, {', '.join(map(str, shape))}"
+        f"{',' if len(shape) == 1 else ''}) or, for one particle, {shape}; "
+        f"got {y0.shape}"
+    )
