@@ -20,7 +20,7 @@ def test_demo_small(tmp_path):
     for w in [1.0, 2.0, 4.0]:
         r = rows[w]
         assert r["reciprocal_prob_mean"] + 4 * r["reciprocal_prob_stderr"] < theory
-        assert 0.5 < r["frac_improved"] <= 1.0
+        assert 0.5 < r["frac_improved"] < 1.0  # guidance does not improve every sample
 
 
 def test_unwritable_out_dir(tmp_path):
