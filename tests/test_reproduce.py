@@ -221,3 +221,13 @@ def test_training_efficiency(results):
         ), name
     for claim in ("reweighted_DSM_warm_start", "reweighted_DSM_from_scratch", "DRaFT"):
         assert res["claims"][f"{claim}_improves_reward"]
+
+
+def test_readme_results_table_is_generated_from_the_json():
+    from pathlib import Path
+
+    from guidediff._experiments._table import readme_block
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert readme_block(root / "results") in readme
