@@ -93,27 +93,29 @@ def _check_per_particle(fn: Callable, name: str, *structs) -> None:
         )
 
 
-def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project):
-    """Run `num_iters` jitted optax steps of `loss(params, key) -> (loss, aux)`.
+def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts):
+    """Run `num_iters` jitted optax steps of `loss(params, key, ts) -> (loss, aux)`.
 
-    Returns the parameters, the curve, and the compile time (excluded from the
-    curve's `time_s`)."""
+    The time grid `ts` is an argument of the compiled step, not a constant closed
+    over by it (XLA:GPU in jax 0.11 failed to compile some sampler gradients whose
+    grid was a constant). Returns the parameters, the curve, and the compile time
+    (excluded from the curve's `time_s`)."""
     opt_state = optimizer.init(params)
 
-    def step(params, opt_state, key):
-        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key)
+    def step(params, opt_state, key, ts):
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key, ts)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = project(optax.apply_updates(params, updates))
         return params, opt_state, value, aux
 
     start = time.perf_counter()
-    step = jax.jit(step).lower(params, opt_state, key).compile()
+    step = jax.jit(step).lower(params, opt_state, key, ts).compile()
     compile_s = time.perf_counter() - start
     curve = []
     start = time.perf_counter()
     for k in range(int(num_iters)):
         k_step = key if fixed_noise else jr.fold_in(key, k)
-        new_params, opt_state, value, aux = step(params, opt_state, k_step)
+        new_params, opt_state, value, aux = step(params, opt_state, k_step, ts)
         row = {"step": k, "objective": -float(value)}
         row.update({name: float(v) for name, v in aux.items()})
         row["time_s"] = time.perf_counter() - start
@@ -221,9 +223,10 @@ def tune_guidance(
             )
     times = schedule0.times
 
-    def loss(values, k):
-        ys = sample(k, sde, guided(PiecewiseLinear(times, values)), shape, **kw).ys
-        ref = lax.stop_gradient(sample(k, sde, guided(zero), shape, **kw).ys)
+    def loss(values, k, ts):
+        kw_ts = dict(kw, ts=ts)
+        ys = sample(k, sde, guided(PiecewiseLinear(times, values)), shape, **kw_ts).ys
+        ref = lax.stop_gradient(sample(k, sde, guided(zero), shape, **kw_ts).ys)
         r = jnp.mean(jax.vmap(reward)(ys))
         pen = jnp.mean(jax.vmap(penalty)(ys, ref))
         return -(r - lam * pen), {"reward": r, "penalty": pen}
@@ -236,7 +239,7 @@ def tune_guidance(
         lo, hi = bounds
         project = lambda v: jnp.clip(v, lo, hi)
     values, curve, compile_s = _optimise(
-        loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project
+        loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts
     )
     return TuneResult(PiecewiseLinear(times, values), curve, compile_s)
 
@@ -337,19 +340,20 @@ def finetune_through_sampler(
         )
     params0 = params
 
-    def loss(params, k):
-        ys = sample(k, sde, make_score(params), shape, **kw).ys
+    def loss(params, k, ts):
+        kw_ts = dict(kw, ts=ts)
+        ys = sample(k, sde, make_score(params), shape, **kw_ts).ys
         r = jnp.mean(jax.vmap(reward)(ys))
         if not lam:
             return -r, {"reward": r}
-        ref = lax.stop_gradient(sample(k, sde, make_score(params0), shape, **kw).ys)
+        ref = lax.stop_gradient(sample(k, sde, make_score(params0), shape, **kw_ts).ys)
         pen = jnp.mean(jax.vmap(penalty)(ys, ref))
         return -(r - lam * pen), {"reward": r, "penalty": pen}
 
     if optimizer is None:
         optimizer = optax.adam(learning_rate)
     params, curve, compile_s = _optimise(
-        loss, params, optimizer, num_iters, key, fixed_noise, lambda p: p
+        loss, params, optimizer, num_iters, key, fixed_noise, lambda p: p, kw["ts"]
     )
     return FinetuneResult(params, curve, compile_s)
 

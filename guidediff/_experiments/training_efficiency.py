@@ -71,9 +71,7 @@ FULL = dict(
     eval_every=100,
     batch_size=1024,
     eval_particles=10_000,
-    # 100, not 200: on XLA:GPU (jax 0.11.2) differentiating through a 200-step
-    # sampler fails to compile ("Failed to evaluate instruction select_n ...").
-    num_steps=100,
+    num_steps=200,
     draft_iters=400,
     draft_particles=256,
     draft_lr=3e-4,
