@@ -1,5 +1,7 @@
 r"""Fixed time grids for sampling, from the noise end $T$ down to $\varepsilon$."""
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,9 +57,27 @@ def _check_steps(num_steps) -> None:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
 
 
+_CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T): grids already checked
+
+
 def check_grid(sde: AbstractSDE, ts) -> None:
     """Clear errors for a grid that is not strictly decreasing from the noise end
-    towards the data, or that leaves the SDE's time range `[0, T]`."""
+    towards the data, or that leaves the SDE's time range `[0, T]`.
+
+    A device array that passed is remembered (by identity, while it lives), so
+    calling `sample` again with the same grid costs no device-to-host copy."""
+    if isinstance(ts, jax.core.Tracer):
+        return  # traced: checked by the caller's own tests
+    memo_key = None
+    if isinstance(ts, jax.Array):
+        try:
+            T = float(sde.T)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            T = None
+        hit = _CHECKED_GRIDS.get(id(ts))
+        if hit is not None and hit[0]() is ts and hit[1] == T and T is not None:
+            return
+        memo_key = T
     try:
         arr = np.asarray(ts)
     except (TypeError, jax.errors.TracerArrayConversionError):
@@ -79,3 +99,7 @@ def check_grid(sde: AbstractSDE, ts) -> None:
         raise ValueError(
             f"the time grid [{arr[0]}, ..., {arr[-1]}] leaves the SDE's range [0, {T}]"
         )
+    if memo_key is not None:
+        if len(_CHECKED_GRIDS) >= 64:
+            _CHECKED_GRIDS.clear()
+        _CHECKED_GRIDS[id(ts)] = (weakref.ref(ts), memo_key)

@@ -175,6 +175,8 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         bm_tol,
         brownian,
         truncate,
+        single,
+        save_trajectory,
     ) = static
 
     def one(key, y0):
@@ -206,7 +208,12 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
     keys = _particle_keys(key, num)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, sharding)
-    return jax.vmap(one)(keys, y0)
+    out = jax.vmap(one)(keys, y0)
+    if single:
+        out = jtu.tree_map(lambda a: a[0], out)
+    # The saved times are computed here too: no eager op after the compiled call.
+    out_ts = ts if save_trajectory else ts[-1]
+    return (*out, out_ts)
 
 
 def initial_noise(
@@ -400,13 +407,10 @@ def sample(
         float(brownian_tol),
         brownian,
         truncate,
+        single,
+        bool(save_trajectory),
     )
-    ys, result, failed, nsteps = _sample_jit(
+    ys, result, failed, nsteps, out_ts = _sample_jit(
         key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static
     )
-    out_ts = ts if save_trajectory else ts[-1]
-    if single:
-        ys, result, failed, nsteps = jtu.tree_map(
-            lambda a: a[0], (ys, result, failed, nsteps)
-        )
     return Samples(ys, out_ts, result, failed, nsteps)
