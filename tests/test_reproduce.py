@@ -231,3 +231,13 @@ def test_readme_results_table_is_generated_from_the_json():
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     assert readme_block(root / "results") in readme
+
+
+def test_results_readme_headlines_are_generated_from_the_json():
+    from pathlib import Path
+
+    from guidediff._experiments._table import headline_block
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "results" / "README.md").read_text()
+    assert headline_block(root / "results") in text

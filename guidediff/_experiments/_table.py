@@ -1,7 +1,9 @@
-"""The README's results table, generated from `results/*/results.json` (full runs).
+"""The results tables, generated from `results/*/results.json` (full runs).
 
-`python -m guidediff._experiments._table [results]` prints it; a test checks that the
-README holds exactly this table, so no number in it is typed by hand.
+`python -m guidediff._experiments._table [results]` prints the README's table (the
+claims each run checked) and `results/README.md`'s table (a headline per
+experiment); tests check that both files hold exactly these tables, so no number in
+them is typed by hand.
 """
 
 import json
@@ -11,6 +13,16 @@ from pathlib import Path
 
 START = "<!-- results-table:start -->"
 END = "<!-- results-table:end -->"
+HEADLINE_START = "<!-- headline-table:start -->"
+HEADLINE_END = "<!-- headline-table:end -->"
+PAPER = {
+    "cfg-gmm": "fig. 1",
+    "cfg-digits": "fig. 2 (ImageNet there, 8x8 digits here)",
+    "reward-gmm": "fig. 3",
+    "reward-pointset": "figs. 4-5",
+    "robustness": "robustness to score errors",
+    "training-efficiency": "training efficiency",
+}
 
 
 def _fmt(value) -> str:
@@ -28,8 +40,7 @@ def results_table(results_dir: str | Path) -> str:
         "| experiment | device | jax | run time | claims checked by the run |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for path in sorted(Path(results_dir).glob("*/results.json")):
-        res = json.loads(path.read_text())
+    for name, res in _runs(results_dir):
         claims = "; ".join(
             f"{k.replace('_', ' ')}: {_fmt(v)}"
             for k, v in res.get("claims", {}).items()
@@ -37,15 +48,113 @@ def results_table(results_dir: str | Path) -> str:
         )
         device = str(res.get("device", "?")).replace("gpu:", "")
         rows.append(
-            f"| `{path.parent.name}` | {device} | {res.get('jax_version', '?')} | "
-            f"{res.get('seconds', float('nan')):.0f} s | {claims} |"
+            f"| `{name}` | {device} | {res.get('jax_version', '?')} | "
+            f"{_seconds(res)} | {claims} |"
         )
     return "\n".join(rows)
+
+
+def _runs(results_dir: str | Path):
+    """`(name, results.json contents)` of each experiment folder, sorted by name."""
+    for path in sorted(Path(results_dir).glob("*/results.json")):
+        yield path.parent.name, json.loads(path.read_text())
+
+
+def _seconds(res: dict) -> str:
+    return f"{res.get('seconds', float('nan')):.0f} s"
 
 
 def readme_block(results_dir: str | Path) -> str:
     return f"{START}\n{results_table(results_dir)}\n{END}"
 
 
+def _pm(mean: float, se: float) -> str:
+    return f"{mean:.4g} ± {se:.2g}"
+
+
+def _cfg_headline(res: dict) -> str:
+    w, m, se = res["w"], res["reciprocal_prob_mean"], res["reciprocal_prob_stderr"]
+    best = min(range(1, len(w)), key=lambda i: m[i])
+    frac = [f for f in res["frac_improved"][1:] if f is not None]
+    return (
+        f"E[1/p(c\\|Y^w)] is {_pm(m[0], se[0])} at w = 0 (1/p(c) = "
+        f"{res['theory_unguided']:.4g}), {_pm(m[best], se[best])} at its lowest "
+        f"(w = {w[best]:.3g}) and {_pm(m[-1], se[-1])} at w = {w[-1]:.3g}; "
+        f"{100 * min(frac):.0f}-{100 * max(frac):.0f} % of samples improve for w > 0"
+    )
+
+
+def _reward_headline(res: dict) -> str:
+    w, mean, se = res["w"], res["reward_mean"], res["reward_stderr"]
+    i1 = w.index(1.0)
+    return (
+        f"E[r] from {mean['exact'][0]:.3f} (w = 0; E_p[r] = "
+        f"{res['exact_reward_unguided']:.3f}) to {mean['exact'][-1]:.3f} "
+        f"(w = {w[-1]:g}) with exact scores, {mean['learned'][0]:.3f} to "
+        f"{mean['learned'][-1]:.3f} learned; at w = 1 exact "
+        f"{_pm(mean['exact'][i1], se['exact'][i1])}, learned "
+        f"{_pm(mean['learned'][i1], se['learned'][i1])}, vs E_{{p^r}}[r] = "
+        f"{res['exact_reward_tilted']:.4f}"
+    )
+
+
+def _robustness_headline(res: dict) -> str:
+    c = res["claims"]
+    return (
+        "the paired gain E[r(Y^w) - r(Y^0)] stays significantly > 0 up to relative "
+        f"score errors of {c['noise_gain_significant_up_to_relative_error']:.2f} "
+        f"(random fields), {c['bias_gain_significant_up_to_relative_error']:.2f} "
+        "(constant biases) and "
+        f"{c['undertrained_gain_significant_up_to_relative_error']:.2f} "
+        "(under-trained networks)"
+    )
+
+
+def _efficiency_headline(res: dict) -> str:
+    parts = []
+    for name, m in res["methods"].items():
+        evals, secs = m.get("network_evals_to_90pct"), m.get("seconds_to_90pct")
+        reach = (
+            "never reaches 90 % of the gain"
+            if evals is None
+            else f"90 % of the gain after {evals:.2g} network evaluations ({secs:.2g} s)"
+        )
+        parts.append(
+            f"{name}: {reach}, final E[r] = {m['final_reward']:.3f} (energy distance "
+            f"to p^r {m['final_energy_distance_to_tilted']:.2g})"
+        )
+    return "; ".join(parts) + f"; E_{{p^r}}[r] = {res['exact_reward_tilted']:.3f}"
+
+
+HEADLINES = {
+    "cfg-gmm": _cfg_headline,
+    "cfg-digits": _cfg_headline,
+    "reward-gmm": _reward_headline,
+    "reward-pointset": _reward_headline,
+    "robustness": _robustness_headline,
+    "training-efficiency": _efficiency_headline,
+}
+
+
+def headline_table(results_dir: str | Path) -> str:
+    """A Markdown table: one row per experiment, with the paper's figure, the run
+    time and a headline computed from its results.json."""
+    rows = [
+        "| NAME | paper | run time | headline |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, res in _runs(results_dir):
+        text = HEADLINES[name](res) if name in HEADLINES else ""
+        rows.append(f"| `{name}` | {PAPER.get(name, '')} | {_seconds(res)} | {text} |")
+    return "\n".join(rows)
+
+
+def headline_block(results_dir: str | Path) -> str:
+    return f"{HEADLINE_START}\n{headline_table(results_dir)}\n{HEADLINE_END}"
+
+
 if __name__ == "__main__":
-    print(readme_block(sys.argv[1] if len(sys.argv) > 1 else "results"))
+    folder = sys.argv[1] if len(sys.argv) > 1 else "results"
+    print(readme_block(folder))
+    print()
+    print(headline_block(folder))
