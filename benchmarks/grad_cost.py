@@ -18,7 +18,8 @@ steps; above, only their memory is reported.
 Memory: XLA's compiled memory analysis (temporary bytes) for every variant, on every
 backend; on a GPU also the allocator's `peak_bytes_in_use` after each run (a
 process-lifetime peak: runs go in order of increasing N). Memory-only row (compiled,
-never run): `gd.sample(..., checkpoint=False)`.
+never run) above `--nockpt-max-steps` (200): `gd.sample(..., checkpoint=False)`,
+which stores every step's activations (memory linear in N) and recomputes nothing.
 
     PYTHONPATH=. python -m benchmarks.grad_cost [--quick] [--steps-list 50 100 200]
 """
@@ -55,13 +56,21 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
         "guidediff_diffeqsolve_grad": P.grad_of(
             P.gd_sampler(problem, driver="diffeqsolve", max_steps=steps)
         ),
-    }
-    memory_only = {
         "guidediff_grad_no_checkpoint": P.grad_of(
             P.gd_sampler(problem, checkpoint=False)
         ),
     }
+    memory_only = {}
     row = {"steps": steps, "timings": {}, "compiled_memory": {}, "device_peak": {}}
+    if steps > args.nockpt_max_steps:
+        # No checkpointing stores every step's activations (linear in N): time it
+        # only up to --nockpt-max-steps, report its compiled memory above.
+        memory_only["guidediff_grad_no_checkpoint"] = fns.pop(
+            "guidediff_grad_no_checkpoint"
+        )
+        row["timings"]["guidediff_grad_no_checkpoint"] = {
+            "skipped": "steps > --nockpt-max-steps"
+        }
     if steps > args.peer_max_steps:
         # The diffeqsolve-based gradients are 10-20x slower: time them only up to
         # --peer-max-steps (their memory is still reported).
@@ -83,6 +92,12 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
         print(f"  {name:<28} (not run)  temp {_mib(row['compiled_memory'][name])}")
     t = row["timings"]
     row["grad_over_forward"] = C.ratio(t["guidediff_grad"], t["forward"])
+    row["step_ckpt_grad_over_forward"] = C.ratio(
+        t["guidediff_grad_step_ckpt"], t["forward"]
+    )
+    row["no_ckpt_grad_over_forward"] = C.ratio(
+        t["guidediff_grad_no_checkpoint"], t["forward"]
+    )
     row["diffrax_vbt_grad_over_guidediff_grad"] = C.ratio(
         t["diffrax_vbt_grad"], t["guidediff_grad"]
     )
@@ -118,6 +133,12 @@ def main(argv=None) -> dict:
         default=200,
         help="time the diffeqsolve-based gradients only up to this many steps",
     )
+    p.add_argument(
+        "--nockpt-max-steps",
+        type=int,
+        default=200,
+        help="time the gradient without checkpointing only up to this many steps",
+    )
     args = C.parse(p, argv)
     C.header(NAME)
     steps_list = args.steps_list or ([4, 8] if args.quick else list(DEFAULT_STEPS))
@@ -135,6 +156,8 @@ def main(argv=None) -> dict:
                 "grad_ms": _ms(t["guidediff_grad"]),
                 "vbt_grad_ms": _ms(t["diffrax_vbt_grad"]),
                 "grad/fwd": r["grad_over_forward"],
+                "step/fwd": r["step_ckpt_grad_over_forward"],
+                "nockpt/fwd": r["no_ckpt_grad_over_forward"],
                 "grad_MiB": (_temp(m["guidediff_grad"]) or 0) / 2**20,
                 "step_MiB": (_temp(m["guidediff_grad_step_ckpt"]) or 0) / 2**20,
                 "vbt_MiB": (_temp(m["diffrax_vbt_grad"]) or 0) / 2**20,

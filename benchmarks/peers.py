@@ -1,9 +1,12 @@
 """guidediff against its peers on the same sampler and network.
 
-- `torch_eager`: an eager PyTorch loop of the same Euler-Maruyama sampler and MLP
-  (weights copied from the JAX model; float32 matmuls at torch's "high" precision,
-  i.e. TF32 on a GPU, like JAX's default there). MLP sizes only; skipped with a note
-  when torch is not installed.
+- `torch_eager`: an eager PyTorch loop of the same Euler-Maruyama sampler and score
+  (the MLP with weights copied from the JAX model, or the same Gaussian mixture's
+  exact score written in torch), float32 matmuls at torch's "high" precision (TF32
+  on a GPU, like JAX's default there); `torch_eager_fp32` at torch's default
+  "highest" (true float32), compared with `guidediff_fp32` (gd.sample traced under
+  `jax.default_matmul_precision("highest")`). Skipped with a note when torch is not
+  installed.
 - `diffrax_unsafe` / `diffrax_vbt`: `diffrax.diffeqsolve` (Euler, `StepTo(ts)`,
   `ControlTerm` with a diagonal lineax operator) with `UnsafeBrownianPath` /
   `VirtualBrownianTree`, vmapped over particles; forward, and the VBT gradient
@@ -38,14 +41,10 @@ def _torch():
 
 
 def torch_sampler(problem: P.Problem, ts, torch, device):
-    """The eager PyTorch loop: returns (run(seed) -> tensor, block(out) -> out)."""
-    mlp = problem.params
+    """The eager PyTorch loop: returns (run(seed) -> tensor, block(out) -> out).
 
-    def to(a):
-        return torch.from_numpy(np.array(a, np.float32)).to(device)
-
-    layers = [(to(w), to(b)) for w, b in mlp.layers]
-    time_w = to(mlp.time_w)
+    The MLP sizes run the same MLP (weights copied from the JAX model); the 2-D size
+    runs the exact score of the same isotropic Gaussian mixture, written in torch."""
     ts = np.asarray(ts, np.float64)
     # Per-step scalars on the host, as an eager loop would hold them.
     coefs = []
@@ -53,22 +52,28 @@ def torch_sampler(problem: P.Problem, ts, torch, device):
         dt = float(t1 - t0)
         f = float(P.SDE.drift_coeff(t0))
         g = float(P.SDE.diffusion(t0))
-        coefs.append((float(t0), dt, f, g, math.copysign(math.sqrt(abs(dt)), dt)))
+        alpha, sigma = (float(v) for v in P.SDE.marginal(t0))
+        coefs.append(
+            (float(t0), dt, f, g, math.copysign(math.sqrt(abs(dt)), dt), alpha, sigma)
+        )
     n, d = problem.particles, problem.dim
-    silu = torch.nn.functional.silu
+
+    def to(a):
+        return torch.from_numpy(np.array(a, np.float32)).to(device)
+
+    if problem.width is None:
+        score = _torch_gmm_score(problem, torch, to)
+    else:
+        score = _torch_mlp_score(problem, torch, to)
 
     def run(seed):
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             x = torch.randn(n, d, device=device, generator=gen)
-            for t0, dt, f, g, sq in coefs:
-                w0, b0 = layers[0]
-                h = torch.addmm(b0 + t0 * time_w, x, w0)
-                for w, b in layers[1:]:
-                    h = torch.addmm(b, silu(h), w)
-                score = h - x
+            for t0, dt, f, g, sq, alpha, sigma in coefs:
+                s = score(t0, alpha, sigma, x)
                 noise = torch.randn(n, d, device=device, generator=gen)
-                x = x + (f * x - (g * g) * score) * dt + (g * sq) * noise
+                x = x + (f * x - (g * g) * s) * dt + (g * sq) * noise
         return x
 
     def block(out):
@@ -77,6 +82,51 @@ def torch_sampler(problem: P.Problem, ts, torch, device):
         return out
 
     return run, block
+
+
+def _torch_mlp_score(problem: P.Problem, torch, to):
+    mlp = problem.params
+    layers = [(to(w), to(b)) for w, b in mlp.layers]
+    time_w = to(mlp.time_w)
+    silu = torch.nn.functional.silu
+
+    def score(t0, alpha, sigma, x):
+        w0, b0 = layers[0]
+        h = torch.addmm(b0 + t0 * time_w, x, w0)
+        for w, b in layers[1:]:
+            h = torch.addmm(b, silu(h), w)
+        return h - x
+
+    return score
+
+
+def _torch_gmm_score(problem: P.Problem, torch, to):
+    """The exact score of `P.ring_gmm()` (isotropic components) at time t:
+    sum_k resp_k(x) (alpha mu_k - x) / v_t, v_t = alpha^2 var_k + sigma^2."""
+    gmm = P.ring_gmm()
+    means = to(gmm.means)  # (K, d)
+    var = to(np.diagonal(np.asarray(gmm.covs), axis1=-2, axis2=-1)[:, 0])  # (K,)
+    log_w = to(np.log(np.asarray(gmm.weights)))
+    d = problem.dim
+
+    def score(t0, alpha, sigma, x):
+        v = alpha * alpha * var + sigma * sigma  # (K,)
+        diff = alpha * means[None] - x[:, None]  # (n, K, d)
+        logits = log_w - 0.5 * (diff * diff).sum(-1) / v - 0.5 * d * torch.log(v)
+        resp = torch.softmax(logits, dim=-1)  # (n, K)
+        return ((resp / v)[..., None] * diff).sum(1)
+
+    return score
+
+
+def _highest(sampler):
+    """The sampler traced with true float32 matmuls (JAX's default on GPUs is TF32)."""
+
+    def run(*a):
+        with jax.default_matmul_precision("highest"):
+            return sampler(*a)
+
+    return run
 
 
 def run_size(size: P.Size, args, torch) -> dict:
@@ -94,6 +144,7 @@ def run_size(size: P.Size, args, torch) -> dict:
     fwd, _ = time_all(
         {
             "guidediff": jax.jit(P.gd_sampler(problem)),
+            "guidediff_fp32": jax.jit(_highest(P.gd_sampler(problem))),
             "guidediff_diffeqsolve": jax.jit(
                 P.gd_sampler(problem, driver="diffeqsolve", max_steps=steps)
             ),
@@ -105,16 +156,22 @@ def run_size(size: P.Size, args, torch) -> dict:
         "forward  ",
     )
     notes = []
-    if problem.width is None:
-        notes.append("torch_eager: MLP sizes only (no GMM score written in torch)")
-    elif torch is None:
+    if torch is None:
         notes.append("torch_eager: skipped, torch is not installed")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         run, block = torch_sampler(problem, ts, torch, device)
-        fwd["torch_eager"], _ = C.try_timeit(run, 0, repeats=args.repeats, block=block)
-        fwd["torch_eager"]["device"] = str(device)
-        print(f"  forward  torch_eager ({device}) {C.describe(fwd['torch_eager'])}")
+        # "high" (TF32 on a GPU, like JAX's default there) and "highest" (true
+        # float32: torch's own default), against guidediff at the same precision.
+        for name, precision in (
+            ("torch_eager", "high"),
+            ("torch_eager_fp32", "highest"),
+        ):
+            torch.set_float32_matmul_precision(precision)
+            fwd[name], _ = C.try_timeit(run, 0, repeats=args.repeats, block=block)
+            fwd[name]["device"] = str(device)
+            fwd[name]["float32_matmul_precision"] = precision
+            print(f"  forward  {name} ({device}) {C.describe(fwd[name])}")
     grads = {"guidediff": P.grad_of(P.gd_sampler(problem, checkpoint=True))}
     # diffrax's adjoint under vmap keeps one parameter cotangent per particle.
     need = P.per_particle_cotangent_bytes(problem)
@@ -130,9 +187,17 @@ def run_size(size: P.Size, args, torch) -> dict:
         )
     bwd, _ = time_all(grads, "backward ")
     bwd.setdefault("diffrax_vbt", {"skipped": "out of device memory (see notes)"})
-    speedups = {f"forward_{k}": C.ratio(v, fwd["guidediff"]) for k, v in fwd.items()}
+    speedups = {
+        f"forward_{k}": C.ratio(v, fwd["guidediff"])
+        for k, v in fwd.items()
+        if k not in ("guidediff", "guidediff_fp32", "torch_eager_fp32")
+    }
+    if "torch_eager_fp32" in fwd:
+        # like for like: true float32 matmuls on both sides
+        speedups["forward_torch_eager_fp32_vs_guidediff_fp32"] = C.ratio(
+            fwd["torch_eager_fp32"], fwd["guidediff_fp32"]
+        )
     speedups["backward_diffrax_vbt"] = C.ratio(bwd["diffrax_vbt"], bwd["guidediff"])
-    del speedups["forward_guidediff"]
     return {
         **P.run_fields(size, problem.particles, steps, problem.width),
         "forward": fwd,
@@ -149,8 +214,6 @@ def main(argv=None) -> dict:
     args = C.parse(p, argv)
     C.header(NAME)
     torch = _torch()
-    if torch is not None:
-        torch.set_float32_matmul_precision("high")
     results = [run_size(P.SIZES[s], args, torch) for s in args.sizes]
     rows = [{"size": r["size"], **r["speedup_of_guidediff"]} for r in results]
     print("speedup of guidediff = t_peer / t_guidediff")
@@ -162,7 +225,11 @@ def main(argv=None) -> dict:
             "solver": "Euler-Maruyama, reverse VP SDE, uniform grid (StepTo)",
             "vbt_tol": args.vbt_tol,
             "torch_available": torch is not None,
-            "torch_f32_matmul_precision": "high" if torch is not None else None,
+            "torch_f32_matmul_precision": {
+                "torch_eager": "high (TF32 on GPUs)",
+                "torch_eager_fp32": "highest (torch's default)",
+            },
+            "guidediff_fp32": "gd.sample traced under jax.default_matmul_precision('highest')",
             "jax_f32_matmul": C.f32_matmul_probe(),
             "speedup_definition": "t_peer / t_guidediff (run_s medians)",
             "results": results,

@@ -120,9 +120,15 @@ def test_peers(runs):
 
 def test_cfg_cost(runs):
     r = _load(runs, "cfg_cost")
-    for v in ("plain", "plain_2n", "cfg_batched", "cfg_two_calls", "cfg_interval"):
+    variants = ("plain", "plain_2n", "cfg_batched", "cfg_two_calls", "cfg_interval")
+    for v in (*variants, "cfg_interval_quarter"):
         _timing(r["forward"][v])
     assert "cfg_batched_over_plain_2n" in r["ratios"]
+    for v in r["interval_savings"].values():
+        f = v["fraction_of_steps"]
+        assert 0 < f < 1 and v["network_evals_saved_bound"] == pytest.approx(
+            (1 - f) / 2
+        )
     assert r["max_abs_diff_cfg_batched_vs_two_calls"] < 1e-3
 
 
@@ -130,7 +136,12 @@ def test_grad_cost(runs):
     r = _load(runs, "grad_cost")
     (row,) = r["results"]
     assert row["steps"] == 4
-    for v in ("forward", "guidediff_grad", "guidediff_grad_step_ckpt"):
+    for v in (
+        "forward",
+        "guidediff_grad",
+        "guidediff_grad_step_ckpt",
+        "guidediff_grad_no_checkpoint",
+    ):
         _timing(row["timings"][v])
         assert row["compiled_memory"][v]["temp_size_in_bytes"] >= 0
     assert "guidediff_grad_no_checkpoint" in row["compiled_memory"]
@@ -153,3 +164,16 @@ def test_scaling(runs):
     assert four and all(x["output_devices"] == 4 for x in four)
     strong = [x for x in r["vs_devices"] if x["scaling"] == "strong"]
     assert all(x["max_abs_diff_vs_1_device"] < 1e-4 for x in strong)
+
+
+def test_readme_gpu_table_is_generated_from_the_json():
+    """benchmarks/README.md holds exactly the table built from results/*_gpu*.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_bench_table", ROOT / "benchmarks" / "_table.py"
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    assert table.readme_block(ROOT / "benchmarks" / "results") in readme

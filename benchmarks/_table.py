@@ -1,0 +1,275 @@
+"""The GPU results table of benchmarks/README.md, generated from benchmarks/results/.
+
+    PYTHONPATH=. python -m benchmarks._table [benchmarks/results]
+
+prints the table between the README's markers; a test checks that the README holds
+exactly this table, so no number in it is typed by hand. Every row names the JSON
+file it comes from. Files that are missing are skipped.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+START = "<!-- gpu-table:start -->"
+END = "<!-- gpu-table:end -->"
+
+
+def _f(x, digits=2) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _ms(timing: dict | None) -> str:
+    if not timing or "run_s" not in timing:
+        return "-"
+    return f"{1e3 * timing['run_s']:.1f} ms"
+
+
+def _row(bench: str, size: str, metric: str, value: str, file: str) -> str:
+    return f"| {bench} | {size} | {metric} | {value} | {file} |"
+
+
+def _over(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or "run_s" not in a or "run_s" not in b:
+        return None
+    return a["run_s"] / b["run_s"]
+
+
+def _against_scan(res: dict, file: str) -> list[str]:
+    rows = []
+    for r in res["results"]:
+        q, fwd, size = r["ratios"], r["forward"], r["size"]
+        rows.append(
+            _row(
+                "against_scan",
+                size,
+                "forward t_hand / t_guidediff, direct call / jit (target >= 0.95)",
+                f"{_f(q['forward'])} / {_f(q['forward_jit'])} "
+                f"({_ms(fwd['guidediff'])} / {_ms(fwd['guidediff_jit'])} vs "
+                f"{_ms(fwd['hand'])})",
+                file,
+            )
+        )
+        rows.append(
+            _row(
+                "against_scan",
+                size,
+                "forward, jit, vs the hand loop with guidediff's per-particle noise",
+                _f(q["forward_same_noise_jit"]),
+                file,
+            )
+        )
+        if "backward" not in q:
+            continue
+        bwd = r["backward"]
+        rows.append(
+            _row(
+                "against_scan",
+                size,
+                "backward ratio: sqrt checkpointing (default) / per-step "
+                "(like the hand loop's)",
+                f"{_f(q['backward'])} / {_f(q.get('backward_step_ckpt'))}",
+                file,
+            )
+        )
+        grad_over_fwd = [
+            _over(bwd.get("guidediff"), fwd["guidediff_jit"]),
+            _over(bwd.get("guidediff_step_ckpt"), fwd["guidediff_jit"]),
+            _over(bwd.get("hand"), fwd["hand"]),
+        ]
+        rows.append(
+            _row(
+                "against_scan",
+                size,
+                "gradient / forward time: sqrt / per-step / hand loop (target <= 3)",
+                " / ".join(_f(x) for x in grad_over_fwd),
+                file,
+            )
+        )
+    return rows
+
+
+def _peers(res: dict, file: str) -> list[str]:
+    rows = []
+    for r in res["results"]:
+        s = r["speedup_of_guidediff"]
+        torch = [
+            s.get("forward_torch_eager"),
+            s.get("forward_torch_eager_fp32_vs_guidediff_fp32"),
+        ]
+        rows.append(
+            _row(
+                "peers",
+                r["size"],
+                "speed-up of guidediff vs torch eager (TF32 both) / torch eager fp32 "
+                "vs guidediff fp32 (target >= 3)",
+                " / ".join(_f(x) for x in torch),
+                file,
+            )
+        )
+        diffrax = [
+            s.get("forward_diffrax_unsafe"),
+            s.get("forward_diffrax_vbt"),
+            s.get("backward_diffrax_vbt"),
+        ]
+        rows.append(
+            _row(
+                "peers",
+                r["size"],
+                "speed-up vs diffrax Unsafe / diffrax VBT forward / VBT gradient "
+                "(target >= 5 for the gradient)",
+                " / ".join(_f(x) for x in diffrax),
+                file,
+            )
+        )
+    return rows
+
+
+def _cfg_cost(res: dict, file: str) -> list[str]:
+    q, size = res["ratios"], res["size"]
+    rows = [
+        _row(
+            "cfg_cost",
+            size,
+            "cfg_batched / plain_2n (target <= 1.15); two calls / batched",
+            f"{_f(q['cfg_batched_over_plain_2n'])}; "
+            f"{_f(q['cfg_two_calls_over_cfg_batched'])}",
+            file,
+        )
+    ]
+    for name, v in res.get("interval_savings", {}).items():
+        rows.append(
+            _row(
+                "cfg_cost",
+                size,
+                f"{name}: guidance on {100 * v['fraction_of_steps']:.0f} % of the "
+                "steps, time saved vs full CFG (bound (1 - f) / 2)",
+                f"{100 * v['measured_time_saved']:.1f} % "
+                f"({100 * v['network_evals_saved_bound']:.1f} %)",
+                file,
+            )
+        )
+    return rows
+
+
+def _grad_cost(res: dict, file: str) -> list[str]:
+    rows = []
+    for r in res["results"]:
+        mem = r["compiled_memory"]
+
+        def mib(name, mem=mem):
+            b = (mem.get(name) or {}).get("temp_size_in_bytes")
+            return "-" if b is None else f"{b / 2**20:.0f}"
+
+        times = [
+            r["grad_over_forward"],
+            r.get("step_ckpt_grad_over_forward"),
+            r.get("no_ckpt_grad_over_forward"),
+        ]
+        names = ["guidediff_grad", "guidediff_grad_step_ckpt"]
+        names.append("guidediff_grad_no_checkpoint")
+        rows.append(
+            _row(
+                "grad_cost",
+                f"{res['size']}, {res['particles']} particles, N = {r['steps']}",
+                "gradient / forward time: sqrt / step / none (target <= 3); "
+                "XLA temp MiB: sqrt / step / none",
+                " / ".join(_f(x) for x in times)
+                + "; "
+                + " / ".join(mib(n) for n in names),
+                file,
+            )
+        )
+        vbt = r.get("diffrax_vbt_grad_over_guidediff_grad")
+        if vbt is not None:
+            rows.append(
+                _row(
+                    "grad_cost",
+                    f"{res['size']}, N = {r['steps']}",
+                    "diffrax VBT gradient / guidediff gradient (target >= 5)",
+                    _f(vbt),
+                    file,
+                )
+            )
+    return rows
+
+
+def _mfu(res: dict, file: str) -> list[str]:
+    by_dtype: dict[str, dict[str, float]] = {}
+    for r in res["results"]:
+        by_dtype.setdefault(r["dtype"], {})[r["variant"]] = next(
+            iter(r["mfu"].values())
+        )
+    flags = res["device"].get("xla_flags")
+    rows = []
+    for dtype, v in by_dtype.items():
+        peak = "bf16 peak, target >= 40 %" if dtype == "bfloat16" else "TF32 peak"
+        value = " / ".join(
+            f"{100 * v.get(k, float('nan')):.0f} %"
+            for k in ("guidediff", "hand", "guidediff_cfg")
+        )
+        if flags:
+            value += f" (XLA_FLAGS={flags})"
+        rows.append(
+            _row(
+                "mfu",
+                f"{res['size']}, {res['particles']} particles",
+                f"{dtype} MFU ({peak}): guidediff / hand / guidediff CFG",
+                value,
+                file,
+            )
+        )
+    return rows
+
+
+def _scaling(res: dict, file: str) -> list[str]:
+    pts = res["vs_particles"]
+    counts = " / ".join(f"{p['particles']}" for p in pts)
+    return [
+        _row(
+            "scaling",
+            f"{res['size']}, {res['steps']} steps",
+            f"particle-steps/s at {counts} particles",
+            " / ".join(_g(p["particle_steps_per_s"]) for p in pts),
+            file,
+        )
+    ]
+
+
+BUILDERS = {
+    "against_scan": _against_scan,
+    "peers": _peers,
+    "cfg_cost": _cfg_cost,
+    "grad_cost": _grad_cost,
+    "mfu": _mfu,
+    "scaling": _scaling,
+}
+
+
+def gpu_table(results_dir: str | Path) -> str:
+    """One Markdown table of the headline numbers of every `*_gpu*.json` file."""
+    rows = [
+        "| benchmark | size | metric | H100 | file |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(Path(results_dir).glob("*_gpu*.json")):
+        res = json.loads(path.read_text())
+        build = BUILDERS.get(res.get("benchmark"))
+        if build is not None:
+            rows.extend(build(res, path.name))
+    return "\n".join(rows)
+
+
+def readme_block(results_dir: str | Path) -> str:
+    return f"{START}\n{gpu_table(results_dir)}\n{END}"
+
+
+if __name__ == "__main__":
+    print(readme_block(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"))
