@@ -33,6 +33,30 @@ def paper_1d_gmm() -> gd.GaussianMixture:
     )
 
 
+def reciprocal_prob_sd(gmm: gd.GaussianMixture, label: int, half_width=12.0, n=801):
+    """The exact standard deviation of 1/p(c|X) for X ~ p(x|c), by quadrature on a
+    grid (1-D or 2-D mixtures).
+
+    E[1/p(c|X)] = 1/p(c) exactly, but the statistic is heavy-tailed: rare samples
+    far from class c have huge 1/p, so the *sample* standard error of its mean
+    underestimates the true one badly at a few thousand samples. Tests of the
+    unguided value use this exact one instead:
+    E[1/p^2] = int p(x|c) / p(c|x)^2 dx = int p(x)^2 / (p(c)^2 p(x|c)) dx.
+    """
+    import jax
+
+    d = gmm.dim
+    axis = np.linspace(-half_width, half_width, n)
+    grid = np.stack(np.meshgrid(*([axis] * d), indexing="ij"), -1).reshape(-1, d)
+    log_p = jax.vmap(gmm.log_prob)(jnp.asarray(grid))
+    log_pc = jnp.log(gmm.class_prob(label))
+    log_cond = jax.vmap(lambda x: gmm.log_prob(x, label))(jnp.asarray(grid))
+    cell = (axis[1] - axis[0]) ** d
+    second = float(jnp.sum(jnp.exp(2 * log_p - 2 * log_pc - log_cond)) * cell)
+    first = float(jnp.exp(-log_pc))
+    return float(np.sqrt(second - first**2))
+
+
 def two_sample_z(a, b) -> float:
     """z-score of mean(a) - mean(b) for independent samples."""
     a, b = np.asarray(a, float), np.asarray(b, float)

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import reciprocal_prob_sd
 
 from guidediff._cli import main
 from guidediff._experiments import EXPERIMENTS
@@ -95,8 +96,14 @@ def test_cfg_gmm(results):
     theory = res["theory_unguided"]
     assert theory == pytest.approx(3.0, rel=1e-6)  # 1/p(c), three balanced classes
     m, se = res["reciprocal_prob_mean"], res["reciprocal_prob_stderr"]
-    # Unguided: E[1/p] = 1/p(c).
-    assert abs(m[0] - theory) < 4 * se[0]
+    # Unguided: E[1/p] = 1/p(c). 1/p is heavy-tailed, so the sample standard error
+    # underestimates the true one: judge by the exact one (quadrature).
+    from guidediff._experiments.cfg_gmm import QUICK, middle_class_mixture
+
+    exact_se = reciprocal_prob_sd(middle_class_mixture(), res["label"]) / math.sqrt(
+        QUICK["num_particles"]
+    )
+    assert abs(m[0] - theory) < 4 * exact_se
     # Guided: below the unguided value (paired, shared noise) and below 1/p(c).
     for w, mi, si, d, dse in zip(
         res["w"][1:],
