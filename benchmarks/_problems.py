@@ -39,6 +39,7 @@ import numpy as np
 from jaxtyping import Array
 
 import guidediff as gd
+from guidediff._brownian import cell_normal
 
 
 SDE = gd.VPSDE()
@@ -305,14 +306,15 @@ def hand_sampler(problem: Problem, *, noise="batch", checkpoint=False, args=None
 
         elif noise == "particle":
             # guidediff's scheme: particle i has key fold_in(key, i), split into the
-            # prior key and the Brownian key; cell k's increment uses fold_in(bm, k).
+            # prior key and the Brownian key; cell k's increment is
+            # cell_normal(bm, k) (Threefry in counter mode on the Brownian key).
             keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(p))
             k_both = jax.vmap(jr.split)(keys)
             k_prior, k_bm = k_both[:, 0], k_both[:, 1]
             x0 = jax.vmap(lambda k: jr.normal(k, (d,)))(k_prior)
 
             def normal(cell):
-                return jax.vmap(lambda k: jr.normal(jr.fold_in(k, cell), (d,)))(k_bm)
+                return jax.vmap(lambda k: cell_normal(k, cell, (d,), jnp.float32))(k_bm)
 
         else:
             raise ValueError(noise)

@@ -4,7 +4,14 @@ On a fixed time grid $t_0 < t_1 < \dots < t_N$ (sorted here, whatever direction 
 solve runs in), the increment over cell $k$ is
 
 $$W(t_{k+1}) - W(t_k) = \sqrt{t_{k+1} - t_k}\;\xi_k,\qquad
-\xi_k = \texttt{normal}(\texttt{fold\_in}(\text{key}, k)).$$
+\xi_{k,j} = \sqrt 2\,\operatorname{erf}^{-1}(u_{k,j}),$$
+
+where the uniforms $u_{k,\cdot}$ come from Threefry-2x32 run in counter mode on the
+particle's key with the counters $(k, 0), (k, 1), \dots$: one block of two 32-bit
+words per two float32 values, as `jax.random.normal` draws a whole batch, with no
+per-particle, per-step key derivation (`fold_in`), which would cost one more hash
+per particle per step. (Keys of other PRNG implementations fall back to
+`normal(fold_in(key, k))`.)
 
 It depends on the particle's key and the cell index only: not on the batch size,
 the device count, or the bits of the float times (unlike `UnsafeBrownianPath`). It is
@@ -15,14 +22,69 @@ an ordinary function of its inputs, so it can be reverse-differentiated (unlike
 `diffrax.VirtualBrownianTree`.
 """
 
+import math
+
 import diffrax as dfx
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
+from jax.extend.random import threefry_2x32
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Key
+
+
+def _threefry_key_data(key) -> Array | None:
+    """The two uint32 words of a Threefry key (typed or raw), else None."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if str(jr.key_impl(key)) != "threefry2x32":
+            return None
+        return jr.key_data(key)
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+        return key
+    return None
+
+
+def cell_normal(key: Key, k, shape: tuple[int, ...], dtype) -> Array:
+    r"""Standard normals for grid cell `k` of the particle with key `key`.
+
+    Threefry-2x32 in counter mode: block $j$ hashes the counter $(k, j)$ under the
+    key, giving two 32-bit words; float32 values use one word each, float64 two
+    (16-bit floats are drawn in float32 and rounded). The words become uniforms on
+    $(-1, 1)$ from their top mantissa bits and normals through
+    $\sqrt2\,\mathrm{erf}^{-1}$, as `jax.random.normal` does.
+    """
+    dtype = jnp.dtype(dtype)
+    data = _threefry_key_data(key)
+    if data is None:
+        return jr.normal(jr.fold_in(key, k), shape, dtype)
+    gen = dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+    nbits = 8 * gen.itemsize
+    n = math.prod(shape)
+    words = n * (nbits // 32)
+    blocks = (words + 1) // 2
+    counts = jnp.concatenate(
+        [
+            jnp.full((blocks,), k, jnp.uint32),
+            jnp.arange(blocks, dtype=jnp.uint32),
+        ]
+    )
+    bits = threefry_2x32(data, counts)[:words]
+    if nbits == 64:
+        hi, lo = bits[0::2].astype(jnp.uint64), bits[1::2].astype(jnp.uint64)
+        bits, utype = (hi << jnp.uint64(32)) | lo, jnp.uint64
+    else:
+        utype = jnp.uint32
+    finfo = jnp.finfo(gen)
+    one = lax.bitcast_convert_type(jnp.ones((), gen), utype)
+    shift = utype(nbits - finfo.nmant)
+    unit = lax.bitcast_convert_type((bits >> shift) | one, gen) - 1  # [0, 1)
+    lo = jnp.nextafter(jnp.asarray(-1.0, gen), jnp.asarray(0.0, gen))
+    u = jnp.maximum(lo, unit * (1 - lo) + lo)  # [lo, 1): never -1
+    xi = jnp.sqrt(jnp.asarray(2.0, gen)) * lax.erf_inv(u)
+    return xi.reshape(shape).astype(dtype)
 
 
 class GridBrownianPath(dfx.AbstractBrownianPath):
@@ -61,7 +123,7 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
 
     def cell_increment(self, k, dt) -> Array:
         """$\\sqrt{|dt|}\\,\\xi_k$: the increment over cell `k` of (signed) length dt."""
-        xi = jr.normal(jr.fold_in(self.key, k), self.shape.shape, self.shape.dtype)
+        xi = cell_normal(self.key, k, self.shape.shape, self.shape.dtype)
         return (
             jnp.sign(dt).astype(xi.dtype) * jnp.sqrt(jnp.abs(dt)).astype(xi.dtype) * xi
         )
