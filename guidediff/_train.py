@@ -192,6 +192,12 @@ def _run_chunk(
         return (params, opt_state, ema), loss
 
     steps = start + jnp.arange(length, dtype=jnp.uint32)
+    if length == 1:
+        # One step per dispatch: no while loop around the step (XLA:CPU runs
+        # convolution gradients inside a loop many times slower than on their own).
+        first = jax.tree.map(lambda b: b[0], batches)
+        state, loss = body(state, (steps[0], first))
+        return state, loss[None]
     return jax.lax.scan(body, state, (steps, batches))
 
 
@@ -386,7 +392,9 @@ def fit(
     - `steps_per_dispatch`: steps per jitted call (a `lax.scan`); amortises dispatch
       and the host round trip. Chunks are aligned to multiples of it and cut at
       `eval_every`, `checkpoint_every` and `num_steps` (choose those as multiples of
-      it to avoid compiling more than one chunk length).
+      it to avoid compiling more than one chunk length). `1` runs each step as its
+      own jitted call, with no loop around it: use it for convolutional networks on
+      a CPU, where XLA runs convolution gradients inside a loop many times slower.
     - `ema_decay`: EMA decay, or `None` for no EMA.
     - `eval_every`, `eval_fn`: every `eval_every` steps, call
       `eval_fn(step, params, ema_params)` on the host and record its value.
