@@ -5,7 +5,9 @@ convolutional networks of `cfg-digits`.
 convolution gradients inside a while loop run 30-70x slower than the same step
 jitted on its own, so a U-Net step takes ~1 s instead of ~30 ms. This loop keeps
 each step a separate jitted call (a few microseconds of dispatch on a GPU). Small
-MLPs train with `fit`, which is not affected.
+MLPs train with `fit`, which is not affected; `fit(..., steps_per_dispatch=1)` now
+also runs each step with no loop around it; cfg-digits keeps this loop, so its
+training stays that of the committed full-mode run.
 """
 
 from collections.abc import Callable
