@@ -23,7 +23,12 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
   `jax.checkpoint` per step: less recomputation), `checkpoint=False` every step's
   internals.
   The `"diffeqsolve"` driver uses diffrax's adjoints (`RecursiveCheckpointAdjoint`
-  by default, `DirectAdjoint`, `BacksolveAdjoint`, `ForwardMode`).
+  by default, `DirectAdjoint`, `BacksolveAdjoint`, `ForwardMode`). On a fixed grid
+  it solves all particles as one batched state in one `diffeqsolve` (the same
+  samples), so its adjoint keeps one cotangent of the score's parameters, not one
+  per particle; with a `stepsize_controller` each particle is its own `vmap`-ped
+  solve (its own steps), and parameter gradients then cost one cotangent per
+  particle: prefer fixed grids for those.
 - Truncated backprop (DRaFT-K): `truncate_backprop=K` stops the gradient at the state
   $K$ steps before the end, so only the last $K$ steps are differentiated (and
   stored); the samples are unchanged.
@@ -33,6 +38,7 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
   differentiation through it raises an error naming the fix.
 """
 
+import functools
 from typing import Literal
 
 import diffrax as dfx
@@ -45,7 +51,7 @@ import numpy as np
 from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._brownian import GridBrownianPath
+from ._batched import BatchedBrownianPath, BatchedScore, brownian_path
 from ._custom_types import Args, Key
 from ._driver import _solve
 from ._grid import check_grid, uniform_grid
@@ -97,9 +103,10 @@ _UNSAFE_GRAD_MSG = (
 )
 
 
-def _sample_particle(
+def _sample_core(
     key,
     y0,
+    *,
     sde,
     score,
     shape,
@@ -118,19 +125,24 @@ def _sample_particle(
     bm_tol,
     brownian,
     truncate,
+    batched: bool = False,
 ):
-    k_prior, k_bm = jr.split(key)
+    """One particle's solve (`key` one key), or, with `batched=True`, all particles
+    as one `(P, *shape)` state in one solve (`key` the `(P,)` particle keys; see
+    `_batched.py`): the same samples either way on a fixed grid."""
+    lead = jax.vmap if batched else (lambda f: f)
+    split = lead(jr.split)(key)
+    k_prior, k_bm = split[..., 0], split[..., 1]
     if y0 is None:
-        y0 = sde.prior_sample(k_prior, shape, dtype)
-    struct = jax.ShapeDtypeStruct(shape, dtype)
+        y0 = lead(lambda k: sde.prior_sample(k, shape, dtype))(k_prior)
+    if batched:
+        score = BatchedScore(score)
     if process == "sde":
-        if brownian == "grid":
-            bm = GridBrownianPath(struct, ts, k_bm)
-        elif brownian == "tree":
-            lo, hi = jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1])
-            bm = dfx.VirtualBrownianTree(lo, hi, tol=bm_tol, shape=struct, key=k_bm)
+        struct = jax.ShapeDtypeStruct(shape, dtype)
+        if batched:
+            bm = BatchedBrownianPath(brownian, struct, ts, k_bm, bm_tol)
         else:
-            bm = dfx.UnsafeBrownianPath(shape=struct, key=k_bm)
+            bm = brownian_path(brownian, struct, ts, k_bm, bm_tol)
         terms = reverse_sde(sde, score, bm)
     else:
         terms = probability_flow(sde, score)
@@ -148,14 +160,24 @@ def _sample_particle(
         checkpoint=checkpoint,
         truncate=truncate,
     )
+    if batched and save_all:
+        ys = jnp.swapaxes(ys, 0, 1)  # (time, P, ...) -> (P, time, ...)
     if process == "sde" and brownian == "unsafe":
         ys = nondifferentiable_backward(ys, msg=_UNSAFE_GRAD_MSG, symbolic=True)
     if denoise:
         t_end = ts[-1]
-        final = ys[-1] if save_all else ys
+        last = (slice(None), -1) if batched else (-1,)
+        final = ys[last] if save_all else ys
         x0 = score_to_x0(sde, t_end, final, score(t_end, final, args))
-        ys = ys.at[-1].set(x0) if save_all else x0
-    failed = (result != dfx.RESULTS.successful) | ~jnp.all(jnp.isfinite(ys))
+        ys = ys.at[last].set(x0) if save_all else x0
+    if batched:
+        num = key.shape[0]
+        result = jtu.tree_map(lambda r: jnp.broadcast_to(r, (num,)), result)
+        nsteps = jnp.broadcast_to(nsteps, (num,))
+        finite = jnp.all(jnp.isfinite(ys.reshape(num, -1)), axis=1)
+    else:
+        finite = jnp.all(jnp.isfinite(ys))
+    failed = (result != dfx.RESULTS.successful) | ~finite
     return ys, result, failed, nsteps
 
 
@@ -178,37 +200,38 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         single,
         save_trajectory,
     ) = static
-
-    def one(key, y0):
-        return _sample_particle(
-            key,
-            y0,
-            sde,
-            score,
-            shape,
-            dtype,
-            args,
-            ts,
-            solver,
-            process,
-            driver,
-            save_all,
-            denoise,
-            controller,
-            adjoint,
-            max_steps,
-            ckpt,
-            bm_tol,
-            brownian,
-            truncate,
-        )
-
+    core = functools.partial(
+        _sample_core,
+        sde=sde,
+        score=score,
+        shape=shape,
+        dtype=dtype,
+        args=args,
+        ts=ts,
+        solver=solver,
+        process=process,
+        driver=driver,
+        save_all=save_all,
+        denoise=denoise,
+        controller=controller,
+        adjoint=adjoint,
+        max_steps=max_steps,
+        checkpoint=ckpt,
+        bm_tol=bm_tol,
+        brownian=brownian,
+        truncate=truncate,
+    )
     # Particle keys are made inside the compiled program (no eager dispatch per call)
     # and laid out over the devices when a sharding is given.
     keys = _particle_keys(key, num)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, sharding)
-    out = jax.vmap(one)(keys, y0)
+    if driver == "diffeqsolve" and controller is None:
+        # A fixed grid: one diffeqsolve over the whole batch (one adjoint, not one
+        # per particle). Adaptive steps stay per particle (vmap).
+        out = core(keys, y0, batched=True)
+    else:
+        out = jax.vmap(core)(keys, y0)
     if single:
         out = jtu.tree_map(lambda a: a[0], out)
     # The saved times are computed here too: no eager op after the compiled call.

@@ -130,6 +130,24 @@ def test_scan_and_diffeqsolve_drivers_agree(solver):
     np.testing.assert_allclose(traj_a.ys[:, -1], a.ys, rtol=1e-12)
 
 
+def test_drivers_agree_on_y0_denoise_and_one_particle():
+    """The diffeqsolve driver solves all particles as one batched state on a fixed
+    grid: y0=, denoise= and a single particle give what the scan driver gives."""
+    gmm = three_class_gmm()
+    sde = gd.VPSDE()
+    score = gmm.score(sde)
+    y0 = gd.initial_noise(jr.key(2), sde, (2,), num_particles=16) * 0.5
+    kw = dict(ts=TS, y0=y0, denoise=True)
+    a = gd.sample(jr.key(2), sde, score, (2,), driver="scan", **kw)
+    b = gd.sample(jr.key(2), sde, score, (2,), driver="diffeqsolve", **kw)
+    np.testing.assert_allclose(a.ys, b.ys, rtol=1e-12, atol=1e-12)
+    assert b.failed.shape == b.num_steps.shape == (16,) and not np.any(b.failed)
+    one_a = gd.sample(jr.key(3), sde, score, (2,), ts=TS, driver="scan")
+    one_b = gd.sample(jr.key(3), sde, score, (2,), ts=TS, driver="diffeqsolve")
+    assert one_b.ys.shape == (2,) and one_b.failed.shape == ()
+    np.testing.assert_allclose(one_a.ys, one_b.ys, rtol=1e-12, atol=1e-12)
+
+
 def test_failed_particles_are_flagged_not_raised():
     sde = gd.VPSDE()
     bad = gd.ScoreFn(lambda t, x, args: jnp.where(x[0] > 1.5, jnp.nan, -x))

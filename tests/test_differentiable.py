@@ -237,6 +237,45 @@ def _temp_bytes(num_steps, checkpoint):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+class _OneHidden(gd.AbstractScore):
+    """s(t, x) = -x + W2 tanh(W1 x): a score with (H, d) + (d, H) parameters."""
+
+    w1: jax.Array
+    w2: jax.Array
+
+    def __call__(self, t, x, args=None):
+        return -x + self.w2 @ jnp.tanh(self.w1 @ x)
+
+
+def test_diffeqsolve_parameter_gradient_is_not_per_particle():
+    """The diffeqsolve driver runs one adjoint over the batch: the gradient with
+    respect to the score's parameters keeps no cotangent per particle. (A vmapped
+    diffeqsolve did: 22 MB of temporaries here, more than the 16.8 MB that one
+    float64 parameter cotangent per particle takes; now 3.3 MB.)"""
+    d, hidden, particles, steps = 8, 512, 256, 8
+    ts = gd.uniform_grid(1.0, 1e-3, steps)
+    sde = gd.VPSDE()
+
+    def f(params):
+        out = gd.sample(
+            jr.key(0),
+            sde,
+            _OneHidden(*params),
+            (d,),
+            num_particles=particles,
+            ts=ts,
+            driver="diffeqsolve",
+            max_steps=steps,
+        )
+        return jnp.mean(out.ys**2)
+
+    params = (jnp.full((hidden, d), 0.01), jnp.full((d, hidden), 0.01))
+    compiled = jax.jit(jax.grad(f)).lower(params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    per_particle_cotangents = particles * 2 * hidden * d * 8
+    assert temp < 0.5 * per_particle_cotangents, temp
+
+
 def test_checkpointed_gradient_memory_is_sublinear():
     state_bytes = 64 * 2 * 8  # one carried state: particles x d float64
     ckpt_250, ckpt_1000 = _temp_bytes(250, True), _temp_bytes(1000, True)

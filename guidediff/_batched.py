@@ -1,0 +1,71 @@
+r"""One `diffrax.diffeqsolve` over all particles at once, on a fixed grid.
+
+`gd.sample(..., driver="diffeqsolve")` on a fixed grid solves the particles as one
+batched state `(P, *shape)` instead of `vmap`-ing `diffeqsolve` over particles. On a
+`StepTo` grid every particle takes the same steps, so the samples are the same; but
+diffrax's adjoint is then not run under `vmap`, so reverse mode keeps ONE cotangent of
+what the score closes over (e.g. network parameters), not one per particle (which
+took 9.4 GiB for a 64-D MLP at 4,096 particles). Adaptive step sizes keep the
+per-particle `vmap`, so that each particle has its own steps.
+
+The score is applied per particle (`vmap` over the leading axis) and the noise is each
+particle's own Brownian path, so particle `i`'s sample still depends on its key only.
+"""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from ._brownian import GridBrownianPath
+from ._custom_types import Args, Time
+from ._score import AbstractScore
+
+
+def brownian_path(kind: str, shape, ts, key, tol) -> dfx.AbstractBrownianPath:
+    """One particle's Brownian path: `"grid"` (`GridBrownianPath` on `ts`), `"tree"`
+    (`diffrax.VirtualBrownianTree` of tolerance `tol` over the grid's range) or
+    `"unsafe"` (`diffrax.UnsafeBrownianPath`)."""
+    if kind == "grid":
+        return GridBrownianPath(shape, ts, key)
+    if kind == "tree":
+        lo, hi = jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1])
+        return dfx.VirtualBrownianTree(lo, hi, tol=tol, shape=shape, key=key)
+    return dfx.UnsafeBrownianPath(shape=shape, key=key)
+
+
+class BatchedScore(AbstractScore):
+    """`score` applied to each row of a `(P, *shape)` batch (shared `t` and `args`)."""
+
+    score: AbstractScore
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return jax.vmap(self.score, in_axes=(None, 0, None))(t, x, args)
+
+
+class BatchedBrownianPath(dfx.AbstractBrownianPath):
+    """Each particle's own Brownian path, evaluated together: row `i` is the path
+    that `gd.sample` gives particle `i` (`kind` = "grid", "tree" or "unsafe")."""
+
+    kind: str = eqx.field(static=True)
+    shape: jax.ShapeDtypeStruct = eqx.field(static=True)
+    ts: Array
+    keys: Array
+    tol: float = eqx.field(static=True)
+    levy_area: type = eqx.field(static=True, default=dfx.BrownianIncrement)
+
+    @property
+    def t0(self):
+        return jnp.minimum(self.ts[0], self.ts[-1])
+
+    @property
+    def t1(self):
+        return jnp.maximum(self.ts[0], self.ts[-1])
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        def one(key):
+            path = brownian_path(self.kind, self.shape, self.ts, key, self.tol)
+            return path.evaluate(t0, t1, left=left, use_levy=use_levy)
+
+        return jax.vmap(one)(self.keys)
