@@ -52,6 +52,11 @@ CHILD = textwrap.dedent(
         "normal_ode_heun": (StandardNormalScore(), {"process": "ode"}),
         "gmm_sde_exponential": (gmm.score(sde), {}),
         "gmm_sde_euler": (gmm.score(sde), {"solver": dfx.Euler()}),
+        # one batched diffeqsolve over all particles (fixed grid)
+        "normal_sde_diffeqsolve": (
+            StandardNormalScore(),
+            {"solver": dfx.Euler(), "driver": "diffeqsolve"},
+        ),
     }
     out = {}
     for name, (score, kw) in cases.items():
@@ -112,7 +117,9 @@ def _check_layout(r: dict) -> None:
     assert r["four_is_sharded"]
 
 
-@pytest.mark.parametrize("case", ["normal_sde_euler", "normal_ode_heun"])
+@pytest.mark.parametrize(
+    "case", ["normal_sde_euler", "normal_ode_heun", "normal_sde_diffeqsolve"]
+)
 def test_sharded_samples_are_bit_identical(sharded_runs, case):
     r = sharded_runs[case]
     _check_layout(r)
