@@ -1,7 +1,7 @@
 r"""The two fixed-grid/adaptive drivers that run a diffrax solver over ONE particle.
 
 - `"scan"`: `lax.scan` over the solver's own `init`/`step`, checkpointed for reverse
-  mode (`"sqrt"`, `"step"` or none); with a `GridBrownianPath` each step's increment
+  mode (`"sqrt"`, `"chunk"`, `"step"` or none); with a `GridBrownianPath` each step's increment
   is drawn from its known cell index.
 - `"diffeqsolve"`: `diffrax.diffeqsolve` with `StepTo(ts)` or an adaptive controller.
 
@@ -32,19 +32,30 @@ def _stop_gradient(tree):
 def _scan_steps(step, carry, xs, checkpoint: str):
     """`lax.scan(step, carry, xs)`, checkpointed for reverse mode.
 
+    With $F$ the cost of one step's forward pass, and the backward of a step costing
+    about $2F$ (input and parameter cotangents of its matmuls), the gradient of $N$
+    steps costs:
+
     - `"sqrt"`: the N steps run as an outer scan over about sqrt(N) chunks of about
       sqrt(N) steps, each chunk under `jax.checkpoint` and each step inside it under
       its own `jax.checkpoint`. Reverse mode stores the chunk-boundary states and one
-      chunk's step states at a time (about 2 sqrt(N) states) and recomputes the rest
-      (two extra forward passes in all).
-    - `"step"`: each step under `jax.checkpoint`: N states stored, one extra forward.
-    - `"none"`: every step's internals are stored.
+      chunk's step states at a time (about 2 sqrt(N) states) and recomputes each
+      step twice: about $5NF$ in all.
+    - `"chunk"`: the same chunks, with no checkpoint per step: reverse mode
+      recomputes one chunk at a time and keeps that chunk's step internals (about
+      sqrt(N) steps' activations): $4NF$, the least a gradient can cost without
+      storing all N steps' internals.
+    - `"step"`: each step under `jax.checkpoint`: N states stored, each step's
+      internals recomputed once: a little under $4NF$ (a step's last layer need not
+      be recomputed).
+    - `"none"`: every step's internals are stored: $3NF$, memory linear in N.
 
     The values are those of the plain scan in every case.
     """
     if checkpoint == "none":
         return lax.scan(step, carry, xs)
-    step = jax.checkpoint(step, prevent_cse=False)
+    if checkpoint != "chunk":
+        step = jax.checkpoint(step, prevent_cse=False)
     if checkpoint == "step":
         return lax.scan(step, carry, xs)
     n = jtu.tree_leaves(xs)[0].shape[0]

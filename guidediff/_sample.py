@@ -19,9 +19,13 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
 - Memory. With `checkpoint=True` the `"scan"` driver stores $O(\sqrt N)$ states for
   reverse mode, not $O(N)$: the $N$ steps are split into about $\sqrt N$ chunks of
   about $\sqrt N$ steps; the backward pass recomputes one chunk at a time (each step
-  under its own `jax.checkpoint`). `checkpoint="step"` stores the $N$ states (one
-  `jax.checkpoint` per step: less recomputation), `checkpoint=False` every step's
-  internals.
+  under its own `jax.checkpoint`): a gradient costs about 5 forward passes.
+  `checkpoint="chunk"` uses the same chunks without a checkpoint per step: it keeps
+  one chunk's step internals (about $\sqrt N$ steps' activations, still sublinear
+  in $N$) and costs 4 forward passes, the least without storing every step.
+  `checkpoint="step"` stores the $N$ states (one `jax.checkpoint` per step: a bit
+  under 4 passes), `checkpoint=False` every step's internals (3 passes, memory
+  linear in $N$).
   The `"diffeqsolve"` driver uses diffrax's adjoints (`RecursiveCheckpointAdjoint`
   by default, `DirectAdjoint`, `BacksolveAdjoint`, `ForwardMode`). On a fixed grid
   it solves all particles as one batched state in one `diffeqsolve` (the same
@@ -292,7 +296,7 @@ def sample(
     save_trajectory: bool = False,
     denoise: bool = False,
     adjoint: dfx.AbstractAdjoint | None = None,
-    checkpoint: bool | Literal["sqrt", "step"] = True,
+    checkpoint: bool | Literal["sqrt", "chunk", "step"] = True,
     truncate_backprop: int | None = None,
     y0: Float[ArrayLike, "*particles_x"] | None = None,
     brownian: Literal["grid", "tree", "unsafe"] | None = None,
@@ -331,7 +335,9 @@ def sample(
       `RecursiveCheckpointAdjoint()`; `ForwardMode()` with `brownian="unsafe"`).
     - `checkpoint`: reverse-mode memory of the `"scan"` driver. `True` (= `"sqrt"`):
       about $2\sqrt N$ stored states for $N$ steps, at the cost of two extra forward
-      passes; `"step"`: one `jax.checkpoint` per step, $N$ stored states and one
+      passes; `"chunk"`: the same chunks with no checkpoint per step, one chunk's
+      step internals kept (about $\sqrt N$ steps' activations) and one extra forward
+      pass; `"step"`: one `jax.checkpoint` per step, $N$ stored states and one
       extra forward pass (often faster when states are small); `False`: every
       step's internals are stored.
     - `truncate_backprop`: `K` differentiates only the last `K` steps (DRaFT-K): the

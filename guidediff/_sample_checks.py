@@ -129,10 +129,10 @@ def _checkpoint_mode(checkpoint) -> str:
         return "sqrt"
     if checkpoint is False:
         return "none"
-    if checkpoint == "step":
-        return "step"
+    if checkpoint in ("chunk", "step"):
+        return checkpoint
     raise ValueError(
-        f"checkpoint must be True, False, 'sqrt' or 'step', got {checkpoint!r}"
+        f"checkpoint must be True, False, 'sqrt', 'chunk' or 'step', got {checkpoint!r}"
     )
 
 

@@ -105,6 +105,7 @@ CASES = {
     "sde-grid-scan": dict(),
     "sde-grid-scan-store-all": dict(checkpoint=False),
     "sde-grid-scan-step": dict(checkpoint="step"),
+    "sde-grid-scan-chunk": dict(checkpoint="chunk"),
     "sde-grid-diffeqsolve": dict(driver="diffeqsolve"),  # RecursiveCheckpointAdjoint
     "sde-grid-direct": dict(
         driver="diffeqsolve", adjoint=dfx.DirectAdjoint(), max_steps=16
@@ -175,13 +176,14 @@ def _assert_tree_close(a, b, rtol=1e-8):
 
 
 def test_adjoints_agree():
-    """Scan with O(sqrt N) checkpoints == scan storing everything == scan with one
-    checkpoint per step == diffeqsolve with RecursiveCheckpointAdjoint ==
+    """Scan with O(sqrt N) checkpoints (per step, or per chunk only) == scan storing
+    everything == scan with one checkpoint per step == diffeqsolve with RecursiveCheckpointAdjoint ==
     DirectAdjoint; both drivers agree on the probability-flow ODE too."""
     ref = _grads("sde-grid-scan")
     for case in [
         "sde-grid-scan-store-all",
         "sde-grid-scan-step",
+        "sde-grid-scan-chunk",
         "sde-grid-diffeqsolve",
         "sde-grid-direct",
     ]:
@@ -276,15 +278,19 @@ def test_diffeqsolve_parameter_gradient_is_not_per_particle():
     assert temp < 0.5 * per_particle_cotangents, temp
 
 
-def test_checkpointed_gradient_memory_is_sublinear():
+@pytest.mark.parametrize("mode", [True, "chunk"])
+def test_checkpointed_gradient_memory_is_sublinear(mode):
     state_bytes = 64 * 2 * 8  # one carried state: particles x d float64
-    ckpt_250, ckpt_1000 = _temp_bytes(250, True), _temp_bytes(1000, True)
+    ckpt_250, ckpt_1000 = _temp_bytes(250, mode), _temp_bytes(1000, mode)
     store_all = _temp_bytes(1000, False)
     assert ckpt_1000 < 0.1 * store_all
-    # no O(N x particles x d) buffer: well under the 1000 states a per-step
-    # checkpoint would keep, and far from linear growth in N (sqrt: x2 for 4x N)
-    assert ckpt_1000 < 250 * state_bytes
+    # far from linear growth in N (sqrt: x2 for 4x N)
     assert ckpt_1000 < 2.5 * ckpt_250
+    if mode is True:
+        # no O(N x particles x d) buffer: well under the 1000 states a per-step
+        # checkpoint would keep ("chunk" keeps about sqrt(N) steps' internals,
+        # several states' worth each)
+        assert ckpt_1000 < 250 * state_bytes
 
 
 def test_tune_guidance_beats_constant_weights(tmp_path):
