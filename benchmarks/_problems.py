@@ -291,8 +291,14 @@ def _em_increment(t0, t1, x, score, xi):
     return x + (drift * dt + g * dw)
 
 
-def hand_sampler(problem: Problem, *, noise="batch", checkpoint=False, args=None):
-    """The hand-fused `lax.scan` Euler-Maruyama baseline (see the module docstring)."""
+def hand_sampler(
+    problem: Problem, *, noise="batch", checkpoint=False, args=None, network=True
+):
+    """The hand-fused `lax.scan` Euler-Maruyama baseline (see the module docstring).
+
+    For attributing a step's time: `noise="none"` drops the noise (network and
+    update only), `network=False` replaces the score by 0 (noise and update only).
+    """
     p, d = problem.particles, problem.dim
 
     def run(params, key, ts):
@@ -316,12 +322,21 @@ def hand_sampler(problem: Problem, *, noise="batch", checkpoint=False, args=None
             def normal(cell):
                 return jax.vmap(lambda k: cell_normal(k, cell, (d,), jnp.float32))(k_bm)
 
+        elif noise == "none":
+            x0 = jr.normal(key, (p, d))
+
+            def normal(cell):
+                return jnp.zeros((p, d))
+
         else:
             raise ValueError(noise)
 
         def step(x, inp):
             t0, t1, cell = inp
-            s = problem.batch_score(params, t0, x, args)
+            if network:
+                s = problem.batch_score(params, t0, x, args)
+            else:
+                s = jnp.zeros_like(x)
             return _em_increment(t0, t1, x, s, normal(cell)), None
 
         if checkpoint:

@@ -168,25 +168,39 @@ def _grad_cost(res: dict, file: str) -> list[str]:
             b = (mem.get(name) or {}).get("temp_size_in_bytes")
             return "-" if b is None else f"{b / 2**20:.0f}"
 
-        times = [
-            r["grad_over_forward"],
-            r.get("step_ckpt_grad_over_forward"),
-            r.get("no_ckpt_grad_over_forward"),
+        modes = [("sqrt", "guidediff_grad", "grad_over_forward")]
+        if "chunk_ckpt_grad_over_forward" in r:  # files from before "chunk" lack it
+            modes.append(
+                ("chunk", "guidediff_grad_chunk_ckpt", "chunk_ckpt_grad_over_forward")
+            )
+        modes += [
+            ("step", "guidediff_grad_step_ckpt", "step_ckpt_grad_over_forward"),
+            ("none", "guidediff_grad_no_checkpoint", "no_ckpt_grad_over_forward"),
         ]
-        names = ["guidediff_grad", "guidediff_grad_step_ckpt"]
-        names.append("guidediff_grad_no_checkpoint")
+        labels = " / ".join(m[0] for m in modes)
         rows.append(
             _row(
                 "grad_cost",
                 f"{res['size']}, {res['particles']} particles, N = {r['steps']}",
-                "gradient / forward time: sqrt / step / none (target <= 3); "
-                "XLA temp MiB: sqrt / step / none",
-                " / ".join(_f(x) for x in times)
+                f"gradient / forward time: {labels} (target <= 3); "
+                f"XLA temp MiB: {labels}",
+                " / ".join(_f(r.get(m[2])) for m in modes)
                 + "; "
-                + " / ".join(mib(n) for n in names),
+                + " / ".join(mib(m[1]) for m in modes),
                 file,
             )
         )
+        flops = r.get("matmul_flops_over_forward")
+        if flops is not None:
+            rows.append(
+                _row(
+                    "grad_cost",
+                    f"{res['size']}, N = {r['steps']}",
+                    f"gradient / forward matmul FLOPs (counted): {labels}",
+                    " / ".join(_f(flops.get(m[1])) for m in modes),
+                    file,
+                )
+            )
         vbt = r.get("diffrax_vbt_grad_over_guidediff_grad")
         if vbt is not None:
             rows.append(
@@ -203,10 +217,13 @@ def _grad_cost(res: dict, file: str) -> list[str]:
 
 def _mfu(res: dict, file: str) -> list[str]:
     by_dtype: dict[str, dict[str, float]] = {}
+    times: dict[str, dict[str, dict]] = {}
     for r in res["results"]:
-        by_dtype.setdefault(r["dtype"], {})[r["variant"]] = next(
-            iter(r["mfu"].values())
-        )
+        times.setdefault(r["dtype"], {})[r["variant"]] = r["timing"]
+        if "mfu" in r:
+            by_dtype.setdefault(r["dtype"], {})[r["variant"]] = next(
+                iter(r["mfu"].values())
+            )
     flags = res["device"].get("xla_flags")
     rows = []
     for dtype, v in by_dtype.items():
@@ -217,15 +234,30 @@ def _mfu(res: dict, file: str) -> list[str]:
         )
         if flags:
             value += f" (XLA_FLAGS={flags})"
+        where = f"{res['size']}, {res['particles']} particles"
         rows.append(
             _row(
                 "mfu",
-                f"{res['size']}, {res['particles']} particles",
+                where,
                 f"{dtype} MFU ({peak}): guidediff / hand / guidediff CFG",
                 value,
                 file,
             )
         )
+        t = times[dtype]
+        if "hand_no_noise" in t:  # files from before the split lack it
+            rows.append(
+                _row(
+                    "mfu",
+                    where,
+                    f"{dtype} hand loop time: full / no noise / no network",
+                    " / ".join(
+                        _ms(t.get(k))
+                        for k in ("hand", "hand_no_noise", "hand_no_network")
+                    ),
+                    file,
+                )
+            )
     return rows
 
 

@@ -7,6 +7,8 @@ steps N:
 - `forward`: `gd.sample` (scan driver) inside `jax.jit`;
 - `guidediff_grad`: `jax.grad` through `gd.sample(..., checkpoint=True)` (the scan
   driver's default: O(sqrt N) stored states, two recomputed forward passes);
+- `guidediff_grad_chunk_ckpt`: `checkpoint="chunk"` (the same chunks with no
+  checkpoint per step: one chunk's step internals kept, one recomputed forward);
 - `guidediff_grad_step_ckpt`: `checkpoint="step"` (N states, one recomputation);
 - `diffrax_vbt_grad`: `diffrax.diffeqsolve` with a `VirtualBrownianTree` and
   `RecursiveCheckpointAdjoint` (max_steps = N);
@@ -14,6 +16,10 @@ steps N:
 
 The two diffeqsolve-based gradients are timed only up to `--peer-max-steps` (200)
 steps; above, only their memory is reported.
+
+Work: the matmul FLOPs each scan-driver variant asks for, counted from its jaxpr
+(`_flops.matmul_flops`: exact, device-independent; recomputation included), and
+their ratio to the forward pass's: the floor under the time ratios.
 
 Memory: XLA's compiled memory analysis (temporary bytes) for every variant, on every
 backend; on a GPU also the allocator's `peak_bytes_in_use` after each run (a
@@ -27,11 +33,18 @@ which stores every step's activations (memory linear in N) and recomputes nothin
 import jax
 import jax.random as jr
 
-from . import _common as C, _problems as P
+from . import _common as C, _flops as F, _problems as P
 
 
 NAME = "grad_cost"
 DEFAULT_STEPS = (50, 100, 200, 400, 1000)
+FLOP_COUNTED = (
+    "forward",
+    "guidediff_grad",
+    "guidediff_grad_chunk_ckpt",
+    "guidediff_grad_step_ckpt",
+    "guidediff_grad_no_checkpoint",
+)
 
 
 def _particles(args) -> int:
@@ -49,6 +62,9 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
     fns = {
         "forward": jax.jit(P.gd_sampler(problem)),
         "guidediff_grad": P.grad_of(P.gd_sampler(problem, checkpoint=True)),
+        "guidediff_grad_chunk_ckpt": P.grad_of(
+            P.gd_sampler(problem, checkpoint="chunk")
+        ),
         "guidediff_grad_step_ckpt": P.grad_of(P.gd_sampler(problem, checkpoint="step")),
         "diffrax_vbt_grad": P.grad_of(
             P.diffrax_sampler(problem, path="vbt", tol=args.vbt_tol)
@@ -62,6 +78,15 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
     }
     memory_only = {}
     row = {"steps": steps, "timings": {}, "compiled_memory": {}, "device_peak": {}}
+    row["matmul_flops"] = {
+        name: F.matmul_flops(fns[name], problem.params, key, ts)
+        for name in FLOP_COUNTED
+    }
+    fwd_flops = row["matmul_flops"]["forward"]["flops"]
+    row["matmul_flops_over_forward"] = {
+        name: (c["flops"] / fwd_flops if fwd_flops else None)
+        for name, c in row["matmul_flops"].items()
+    }
     if steps > args.nockpt_max_steps:
         # No checkpointing stores every step's activations (linear in N): time it
         # only up to --nockpt-max-steps, report its compiled memory above.
@@ -92,6 +117,9 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
         print(f"  {name:<28} (not run)  temp {_mib(row['compiled_memory'][name])}")
     t = row["timings"]
     row["grad_over_forward"] = C.ratio(t["guidediff_grad"], t["forward"])
+    row["chunk_ckpt_grad_over_forward"] = C.ratio(
+        t["guidediff_grad_chunk_ckpt"], t["forward"]
+    )
     row["step_ckpt_grad_over_forward"] = C.ratio(
         t["guidediff_grad_step_ckpt"], t["forward"]
     )
@@ -156,9 +184,16 @@ def main(argv=None) -> dict:
                 "grad_ms": _ms(t["guidediff_grad"]),
                 "vbt_grad_ms": _ms(t["diffrax_vbt_grad"]),
                 "grad/fwd": r["grad_over_forward"],
+                "chunk/fwd": r["chunk_ckpt_grad_over_forward"],
                 "step/fwd": r["step_ckpt_grad_over_forward"],
                 "nockpt/fwd": r["no_ckpt_grad_over_forward"],
+                "flops sqrt/chunk/step/none": "/".join(
+                    f"{r['matmul_flops_over_forward'][k]:.2f}"
+                    for k in FLOP_COUNTED[1:]
+                    if r["matmul_flops_over_forward"][k] is not None
+                ),
                 "grad_MiB": (_temp(m["guidediff_grad"]) or 0) / 2**20,
+                "chunk_MiB": (_temp(m["guidediff_grad_chunk_ckpt"]) or 0) / 2**20,
                 "step_MiB": (_temp(m["guidediff_grad_step_ckpt"]) or 0) / 2**20,
                 "vbt_MiB": (_temp(m["diffrax_vbt_grad"]) or 0) / 2**20,
                 "nockpt_MiB": (_temp(m["guidediff_grad_no_checkpoint"]) or 0) / 2**20,
@@ -176,6 +211,11 @@ def main(argv=None) -> dict:
             "objective": "mean over particles of mean_j x_j^2 (r(x) = |x|^2 / d)",
             "wrt": "all MLP parameters",
             "vbt_tol": args.vbt_tol,
+            "flop_note": (
+                "matmul_flops: dot_general FLOPs of the traced program (scan bodies "
+                "times their length, checkpoint recomputation included), counted "
+                "by benchmarks/_flops.py; exact and device-independent"
+            ),
             "memory_note": (
                 "compiled_memory = XLA memory_analysis of the jitted function "
                 "(temp_size_in_bytes: scratch, residuals included); device_peak = "

@@ -3,7 +3,8 @@
 The 3072-D size (MLP 3 x 1024), float32 and bfloat16 weights and activations (the
 sampler state stays float32), `gd.sample` (scan driver, Euler) inside `jax.jit`,
 plain and with batched classifier-free guidance, and the hand-fused loop as the
-reference. FLOPs are counted analytically: 2 * in * out per layer per particle per
+reference. Two more hand-loop rows split a step's time: `hand_no_noise` (network
+and update, no noise drawn) and `hand_no_network` (noise and update, score 0). FLOPs are counted analytically: 2 * in * out per layer per particle per
 step, twice that for CFG (the conditional and unconditional evaluations; the first
 layer's x W0 is shared by both, so the CFG count is an upper bound on the work
 done: `flops_effective` counts it once).
@@ -12,6 +13,8 @@ Peaks (dense, no sparsity) for NVIDIA H100 SXM5 (also used for H200, which has t
 same compute): bf16 989.4 TFLOP/s, TF32 494.7 TFLOP/s, fp32 (non-tensor) 66.9
 TFLOP/s, from NVIDIA's H100 Tensor Core GPU datasheet. Other devices: no peak, MFU
 not reported. Whether JAX runs float32 matmuls as TF32 here is probed and reported.
+`flops_counted` is the matmul FLOP count of the traced program (`_flops.py`), a
+check on the analytic count.
 
     PYTHONPATH=. python -m benchmarks.mfu [--quick]
 """
@@ -22,7 +25,7 @@ import jax.random as jr
 
 import guidediff as gd
 
-from . import _common as C, _problems as P
+from . import _common as C, _flops as F, _problems as P
 
 
 NAME = "mfu"
@@ -73,6 +76,11 @@ def main(argv=None) -> dict:
                 P.gd_sampler(problem, args=label, guidance=cfg),
                 2,
             ),
+            "hand_no_noise": (P.hand_sampler(problem, args=label, noise="none"), 1),
+            "hand_no_network": (
+                P.hand_sampler(problem, args=label, network=False),
+                0,
+            ),
         }
         print(f"-- {dtype_name}: {n} particles, {steps} steps, width {problem.width}")
         for name, (fn, evals) in variants.items():
@@ -80,21 +88,24 @@ def main(argv=None) -> dict:
                 jax.jit(fn), problem.params, key, ts, repeats=args.repeats
             )
             flops = evals * problem.flops_per_eval * n * steps
-            effective = flops - (evals - 1) * first_layer * n * steps
+            effective = flops - max(evals - 1, 0) * first_layer * n * steps
             if "run_s" not in timing:
                 rows.append({"variant": name, "dtype": dtype_name, "timing": timing})
                 continue
+            with jax.numpy_rank_promotion("allow"):
+                counted = F.matmul_flops(fn, problem.params, key, ts)
             row = {
                 "variant": name,
                 "dtype": dtype_name,
                 "network_evals_per_step": evals,
                 "flops": flops,
                 "flops_effective": effective,
+                "flops_counted": counted,
                 "timing": timing,
                 "achieved_flops_per_s": flops / timing["run_s"],
                 "achieved_effective_flops_per_s": effective / timing["run_s"],
             }
-            if peaks is not None:
+            if peaks is not None and evals:
                 if dtype_name == "bfloat16":
                     keys = ("bf16",)
                 else:  # the peak of the unit JAX's float32 matmuls actually use

@@ -139,20 +139,31 @@ def test_grad_cost(runs):
     for v in (
         "forward",
         "guidediff_grad",
+        "guidediff_grad_chunk_ckpt",
         "guidediff_grad_step_ckpt",
         "guidediff_grad_no_checkpoint",
     ):
         _timing(row["timings"][v])
         assert row["compiled_memory"][v]["temp_size_in_bytes"] >= 0
+        assert row["matmul_flops"][v]["exact"]
     assert "guidediff_grad_no_checkpoint" in row["compiled_memory"]
+    # store-all gradient = forward + a backward of two matmuls per forward matmul
+    assert row["matmul_flops_over_forward"]["guidediff_grad_no_checkpoint"] == 3.0
 
 
 def test_mfu(runs):
     r = _load(runs, "mfu")
     assert {x["dtype"] for x in r["results"]} == {"float32", "bfloat16"}
+    assert {"hand_no_noise", "hand_no_network"} <= {x["variant"] for x in r["results"]}
     for x in r["results"]:
         _timing(x["timing"])
-        assert x["achieved_flops_per_s"] > 0
+        # the analytic count (the MFU numerator) is the traced program's
+        assert x["flops_counted"] == {
+            "flops": x["flops_effective"],
+            "exact": True,
+            "notes": [],
+        }
+        assert (x["achieved_flops_per_s"] > 0) == (x["network_evals_per_step"] > 0)
     assert r["peaks_flops_per_s"] is None  # no peak is claimed for a CPU
 
 
