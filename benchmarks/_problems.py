@@ -292,7 +292,13 @@ def _em_increment(t0, t1, x, score, xi):
 
 
 def hand_sampler(
-    problem: Problem, *, noise="batch", checkpoint=False, args=None, network=True
+    problem: Problem,
+    *,
+    noise="batch",
+    checkpoint=False,
+    args=None,
+    network=True,
+    unroll=1,
 ):
     """The hand-fused `lax.scan` Euler-Maruyama baseline (see the module docstring).
 
@@ -343,7 +349,7 @@ def hand_sampler(
             step = jax.checkpoint(step)
         # The grid decreases; the grid path numbers cells along the sorted grid.
         cells = jnp.arange(n - 1, -1, -1)
-        x, _ = lax.scan(step, x0, (ts[:-1], ts[1:], cells))
+        x, _ = lax.scan(step, x0, (ts[:-1], ts[1:], cells), unroll=unroll)
         return x
 
     return run

@@ -66,6 +66,18 @@ def _against_scan(res: dict, file: str) -> list[str]:
                 file,
             )
         )
+        if "forward_unroll_jit" in q:  # files from before `unroll` lack it
+            rows.append(
+                _row(
+                    "against_scan",
+                    size,
+                    f"forward, jit, unroll={r['unroll']}: t_hand / t_guidediff, "
+                    "hand loop plain / unrolled too",
+                    f"{_f(q['forward_unroll_jit'])} / "
+                    f"{_f(q['forward_unroll_both_jit'])}",
+                    file,
+                )
+            )
         if "backward" not in q:
             continue
         bwd = r["backward"]

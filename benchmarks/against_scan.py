@@ -14,6 +14,10 @@ default checkpointing (`True` = "sqrt") stores O(sqrt N) states and recomputes t
 forward passes; `guidediff_step_ckpt` (`checkpoint="step"`) is the like-for-like
 scheme (N states, one recomputed forward pass).
 
+`--unroll K` (default 4) adds `guidediff_jit_unroll` (`gd.sample(..., unroll=K)`)
+and `hand_unroll` (the hand loop's `lax.scan(..., unroll=K)`): K steps per loop
+iteration, fewer per-iteration launches on an accelerator (0 skips both).
+
 ratio = t_baseline / t_guidediff; the target is >= 0.95.
 
     PYTHONPATH=. python -m benchmarks.against_scan [--quick] [--sizes 2d 64d 3072d]
@@ -41,13 +45,19 @@ def run_size(size: P.Size, args) -> dict:
         flush=True,
     )
     gd_eager = P.gd_sampler(problem)
+    variants = {
+        "guidediff": gd_eager,
+        "guidediff_jit": jax.jit(gd_eager),
+        "hand": jax.jit(P.hand_sampler(problem)),
+        "hand_same_noise": jax.jit(P.hand_sampler(problem, noise="particle")),
+    }
+    if args.unroll:
+        variants["guidediff_jit_unroll"] = jax.jit(
+            P.gd_sampler(problem, unroll=args.unroll)
+        )
+        variants["hand_unroll"] = jax.jit(P.hand_sampler(problem, unroll=args.unroll))
     fwd, out = C.time_all(
-        {
-            "guidediff": gd_eager,
-            "guidediff_jit": jax.jit(gd_eager),
-            "hand": jax.jit(P.hand_sampler(problem)),
-            "hand_same_noise": jax.jit(P.hand_sampler(problem, noise="particle")),
-        },
+        variants,
         problem.params,
         key,
         ts,
@@ -74,6 +84,16 @@ def run_size(size: P.Size, args) -> dict:
         "forward_same_noise": C.ratio(fwd["hand_same_noise"], fwd["guidediff"]),
         "forward_same_noise_jit": C.ratio(fwd["hand_same_noise"], fwd["guidediff_jit"]),
     }
+    if args.unroll:
+        result["unroll"] = args.unroll
+        result["max_abs_diff_unroll"] = P.max_abs_diff(
+            out["guidediff_jit_unroll"], out["guidediff_jit"]
+        )
+        # unrolled against the plain hand loop, and like for like
+        ratios["forward_unroll_jit"] = C.ratio(fwd["hand"], fwd["guidediff_jit_unroll"])
+        ratios["forward_unroll_both_jit"] = C.ratio(
+            fwd["hand_unroll"], fwd["guidediff_jit_unroll"]
+        )
     if not args.no_backward:
         bwd, grads = C.time_all(
             {
@@ -125,6 +145,12 @@ def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=list(P.SIZES), choices=list(P.SIZES))
     p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=4,
+        help="also time the forward with K steps per loop iteration (0: skip)",
+    )
     args = C.parse(p, argv)
     C.header(NAME)
     results = [run_size(P.SIZES[s], args) for s in args.sizes]

@@ -29,8 +29,9 @@ def _stop_gradient(tree):
     )
 
 
-def _scan_steps(step, carry, xs, checkpoint: str):
-    """`lax.scan(step, carry, xs)`, checkpointed for reverse mode.
+def _scan_steps(step, carry, xs, checkpoint: str, unroll: int = 1):
+    """`lax.scan(step, carry, xs)`, checkpointed for reverse mode, with `unroll` steps
+    per loop iteration (the chunk loops of "sqrt" and "chunk" are not unrolled).
 
     With $F$ the cost of one step's forward pass, and the backward of a step costing
     about $2F$ (input and parameter cotangents of its matmuls), the gradient of $N$
@@ -53,19 +54,19 @@ def _scan_steps(step, carry, xs, checkpoint: str):
     The values are those of the plain scan in every case.
     """
     if checkpoint == "none":
-        return lax.scan(step, carry, xs)
+        return lax.scan(step, carry, xs, unroll=unroll)
     if checkpoint != "chunk":
         step = jax.checkpoint(step, prevent_cse=False)
     if checkpoint == "step":
-        return lax.scan(step, carry, xs)
+        return lax.scan(step, carry, xs, unroll=unroll)
     n = jtu.tree_leaves(xs)[0].shape[0]
     chunk_len = max(1, math.isqrt(n))
     num_chunks, rest = divmod(n, chunk_len)
     if num_chunks <= 1:
-        return lax.scan(step, carry, xs)
+        return lax.scan(step, carry, xs, unroll=unroll)
 
     def chunk(c, xs_chunk):
-        return lax.scan(step, c, xs_chunk)
+        return lax.scan(step, c, xs_chunk, unroll=unroll)
 
     split = num_chunks * chunk_len
     head = jtu.tree_map(
@@ -74,7 +75,8 @@ def _scan_steps(step, carry, xs, checkpoint: str):
     carry, ys = lax.scan(jax.checkpoint(chunk, prevent_cse=False), carry, head)
     ys = jtu.tree_map(lambda a: a.reshape(split, *a.shape[2:]), ys)
     if rest:
-        carry, ys_tail = lax.scan(step, carry, jtu.tree_map(lambda a: a[split:], xs))
+        tail = jtu.tree_map(lambda a: a[split:], xs)
+        carry, ys_tail = lax.scan(step, carry, tail, unroll=unroll)
         ys = jtu.tree_map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
     return carry, ys
 
@@ -91,7 +93,15 @@ def _grid_path(terms) -> GridBrownianPath | None:
 
 
 def _scan_solve(
-    terms, solver, ts, y0, args, save_all: bool, checkpoint: str, step_offset: int = 0
+    terms,
+    solver,
+    ts,
+    y0,
+    args,
+    save_all: bool,
+    checkpoint: str,
+    step_offset: int = 0,
+    unroll: int = 1,
 ):
     state0 = solver.init(terms, ts[0], ts[1], y0, args)
     num = ts.shape[0] - 1
@@ -120,7 +130,7 @@ def _scan_solve(
 
     carry0 = (y0, state0, dfx.RESULTS.successful)
     xs = (ts[:-1], ts[1:], cells)
-    (y_final, _, result), ys = _scan_steps(step, carry0, xs, checkpoint)
+    (y_final, _, result), ys = _scan_steps(step, carry0, xs, checkpoint, unroll)
     if save_all:
         ys = jnp.concatenate([y0[None], ys], axis=0)
     else:
@@ -167,13 +177,14 @@ def _solve(
     max_steps,
     checkpoint,
     truncate,
+    unroll=1,
 ):
     """One particle's solve; with `truncate = K`, the gradient stops K steps early."""
 
     def run(terms, solver, ts, y0, args, step_offset=0):
         if driver == "scan":
             return _scan_solve(
-                terms, solver, ts, y0, args, save_all, checkpoint, step_offset
+                terms, solver, ts, y0, args, save_all, checkpoint, step_offset, unroll
             )
         dt0 = ts[1] - ts[0]
         return _diffeqsolve(

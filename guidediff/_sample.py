@@ -64,6 +64,7 @@ from ._sample_checks import (
     _check_brownian,
     _check_score_shape,
     _check_truncate,
+    _check_unroll,
     _check_y0,
     _checkpoint_mode,
 )
@@ -129,6 +130,7 @@ def _sample_core(
     bm_tol,
     brownian,
     truncate,
+    unroll=1,
     batched: bool = False,
 ):
     """One particle's solve (`key` one key), or, with `batched=True`, all particles
@@ -163,6 +165,7 @@ def _sample_core(
         max_steps=max_steps,
         checkpoint=checkpoint,
         truncate=truncate,
+        unroll=unroll,
     )
     if batched and save_all:
         ys = jnp.swapaxes(ys, 0, 1)  # (time, P, ...) -> (P, time, ...)
@@ -203,6 +206,7 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         truncate,
         single,
         save_trajectory,
+        unroll,
     ) = static
     core = functools.partial(
         _sample_core,
@@ -224,6 +228,7 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         bm_tol=bm_tol,
         brownian=brownian,
         truncate=truncate,
+        unroll=unroll,
     )
     # Particle keys are made inside the compiled program (no eager dispatch per call)
     # and laid out over the devices when a sharding is given.
@@ -297,6 +302,7 @@ def sample(
     denoise: bool = False,
     adjoint: dfx.AbstractAdjoint | None = None,
     checkpoint: bool | Literal["sqrt", "chunk", "step"] = True,
+    unroll: int = 1,
     truncate_backprop: int | None = None,
     y0: Float[ArrayLike, "*particles_x"] | None = None,
     brownian: Literal["grid", "tree", "unsafe"] | None = None,
@@ -340,6 +346,9 @@ def sample(
       pass; `"step"`: one `jax.checkpoint` per step, $N$ stored states and one
       extra forward pass (often faster when states are small); `False`: every
       step's internals are stored.
+    - `unroll`: steps per loop iteration of the `"scan"` driver (`lax.scan`'s
+      `unroll`): fewer loop iterations on accelerators, where each costs a kernel
+      launch or more, at the price of a longer compile. Same values.
     - `truncate_backprop`: `K` differentiates only the last `K` steps (DRaFT-K): the
       gradient stops at the state `K` steps before the end (fixed grids only).
     - `y0`: explicit initial states, `(num_particles, *shape)` (or `shape` for one
@@ -404,6 +413,7 @@ def sample(
         adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
     truncate = _check_truncate(truncate_backprop, stepsize_controller)
     checkpoint = _checkpoint_mode(checkpoint)
+    unroll = _check_unroll(unroll, driver)
     if solver is None:
         solver = ExponentialIntegrator(sde) if process == "sde" else dfx.Heun()
     _check_score_shape(score, ts, shape, dtype, args)
@@ -438,6 +448,7 @@ def sample(
         truncate,
         single,
         bool(save_trajectory),
+        unroll,
     )
     ys, result, failed, nsteps, out_ts = _sample_jit(
         key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static

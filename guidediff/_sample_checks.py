@@ -136,6 +136,18 @@ def _checkpoint_mode(checkpoint) -> str:
     )
 
 
+def _check_unroll(unroll, driver) -> int:
+    if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer):
+        raise TypeError(f"unroll must be a positive int, got {unroll!r}")
+    if unroll < 1:
+        raise ValueError(f"unroll must be >= 1, got {unroll}")
+    if unroll != 1 and driver != "scan":
+        raise ValueError(
+            f"unroll={unroll} applies to the 'scan' driver only, not driver={driver!r}"
+        )
+    return int(unroll)
+
+
 def _check_truncate(truncate, controller) -> int | None:
     if truncate is None:
         return None

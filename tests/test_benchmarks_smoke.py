@@ -100,6 +100,9 @@ def test_against_scan(runs):
     for x in r["results"]:
         for v in ("guidediff", "guidediff_jit", "hand", "hand_same_noise"):
             _timing(x["forward"][v])
+        for v in ("guidediff_jit_unroll", "hand_unroll"):
+            _timing(x["forward"][v])
+        assert x["max_abs_diff_unroll"] <= 1e-5 * max(1.0, x["sample_scale"])
         for v in ("guidediff", "guidediff_step_ckpt", "hand", "hand_same_noise"):
             _timing(x["backward"][v])
         assert {"forward", "forward_jit", "backward"} <= set(x["ratios"])

@@ -106,6 +106,7 @@ CASES = {
     "sde-grid-scan-store-all": dict(checkpoint=False),
     "sde-grid-scan-step": dict(checkpoint="step"),
     "sde-grid-scan-chunk": dict(checkpoint="chunk"),
+    "sde-grid-scan-unrolled": dict(unroll=3),
     "sde-grid-diffeqsolve": dict(driver="diffeqsolve"),  # RecursiveCheckpointAdjoint
     "sde-grid-direct": dict(
         driver="diffeqsolve", adjoint=dfx.DirectAdjoint(), max_steps=16
@@ -177,18 +178,28 @@ def _assert_tree_close(a, b, rtol=1e-8):
 
 def test_adjoints_agree():
     """Scan with O(sqrt N) checkpoints (per step, or per chunk only) == scan storing
-    everything == scan with one checkpoint per step == diffeqsolve with RecursiveCheckpointAdjoint ==
+    everything == scan with one checkpoint per step == unrolled scan == diffeqsolve with RecursiveCheckpointAdjoint ==
     DirectAdjoint; both drivers agree on the probability-flow ODE too."""
     ref = _grads("sde-grid-scan")
     for case in [
         "sde-grid-scan-store-all",
         "sde-grid-scan-step",
         "sde-grid-scan-chunk",
+        "sde-grid-scan-unrolled",
         "sde-grid-diffeqsolve",
         "sde-grid-direct",
     ]:
         _assert_tree_close(_grads(case), ref)
     _assert_tree_close(_grads("ode-scan"), _grads("ode-diffeqsolve"))
+
+
+def test_unrolled_scan_gives_the_same_samples():
+    p = _params()
+    sde, score = _guided(p)
+    plain, unrolled = (
+        gd.sample(KEY, sde, score, (2,), y0=p["y0"], ts=TS, unroll=u).ys for u in (1, 3)
+    )
+    np.testing.assert_allclose(unrolled, plain, rtol=1e-12, atol=1e-12)
 
 
 def test_truncated_backprop_is_the_last_k_steps():
@@ -402,6 +413,12 @@ def test_bad_differentiation_arguments():
         )
     with pytest.raises(ValueError, match="checkpoint must be"):
         _objective(p, checkpoint="every")
+    with pytest.raises(ValueError, match="unroll must be >= 1"):
+        _objective(p, unroll=0)
+    with pytest.raises(TypeError, match="unroll must be a positive int"):
+        _objective(p, unroll=2.0)
+    with pytest.raises(ValueError, match="'scan' driver only"):
+        _objective(p, unroll=2, driver="diffeqsolve")
     with pytest.raises(ValueError, match="y0 must have shape"):
         _objective({**p, "y0": jnp.zeros((3, 5))})
     with pytest.raises(ValueError, match="VirtualBrownianTree"):
