@@ -98,7 +98,11 @@ from ._sde import (
     LinearBeta as LinearBeta,
     OneMinusT as OneMinusT,
 )
-from ._solver import ExponentialIntegrator as ExponentialIntegrator
+from ._solver import (
+    DDIM as DDIM,
+    DPMSolverPP as DPMSolverPP,
+    ExponentialIntegrator as ExponentialIntegrator,
+)
 from ._weights import (
     Constant as Constant,
     PiecewiseLinear as PiecewiseLinear,

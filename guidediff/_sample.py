@@ -63,6 +63,7 @@ from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
     _check_brownian,
     _check_score_shape,
+    _check_solver,
     _check_truncate,
     _check_unroll,
     _check_y0,
@@ -416,6 +417,7 @@ def sample(
     unroll = _check_unroll(unroll, driver)
     if solver is None:
         solver = ExponentialIntegrator(sde) if process == "sde" else dfx.Heun()
+    _check_solver(solver, process, stepsize_controller)
     _check_score_shape(score, ts, shape, dtype, args)
     # Numbers in args become array leaves, so a new label does not recompile.
     args = jtu.tree_map(

@@ -136,6 +136,29 @@ def _checkpoint_mode(checkpoint) -> str:
     )
 
 
+def _check_solver(solver, process, controller) -> None:
+    """guidediff's diffusion solvers each solve one kind of terms."""
+    from ._solver import DDIM, ExponentialIntegrator
+
+    name = type(solver).__name__
+    if isinstance(solver, ExponentialIntegrator) and process != "sde":
+        raise ValueError(
+            f"{name} steps the reverse SDE (process='sde'); for the probability-flow "
+            "ODE use gd.DDIM, gd.DPMSolverPP or a diffrax ODE solver"
+        )
+    if isinstance(solver, DDIM):
+        if process != "ode":
+            raise ValueError(
+                f"{name} steps the probability-flow ODE (process='ode'); for the "
+                "reverse SDE use gd.ExponentialIntegrator or a diffrax SDE solver"
+            )
+        if controller is not None and not isinstance(controller, dfx.StepTo):
+            raise ValueError(
+                f"{name} has no error estimate and runs on fixed grids only: pass "
+                "ts (and no adaptive stepsize_controller)"
+            )
+
+
 def _check_unroll(unroll, driver) -> int:
     if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer):
         raise TypeError(f"unroll must be a positive int, got {unroll!r}")

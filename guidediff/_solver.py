@@ -11,15 +11,38 @@ $$x_s = \frac{x_t + \sigma_{t|s}^2\,s_t(x_t)}{\alpha_{t|s}}
 Writing $s_t = (\alpha_t\hat x_0 - x_t)/\sigma_t^2$ gives the DDPM ancestral step of
 PAPER.md §5.1 (SDE-DPM-Solver-1). It has no $1/\alpha_t$ in it, so it is stable from a
 start time where $\beta$ is large.
+
+`DDIM` and `DPMSolverPP` solve the probability-flow ODE in log-SNR time
+$\lambda_t = \log(\alpha_t/\sigma_t)$ with the data prediction
+$\hat x_0 = (x + \sigma_t^2 s_t(x))/\alpha_t$ (Lu et al., DPM-Solver++): with
+$h = \lambda_s - \lambda_t$,
+
+$$x_s = \frac{\sigma_s}{\sigma_t}\,x_t + \alpha_s\,(1 - e^{-h})\,D,$$
+
+$D = \hat x_0(t)$ for `DDIM` (first order), and for `DPMSolverPP` (2M, second order)
+$D = \hat x_0(t) + \frac{1}{2r}\,(\hat x_0(t) - \hat x_0(t_{\rm prev}))$ with
+$r = (\lambda_t - \lambda_{t_{\rm prev}})/h$, from the previous step's prediction
+(its first step is a `DDIM` step). One score evaluation per step either way.
 """
 
 from typing import ClassVar
 
 import diffrax as dfx
+import equinox as eqx
 import jax.numpy as jnp
 from diffrax._local_interpolation import LocalLinearInterpolation
+from jaxtyping import Array, Bool, Float
 
 from ._sde import AbstractSDE
+
+
+def _sde_times(term, t0, t1):
+    """The step's start and end in the SDE's own time, and the ODE term's control
+    (the signed step in the SDE's time), also when `diffeqsolve` has flipped time to
+    integrate backwards (the control then has the opposite sign to `t1 - t0`)."""
+    dt = term.contr(t0, t1)
+    direction = jnp.where(dt * (t1 - t0) < 0, -1, 1)
+    return t0 * direction, t1 * direction, dt
 
 
 class ExponentialIntegrator(dfx.AbstractItoSolver):
@@ -52,11 +75,7 @@ class ExponentialIntegrator(dfx.AbstractItoSolver):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del solver_state, made_jump
         drift_term, noise_term = terms.terms
-        # The ODE term's control is the signed time step in the SDE's own time, also
-        # when diffeqsolve has flipped time to integrate backwards.
-        dt = drift_term.contr(t0, t1)
-        direction = jnp.where(dt * (t1 - t0) < 0, -1, 1)
-        ta, tb = t0 * direction, t1 * direction
+        ta, tb, dt = _sde_times(drift_term, t0, t1)
         dtype = y0.dtype
         v = drift_term.vf(t0, y0, args)
         g2 = (self.sde.diffusion(ta) ** 2).astype(dtype)
@@ -75,3 +94,108 @@ class ExponentialIntegrator(dfx.AbstractItoSolver):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+
+class _DataPredictionState(eqx.Module):
+    x0: Float[Array, "*x"]  # the previous step's data prediction
+    log_snr: Float[Array, ""]  # lambda at the previous step's start
+    ready: Bool[Array, ""]  # False before the first step
+
+
+class DDIM(dfx.AbstractSolver):
+    r"""DDIM: the first-order data-prediction step of the probability-flow ODE.
+
+    $$x_s = \frac{\sigma_s}{\sigma_t}\,x_t + \alpha_s\,(1 - e^{-h})\,\hat x_0(t),
+    \qquad h = \lambda_s - \lambda_t,\quad \lambda = \log\frac{\alpha}{\sigma},$$
+
+    which is DPM-Solver++(1). Exact when $\hat x_0$ does not depend on the time
+    (a point mass); one score evaluation per step. For `probability_flow` terms
+    (`gd.sample(..., process="ode")`), with either driver, in either time direction.
+
+    **Arguments:**
+
+    - `sde`: the forward SDE whose probability-flow ODE is being solved.
+
+    ```python
+    import jax.numpy as jnp, jax.random as jr, guidediff as gd
+    sde = gd.VPSDE()
+    data = gd.Gaussian(jnp.zeros(2), jnp.eye(2))
+    ts = gd.logsnr_grid(sde, sde.T, 1e-3, 20)
+    out = gd.sample(jr.key(0), sde, data.score(sde), (2,), num_particles=8, ts=ts,
+                    process="ode", solver=gd.DDIM(sde))
+    ```
+    """
+
+    sde: AbstractSDE
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = LocalLinearInterpolation
+    _multistep: ClassVar[bool] = False
+
+    def order(self, terms):
+        return 2 if self._multistep else 1
+
+    def init(self, terms, t0, t1, y0, args):
+        return _DataPredictionState(
+            jnp.zeros_like(y0), jnp.zeros((), y0.dtype), jnp.asarray(False)
+        )
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        del made_jump
+        ta, tb, _ = _sde_times(terms, t0, t1)
+        dtype = y0.dtype
+        v = terms.vf(t0, y0, args)
+        # probability_flow's drift is f x - g^2 s / 2: read the score back from it.
+        g2 = (self.sde.diffusion(ta) ** 2).astype(dtype)
+        score = 2 * (self.sde.drift(ta, y0) - v) / g2
+        alpha_a, sigma_a = self.sde.marginal(ta)
+        alpha_b, sigma_b = self.sde.marginal(tb)
+        x0 = (y0 + (sigma_a**2).astype(dtype) * score) / alpha_a.astype(dtype)
+        lam_a = jnp.log(alpha_a / sigma_a).astype(dtype)
+        lam_b = jnp.log(alpha_b / sigma_b).astype(dtype)
+        h = lam_b - lam_a
+        d = x0
+        if self._multistep:
+            prev = solver_state
+            r = (lam_a - prev.log_snr) / h
+            corrected = x0 + (x0 - prev.x0) / (2 * r)
+            d = jnp.where(prev.ready, corrected, x0)
+        y1 = (sigma_b / sigma_a).astype(dtype) * y0 - (
+            alpha_b.astype(dtype) * jnp.expm1(-h)
+        ) * d
+        state = _DataPredictionState(x0, lam_a, jnp.asarray(True))
+        dense_info = dict(y0=y0, y1=y1)
+        return y1, None, dense_info, state, dfx.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+class DPMSolverPP(DDIM):
+    r"""DPM-Solver++(2M): the second-order multistep data-prediction step of the
+    probability-flow ODE (Lu et al. 2022), the usual few-step solver for guided
+    sampling.
+
+    $$x_s = \frac{\sigma_s}{\sigma_t}\,x_t + \alpha_s\,(1 - e^{-h})
+    \Big[\hat x_0(t) + \frac{\hat x_0(t) - \hat x_0(t_{\rm prev})}{2r}\Big],
+    \qquad r = \frac{\lambda_t - \lambda_{t_{\rm prev}}}{h},$$
+
+    with the previous step's prediction carried in the solver state; the first step
+    is a `DDIM` step. One score evaluation per step; global error $O(h^2)$ (on a
+    grid uniform in log-SNR, `gd.logsnr_grid`). Fixed grids only (`StepTo` or the
+    scan driver): a rejected adaptive step would leave a stale prediction.
+
+    **Arguments:**
+
+    - `sde`: the forward SDE whose probability-flow ODE is being solved.
+
+    ```python
+    import jax.numpy as jnp, jax.random as jr, guidediff as gd
+    sde = gd.VPSDE()
+    data = gd.Gaussian(jnp.zeros(2), jnp.eye(2))
+    ts = gd.logsnr_grid(sde, sde.T, 1e-3, 20)
+    out = gd.sample(jr.key(0), sde, data.score(sde), (2,), num_particles=8, ts=ts,
+                    process="ode", solver=gd.DPMSolverPP(sde))
+    ```
+    """
+
+    _multistep: ClassVar[bool] = True
