@@ -189,12 +189,14 @@ class DPMSolverPP(DDIM):
     - `sde`: the forward SDE whose probability-flow ODE is being solved.
 
     ```python
-    import jax.numpy as jnp, jax.random as jr, guidediff as gd
+    import jax.random as jr, guidediff as gd
     sde = gd.VPSDE()
-    data = gd.Gaussian(jnp.zeros(2), jnp.eye(2))
-    ts = gd.logsnr_grid(sde, sde.T, 1e-3, 20)
-    out = gd.sample(jr.key(0), sde, data.score(sde), (2,), num_particles=8, ts=ts,
-                    process="ode", solver=gd.DPMSolverPP(sde))
+    gmm = gd.GaussianMixture(weights=[0.5, 0.5], means=[[-2.0, 0.0], [2.0, 0.0]],
+                             covs=[0.5, 0.5], labels=[0, 1])
+    score = gd.guide(gmm.conditional_score(sde), gd.cfg(2.0, null_args=gmm.null_label))
+    out = gd.sample(jr.key(0), sde, score, (2,), num_particles=8, args=1,
+                    ts=gd.logsnr_grid(sde, sde.T, 1e-3, 20), process="ode",
+                    solver=gd.DPMSolverPP(sde))
     ```
     """
 

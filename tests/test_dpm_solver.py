@@ -121,26 +121,14 @@ def test_gradient_matches_finite_differences():
 def test_solver_and_process_must_match():
     score = DATA.score(SDE)
     ts = gd.uniform_grid(SDE.T, EPS, 4)
+
+    def sample(**kw):
+        return gd.sample(jr.key(0), SDE, score, (2,), ts=ts, **kw)
+
     with pytest.raises(ValueError, match="probability-flow ODE"):
-        gd.sample(jr.key(0), SDE, score, (2,), ts=ts, solver=gd.DPMSolverPP(SDE))
+        sample(solver=gd.DPMSolverPP(SDE))
     with pytest.raises(ValueError, match="reverse SDE"):
-        gd.sample(
-            jr.key(0),
-            SDE,
-            score,
-            (2,),
-            ts=ts,
-            process="ode",
-            solver=gd.ExponentialIntegrator(SDE),
-        )
+        sample(process="ode", solver=gd.ExponentialIntegrator(SDE))
+    pid = dfx.PIDController(rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="fixed grids only"):
-        gd.sample(
-            jr.key(0),
-            SDE,
-            score,
-            (2,),
-            ts=ts,
-            process="ode",
-            solver=gd.DDIM(SDE),
-            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
-        )
+        sample(process="ode", solver=gd.DDIM(SDE), stepsize_controller=pid)
