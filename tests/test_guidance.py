@@ -159,6 +159,25 @@ def test_no_retrace_when_weight_label_or_key_change():
     assert not np.allclose(a, b) and not np.allclose(b, c)
 
 
+def test_weight_sweep_is_one_vmapped_program():
+    """A sweep over guidance weights (and labels) is `jax.vmap` over `gd.sample`:
+    one compiled program, the same samples as one call per weight."""
+    ts = gd.uniform_grid(1.0, 1e-3, 10)
+
+    def run(w, label):
+        guided = gd.guide(COND, gd.cfg(w, null_args=3))
+        return gd.sample(
+            jr.key(6), SDE, guided, (2,), num_particles=4, ts=ts, args=label
+        ).ys
+
+    ws = jnp.array([0.0, 1.0, 3.0])
+    labels = jnp.array([0, 1, 2])
+    swept = jax.jit(jax.vmap(run))(ws, labels)
+    one_by_one = np.stack([run(w, c) for w, c in zip(ws, labels, strict=True)])
+    np.testing.assert_allclose(swept, one_by_one, rtol=1e-12, atol=1e-12)
+    assert swept.shape == (3, 4, 2)
+
+
 def _objective(w, driver="scan", solver=None, n=6, steps=30):
     guided = gd.guide(GMM.score(SDE), gd.reward_guidance(TILTED.score(SDE), w))
     out = gd.sample(
