@@ -102,6 +102,7 @@ from ._solver import (
     DDIM as DDIM,
     DPMSolverPP as DPMSolverPP,
     ExponentialIntegrator as ExponentialIntegrator,
+    SDEDPMSolverPP as SDEDPMSolverPP,
 )
 from ._weights import (
     Constant as Constant,

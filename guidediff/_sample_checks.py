@@ -137,26 +137,30 @@ def _checkpoint_mode(checkpoint) -> str:
 
 
 def _check_solver(solver, process, controller) -> None:
-    """guidediff's diffusion solvers each solve one kind of terms."""
-    from ._solver import DDIM, ExponentialIntegrator
+    """guidediff's diffusion solvers each solve one kind of terms; the multistep
+    ones run on fixed grids only."""
+    from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
 
     name = type(solver).__name__
-    if isinstance(solver, ExponentialIntegrator) and process != "sde":
+    if isinstance(solver, ExponentialIntegrator | SDEDPMSolverPP) and process != "sde":
         raise ValueError(
             f"{name} steps the reverse SDE (process='sde'); for the probability-flow "
             "ODE use gd.DDIM, gd.DPMSolverPP or a diffrax ODE solver"
         )
-    if isinstance(solver, DDIM):
-        if process != "ode":
-            raise ValueError(
-                f"{name} steps the probability-flow ODE (process='ode'); for the "
-                "reverse SDE use gd.ExponentialIntegrator or a diffrax SDE solver"
-            )
-        if controller is not None and not isinstance(controller, dfx.StepTo):
-            raise ValueError(
-                f"{name} has no error estimate and runs on fixed grids only: pass "
-                "ts (and no adaptive stepsize_controller)"
-            )
+    if isinstance(solver, DDIM) and process != "ode":
+        raise ValueError(
+            f"{name} steps the probability-flow ODE (process='ode'); for the "
+            "reverse SDE use gd.ExponentialIntegrator, gd.SDEDPMSolverPP or a "
+            "diffrax SDE solver"
+        )
+    fixed_grid_only = DDIM | SDEDPMSolverPP  # DPMSolverPP is a DDIM
+    if isinstance(solver, fixed_grid_only) and not (
+        controller is None or isinstance(controller, dfx.StepTo)
+    ):
+        raise ValueError(
+            f"{name} has no error estimate and runs on fixed grids only: pass "
+            "ts (and no adaptive stepsize_controller)"
+        )
 
 
 def _check_unroll(unroll, driver) -> int:

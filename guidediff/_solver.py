@@ -23,9 +23,11 @@ $D = \hat x_0(t)$ for `DDIM` (first order), and for `DPMSolverPP` (2M, second or
 $D = \hat x_0(t) + \frac{1}{2r}\,(\hat x_0(t) - \hat x_0(t_{\rm prev}))$ with
 $r = (\lambda_t - \lambda_{t_{\rm prev}})/h$, from the previous step's prediction
 (its first step is a `DDIM` step). One score evaluation per step either way.
+`SDEDPMSolverPP` is the reverse-SDE counterpart (2M), whose first-order form is the
+`ExponentialIntegrator` step.
 """
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
@@ -45,7 +47,21 @@ def _sde_times(term, t0, t1):
     return t0 * direction, t1 * direction, dt
 
 
-class ExponentialIntegrator(dfx.AbstractItoSolver):
+class _ReverseSDESolver(dfx.AbstractItoSolver):
+    """Shared by the one-evaluation-per-step solvers of `reverse_sde` terms."""
+
+    sde: AbstractSDE
+    term_structure: ClassVar = dfx.MultiTerm[tuple[dfx.AbstractTerm, dfx.AbstractTerm]]
+    interpolation_cls: ClassVar = LocalLinearInterpolation
+
+    def strong_order(self, terms):
+        return 0.5
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+class ExponentialIntegrator(_ReverseSDESolver):
     r"""The exponential-integrator (DDPM-ancestral) step for `reverse_sde` terms.
 
     It reads the score back from the drift term, $s = (f(t)x - v)/g(t)^2$ where $v$ is
@@ -59,15 +75,8 @@ class ExponentialIntegrator(dfx.AbstractItoSolver):
     - `sde`: the forward SDE whose reverse is being solved.
     """
 
-    sde: AbstractSDE
-    term_structure: ClassVar = dfx.MultiTerm[tuple[dfx.AbstractTerm, dfx.AbstractTerm]]
-    interpolation_cls: ClassVar = LocalLinearInterpolation
-
     def order(self, terms):
         return 1
-
-    def strong_order(self, terms):
-        return 0.5
 
     def init(self, terms, t0, t1, y0, args):
         return None
@@ -92,14 +101,57 @@ class ExponentialIntegrator(dfx.AbstractItoSolver):
         dense_info = dict(y0=y0, y1=y1)
         return y1, None, dense_info, None, dfx.RESULTS.successful
 
-    def func(self, terms, t0, y0, args):
-        return terms.vf(t0, y0, args)
-
 
 class _DataPredictionState(eqx.Module):
     x0: Float[Array, "*x"]  # the previous step's data prediction
     log_snr: Float[Array, ""]  # lambda at the previous step's start
     ready: Bool[Array, ""]  # False before the first step
+
+
+def _initial_state(y0) -> _DataPredictionState:
+    return _DataPredictionState(
+        jnp.zeros_like(y0), jnp.zeros((), y0.dtype), jnp.asarray(False)
+    )
+
+
+class _Prediction(NamedTuple):
+    ta: Array  # the step's start and end in the SDE's time
+    tb: Array
+    dt: Array  # the drift term's control
+    x0: Array  # Tweedie's data prediction at ta
+    ratio: Array  # sigma_b / sigma_a
+    alpha_b: Array
+    sigma_b: Array
+    log_snr_a: Array
+    h: Array  # lambda_b - lambda_a
+
+
+def _predict(sde, drift_term, t0, t1, y0, args, score_scale) -> _Prediction:
+    r"""Read the score back from a reverse drift $f x - c\,g^2 s$ ($c$ = `score_scale`)
+    and turn it into $\hat x_0$ and the step's log-SNR increment."""
+    ta, tb, dt = _sde_times(drift_term, t0, t1)
+    dtype = y0.dtype
+    v = drift_term.vf(t0, y0, args)
+    g2 = (sde.diffusion(ta) ** 2).astype(dtype)
+    score = (sde.drift(ta, y0) - v) / (score_scale * g2)
+    alpha_a, sigma_a = sde.marginal(ta)
+    alpha_b, sigma_b = sde.marginal(tb)
+    x0 = (y0 + (sigma_a**2).astype(dtype) * score) / alpha_a.astype(dtype)
+    lam_a = jnp.log(alpha_a / sigma_a).astype(dtype)
+    lam_b = jnp.log(alpha_b / sigma_b).astype(dtype)
+    ratio = (sigma_b / sigma_a).astype(dtype)
+    alpha_b, sigma_b = alpha_b.astype(dtype), sigma_b.astype(dtype)
+    return _Prediction(ta, tb, dt, x0, ratio, alpha_b, sigma_b, lam_a, lam_b - lam_a)
+
+
+def _multistep_x0(p: _Prediction, state: _DataPredictionState, multistep: bool):
+    r"""$D$: $\hat x_0$, or with `multistep` its 2M extrapolation from the previous
+    step's prediction, $\hat x_0 + (\hat x_0 - \hat x_0^{\rm prev})/(2r)$."""
+    if not multistep:
+        return p.x0
+    r = (p.log_snr_a - state.log_snr) / p.h
+    corrected = p.x0 + (p.x0 - state.x0) / (2 * r)
+    return jnp.where(state.ready, corrected, p.x0)
 
 
 class DDIM(dfx.AbstractSolver):
@@ -135,36 +187,15 @@ class DDIM(dfx.AbstractSolver):
         return 2 if self._multistep else 1
 
     def init(self, terms, t0, t1, y0, args):
-        return _DataPredictionState(
-            jnp.zeros_like(y0), jnp.zeros((), y0.dtype), jnp.asarray(False)
-        )
+        return _initial_state(y0)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump
-        ta, tb, _ = _sde_times(terms, t0, t1)
-        dtype = y0.dtype
-        v = terms.vf(t0, y0, args)
-        # probability_flow's drift is f x - g^2 s / 2: read the score back from it.
-        g2 = (self.sde.diffusion(ta) ** 2).astype(dtype)
-        score = 2 * (self.sde.drift(ta, y0) - v) / g2
-        alpha_a, sigma_a = self.sde.marginal(ta)
-        alpha_b, sigma_b = self.sde.marginal(tb)
-        x0 = (y0 + (sigma_a**2).astype(dtype) * score) / alpha_a.astype(dtype)
-        lam_a = jnp.log(alpha_a / sigma_a).astype(dtype)
-        lam_b = jnp.log(alpha_b / sigma_b).astype(dtype)
-        h = lam_b - lam_a
-        d = x0
-        if self._multistep:
-            prev = solver_state
-            r = (lam_a - prev.log_snr) / h
-            corrected = x0 + (x0 - prev.x0) / (2 * r)
-            d = jnp.where(prev.ready, corrected, x0)
-        y1 = (sigma_b / sigma_a).astype(dtype) * y0 - (
-            alpha_b.astype(dtype) * jnp.expm1(-h)
-        ) * d
-        state = _DataPredictionState(x0, lam_a, jnp.asarray(True))
-        dense_info = dict(y0=y0, y1=y1)
-        return y1, None, dense_info, state, dfx.RESULTS.successful
+        p = _predict(self.sde, terms, t0, t1, y0, args, 0.5)
+        d = _multistep_x0(p, solver_state, self._multistep)
+        y1 = p.ratio * y0 - p.alpha_b * jnp.expm1(-p.h) * d
+        state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
+        return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
@@ -201,3 +232,54 @@ class DPMSolverPP(DDIM):
     """
 
     _multistep: ClassVar[bool] = True
+
+
+class SDEDPMSolverPP(_ReverseSDESolver):
+    r"""SDE-DPM-Solver++(2M): the second-order multistep data-prediction step of the
+    reverse SDE (Lu et al. 2022; "DPM++ 2M SDE").
+
+    $$x_s = \frac{\sigma_s}{\sigma_t}e^{-h}\,x_t + \alpha_s\,(1 - e^{-2h})\,D
+    + \sigma_s\sqrt{1 - e^{-2h}}\;\xi,\qquad
+    D = \hat x_0(t) + \frac{\hat x_0(t) - \hat x_0(t_{\rm prev})}{2r},$$
+
+    with $h$, $r$ as in `DPMSolverPP` and $\xi = \Delta W/\sqrt{|\Delta t|}$ from the
+    noise term (so it is coupled to `ExponentialIntegrator`, which is this step
+    with $D = \hat x_0(t)$, as is its own first step). For `reverse_sde` terms
+    (`gd.sample(..., process="sde")`, the default), on fixed grids, with either
+    driver.
+
+    **Arguments:**
+
+    - `sde`: the forward SDE whose reverse is being solved.
+
+    ```python
+    import jax.numpy as jnp, jax.random as jr, guidediff as gd
+    sde = gd.VPSDE()
+    data = gd.Gaussian(jnp.zeros(2), jnp.eye(2))
+    out = gd.sample(jr.key(0), sde, data.score(sde), (2,), num_particles=8,
+                    ts=gd.logsnr_grid(sde, sde.T, 1e-3, 20),
+                    solver=gd.SDEDPMSolverPP(sde))
+    ```
+    """
+
+    def order(self, terms):
+        return 2
+
+    def init(self, terms, t0, t1, y0, args):
+        return _initial_state(y0)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        del made_jump
+        drift_term, noise_term = terms.terms
+        p = _predict(self.sde, drift_term, t0, t1, y0, args, 1.0)
+        d = _multistep_x0(p, solver_state, True)
+        one_minus = -jnp.expm1(-2 * p.h)  # 1 - e^{-2h}
+        dw = noise_term.contr(t0, t1)
+        xi = dw / jnp.sqrt(jnp.abs(p.dt)).astype(y0.dtype)
+        y1 = (
+            p.ratio * jnp.exp(-p.h) * y0
+            + p.alpha_b * one_minus * d
+            + p.sigma_b * jnp.sqrt(jnp.maximum(one_minus, 0.0)) * xi
+        )
+        state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
+        return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful
