@@ -106,8 +106,8 @@ def flax_score(
         ```python
         sde = gd.VPSDE()
         net = gd.MLPScoreNet()
-        result = gd.fit(loss, net.init(key, 0.5, jnp.zeros(2)), data, ...)
-        score = gd.flax_score(net, result.ema_params, sde)
+        variables = net.init(jr.key(0), 0.5, jnp.zeros(2))  # or gd.fit(...).ema_params
+        score = gd.flax_score(net, variables, sde)
         s = score(0.5, jnp.zeros(2), None)
         ```
     """

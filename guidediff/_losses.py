@@ -25,6 +25,8 @@ Every loss is built the same way: a per-example loss (`dsm_example_loss`), vmapp
 over the minibatch, then a (weighted) mean. A custom loss is a few lines:
 
 ```python
+sde, net = gd.VPSDE(), gd.MLPScoreNet()
+
 def my_loss(params, key, batch):
     x0, r = batch
     keys = jax.random.split(key, x0.shape[0])
@@ -32,6 +34,10 @@ def my_loss(params, key, batch):
         lambda k, x: gd.dsm_example_loss(net.apply, params, k, x, sde)
     )(keys, x0)
     return jnp.mean(gd.reward_weights(r) * per_example)
+
+params = net.init(jr.key(0), 0.5, jnp.zeros(2))
+x0 = gd.swiss_roll(0, 256)
+loss = my_loss(params, jr.key(1), (x0, jnp.exp(x0[:, 0])))  # a scalar
 ```
 
 The model function is `model_fn(params, t, x, label) -> prediction` for ONE particle,
@@ -223,10 +229,13 @@ def dsm_example_loss(
     !!! example
 
         ```python
-        keys = jax.random.split(key, x0.shape[0])
+        sde, net = gd.VPSDE(), gd.MLPScoreNet()
+        params = net.init(jr.key(0), 0.5, jnp.zeros(2))
+        x0 = gd.swiss_roll(0, 256)
+        keys = jax.random.split(jr.key(1), x0.shape[0])
         losses = jax.vmap(
             lambda k, x: gd.dsm_example_loss(net.apply, params, k, x, sde)
-        )(keys, x0)
+        )(keys, x0)  # shape (256,)
         ```
     """
     if prediction not in ("eps", "x0", "score"):
@@ -324,8 +333,10 @@ def dsm_loss(
         ```python
         sde = gd.VPSDE()
         net = gd.MLPScoreNet()
+        params = net.init(jr.key(0), 0.5, jnp.zeros(2))
         loss_fn = lambda params, key, x0: gd.dsm_loss(net.apply, params, key, x0, sde)
-        result = gd.fit(loss_fn, params, data, optimizer=optax.adam(1e-3), ...)
+        loss = loss_fn(params, jr.key(1), gd.swiss_roll(0, 256))  # a scalar
+        # to train: gd.fit(loss_fn, params, data, optimizer=optax.adam(1e-3), ...)
         ```
     """
     x0 = jnp.asarray(x0)
@@ -376,12 +387,19 @@ def conditional_dsm_loss(
     !!! example
 
         ```python
+        sde = gd.VPSDE()
         net = gd.MLPScoreNet(num_classes=3)
+        params = net.init(jr.key(0), 0.5, jnp.zeros(2))
+
         def loss_fn(params, key, batch):
             x0, labels = batch
             return gd.conditional_dsm_loss(
                 net.apply, params, key, x0, labels, sde, num_classes=3, p_uncond=0.2
             )
+
+        labels = jnp.arange(256) % 3
+        x0 = jnp.stack([labels - 1.0, jnp.zeros(256)], axis=1)  # class c near (c-1, 0)
+        loss = loss_fn(params, jr.key(1), (x0, labels))  # a scalar
         ```
     """
     x0 = jnp.asarray(x0)
@@ -435,9 +453,14 @@ def reward_weighted_dsm_loss(
     !!! example
 
         ```python
+        sde, net = gd.VPSDE(), gd.MLPScoreNet()
+        params = net.init(jr.key(0), 0.5, jnp.zeros(2))
         reward = lambda x: jnp.exp(-0.5 * jnp.sum((x - 1.0) ** 2) / 0.5**2)
+
         def loss_fn(params, key, x0):
             return gd.reward_weighted_dsm_loss(net.apply, params, key, x0, reward, sde)
+
+        loss = loss_fn(params, jr.key(1), gd.swiss_roll(0, 256))  # a scalar
         ```
     """
     x0 = jnp.asarray(x0)

@@ -121,7 +121,7 @@ class MLPScoreNet(nn.Module):
     !!! example
 
         ```python
-        net = MLPScoreNet(hidden=(128, 128, 128))
+        net = gd.MLPScoreNet(hidden=(128, 128, 128))
         variables = net.init(jax.random.key(0), 0.5, jnp.zeros(2))
         eps = net.apply(variables, 0.5, jnp.ones(2))  # shape (2,)
         ```
@@ -205,9 +205,9 @@ class UNet(nn.Module):
     !!! example
 
         ```python
-        net = UNet(features=(32, 64), num_classes=10)
+        net = gd.UNet(features=(32, 64), num_classes=10)
         variables = jax.jit(net.init)(jax.random.key(0), 0.5, jnp.zeros((8, 8)), 3)
-        eps = net.apply(variables, 0.5, jnp.zeros((8, 8)), 3)  # shape (8, 8)
+        eps = jax.jit(net.apply)(variables, 0.5, jnp.zeros((8, 8)), 3)  # shape (8, 8)
         ```
     """
 
@@ -275,7 +275,7 @@ class CNNClassifier(nn.Module):
     !!! example
 
         ```python
-        clf = CNNClassifier(num_classes=10, time_conditioned=True)
+        clf = gd.CNNClassifier(num_classes=10, time_conditioned=True)
         variables = clf.init(jax.random.key(0), 0.5, jnp.zeros((8, 8)))
         logits = clf.apply(variables, 0.5, jnp.zeros((8, 8)))  # shape (10,)
         ```

@@ -268,6 +268,8 @@ def initial_noise(
     !!! example
 
         ```python
+        key, sde = jr.key(0), gd.VPSDE()
+        score = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)
         y0 = gd.initial_noise(key, sde, (2,), num_particles=64)
         dy = jax.grad(lambda y0: gd.sample(key, sde, score, (2,), y0=y0).ys.sum())(y0)
         ```
@@ -381,9 +383,14 @@ def sample(
     !!! example "Gradient with respect to a guidance weight"
 
         ```python
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+        reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+        s_r = gmm.tilt(reward).score(sde)  # the score of p^r ∝ p r
+
         def mean_reward(w):
             guided = gd.guide(gmm.score(sde), gd.reward_guidance(s_r, w))
-            ys = gd.sample(key, sde, guided, (2,), num_particles=256).ys
+            ys = gd.sample(jr.key(0), sde, guided, (2,), num_particles=256).ys
             return jnp.mean(jax.vmap(reward)(ys))
 
         dw = jax.grad(mean_reward)(0.5)

@@ -194,7 +194,7 @@ def tune_guidance(
         s, s_r = gmm.score(sde), gmm.tilt(reward).score(sde)
         result = gd.tune_guidance(
             jr.key(0), sde, lambda w: gd.guide(s, gd.reward_guidance(s_r, w)),
-            reward, (2,), lam=0.05, num_iters=200,
+            reward, (2,), lam=0.05, num_iters=100,
         )
         result.schedule(0.5), result.curve[-1]["reward"]
         gd.save_learning_curve(result.curve, "out/tune")  # out/tune.json, .png
@@ -317,11 +317,13 @@ def finetune_through_sampler(
     !!! example
 
         ```python
-        net = gd.MLPScoreNet()
+        sde, net = gd.VPSDE(), gd.MLPScoreNet()
+        pretrained = net.init(jr.key(0), 0.5, jnp.zeros(2))  # or gd.fit(...).ema_params
+        reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
         make = lambda p: gd.flax_score(net, p, sde)
         result = gd.finetune_through_sampler(
-            jr.key(0), sde, make, pretrained, reward, (2,),
-            num_iters=200, truncate_backprop=10, learning_rate=1e-4,
+            jr.key(1), sde, make, pretrained, reward, (2,),
+            num_iters=50, truncate_backprop=10, learning_rate=1e-4,
         )
         score = make(result.params)
         ```
@@ -374,7 +376,11 @@ def save_learning_curve(
     !!! example
 
         ```python
-        json_path, png_path = gd.save_learning_curve(result.curve, "out/tune")
+        curve = [  # e.g. the `curve` of a `TuneResult` or a `FinetuneResult`
+            {"step": k, "objective": 1 - 0.9**k, "reward": 1 - 0.9**k}
+            for k in range(50)
+        ]
+        json_path, png_path = gd.save_learning_curve(curve, "out/tune")
         ```
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg

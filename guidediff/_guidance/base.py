@@ -43,7 +43,14 @@ def guide(score: AbstractScore, guidance: AbstractGuidance) -> Guided:
     !!! example
 
         ```python
-        guided = gd.guide(score, gd.chain(gd.cfg(2.0, null_args=3), gd.interval(...)))
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture(
+            [0.3, 0.3, 0.4], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]], [0.5, 0.5, 0.5]
+        )  # classes 0, 1, 2; the null label is 3
+        score = gmm.conditional_score(sde)
+        late = gd.interval(gd.classifier_guidance(gmm.log_classifier(sde)), 0.0, 0.5)
+        guided = gd.guide(score, gd.chain(gd.cfg(2.0, null_args=3), late))
+        s = guided(0.3, jnp.zeros(2), 1)  # the guided score of class 1
         ```
     """
     if not isinstance(guidance, AbstractGuidance):

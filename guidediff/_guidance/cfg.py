@@ -65,8 +65,13 @@ def cfg(
     !!! example
 
         ```python
-        gmm = gd.GaussianMixture(...)
-        guided = gd.guide(gmm.conditional_score(sde), gd.cfg(2.0, null_args=gmm.null_label))
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture(
+            [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+        )
+        score = gmm.conditional_score(sde)  # args: the class label
+        guided = gd.guide(score, gd.cfg(2.0, null_args=gmm.null_label))
+        out = gd.sample(jr.key(0), sde, guided, (2,), num_particles=1000, args=1)
         ```
     """
     if (null_args is None) == (unconditional is None):
