@@ -1,10 +1,11 @@
-"""The GPU results table of benchmarks/README.md, generated from benchmarks/results/.
+"""The generated tables of benchmarks/README.md, from benchmarks/results/: the GPU
+results table and the work-precision table.
 
     PYTHONPATH=. python -m benchmarks._table [benchmarks/results]
 
-prints the table between the README's markers; a test checks that the README holds
-exactly this table, so no number in it is typed by hand. Every row names the JSON
-file it comes from. Files that are missing are skipped.
+prints each table between its README markers; a test checks that the README holds
+exactly these tables, so no number in them is typed by hand. Every row names the
+JSON file it comes from. Files that are missing are skipped.
 """
 
 import json
@@ -14,6 +15,8 @@ from pathlib import Path
 
 START = "<!-- gpu-table:start -->"
 END = "<!-- gpu-table:end -->"
+WP_START = "<!-- work-precision-table:start -->"
+WP_END = "<!-- work-precision-table:end -->"
 
 
 def _f(x, digits=2) -> str:
@@ -311,9 +314,45 @@ def gpu_table(results_dir: str | Path) -> str:
     return "\n".join(rows)
 
 
-def readme_block(results_dir: str | Path) -> str:
-    return f"{START}\n{gpu_table(results_dir)}\n{END}"
+def work_precision_table(results_dir: str | Path) -> str:
+    """Per solver, the fewest steps reaching the tolerance, from every full (not
+    `--quick`) `work_precision_*.json` file: accuracy does not depend on the
+    device, run times do (each row names its file and device)."""
+    rows = [
+        "| process | solver | steps (score evals) to reach the tolerance | run time "
+        "| error at the largest step count | device | file |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(Path(results_dir).glob("work_precision_*.json")):
+        res = json.loads(path.read_text())
+        if res.get("quick"):
+            continue
+        last: dict[str, dict] = {}
+        for r in res["results"]:
+            last[f"{r['process']}/{r['solver']}"] = r  # rows go by increasing steps
+        device = res["device"]["device_kind"]
+        for key, r in last.items():
+            hit = res["at_tolerance"].get(key)
+            reach = "not reached" if hit is None else f"{hit['steps']} ({hit['nfe']})"
+            when = "-" if hit is None else _ms({"run_s": hit["run_s"]})
+            rows.append(
+                f"| {r['process']} | {r['solver']} | {reach} (tol {res['tol']:g}) | "
+                f"{when} | {_g(r.get('error'))} at {r['steps']} | {device} | "
+                f"{path.name} |"
+            )
+    return "\n".join(rows)
+
+
+def readme_blocks(results_dir: str | Path) -> list[str]:
+    """The README's generated blocks: the GPU table and the work-precision table."""
+    return [
+        f"{START}\n{gpu_table(results_dir)}\n{END}",
+        f"{WP_START}\n{work_precision_table(results_dir)}\n{WP_END}",
+    ]
 
 
 if __name__ == "__main__":
-    print(readme_block(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"))
+    for block in readme_blocks(
+        sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
+    ):
+        print(block, end="\n\n")

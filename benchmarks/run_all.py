@@ -16,7 +16,15 @@ import time
 from pathlib import Path
 
 
-SCRIPTS = ("against_scan", "peers", "cfg_cost", "grad_cost", "mfu", "scaling")
+SCRIPTS = (
+    "against_scan",
+    "peers",
+    "cfg_cost",
+    "grad_cost",
+    "mfu",
+    "scaling",
+    "work_precision",
+)
 ROOT = Path(__file__).resolve().parent.parent
 
 

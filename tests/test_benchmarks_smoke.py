@@ -27,6 +27,7 @@ RUNS = {
     "scaling": "--particles-list 16 --steps 4 --repeats 1 --kinds strong".split(),
     "mfu": ["--steps", "4", "--repeats", "1"],
     "cfg_cost": ["--repeats", "1"],
+    "work_precision": ["--repeats", "1", "--steps-list", "4"],
 }
 
 COMMON_KEYS = {
@@ -180,8 +181,19 @@ def test_scaling(runs):
     assert all(x["max_abs_diff_vs_1_device"] < 1e-4 for x in strong)
 
 
+def test_work_precision(runs):
+    r = _load(runs, "work_precision")
+    solvers = {(x["process"], x["solver"]) for x in r["results"]}
+    assert ("ode", "dpm_solver_pp_2m") in solvers
+    assert ("sde", "sde_dpm_solver_pp_2m") in solvers
+    for x in r["results"]:
+        _timing(x["timing"])
+        assert x["error"] >= 0 and x["nfe"] >= x["steps"] == 4
+    assert all(v["error"] <= r["tol"] for v in r["at_tolerance"].values())
+
+
 def test_readme_gpu_table_is_generated_from_the_json():
-    """benchmarks/README.md holds exactly the table built from results/*_gpu*.json."""
+    """benchmarks/README.md holds exactly the tables built from results/*.json."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -190,4 +202,5 @@ def test_readme_gpu_table_is_generated_from_the_json():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     readme = (ROOT / "benchmarks" / "README.md").read_text()
-    assert table.readme_block(ROOT / "benchmarks" / "results") in readme
+    for block in table.readme_blocks(ROOT / "benchmarks" / "results"):
+        assert block in readme
