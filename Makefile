@@ -28,7 +28,7 @@ format: $(STAMP)
 
 # pytest exits 5 when it collects no test; that must fail, so no `|| true` anywhere.
 test: lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q

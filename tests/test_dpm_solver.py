@@ -28,22 +28,23 @@ EPS = 1e-3
 Y_T = jr.normal(jr.key(0), (16, 2))
 
 
-def _exact(y, t_from, t_to, mu=MU):
-    a0, s0 = SDE.marginal(t_from)
-    a1, s1 = SDE.marginal(t_to)
+def _exact(y, t_from, t_to, mu=MU, sde=SDE):
+    a0, s0 = sde.marginal(t_from)
+    a1, s1 = sde.marginal(t_to)
     std0, std1 = jnp.sqrt(a0**2 * C + s0**2), jnp.sqrt(a1**2 * C + s1**2)
     return a1 * mu[None] + (std1 / std0)[None] * (y - a0 * mu[None])
 
 
-def _sample(solver, n, driver=None, mu=MU):
+def _sample(solver, n, driver=None, mu=MU, sde=SDE):
+    """Solve from Y_T (standard normals scaled to the SDE's prior) on a log-SNR grid."""
     data = gd.Gaussian(mu, jnp.diag(C))
-    ts = gd.logsnr_grid(SDE, SDE.T, EPS, n)
+    ts = gd.logsnr_grid(sde, sde.T, EPS, n)
     return gd.sample(
         jr.key(0),
-        SDE,
-        data.score(SDE),
+        sde,
+        data.score(sde),
         (2,),
-        y0=Y_T,
+        y0=Y_T * sde.prior_std(),
         ts=ts,
         process="ode",
         solver=solver,
@@ -51,17 +52,25 @@ def _sample(solver, n, driver=None, mu=MU):
     ).ys
 
 
-def _error(solver, n):
-    return float(jnp.max(jnp.abs(_sample(solver, n) - _exact(Y_T, SDE.T, EPS))))
+def _error(solver, n, sde=SDE):
+    exact = _exact(Y_T * sde.prior_std(), sde.T, EPS, sde=sde)
+    return float(jnp.max(jnp.abs(_sample(solver, n, sde=sde) - exact)))
 
 
-@pytest.mark.parametrize("cls, order", [(gd.DDIM, 1), (gd.DPMSolverPP, 2)])
-def test_convergence_order_against_the_exact_flow(cls, order):
-    errs = np.array([_error(cls(SDE), n) for n in (16, 32, 64)])
+VE = gd.VESDE(sigma_max=20.0)
+
+
+@pytest.mark.parametrize(
+    "cls, order, sde",
+    [(gd.DDIM, 1, SDE), (gd.DPMSolverPP, 2, SDE), (gd.DPMSolverPP, 2, VE)],
+    ids=["ddim-vp", "dpm-vp", "dpm-ve"],
+)
+def test_convergence_order_against_the_exact_flow(cls, order, sde):
+    errs = np.array([_error(cls(sde), n, sde) for n in (16, 32, 64)])
     observed = np.log2(errs[:-1] / errs[1:])
     assert np.all(errs[1:] < errs[:-1])
     assert abs(observed[-1] - order) < 0.2, observed
-    assert cls(SDE).order(None) == order
+    assert cls(sde).order(None) == order
 
 
 def test_second_order_beats_first_order_and_heun_per_score_evaluation():
