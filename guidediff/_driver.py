@@ -102,8 +102,10 @@ def _scan_solve(
     checkpoint: str,
     step_offset: int = 0,
     unroll: int = 1,
+    state0=None,
 ):
-    state0 = solver.init(terms, ts[0], ts[1], y0, args)
+    if state0 is None:
+        state0 = solver.init(terms, ts[0], ts[1], y0, args)
     num = ts.shape[0] - 1
     path = _grid_path(terms)
     if path is not None:
@@ -130,21 +132,34 @@ def _scan_solve(
 
     carry0 = (y0, state0, dfx.RESULTS.successful)
     xs = (ts[:-1], ts[1:], cells)
-    (y_final, _, result), ys = _scan_steps(step, carry0, xs, checkpoint, unroll)
+    carry, ys = _scan_steps(step, carry0, xs, checkpoint, unroll)
+    y_final, state_final, result = carry
     if save_all:
         ys = jnp.concatenate([y0[None], ys], axis=0)
     else:
         ys = y_final
-    return ys, result, jnp.asarray(ts.shape[0] - 1)
+    return ys, result, jnp.asarray(ts.shape[0] - 1), state_final
 
 
 def _diffeqsolve(
-    terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
+    terms,
+    solver,
+    ts,
+    y0,
+    args,
+    save_all,
+    controller,
+    adjoint,
+    max_steps,
+    dt0,
+    solver_state=None,
+    return_state: bool = False,
 ):
     if controller is None:
         controller = dfx.StepTo(ts)
         dt0 = None
-    saveat = dfx.SaveAt(ts=ts) if save_all else dfx.SaveAt(t1=True)
+    kind = dict(ts=ts) if save_all else dict(t1=True)
+    saveat = dfx.SaveAt(**kind, solver_state=return_state)
     sol = dfx.diffeqsolve(
         terms,
         solver,
@@ -158,9 +173,10 @@ def _diffeqsolve(
         adjoint=adjoint,
         max_steps=max_steps,
         throw=False,
+        solver_state=solver_state,
     )
     ys = sol.ys if save_all else sol.ys[0]
-    return ys, sol.result, sol.stats["num_steps"]
+    return ys, sol.result, sol.stats["num_steps"], sol.solver_state
 
 
 def _solve(
@@ -181,26 +197,50 @@ def _solve(
 ):
     """One particle's solve; with `truncate = K`, the gradient stops K steps early."""
 
-    def run(terms, solver, ts, y0, args, step_offset=0):
+    def run(terms, solver, ts, y0, args, step_offset=0, state=None, want_state=False):
         if driver == "scan":
             return _scan_solve(
-                terms, solver, ts, y0, args, save_all, checkpoint, step_offset, unroll
+                terms,
+                solver,
+                ts,
+                y0,
+                args,
+                save_all,
+                checkpoint,
+                step_offset,
+                unroll,
+                state,
             )
         dt0 = ts[1] - ts[0]
         return _diffeqsolve(
-            terms, solver, ts, y0, args, save_all, controller, adjoint, max_steps, dt0
+            terms,
+            solver,
+            ts,
+            y0,
+            args,
+            save_all,
+            controller,
+            adjoint,
+            max_steps,
+            dt0,
+            state,
+            want_state,
         )
 
     num_steps = ts.shape[0] - 1
     if truncate is None or truncate >= num_steps:
-        return run(terms, solver, ts, y0, args)
+        return run(terms, solver, ts, y0, args)[:3]
     # DRaFT-K: the first N - K steps see no tangents at all (so nothing is stored for
     # them), the last K steps are differentiated. Both segments use the same noise
-    # (the Brownian path is built on the whole grid), so the samples are unchanged.
+    # (the Brownian path is built on the whole grid) and the second starts from the
+    # first's solver state (a multistep solver's previous prediction), so the samples
+    # are unchanged.
     split = num_steps - truncate
-    ys_a, res_a, n_a = run(*_stop_gradient((terms, solver, ts[: split + 1], y0, args)))
+    head = _stop_gradient((terms, solver, ts[: split + 1], y0, args))
+    ys_a, res_a, n_a, state_a = run(*head, want_state=True)
     y_mid = lax.stop_gradient(ys_a[-1] if save_all else ys_a)
-    ys_b, res_b, n_b = run(terms, solver, ts[split:], y_mid, args, split)
+    state_mid = _stop_gradient(state_a)
+    ys_b, res_b, n_b, _ = run(terms, solver, ts[split:], y_mid, args, split, state_mid)
     result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
     ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_all else ys_b
     return ys, result, n_a + n_b

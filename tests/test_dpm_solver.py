@@ -268,3 +268,26 @@ def test_sde_2m_both_drivers_give_the_same_samples():
         for driver in ("scan", "diffeqsolve")
     )
     np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "process, cls, driver",
+    [("ode", gd.DPMSolverPP, "scan"), ("sde", gd.SDEDPMSolverPP, "diffeqsolve")],
+)
+def test_truncated_backprop_keeps_the_multistep_samples(process, cls, driver):
+    """DRaFT-K splits the solve in two; the second part starts from the first's
+    solver state (the previous data prediction), so the samples do not change."""
+    ts = gd.logsnr_grid(SDE, SDE.T, EPS, 12)
+    kw = dict(
+        num_particles=4,
+        ts=ts,
+        process=process,
+        solver=cls(SDE),
+        driver=driver,
+        save_trajectory=True,
+    )
+    full, cut = (
+        gd.sample(jr.key(0), SDE, DATA.score(SDE), (2,), truncate_backprop=k, **kw).ys
+        for k in (None, 5)
+    )
+    np.testing.assert_allclose(cut, full, rtol=1e-12, atol=1e-12)
