@@ -4,13 +4,14 @@ The pipeline, one module per stage: forward SDE (`_sde`) -> score (`_score`, exa
 oracles in `_oracle`) -> guidance (`_guidance`, score -> score, chained) -> reverse
 terms (`_reverse`) -> diffrax solvers (`_solver`) on a grid (`_grid`) with grid
 Brownian noise (`_brownian`), run by the scan / diffeqsolve drivers (`_driver`) ->
-particles (`_sample`) -> metrics (`_metrics`). Training (`_nn`, `_flax`, `_losses`,
+particles (`_sample`) -> metrics (`_metrics`, `_diagnostics`). Training (`_nn`, `_flax`, `_losses`,
 `_train`, `_data`), differentiable tuning (`_tune`) and the paper's experiments
 (`_experiments`) build on these.
 """
 
 from ._brownian import GridBrownianPath as GridBrownianPath
 from ._data import digits as digits, swiss_roll as swiss_roll
+from ._diagnostics import guidance_norms as guidance_norms
 from ._grid import (
     logsnr_grid as logsnr_grid,
     quadratic_grid as quadratic_grid,
