@@ -13,8 +13,11 @@ Class conditioning follows the classifier-free guidance convention: with
 $s(t, x \mid c)$ and the unconditional score $s(t, x) = s(t, x \mid C)$. A `label`
 of `None` means the null label.
 
-Parameters are float32. Inputs are cast to float32 inside and the output is cast back
-to the dtype of `x`, so networks stay fast when `jax_enable_x64` is on. A concrete
+Parameters are float32. Inputs are cast to the network's computation `dtype` inside
+(float32 by default; `dtype=jnp.bfloat16` for mixed precision, Flax's convention:
+bfloat16 matmuls and convolutions on float32 parameters, normalisation statistics in
+float32) and the output is cast back to the dtype of `x`, so networks stay fast when
+`jax_enable_x64` is on and the sampler's state keeps its own precision. A concrete
 label outside `0..C` is a `ValueError`; a traced one gives NaN outputs (the losses
 check their labels, see `guidediff._losses.check_labels`).
 
@@ -25,8 +28,10 @@ Networks are modules of this file only; the rest of guidediff sees them through
 `guidediff._flax` (DESIGN.md, decision 2).
 """
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -69,13 +74,14 @@ class _Conditioning(nn.Module):
 
     dim: int
     num_classes: int | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, t: Float[ArrayLike, ""], label: Int[ArrayLike, ""] | None):
         emb = sinusoidal_embedding(t, self.dim)
-        emb = nn.Dense(self.dim)(emb)
+        emb = nn.Dense(self.dim, dtype=self.dtype)(emb)
         emb = nn.silu(emb)
-        emb = nn.Dense(self.dim)(emb)
+        emb = nn.Dense(self.dim, dtype=self.dtype)(emb)
         if self.num_classes is not None:
             if label is None:
                 label = self.num_classes
@@ -95,9 +101,10 @@ class _Conditioning(nn.Module):
                     f"0..{self.num_classes - 1} or the null label {self.num_classes}"
                 )
             # num_classes + 1 rows: index num_classes is the null (unconditional) label.
-            emb = emb + nn.Embed(self.num_classes + 1, self.dim, name="class_embed")(
-                label
+            embed = nn.Embed(
+                self.num_classes + 1, self.dim, dtype=self.dtype, name="class_embed"
             )
+            emb = emb + embed(label)
         return emb
 
 
@@ -117,6 +124,8 @@ class MLPScoreNet(nn.Module):
     - `time_embed_dim`: size of the time (and class) embedding.
     - `num_classes`: if set, the network is class-conditional; label `num_classes`
       (or `None`) is the null label used for classifier-free guidance.
+    - `dtype`: the computation dtype (`jnp.bfloat16` for mixed precision; the
+      parameters stay float32).
 
     !!! example
 
@@ -130,6 +139,7 @@ class MLPScoreNet(nn.Module):
     hidden: Sequence[int] = (128, 128, 128)
     time_embed_dim: int = 64
     num_classes: int | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -141,33 +151,39 @@ class MLPScoreNet(nn.Module):
         x = jnp.asarray(x)
         _check_x(x)
         out_dtype = x.dtype
-        h = x.astype(jnp.float32).reshape(-1)
-        cond = nn.silu(_Conditioning(self.time_embed_dim, self.num_classes)(t, label))
+        h = x.astype(self.dtype).reshape(-1)
+        conditioning = _Conditioning(self.time_embed_dim, self.num_classes, self.dtype)
+        cond = nn.silu(conditioning(t, label))
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
         for width in self.hidden:
-            h = nn.silu(nn.Dense(width)(h) + nn.Dense(width, use_bias=False)(cond))
-        out = nn.Dense(x.size, kernel_init=nn.initializers.zeros)(h)
+            h = nn.silu(dense(width)(h) + dense(width, use_bias=False)(cond))
+        out = dense(x.size, kernel_init=nn.initializers.zeros)(h)
         return out.reshape(x.shape).astype(out_dtype)
 
 
 class _ResBlock(nn.Module):
     features: int
     groups: int = 8
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h: Array, cond: Array) -> Array:
+        conv = functools.partial(nn.Conv, dtype=self.dtype)
+        norm = functools.partial(nn.GroupNorm, dtype=self.dtype)
         g = math.gcd(self.groups, h.shape[-1])
-        z = nn.silu(nn.GroupNorm(num_groups=g)(h))
-        z = nn.Conv(self.features, (3, 3))(z)
-        z = z + nn.Dense(self.features)(nn.silu(cond))[None, None, None, :]
-        z = nn.silu(nn.GroupNorm(num_groups=math.gcd(self.groups, self.features))(z))
-        z = nn.Conv(self.features, (3, 3))(z)
+        z = nn.silu(norm(num_groups=g)(h))
+        z = conv(self.features, (3, 3))(z)
+        dense = nn.Dense(self.features, dtype=self.dtype)
+        z = z + dense(nn.silu(cond))[None, None, None, :]
+        z = nn.silu(norm(num_groups=math.gcd(self.groups, self.features))(z))
+        z = conv(self.features, (3, 3))(z)
         if h.shape[-1] != self.features:
-            h = nn.Conv(self.features, (1, 1))(h)
+            h = conv(self.features, (1, 1))(h)
         return h + z
 
 
-def _as_image(x: Array) -> tuple[Array, tuple[int, ...]]:
-    """(H, W) or (H, W, C) -> (1, H, W, C) float32, remembering the input shape."""
+def _as_image(x: Array, dtype=jnp.float32) -> tuple[Array, tuple[int, ...]]:
+    """(H, W) or (H, W, C) -> (1, H, W, C) in `dtype`, remembering the input shape."""
     x = jnp.asarray(x)
     _check_x(x)
     if x.ndim == 2:
@@ -180,7 +196,7 @@ def _as_image(x: Array) -> tuple[Array, tuple[int, ...]]:
             f"(got shape {x.shape})"
         )
     # GroupNorm treats the leading axis as the batch: give one particle a batch of 1.
-    return img.astype(jnp.float32)[None], x.shape
+    return img.astype(dtype)[None], x.shape
 
 
 class UNet(nn.Module):
@@ -201,6 +217,8 @@ class UNet(nn.Module):
     - `num_classes`: class conditioning with the null label `num_classes`, as in
       `MLPScoreNet`.
     - `blocks_per_level`: residual blocks per level on the way down and up.
+    - `dtype`: the computation dtype (`jnp.bfloat16` for mixed precision; the
+      parameters stay float32, GroupNorm statistics are float32).
 
     !!! example
 
@@ -215,6 +233,7 @@ class UNet(nn.Module):
     time_embed_dim: int = 64
     num_classes: int | None = None
     blocks_per_level: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -224,33 +243,38 @@ class UNet(nn.Module):
         label: Int[ArrayLike, ""] | None = None,
     ) -> Float[Array, "H W *C"]:
         out_dtype = jnp.asarray(x).dtype
-        h, shape = _as_image(x)
+        h, shape = _as_image(x, self.dtype)
+        conv = functools.partial(nn.Conv, dtype=self.dtype)
+        block = functools.partial(_ResBlock, dtype=self.dtype)
         factor = 2 ** (len(self.features) - 1)
         if h.shape[1] % factor or h.shape[2] % factor:
             raise ValueError(
                 f"image size {h.shape[1:3]} must be divisible by {factor} for "
                 f"{len(self.features)} levels"
             )
-        cond = _Conditioning(self.time_embed_dim, self.num_classes)(t, label)
-        h = nn.Conv(self.features[0], (3, 3))(h)
+        cond = _Conditioning(self.time_embed_dim, self.num_classes, self.dtype)(
+            t, label
+        )
+        h = conv(self.features[0], (3, 3))(h)
         skips = []
         for level, feat in enumerate(self.features):
             for _ in range(self.blocks_per_level):
-                h = _ResBlock(feat)(h, cond)
+                h = block(feat)(h, cond)
             skips.append(h)
             if level < len(self.features) - 1:
-                h = nn.Conv(feat, (3, 3), strides=(2, 2))(h)
-        h = _ResBlock(self.features[-1])(h, cond)
+                h = conv(feat, (3, 3), strides=(2, 2))(h)
+        h = block(self.features[-1])(h, cond)
         for level in reversed(range(len(self.features))):
             feat = self.features[level]
             if level < len(self.features) - 1:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
             h = jnp.concatenate([h, skips[level]], axis=-1)
             for _ in range(self.blocks_per_level):
-                h = _ResBlock(feat)(h, cond)
-        h = nn.silu(nn.GroupNorm(num_groups=math.gcd(8, h.shape[-1]))(h))
+                h = block(feat)(h, cond)
+        norm = nn.GroupNorm(num_groups=math.gcd(8, h.shape[-1]), dtype=self.dtype)
+        h = nn.silu(norm(h))
         channels = shape[-1] if len(shape) == 3 else 1
-        out = nn.Conv(channels, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        out = conv(channels, (3, 3), kernel_init=nn.initializers.zeros)(h)
         return out[0].reshape(shape).astype(out_dtype)
 
 
@@ -271,6 +295,8 @@ class CNNClassifier(nn.Module):
       2x2 average pooling.
     - `time_conditioned`: whether the classifier sees `t`.
     - `time_embed_dim`: size of the time embedding.
+    - `dtype`: the computation dtype (`jnp.bfloat16` for mixed precision; the
+      parameters stay float32).
 
     !!! example
 
@@ -285,28 +311,33 @@ class CNNClassifier(nn.Module):
     features: Sequence[int] = (32, 64)
     time_conditioned: bool = False
     time_embed_dim: int = 64
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
         self, t: Float[ArrayLike, ""] | None, x: Float[Array, "H W *C"]
     ) -> Float[Array, " num_classes"]:
         out_dtype = jnp.asarray(x).dtype
-        h, _ = _as_image(x)
+        h, _ = _as_image(x, self.dtype)
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
         cond = None
         if self.time_conditioned:
             if t is None:
                 raise ValueError("a time-conditioned classifier needs a time t")
-            cond = nn.silu(_Conditioning(self.time_embed_dim)(t, None))
+            cond = nn.silu(
+                _Conditioning(self.time_embed_dim, None, self.dtype)(t, None)
+            )
         for i, feat in enumerate(self.features):
-            h = nn.Conv(feat, (3, 3))(h)
+            h = nn.Conv(feat, (3, 3), dtype=self.dtype)(h)
             if cond is not None:
-                h = h + nn.Dense(feat)(cond)[None, None, None, :]
-            h = nn.silu(nn.GroupNorm(num_groups=math.gcd(8, feat))(h))
+                h = h + dense(feat)(cond)[None, None, None, :]
+            norm = nn.GroupNorm(num_groups=math.gcd(8, feat), dtype=self.dtype)
+            h = nn.silu(norm(h))
             if i < len(self.features) - 1:
                 h = nn.avg_pool(h, (2, 2), strides=(2, 2), padding="SAME")
         h = jnp.mean(h, axis=(1, 2))[0]
-        h = nn.silu(nn.Dense(self.features[-1])(h))
-        logits = nn.Dense(self.num_classes)(h)
+        h = nn.silu(dense(self.features[-1])(h))
+        logits = dense(self.num_classes)(h)
         return logits.astype(out_dtype)
 
 

@@ -242,3 +242,33 @@ def test_flax_score_no_retrace_on_new_variables(mlp):
     a = evaluate(flax_score(net, variables, sde), x)
     b = evaluate(flax_score(net, _perturb(variables, 0.2), sde), x)
     assert not np.allclose(a, b)
+
+
+def _rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("which", ["mlp", "unet", "cnn"])
+def test_bfloat16_mixed_precision(mlp, unet, which):
+    """`dtype=jnp.bfloat16` computes in bfloat16 on the same float32 parameters:
+    outputs within bfloat16 rounding of the float32 network's, in `x`'s dtype."""
+    if which == "cnn":
+        net = CNNClassifier(num_classes=4, features=(8, 16), time_conditioned=True)
+        x, call = jnp.linspace(-1, 1, 64).reshape(8, 8), (0.4,)
+        variables = jax.jit(lambda: _perturb(net.init(jr.key(0), 0.4, x), 0.05))()
+        inputs = (*call, x)
+    else:
+        net, variables = mlp if which == "mlp" else unet
+        x = jnp.linspace(-1, 1, 2 if which == "mlp" else 64)
+        x = x if which == "mlp" else x.reshape(8, 8)
+        inputs = (0.4, x, 1)
+    half = net.clone(dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(lambda: half.init(jr.key(0), *inputs))
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(shapes))
+    full_out = jax.jit(net.apply)(variables, *inputs)
+    half_out = jax.jit(half.apply)(variables, *inputs)
+    assert half_out.dtype == full_out.dtype == x.dtype
+    assert 0 < _rel_l2(half_out, full_out) < 3e-2
+    assert "bf16" in str(jax.make_jaxpr(half.apply)(variables, *inputs))
