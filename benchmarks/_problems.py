@@ -281,6 +281,34 @@ def gd_sampler(
     return run
 
 
+def flax_mlp_sampler(problem: Problem, dtype, *, args=None):
+    """`gd.sample` (scan driver, Euler) with the library's own Flax network,
+    `gd.MLPScoreNet(hidden=(width,) * depth, dtype=dtype)` read as an eps-prediction
+    score (`gd.flax_score`), on the problem's size. Returns `(run, variables)`:
+    `run(variables, key, ts)`; float32 parameters, `dtype` computation."""
+    net = gd.MLPScoreNet(
+        hidden=(problem.width,) * problem.size.depth,
+        num_classes=NUM_CLASSES,
+        dtype=dtype,
+    )
+    variables = jax.jit(net.init)(jr.key(5), 0.5, jnp.zeros(problem.dim), 0)
+
+    def run(variables, key, ts):
+        out = gd.sample(
+            key,
+            SDE,
+            gd.flax_score(net, variables, SDE),
+            (problem.dim,),
+            num_particles=problem.particles,
+            args=args,
+            ts=ts,
+            solver=dfx.Euler(),
+        )
+        return out.ys
+
+    return run, variables
+
+
 def _em_increment(t0, t1, x, score, xi):
     """One Euler-Maruyama step of the reverse SDE: the same arithmetic as
     `diffrax.Euler` on `gd.reverse_sde` (drift * dt + g * dW)."""

@@ -243,22 +243,16 @@ def _mfu(res: dict, file: str) -> list[str]:
     rows = []
     for dtype, v in by_dtype.items():
         peak = "bf16 peak, target >= 40 %" if dtype == "bfloat16" else "TF32 peak"
-        value = " / ".join(
-            f"{100 * v.get(k, float('nan')):.0f} %"
-            for k in ("guidediff", "hand", "guidediff_cfg")
-        )
+        keys = ["guidediff", "hand", "guidediff_cfg"]
+        labels = "guidediff / hand / guidediff CFG"
+        if "guidediff_flax" in v:  # files from before the Flax row lack it
+            keys.append("guidediff_flax")
+            labels += " / gd.MLPScoreNet"
+        value = " / ".join(f"{100 * v.get(k, float('nan')):.0f} %" for k in keys)
         if flags:
             value += f" (XLA_FLAGS={flags})"
         where = f"{res['size']}, {res['particles']} particles"
-        rows.append(
-            _row(
-                "mfu",
-                where,
-                f"{dtype} MFU ({peak}): guidediff / hand / guidediff CFG",
-                value,
-                file,
-            )
-        )
+        rows.append(_row("mfu", where, f"{dtype} MFU ({peak}): {labels}", value, file))
         t = times[dtype]
         if "hand_no_noise" in t:  # files from before the split lack it
             rows.append(

@@ -4,7 +4,10 @@ The 3072-D size (MLP 3 x 1024), float32 and bfloat16 weights and activations (th
 sampler state stays float32), `gd.sample` (scan driver, Euler) inside `jax.jit`,
 plain and with batched classifier-free guidance, and the hand-fused loop as the
 reference. Two more hand-loop rows split a step's time: `hand_no_noise` (network
-and update, no noise drawn) and `hand_no_network` (noise and update, score 0). FLOPs are counted analytically: 2 * in * out per layer per particle per
+and update, no noise drawn) and `hand_no_network` (noise and update, score 0).
+`guidediff_flax` is the library's own `gd.MLPScoreNet(dtype=...)` (float32
+parameters, bfloat16 computation in the bfloat16 rows; its time-embedding MLP
+included), whose FLOPs are the traced count. FLOPs are counted analytically: 2 * in * out per layer per particle per
 step, twice that for CFG (the conditional and unconditional evaluations; the first
 layer's x W0 is shared by both, so the CFG count is an upper bound on the work
 done: `flops_effective` counts it once).
@@ -83,17 +86,22 @@ def main(argv=None) -> dict:
             ),
         }
         print(f"-- {dtype_name}: {n} particles, {steps} steps, width {problem.width}")
+        flax_run, flax_vars = P.flax_mlp_sampler(problem, dtype, args=label)
+        variants["guidediff_flax"] = (flax_run, None)
         for name, (fn, evals) in variants.items():
-            timing, _ = C.try_timeit(
-                jax.jit(fn), problem.params, key, ts, repeats=args.repeats
-            )
-            flops = evals * problem.flops_per_eval * n * steps
-            effective = flops - max(evals - 1, 0) * first_layer * n * steps
+            params = flax_vars if name == "guidediff_flax" else problem.params
+            timing, _ = C.try_timeit(jax.jit(fn), params, key, ts, repeats=args.repeats)
             if "run_s" not in timing:
                 rows.append({"variant": name, "dtype": dtype_name, "timing": timing})
                 continue
             with jax.numpy_rank_promotion("allow"):
-                counted = F.matmul_flops(fn, problem.params, key, ts)
+                counted = F.matmul_flops(fn, params, key, ts)
+            if evals is None:  # the Flax net: its own architecture, counted FLOPs
+                flops = effective = counted["flops"]
+                evals = 1
+            else:
+                flops = evals * problem.flops_per_eval * n * steps
+                effective = flops - max(evals - 1, 0) * first_layer * n * steps
             row = {
                 "variant": name,
                 "dtype": dtype_name,
