@@ -60,7 +60,9 @@ def cfg(
       class label). The conditional and unconditional calls are then batched into one
       call (`batched=True`), which is one network evaluation on twice the inputs.
     - `unconditional`: alternatively, a separate unconditional score (called with the
-      same `args`). Give exactly one of `null_args` / `unconditional`.
+      same `args`). Give exactly one of `null_args` / `unconditional`. A weaker
+      model of the *same* conditional law here is autoguidance (Karras et al.
+      2024): $s + w\,(s - s_{\rm weak})$.
 
     !!! example
 
