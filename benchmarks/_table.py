@@ -313,9 +313,9 @@ def work_precision_table(results_dir: str | Path) -> str:
     `--quick`) `work_precision_*.json` file: accuracy does not depend on the
     device, run times do (each row names its file and device)."""
     rows = [
-        "| process | solver | steps (score evals) to reach the tolerance | run time "
-        "| error at the largest step count | device | file |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| process | solver | grid | steps (score evals) to reach the tolerance "
+        "| run time | error at the largest step count | device | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in sorted(Path(results_dir).glob("work_precision_*.json")):
         res = json.loads(path.read_text())
@@ -323,14 +323,16 @@ def work_precision_table(results_dir: str | Path) -> str:
             continue
         last: dict[str, dict] = {}
         for r in res["results"]:
-            last[f"{r['process']}/{r['solver']}"] = r  # rows go by increasing steps
+            key = f"{r['process']}/{r['solver']}/{r.get('grid', 'logsnr')}"
+            last[key] = r  # rows go by increasing steps
         device = res["device"]["device_kind"]
         for key, r in last.items():
             hit = res["at_tolerance"].get(key)
             reach = "not reached" if hit is None else f"{hit['steps']} ({hit['nfe']})"
             when = "-" if hit is None else _ms({"run_s": hit["run_s"]})
             rows.append(
-                f"| {r['process']} | {r['solver']} | {reach} (tol {res['tol']:g}) | "
+                f"| {r['process']} | {r['solver']} | {r.get('grid', 'logsnr')} | "
+                f"{reach} (tol {res['tol']:g}) | "
                 f"{when} | {_g(r.get('error'))} at {r['steps']} | {device} | "
                 f"{path.name} |"
             )

@@ -3,8 +3,9 @@
 Speed that matters to a user is time at a given accuracy, and few-step solvers buy
 more of it than any kernel. The problem has closed forms: Gaussian data
 N(mu, diag(c)) in d dimensions (random mu and c from a fixed key), reverse VP
-SDE / probability-flow ODE from T = 1 to 1e-3 on a grid uniform in log-SNR
-(`gd.logsnr_grid`), every particle started from the exact time-T marginal.
+SDE / probability-flow ODE from T = 1 to 1e-3 on grids uniform in log-SNR
+(`gd.logsnr_grid`) and uniform in time (`gd.uniform_grid`, `gd.sample`'s default),
+every particle started from the exact time-T marginal.
 
 - ODE solvers (`diffrax.Euler`, `diffrax.Heun`, `gd.DDIM`, `gd.DPMSolverPP`): the
   error is the RMS distance of the particles to the exact flow map (which keeps each
@@ -17,8 +18,8 @@ SDE / probability-flow ODE from T = 1 to 1e-3 on a grid uniform in log-SNR
   `mc_se` the number is noise.
 
 `nfe` counts score evaluations per particle (Heun: 2 per step). Each row is timed
-(`gd.sample` inside `jax.jit`); `at_tolerance` gives, per solver, the fewest steps
-on the list whose error is under `--tol`, and its run time.
+(`gd.sample` inside `jax.jit`); `at_tolerance` gives, per solver and grid, the
+fewest steps on the list whose error is under `--tol`, and its run time.
 
     PYTHONPATH=. python -m benchmarks.work_precision [--quick] [--dim 64]
 """
@@ -36,7 +37,7 @@ from . import _common as C
 NAME = "work_precision"
 SDE = gd.VPSDE()
 T_END = 1e-3
-STEPS = (5, 10, 20, 40, 80, 160)
+STEPS = (5, 10, 20, 40, 80, 160, 320)
 QUICK_STEPS = (4, 8)
 
 
@@ -60,7 +61,15 @@ def _exact_std(c, t):
     return jnp.sqrt(a**2 * c + s**2)
 
 
-def run(process: str, dim: int, particles: int, steps_list, args) -> list[dict]:
+GRIDS = {
+    "logsnr": lambda n: gd.logsnr_grid(SDE, SDE.T, T_END, n),
+    "uniform": lambda n: gd.uniform_grid(SDE.T, T_END, n),
+}
+
+
+def run(
+    process: str, grid: str, dim: int, particles: int, steps_list, args
+) -> list[dict]:
     k_mu, k_c, k_y = jr.split(jr.key(7), 3)
     mu = jr.normal(k_mu, (dim,))
     c = jnp.exp(jr.uniform(k_c, (dim,), minval=-2.0, maxval=1.0))
@@ -88,9 +97,10 @@ def run(process: str, dim: int, particles: int, steps_list, args) -> list[dict]:
                     solver=solver,
                 ).ys
 
-            ts = gd.logsnr_grid(SDE, SDE.T, T_END, n)
+            ts = GRIDS[grid](n)
             timing, ys = C.try_timeit(jax.jit(sample), y0, ts, repeats=args.repeats)
-            row = {"process": process, "solver": name, "steps": n, "nfe": n * evals}
+            row = {"process": process, "solver": name, "grid": grid, "steps": n}
+            row["nfe"] = n * evals
             row["timing"] = timing
             if ys is not None:
                 if process == "ode":
@@ -102,18 +112,22 @@ def run(process: str, dim: int, particles: int, steps_list, args) -> list[dict]:
                     row["mc_se"] = float(jnp.sqrt(2.0 / (particles * dim)))
             rows.append(row)
             print(
-                f"  {process} {name:<24} N={n:<4} nfe={n * evals:<4} "
+                f"  {process} {name:<24} {grid:<8} N={n:<4} nfe={n * evals:<4} "
                 f"error {row.get('error', float('nan')):.3e}  {C.describe(timing)}",
                 flush=True,
             )
     return rows
 
 
+def _key(row: dict) -> str:
+    return f"{row['process']}/{row['solver']}/{row['grid']}"
+
+
 def at_tolerance(rows: list[dict], tol: float) -> dict:
-    """Per (process, solver): the first row (fewest steps) with error <= tol."""
+    """Per (process, solver, grid): the first row (fewest steps) with error <= tol."""
     best: dict = {}
     for r in sorted(rows, key=lambda r: r["steps"]):
-        key = f"{r['process']}/{r['solver']}"
+        key = _key(r)
         if key in best or r.get("error") is None or r["error"] > tol:
             continue
         best[key] = {
@@ -130,6 +144,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dim", type=int, default=None, help="data dimension (64)")
     p.add_argument("--steps-list", type=int, nargs="+", default=None)
     p.add_argument("--tol", type=float, default=1e-2, help="for at_tolerance")
+    p.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = C.parse(p, argv)
     C.header(NAME)
     dim = args.dim or (4 if args.quick else 64)
@@ -140,10 +155,11 @@ def main(argv=None) -> dict:
     steps_list = args.steps_list or (QUICK_STEPS if args.quick else STEPS)
     print(f"Gaussian data, d = {dim}, {particles} particles, steps {steps_list}")
     rows = []
-    for process in ("ode", "sde"):
-        rows += run(process, dim, particles, steps_list, args)
+    for grid in args.grids:
+        for process in ("ode", "sde"):
+            rows += run(process, grid, dim, particles, steps_list, args)
     best = at_tolerance(rows, args.tol)
-    names = dict.fromkeys(f"{r['process']}/{r['solver']}" for r in rows)
+    names = dict.fromkeys(_key(r) for r in rows)
     print(f"fewest steps on the list with error <= {args.tol}:")
     C.print_table(
         [{"solver": k, **best.get(k, {})} for k in names],
@@ -155,7 +171,8 @@ def main(argv=None) -> dict:
         {
             "problem": (
                 "Gaussian data N(mu, diag(c)), reverse VP SDE / PF-ODE from T = 1 to "
-                "1e-3, log-SNR grid, particles started from the exact time-T marginal"
+                "1e-3, log-SNR and uniform grids, particles started from the exact "
+                "time-T marginal"
             ),
             "error_definition": {
                 "ode": "RMS distance to the exact flow map / RMS data scale",
@@ -164,6 +181,7 @@ def main(argv=None) -> dict:
             "dim": dim,
             "particles": particles,
             "steps_list": list(steps_list),
+            "grids": list(args.grids),
             "tol": args.tol,
             "at_tolerance": best,
             "results": rows,

@@ -332,8 +332,11 @@ def sample(
       500 uniform steps from `sde.T` to `1e-3`). With an adaptive
       `stepsize_controller` only its ends and first step are used.
     - `process`: `"sde"` (reverse SDE) or `"ode"` (probability flow).
-    - `solver`: a diffrax solver. Default: `ExponentialIntegrator(sde)` for the SDE,
-      `diffrax.Heun()` for the ODE.
+    - `solver`: a diffrax solver. Default: `ExponentialIntegrator(sde)` (DDPM
+      ancestral, the paper's sampler) for the SDE, `diffrax.Heun()` for the ODE.
+      For few steps use the multistep `SDEDPMSolverPP(sde)` / `DPMSolverPP(sde)`
+      on a `logsnr_grid`; benchmarks/work_precision.py compares the solvers'
+      error per step on both kinds of grid.
     - `driver`: `"scan"` (fixed grid, default) or `"diffeqsolve"` (default when a
       `stepsize_controller` is given).
     - `stepsize_controller`: e.g. `diffrax.PIDController(rtol, atol)` for adaptive

@@ -183,9 +183,10 @@ def test_scaling(runs):
 
 def test_work_precision(runs):
     r = _load(runs, "work_precision")
-    solvers = {(x["process"], x["solver"]) for x in r["results"]}
-    assert ("ode", "dpm_solver_pp_2m") in solvers
-    assert ("sde", "sde_dpm_solver_pp_2m") in solvers
+    solvers = {(x["process"], x["solver"], x["grid"]) for x in r["results"]}
+    for grid in ("logsnr", "uniform"):
+        assert ("ode", "dpm_solver_pp_2m", grid) in solvers
+        assert ("sde", "sde_dpm_solver_pp_2m", grid) in solvers
     for x in r["results"]:
         _timing(x["timing"])
         assert x["error"] >= 0 and x["nfe"] >= x["steps"] == 4
