@@ -116,11 +116,25 @@ def test_forward_in_time_inverts_the_flow():
     assert e64 < e16 / 8  # second order: /16 in the limit
 
 
-def test_gradient_matches_finite_differences():
-    """d/d mu of the mean of the samples, through the multistep solver state."""
+@pytest.mark.parametrize("process", ["ode", "sde"])
+def test_gradient_matches_finite_differences(process):
+    """d/d mu of the mean square of the samples, through the multistep solver state
+    (and, for the SDE, the grid Brownian path)."""
 
     def f(mu):
-        return jnp.mean(_sample(gd.DPMSolverPP(SDE), 10, mu=mu) ** 2)
+        data = gd.Gaussian(mu, jnp.diag(C))
+        solver = gd.DPMSolverPP(SDE) if process == "ode" else gd.SDEDPMSolverPP(SDE)
+        ys = gd.sample(
+            jr.key(0),
+            SDE,
+            data.score(SDE),
+            (2,),
+            y0=Y_T,
+            ts=gd.logsnr_grid(SDE, SDE.T, EPS, 10),
+            process=process,
+            solver=solver,
+        ).ys
+        return jnp.mean(ys**2)
 
     g = jax.grad(f)(MU)
     h = 1e-6
