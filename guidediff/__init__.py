@@ -112,7 +112,7 @@ from ._weights import (
 )
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Flax networks, the Flax adapter and the orbax-backed training loop load lazily, so
 # that `import guidediff` (the sampling core) never imports flax or orbax.

@@ -47,3 +47,14 @@ def test_core_import_does_not_load_flax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_version_matches_pyproject():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    (version,) = re.findall(r'^version = "([^"]+)"', text, re.M)
+    assert gd.__version__ == version
+    changelog = (Path(__file__).parent.parent / "CHANGELOG.md").read_text()
+    assert f"## {version}" in changelog
