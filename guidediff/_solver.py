@@ -189,14 +189,17 @@ class DDIM(dfx.AbstractSolver):
         return 2 if self._multistep else 1
 
     def init(self, terms, t0, t1, y0, args):
-        return _initial_state(y0)
+        # DDIM needs no memory; the multistep subclass carries the last prediction.
+        return _initial_state(y0) if self._multistep else None
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump
         p = _predict(self.sde, terms, t0, t1, y0, args, 0.5)
         d = _multistep_x0(p, solver_state, self._multistep)
         y1 = p.ratio * y0 - p.alpha_b * jnp.expm1(-p.h) * d
-        state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
+        state = None
+        if self._multistep:
+            state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful
 
     def func(self, terms, t0, y0, args):
