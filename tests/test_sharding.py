@@ -57,6 +57,12 @@ CHILD = textwrap.dedent(
             StandardNormalScore(),
             {"solver": dfx.Euler(), "driver": "diffeqsolve"},
         ),
+        # multistep solvers: the previous prediction is carried per particle
+        "normal_sde_dpm2m": (StandardNormalScore(), {"solver": gd.SDEDPMSolverPP(sde)}),
+        "normal_ode_dpm2m": (
+            StandardNormalScore(),
+            {"process": "ode", "solver": gd.DPMSolverPP(sde)},
+        ),
     }
     out = {}
     for name, (score, kw) in cases.items():
@@ -118,7 +124,13 @@ def _check_layout(r: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["normal_sde_euler", "normal_ode_heun", "normal_sde_diffeqsolve"]
+    "case",
+    [
+        "normal_sde_euler",
+        "normal_ode_heun",
+        "normal_sde_diffeqsolve",
+        "normal_ode_dpm2m",
+    ],
 )
 def test_sharded_samples_are_bit_identical(sharded_runs, case):
     r = sharded_runs[case]
@@ -126,13 +138,16 @@ def test_sharded_samples_are_bit_identical(sharded_runs, case):
     assert r["equal"], f"max |one - four| = {r['max_abs_diff']}"
 
 
-@pytest.mark.parametrize("case", ["gmm_sde_exponential", "gmm_sde_euler"])
-def test_sharded_gmm_samples_agree_to_rounding(sharded_runs, case):
+@pytest.mark.parametrize(
+    "case", ["gmm_sde_exponential", "gmm_sde_euler", "normal_sde_dpm2m"]
+)
+def test_sharded_samples_agree_to_rounding(sharded_runs, case):
     # Not bitwise: XLA compiles the 4-way partitioned program with other algebraic
     # rewrites than the 1-device one (seen: the mixture's per-component variance v,
     # shared by all particles, becomes one reciprocal 1/v that is multiplied in,
-    # where the 1-device program divides by v), so values differ by a few float32
-    # ulps per step. The particle's noise and prior draw are the same.
+    # where the 1-device program divides by v; the SDE 2M step's per-step scalar
+    # coefficients likewise), so values differ by a few float32 ulps per step. The
+    # particle's noise and prior draw are the same.
     r = sharded_runs[case]
     _check_layout(r)
     assert r["max_abs_diff"] <= 1e-5 * max(1.0, r["scale"])
