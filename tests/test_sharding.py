@@ -145,8 +145,8 @@ def test_sharded_samples_agree_to_rounding(sharded_runs, case):
     # Not bitwise: XLA compiles the 4-way partitioned program with other algebraic
     # rewrites than the 1-device one (seen: the mixture's per-component variance v,
     # shared by all particles, becomes one reciprocal 1/v that is multiplied in,
-    # where the 1-device program divides by v; the SDE 2M step's per-step scalar
-    # coefficients likewise), so values differ by a few float32 ulps per step. The
+    # where the 1-device program divides by v; for the SDE 2M step the rewritten op
+    # was not traced), so values differ by a few float32 ulps per step. The
     # particle's noise and prior draw are the same.
     r = sharded_runs[case]
     _check_layout(r)
