@@ -1,8 +1,8 @@
 r"""The two fixed-grid/adaptive drivers that run a diffrax solver over ONE particle.
 
 - `"scan"`: `lax.scan` over the solver's own `init`/`step`, checkpointed for reverse
-  mode (`"sqrt"`, `"chunk"`, `"step"` or none); with a `GridBrownianPath` each step's increment
-  is drawn from its known cell index.
+  mode (`"sqrt"`, `"chunk"`, `"step"` or none); with a `GridBrownianPath` each
+  step's increment is drawn from its known cell index.
 - `"diffeqsolve"`: `diffrax.diffeqsolve` with `StepTo(ts)` or an adaptive controller.
 
 `_solve` adds truncated backprop (DRaFT-K) on top of either. `gd.sample` (in
