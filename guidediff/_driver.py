@@ -98,7 +98,7 @@ def _scan_solve(
     ts,
     y0,
     args,
-    save_all: bool,
+    save_every: int,
     checkpoint: str,
     step_offset: int = 0,
     unroll: int = 1,
@@ -128,13 +128,25 @@ def _scan_solve(
             )
         y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
         result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
-        return (y1, state1, result), (y1 if save_all else None)
+        return (y1, state1, result), (y1 if save_every == 1 else None)
 
     carry0 = (y0, state0, dfx.RESULTS.successful)
     xs = (ts[:-1], ts[1:], cells)
-    carry, ys = _scan_steps(step, carry0, xs, checkpoint, unroll)
+    if save_every > 1:
+        # Save every k-th state only: an outer scan over groups of k steps, each run
+        # (and checkpointed) as `checkpoint` says, returning its last state.
+        k = save_every
+        groups = jtu.tree_map(lambda a: a.reshape(num // k, k, *a.shape[1:]), xs)
+
+        def group(c, g):
+            c, _ = _scan_steps(step, c, g, checkpoint, unroll)
+            return c, c[0]
+
+        carry, ys = lax.scan(group, carry0, groups)
+    else:
+        carry, ys = _scan_steps(step, carry0, xs, checkpoint, unroll)
     y_final, state_final, result = carry
-    if save_all:
+    if save_every:
         ys = jnp.concatenate([y0[None], ys], axis=0)
     else:
         ys = y_final
@@ -147,7 +159,7 @@ def _diffeqsolve(
     ts,
     y0,
     args,
-    save_all,
+    save_every,
     controller,
     adjoint,
     max_steps,
@@ -158,7 +170,7 @@ def _diffeqsolve(
     if controller is None:
         controller = dfx.StepTo(ts)
         dt0 = None
-    kind = dict(ts=ts) if save_all else dict(t1=True)
+    kind = dict(ts=ts[::save_every]) if save_every else dict(t1=True)
     saveat = dfx.SaveAt(**kind, solver_state=return_state)
     sol = dfx.diffeqsolve(
         terms,
@@ -175,7 +187,7 @@ def _diffeqsolve(
         throw=False,
         solver_state=solver_state,
     )
-    ys = sol.ys if save_all else sol.ys[0]
+    ys = sol.ys if save_every else sol.ys[0]
     return ys, sol.result, sol.stats["num_steps"], sol.solver_state
 
 
@@ -187,7 +199,7 @@ def _solve(
     args,
     *,
     driver,
-    save_all,
+    save_every,
     controller,
     adjoint,
     max_steps,
@@ -205,7 +217,7 @@ def _solve(
                 ts,
                 y0,
                 args,
-                save_all,
+                save_every,
                 checkpoint,
                 step_offset,
                 unroll,
@@ -218,7 +230,7 @@ def _solve(
             ts,
             y0,
             args,
-            save_all,
+            save_every,
             controller,
             adjoint,
             max_steps,
@@ -238,9 +250,9 @@ def _solve(
     split = num_steps - truncate
     head = _stop_gradient((terms, solver, ts[: split + 1], y0, args))
     ys_a, res_a, n_a, state_a = run(*head, want_state=True)
-    y_mid = lax.stop_gradient(ys_a[-1] if save_all else ys_a)
+    y_mid = lax.stop_gradient(ys_a[-1] if save_every else ys_a)
     state_mid = _stop_gradient(state_a)
     ys_b, res_b, n_b, _ = run(terms, solver, ts[split:], y_mid, args, split, state_mid)
     result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
-    ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_all else ys_b
+    ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_every else ys_b
     return ys, result, n_a + n_b

@@ -62,6 +62,7 @@ from ._grid import check_grid, uniform_grid
 from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
     _check_brownian,
+    _check_save_every,
     _check_score_shape,
     _check_solver,
     _check_truncate,
@@ -122,7 +123,7 @@ def _sample_core(
     solver,
     process,
     driver,
-    save_all,
+    save_every,
     denoise,
     controller,
     adjoint,
@@ -160,7 +161,7 @@ def _sample_core(
         y0,
         args,
         driver=driver,
-        save_all=save_all,
+        save_every=save_every,
         controller=controller,
         adjoint=adjoint,
         max_steps=max_steps,
@@ -168,16 +169,16 @@ def _sample_core(
         truncate=truncate,
         unroll=unroll,
     )
-    if batched and save_all:
+    if batched and save_every:
         ys = jnp.swapaxes(ys, 0, 1)  # (time, P, ...) -> (P, time, ...)
     if process == "sde" and brownian == "unsafe":
         ys = nondifferentiable_backward(ys, msg=_UNSAFE_GRAD_MSG, symbolic=True)
     if denoise:
         t_end = ts[-1]
         last = (slice(None), -1) if batched else (-1,)
-        final = ys[last] if save_all else ys
+        final = ys[last] if save_every else ys
         x0 = score_to_x0(sde, t_end, final, score(t_end, final, args))
-        ys = ys.at[last].set(x0) if save_all else x0
+        ys = ys.at[last].set(x0) if save_every else x0
     if batched:
         num = key.shape[0]
         result = jtu.tree_map(lambda r: jnp.broadcast_to(r, (num,)), result)
@@ -198,7 +199,7 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         dtype,
         process,
         driver,
-        save_all,
+        save_every,
         denoise,
         max_steps,
         ckpt,
@@ -220,7 +221,7 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         solver=solver,
         process=process,
         driver=driver,
-        save_all=save_all,
+        save_every=save_every,
         denoise=denoise,
         controller=controller,
         adjoint=adjoint,
@@ -245,7 +246,7 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
     if single:
         out = jtu.tree_map(lambda a: a[0], out)
     # The saved times are computed here too: no eager op after the compiled call.
-    out_ts = ts if save_trajectory else ts[-1]
+    out_ts = ts[::save_every] if save_trajectory else ts[-1]
     return (*out, out_ts)
 
 
@@ -302,6 +303,7 @@ def sample(
     driver: Literal["scan", "diffeqsolve"] | None = None,
     stepsize_controller: dfx.AbstractStepSizeController | None = None,
     save_trajectory: bool = False,
+    save_every: int = 1,
     denoise: bool = False,
     adjoint: dfx.AbstractAdjoint | None = None,
     checkpoint: bool | Literal["sqrt", "chunk", "step"] = True,
@@ -342,6 +344,9 @@ def sample(
     - `stepsize_controller`: e.g. `diffrax.PIDController(rtol, atol)` for adaptive
       steps (then the SDE noise is a `VirtualBrownianTree` with `brownian_tol`).
     - `save_trajectory`: save every grid time (`ys` gains a time axis).
+    - `save_every`: with `save_trajectory`, save every k-th grid time only,
+      `ts[::k]` (k must divide the number of steps): `ys` holds
+      `(len(ts) - 1) / k + 1` states per particle instead of `len(ts)`.
     - `denoise`: replace the final state by Tweedie's $\hat x_0$ at `ts[-1]`.
     - `adjoint`: diffrax adjoint for the `"diffeqsolve"` driver (default
       `RecursiveCheckpointAdjoint()`; `ForwardMode()` with `brownian="unsafe"`).
@@ -423,6 +428,7 @@ def sample(
         unsafe = process == "sde" and brownian == "unsafe"
         adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
     truncate = _check_truncate(truncate_backprop, stepsize_controller)
+    save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
     checkpoint = _checkpoint_mode(checkpoint)
     unroll = _check_unroll(unroll, driver)
     if solver is None:
@@ -451,7 +457,7 @@ def sample(
         dtype,
         process,
         driver,
-        bool(save_trajectory),
+        save_every if save_trajectory else 0,
         bool(denoise),
         int(max_steps),
         checkpoint,

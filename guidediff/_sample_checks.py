@@ -163,6 +163,28 @@ def _check_solver(solver, process, controller) -> None:
         )
 
 
+def _check_save_every(save_every, save_trajectory, ts, truncate) -> int:
+    if isinstance(save_every, bool) or not isinstance(save_every, int | np.integer):
+        raise TypeError(f"save_every must be a positive int, got {save_every!r}")
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if save_every == 1:
+        return 1
+    if not save_trajectory:
+        raise ValueError(
+            "save_every applies to trajectories: pass save_trajectory=True"
+        )
+    num_steps = ts.shape[0] - 1
+    if num_steps % save_every:
+        raise ValueError(
+            f"save_every={save_every} must divide the number of steps ({num_steps}), "
+            f"so that ts[::{save_every}] ends at ts[-1]"
+        )
+    if truncate is not None:
+        raise ValueError("save_every > 1 and truncate_backprop cannot be combined")
+    return int(save_every)
+
+
 def _check_unroll(unroll, driver) -> int:
     if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer):
         raise TypeError(f"unroll must be a positive int, got {unroll!r}")

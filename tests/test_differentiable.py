@@ -193,6 +193,40 @@ def test_adjoints_agree():
     _assert_tree_close(_grads("ode-scan"), _grads("ode-diffeqsolve"))
 
 
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(checkpoint="chunk"), dict(driver="diffeqsolve")]
+)
+def test_save_every_is_the_subsampled_trajectory(kw):
+    """save_every=k returns ts[::k] and the states there, and differentiates like
+    the full trajectory read at those times."""
+    k = 4  # STEPS is a multiple of 4
+    p = _params()
+
+    def traj(p, every):
+        sde, score = _guided(p)
+        out = gd.sample(
+            KEY,
+            sde,
+            score,
+            (2,),
+            y0=p["y0"],
+            ts=TS,
+            save_trajectory=True,
+            save_every=every,
+            **kw,
+        )
+        return out.ys, out.ts
+
+    full, full_ts = traj(p, 1)
+    sub, sub_ts = traj(p, k)
+    np.testing.assert_array_equal(sub_ts, full_ts[::k])
+    np.testing.assert_allclose(sub, full[:, ::k], rtol=1e-12, atol=1e-12)
+    weights = jnp.linspace(0.5, 1.5, sub.shape[1])[None, :, None]
+    g_sub = jax.grad(lambda q: jnp.sum(weights * traj(q, k)[0] ** 2))(p)
+    g_full = jax.grad(lambda q: jnp.sum(weights * traj(q, 1)[0][:, ::k] ** 2))(p)
+    _assert_tree_close(g_sub, g_full, rtol=1e-10)
+
+
 def test_unrolled_scan_gives_the_same_samples():
     p = _params()
     sde, score = _guided(p)
@@ -413,6 +447,12 @@ def test_bad_differentiation_arguments():
         )
     with pytest.raises(ValueError, match="checkpoint must be"):
         _objective(p, checkpoint="every")
+    with pytest.raises(ValueError, match="must divide the number of steps"):
+        _objective(p, save_trajectory=True, save_every=STEPS + 1)
+    with pytest.raises(ValueError, match="pass save_trajectory=True"):
+        _objective(p, save_every=2)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        _objective(p, save_trajectory=True, save_every=2, truncate_backprop=2)
     with pytest.raises(ValueError, match="unroll must be >= 1"):
         _objective(p, unroll=0)
     with pytest.raises(TypeError, match="unroll must be a positive int"):
