@@ -10,8 +10,11 @@ where the uniforms $u_{k,\cdot}$ come from Threefry-2x32 run in counter mode on 
 particle's key with the counters $(k, 0), (k, 1), \dots$: one block of two 32-bit
 words per two float32 values, as `jax.random.normal` draws a whole batch, with no
 per-particle, per-step key derivation (`fold_in`), which would cost one more hash
-per particle per step. (Keys of other PRNG implementations fall back to
-`normal(fold_in(key, k))`.)
+per particle per step. Keys of other PRNG implementations (`rbg`, `unsafe_rbg`) are
+first reduced to a Threefry key hashed from their data (`threefry_key`): JAX draws a
+`vmap`-ped batch of such keys from the first key alone (the batching rule of
+`lax.rng_bit_generator`), so `normal(key)` under `vmap` would not be the per-key
+draw, and samples would change with how particles are batched.
 
 It depends on the particle's key and the cell index only: not on the batch size,
 the device count, or the bits of the float times (unlike `UnsafeBrownianPath`). It is
@@ -36,30 +39,55 @@ from jaxtyping import Array, ArrayLike, Float
 from ._custom_types import Key
 
 
-def _threefry_key_data(key) -> Array | None:
-    """The two uint32 words of a Threefry key (typed or raw), else None."""
+_HASH_IV = (0x67756964, 0x65646966)  # "guid", "edif": the hash's initial state
+
+
+def threefry_key(key: Key) -> Key:
+    r"""A Threefry key standing for `key`, itself when it already is one.
+
+    Typed Threefry keys pass through; raw `uint32[2]` keys (`jax.random.PRNGKey`) are
+    wrapped. Keys of other implementations, typed or raw `uint32[m]`, are hashed
+    from their data with Threefry-2x32 as a Davies-Meyer compression (state
+    $h \leftarrow E_{b}(h) \oplus h$ for each 2-word block $b$ of the data), an
+    elementwise function of one key, so it commutes with `vmap`, unlike the
+    `rbg`/`unsafe_rbg` generators themselves (whose batching rule draws a whole
+    batch from its first key).
+    """
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if str(jr.key_impl(key)) != "threefry2x32":
-            return None
-        return jr.key_data(key)
-    if key.dtype == jnp.uint32 and key.shape == (2,):
-        return key
-    return None
+        if str(jr.key_impl(key)) == "threefry2x32":
+            return key
+        data = jr.key_data(key)
+    else:
+        data = jnp.asarray(key)
+        if data.dtype != jnp.uint32 or data.ndim != 1:
+            raise TypeError(
+                "expected a JAX PRNG key (jax.random.key(seed)) or raw uint32 key "
+                f"data, got an array of dtype {data.dtype} and shape {data.shape}"
+            )
+        if data.shape == (2,):
+            return jr.wrap_key_data(data, impl="threefry2x32")
+    if data.ndim != 1:
+        raise TypeError(f"expected one key, got key data of shape {data.shape}")
+    words = data.reshape(-1).astype(jnp.uint32)
+    if words.shape[0] % 2:
+        words = jnp.concatenate([words, jnp.zeros((1,), jnp.uint32)])
+    h = jnp.asarray(_HASH_IV, jnp.uint32)
+    for i in range(0, words.shape[0], 2):
+        h = threefry_2x32(words[i : i + 2], h) ^ h
+    return jr.wrap_key_data(h, impl="threefry2x32")
 
 
 def cell_normal(key: Key, k, shape: tuple[int, ...], dtype) -> Array:
     r"""Standard normals for grid cell `k` of the particle with key `key`.
 
     Threefry-2x32 in counter mode: block $j$ hashes the counter $(k, j)$ under the
-    key, giving two 32-bit words; float32 values use one word each, float64 two
-    (16-bit floats are drawn in float32 and rounded). The words become uniforms on
+    key (`threefry_key(key)`), giving two 32-bit words; float32 values use one word
+    each, float64 two (16-bit floats are drawn in float32 and rounded). The words become uniforms on
     $(-1, 1)$ from their top mantissa bits and normals through
     $\sqrt2\,\mathrm{erf}^{-1}$, as `jax.random.normal` does.
     """
     dtype = jnp.dtype(dtype)
-    data = _threefry_key_data(key)
-    if data is None:
-        return jr.normal(jr.fold_in(key, k), shape, dtype)
+    data = jr.key_data(threefry_key(key))
     gen = dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
     nbits = 8 * gen.itemsize
     n = math.prod(shape)

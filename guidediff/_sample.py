@@ -56,6 +56,7 @@ from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._batched import BatchedBrownianPath, BatchedScore, brownian_path
+from ._brownian import threefry_key
 from ._custom_types import Args, Key
 from ._driver import _solve
 from ._grid import check_grid, uniform_grid
@@ -97,6 +98,9 @@ class Samples(eqx.Module):
 
 
 def _particle_keys(key: Key, n: int) -> Array:
+    # Non-Threefry keys (rbg, unsafe_rbg) are hashed to a Threefry key first: their
+    # generators draw a vmapped batch from its first key only (see `threefry_key`).
+    key = threefry_key(key)
     return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(n))
 
 
@@ -326,6 +330,9 @@ def sample(
     **Arguments:**
 
     - `key`: particle `i` uses `fold_in(key, i)` (prior draw and Brownian path).
+      Keys of other PRNG implementations (`rbg`, `unsafe_rbg`) are first hashed
+      to a Threefry key: JAX draws a vmapped batch of those from its first key
+      only, which would tie a particle's sample to how particles are batched.
     - `sde`, `score`: the forward SDE and a (possibly guided) score.
     - `shape`: one particle's shape.
     - `num_particles`: number of particles (`None`: one particle, no leading axis).

@@ -67,20 +67,33 @@ def test_cell_normal_law_and_independence(dtype):
 
 
 def test_cell_normal_key_kinds():
-    """Raw uint32 keys give the same draws as typed Threefry keys; keys of another
-    PRNG implementation fall back to normal(fold_in(key, k))."""
-    from guidediff._brownian import cell_normal
+    """Raw uint32 keys give the same draws as typed Threefry keys; keys of other
+    PRNG implementations are hashed to a Threefry key, so their draws commute with
+    vmap (JAX's own rbg draws under vmap come from the batch's first key only)."""
+    from guidediff._brownian import cell_normal, threefry_key
 
     typed = jr.key(3)
     raw = jr.key_data(typed)
     np.testing.assert_array_equal(
         cell_normal(typed, 4, (3,), jnp.float32), cell_normal(raw, 4, (3,), jnp.float32)
     )
-    rbg = jr.key(3, impl="rbg")
-    np.testing.assert_array_equal(
-        cell_normal(rbg, 4, (3,), jnp.float32),
-        jr.normal(jr.fold_in(rbg, 4), (3,), jnp.float32),
-    )
+    assert threefry_key(typed) is typed
+    draw = jax.vmap(lambda k: cell_normal(k, 4, (3,), jnp.float32))
+    for impl in ("rbg", "unsafe_rbg"):
+        keys = jr.split(jr.key(3, impl=impl), 4)
+        one = np.stack([cell_normal(k, 4, (3,), jnp.float32) for k in keys])
+        np.testing.assert_array_equal(draw(keys), one)
+        np.testing.assert_array_equal(
+            one[1], cell_normal(threefry_key(keys[1]), 4, (3,), jnp.float32)
+        )
+        # distinct keys, distinct hashed keys (and raw rbg data hashes the same)
+        hashed = np.asarray(jax.vmap(lambda k: jr.key_data(threefry_key(k)))(keys))
+        assert len({tuple(h) for h in hashed}) == len(keys)
+        np.testing.assert_array_equal(
+            jr.key_data(threefry_key(jr.key_data(keys[2]))), hashed[2]
+        )
+    with pytest.raises(TypeError, match="PRNG key"):
+        threefry_key(jnp.zeros(2))
 
 
 def test_not_a_grid_cell_is_an_error():
