@@ -53,7 +53,13 @@ def threefry_key(key: Key) -> Key:
     `rbg`/`unsafe_rbg` generators themselves (whose batching rule draws a whole
     batch from its first key).
     """
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise TypeError(
+                f"expected one PRNG key, got a key array of shape {key.shape}; "
+                "for a batch of keys use jax.vmap"
+            )
         if str(jr.key_impl(key)) == "threefry2x32":
             return key
         data = jr.key_data(key)
@@ -61,13 +67,12 @@ def threefry_key(key: Key) -> Key:
         data = jnp.asarray(key)
         if data.dtype != jnp.uint32 or data.ndim != 1:
             raise TypeError(
-                "expected a JAX PRNG key (jax.random.key(seed)) or raw uint32 key "
-                f"data, got an array of dtype {data.dtype} and shape {data.shape}"
+                "expected one PRNG key (jax.random.key(seed)) or raw uint32 key "
+                f"data, got {type(key).__name__} of dtype {data.dtype} and shape "
+                f"{data.shape}"
             )
         if data.shape == (2,):
             return jr.wrap_key_data(data, impl="threefry2x32")
-    if data.ndim != 1:
-        raise TypeError(f"expected one key, got key data of shape {data.shape}")
     words = data.reshape(-1).astype(jnp.uint32)
     if words.shape[0] % 2:
         words = jnp.concatenate([words, jnp.zeros((1,), jnp.uint32)])

@@ -97,3 +97,18 @@ def test_bad_guidance_arguments():
         gd.sample(jr.key(0), SDE, lambda t, x, a: -x, (2,), ts=TS)
     with pytest.raises(ValueError, match="process"):
         gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=TS, process="langevin")
+
+
+def test_bad_keys():
+    score = GMM.score(SDE)
+    with pytest.raises(TypeError, match=r"expected one PRNG key .* got int"):
+        gd.sample(0, SDE, score, (2,), num_particles=2, ts=TS)
+    with pytest.raises(TypeError, match="for a batch of keys use jax.vmap"):
+        gd.sample(jr.split(jr.key(0), 3), SDE, score, (2,), num_particles=2, ts=TS)
+    with pytest.raises(TypeError, match="for a batch of keys use jax.vmap"):
+        gd.initial_noise(jr.split(jr.key(0), 3), SDE, (2,), num_particles=2)
+    # raw uint32 key data is a key: jax.random.PRNGKey(0) equals jax.random.key(0)
+    np.testing.assert_array_equal(
+        gd.sample(jr.PRNGKey(0), SDE, score, (2,), num_particles=2, ts=TS).ys,
+        gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=TS).ys,
+    )
