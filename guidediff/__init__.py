@@ -99,6 +99,11 @@ from ._sde import (
     LinearBeta as LinearBeta,
     OneMinusT as OneMinusT,
 )
+from ._smc import (
+    SMCSamples as SMCSamples,
+    resample_indices as resample_indices,
+    smc_sample as smc_sample,
+)
 from ._solver import (
     DDIM as DDIM,
     DPMSolverPP as DPMSolverPP,

@@ -97,6 +97,12 @@ class Samples(eqx.Module):
         return jnp.sum(self.failed)
 
 
+def _split_particle_key(key: Key) -> tuple[Key, Key]:
+    """A particle's prior-draw key and Brownian-path key."""
+    k_prior, k_bm = jr.split(key)
+    return k_prior, k_bm
+
+
 def _particle_keys(key: Key, n: int) -> Array:
     # Non-Threefry keys (rbg, unsafe_rbg) are hashed to a Threefry key first: their
     # generators draw a vmapped batch from its first key only (see `threefry_key`).
@@ -143,8 +149,7 @@ def _sample_core(
     as one `(P, *shape)` state in one solve (`key` the `(P,)` particle keys; see
     `_batched.py`): the same samples either way on a fixed grid."""
     lead = jax.vmap if batched else (lambda f: f)
-    split = lead(jr.split)(key)
-    k_prior, k_bm = split[..., 0], split[..., 1]
+    k_prior, k_bm = lead(_split_particle_key)(key)
     if y0 is None:
         y0 = lead(lambda k: sde.prior_sample(k, shape, dtype))(k_prior)
     if batched:
@@ -289,8 +294,8 @@ def initial_noise(
 @eqx.filter_jit
 def _initial_noise_jit(key, sde, shape, dtype, n):
     keys = _particle_keys(key, n)
-    # the prior half of the split in `_sample_particle`
-    return jax.vmap(lambda k: sde.prior_sample(jr.split(k)[0], shape, dtype))(keys)
+    k_prior = jax.vmap(_split_particle_key)(keys)[0]
+    return jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(k_prior)
 
 
 def sample(

@@ -1,0 +1,182 @@
+"""Sequential Monte Carlo (`gd.smc_sample`) against importance sampling and exact tilts.
+
+Every statistical tolerance is 4 standard errors estimated from independent
+replicates (the particles of one SMC run are correlated by resampling, so the
+spread between runs is the honest error bar).
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import three_class_gmm
+
+import guidediff as gd
+
+
+SDE = gd.VPSDE()
+GMM = three_class_gmm()
+REWARD = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+TS = gd.uniform_grid(1.0, 1e-3, 200)
+P, R = 512, 16  # particles per run, independent runs
+
+
+def _replicates(key, **kw):
+    """Per run: the weighted mean of the particles and the estimate Z-hat."""
+
+    def run(k):
+        out = gd.smc_sample(
+            k, SDE, GMM.score(SDE), (2,), REWARD.log, num_particles=P, ts=TS, **kw
+        )
+        return out.weights @ out.ys, jnp.exp(out.log_normalizer), out.resampled
+
+    mean, z, resampled = jax.vmap(run)(jr.split(jr.key(key), R))
+    return np.asarray(mean), np.asarray(z), np.asarray(resampled)
+
+
+def _mean_se(v):
+    return v.mean(0), v.std(0, ddof=1) / np.sqrt(v.shape[0])
+
+
+@pytest.fixture(scope="module")
+def importance():
+    """Plain importance sampling of the same tilted law (no twist, no resampling)."""
+    return _replicates(100, twist=0.0, ess_threshold=0.0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # twist 1, systematic, resample below ESS = P/2
+        {"resampling": "stratified", "ess_threshold": 1.0},
+        {"resampling": "multinomial", "twist": 0.5},
+    ],
+    ids=["systematic", "stratified-every-step", "multinomial-half-twist"],
+)
+def test_smc_targets_the_tilted_law(kw, importance):
+    """Resampling and the twist leave the target q r / Z and Z-hat's mean unchanged:
+    the same as importance sampling on the same grid, and as the exact tilt of the
+    mixture (q is the 200-step sampler's law, close to the mixture)."""
+    mean, z, resampled = _replicates(1, **kw)
+    assert resampled.any()
+    if kw.get("ess_threshold") == 1.0:
+        assert resampled.all()
+    exact_mean = np.asarray(GMM.tilt(REWARD).sample(jr.key(5), 400_000).mean(0))
+    exact_z = float(REWARD.expectation(GMM))
+    (m, m_se), (zm, z_se) = _mean_se(mean), _mean_se(z)
+    (im, im_se), (iz, iz_se) = _mean_se(importance[0]), _mean_se(importance[1])
+    np.testing.assert_array_less(np.abs(m - im), 4 * np.hypot(m_se, im_se))
+    assert abs(zm - iz) < 4 * np.hypot(z_se, iz_se)
+    np.testing.assert_array_less(np.abs(m - exact_mean), 4 * m_se)
+    assert abs(zm - exact_z) < 4 * z_se
+
+
+def test_no_resampling_is_gd_sample_with_importance_weights():
+    """ess_threshold=0: the particles are gd.sample's (slot i uses fold_in(key, i)),
+    and the twisted increments telescope to log r of the final particle."""
+    kw = dict(num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 20))
+    for solver in (None, gd.SDEDPMSolverPP(SDE)):
+        out = gd.smc_sample(
+            jr.key(3), SDE, GMM.score(SDE), (2,), REWARD.log, ess_threshold=0.0,
+            solver=solver, **kw,
+        )  # fmt: skip
+        ref = gd.sample(jr.key(3), SDE, GMM.score(SDE), (2,), solver=solver, **kw).ys
+        np.testing.assert_array_equal(out.ys, ref)
+        np.testing.assert_allclose(
+            out.log_weights, jax.vmap(REWARD.log)(ref), rtol=1e-10, atol=1e-10
+        )
+        assert not np.any(out.resampled)
+        np.testing.assert_allclose(
+            out.log_normalizer,
+            jax.nn.logsumexp(out.log_weights) - np.log(8),
+            rtol=1e-12,
+        )
+        np.testing.assert_allclose(np.sum(out.weights), 1.0, rtol=1e-12)
+
+
+def test_resampled_particles_keep_their_slot_noise():
+    """Always resampling (ESS threshold 1) with a multistep solver: copies of one
+    ancestor get their slots' own increments, so no two final particles coincide,
+    and the solver state travels with the particle (finite samples)."""
+    out = gd.smc_sample(
+        jr.key(4), SDE, GMM.score(SDE), (2,), REWARD.log, num_particles=64,
+        ts=gd.logsnr_grid(SDE, 1.0, 1e-3, 30), solver=gd.SDEDPMSolverPP(SDE),
+        ess_threshold=1.0,
+    )  # fmt: skip
+    assert np.all(np.asarray(out.resampled))
+    ys = np.asarray(out.ys)
+    assert np.all(np.isfinite(ys)) and not np.any(out.failed)
+    assert len(np.unique(ys[:, 0])) == ys.shape[0]
+    # resampling resets the weights to equal ones that keep Z-hat
+    np.testing.assert_allclose(out.log_weights, out.log_normalizer, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "stratified", "multinomial"])
+def test_resample_indices_are_unbiased(scheme):
+    """E[count_i] = n w_i; systematic counts are floor or ceil of n w_i."""
+    n, reps = 16, 4000
+    w = np.asarray(jr.dirichlet(jr.key(0), jnp.ones(n)))
+    logw = jnp.log(jnp.asarray(w))
+
+    def counts(k):
+        idx = gd.resample_indices(k, logw, scheme)
+        return jnp.zeros(n).at[idx].add(1.0)
+
+    c = np.asarray(jax.vmap(counts)(jr.split(jr.key(1), reps)))
+    assert np.all(c.sum(1) == n)
+    if scheme == "systematic":
+        assert np.all(c >= np.floor(n * w) - 1e-9) and np.all(
+            c <= np.ceil(n * w) + 1e-9
+        )
+    # multinomial: Var = n w (1 - w); stratified and systematic have smaller variance
+    se = np.sqrt(n * w * (1 - w) / reps)
+    np.testing.assert_array_less(np.abs(c.mean(0) - n * w), 4 * se + 1e-12)
+    # zero weight: never chosen
+    logw0 = logw.at[3].set(-jnp.inf)
+    idx = jax.vmap(lambda k: gd.resample_indices(k, logw0, scheme))(
+        jr.split(jr.key(2), 200)
+    )
+    assert not np.any(np.asarray(idx) == 3)
+
+
+def test_failed_particles_get_zero_weight():
+    """A potential that is NaN on part of the space: those particles are flagged and
+    weigh nothing; the rest of the batch is unaffected."""
+
+    def log_r(x):
+        return jnp.where(x[0] > 0.0, jnp.nan, REWARD.log(x))
+
+    kw = dict(num_particles=32, ts=gd.uniform_grid(1.0, 1e-3, 20), twist=0.0)
+    out = gd.smc_sample(
+        jr.key(6), SDE, GMM.score(SDE), (2,), log_r, **kw, ess_threshold=0.0
+    )
+    bad = np.asarray(out.ys[:, 0] > 0.0)
+    assert bad.any() and not bad.all()
+    np.testing.assert_array_equal(out.failed, bad)
+    assert np.all(np.asarray(out.weights)[bad] == 0.0)
+    assert np.isfinite(float(out.log_normalizer))
+    # with resampling the failed particles are replaced
+    again = gd.smc_sample(
+        jr.key(6), SDE, GMM.score(SDE), (2,), log_r, **kw, ess_threshold=1.0
+    )
+    assert not np.any(again.failed) and np.all(np.asarray(again.ys[:, 0]) <= 0.0)
+
+
+def test_smc_bad_input():
+    score = GMM.score(SDE)
+    kw = dict(num_particles=4, ts=gd.uniform_grid(1.0, 1e-3, 5))
+    with pytest.raises(ValueError, match="ess_threshold must be in"):
+        gd.smc_sample(jr.key(0), SDE, score, (2,), REWARD.log, ess_threshold=1.5, **kw)
+    with pytest.raises(ValueError, match="resampling must be one of"):
+        gd.smc_sample(jr.key(0), SDE, score, (2,), REWARD.log, resampling="x", **kw)
+    with pytest.raises(ValueError, match="must return a scalar"):
+        gd.smc_sample(jr.key(0), SDE, score, (2,), lambda x: x, **kw)
+    with pytest.raises(ValueError, match="at least 1"):
+        gd.smc_sample(jr.key(0), SDE, score, (2,), REWARD.log, num_particles=0)
+    with pytest.raises(ValueError, match="steps the probability-flow ODE"):
+        gd.smc_sample(
+            jr.key(0), SDE, score, (2,), REWARD.log, solver=gd.DDIM(SDE), **kw
+        )
+    with pytest.raises(ValueError, match="resampling must be one of"):
+        gd.resample_indices(jr.key(0), jnp.zeros(3), "x")
