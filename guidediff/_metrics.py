@@ -10,8 +10,12 @@ Every function here takes samples stacked on a leading particle axis (the output
   and a permutation `two_sample_test` built on the first two.
 
 All of them are pure JAX and jit-compiled; input validation that depends only on
-shapes happens at trace time, and checks of values (`reciprocal_prob`) run only when
-the input is concrete.
+shapes happens at trace time, and checks of values run only when the input is
+concrete: `reciprocal_prob` rejects probabilities outside $(0, 1]$, `frac_improved`
+rejects NaN, and the distances and `two_sample_test` reject NaN or infinite samples
+(e.g. the failed particles of `gd.sample`), all with a `ValueError`. Under
+`jit`/`vmap` these checks are skipped, and a NaN input gives a NaN result (the
+distances and the p-value of `two_sample_test` included), never a finite, wrong one.
 """
 
 import functools
@@ -35,6 +39,21 @@ def _as_inexact(x: ArrayLike) -> Array:
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
     return x
+
+
+def _check_finite(fn: str, **arrays: Array) -> None:
+    """`ValueError` if a concrete array holds NaN or inf; tracers are not checked."""
+    for name, x in arrays.items():
+        if not _is_concrete(x):
+            continue
+        v = np.asarray(x)
+        bad = ~np.isfinite(v)
+        if np.any(bad):
+            raise ValueError(
+                f"{fn} needs finite samples; `{name}` holds {int(np.sum(bad))} "
+                f"non-finite value(s) (NaN or inf), e.g. {v[bad].ravel()[0]}. Drop "
+                "failed particles first (e.g. `out.ys[~out.failed]` for `gd.sample`)."
+            )
 
 
 def _num_samples(x: Array, name: str, minimum: int) -> int:
@@ -141,6 +160,16 @@ def reciprocal_prob(probs: Float[ArrayLike, "n ..."]) -> tuple[Array, Array]:
 
 
 @jax.jit
+def _frac_improved(p_guided: Array, p_base: Array) -> tuple[Array, Array]:
+    n = p_guided.shape[0]
+    improved = (p_guided > p_base).astype(jnp.result_type(p_guided, p_base))
+    frac = jnp.mean(improved, axis=0)
+    # A NaN compares False; never count it as "not improved".
+    nan = jnp.any(jnp.isnan(p_guided) | jnp.isnan(p_base), axis=0)
+    frac = jnp.where(nan, jnp.nan, frac)
+    return frac, jnp.sqrt(frac * (1 - frac) / n)
+
+
 def frac_improved(
     p_guided: Float[ArrayLike, "n ..."], p_base: Float[ArrayLike, "n ..."]
 ) -> tuple[Array, Array]:
@@ -161,6 +190,14 @@ def frac_improved(
     - `p_base`: probabilities of the paired baseline samples, the same shape
       (`ValueError` otherwise).
 
+    Only the order of each pair matters, so any strictly increasing function of the
+    probabilities gives the same answer and may be passed instead: the experiments
+    pass log-odds $\log p - \log(1 - p)$, which do not round to equal values when
+    $p$ rounds to 1. The values are therefore not range-checked, but NaN is: a
+    concrete NaN in either input raises `ValueError`; under `jit`/`vmap` the check is
+    skipped and the `frac` and `stderr` of an element with a NaN in any of its
+    pairs are NaN.
+
     **Returns:**
 
     A tuple `(frac, stderr)`, each of shape `p_guided.shape[1:]`.
@@ -180,10 +217,15 @@ def frac_improved(
             "frac_improved needs paired samples of the same shape, got "
             f"p_guided.shape={p_guided.shape} and p_base.shape={p_base.shape}."
         )
-    n = _num_samples(p_guided, "p_guided", 1)
-    improved = (p_guided > p_base).astype(jnp.result_type(p_guided, p_base))
-    frac = jnp.mean(improved, axis=0)
-    return frac, jnp.sqrt(frac * (1 - frac) / n)
+    _num_samples(p_guided, "p_guided", 1)
+    for name, v in (("p_guided", p_guided), ("p_base", p_base)):
+        if _is_concrete(v) and np.any(np.isnan(np.asarray(v))):
+            raise ValueError(
+                f"frac_improved got NaN in `{name}` "
+                f"({int(np.sum(np.isnan(np.asarray(v))))} value(s)); a NaN pair is "
+                "neither improved nor not improved."
+            )
+    return _frac_improved(p_guided, p_base)
 
 
 @jax.jit
@@ -250,16 +292,18 @@ def _sqdist(z: Float[Array, "N d"]) -> Float[Array, "N N"]:
 
 
 def _safe_sqrt(sq: Array) -> Array:
-    # sqrt with a zero (not NaN) gradient at 0, for the zero diagonal.
+    # sqrt with a zero (not NaN) gradient at 0, for the zero diagonal. NaN (from a
+    # NaN sample) stays NaN: `NaN > 0` is False, so it must not fall to the 0 branch.
     positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
+    root = jnp.sqrt(jnp.where(positive, sq, 1))
+    return jnp.where(positive, root, jnp.where(jnp.isnan(sq), sq, 0))
 
 
 def _median_bandwidth(sq: Float[Array, "N N"]) -> Scalar:
     rows, cols = np.triu_indices(sq.shape[0], k=1)
     h = jnp.median(_safe_sqrt(sq[rows, cols]))
-    # All points equal: any bandwidth gives MMD = 0; avoid 0/0.
-    return jnp.where(h > 0, h, jnp.ones_like(h))
+    # All points equal: any bandwidth gives MMD = 0; avoid 0/0. NaN stays NaN.
+    return jnp.where(h == 0, jnp.ones_like(h), h)
 
 
 def _gaussian_kernel(sq: Array, bandwidth: Array) -> Array:
@@ -329,6 +373,8 @@ def mmd2(
 
     - `x`: samples of shape `(n, ...)`, `n >= 2`.
     - `y`: samples of shape `(m, ...)`, `m >= 2`, with the same trailing shape.
+      `x` and `y` must be finite: a concrete NaN or inf raises `ValueError`; under
+      `jit`/`vmap` a NaN gives a NaN estimate.
     - `bandwidth`: the kernel bandwidth $h > 0$. Defaults to the **median
       heuristic**: $h$ = the median of the Euclidean distances
       $\|z_i - z_j\|$, $i < j$, over the pooled sample $z = (x, y)$ (or 1 if
@@ -349,11 +395,19 @@ def mmd2(
         ```
     """
     _check_bandwidth(bandwidth)
+    _check_finite("mmd2", x=x, y=y)
     return _mmd2(x, y, bandwidth)
 
 
 @jax.jit
-def energy_distance(x: Float[ArrayLike, "n ..."], y: Float[ArrayLike, "m ..."]):
+def _energy_distance(x, y):
+    z, n, m = _pooled(x, y)
+    return _u_statistic(_energy_matrix(z), _indicator(n, m, z.dtype), n, m)
+
+
+def energy_distance(
+    x: Float[ArrayLike, "n ..."], y: Float[ArrayLike, "m ..."]
+) -> Scalar:
     r"""Unbiased estimate of the energy distance between two sample sets.
 
     $$\mathcal E(P, Q) = 2\,\mathbb E\|X - Y\| - \mathbb E\|X - X'\|
@@ -370,6 +424,8 @@ def energy_distance(x: Float[ArrayLike, "n ..."], y: Float[ArrayLike, "m ..."]):
 
     - `x`: samples of shape `(n, ...)`, `n >= 2`.
     - `y`: samples of shape `(m, ...)`, `m >= 2`, with the same trailing shape.
+      `x` and `y` must be finite: a concrete NaN or inf raises `ValueError`; under
+      `jit`/`vmap` a NaN gives a NaN estimate.
 
     **Returns:**
 
@@ -384,8 +440,8 @@ def energy_distance(x: Float[ArrayLike, "n ..."], y: Float[ArrayLike, "m ..."]):
         gd.energy_distance(x, y)  # clearly positive; ~0 without the shift
         ```
     """
-    z, n, m = _pooled(x, y)
-    return _u_statistic(_energy_matrix(z), _indicator(n, m, z.dtype), n, m)
+    _check_finite("energy_distance", x=x, y=y)
+    return _energy_distance(x, y)
 
 
 def _quantile_coupling(n: int, m: int):
@@ -403,6 +459,23 @@ def _quantile_coupling(n: int, m: int):
 
 
 @functools.partial(jax.jit, static_argnames=("num_projections",))
+def _sliced_wasserstein(x, y, key, num_projections):
+    z, n, m = _pooled(x, y)
+    d = z.shape[1]
+    directions = jr.normal(key, (num_projections, d), dtype=z.dtype)
+    directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
+    proj = z @ directions.T  # (n + m, L)
+    px = jnp.sort(proj[:n], axis=0)
+    py = jnp.sort(proj[n:], axis=0)
+    if n == m:
+        w2 = jnp.mean((px - py) ** 2, axis=0)
+    else:
+        weights, i, j = _quantile_coupling(n, m)
+        weights = jnp.asarray(weights, dtype=z.dtype)
+        w2 = weights @ ((px[i] - py[j]) ** 2)
+    return jnp.mean(w2)
+
+
 def sliced_wasserstein(
     x: Float[ArrayLike, "n ..."],
     y: Float[ArrayLike, "m ..."],
@@ -430,6 +503,8 @@ def sliced_wasserstein(
 
     - `x`: samples of shape `(n, ...)`, `n >= 2`, flattened to vectors.
     - `y`: samples of shape `(m, ...)`, `m >= 2`, with the same trailing shape.
+      `x` and `y` must be finite: a concrete NaN or inf raises `ValueError`; under
+      `jit`/`vmap` a NaN gives a NaN estimate.
     - `key`: PRNG key for the directions.
     - `num_projections`: the number $L$ of directions.
 
@@ -448,20 +523,8 @@ def sliced_wasserstein(
     """
     if num_projections < 1:
         raise ValueError(f"num_projections must be >= 1, got {num_projections}.")
-    z, n, m = _pooled(x, y)
-    d = z.shape[1]
-    directions = jr.normal(key, (num_projections, d), dtype=z.dtype)
-    directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
-    proj = z @ directions.T  # (n + m, L)
-    px = jnp.sort(proj[:n], axis=0)
-    py = jnp.sort(proj[n:], axis=0)
-    if n == m:
-        w2 = jnp.mean((px - py) ** 2, axis=0)
-    else:
-        weights, i, j = _quantile_coupling(n, m)
-        weights = jnp.asarray(weights, dtype=z.dtype)
-        w2 = weights @ ((px[i] - py[j]) ** 2)
-    return jnp.mean(w2)
+    _check_finite("sliced_wasserstein", x=x, y=y)
+    return _sliced_wasserstein(x, y, key, num_projections)
 
 
 # ---------------------------------------------------------------------------------
@@ -482,8 +545,10 @@ def _two_sample_test(x, y, key, bandwidth, statistic, num_permutations):
     perms = jax.vmap(lambda k: jr.permutation(k, a))(keys)  # (P, N)
     stats = jax.vmap(lambda perm: _u_statistic(M, perm, n, m))(perms)
     exceed = jnp.sum(stats >= observed)
-    p_value = (1 + exceed) / (1 + num_permutations)
-    return observed, p_value.astype(z.dtype)
+    p_value = ((1 + exceed) / (1 + num_permutations)).astype(z.dtype)
+    # `stats >= NaN` is False: a NaN statistic would give the smallest p-value.
+    nan = jnp.isnan(observed) | jnp.any(jnp.isnan(stats))
+    return observed, jnp.where(nan, jnp.nan, p_value)
 
 
 def two_sample_test(
@@ -512,6 +577,8 @@ def two_sample_test(
 
     - `x`: samples of shape `(n, ...)`, `n >= 2`.
     - `y`: samples of shape `(m, ...)`, `m >= 2`, with the same trailing shape.
+      `x` and `y` must be finite: a concrete NaN or inf raises `ValueError`; under
+      `jit`/`vmap` a NaN gives a NaN statistic and a NaN p-value.
     - `key`: PRNG key for the permutations.
     - `statistic`: `"energy"` (default) or `"mmd"`.
     - `num_permutations`: the number $B$ of random permutations.
@@ -536,4 +603,5 @@ def two_sample_test(
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be >= 1, got {num_permutations}.")
     _check_bandwidth(bandwidth)
+    _check_finite("two_sample_test", x=x, y=y)
     return _two_sample_test(x, y, key, bandwidth, statistic, num_permutations)

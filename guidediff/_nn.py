@@ -11,15 +11,19 @@ Class conditioning follows the classifier-free guidance convention: with
 `num_classes = C` the labels `0..C-1` are classes and the extra index `C` is the
 "null" label (no class), so one network learns the conditional scores
 $s(t, x \mid c)$ and the unconditional score $s(t, x) = s(t, x \mid C)$. A `label`
-of `None` means the null label.
+of `None` means the null label. A network built without `num_classes` is
+unconditional and ignores its label argument, so that guidance which passes the
+same `args` to every score (classifier guidance: an unconditional score beside a
+classifier of the label) works with it.
 
 Parameters are float32. Inputs are cast to the network's computation `dtype` inside
 (float32 by default; `dtype=jnp.bfloat16` for mixed precision, Flax's convention:
 bfloat16 matmuls and convolutions on float32 parameters, normalisation statistics in
 float32) and the output is cast back to the dtype of `x`, so networks stay fast when
 `jax_enable_x64` is on and the sampler's state keeps its own precision. A concrete
-label outside `0..C` is a `ValueError`; a traced one gives NaN outputs (the losses
-check their labels, see `guidediff._losses.check_labels`).
+label outside `0..C` is a `ValueError`; a traced one (under `jit`/`vmap`) gives NaN
+outputs, negative labels included (they do not wrap around); the losses check their
+labels, see `guidediff._losses.check_labels`.
 
 On CPU, initialise conv nets under `jax.jit` (`jax.jit(net.init)(key, t, x, label)`):
 eager, op-by-op initialisation is much slower.
@@ -104,7 +108,11 @@ class _Conditioning(nn.Module):
             embed = nn.Embed(
                 self.num_classes + 1, self.dim, dtype=self.dtype, name="class_embed"
             )
-            emb = emb + embed(label)
+            # jnp.take wraps negative indices around (-1 would be the null label):
+            # look up a valid row, then put NaN wherever the label is out of range.
+            valid = (label >= 0) & (label <= self.num_classes)
+            class_emb = embed(jnp.clip(label, 0, self.num_classes))
+            emb = emb + jnp.where(valid, class_emb, jnp.nan)
         return emb
 
 
@@ -123,7 +131,10 @@ class MLPScoreNet(nn.Module):
     - `hidden`: widths of the hidden layers.
     - `time_embed_dim`: size of the time (and class) embedding.
     - `num_classes`: if set, the network is class-conditional; label `num_classes`
-      (or `None`) is the null label used for classifier-free guidance.
+      (or `None`) is the null label used for classifier-free guidance. A concrete
+      label outside `0..num_classes` raises `ValueError`, a traced one gives NaN
+      outputs. If `None` (the default), the network is unconditional and ignores
+      the label (classifier guidance passes one to the score and the classifier).
     - `dtype`: the computation dtype (`jnp.bfloat16` for mixed precision; the
       parameters stay float32).
 
@@ -215,7 +226,8 @@ class UNet(nn.Module):
     - `features`: channels per level.
     - `time_embed_dim`: size of the time (and class) embedding.
     - `num_classes`: class conditioning with the null label `num_classes`, as in
-      `MLPScoreNet`.
+      `MLPScoreNet` (out-of-range labels are handled as there; an unconditional
+      network ignores the label).
     - `blocks_per_level`: residual blocks per level on the way down and up.
     - `dtype`: the computation dtype (`jnp.bfloat16` for mixed precision; the
       parameters stay float32, GroupNorm statistics are float32).

@@ -100,6 +100,27 @@ def test_frac_improved_shape_mismatch():
         frac_improved(jnp.ones(5), jnp.ones(4))
 
 
+def test_frac_improved_nan():
+    base = jnp.array([0.5, 0.3, 0.6])
+    # Concrete NaN in either input: an error, not "no sample improved" (0, 0).
+    with pytest.raises(ValueError, match="NaN in `p_guided`"):
+        frac_improved(jnp.full(3, jnp.nan), base)
+    with pytest.raises(ValueError, match="NaN in `p_base`"):
+        frac_improved(base, base.at[1].set(jnp.nan))
+    # Traced: NaN, per element of the trailing shape.
+    guided = jnp.stack([jnp.array([jnp.nan, 0.2, 0.9]), jnp.array([0.9, 0.2, 0.9])], 1)
+    frac, se = jax.jit(frac_improved)(guided, jnp.stack([base, base], 1))
+    assert np.isnan(frac[0]) and np.isnan(se[0])
+    np.testing.assert_allclose([frac[1], se[1]], [2 / 3, math.sqrt(2 / 27)])
+    # Only the order matters: log-odds (outside [0, 1]) are accepted and agree.
+    logit = lambda p: jnp.log(p) - jnp.log1p(-p)
+    p_g = jnp.array([0.9, 0.2, 0.6, 0.5])
+    p_b = jnp.array([0.5, 0.3, 0.6, 0.1])
+    np.testing.assert_array_equal(
+        frac_improved(logit(p_g), logit(p_b)), frac_improved(p_g, p_b)
+    )
+
+
 # ---------------------------------------------------------------------------------
 # MMD and energy distance: independent references on small data.
 # ---------------------------------------------------------------------------------
@@ -144,6 +165,45 @@ def test_mmd2_bad_inputs():
         mmd2(jnp.ones((4, 2)), jnp.zeros((4, 2)), bandwidth=0.0)
     with pytest.raises(ValueError, match="same per-sample shape"):
         mmd2(jnp.ones((4, 2)), jnp.zeros((4, 3)))
+
+
+def _distances(key):
+    """Every distance and the two tests, as functions of (x, y) returning arrays."""
+    return {
+        "energy": lambda x, y: energy_distance(x, y),
+        "mmd": lambda x, y: mmd2(x, y),
+        "sliced": lambda x, y: sliced_wasserstein(x, y, key=key, num_projections=4),
+        "test_energy": lambda x, y: jnp.stack(
+            two_sample_test(x, y, key=key, num_permutations=9)
+        ),
+        "test_mmd": lambda x, y: jnp.stack(
+            two_sample_test(x, y, key=key, statistic="mmd", num_permutations=9)
+        ),
+    }
+
+
+def test_distances_reject_non_finite_samples():
+    # NaN used to count as zero distance: a finite energy distance (even negative)
+    # and p = 1.0 for a half- or all-NaN y, and p = 1/(B+1) with a NaN MMD.
+    x, y = _gaussian_pairs(jr.key(0), 6, 6, 2, 3.0)
+    bad_ys = [y.at[:3].set(jnp.nan), jnp.full_like(y, jnp.nan), y.at[0, 1].set(jnp.inf)]
+    for name, fn in _distances(jr.key(1)).items():
+        assert np.all(np.isfinite(fn(x, y))), name
+        for bad in bad_ys:
+            with pytest.raises(ValueError, match="finite samples; `y`"):
+                fn(x, bad)
+        with pytest.raises(ValueError, match="finite samples; `x`"):
+            fn(bad_ys[0], y)
+
+
+def test_distances_nan_under_jit():
+    """Traced inputs are not checked; a NaN sample gives NaN, never a finite value."""
+    x, y = _gaussian_pairs(jr.key(0), 6, 6, 2, 3.0)
+    ys = jnp.stack([y, y.at[:3].set(jnp.nan), jnp.full_like(y, jnp.nan)])
+    for name, fn in _distances(jr.key(1)).items():
+        out = jax.jit(jax.vmap(fn, (None, 0)))(x, ys)
+        assert np.all(np.isfinite(out[0])), name
+        assert np.all(np.isnan(out[1:])), (name, out)
 
 
 def test_energy_distance_matches_scipy_1d():

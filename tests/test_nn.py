@@ -89,6 +89,32 @@ def test_mlp_null_label(mlp):
         net.apply(variables, 0.4, x, jnp.array([0, 1]))
 
 
+def test_mlp_traced_out_of_range_label_is_nan(mlp):
+    """Under jit a label outside 0..C gives NaN; negative labels used to wrap
+    around (-1 gave the null label's output, -2 class C-1's)."""
+    net, variables = mlp
+    x = jnp.array([0.3, -0.7])
+    labels = jnp.array([-4, -2, -1, 0, 2, 3, 4])
+    out = jax.jit(jax.vmap(net.apply, (None, None, None, 0)))(variables, 0.4, x, labels)
+    bad = (labels < 0) | (labels > 3)
+    assert np.all(np.isnan(out[bad])) and np.all(np.isfinite(out[~bad]))
+    np.testing.assert_allclose(out[~bad][-1], net.apply(variables, 0.4, x), rtol=1e-6)
+
+
+def test_unconditional_net_ignores_labels():
+    """An unconditional network gives the same output whatever label it is passed
+    (classifier guidance passes the label to the score and to the classifier)."""
+    net = MLPScoreNet(hidden=(8,), time_embed_dim=8)
+    x = jnp.array([0.3, -0.7])
+    variables = net.init(jr.key(0), 0.5, x)
+    plain = net.apply(variables, 0.5, x, None)
+    for label in (0, 99, jnp.array(1)):
+        np.testing.assert_array_equal(net.apply(variables, 0.5, x, label), plain)
+    np.testing.assert_array_equal(
+        jax.jit(net.apply)(variables, 0.5, x, jnp.array(-1)), plain
+    )
+
+
 def test_mlp_vmap_equals_loop(mlp):
     net, variables = mlp
     xs = jr.normal(jr.key(2), (5, 2))
@@ -132,6 +158,15 @@ def test_unet_vmap_labels_and_errors(unet):
         jax.eval_shape(net.apply, variables, 0.3, jnp.zeros((7, 7)), 0)
     with pytest.raises(ValueError, match="vmap over a batch"):
         jax.eval_shape(net.apply, variables, 0.3, jnp.zeros((2, 8, 8, 1)), 0)
+
+
+def test_unet_traced_out_of_range_label_is_nan(unet):
+    net, variables = unet
+    x = jnp.linspace(-1, 1, 64).reshape(8, 8)
+    labels = jnp.array([-1, 10, 11])
+    out = jax.jit(jax.vmap(net.apply, (None, None, None, 0)))(variables, 0.4, x, labels)
+    assert np.all(np.isnan(out[0])) and np.all(np.isnan(out[2]))
+    assert np.all(np.isfinite(out[1]))
 
 
 @pytest.mark.parametrize("time_conditioned", [False, True])
