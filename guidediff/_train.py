@@ -12,9 +12,9 @@ steps and resumed from its checkpoint to $n$ steps gives bit-for-bit the same
 parameters, EMA, optimiser state and loss history as an uninterrupted $n$-step run.
 """
 
+import base64
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,7 +46,9 @@ class FitResult:
     - `opt_state`: the final optimiser state.
     - `losses`: `(num_steps,)` numpy array, the loss of every step (on resume, the
       steps before the checkpoint come from the checkpoint).
-    - `evals`: list of `(step, eval_fn(...))` pairs.
+    - `evals`: list of `(step, eval_fn(...))` pairs. Evals restored from a
+      checkpoint (the ones before a resume, or all of them for `load_checkpoint`)
+      have the type they were recorded with: see `fit`'s `checkpoint_dir`.
     - `step`: the number of steps done.
     """
 
@@ -108,6 +110,26 @@ def warm_start(pretrained: PyTree[Any], like: PyTree[Any] | None = None) -> PyTr
 
 
 # ---------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------
+
+
+def _check_count(name: str, value, minimum: int, *, optional: bool = False):
+    """A true integer (a Python `int` or a NumPy integer, not a `bool` or a float)
+    `>= minimum`, returned as a Python `int`; `None` passes if `optional`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"{name} must be an integer{' or None' if optional else ''}, got "
+            f"{value!r} of type {type(value).__name__}"
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------
 
@@ -126,6 +148,8 @@ def _data_mode(data) -> str:
     n = {x.shape[0] for x in leaves}
     if len(n) != 1:
         raise ValueError(f"every data array needs the same leading size, got {n}")
+    if n == {0}:
+        raise ValueError("data holds no examples: its leading axis has size 0")
     return "arrays"
 
 
@@ -229,13 +253,94 @@ def _key_data(key) -> list[int]:
     return np.asarray(key).ravel().tolist()
 
 
-def _jsonable(value):
-    try:
-        out = jax.tree.map(lambda v: np.asarray(v).tolist(), value)
-        json.dumps(out)
-        return out
-    except (TypeError, ValueError):
-        return None
+_EVAL_TYPES = (
+    "None, bool, int, float, str, NumPy and JAX arrays and NumPy scalars of a "
+    "boolean or numeric dtype, and lists, tuples and dicts (with str keys) of these"
+)
+
+
+def _encode_eval(value, where: str, path: str = ""):
+    """An eval value as JSON that `_decode_eval` turns back into the same value and
+    type; anything else is a `TypeError` naming `where` (and, within it, `path`)
+    the offending part is."""
+    t = type(value)
+    what = f"{where}, part {path}," if path else where
+    if value is None or t in (bool, int, float, str):
+        return value
+    if t is list:
+        return [_encode_eval(v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if t is tuple:
+        return {
+            "__tuple__": [
+                _encode_eval(v, where, f"{path}[{i}]") for i, v in enumerate(value)
+            ]
+        }
+    if t is dict:
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise TypeError(
+                    f"cannot save {what} in a checkpoint: it is a dict with the "
+                    f"non-str key {k!r}; a checkpoint stores {_EVAL_TYPES}"
+                )
+            out[k] = _encode_eval(v, where, f"{path}[{k!r}]")
+        return {"__dict__": out}
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
+        if jnp.issubdtype(value.dtype, jnp.bool_) or jnp.issubdtype(
+            value.dtype, jnp.number
+        ):
+            arr = np.asarray(value)
+            if not arr.dtype.isnative:
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            kind = (
+                "jax"
+                if isinstance(value, jax.Array)
+                else "numpy"
+                if isinstance(value, np.ndarray)
+                else "scalar"
+            )
+            data = base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode()
+            return {
+                "__array__": {
+                    "kind": kind,
+                    "dtype": arr.dtype.name,
+                    "shape": list(arr.shape),
+                    "data": data,
+                }
+            }
+    raise TypeError(
+        f"cannot save {what} in a checkpoint: it is a {t.__module__}.{t.__qualname__}"
+        f" ({value!r:.80}); a checkpoint stores {_EVAL_TYPES}. Return one of these "
+        "from eval_fn (e.g. a dict of floats), or run without checkpoint_dir"
+    )
+
+
+def _decode_eval(obj):
+    """The inverse of `_encode_eval` (plain JSON, as older checkpoints hold, passes
+    through)."""
+    if isinstance(obj, list):
+        return [_decode_eval(v) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            ((tag, v),) = obj.items()
+            if tag == "__tuple__":
+                return tuple(_decode_eval(x) for x in v)
+            if tag == "__dict__":
+                return {k: _decode_eval(x) for k, x in v.items()}
+            if tag == "__array__":
+                arr = np.frombuffer(base64.b64decode(v["data"]), np.dtype(v["dtype"]))
+                arr = arr.reshape(v["shape"]).copy()
+                if v["kind"] == "jax":
+                    return jnp.asarray(arr)
+                return arr[()] if v["kind"] == "scalar" else arr
+        return {k: _decode_eval(x) for k, x in obj.items()}
+    return obj
+
+
+def _restored_evals(meta) -> tuple[list, list]:
+    """`(evals, stored)`: the checkpoint's evals decoded, and as stored."""
+    stored = [list(e) for e in meta.get("evals") or []]
+    return [(int(s), _decode_eval(v)) for s, v in stored], stored
 
 
 def _as_tree(state, losses) -> dict:
@@ -332,9 +437,12 @@ def load_checkpoint(
 
     `params` (e.g. `net.init(...)`) and `optimizer` give the structure to restore
     into; `ema` says whether the run kept an EMA. Returns a `FitResult` (its `losses`
-    cover the steps up to the checkpoint). A missing or corrupt checkpoint raises
-    `CheckpointError`.
+    and `evals` cover the steps up to the checkpoint; the evals have the types they
+    were recorded with, see `fit`'s `checkpoint_dir`). A missing or corrupt
+    checkpoint raises `CheckpointError`; a `step` that is not an integer, a
+    `TypeError`.
     """
+    step = _check_count("step", step, 0, optional=True)
     like = (params, optimizer.init(params), params if ema else None)
     state, losses, meta, step = _restore(checkpoint_dir, like, step)
     return FitResult(
@@ -342,7 +450,7 @@ def load_checkpoint(
         ema_params=state[2],
         opt_state=state[1],
         losses=losses,
-        evals=[tuple(e) for e in meta.get("evals") or []],
+        evals=_restored_evals(meta)[0],
         step=step,
     )
 
@@ -397,7 +505,8 @@ def fit(
       compilation).
     - `num_steps`: the total number of steps (including any done before a resume).
     - `key`: the PRNG key of the run.
-    - `batch_size`: minibatch size, for array data.
+    - `batch_size`: minibatch size (at least 1), for array data (which must hold at
+      least one example).
     - `steps_per_dispatch`: steps per jitted call (a `lax.scan`); amortises dispatch
       and the host round trip. Chunks are aligned to multiples of it and cut at
       `eval_every`, `checkpoint_every` and `num_steps` (choose those as multiples of
@@ -408,13 +517,24 @@ def fit(
     - `eval_every`, `eval_fn`: every `eval_every` steps, call
       `eval_fn(step, params, ema_params)` on the host and record its value.
     - `checkpoint_dir`: where orbax checkpoints go (`None`: none). A fresh run
-      refuses a directory that already holds checkpoints.
+      refuses a directory that already holds checkpoints. Checkpoints also hold
+      the evals, which come back (on resume, or from `load_checkpoint`) as the
+      same values of the same types: `None`, `bool`, `int`, `float`, `str`,
+      NumPy arrays and NumPy scalars, JAX arrays (of the same dtype and shape),
+      and `list`s, `tuple`s and `dict`s with `str` keys of these. With a
+      `checkpoint_dir`, an eval value of any other type (e.g. a custom class or a
+      namedtuple) raises a `TypeError` as soon as `eval_fn` returns it.
     - `checkpoint_every`: save every so many steps; the last step is always saved.
     - `max_to_keep`: the number of checkpoints kept.
     - `resume`: continue from the latest checkpoint in `checkpoint_dir`. A missing
       or corrupt checkpoint raises `CheckpointError`; it never silently starts
       afresh.
     - `progress`: show a tqdm bar with the loss.
+
+    The step counts (`num_steps`, `batch_size`, `steps_per_dispatch`,
+    `eval_every`, `checkpoint_every`, `max_to_keep`) must be Python or NumPy
+    integers (not floats or bools): anything else is a `TypeError`, and a value
+    below its minimum (0 for `num_steps`, else 1) is a `ValueError`.
 
     **Returns:** a `FitResult` (final `params`, `ema_params`, `opt_state`, `losses`
     per step, `evals`, `step`). A non-finite loss raises `FloatingPointError`.
@@ -434,13 +554,14 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    if num_steps < 0 or int(num_steps) != num_steps:
-        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps}")
-    if steps_per_dispatch < 1:
-        raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
-    for name, v in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if v is not None and v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+    num_steps = _check_count("num_steps", num_steps, 0)
+    steps_per_dispatch = _check_count("steps_per_dispatch", steps_per_dispatch, 1)
+    batch_size = _check_count("batch_size", batch_size, 1, optional=True)
+    eval_every = _check_count("eval_every", eval_every, 1, optional=True)
+    checkpoint_every = _check_count(
+        "checkpoint_every", checkpoint_every, 1, optional=True
+    )
+    max_to_keep = _check_count("max_to_keep", max_to_keep, 1, optional=True)
     if (eval_every is None) != (eval_fn is None):
         raise ValueError("eval_every and eval_fn go together")
     if resume and checkpoint_dir is None:
@@ -460,6 +581,7 @@ def fit(
     step = 0
     losses: list[np.ndarray] = []
     evals: list = []
+    stored_evals: list = []  # the evals as the checkpoints store them
     key_data = _key_data(key)
 
     mngr = None
@@ -476,7 +598,7 @@ def fit(
                     f"the checkpoint is at step {step}, beyond num_steps={num_steps}"
                 )
             losses.append(past_losses)
-            evals.extend(tuple(e) for e in meta.get("evals") or [])
+            evals, stored_evals = _restored_evals(meta)
         mngr = _manager(checkpoint_dir, create=True, max_to_keep=max_to_keep)
         existing = mngr.all_steps()
         if not resume and existing:
@@ -504,7 +626,7 @@ def fit(
             "step": s,
             "key": key_data,
             "loss_dtype": str(hist.dtype),
-            "evals": _jsonable([list(e) for e in evals]),
+            "evals": stored_evals,
         }
         _save(mngr, s, state, hist, meta)
 
@@ -547,6 +669,9 @@ def fit(
             postfix = {"loss": f"{float(np.mean(chunk_losses)):.4g}"}
             if eval_every is not None and step % eval_every == 0:
                 value = eval_fn(step, state[0], state[2])
+                if mngr is not None:  # fail now, not at the next checkpoint
+                    where = f"the eval at step {step}"
+                    stored_evals.append([step, _encode_eval(value, where)])
                 evals.append((step, value))
                 try:
                     postfix["eval"] = f"{float(value):.4g}"

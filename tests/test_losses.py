@@ -363,3 +363,77 @@ def test_loss_argument_errors(x0):
         dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, weighting="snr")
     with pytest.raises(ValueError, match="returned shape"):
         dsm_loss(lambda p, t, x, c: x[:1], PARAMS, jr.key(0), xs, SDE)
+
+
+def test_reward_weights_extreme_ranges():
+    """Valid rewards anywhere in the dtype's range, from near its largest value
+    (the mean would overflow) to subnormal ones (which XLA on CPU flushes to zero),
+    give the weights r / mean(r), eagerly and under jit."""
+    big, tiny = (
+        jnp.array([3e38, 3e38], jnp.float32),
+        jnp.array([1e-39, 3e-39], jnp.float32),
+    )
+    np.testing.assert_allclose(reward_weights(big), [1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(reward_weights(tiny), [0.5, 1.5], rtol=1e-6)
+    cases = [
+        (jnp.float32, [3e38, 3e38], [1.0, 1.0]),
+        (jnp.float32, [1e-39, 3e-39], [0.5, 1.5]),
+        (jnp.float32, [1.5e-38, 5e-39], [1.5, 0.5]),  # a normal and a subnormal
+        (jnp.float32, [3e38, 1e-39, 0.0], [3.0, 0.0, 0.0]),
+        (jnp.float64, [1e308, 1.7e308, 0.3e308], [1.0, 1.7, 0.3]),
+        (jnp.float64, [5e-324, 1.5e-323], [0.5, 1.5]),
+        (jnp.float16, [6e4, 2e4], [1.5, 0.5]),
+    ]
+    jitted = jax.jit(reward_weights)
+    for dtype, rewards, expected in cases:
+        w = jitted(jnp.array(rewards, dtype))
+        assert w.dtype == dtype
+        np.testing.assert_allclose(w, expected, rtol=1e-3, atol=0)
+    # The same derivative as r / mean(r).
+    r = jnp.array([0.5, 1.0, 3.0])
+    np.testing.assert_allclose(
+        jax.jacfwd(jitted)(r), jax.jacfwd(lambda r: r / jnp.mean(r))(r), rtol=1e-12
+    )
+    # The traced checks see subnormals too: a negative subnormal is an error.
+    with pytest.raises(Exception, match="rewards must be finite and non-negative"):
+        jitted(jnp.array([-1e-39, 1.0], jnp.float32)).block_until_ready()
+
+
+def test_noisy_classifier_loss_checks(x0):
+    xs = x0[:8]
+    labels = jnp.arange(8) % 3
+    two_logits = lambda p, t, x: jnp.zeros(2, x.dtype)
+    for sde in (SDE, None):
+        with pytest.raises(ValueError, match=r"logits of shape \(2,\).*\(3,\)"):
+            noisy_classifier_loss(
+                two_logits, PARAMS, jr.key(0), xs, labels, sde, num_classes=3
+            )
+    with pytest.raises(ValueError, match=r"logits of shape \(3, 1\)"):
+        jax.jit(
+            lambda x: noisy_classifier_loss(
+                lambda p, t, x: jnp.zeros((3, 1)),
+                PARAMS,
+                jr.key(0),
+                x,
+                labels,
+                SDE,
+                num_classes=3,
+            )
+        )(xs)
+    three_logits = lambda p, t, x: jnp.zeros(3, x.dtype) + t
+    for t_min in (5.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"need 0 <= t_min < T = 1.0"):
+            noisy_classifier_loss(
+                three_logits,
+                PARAMS,
+                jr.key(0),
+                xs,
+                labels,
+                SDE,
+                num_classes=3,
+                t_min=t_min,
+            )
+    loss = noisy_classifier_loss(
+        three_logits, PARAMS, jr.key(0), xs, labels, SDE, num_classes=3, t_min=0.0
+    )
+    np.testing.assert_allclose(loss, np.log(3.0), rtol=1e-12)

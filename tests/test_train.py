@@ -543,3 +543,155 @@ def test_unet_on_digits_smoke():
     score = flax_score(net, result.ema_params, SDE)
     s = eqx.filter_jit(lambda sc, x: sc(0.5, x, 3))(score, images[0])
     assert s.shape == (8, 8) and np.all(np.isfinite(s))
+
+
+# ---------------------------------------------------------------------------------
+# fit: argument checks and evals in checkpoints
+# ---------------------------------------------------------------------------------
+
+TINY_P0 = {"w": jnp.zeros(2)}
+TINY_DATA = jr.normal(jr.key(4), (64, 2))
+TINY_OPT = optax.sgd(0.1)
+
+
+def _tiny_loss(p, k, batch):
+    return jnp.sum((p["w"] - jnp.mean(batch, axis=0)) ** 2)
+
+
+def _fit_tiny(num_steps=6, data=TINY_DATA, **kw):
+    kw = {"batch_size": 4, "steps_per_dispatch": 2, **kw}
+    return fit(
+        _tiny_loss,
+        TINY_P0,
+        data,
+        optimizer=TINY_OPT,
+        num_steps=num_steps,
+        key=jr.key(0),
+        progress=False,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "num_steps",
+        "batch_size",
+        "steps_per_dispatch",
+        "eval_every",
+        "checkpoint_every",
+        "max_to_keep",
+    ],
+)
+@pytest.mark.parametrize("value", [2.5, 3.0, True, np.float64(2.0), "3"])
+def test_fit_rejects_non_integer_counts(name, value):
+    """A float (even an integral one) or a bool where a count goes is a TypeError,
+    raised before anything runs (a float steps_per_dispatch or eval_every used to
+    repeat or skip steps)."""
+    kw = {name: value}
+    if name == "eval_every":
+        kw["eval_fn"] = lambda s, p, e: 0.0
+    with pytest.raises(TypeError, match=f"{name} must be an integer"):
+        _fit_tiny(**kw)
+
+
+def test_fit_counts_accept_numpy_integers(tmp_path):
+    result = _fit_tiny(
+        np.int64(6),
+        batch_size=np.int32(4),
+        steps_per_dispatch=np.int64(2),
+        eval_every=np.int64(2),
+        eval_fn=lambda s, p, e: s,
+        checkpoint_dir=tmp_path / "run",
+        checkpoint_every=np.int64(4),
+        max_to_keep=np.int64(2),
+    )
+    assert type(result.step) is int and result.step == 6
+    assert len(result.losses) == 6
+    assert result.evals == [(2, 2), (4, 4), (6, 6)]
+    assert all(type(s) is int for s, _ in result.evals)
+    with pytest.raises(TypeError, match="step must be an integer"):
+        load_checkpoint(tmp_path / "run", TINY_P0, TINY_OPT, step=6.0)
+
+
+def test_fit_batch_size_and_empty_data():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {bad}"):
+            _fit_tiny(batch_size=bad)
+    with pytest.raises(ValueError, match="steps_per_dispatch must be >= 1"):
+        _fit_tiny(steps_per_dispatch=0)
+    with pytest.raises(ValueError, match="num_steps must be >= 0"):
+        _fit_tiny(-1)
+    for empty in (jnp.zeros((0, 2)), (jnp.zeros((0, 2)), jnp.zeros((0,), int))):
+        with pytest.raises(ValueError, match="no examples"):
+            _fit_tiny(data=empty)
+
+
+def _evals_equal(a, b) -> bool:
+    """Same steps, and values of the same types and contents (arrays: dtype too)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(map(_evals_equal, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_evals_equal(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray | np.generic | jax.Array):
+        return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+    return a == b or (a != a and b != b)  # NaN == NaN here
+
+
+def _rich_eval(step, params, ema):
+    w = params["w"]
+    return {
+        "loss": float(_tiny_loss(params, None, TINY_DATA)),
+        "w": w,  # a JAX array
+        "w_np": np.asarray(w, np.float32),
+        "w0": np.float32(w[0]),  # a NumPy scalar
+        "pair": (step, "even" if step % 4 == 0 else "odd"),
+        "list": [None, True, float("nan"), [1, 2]],
+        "n": np.arange(3, dtype=np.int8),
+    }
+
+
+def test_evals_survive_resume(tmp_path):
+    """A resumed run returns the same evals, of the same types, as an uninterrupted
+    one (they used to be dropped, or come back as lists)."""
+    kw = dict(eval_every=2, eval_fn=_rich_eval)
+    full = _fit_tiny(6, **kw)
+    _fit_tiny(4, checkpoint_dir=tmp_path / "run", **kw)
+    resumed = _fit_tiny(6, checkpoint_dir=tmp_path / "run", resume=True, **kw)
+    assert [s for s, _ in resumed.evals] == [2, 4, 6]
+    assert _evals_equal(resumed.evals, full.evals)
+    loaded = load_checkpoint(tmp_path / "run", TINY_P0, TINY_OPT)
+    assert _evals_equal(loaded.evals, full.evals)
+
+
+def test_evals_that_cannot_be_checkpointed(tmp_path):
+    class Metric:
+        def __init__(self, v):
+            self.v = v
+
+    with pytest.raises(TypeError, match="cannot save the eval at step 2 in a check"):
+        _fit_tiny(
+            4,
+            eval_every=2,
+            eval_fn=lambda s, p, e: Metric(1.0),
+            checkpoint_dir=tmp_path / "a",
+        )
+    with pytest.raises(TypeError, match=r"step 2, part \['m'\]\[1\], .*Metric"):
+        _fit_tiny(
+            4,
+            eval_every=2,
+            eval_fn=lambda s, p, e: {"m": [0.0, Metric(1.0)]},
+            checkpoint_dir=tmp_path / "b",
+        )
+    with pytest.raises(TypeError, match="non-str key 1"):
+        _fit_tiny(
+            4,
+            eval_every=2,
+            eval_fn=lambda s, p, e: {1: 0.0},
+            checkpoint_dir=tmp_path / "c",
+        )
+    # Without checkpoints, any value goes.
+    result = _fit_tiny(4, eval_every=2, eval_fn=lambda s, p, e: Metric(s))
+    assert [e.v for _, e in result.evals] == [2, 4]
