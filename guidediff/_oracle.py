@@ -70,11 +70,14 @@ class GaussianMixture(eqx.Module):
 
     **Arguments:**
 
-    - `weights`: $(K,)$ non-negative mixture weights (normalised here).
-    - `means`: $(K, d)$.
-    - `covs`: $(K, d, d)$ symmetric positive definite, or $(K,)$ / $(K, d)$ for
-      isotropic / diagonal covariances.
+    - `weights`: $(K,)$ finite non-negative mixture weights (normalised here).
+    - `means`: $(K, d)$, finite.
+    - `covs`: $(K, d, d)$ finite, symmetric (up to rounding) positive definite, or
+      $(K,)$ / $(K, d)$ for isotropic / diagonal covariances.
     - `labels`: $(K,)$ integer class of each component (default: component index).
+      A class in `0..num_classes-1` may have no component (as in `conditional`'s
+      result); its $p(c)$ and $p_t(c \mid x)$ are 0 and its conditional law is
+      undefined, so asking for it raises a `ValueError`.
 
     !!! example
 
@@ -102,6 +105,8 @@ class GaussianMixture(eqx.Module):
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, d), got {means.shape}")
         K, d = means.shape
+        if _is_concrete(means) and not np.all(np.isfinite(np.asarray(means))):
+            raise ValueError("mixture means must be finite")
         weights = jnp.asarray(weights, dtype)
         if weights.shape != (K,):
             raise ValueError(f"weights must have shape ({K},), got {weights.shape}")
@@ -120,12 +125,29 @@ class GaussianMixture(eqx.Module):
             raise ValueError(
                 f"covs must be (K,), (K, d) or (K, d, d); got {covs.shape}"
             )
+        if _is_concrete(covs):
+            c = np.asarray(covs)
+            if not np.all(np.isfinite(c)):
+                raise ValueError("mixture covariances must be finite")
+            asym = np.max(np.abs(c - c.swapaxes(-1, -2)), axis=(-2, -1))
+            scale = np.max(np.abs(c), axis=(-2, -1))
+            bad = np.flatnonzero(asym > 1e-5 * scale)
+            if bad.size:
+                raise ValueError(
+                    f"covariance {int(bad[0])} is not symmetric (max |C - C^T| = "
+                    f"{asym[bad[0]]:.3g}); pass a symmetric matrix, e.g. (C + C.T) / 2"
+                )
         evals, evecs = jnp.linalg.eigh(covs)
         if _is_concrete(evals) and np.any(np.asarray(evals) <= 0):
             raise ValueError("every covariance must be positive definite")
         if labels is None:
             labels = jnp.arange(K)
-        labels = jnp.asarray(labels, jnp.int32)
+        labels = jnp.asarray(labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise TypeError(
+                f"component labels must be integers, got dtype {labels.dtype}"
+            )
+        labels = labels.astype(jnp.int32)
         if labels.shape != (K,):
             raise ValueError(f"labels must have shape ({K},), got {labels.shape}")
         if num_classes is None:
@@ -157,6 +179,28 @@ class GaussianMixture(eqx.Module):
     def null_label(self) -> int:
         """The label meaning "no class" (the unconditional law): `num_classes`."""
         return self.num_classes
+
+    def _check_class(self, label, *, allow_null: bool) -> Array:
+        """`_check_label`, and for a concrete label also that its class has a
+        component: the conditional law of an empty class is undefined."""
+        label = _check_label(label, self.num_classes, allow_null=allow_null)
+        if _is_concrete(label) and _is_concrete(self.labels):
+            present = np.asarray(self.labels)
+            lv = np.asarray(label)
+            missing = ~np.isin(lv, present)
+            if allow_null:
+                missing &= lv != self.num_classes
+            if np.any(missing):
+                gone = np.unique(lv[missing]).tolist()
+                which = (
+                    f"class {gone[0]} has" if len(gone) == 1 else f"classes {gone} have"
+                )
+                raise ValueError(
+                    f"{which} no component in this mixture (component labels "
+                    f"{np.unique(present).tolist()}): the conditional law p(x | c) "
+                    "is undefined"
+                )
+        return label
 
     def class_prob(self, c) -> Scalar:
         """$p(c) = \\sum_{k: \\text{label}_k = c}\\pi_k$."""
@@ -197,7 +241,12 @@ class GaussianMixture(eqx.Module):
     def log_prob_t(
         self, sde: AbstractSDE | None, t: Time, x: Array, label=None
     ) -> Scalar:
-        """$\\log p_t(x)$ (or $\\log p_t(x\\mid c)$ given `label`); `sde=None` means t=0."""
+        """$\\log p_t(x)$ (or $\\log p_t(x\\mid c)$ given `label`); `sde=None` means t=0.
+
+        `label == null_label` gives the unconditional density.
+        """
+        if label is not None:
+            label = self._check_class(label, allow_null=True)
         alpha, sigma = _coeffs(sde, t, x.dtype)
         logn, _ = self._component_terms(x, alpha, sigma)
         logits = self._log_resp(logn, label)
@@ -215,6 +264,8 @@ class GaussianMixture(eqx.Module):
 
     def score_t(self, sde: AbstractSDE, t: Time, x: Array, label=None) -> Array:
         r"""$\nabla_x\log p_t(x)$, or $\nabla_x \log p_t(x \mid c)$ given `label`."""
+        if label is not None:
+            label = self._check_class(label, allow_null=True)
         alpha, sigma = sde.marginal(t)
         logn, scores = self._component_terms(x, alpha, sigma)
         resp = jax.nn.softmax(self._log_resp(logn, label))
@@ -224,24 +275,30 @@ class GaussianMixture(eqx.Module):
         self, sde: AbstractSDE | None, t: Time, x: Array, label
     ) -> Scalar:
         r"""The exact noisy classifier $\log p_t(c \mid x)$ ($t = 0$ if `sde` is None)."""
+        n = self.num_classes
+        label = _check_label(label, n, allow_null=False)
         alpha, sigma = _coeffs(sde, t, x.dtype)
         logn, _ = self._component_terms(x, alpha, sigma)
         logits = self._log_resp(logn)
-        return jax.nn.logsumexp(jnp.where(self.labels == label, logits, -jnp.inf)) - (
+        out = jax.nn.logsumexp(jnp.where(self.labels == label, logits, -jnp.inf)) - (
             jax.nn.logsumexp(logits)
         )
+        return _poison_unknown(out, label, n, False)
 
     def log_classifier_complement_t(
         self, sde: AbstractSDE | None, t: Time, x: Array, label
     ) -> Scalar:
         r"""$\log(1 - p_t(c \mid x))$, computed without cancellation (so it still
         resolves changes where $p_t(c\mid x)$ rounds to 1)."""
+        n = self.num_classes
+        label = _check_label(label, n, allow_null=False)
         alpha, sigma = _coeffs(sde, t, x.dtype)
         logn, _ = self._component_terms(x, alpha, sigma)
         logits = self._log_resp(logn)
-        return jax.nn.logsumexp(jnp.where(self.labels != label, logits, -jnp.inf)) - (
+        out = jax.nn.logsumexp(jnp.where(self.labels != label, logits, -jnp.inf)) - (
             jax.nn.logsumexp(logits)
         )
+        return _poison_unknown(out, label, n, False)
 
     def classifier_prob(self, x: Array, label) -> Scalar:
         r"""The clean Bayes posterior $p(c \mid x)$ for one particle `x`."""
@@ -283,7 +340,7 @@ class GaussianMixture(eqx.Module):
 
     def conditional(self, label: int) -> "GaussianMixture":
         """The class-conditional law $p(\\cdot \\mid c)$ as a mixture of its components."""
-        label = int(_check_label(label, self.num_classes, allow_null=False))
+        label = int(self._check_class(label, allow_null=False))
         keep = np.asarray(self.labels) == label
         return GaussianMixture(
             self.weights[keep],
@@ -318,7 +375,7 @@ class MixtureScore(AbstractScore):
         if not self.conditional:
             return self.mixture.score_t(self.sde, t, x)
         n = self.mixture.num_classes
-        label = _check_label(args, n, allow_null=True)
+        label = self.mixture._check_class(args, allow_null=True)
         return _poison_unknown(
             self.mixture.score_t(self.sde, t, x, label), label, n, True
         )
@@ -342,15 +399,30 @@ class Gaussian(eqx.Module):
     the marginal moments in closed form.
 
     $X_t \sim \mathcal N(\alpha(t)\mu,\ \alpha(t)^2\Sigma + \sigma(t)^2 I)$.
+
+    **Arguments:**
+
+    - `mean`: $\mu$, a vector of shape $(d,)$.
+    - `cov`: $\Sigma$, a $(d, d)$ matrix, a $(d,)$ diagonal or a scalar (isotropic).
     """
 
     mixture: GaussianMixture
 
     def __init__(self, mean, cov):
         mean = jnp.asarray(mean, jnp.result_type(float))
+        if mean.ndim != 1:
+            raise ValueError(
+                f"mean must be a vector of shape (d,), got shape {mean.shape}"
+            )
+        d = mean.shape[0]
         cov = jnp.asarray(cov, mean.dtype)
+        if cov.shape not in [(), (d,), (d, d)]:
+            raise ValueError(
+                f"cov must be a scalar, a ({d},) diagonal or a ({d}, {d}) matrix for "
+                f"a mean of shape ({d},), got shape {cov.shape}"
+            )
         if cov.ndim == 0:
-            cov = cov * jnp.eye(mean.shape[0], dtype=mean.dtype)
+            cov = cov * jnp.eye(d, dtype=mean.dtype)
         self.mixture = GaussianMixture(jnp.ones(1), mean[None], cov[None])
 
     @property
@@ -424,6 +496,12 @@ class PointCloud(eqx.Module):
         non-negative values $r(p_i)$ (or a callable reward)."""
         if callable(rewards):
             rewards = jax.vmap(rewards)(self.points)
+        n = self.points.shape[0]
+        if jnp.shape(rewards) != (n,):
+            raise ValueError(
+                f"rewards must have shape ({n},), one per point, got "
+                f"{jnp.shape(rewards)}"
+            )
         rewards = _check_nonnegative(rewards, "rewards")
         return PointCloud(self.points, jnp.exp(self.log_weights) * rewards)
 
@@ -454,6 +532,14 @@ def _check_nonnegative(values: ArrayLike, what: str) -> Array:
     return values
 
 
+def _check_dim(vector: Array, gmm: GaussianMixture, what: str) -> None:
+    if vector.shape != (gmm.dim,):
+        raise ValueError(
+            f"the {what} has shape {vector.shape} but the mixture is {gmm.dim}-D: "
+            f"expected shape ({gmm.dim},)"
+        )
+
+
 # ---------------------------------------------------------------------------------
 # Rewards with closed-form tilts of a Gaussian mixture (PAPER.md 6.3).
 # ---------------------------------------------------------------------------------
@@ -466,6 +552,11 @@ class GaussianBumpReward(eqx.Module):
     $\Sigma_k' = (\Sigma_k^{-1} + s^{-2}I)^{-1}$,
     $\mu_k' = \Sigma_k'(\Sigma_k^{-1}\mu_k + a/s^2)$ and
     $\pi_k' \propto \pi_k\,\mathcal N(a; \mu_k, \Sigma_k + s^2 I)$.
+
+    **Arguments:**
+
+    - `center`: $a$, a finite vector of shape $(d,)$.
+    - `width`: $s$, a finite positive scalar.
     """
 
     center: Float[Array, " d"]
@@ -474,10 +565,25 @@ class GaussianBumpReward(eqx.Module):
     def __init__(self, center, width):
         self.center = jnp.asarray(center, jnp.result_type(float))
         self.width = jnp.asarray(width, jnp.result_type(float))
-        if _is_concrete(self.width) and not float(self.width) > 0:
+        if self.center.ndim != 1:
             raise ValueError(
-                f"the bump width must be positive, got {float(self.width)}"
+                f"the bump centre must be a vector of shape (d,), got shape "
+                f"{self.center.shape}"
             )
+        if self.width.ndim != 0:
+            raise ValueError(
+                f"the bump width must be a scalar, got shape {self.width.shape}"
+            )
+        if _is_concrete(self.center) and not np.all(
+            np.isfinite(np.asarray(self.center))
+        ):
+            raise ValueError(
+                f"the bump centre must be finite, got {np.asarray(self.center)}"
+            )
+        if _is_concrete(self.width):
+            w = float(self.width)
+            if not (math.isfinite(w) and w > 0):
+                raise ValueError(f"the bump width must be finite and positive, got {w}")
 
     def log(self, x: Array) -> Scalar:
         return -0.5 * jnp.sum((x - self.center) ** 2) / self.width**2
@@ -486,6 +592,7 @@ class GaussianBumpReward(eqx.Module):
         return jnp.exp(self.log(x))
 
     def _per_component(self, gmm: GaussianMixture):
+        _check_dim(self.center, gmm, "bump centre")
         d = gmm.dim
         s2 = self.width**2
         v = gmm.evals + s2  # eigenvalues of Sigma_k + s^2 I
@@ -502,6 +609,7 @@ class GaussianBumpReward(eqx.Module):
         return jnp.exp(jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm)))
 
     def tilt_mixture(self, gmm: GaussianMixture) -> GaussianMixture:
+        _check_dim(self.center, gmm, "bump centre")
         s2 = self.width**2
         new_evals = gmm.evals * s2 / (gmm.evals + s2)
         # mu' = Sigma'(Sigma^{-1} mu + a/s^2), in each component's eigenbasis.
@@ -540,6 +648,7 @@ class ExpLinearReward(eqx.Module):
         return jnp.exp(self.log(x))
 
     def _per_component(self, gmm: GaussianMixture):
+        _check_dim(self.direction, gmm, "reward direction")
         quad = jnp.einsum("i,kij,j->k", self.direction, gmm.covs, self.direction)
         return gmm.means @ self.direction + 0.5 * quad
 
@@ -548,6 +657,7 @@ class ExpLinearReward(eqx.Module):
         return jnp.exp(jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm)))
 
     def tilt_mixture(self, gmm: GaussianMixture) -> GaussianMixture:
+        _check_dim(self.direction, gmm, "reward direction")
         covs = gmm.covs
         new_means = gmm.means + jnp.einsum("kij,j->ki", covs, self.direction)
         logw = gmm.log_weights + self._per_component(gmm)

@@ -16,6 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, Float
 
@@ -24,6 +25,18 @@ from ._custom_types import Key, Scalar, Time
 
 def _as_float(x: ArrayLike) -> Array:
     return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def _concrete(*values) -> tuple[np.ndarray, ...] | None:
+    """The values as NumPy arrays, or None if any is traced.
+
+    Parameters are validated only when concrete: under `jit`, `vmap` or `grad` (e.g.
+    differentiating through `LinearBeta.beta_max`) the fields are tracers and are
+    left alone.
+    """
+    if any(isinstance(v, jax.core.Tracer) for v in values):
+        return None
+    return tuple(np.asarray(v) for v in values)
 
 
 # ---------------------------------------------------------------------------------
@@ -46,20 +59,48 @@ class AbstractVPSchedule(eqx.Module):
     def beta(self, t: Time) -> Scalar:
         """$\\beta(t) = -\\frac{d}{dt}\\log\\bar\\alpha(t)$."""
 
+    def one_minus_alpha_bar(self, t: Time) -> Scalar:
+        """$1 - \\bar\\alpha(t) = \\sigma(t)^2$, accurate at small `t`.
+
+        Defaults to `-expm1(log_alpha_bar(t))`; schedules whose `log_alpha_bar`
+        cancels at small `t` override it.
+        """
+        return -jnp.expm1(self.log_alpha_bar(t))
+
     @property
     @abc.abstractmethod
     def default_T(self) -> float:
         """The default start time of the reverse process."""
+
+    @property
+    def singular_at_one(self) -> bool:
+        """Whether $\\bar\\alpha(1) = 0$ and $\\beta(1) = \\infty$, so that `T` must
+        be below 1."""
+        return False
 
 
 class LinearBeta(AbstractVPSchedule):
     r"""$\beta(t) = \beta_{\min} + t(\beta_{\max} - \beta_{\min})$ on $[0, 1]$ (score_sde).
 
     $\log\bar\alpha(t) = -\beta_{\min} t - \tfrac12 t^2 (\beta_{\max} - \beta_{\min})$.
+    Needs finite $0 \le \beta_{\min} \le \beta_{\max}$ with $\beta_{\max} > 0$.
     """
 
     beta_min: Float[Array, ""] = eqx.field(converter=_as_float, default=0.1)
     beta_max: Float[Array, ""] = eqx.field(converter=_as_float, default=20.0)
+
+    def __check_init__(self):
+        values = _concrete(self.beta_min, self.beta_max)
+        if values is None:
+            return
+        lo, hi = values
+        ok = np.isfinite(lo) & np.isfinite(hi) & (lo >= 0) & (hi >= lo) & (hi > 0)
+        if not np.all(ok):
+            raise ValueError(
+                "LinearBeta needs finite 0 <= beta_min <= beta_max with beta_max > 0 "
+                f"(beta(t) must be non-negative and not all zero), got "
+                f"beta_min={lo.tolist()}, beta_max={hi.tolist()}"
+            )
 
     def log_alpha_bar(self, t: Time) -> Scalar:
         return -self.beta_min * t - 0.5 * t**2 * (self.beta_max - self.beta_min)
@@ -77,10 +118,27 @@ class CosineSchedule(AbstractVPSchedule):
 
     $\bar\alpha(t) = \cos^2\!\big(\tfrac{\pi}{2}\tfrac{t+s}{1+s}\big) /
     \cos^2\!\big(\tfrac{\pi}{2}\tfrac{s}{1+s}\big)$, which reaches 0 at $t = 1$ where
-    $\beta$ diverges; the default start is $T = 1 - 10^{-3}$.
+    $\beta$ diverges; the default start is $T = 1 - 10^{-3}$ and `T` must be below 1.
+    The offset $s > 0$ keeps $\beta(0) > 0$.
+
+    $1 - \bar\alpha(t) = \sin(a - a_0)\sin(a + a_0)/\cos^2 a_0$ with
+    $a = \tfrac{\pi}{2}\tfrac{t+s}{1+s}$, $a_0 = a|_{t=0}$, is evaluated without
+    cancellation, so $\sigma(t)$ keeps its relative precision at small $t$ (also in
+    float32).
     """
 
     s: Float[Array, ""] = eqx.field(converter=_as_float, default=0.008)
+
+    def __check_init__(self):
+        values = _concrete(self.s)
+        if values is None:
+            return
+        (s,) = values
+        if not np.all(np.isfinite(s) & (s > 0)):
+            raise ValueError(
+                f"CosineSchedule needs a finite offset s > 0 (default 0.008), got "
+                f"s={s.tolist()}"
+            )
 
     def _angle(self, t: Time) -> Scalar:
         return 0.5 * jnp.pi * (t + self.s) / (1.0 + self.s)
@@ -90,6 +148,13 @@ class CosineSchedule(AbstractVPSchedule):
             jnp.log(jnp.cos(self._angle(t))) - jnp.log(jnp.cos(self._angle(0.0)))
         )
 
+    def one_minus_alpha_bar(self, t: Time) -> Scalar:
+        # cos^2 a0 - cos^2 a = sin(a - a0) sin(a + a0), and a - a0 = (pi/2) t/(1+s)
+        # is formed directly, so nothing cancels as t -> 0.
+        a0 = self._angle(0.0)
+        diff = 0.5 * jnp.pi * t / (1.0 + self.s)
+        return jnp.sin(diff) * jnp.sin(self._angle(t) + a0) / jnp.cos(a0) ** 2
+
     def beta(self, t: Time) -> Scalar:
         return jnp.pi / (1.0 + self.s) * jnp.tan(self._angle(t))
 
@@ -97,12 +162,17 @@ class CosineSchedule(AbstractVPSchedule):
     def default_T(self) -> float:
         return 1.0 - 1e-3
 
+    @property
+    def singular_at_one(self) -> bool:
+        return True
+
 
 class OneMinusT(AbstractVPSchedule):
     r"""$\bar\alpha(t) = 1 - t$ on $[0, 1]$, i.e. $\beta(t) = 1/(1-t)$ (PAPER.md §1).
 
     $X_t = \sqrt{1-t}\,X_0 + \sqrt{t}\,Z$. $X_1$ is exactly $\mathcal N(0, I)$ but the
-    coefficients are singular at $t = 1$; the default start is $T = 1 - 10^{-3}$.
+    coefficients are singular at $t = 1$, so `T` must be below 1; the default start is
+    $T = 1 - 10^{-3}$.
     """
 
     def log_alpha_bar(self, t: Time) -> Scalar:
@@ -114,6 +184,10 @@ class OneMinusT(AbstractVPSchedule):
     @property
     def default_T(self) -> float:
         return 1.0 - 1e-3
+
+    @property
+    def singular_at_one(self) -> bool:
+        return True
 
 
 # ---------------------------------------------------------------------------------
@@ -195,7 +269,9 @@ class VPSDE(AbstractSDE):
 
     - `schedule`: a `LinearBeta` (default, score_sde), `CosineSchedule` or `OneMinusT`
       (PAPER.md: $\bar\alpha(t) = 1 - t$).
-    - `T`: where the reverse process starts. Defaults to the schedule's `default_T`.
+    - `T`: where the reverse process starts, in $(0, 1]$; below 1 for the schedules
+      singular at $t = 1$ (`CosineSchedule`, `OneMinusT`). Defaults to the schedule's
+      `default_T`.
 
     !!! example
 
@@ -215,6 +291,12 @@ class VPSDE(AbstractSDE):
         self.T = float(self.schedule.default_T if T is None else T)
         if not 0.0 < self.T <= 1.0:
             raise ValueError(f"VPSDE needs 0 < T <= 1, got T={self.T}")
+        if self.T >= 1.0 and self.schedule.singular_at_one:
+            raise ValueError(
+                f"VPSDE with {type(self.schedule).__name__} needs T < 1: the schedule "
+                "is singular at t = 1 (alpha_bar(1) = 0, beta(1) = inf); use e.g. the "
+                f"default T={self.schedule.default_T}"
+            )
 
     def drift_coeff(self, t: Time) -> Scalar:
         return -0.5 * self.schedule.beta(t)
@@ -223,8 +305,8 @@ class VPSDE(AbstractSDE):
         return jnp.sqrt(self.schedule.beta(t))
 
     def marginal(self, t: Time) -> tuple[Scalar, Scalar]:
-        lab = self.schedule.log_alpha_bar(t)
-        return jnp.exp(0.5 * lab), jnp.sqrt(-jnp.expm1(lab))
+        alpha = jnp.exp(0.5 * self.schedule.log_alpha_bar(t))
+        return alpha, jnp.sqrt(self.schedule.one_minus_alpha_bar(t))
 
     def prior_std(self) -> Scalar:
         return jnp.ones((), jnp.result_type(float))
@@ -238,6 +320,11 @@ class VESDE(AbstractSDE):
     $\sigma(t)^2 = \bar\sigma(t)^2 - \sigma_{\min}^2$ (so $\sigma(0) = 0$), and
     $g(t)^2 = 2\log(\sigma_{\max}/\sigma_{\min})\,\bar\sigma(t)^2$. The prior is
     $\mathcal N(0, \sigma(T)^2 I)$.
+
+    **Arguments:**
+
+    - `sigma_min`, `sigma_max`: finite, with $0 < \sigma_{\min} < \sigma_{\max}$.
+    - `T`: where the reverse process starts; finite and positive (default 1).
     """
 
     sigma_min: Float[Array, ""] = eqx.field(converter=_as_float, default=0.01)
@@ -245,12 +332,18 @@ class VESDE(AbstractSDE):
     T: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
-        try:
-            lo, hi = float(self.sigma_min), float(self.sigma_max)
-        except (TypeError, jax.errors.ConcretizationTypeError):
+        T = float(self.T)
+        if not (math.isfinite(T) and T > 0.0):
+            raise ValueError(f"VESDE needs a finite T > 0 (default 1), got T={T}")
+        values = _concrete(self.sigma_min, self.sigma_max)
+        if values is None:
             return
-        if not 0.0 < lo < hi:
-            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {lo}, {hi}")
+        lo, hi = values
+        if not np.all(np.isfinite(lo) & np.isfinite(hi) & (lo > 0) & (lo < hi)):
+            raise ValueError(
+                "VESDE needs finite 0 < sigma_min < sigma_max, got "
+                f"sigma_min={lo.tolist()}, sigma_max={hi.tolist()}"
+            )
 
     def _sigma_bar(self, t: Time) -> Scalar:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t

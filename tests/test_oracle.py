@@ -101,3 +101,84 @@ def test_point_cloud_score_and_tilt():
     r = jnp.exp(pts[:, 0])
     tilted = cloud.tilt(r)
     np.testing.assert_allclose(jnp.exp(tilted.log_weights), r / r.sum(), rtol=1e-12)
+
+
+def test_label_checks_in_log_densities():
+    gmm = three_class_gmm()
+    x = POINTS[0]
+    for bad in [5, -1]:
+        with pytest.raises(ValueError, match="unknown class label"):
+            gmm.log_prob(x, bad)
+        with pytest.raises(ValueError, match="unknown class label"):
+            gmm.log_prob_t(SDE, 0.5, x, bad)
+    with pytest.raises(TypeError, match="integers"):
+        gmm.log_prob(x, 0.5)
+    with pytest.raises(ValueError, match="unknown class label"):
+        gmm.log_classifier_t(SDE, 0.5, x, 7)
+    with pytest.raises(ValueError, match="unknown class label"):
+        gmm.log_classifier_complement_t(SDE, 0.5, x, 3)  # the null label is no class
+    # traced labels cannot raise: unknown ones give NaN instead
+    labels = jnp.array([1, 3, 7])
+    out = jax.vmap(lambda c: gmm.log_classifier_t(SDE, 0.5, x, c))(labels)
+    assert np.isfinite(out[0]) and np.all(np.isnan(out[2:]))
+    np.testing.assert_allclose(
+        jax.vmap(lambda c: gmm.log_prob(x, c))(labels)[:2],
+        [gmm.log_prob(x, 1), gmm.log_prob(x)],  # 3 is the null label
+        rtol=1e-12,
+    )
+
+
+def test_mixture_rejects_bad_parameters():
+    w, m, c = [0.5, 0.5], [[0.0], [1.0]], [1.0, 1.0]
+    with pytest.raises(TypeError, match="labels must be integers"):
+        gd.GaussianMixture(w, m, c, labels=[0.7, 1.9])
+    with pytest.raises(ValueError, match="not symmetric"):
+        gd.GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.9], [0.0, 1.0]]])
+    with pytest.raises(ValueError, match="means must be finite"):
+        gd.GaussianMixture([1.0], [[float("nan")]], [1.0])
+    for bad in [float("nan"), float("inf")]:
+        with pytest.raises(ValueError, match="covariances must be finite"):
+            gd.GaussianMixture([1.0], [[0.0]], [bad])
+    # symmetric up to rounding is fine (tilts rebuild covariances from eigenpairs)
+    cov = jnp.array([[1.0, 0.3], [0.3 + 1e-12, 2.0]])
+    gd.GaussianMixture([1.0], [[0.0, 0.0]], cov[None])
+
+
+def test_class_without_component():
+    gmm = gd.GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [1.0, 1.0], labels=[0, 2])
+    x = jnp.zeros(1)
+    with pytest.raises(ValueError, match="class 1 has no component"):
+        gmm.conditional(1)
+    with pytest.raises(ValueError, match="class 1 has no component"):
+        gmm.conditional_score(SDE)(0.5, x, 1)
+    with pytest.raises(ValueError, match="class 1 has no component"):
+        gmm.log_prob(x, 1)
+    # its probabilities are well defined (zero); the other classes work
+    assert float(gmm.class_prob(1)) == 0.0
+    assert float(gmm.classifier_prob(x, 1)) == 0.0
+    np.testing.assert_allclose(
+        gmm.conditional(2).log_prob(x), gmm.log_prob(x, 2), rtol=1e-12
+    )
+
+
+def test_reward_and_shape_validation():
+    gmm = three_class_gmm()
+    with pytest.raises(ValueError, match="width must be finite and positive"):
+        gd.GaussianBumpReward([0.0, 0.0], float("inf"))
+    with pytest.raises(ValueError, match="width must be finite and positive"):
+        gd.GaussianBumpReward([0.0, 0.0], 0.0)
+    with pytest.raises(ValueError, match="centre must be finite"):
+        gd.GaussianBumpReward([float("nan"), 0.0], 1.0)
+    bump3 = gd.GaussianBumpReward([0.0, 0.0, 0.0], 1.0)
+    with pytest.raises(ValueError, match=r"shape \(3,\) but the mixture is 2-D"):
+        gmm.tilt(bump3)
+    with pytest.raises(ValueError, match=r"shape \(3,\) but the mixture is 2-D"):
+        bump3.expectation(gmm)
+    with pytest.raises(ValueError, match=r"shape \(1,\) but the mixture is 2-D"):
+        gmm.tilt(gd.ExpLinearReward([1.0]))
+    with pytest.raises(ValueError, match=r"mean must be a vector"):
+        gd.Gaussian(0.0, 1.0)
+    with pytest.raises(ValueError, match=r"cov must be"):
+        gd.Gaussian([0.0, 1.0], jnp.eye(3))
+    with pytest.raises(ValueError, match=r"rewards must have shape \(3,\)"):
+        gd.PointCloud(POINTS).tilt(jnp.ones(5))

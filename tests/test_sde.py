@@ -75,3 +75,60 @@ def test_bad_sde_parameters():
         gd.VESDE(sigma_min=2.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="T"):
         gd.VPSDE(T=1.5)
+
+
+def test_bad_schedule_and_sde_parameters_are_rejected():
+    bad_ve = [
+        dict(T=-1.0),
+        dict(T=0.0),
+        dict(T=float("inf")),
+        dict(sigma_max=float("inf")),
+        dict(sigma_min=float("nan")),
+        dict(sigma_min=0.0),
+    ]
+    for kwargs in bad_ve:
+        with pytest.raises(ValueError, match="VESDE needs"):
+            gd.VESDE(**kwargs)
+    for lo, hi in [(-1.0, 2.0), (1.0, 0.5), (0.0, 0.0), (0.1, float("inf"))]:
+        with pytest.raises(ValueError, match="LinearBeta needs"):
+            gd.LinearBeta(lo, hi)
+    for s in [-0.5, 0.0, float("nan")]:
+        with pytest.raises(ValueError, match="s > 0"):
+            gd.CosineSchedule(s)
+    # singular at t = 1: T must stay below 1 (the linear schedule is fine there)
+    for schedule in [gd.CosineSchedule(), gd.OneMinusT()]:
+        with pytest.raises(ValueError, match="needs T < 1"):
+            gd.VPSDE(schedule, T=1.0)
+    sde = gd.VPSDE(gd.LinearBeta(), T=1.0)
+    assert np.all(np.isfinite(np.asarray(sde.marginal(1.0))))
+
+
+def test_parameter_checks_skip_traced_values():
+    # Validation runs on concrete values only: differentiating or vmapping through
+    # the parameters must keep working.
+    def sigma(beta_max):
+        return gd.VPSDE(gd.LinearBeta(0.1, beta_max)).marginal(0.5)[1]
+
+    assert np.isfinite(float(jax.grad(sigma)(15.0)))
+    cos = jax.vmap(lambda s: gd.VPSDE(gd.CosineSchedule(s)).marginal(0.5)[1])
+    assert np.all(np.isfinite(np.asarray(cos(jnp.array([0.004, 0.008])))))
+    ve = jax.jit(lambda hi: gd.VESDE(0.01, hi).prior_std())
+    np.testing.assert_allclose(ve(20.0), np.sqrt(20.0**2 - 0.01**2), rtol=1e-12)
+
+
+def test_cosine_sigma_float32_small_t():
+    # 1 - alpha_bar cancels at small t if formed from log_alpha_bar; in float32 that
+    # gave sigma(1e-6) = 0 (exact 1.97e-4).
+    sde32 = jax.tree.map(lambda p: p.astype(jnp.float32), gd.VPSDE(gd.CosineSchedule()))
+    s = 0.008
+    for t in [1e-7, 1e-6, 1e-5, 1e-4, 1e-2, 0.5]:
+        t32 = jnp.float32(t)
+        tt = float(t32)
+        a, a0 = 0.5 * np.pi * (tt + s) / (1 + s), 0.5 * np.pi * s / (1 + s)
+        exact = np.sqrt(np.sin(a - a0) * np.sin(a + a0)) / np.cos(a0)
+        alpha, sigma = sde32.marginal(t32)
+        assert sigma.dtype == jnp.float32
+        np.testing.assert_allclose(float(sigma), exact, rtol=1e-5)
+        np.testing.assert_allclose(float(alpha), np.cos(a) / np.cos(a0), rtol=1e-6)
+        dvar = jax.grad(lambda u: sde32.marginal(u)[1] ** 2)(t32)
+        assert np.isfinite(float(dvar)) and float(dvar) > 0
