@@ -91,7 +91,8 @@ def cell_normal(key: Key, k, shape: tuple[int, ...], dtype) -> Array:
     $(-1, 1)$ from their top mantissa bits and normals through
     $\sqrt2\,\mathrm{erf}^{-1}$, as `jax.random.normal` does.
     """
-    dtype = jnp.dtype(dtype)
+    # float64 without jax_enable_x64 is float32, as for JAX's own arrays
+    dtype = jax.dtypes.canonicalize_dtype(jnp.dtype(dtype))
     data = jr.key_data(threefry_key(key))
     gen = dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
     nbits = 8 * gen.itemsize

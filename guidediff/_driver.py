@@ -169,7 +169,8 @@ def _diffeqsolve(
 ):
     if controller is None:
         controller = dfx.StepTo(ts)
-        dt0 = None
+    if isinstance(controller, dfx.StepTo):
+        dt0 = None  # the steps are the controller's
     kind = dict(ts=ts[::save_every]) if save_every else dict(t1=True)
     saveat = dfx.SaveAt(**kind, solver_state=return_state)
     sol = dfx.diffeqsolve(

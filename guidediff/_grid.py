@@ -31,6 +31,22 @@ def logsnr_grid(
     $\lambda$ is inverted by bisection (it is monotone decreasing in $t$).
     """
     _check_steps(num_steps)
+    try:
+        lo_hi = float(t_start), float(t_end)
+    except TypeError:  # traced ends: checked by the caller
+        lo_hi = None
+    if lo_hi is not None:
+        if not lo_hi[0] > lo_hi[1]:
+            raise ValueError(
+                "logsnr_grid runs from the noise end down to the data end: it needs "
+                f"t_start > t_end, got {lo_hi[0]} and {lo_hi[1]}"
+            )
+        ends = np.asarray([sde.log_snr(t) for t in lo_hi], np.float64)
+        if not np.all(np.isfinite(ends)):
+            raise ValueError(
+                f"the log-SNR is not finite at the grid's ends ({ends[0]}, {ends[1]}; "
+                "t_end = 0 has sigma = 0): end the grid at a small t_end > 0"
+            )
     lam = jnp.linspace(sde.log_snr(t_start), sde.log_snr(t_end), num_steps + 1)
 
     def invert(target):

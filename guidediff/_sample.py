@@ -63,8 +63,13 @@ from ._grid import check_grid, uniform_grid
 from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
     _check_brownian,
+    _check_count,
+    _check_dtype,
+    _check_flag,
     _check_save_every,
     _check_score_shape,
+    _check_shape,
+    _check_sharding,
     _check_solver,
     _check_truncate,
     _check_unroll,
@@ -95,6 +100,55 @@ class Samples(eqx.Module):
     @property
     def num_failed(self) -> Array:
         return jnp.sum(self.failed)
+
+
+def _prior_draw(sde: AbstractSDE, key: Key, shape, dtype) -> Array:
+    """One particle's prior draw; 16-bit dtypes are drawn in float32 and rounded (as
+    the grid Brownian path's increments are), so they are the float32 draws."""
+    gen = jnp.promote_types(dtype, jnp.float32)
+    return sde.prior_sample(key, shape, gen).astype(dtype)
+
+
+def _check_sde(sde) -> None:
+    if not isinstance(sde, AbstractSDE):
+        raise TypeError(
+            f"sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got {type(sde).__name__}"
+        )
+
+
+def _grid_in_dtype(sde: AbstractSDE, ts, dtype, start_at_T: bool) -> Array:
+    """`ts` checked (clear errors on concrete grids), then cast to the particles'
+    dtype and checked again: a 16-bit dtype can round neighbouring times together.
+    With `start_at_T` (no `y0`: the particles start from the prior) the grid must
+    start at `sde.T`."""
+    given = jnp.asarray(ts)
+    check_grid(sde, given)
+    ts = given.astype(dtype)
+    if ts.dtype != given.dtype:
+        try:
+            check_grid(sde, ts)
+        except ValueError as e:
+            raise ValueError(
+                f"the time grid is valid, but not once rounded to dtype={dtype}: {e}. "
+                "Use fewer steps or a wider dtype"
+            ) from None
+    if start_at_T and not isinstance(ts, jax.core.Tracer):
+        T, t0 = float(sde.T), float(np.asarray(ts)[0])  # host values: no tracing
+        if abs(t0 - T) > 1e-6 * max(T, 1.0):
+            raise ValueError(
+                f"the grid starts at ts[0]={t0}, but the prior is the law at "
+                f"sde.T={T}: start the grid at sde.T, or pass y0 (e.g. an SDEdit start)"
+            )
+    return ts
+
+
+def _grid_ok(sde: AbstractSDE, ts, start_at_T: bool) -> Array:
+    """On-device `_grid_in_dtype` for traced grids: False flags every particle."""
+    T = jnp.asarray(sde.T, ts.dtype)
+    ok = jnp.all(jnp.diff(ts) < 0) & (ts[-1] >= 0) & (ts[0] <= T * (1 + 1e-6))
+    if start_at_T:
+        ok = ok & (jnp.abs(ts[0] - T) <= 1e-6 * jnp.maximum(T, 1.0))
+    return ok & jnp.all(jnp.isfinite(ts))
 
 
 def _split_particle_key(key: Key) -> tuple[Key, Key]:
@@ -151,7 +205,7 @@ def _sample_core(
     lead = jax.vmap if batched else (lambda f: f)
     k_prior, k_bm = lead(_split_particle_key)(key)
     if y0 is None:
-        y0 = lead(lambda k: sde.prior_sample(k, shape, dtype))(k_prior)
+        y0 = lead(lambda k: _prior_draw(sde, k, shape, dtype))(k_prior)
     if batched:
         score = BatchedScore(score)
     if process == "sde":
@@ -252,6 +306,9 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         out = core(keys, y0, batched=True)
     else:
         out = jax.vmap(core)(keys, y0)
+    # A traced grid skipped the Python checks: a bad one fails every particle.
+    ys, result, failed, nsteps = out
+    out = (ys, result, failed | ~_grid_ok(sde, ts, y0 is None), nsteps)
     if single:
         out = jtu.tree_map(lambda a: a[0], out)
     # The saved times are computed here too: no eager op after the compiled call.
@@ -284,9 +341,11 @@ def initial_noise(
         dy = jax.grad(lambda y0: gd.sample(key, sde, score, (2,), y0=y0).ys.sum())(y0)
         ```
     """
-    shape = tuple(int(s) for s in shape)
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
-    n = 1 if num_particles is None else int(num_particles)
+    _check_sde(sde)
+    shape = _check_shape(shape)
+    dtype = _check_dtype(dtype)
+    num_particles = _check_count("num_particles", num_particles, allow_none=True)
+    n = 1 if num_particles is None else num_particles
     y0 = _initial_noise_jit(key, sde, shape, dtype, n)
     return y0[0] if num_particles is None else y0
 
@@ -295,7 +354,7 @@ def initial_noise(
 def _initial_noise_jit(key, sde, shape, dtype, n):
     keys = _particle_keys(key, n)
     k_prior = jax.vmap(_split_particle_key)(keys)[0]
-    return jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(k_prior)
+    return jax.vmap(lambda k: _prior_draw(sde, k, shape, dtype))(k_prior)
 
 
 def sample(
@@ -343,11 +402,17 @@ def sample(
     - `num_particles`: number of particles (`None`: one particle, no leading axis).
     - `args`: passed to the score (e.g. a class label); shared by all particles.
     - `ts`: decreasing time grid from the noise end to the data end (default:
-      500 uniform steps from `sde.T` to `1e-3`). With an adaptive
-      `stepsize_controller` only its ends and first step are used.
+      500 uniform steps from `sde.T` to `1e-3`), inside `[0, sde.T]`; without `y0`
+      it starts at `sde.T`, where the prior is the law. It is cast to `dtype` (a
+      grid whose times round together there is an error). A traced grid (under
+      `jit`/`vmap`) is checked on the device instead: a bad one flags every
+      particle as failed. With an adaptive `stepsize_controller` only its ends and
+      first step are used.
     - `process`: `"sde"` (reverse SDE) or `"ode"` (probability flow).
-    - `solver`: a diffrax solver. Default: `ExponentialIntegrator(sde)` (DDPM
-      ancestral, the paper's sampler) for the SDE, `diffrax.Heun()` for the ODE.
+    - `solver`: a diffrax solver; guidediff's solvers must be built with the same
+      `sde`. Default: `ExponentialIntegrator(sde)` (DDPM ancestral, the paper's
+      sampler) for the SDE, `diffrax.Heun()` for the ODE and, with an adaptive
+      `stepsize_controller` (which needs an error estimate), for the SDE too.
       For few steps use the multistep `SDEDPMSolverPP(sde)` / `DPMSolverPP(sde)`
       on a `logsnr_grid`; benchmarks/work_precision.py compares the solvers'
       error per step on both kinds of grid.
@@ -381,7 +446,11 @@ def sample(
       grid), `"tree"` (`diffrax.VirtualBrownianTree` with `brownian_tol`; default
       with a `stepsize_controller`) or `"unsafe"` (`diffrax.UnsafeBrownianPath`:
       forward only, `driver="diffeqsolve"` on a fixed grid).
-    - `sharding`: shard the particle axis (e.g. a `NamedSharding` over a mesh).
+    - `sharding`: shard the particle axis (e.g. a `NamedSharding` over a mesh);
+      the number of particles must split evenly over its devices.
+    - `dtype`: the particles' floating-point dtype (default: JAX's default float;
+      float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit dtypes draw
+      the prior and the noise in float32 and round them.
 
     **Returns:** a `Samples`. Failed particles are flagged in `failed`, never raised.
 
@@ -416,8 +485,12 @@ def sample(
         dw = jax.grad(mean_reward)(0.5)
         ```
     """
-    shape = tuple(int(s) for s in shape)
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    _check_sde(sde)
+    shape = _check_shape(shape)
+    dtype = _check_dtype(dtype)
+    num_particles = _check_count("num_particles", num_particles, allow_none=True)
+    save_trajectory = _check_flag("save_trajectory", save_trajectory)
+    denoise = _check_flag("denoise", denoise)
     if process not in ("sde", "ode"):
         raise ValueError(f"process must be 'sde' or 'ode', got {process!r}")
     if driver is None:
@@ -431,10 +504,14 @@ def sample(
             f"score must be an AbstractScore (got {type(score).__name__}); wrap a plain "
             "function with gd.ScoreFn"
         )
+    if adjoint is not None and driver == "scan":
+        raise ValueError(
+            "adjoint= applies to driver='diffeqsolve'; the 'scan' driver's reverse "
+            "mode is set by checkpoint= ('sqrt', 'chunk', 'step' or False)"
+        )
     if ts is None:
         ts = uniform_grid(sde.T, 1e-3, 500)
-    ts = jnp.asarray(ts, dtype)
-    check_grid(sde, ts)
+    ts = _grid_in_dtype(sde, ts, dtype, start_at_T=y0 is None)
     brownian = _check_brownian(brownian, process, driver, stepsize_controller, adjoint)
     if adjoint is None:
         unsafe = process == "sde" and brownian == "unsafe"
@@ -443,9 +520,13 @@ def sample(
     save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
     checkpoint = _checkpoint_mode(checkpoint)
     unroll = _check_unroll(unroll, driver)
+    adaptive = stepsize_controller is not None and not isinstance(
+        stepsize_controller, dfx.StepTo
+    )
     if solver is None:
-        solver = ExponentialIntegrator(sde) if process == "sde" else dfx.Heun()
-    _check_solver(solver, process, stepsize_controller)
+        sde_default = dfx.Heun() if adaptive else ExponentialIntegrator(sde)
+        solver = sde_default if process == "sde" else dfx.Heun()
+    _check_solver(solver, process, stepsize_controller, sde)
     _check_score_shape(score, ts, shape, dtype, args)
     # Numbers in args become array leaves, so a new label does not recompile.
     args = jtu.tree_map(
@@ -460,10 +541,11 @@ def sample(
     single = num_particles is None
     if y0 is not None and single:
         y0 = y0[None]
+    _check_sharding(sharding, 1 if single else num_particles, shape)
     if sharding is not None and y0 is not None:
         y0 = jax.device_put(y0, sharding)
     static = (
-        1 if single else int(num_particles),
+        1 if single else num_particles,
         sharding,
         shape,
         dtype,

@@ -136,12 +136,25 @@ def _checkpoint_mode(checkpoint) -> str:
     )
 
 
-def _check_solver(solver, process, controller) -> None:
-    """guidediff's diffusion solvers each solve one kind of terms; the multistep
-    ones run on fixed grids only."""
+def _check_solver(solver, process, controller, sde=None) -> None:
+    """guidediff's diffusion solvers each solve one kind of terms, for the SDE they
+    were built with; the multistep ones run on fixed grids only; adaptive steps need
+    an error estimate."""
     from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
 
+    if not isinstance(solver, dfx.AbstractSolver):
+        raise TypeError(
+            f"solver must be a diffrax.AbstractSolver, got {type(solver).__name__}"
+        )
     name = type(solver).__name__
+    solver_sde = getattr(solver, "sde", None)
+    if sde is not None and solver_sde is not None:
+        same = eqx.tree_equal(solver_sde, sde)
+        if not isinstance(same, jax.core.Tracer) and not bool(same):
+            raise ValueError(
+                f"{name} was built for a different SDE (type or parameters) than the "
+                f"one sampled; build it with the same SDE: {name}(sde)"
+            )
     if isinstance(solver, ExponentialIntegrator | SDEDPMSolverPP) and process != "sde":
         raise ValueError(
             f"{name} steps the reverse SDE (process='sde'); for the probability-flow "
@@ -160,6 +173,14 @@ def _check_solver(solver, process, controller) -> None:
         raise ValueError(
             f"{name} has no error estimate and runs on fixed grids only: pass "
             "ts (and no adaptive stepsize_controller)"
+        )
+    adaptive = controller is not None and not isinstance(controller, dfx.StepTo)
+    if adaptive and not isinstance(solver, dfx.AbstractAdaptiveSolver):
+        raise ValueError(
+            f"{name} gives no error estimate, so it cannot take adaptive steps "
+            f"(stepsize_controller={type(controller).__name__}); use a diffrax "
+            "solver that does (diffrax.Heun(), the default with a controller, or "
+            "diffrax.Tsit5() for the ODE) or a fixed grid"
         )
 
 
@@ -230,3 +251,57 @@ def _check_y0(y0, shape, dtype, num_particles):
         f"{',' if len(shape) == 1 else ''}) or, for one particle, {shape}; "
         f"got {y0.shape}"
     )
+
+
+def _check_dtype(dtype):
+    """The particles' dtype, canonicalised (float64 becomes float32 unless
+    `jax_enable_x64` is on, as JAX's own arrays do); floating point only."""
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _check_count(name: str, value, *, allow_none: bool = False) -> int | None:
+    """A positive Python/NumPy integer (not a bool or a float)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(
+            f"shape must be a tuple of ints (one particle's shape), got {shape!r}"
+        ) from None
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0:
+            raise TypeError(
+                f"shape must be a tuple of non-negative ints, got {shape!r}"
+            )
+    return tuple(int(d) for d in dims)
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_sharding(sharding, num: int, shape) -> None:
+    """The particle axis must split evenly over the sharding's devices."""
+    if sharding is None:
+        return
+    try:
+        sharding.shard_shape((num, *shape))
+    except ValueError as e:
+        raise ValueError(
+            f"{num} particles cannot be split evenly over the devices: use a number "
+            f"of particles that the mesh axis divides ({e})"
+        ) from None

@@ -46,10 +46,23 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._brownian import GridBrownianPath, _StepIncrement, threefry_key
 from ._custom_types import Args, Key
-from ._grid import check_grid, uniform_grid
+from ._grid import uniform_grid
 from ._reverse import reverse_sde
-from ._sample import _particle_keys, _split_particle_key
-from ._sample_checks import _check_score_shape, _check_solver
+from ._sample import (
+    _check_sde,
+    _grid_in_dtype,
+    _grid_ok,
+    _particle_keys,
+    _prior_draw,
+    _split_particle_key,
+)
+from ._sample_checks import (
+    _check_count,
+    _check_dtype,
+    _check_score_shape,
+    _check_shape,
+    _check_solver,
+)
 from ._score import AbstractScore, score_to_x0
 from ._sde import AbstractSDE
 from ._solver import ExponentialIntegrator
@@ -185,8 +198,10 @@ def smc_sample(
         ys = out.resample(jr.key(1))  # (512, 2), approximately gmm.tilt(reward)
         ```
     """
-    shape = tuple(int(s) for s in shape)
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    _check_sde(sde)
+    shape = _check_shape(shape)
+    dtype = _check_dtype(dtype)
+    num_particles = _check_count("num_particles", num_particles)
     if not isinstance(score, AbstractScore):
         raise TypeError(
             f"score must be an AbstractScore (got {type(score).__name__}); wrap a plain "
@@ -194,20 +209,15 @@ def smc_sample(
         )
     if not callable(log_potential):
         raise TypeError("log_potential must be a callable x -> log r(x)")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int):
-        raise TypeError(f"num_particles must be an int, got {num_particles!r}")
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
     if not 0.0 <= float(ess_threshold) <= 1.0:
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
     _check_scheme(resampling)
     if ts is None:
         ts = uniform_grid(sde.T, 1e-3, 500)
-    ts = jnp.asarray(ts, dtype)
-    check_grid(sde, ts)
+    ts = _grid_in_dtype(sde, ts, dtype, start_at_T=True)
     if solver is None:
         solver = ExponentialIntegrator(sde)
-    _check_solver(solver, "sde", None)
+    _check_solver(solver, "sde", None, sde)
     _check_score_shape(score, ts, shape, dtype, args)
     probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
     if getattr(probe, "shape", None) != ():
@@ -215,7 +225,7 @@ def smc_sample(
             "log_potential must return a scalar for one particle, got shape "
             f"{getattr(probe, 'shape', type(probe).__name__)}"
         )
-    static = (int(num_particles), shape, dtype, float(twist), resampling)
+    static = (num_particles, shape, dtype, float(twist), resampling)
     return _smc_jit(
         key, sde, score, log_potential, args, ts, solver, ess_threshold, static
     )
@@ -228,7 +238,7 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
     k_prior, k_bm = jax.vmap(_split_particle_key)(keys)
     # The resampling stream: a fold_in index no slot uses (slots are 0, ..., n - 1).
     k_resample = jr.fold_in(threefry_key(key), jnp.uint32(0xFFFFFFFF))
-    y0 = jax.vmap(lambda k: sde.prior_sample(k, shape, dtype))(k_prior)
+    y0 = jax.vmap(lambda k: _prior_draw(sde, k, shape, dtype))(k_prior)
     struct = jax.ShapeDtypeStruct(shape, dtype)
     num_steps = ts.shape[0] - 1
     steps = jnp.arange(num_steps)
@@ -256,6 +266,8 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
         return state, lh, dead
 
     state0, lh0, dead0 = jax.vmap(init_one)(y0)
+    # a traced grid skipped the Python checks: a bad one fails every particle
+    dead0 = dead0 | ~_grid_ok(sde, ts, True)
 
     def step_one(kb, x, state, lh, t0, t1, cell, final):
         inc = GridBrownianPath(struct, ts, kb).cell_increment(cell, t1 - t0)

@@ -149,11 +149,15 @@ def _multistep_x0(p: _Prediction, state: _DataPredictionState, multistep: bool):
     step's prediction, $\hat x_0 + (\hat x_0 - \hat x_0^{\rm prev})/(2r)$."""
     if not multistep:
         return p.x0
-    # Before the first step there is no previous prediction: r = 1 keeps the unused
-    # branch finite (a NaN there would poison gradients through jnp.where).
-    r = jnp.where(state.ready, (p.log_snr_a - state.log_snr) / p.h, 1.0)
+    # Before the first step there is no previous prediction, and a step to sigma = 0
+    # (t = 0: h = inf, r = 0) takes the first-order step ("lower order final"). In
+    # both cases r = 1 keeps the unused branch finite (a NaN there would poison
+    # gradients through jnp.where).
+    second = state.ready & jnp.isfinite(p.h)
+    h = jnp.where(second, p.h, 1.0)
+    r = jnp.where(second, (p.log_snr_a - state.log_snr) / h, 1.0)
     corrected = p.x0 + (p.x0 - state.x0) / (2 * r)
-    return jnp.where(state.ready, corrected, p.x0)
+    return jnp.where(second, corrected, p.x0)
 
 
 class DDIM(dfx.AbstractSolver):

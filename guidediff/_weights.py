@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Scalar, Time
@@ -46,6 +48,12 @@ class PiecewiseLinear(eqx.Module):
         self.values = jnp.asarray(values, jnp.result_type(float))
         if self.times.ndim != 1 or self.times.shape != self.values.shape:
             raise ValueError("times and values must be 1-D arrays of the same length")
+        if self.times.shape[0] < 1:
+            raise ValueError("a piecewise-linear weight needs at least one knot")
+        if _is_concrete(self.times) and not np.all(np.diff(self.times) > 0):
+            raise ValueError(
+                f"the knots must be strictly increasing, got times={self.times}"
+            )
 
     def __call__(self, t: Time) -> Scalar:
         return jnp.interp(t, self.times, self.values)
@@ -55,8 +63,30 @@ Weight: TypeAlias = float | ArrayLike | Callable[[Time], Scalar]
 """A guidance weight: a number (stored as a `Constant`) or a callable of $t$."""
 
 
+class _Schedule(eqx.Module):
+    """A plain callable weight, its output made a scalar array."""
+
+    fn: Callable[[Time], ArrayLike]
+
+    def __call__(self, t: Time) -> Scalar:
+        w = jnp.asarray(self.fn(t))
+        if w.ndim != 0:
+            raise ValueError(
+                f"a weight schedule must return a scalar, got shape {w.shape}"
+            )
+        return w
+
+
 def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
-    """Lift a number to a `Constant`; pass callables (schedules) through."""
-    if callable(weight):
+    """Lift a number to a `Constant`; pass guidediff schedules (`Constant`,
+    `PiecewiseLinear`, any `eqx.Module`) through; wrap other callables so that their
+    output is a scalar array."""
+    if isinstance(weight, eqx.Module) and callable(weight):
         return weight
+    if callable(weight):
+        return _Schedule(weight)
     return Constant(weight)
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)

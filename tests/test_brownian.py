@@ -177,3 +177,35 @@ def test_error_if_is_differentiable():
     g = jax.grad(f)(1.0)
     assert np.isfinite(float(g))
     assert isinstance(eqx.filter_eval_shape(f, 1.0), jax.ShapeDtypeStruct)
+
+
+def test_float64_without_x64_draws_float32_normals():
+    """dtype=float64 with jax_enable_x64 off is float32 (as for JAX's own arrays):
+    the normals are the float32 ones, not float32 words read as float64 halves."""
+    from guidediff._brownian import cell_normal
+
+    with jax.enable_x64(False):
+        z64 = cell_normal(jr.key(0), 3, (4000,), jnp.float64)
+        z32 = cell_normal(jr.key(0), 3, (4000,), jnp.float32)
+        assert z64.dtype == jnp.float32
+        np.testing.assert_array_equal(z64, z32)
+        y64 = gd.initial_noise(
+            jr.key(0), gd.VPSDE(), (2,), num_particles=3, dtype=jnp.float64
+        )
+        assert y64.dtype == jnp.float32
+
+
+def test_sixteen_bit_draws_are_the_float32_draws_rounded():
+    """Prior draws and Brownian increments in bfloat16 / float16 are the float32
+    draws rounded, so a 16-bit run starts where the float32 run does."""
+    from guidediff._brownian import cell_normal
+
+    sde = gd.VPSDE()
+    y32 = gd.initial_noise(jr.key(0), sde, (3,), num_particles=5, dtype=jnp.float32)
+    for dt in (jnp.bfloat16, jnp.float16):
+        y16 = gd.initial_noise(jr.key(0), sde, (3,), num_particles=5, dtype=dt)
+        np.testing.assert_array_equal(y16, y32.astype(dt))
+        np.testing.assert_array_equal(
+            cell_normal(jr.key(1), 2, (3,), dt),
+            cell_normal(jr.key(1), 2, (3,), jnp.float32).astype(dt),
+        )

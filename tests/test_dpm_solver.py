@@ -305,3 +305,25 @@ def test_truncated_backprop_keeps_the_multistep_samples(process, cls, driver):
         for k in (None, 5)
     )
     np.testing.assert_allclose(cut, full, rtol=1e-12, atol=1e-12)
+
+
+def test_multistep_solvers_step_to_time_zero():
+    """A grid ending at t = 0 (sigma = 0, h = inf): the last step is first order
+    ("lower order final"), so the particles stay finite, and DPM-Solver++(2M)'s last
+    state is the first-order (DDIM) step from the same previous state."""
+    ts = gd.uniform_grid(1.0, 0.0, 10)
+    gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    score = gmm.score(SDE)
+    for process, solver in (
+        ("ode", gd.DPMSolverPP(SDE)),
+        ("sde", gd.SDEDPMSolverPP(SDE)),
+    ):
+        out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=4, ts=ts,
+                        process=process, solver=solver)  # fmt: skip
+        assert not np.any(out.failed), process
+    traj = gd.sample(jr.key(0), SDE, score, (2,), num_particles=4, ts=ts,
+                     process="ode", solver=gd.DPMSolverPP(SDE),
+                     save_trajectory=True).ys  # fmt: skip
+    last = gd.sample(jr.key(0), SDE, score, (2,), y0=traj[:, -2], ts=ts[-2:],
+                     process="ode", solver=gd.DDIM(SDE)).ys  # fmt: skip
+    np.testing.assert_allclose(traj[:, -1], last, rtol=1e-12, atol=1e-12)

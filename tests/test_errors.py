@@ -1,5 +1,6 @@
 """Bad input gets a clear error (one test each)."""
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -112,3 +113,113 @@ def test_bad_keys():
         gd.sample(jr.PRNGKey(0), SDE, score, (2,), num_particles=2, ts=TS).ys,
         gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=TS).ys,
     )
+
+
+def test_bad_counts_shapes_dtypes_and_flags():
+    score = GMM.score(SDE)
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="num_particles must be at least 1"):
+            gd.sample(jr.key(0), SDE, score, (2,), num_particles=n, ts=TS)
+    for n in (2.7, True):
+        with pytest.raises(TypeError, match="num_particles must be a positive int"):
+            gd.sample(jr.key(0), SDE, score, (2,), num_particles=n, ts=TS)
+    with pytest.raises(TypeError, match="num_particles"):
+        gd.initial_noise(jr.key(0), SDE, (2,), num_particles=1.5)
+    with pytest.raises(TypeError, match="shape must be a tuple"):
+        gd.sample(jr.key(0), SDE, score, 2, ts=TS)
+    with pytest.raises(TypeError, match="non-negative ints"):
+        gd.sample(jr.key(0), SDE, score, (2.7,), ts=TS)
+    for dtype in (jnp.int32, jnp.complex64):
+        with pytest.raises(TypeError, match="floating-point dtype"):
+            gd.sample(jr.key(0), SDE, score, (2,), ts=TS, dtype=dtype)
+    with pytest.raises(TypeError, match="denoise must be True or False"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, denoise="no")
+    with pytest.raises(TypeError, match="sde must be a gd.AbstractSDE"):
+        gd.sample(jr.key(0), "vp", score, (2,), ts=TS)
+    with pytest.raises(TypeError, match="diffrax.AbstractSolver"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, solver="euler")
+    with pytest.raises(ValueError, match="adjoint= applies to driver='diffeqsolve'"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, adjoint=dfx.DirectAdjoint())
+
+
+def test_grid_checks():
+    score = GMM.score(SDE)
+    # the prior is the law at T: a grid starting below T needs y0
+    late = gd.uniform_grid(0.5, 1e-3, 10)
+    with pytest.raises(ValueError, match=r"starts at ts\[0\]=0.5"):
+        gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=late)
+    y0 = jnp.zeros((2, 2))
+    assert gd.sample(jr.key(0), SDE, score, (2,), y0=y0, ts=late).ys.shape == (2, 2)
+    # a grid valid in float32 that rounds to repeated times in bfloat16
+    with pytest.raises(ValueError, match="not once rounded to dtype=bfloat16"):
+        gd.sample(
+            jr.key(0), SDE, score, (2,), ts=gd.uniform_grid(1.0, 1e-3, 500),
+            dtype=jnp.bfloat16,
+        )  # fmt: skip
+    # a traced grid skips the Python checks: a bad one fails every particle
+    bad = jax.jit(
+        lambda ts: gd.sample(jr.key(0), SDE, score, (2,), num_particles=3, ts=ts).failed
+    )
+    assert not np.any(bad(TS))
+    assert np.all(bad(TS[::-1]))  # increasing
+    assert np.all(bad(TS * 0.5))  # does not start at T
+    with pytest.raises(ValueError, match="t_start > t_end"):
+        gd.logsnr_grid(SDE, 1e-3, 1.0, 5)
+    with pytest.raises(ValueError, match="log-SNR is not finite"):
+        gd.logsnr_grid(SDE, 1.0, 0.0, 5)
+
+
+def test_solver_must_match_the_sde_and_the_controller():
+    score = GMM.score(SDE)
+    other = gd.VPSDE(gd.LinearBeta(beta_max=5.0))
+    with pytest.raises(ValueError, match="built for a different SDE"):
+        gd.sample(
+            jr.key(0), SDE, score, (2,), ts=TS, solver=gd.ExponentialIntegrator(other)
+        )
+    with pytest.raises(ValueError, match="built for a different SDE"):
+        gd.sample(
+            jr.key(0),
+            SDE,
+            score,
+            (2,),
+            ts=TS,
+            solver=gd.ExponentialIntegrator(gd.VESDE()),
+        )
+    pid = dfx.PIDController(rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="Euler gives no error estimate"):
+        gd.sample(
+            jr.key(0), SDE, score, (2,), ts=TS, solver=dfx.Euler(),
+            stepsize_controller=pid,
+        )  # fmt: skip
+    # the default solver with a controller has an error estimate (diffrax.Heun)
+    out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=TS,
+                    stepsize_controller=pid)  # fmt: skip
+    assert not np.any(out.failed)
+    # StepTo: the controller's steps, no dt0
+    out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=TS,
+                    process="ode", stepsize_controller=dfx.StepTo(TS))  # fmt: skip
+    assert not np.any(out.failed)
+
+
+def test_bad_weights_and_intervals():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        gd.PiecewiseLinear([1.0, 0.0], [5.0, 0.0])
+    with pytest.raises(ValueError, match="at least one knot"):
+        gd.PiecewiseLinear([], [])
+    guidance = gd.reward_guidance(GMM.score(SDE), 1.0)
+    with pytest.raises(ValueError, match="must not be NaN"):
+        gd.interval(guidance, np.nan, 0.5)
+    with pytest.raises(ValueError, match="must be scalars"):
+        gd.interval(guidance, [0.1, 0.2], 0.5)
+    with pytest.raises(TypeError, match="stateless takes a callable"):
+        gd.stateless(3)
+    # a plain callable schedule works, and must return a scalar
+    x = jnp.array([0.3, -0.2])
+    plain = gd.guide(GMM.score(SDE), gd.reward_guidance(GMM.score(SDE), 2.0))
+    sched = gd.guide(GMM.score(SDE), gd.reward_guidance(GMM.score(SDE), lambda t: 2.0))
+    np.testing.assert_allclose(sched(0.5, x), plain(0.5, x))
+    vec = gd.guide(
+        GMM.score(SDE), gd.reward_guidance(GMM.score(SDE), lambda t: jnp.ones(2))
+    )
+    with pytest.raises(ValueError, match="must return a scalar"):
+        vec(0.5, x)

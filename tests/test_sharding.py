@@ -89,6 +89,11 @@ CHILD = textwrap.dedent(
         "is_sharded": jitted.sharding.spec == spec,
         "max_abs_diff": float(np.max(np.abs(np.asarray(jitted) - np.asarray(one)))),
     }
+    try:  # 6 particles do not split over 4 devices: a clear error, not replication
+        gd.sample(key, sde, score, (2,), num_particles=6, ts=ts, sharding=sharding)
+        out["indivisible"] = "no error"
+    except ValueError as e:
+        out["indivisible"] = str(e)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -163,3 +168,7 @@ def test_sharding_is_kept_under_jit(sharded_runs):
     # devices, not computed replicated on each (jax.device_put on a tracer adds no
     # sharding constraint; gd.sample uses with_sharding_constraint).
     assert sharded_runs["jit"]["is_sharded"]
+
+
+def test_indivisible_particle_count_is_an_error(sharded_runs):
+    assert "cannot be split evenly" in sharded_runs["indivisible"]

@@ -99,4 +99,6 @@ class Stateless(AbstractGuidance):
 def stateless(fn: Callable) -> Stateless:
     """Lift `fn(score_value, t, x, args) -> score_value` to a guidance (optax's
     `stateless`). `fn` is static: put array parameters in a Module instead."""
+    if not callable(fn):
+        raise TypeError(f"stateless takes a callable, got {type(fn).__name__}")
     return Stateless(fn)

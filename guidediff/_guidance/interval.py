@@ -1,5 +1,7 @@
 r"""Guidance active on a time interval only."""
 
+import math
+
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
@@ -34,11 +36,16 @@ def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> In
         raise TypeError("interval wraps an AbstractGuidance")
     dtype = jnp.result_type(float)
     lo, hi = jnp.asarray(t_lo, dtype), jnp.asarray(t_hi, dtype)
+    if lo.ndim or hi.ndim:
+        raise ValueError(
+            f"interval bounds must be scalars, got shapes {lo.shape} and {hi.shape}"
+        )
     try:
-        if float(lo) > float(hi):
-            raise ValueError(
-                f"interval needs t_lo <= t_hi, got {float(lo)} > {float(hi)}"
-            )
-    except TypeError:
-        pass
+        lo_f, hi_f = float(lo), float(hi)
+    except TypeError:  # traced bounds: checked by the caller
+        return Interval(guidance, lo, hi)
+    if math.isnan(lo_f) or math.isnan(hi_f):
+        raise ValueError(f"interval bounds must not be NaN, got [{lo_f}, {hi_f}]")
+    if lo_f > hi_f:
+        raise ValueError(f"interval needs t_lo <= t_hi, got {lo_f} > {hi_f}")
     return Interval(guidance, lo, hi)
