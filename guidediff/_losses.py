@@ -107,58 +107,6 @@ def check_labels(
     )
 
 
-_BIT_FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-
-
-def _float_bits(r: Array) -> tuple[Array, Array, Array, int, int]:
-    """`(negative, magnitude, biased_exponent, nmant, bias)` of the floats `r`, from
-    their bits, exact for subnormals (which XLA on CPU flushes to zero in float
-    arithmetic and comparisons). `negative` excludes -0.0."""
-    info = jnp.finfo(r.dtype)
-    nbits = 8 * r.dtype.itemsize
-    uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[nbits]
-    bits = jax.lax.bitcast_convert_type(r, uint)
-    magnitude = bits & uint((1 << (nbits - 1)) - 1)
-    negative = ((bits >> (nbits - 1)) == 1) & (magnitude > 0)
-    biased = (magnitude >> info.nmant).astype(jnp.int32)
-    return negative, magnitude, biased, info.nmant, int(info.maxexp) - 1
-
-
-def _bad_rewards(r: Array) -> Array:
-    """Whether any of `r` is NaN, infinite or negative, or all are zero; on the bits
-    alone (a float comparison in the same fused kernel can lead LLVM to rewrite
-    the bit tests as float comparisons, which see subnormals as zeros)."""
-    negative, magnitude, biased, _, bias = _float_bits(r)
-    return jnp.any(biased == 2 * bias + 1) | jnp.any(negative) | ~jnp.any(magnitude > 0)
-
-
-def _power_of_two_rescaled(r: Array) -> Array:
-    r"""`r` times the power of two $2^{-e}$ that brings its maximum into
-    $[1, 2^{p})$ ($p$ the significand's bits), exactly (no rounding), for finite
-    `r >= 0` with a positive maximum, subnormals included.
-
-    XLA on CPU flushes subnormal floats to zero, so float arithmetic cannot rescale
-    subnormal rewards; hence this works on the bits: with $r_i = m_i 2^{e_i}$ ($m_i$
-    the integer significand, $e_i$ the exponent of its last bit) and
-    $e = \max_i e_i$, it returns $v_i = m_i 2^{e_i - e}$ (a $v_i$ below the
-    smallest normal float is flushed to zero: it is negligible next to the
-    maximum)."""
-    _, magnitude, biased, nmant, bias = _float_bits(r)
-    uint = magnitude.dtype.type
-    mant = magnitude & uint((1 << nmant) - 1)
-    mant = jnp.where(biased > 0, mant | uint(1 << nmant), mant)  # the leading one
-    expo = jnp.maximum(biased, 1)  # subnormals share the smallest normal's exponent
-    top = jnp.max(expo)
-    # 2^(expo - top) <= 1, built on its bits (0 where it would be subnormal).
-    pow2 = jnp.clip(expo - top + bias, 0, None).astype(uint) << nmant
-    v = mant.astype(r.dtype) * jax.lax.bitcast_convert_type(pow2, r.dtype)
-    # The derivative: v = r 2^k with k = bias + nmant - top (capped at the largest
-    # finite power of two); the bit operations above have none.
-    k = jnp.minimum(bias + nmant - top, bias)
-    scale = jax.lax.bitcast_convert_type((k + bias).astype(uint) << nmant, r.dtype)
-    return v + jax.lax.stop_gradient(scale) * (r - jax.lax.stop_gradient(r))
-
-
 def reward_weights(
     rewards: Float[ArrayLike, " n"], *, temperature: float | None = None
 ) -> Float[Array, " n"]:
@@ -167,12 +115,10 @@ def reward_weights(
     - `temperature=None`: plain rewards $r_i \ge 0$, $w_i = r_i / \bar r$ with
       $\bar r = \frac1n\sum_j r_j$. Minimising $\frac1n\sum_i w_i\ell_i$ is
       denoising score matching for the tilted law $p^r \propto p\,r$. It is
-      computed as $w_i = v_i / \bar v$ (the same $w_i$) with $v_i = r_i\,2^{-e}$,
-      rescaled exactly by the power of two that brings $\max_j r_j$ into
-      $[1, 2^{24})$ (for float32), so neither $\bar v$ nor $w$ overflows or
-      underflows for any valid rewards of the dtype, from the largest to
-      subnormal ones (the rescaling works on the bits: XLA on CPU flushes
-      subnormal floats to zero).
+      computed as $v_i / \bar v$ with $v_i = r_i\,2^{-e}$ (the same $w_i$), $2^e$
+      the power of two just above $\max_j r_j$, so the mean cannot overflow, even
+      for rewards near the dtype's largest value. Subnormal rewards (below `finfo(dtype).tiny`) count as zero, as
+      XLA on CPU flushes them.
     - `temperature=alpha`: an exponential tilt $r_i = \exp(R_i/\alpha)$ of signed
       rewards $R_i$, normalised in log space,
       $w_i = n\exp(R_i/\alpha - \operatorname{logsumexp}_j R_j/\alpha)$, which never
@@ -191,9 +137,6 @@ def reward_weights(
     rewards = jnp.asarray(rewards)
     if not jnp.issubdtype(rewards.dtype, jnp.floating):
         rewards = rewards.astype(jnp.result_type(float))
-    elif rewards.dtype not in _BIT_FLOATS:  # e.g. float8: compute in float32
-        w = reward_weights(rewards.astype(jnp.float32), temperature=temperature)
-        return w.astype(rewards.dtype)
     if rewards.ndim != 1:
         raise ValueError(f"rewards must have shape (n,), got {rewards.shape}")
     n = rewards.shape[0]
@@ -210,6 +153,7 @@ def reward_weights(
             )
         logw = rewards / temperature
         return n * jnp.exp(logw - jax.nn.logsumexp(logw))
+    tiny = jnp.finfo(rewards.dtype).tiny
     if _is_concrete(rewards):
         rv = np.asarray(rewards)
         if np.any(np.isnan(rv)):
@@ -222,18 +166,27 @@ def reward_weights(
             )
         if np.any(np.isinf(rv)):
             raise ValueError("rewards contain inf")
-        if not np.any(rv > 0):
-            raise ValueError("rewards are all zero: the weighted loss is undefined")
+        if not np.any(rv >= tiny):
+            raise ValueError(
+                "rewards are all zero (or subnormal, below the smallest normal float "
+                f"{tiny}): the weighted loss is undefined"
+            )
     else:
         rewards = eqx.error_if(
             rewards,
-            _bad_rewards(rewards),
+            jnp.any(jnp.isnan(rewards))
+            | jnp.any(rewards < 0)
+            | jnp.any(jnp.isinf(rewards))
+            | ~jnp.any(rewards >= tiny),
             "rewards must be finite and non-negative, and not all zero "
             "(in this minibatch)",
         )
-    # w_i = v_i / mean(v) with v = r 2^-e (exactly), so that the mean neither
-    # overflows nor underflows (nor, on CPU, flushes subnormal rewards to zero).
-    scaled = _power_of_two_rescaled(rewards)
+    # Rescaled first by the power of two that brings max(r) into [1/2, 1) (exact):
+    # the mean of rewards near the dtype's largest value would overflow, and
+    # dividing by max(r) can become a multiplication by a subnormal reciprocal,
+    # which XLA flushes to zero.
+    mant, expo = jnp.frexp(rewards)
+    scaled = jnp.ldexp(mant, expo - jnp.max(expo))
     return scaled / jnp.mean(scaled)
 
 
