@@ -205,7 +205,9 @@ def versions() -> dict:
 
 def write_result(name: str, args, payload: dict) -> Path:
     """Write `payload` (plus device, versions and run settings) to
-    `args.out/{name}_{device tag}.json` and return the path."""
+    `args.out/{name}_{device tag}.json` and return the path. A quick run never
+    replaces a full run's file (README tables are generated from those): it goes
+    to `{name}_{device tag}_quick.json` beside it instead."""
     result = {
         "benchmark": name,
         "device": device_info(),
@@ -219,9 +221,18 @@ def write_result(name: str, args, payload: dict) -> Path:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}_{device_tag()}.json"
+    if args.quick and _is_full_run(path):
+        path = path.with_name(f"{path.stem}_quick.json")
     path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def _is_full_run(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("quick") is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _json_default(obj):

@@ -4,13 +4,29 @@ import argparse
 import sys
 
 
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an int in [lo, hi)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value >= hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="guidediff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="CFG on a 2-D, 3-class Gaussian mixture")
     p_demo.add_argument("--out", default="out/demo", help="output folder")
-    p_demo.add_argument("--particles", type=int, default=4000)
-    p_demo.add_argument("--steps", type=int, default=500)
+    p_demo.add_argument("--particles", type=_int_in(1), default=4000)
+    p_demo.add_argument("--steps", type=_int_in(1), default=500)
     p_rep = sub.add_parser(
         "reproduce",
         help="reproduce one of the paper's experiments (results.json + PNG figures)",
@@ -20,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="small sizes (< 2 min on a CPU)"
     )
     p_rep.add_argument("--out", default=None, help="output folder (out/NAME)")
-    p_rep.add_argument("--seed", type=int, default=0)
+    p_rep.add_argument("--seed", type=_int_in(0, 2**32), default=0)
     sub.add_parser(
         "bench", help="run the benchmarks (from a source checkout; flags go to run_all)"
     )

@@ -6,6 +6,7 @@
   scaled to $[-1, 1]$, with their labels.
 """
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -20,8 +21,26 @@ _SWISS_ROLL_SCALE = 7.0
 
 
 def _seed(key_or_seed: Key | int) -> int:
+    """A seed for NumPy/scikit-learn: an int in [0, 2**32) as given, or one drawn
+    from a JAX key."""
+    if isinstance(key_or_seed, bool):
+        raise TypeError(
+            "expected a JAX PRNG key (jax.random.key(seed)) or an int seed, got a bool"
+        )
     if isinstance(key_or_seed, int | np.integer):
+        if not 0 <= key_or_seed < 2**32:
+            raise ValueError(f"an int seed must be in [0, 2**32), got {key_or_seed}")
         return int(key_or_seed)
+    dtype = getattr(key_or_seed, "dtype", None)
+    is_key = dtype is not None and (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        or (dtype == np.uint32 and np.shape(key_or_seed) == (2,))
+    )
+    if not is_key:
+        raise TypeError(
+            "expected a JAX PRNG key (jax.random.key(seed)) or an int seed, got "
+            f"{type(key_or_seed).__name__} of dtype {dtype}"
+        )
     return int(jr.randint(key_or_seed, (), 0, 2**31 - 1))
 
 
@@ -70,6 +89,9 @@ def digits(
     images = np.asarray(bunch.images, np.float64) / 8.0 - 1.0
     labels = np.asarray(bunch.target, np.int32)
     if classes is not None:
+        bad = [c for c in classes if not 0 <= int(c) <= 9 or int(c) != c]
+        if bad:
+            raise ValueError(f"digits are classes 0..9, got {bad} in classes")
         keep = np.isin(labels, np.asarray(classes))
         if not np.any(keep):
             raise ValueError(f"no digits of classes {classes}; digits are 0..9")

@@ -86,8 +86,9 @@ def run_demo(
                 w=w,
                 reciprocal_prob_mean=float(m),
                 reciprocal_prob_stderr=float(se),
-                frac_improved=float(f),
-                frac_improved_stderr=float(fse),
+                # None (null) at w = 0: nothing can improve on itself
+                frac_improved=float(f) if w > 0 else None,
+                frac_improved_stderr=float(fse) if w > 0 else None,
             )
         )
         print(f"{w:5.1f} {float(m):14.4f} {float(se):8.4f} {float(f):14.3f}")
@@ -99,7 +100,9 @@ def run_demo(
         seconds=time.perf_counter() - start,
         device=str(jax.devices()[0]),
     )
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.json").write_text(
+        json.dumps(result, indent=2, allow_nan=False)  # strict JSON
+    )
     print(
         f"wrote {out_dir / 'demo_cfg.png'} and {out_dir / 'results.json'} "
         f"({result['seconds']:.1f} s)"

@@ -205,3 +205,21 @@ def test_readme_gpu_table_is_generated_from_the_json():
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     for block in table.readme_blocks(ROOT / "benchmarks" / "results"):
         assert block in readme
+
+
+def test_quick_run_does_not_replace_a_full_result(tmp_path):
+    """`bench --quick` must not overwrite a committed full run (the README tables
+    are generated from those): it writes NAME_DEVICE_quick.json beside it."""
+    import argparse
+
+    from benchmarks._common import device_tag, write_result
+
+    full = tmp_path / f"demo_{device_tag()}.json"
+    full.write_text(json.dumps({"quick": False, "value": 1}))
+    args = argparse.Namespace(quick=True, out=tmp_path)
+    path = write_result("demo", args, {"value": 2})
+    assert path.name == f"demo_{device_tag()}_quick.json"
+    assert json.loads(full.read_text())["value"] == 1
+    # a quick file is replaced by the next quick run
+    full.write_text(json.dumps({"quick": True, "value": 1}))
+    assert write_result("demo", args, {"value": 3}) == full

@@ -13,10 +13,15 @@ def test_demo_small(tmp_path):
         main(["demo", "--out", str(tmp_path), "--particles", "400", "--steps", "50"])
         == 0
     )
-    res = json.loads((tmp_path / "results.json").read_text())
+
+    def no_nan(name):
+        raise AssertionError(f"results.json is not strict JSON: {name}")
+
+    res = json.loads((tmp_path / "results.json").read_text(), parse_constant=no_nan)
     assert (tmp_path / "demo_cfg.png").stat().st_size > 10000
     theory = res["theory_unguided"]
     rows = {r["w"]: r for r in res["rows"]}
+    assert rows[0.0]["frac_improved"] is None  # nothing improves on itself
     for w in [1.0, 2.0, 4.0]:
         r = rows[w]
         assert r["reciprocal_prob_mean"] + 4 * r["reciprocal_prob_stderr"] < theory
@@ -51,3 +56,21 @@ def test_unwritable_out_dir(tmp_path):
 def test_bench_passes_flags_to_run_all(capsys):
     # --help of run_all proves the subcommand finds and runs the benchmarks
     assert main(["bench", "--help"]) == 0
+
+
+def test_bad_numbers_are_argparse_errors(capsys):
+    """Bad counts and seeds exit with status 2 and a one-line message, no traceback."""
+    import pytest
+
+    for argv in (
+        ["demo", "--particles", "0"],
+        ["demo", "--steps", "-3"],
+        ["demo", "--steps", "x"],
+        ["reproduce", "cfg-gmm", "--seed", "-1"],
+        ["reproduce", "cfg-gmm", "--seed", str(2**32)],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "must be an integer" in err or "not an integer" in err, err

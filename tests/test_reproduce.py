@@ -248,3 +248,18 @@ def test_results_readme_headlines_are_generated_from_the_json():
     root = Path(__file__).resolve().parent.parent
     text = (root / "results" / "README.md").read_text()
     assert headline_block(root / "results") in text
+
+
+def test_monotone_claims_need_evidence_of_a_change():
+    """A claim 'increasing' needs the curve to rise by more than 3 combined standard
+    errors end to end, with no significant step back; a flat or falling curve fails."""
+    from guidediff._experiments._common import monotone_within
+
+    se = [0.01] * 4
+    assert monotone_within([0.1, 0.2, 0.3, 0.4], se, increasing=True)
+    assert not monotone_within([0.50, 0.46, 0.42, 0.38], se, increasing=True)
+    assert not monotone_within([0.5, 0.5, 0.5, 0.5], se, increasing=True)
+    assert not monotone_within([0.5, 0.5, 0.5, 0.5], se, increasing=False)
+    assert not monotone_within([0.1, 0.4, 0.2, 0.5], se, increasing=True)  # a dip
+    assert monotone_within([0.1, 0.4, 0.39, 0.5], se, increasing=True)  # within noise
+    assert monotone_within([0.4, 0.3, 0.2], se[:3], increasing=False)

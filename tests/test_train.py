@@ -512,8 +512,20 @@ def test_digits():
     some, some_labels = digits(classes=(3, 7), channel_axis=True)
     assert some.shape[1:] == (8, 8, 1)
     assert set(np.unique(some_labels).tolist()) == {3, 7}
-    with pytest.raises(ValueError, match="no digits"):
+    with pytest.raises(ValueError, match=r"0\.\.9"):
         digits(classes=(11,))
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        digits(classes=(1, 11))  # not silently dropped
+
+
+def test_data_seeds():
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match=r"in \[0, 2\*\*32\)"):
+            swiss_roll(bad, 4)
+    for bad in (jnp.asarray(3), 1.5, True):
+        with pytest.raises(TypeError, match="PRNG key .* or an int seed"):
+            swiss_roll(bad, 4)
+    np.testing.assert_array_equal(swiss_roll(np.uint32(5), 4), swiss_roll(5, 4))
 
 
 def test_unet_on_digits_smoke():

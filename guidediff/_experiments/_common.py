@@ -158,10 +158,12 @@ def two_sample_pvalue(samples, reference, key, max_points: int = 2000) -> float:
 def monotone_within(
     means: Sequence[float], ses: Sequence[float], *, increasing: bool, k: float = 3.0
 ) -> bool:
-    """Whether consecutive means move in the stated direction up to `k` combined
-    standard errors."""
+    """Whether the means move in the stated direction: the last differs from the
+    first by more than `k` combined standard errors that way, and no consecutive
+    pair moves the other way by more than `k` combined standard errors. (A flat
+    curve is not increasing.)"""
     sign = 1.0 if increasing else -1.0
     for a, b, sa, sb in zip(means[:-1], means[1:], ses[:-1], ses[1:], strict=True):
         if sign * (b - a) < -k * math.hypot(sa, sb):
             return False
-    return True
+    return bool(sign * (means[-1] - means[0]) > k * math.hypot(ses[0], ses[-1]))
