@@ -66,6 +66,7 @@ from ._sample_checks import (
     _check_count,
     _check_dtype,
     _check_flag,
+    _check_guidance_sde,
     _check_save_every,
     _check_score_shape,
     _check_shape,
@@ -149,6 +150,16 @@ def _grid_ok(sde: AbstractSDE, ts, start_at_T: bool) -> Array:
     if start_at_T:
         ok = ok & (jnp.abs(ts[0] - T) <= 1e-6 * jnp.maximum(T, 1.0))
     return ok & jnp.all(jnp.isfinite(ts))
+
+
+def _args_as_arrays(args):
+    """Numbers in args become array leaves, so a new label does not recompile."""
+    return jtu.tree_map(
+        lambda a: (
+            jnp.asarray(a) if isinstance(a, int | float | bool | np.ndarray) else a
+        ),
+        args,
+    )
 
 
 def _split_particle_key(key: Key) -> tuple[Key, Key]:
@@ -528,13 +539,8 @@ def sample(
         solver = sde_default if process == "sde" else dfx.Heun()
     _check_solver(solver, process, stepsize_controller, sde)
     _check_score_shape(score, ts, shape, dtype, args)
-    # Numbers in args become array leaves, so a new label does not recompile.
-    args = jtu.tree_map(
-        lambda a: (
-            jnp.asarray(a) if isinstance(a, int | float | bool | np.ndarray) else a
-        ),
-        args,
-    )
+    _check_guidance_sde(score, sde)
+    args = _args_as_arrays(args)
 
     if y0 is not None:
         y0, num_particles = _check_y0(y0, shape, dtype, num_particles)

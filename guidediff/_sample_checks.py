@@ -136,6 +136,26 @@ def _checkpoint_mode(checkpoint) -> str:
     )
 
 
+def _same_sde(a, b) -> bool:
+    """False only when both are concrete and differ (traced SDEs are not compared)."""
+    same = eqx.tree_equal(a, b)
+    return isinstance(same, jax.core.Tracer) or bool(same)
+
+
+def _check_guidance_sde(score, sde) -> None:
+    """Guidance that holds an SDE (gradient guidance's Tweedie denoiser) must hold
+    the one sampled."""
+    from ._guidance.gradient import GradientGuidance
+
+    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, GradientGuidance))
+    for g in found:
+        if isinstance(g, GradientGuidance) and not _same_sde(g.sde, sde):
+            raise ValueError(
+                "gradient_guidance was built with a different SDE (type or "
+                "parameters) than the one sampled; build it with the same SDE"
+            )
+
+
 def _check_solver(solver, process, controller, sde=None) -> None:
     """guidediff's diffusion solvers each solve one kind of terms, for the SDE they
     were built with; the multistep ones run on fixed grids only; adaptive steps need
@@ -148,13 +168,11 @@ def _check_solver(solver, process, controller, sde=None) -> None:
         )
     name = type(solver).__name__
     solver_sde = getattr(solver, "sde", None)
-    if sde is not None and solver_sde is not None:
-        same = eqx.tree_equal(solver_sde, sde)
-        if not isinstance(same, jax.core.Tracer) and not bool(same):
-            raise ValueError(
-                f"{name} was built for a different SDE (type or parameters) than the "
-                f"one sampled; build it with the same SDE: {name}(sde)"
-            )
+    if sde is not None and solver_sde is not None and not _same_sde(solver_sde, sde):
+        raise ValueError(
+            f"{name} was built for a different SDE (type or parameters) than the "
+            f"one sampled; build it with the same SDE: {name}(sde)"
+        )
     if isinstance(solver, ExponentialIntegrator | SDEDPMSolverPP) and process != "sde":
         raise ValueError(
             f"{name} steps the reverse SDE (process='sde'); for the probability-flow "

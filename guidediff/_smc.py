@@ -8,15 +8,19 @@ where $q$ is the law of `gd.sample` with the same score, SDE and grid (with an e
 score and a fine grid, the data law $p$; so $\pi$ is the reward-tilted law $p^r$ of
 the paper, reached here by reweighting and resampling instead of by guidance). $P$
 particles run the reverse SDE step by step (any SDE solver, the same increments as
-`gd.sample`). After step $k$ each particle's log-weight gains
+`gd.sample`). At each grid time $t_k$, before the step from $x_k$, a particle's
+log-weight gains
 
-$$\log h_{k+1}(x_{k+1}) - \log h_k(x_k),\qquad
+$$\log h_k(x_k) - \log h_{k-1}(x_{k-1}),\qquad
 \log h_k(x) = \lambda \log r\big(\hat x_0(t_k, x)\big),\quad \log h_N = \log r,$$
 
-a twist through Tweedie's denoiser $\hat x_0$ (FK steering's difference potential;
-$\lambda$ = `twist`, 0 for none). The product telescopes to $r(x_N)$, so the weighted
-particles target $\pi$ whatever the twist, which only decides where resampling
-happens. When the effective sample size
+($\log h_{-1} = 0$), a twist through Tweedie's denoiser $\hat x_0$ (FK steering's
+difference potential; $\lambda$ = `twist`, 0 for none). The product telescopes to
+$r(x_N)$, so the weighted particles target $\pi$ for any twist that is positive
+wherever $\pi$ has mass; the twist only decides where resampling happens. (A
+potential that vanishes, such as a hard constraint, gives zero twists: a particle
+with $h_k = 0$ has weight zero from then on, so use `twist=0` or a smoothed
+potential there.) When the effective sample size
 $\mathrm{ESS} = (\sum_i w_i)^2 / \sum_i w_i^2$ falls below `ess_threshold` $\cdot P$,
 the particles are resampled (systematic, stratified or multinomial) and their weights
 reset to equal ones that keep the running estimate
@@ -27,9 +31,12 @@ unbiased for $Z$. A resampled particle keeps its slot's noise: slot $i$ draws it
 increments from `fold_in(key, i)` as in `gd.sample`, so copies of one ancestor
 diverge, and with no resampling (`ess_threshold=0`) the particles are `gd.sample`'s.
 
-Cost: one score evaluation per step for the solver, and one more for the twist
-($\lambda \ne 0$). The resampling is a population operation (the only place the
-particle axis is seen, DESIGN.md decision 3) and is not differentiated.
+Cost: the twist at $x_k$ needs the score there, which the step from $x_k$ needs
+too: solvers that evaluate the score once per step, at its start
+(`ExponentialIntegrator`, `SDEDPMSolverPP`, `diffrax.Euler`), are handed that value,
+so SMC costs what `gd.sample` does plus the potential; other solvers evaluate it once
+more. The resampling is a population operation (the only place the particle axis is
+seen, DESIGN.md decision 3) and is not differentiated.
 """
 
 import math
@@ -42,6 +49,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._brownian import GridBrownianPath, _StepIncrement, threefry_key
@@ -49,6 +57,7 @@ from ._custom_types import Args, Key
 from ._grid import uniform_grid
 from ._reverse import reverse_sde
 from ._sample import (
+    _args_as_arrays,
     _check_sde,
     _grid_in_dtype,
     _grid_ok,
@@ -59,36 +68,43 @@ from ._sample import (
 from ._sample_checks import (
     _check_count,
     _check_dtype,
+    _check_guidance_sde,
     _check_score_shape,
     _check_shape,
     _check_solver,
 )
 from ._score import AbstractScore, score_to_x0
 from ._sde import AbstractSDE
-from ._solver import ExponentialIntegrator
+from ._solver import ExponentialIntegrator, SDEDPMSolverPP
 
 
 _SCHEMES = ("systematic", "stratified", "multinomial")
 
 
 class SMCSamples(eqx.Module):
-    """The output of `smc_sample`.
+    r"""The output of `smc_sample`.
 
     - `ys`: `(P, *shape)` final particles, weighted by `weights`.
     - `log_weights`: `(P,)` unnormalised log-weights;
       `logsumexp(log_weights) - log P` is `log_normalizer`.
-    - `log_normalizer`: $\\log \\hat Z$, the log of an unbiased estimate of
+    - `log_normalizer`: $\log \hat Z$, the log of an unbiased estimate of
       $Z = E_q[r]$.
-    - `ess`: `(N,)` effective sample size after each step's reweighting (before any
-      resampling at that step).
-    - `resampled`: `(N,)` whether the particles were resampled after that step.
-    - `failed`: `(P,)` the particle is not finite (its weight is zero).
+    - `ess`: `(N + 1,)` effective sample size of the weights at `ts[0]`, ...,
+      `ts[-1]` (before any resampling there; the last with the final $r$).
+    - `resampled`: `(N,)` whether the particles were resampled at `ts[k]`, before
+      the step from it.
+    - `failed`: `(P,)` the particle, or its potential, is NaN or infinite (a
+      potential of zero, $\log r = -\infty$, is a zero weight, not a failure).
+      A failed particle weighs zero.
+
+    If every particle ends with weight zero, `log_normalizer` is $-\infty$ and the
+    weights are NaN.
     """
 
     ys: Array
     log_weights: Float[Array, " particles"]
     log_normalizer: Float[Array, ""]
-    ess: Float[Array, " steps"]
+    ess: Float[Array, " times"]
     resampled: Bool[Array, " steps"]
     failed: Bool[Array, " particles"]
 
@@ -133,6 +149,16 @@ def resample_indices(
     """
     _check_scheme(scheme)
     log_weights = jnp.asarray(log_weights)
+    if log_weights.ndim != 1 or log_weights.shape[0] < 1:
+        raise ValueError(
+            f"log_weights must be a non-empty 1-D array, got shape {log_weights.shape}"
+        )
+    if not isinstance(log_weights, jax.core.Tracer):
+        lw = np.asarray(log_weights)
+        if np.any(np.isnan(lw)) or not np.any(lw > -np.inf) or np.any(lw == np.inf):
+            raise ValueError(
+                "log_weights must have no NaN or +inf and at least one finite entry"
+            )
     n = log_weights.shape[0]
     w = jax.nn.softmax(log_weights)
     cdf = jnp.cumsum(w)
@@ -142,9 +168,11 @@ def resample_indices(
         u = (jnp.arange(n) + jr.uniform(key, (n,), cdf.dtype)) / n
     else:
         u = jnp.sort(jr.uniform(key, (n,), cdf.dtype))
-    # cdf[-1] may round below 1: u above it goes to the last particle with weight.
+    # u (or its rounding) at or above cdf[-1] goes to the last particle with weight,
+    # the first index where the cdf reaches its total.
+    last = jnp.searchsorted(cdf, cdf[-1], side="left")
     idx = jnp.searchsorted(cdf, u * cdf[-1], side="right")
-    return jnp.clip(idx, 0, n - 1)
+    return jnp.minimum(idx, last)
 
 
 def _ess(log_weights: Array) -> Array:
@@ -209,7 +237,11 @@ def smc_sample(
         )
     if not callable(log_potential):
         raise TypeError("log_potential must be a callable x -> log r(x)")
-    if not 0.0 <= float(ess_threshold) <= 1.0:
+    twist = _check_number("twist", twist, static=True)
+    ess_threshold = _check_number("ess_threshold", ess_threshold)
+    if not isinstance(ess_threshold, jax.core.Tracer) and not (
+        0.0 <= float(ess_threshold) <= 1.0
+    ):
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
     _check_scheme(resampling)
     if ts is None:
@@ -220,15 +252,58 @@ def smc_sample(
     _check_solver(solver, "sde", None, sde)
     _check_score_shape(score, ts, shape, dtype, args)
     probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
-    if getattr(probe, "shape", None) != ():
+    if getattr(probe, "shape", None) != () or not jnp.issubdtype(
+        probe.dtype, jnp.floating
+    ):
         raise ValueError(
-            "log_potential must return a scalar for one particle, got shape "
-            f"{getattr(probe, 'shape', type(probe).__name__)}"
+            "log_potential must return a real scalar for one particle, got "
+            f"{getattr(probe, 'shape', type(probe).__name__)} "
+            f"{getattr(probe, 'dtype', '')}"
         )
-    static = (num_particles, shape, dtype, float(twist), resampling)
-    return _smc_jit(
-        key, sde, score, log_potential, args, ts, solver, ess_threshold, static
-    )
+    _check_guidance_sde(score, sde)
+    args = _args_as_arrays(args)  # a new label does not recompile
+    static = (num_particles, shape, dtype, twist, resampling)
+    threshold = jnp.asarray(ess_threshold, dtype)
+    return _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static)
+
+
+def _check_number(name: str, value, *, static: bool = False):
+    """A finite real number; `static` ones (which select code) must be concrete."""
+    if isinstance(value, bool) or not isinstance(
+        value, int | float | np.number | np.ndarray | jax.Array
+    ):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, jax.core.Tracer):
+        if static:
+            raise TypeError(
+                f"{name} selects the compiled code and cannot be traced (jit/vmap "
+                f"over it); pass a Python float"
+            )
+        return value
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _failed(x, log_h):
+    """A particle fails when it is not finite or its log-potential is NaN or +inf
+    (log_h = -inf is a potential of zero: a zero weight, not a failure)."""
+    return ~jnp.all(jnp.isfinite(x)) | jnp.isnan(log_h) | (log_h == jnp.inf)
+
+
+class _FrozenScore(AbstractScore):
+    """A score already evaluated at the step's start: returned whatever it is asked."""
+
+    value: Array
+
+    def __call__(self, t, x, args=None):
+        return self.value
+
+
+# Solvers that evaluate the score once per step, at (t0, y0): they can take the score
+# value the twist already needed (no second evaluation).
+_ONE_EVALUATION = (ExponentialIntegrator, SDEDPMSolverPP, dfx.Euler)
 
 
 @eqx.filter_jit
@@ -243,51 +318,48 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
     num_steps = ts.shape[0] - 1
     steps = jnp.arange(num_steps)
     cells = jnp.where(ts[0] > ts[-1], num_steps - 1 - steps, steps)
-    last = num_steps - 1
+    frozen = isinstance(solver, _ONE_EVALUATION)
 
-    def terms_with(inc):
-        return reverse_sde(sde, score, _StepIncrement(inc))
+    def terms_with(s, inc):
+        return reverse_sde(sde, s, _StepIncrement(inc))
 
-    def log_h(t, x, final):
+    def log_h(t, x, s):
+        """The twist at (t, x) from the score value s there, and whether x failed."""
         if twist == 0.0:
-            twisted = jnp.zeros((), dtype)
+            lh = jnp.zeros((), dtype)
         else:
-            x0 = score_to_x0(sde, t, x, score(t, x, args))
-            twisted = twist * log_potential(x0)
-        return jnp.where(final, log_potential(x), twisted).astype(dtype)
+            lh = (twist * log_potential(score_to_x0(sde, t, x, s))).astype(dtype)
+        return lh, _failed(x, lh)
 
-    def finite_or_dead(x, lh):
-        ok = jnp.all(jnp.isfinite(x)) & jnp.isfinite(lh)
-        return jnp.where(ok, lh, -jnp.inf), ~ok
-
-    def init_one(x):
-        state = solver.init(terms_with(jnp.zeros_like(x)), ts[0], ts[1], x, args)
-        lh, dead = finite_or_dead(x, log_h(ts[0], x, False))
-        return state, lh, dead
-
-    state0, lh0, dead0 = jax.vmap(init_one)(y0)
-    # a traced grid skipped the Python checks: a bad one fails every particle
-    dead0 = dead0 | ~_grid_ok(sde, ts, True)
-
-    def step_one(kb, x, state, lh, t0, t1, cell, final):
+    def step_one(kb, x, state, t0, t1, cell):
+        s = score(t0, x, args)
         inc = GridBrownianPath(struct, ts, kb).cell_increment(cell, t1 - t0)
+        step_score = _FrozenScore(s) if frozen else score
         x1, _, _, state1, _ = solver.step(
-            terms_with(inc), t0, t1, x, args, state, False
+            terms_with(step_score, inc), t0, t1, x, args, state, False
         )
-        lh1, dead = finite_or_dead(x1, log_h(t1, x1, final))
-        # a dead particle's increment is masked below (its log-weight stays -inf)
-        return x1, state1, lh1, lh1 - lh, dead
+        return (x1, state1), log_h(t0, x, s)
+
+    def reweight(logw, dead, lh, lh_prev, dead_now):
+        # log w += log h_k(x_k) - log h_{k-1}(x_{k-1}). A failed particle, or one
+        # whose twist is zero (log h = -inf, now or before), weighs zero.
+        dead = dead | dead_now
+        zero = dead | (lh == -jnp.inf) | (lh_prev == -jnp.inf)
+        return jnp.where(zero, -jnp.inf, logw + lh - lh_prev), dead
 
     def step(carry, xs):
-        x, state, lh, logw, dead = carry
+        x, state, lh_prev, logw, dead = carry
         k, t0, t1, cell = xs
-        x1, state1, lh1, inc, dead1 = jax.vmap(
-            step_one, in_axes=(0, 0, 0, 0, None, None, None, None)
-        )(k_bm, x, state, lh, t0, t1, cell, k == last)
-        dead1 = dead | dead1
-        logw = jnp.where(dead1, -jnp.inf, logw + inc)
+        # The twist at x_k uses the score the step needs anyway; the reweighting and
+        # any resampling come before the move, so the new particle and its
+        # solver state are resampled together with x_k.
+        (x1, state1), (lh, dead_now) = jax.vmap(
+            step_one, in_axes=(0, 0, 0, None, None, None)
+        )(k_bm, x, state, t0, t1, cell)
+        logw, dead = reweight(logw, dead, lh, lh_prev, dead_now)
         ess = _ess(logw)
-        do = ess < threshold * n
+        # equal weights give an ESS of n up to rounding: not a reason to resample
+        do = ess < threshold * n * (1 - 1e-5)
 
         def resample(operand):
             tree, logw = operand
@@ -296,13 +368,24 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
             log_mean = jax.nn.logsumexp(logw) - math.log(n)
             return tree, jnp.full_like(logw, log_mean)
 
-        tree = (x1, state1, lh1, dead1)
-        tree, logw = lax.cond(do, resample, lambda o: o, (tree, logw))
-        x1, state1, lh1, dead1 = tree
-        return (x1, state1, lh1, logw, dead1), (ess, do)
+        tree, logw = lax.cond(do, resample, lambda o: o, ((x1, state1, lh, dead), logw))
+        x1, state1, lh, dead = tree
+        return (x1, state1, lh, logw, dead), (ess, do)
 
-    carry0 = (y0, state0, lh0, jnp.where(dead0, -jnp.inf, lh0), dead0)
+    state0 = jax.vmap(
+        lambda x: solver.init(
+            terms_with(score, jnp.zeros_like(x)), ts[0], ts[1], x, args
+        )
+    )(y0)
+    # a traced grid skipped the Python checks: a bad one fails every particle
+    dead0 = jnp.broadcast_to(~_grid_ok(sde, ts, True), (n,))
+    zeros = jnp.zeros((n,), dtype)
+    carry0 = (y0, state0, zeros, jnp.where(dead0, -jnp.inf, zeros), dead0)
     xs = (steps, ts[:-1], ts[1:], cells)
-    (ys, _, _, logw, dead), (ess, did) = lax.scan(step, carry0, xs)
+    (ys, _, lh, logw, dead), (ess, did) = lax.scan(step, carry0, xs)
+    # the last factor: r(x_N) / h_{N-1}(x_{N-1})
+    final = jax.vmap(log_potential)(ys).astype(dtype)
+    logw, dead = reweight(logw, dead, final, lh, jax.vmap(_failed)(ys, final))
+    ess = jnp.concatenate([ess, _ess(logw)[None]])
     log_z = jax.nn.logsumexp(logw) - math.log(n)
     return SMCSamples(ys, logw, log_z, ess, did, dead)

@@ -33,7 +33,8 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
-from ._sample import sample
+from ._sample import _check_sde, _grid_in_dtype, sample
+from ._sample_checks import _check_count, _check_shape
 from ._score import AbstractScore
 from ._sde import AbstractSDE
 from ._weights import PiecewiseLinear, Weight
@@ -200,6 +201,7 @@ def tune_guidance(
         gd.save_learning_curve(result.curve, "out/tune")  # out/tune.json, .png
         ```
     """
+    _check_count("num_iters", num_iters)
     shape, dtype, kw = _sampler_setup(
         sde, shape, ts, num_particles, args, process, solver, truncate_backprop
     )
@@ -237,6 +239,8 @@ def tune_guidance(
         project = lambda v: v
     else:
         lo, hi = bounds
+        if not float(lo) <= float(hi):
+            raise ValueError(f"bounds must be (lo, hi) with lo <= hi, got {bounds}")
         project = lambda v: jnp.clip(v, lo, hi)
     values, curve, compile_s = _optimise(
         loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts
@@ -248,14 +252,18 @@ def _sampler_setup(
     sde, shape, ts, num_particles, args, process, solver, truncate_backprop
 ):
     """The particle shape, the float dtype and the keyword arguments of `sample`
-    (default grid: 100 uniform steps from `sde.T` to 1e-3)."""
-    shape = tuple(int(s) for s in shape)
+    (default grid: 100 uniform steps from `sde.T` to 1e-3), checked as `sample`
+    checks them: the grid reaches `sample` traced (an argument of the compiled
+    step), where its Python checks cannot run."""
+    _check_sde(sde)
+    shape = _check_shape(shape)
     dtype = jnp.result_type(float)
+    num_particles = _check_count("num_particles", num_particles)
     if ts is None:
         ts = uniform_grid(sde.T, 1e-3, 100)
     kw = dict(
-        num_particles=int(num_particles),
-        ts=jnp.asarray(ts, dtype),
+        num_particles=num_particles,
+        ts=_grid_in_dtype(sde, ts, dtype, start_at_T=True),
         args=args,
         process=process,
         solver=solver,
@@ -328,6 +336,7 @@ def finetune_through_sampler(
         score = make(result.params)
         ```
     """
+    _check_count("num_iters", num_iters)
     shape, dtype, kw = _sampler_setup(
         sde, shape, ts, num_particles, args, process, solver, truncate_backprop
     )

@@ -223,3 +223,38 @@ def test_bad_weights_and_intervals():
     )
     with pytest.raises(ValueError, match="must return a scalar"):
         vec(0.5, x)
+
+
+def test_guidance_sde_and_tuner_inputs():
+    """gradient_guidance holds an SDE (its Tweedie denoiser): it must be the one
+    sampled. The tuners check the grid and counts as gd.sample does (the grid
+    reaches sample traced, past its Python checks)."""
+    other = gd.VPSDE(gd.LinearBeta(beta_max=10.0))
+    reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+    guided = gd.guide(GMM.score(SDE), gd.gradient_guidance(reward.log, 1.0, other))
+    with pytest.raises(
+        ValueError, match="gradient_guidance was built with a different"
+    ):
+        gd.sample(jr.key(0), SDE, guided, (2,), ts=TS)
+    with pytest.raises(
+        ValueError, match="gradient_guidance was built with a different"
+    ):
+        gd.smc_sample(jr.key(0), SDE, guided, (2,), reward.log, num_particles=2, ts=TS)
+    s = GMM.score(SDE)
+
+    def tune(**kw):
+        return gd.tune_guidance(
+            jr.key(0), SDE, lambda w: gd.guide(s, gd.reward_guidance(s, w)), reward,
+            (2,), **{"num_iters": 1, "num_particles": 2, **kw},
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"starts at ts\[0\]=0.5"):
+        tune(ts=gd.uniform_grid(0.5, 1e-3, 10))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        tune(ts=jnp.array([1.0, 0.3, 0.6, 1e-3]))
+    with pytest.raises(TypeError, match="num_particles must be a positive int"):
+        tune(num_particles=2.7)
+    with pytest.raises(ValueError, match="num_iters must be at least 1"):
+        tune(num_iters=0)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        tune(bounds=(1.0, 0.0))

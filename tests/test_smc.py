@@ -108,8 +108,7 @@ def test_resampled_particles_keep_their_slot_noise():
     ys = np.asarray(out.ys)
     assert np.all(np.isfinite(ys)) and not np.any(out.failed)
     assert len(np.unique(ys[:, 0])) == ys.shape[0]
-    # resampling resets the weights to equal ones that keep Z-hat
-    np.testing.assert_allclose(out.log_weights, out.log_normalizer, rtol=1e-12)
+    assert out.ess.shape == (31,) and out.resampled.shape == (30,)
 
 
 @pytest.mark.parametrize("scheme", ["systematic", "stratified", "multinomial"])
@@ -140,27 +139,32 @@ def test_resample_indices_are_unbiased(scheme):
     assert not np.any(np.asarray(idx) == 3)
 
 
-def test_failed_particles_get_zero_weight():
+def test_failed_and_zero_weight_particles():
     """A potential that is NaN on part of the space: those particles are flagged and
-    weigh nothing; the rest of the batch is unaffected."""
+    weigh nothing; the rest of the batch is unaffected. A potential of zero
+    (log r = -inf) is a zero weight, not a failure. Equal weights (no twist: the
+    weights change only at the end) never trigger resampling, even at threshold 1."""
 
     def log_r(x):
         return jnp.where(x[0] > 0.0, jnp.nan, REWARD.log(x))
 
     kw = dict(num_particles=32, ts=gd.uniform_grid(1.0, 1e-3, 20), twist=0.0)
-    out = gd.smc_sample(
-        jr.key(6), SDE, GMM.score(SDE), (2,), log_r, **kw, ess_threshold=0.0
-    )
+    score = GMM.score(SDE)
+    out = gd.smc_sample(jr.key(6), SDE, score, (2,), log_r, **kw, ess_threshold=1.0)
+    assert not np.any(out.resampled)
     bad = np.asarray(out.ys[:, 0] > 0.0)
     assert bad.any() and not bad.all()
     np.testing.assert_array_equal(out.failed, bad)
     assert np.all(np.asarray(out.weights)[bad] == 0.0)
     assert np.isfinite(float(out.log_normalizer))
-    # with resampling the failed particles are replaced
-    again = gd.smc_sample(
-        jr.key(6), SDE, GMM.score(SDE), (2,), log_r, **kw, ess_threshold=1.0
-    )
-    assert not np.any(again.failed) and np.all(np.asarray(again.ys[:, 0]) <= 0.0)
+
+    def hard(x):  # an indicator: log r = 0 or -inf
+        return jnp.where(x[0] > 0.0, 0.0, -jnp.inf)
+
+    out = gd.smc_sample(jr.key(6), SDE, score, (2,), hard, **kw)
+    assert not np.any(out.failed)
+    np.testing.assert_array_equal(np.asarray(out.weights) > 0, bad)
+    np.testing.assert_allclose(np.exp(out.log_normalizer), bad.mean(), rtol=1e-12)
 
 
 def test_smc_bad_input():
@@ -170,7 +174,7 @@ def test_smc_bad_input():
         gd.smc_sample(jr.key(0), SDE, score, (2,), REWARD.log, ess_threshold=1.5, **kw)
     with pytest.raises(ValueError, match="resampling must be one of"):
         gd.smc_sample(jr.key(0), SDE, score, (2,), REWARD.log, resampling="x", **kw)
-    with pytest.raises(ValueError, match="must return a scalar"):
+    with pytest.raises(ValueError, match="must return a real scalar"):
         gd.smc_sample(jr.key(0), SDE, score, (2,), lambda x: x, **kw)
     with pytest.raises(ValueError, match="at least 1"):
         gd.smc_sample(jr.key(0), SDE, score, (2,), REWARD.log, num_particles=0)
@@ -180,3 +184,45 @@ def test_smc_bad_input():
         )
     with pytest.raises(ValueError, match="resampling must be one of"):
         gd.resample_indices(jr.key(0), jnp.zeros(3), "x")
+
+
+def test_resample_indices_never_pick_zero_weight_in_float32():
+    """(j + U) / n rounds to 1 in float32 for large n; such u go to the last particle
+    WITH weight, never to a zero-weight last slot."""
+    n = 2**20
+    logw = jnp.zeros(n, jnp.float32).at[-1].set(-jnp.inf)
+    for scheme in ("systematic", "stratified"):
+        idx = jax.vmap(lambda k: gd.resample_indices(k, logw, scheme))(
+            jr.split(jr.key(0), 32)
+        )
+        assert int(jnp.max(idx)) < n - 1, scheme
+    with pytest.raises(ValueError, match="no NaN"):
+        gd.resample_indices(jr.key(0), jnp.array([0.0, jnp.nan]))
+    with pytest.raises(ValueError, match="at least one finite"):
+        gd.resample_indices(jr.key(0), jnp.full(3, -jnp.inf))
+    with pytest.raises(ValueError, match="1-D"):
+        gd.resample_indices(jr.key(0), jnp.zeros((2, 2)))
+
+
+def test_smc_threshold_and_labels_do_not_recompile(monkeypatch):
+    import equinox as eqx
+
+    from guidediff import _smc
+
+    counted = eqx.debug.assert_max_traces(_smc._smc_jit.__wrapped__, max_traces=1)
+    monkeypatch.setattr(_smc, "_smc_jit", eqx.filter_jit(counted))
+    cond = GMM.conditional_score(SDE)
+    kw = dict(num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 5))
+    for thr, label in ((0.5, 0), (0.7, 1), (0.9, 2)):
+        out = gd.smc_sample(
+            jr.key(0), SDE, cond, (2,), REWARD.log, args=label, ess_threshold=thr, **kw
+        )
+        assert out.ys.shape == (8, 2)
+    with pytest.raises(ValueError, match="twist must be finite"):
+        gd.smc_sample(
+            jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log, twist=np.nan, **kw
+        )
+    with pytest.raises(TypeError, match="ess_threshold must be a number"):
+        gd.smc_sample(
+            jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log, ess_threshold="0.5", **kw
+        )

@@ -37,6 +37,11 @@ def gradient_guidance(
 
     differentiating through the score. `reward(x0)` is a scalar for one particle (use
     $\log r$ to approximate the tilt $p\cdot r$). This is an approximation: unlike
-    `reward_guidance` it does not sample an exact tilted law.
+    `reward_guidance` it does not sample an exact tilted law. `sde` must be the SDE
+    that is sampled (`gd.sample` checks).
     """
+    if not callable(reward):
+        raise TypeError("gradient_guidance needs a callable reward(x0) -> scalar")
+    if not isinstance(sde, AbstractSDE):
+        raise TypeError(f"sde must be a gd.AbstractSDE, got {type(sde).__name__}")
     return GradientGuidance(reward, as_weight(weight), sde)
