@@ -91,7 +91,8 @@ def run_demo(
                 frac_improved_stderr=float(fse) if w > 0 else None,
             )
         )
-        print(f"{w:5.1f} {float(m):14.4f} {float(se):8.4f} {float(f):14.3f}")
+        shown = f"{float(f):14.3f}" if w > 0 else f"{'-':>14}"
+        print(f"{w:5.1f} {float(m):14.4f} {float(se):8.4f} {shown}")
     _plot(gmm, samples, out_dir / "demo_cfg.png", label)
     result = dict(
         label=label,
