@@ -226,3 +226,26 @@ def test_smc_threshold_and_labels_do_not_recompile(monkeypatch):
         gd.smc_sample(
             jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log, ess_threshold="0.5", **kw
         )
+
+
+def test_smc_costs_the_score_evaluations_of_gd_sample():
+    """The twist reuses the score value the step needs: with a network score and a
+    potential without matmuls, SMC's program does exactly gd.sample's matmul FLOPs
+    (counted from the jaxpr, scan bodies times their length)."""
+    from benchmarks._flops import matmul_flops
+
+    net = gd.MLPScoreNet(hidden=(16, 16), time_embed_dim=8)
+    variables = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    score = gd.flax_score(net, variables, SDE)
+    kw = dict(num_particles=4, ts=gd.uniform_grid(1.0, 1e-3, 6))
+
+    def plain(key):
+        return gd.sample(key, SDE, score, (2,), **kw).ys
+
+    def smc(key):
+        return gd.smc_sample(key, SDE, score, (2,), REWARD.log, **kw).ys
+
+    with jax.numpy_rank_promotion("allow"):
+        a, b = matmul_flops(plain, jr.key(0)), matmul_flops(smc, jr.key(0))
+    assert a["flops"] > 0
+    assert b["flops"] == a["flops"], (a, b)
