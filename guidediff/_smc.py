@@ -35,7 +35,10 @@ Cost: the twist at $x_k$ needs the score there, which the step from $x_k$ needs
 too: solvers that evaluate the score once per step, at its start
 (`ExponentialIntegrator`, `SDEDPMSolverPP`, `diffrax.Euler`), are handed that value,
 so SMC costs what `gd.sample` does plus the potential; other solvers evaluate it once
-more. The resampling is a population operation (the only place the particle axis is
+more. With a `proposal` (e.g. the paper's reward guidance) the particles move with
+that score and each move's weight gains the ratio of the two steps' Gaussian
+transition densities (twisted-SMC style), so the target is still $\pi$: guidance
+proposes, the weights correct it. The resampling is a population operation (the only place the particle axis is
 seen, DESIGN.md decision 3) and is not differentiated.
 """
 
@@ -195,6 +198,7 @@ def smc_sample(
     twist: float = 1.0,
     ess_threshold: float = 0.5,
     resampling: Literal["systematic", "stratified", "multinomial"] = "systematic",
+    proposal: AbstractScore | None = None,
     dtype=None,
 ) -> SMCSamples:
     r"""Sample $\pi \propto q\,r$ with $P$ reweighted, resampled reverse-SDE particles.
@@ -212,6 +216,16 @@ def smc_sample(
     - `ess_threshold`: resample when ESS $<$ `ess_threshold` $\cdot P$ (0: never,
       1: whenever the weights are not all equal).
     - `resampling`: `"systematic"` (default), `"stratified"` or `"multinomial"`.
+    - `proposal`: a score to move the particles with instead of `score` (e.g. the
+      reward-guided one), the target staying $\pi \propto q\,r$: each move
+      $x_k \to x_{k+1}$ multiplies the weight by the ratio of the two Gaussian
+      transition densities, $\mathcal N(x_{k+1}; m_p, \Sigma) /
+      \mathcal N(x_{k+1}; m_q, \Sigma)$, where $m_p$, $m_q$ are the step's means
+      with `score` and with `proposal` (same covariance: the noise does not depend
+      on the score). A good proposal keeps the ESS high. Needs a solver that
+      evaluates the score once per step and keeps no history
+      (`ExponentialIntegrator`, `diffrax.Euler`); costs one more score evaluation
+      per step.
 
     **Returns:** an `SMCSamples` (weighted particles, ESS trace, $\log\hat Z$).
 
@@ -261,10 +275,24 @@ def smc_sample(
             f"{getattr(probe, 'dtype', '')}"
         )
     _check_guidance_sde(score, sde)
+    if proposal is not None:
+        if not isinstance(proposal, AbstractScore):
+            raise TypeError(
+                f"proposal must be an AbstractScore, got {type(proposal).__name__}"
+            )
+        if not isinstance(solver, _NO_HISTORY):
+            raise ValueError(
+                f"a proposal needs the transition density of each step: use "
+                f"ExponentialIntegrator or diffrax.Euler, not {type(solver).__name__}"
+            )
+        _check_score_shape(proposal, ts, shape, dtype, args)
+        _check_guidance_sde(proposal, sde)
     args = _args_as_arrays(args)  # a new label does not recompile
     static = (num_particles, shape, dtype, twist, resampling)
     threshold = jnp.asarray(ess_threshold, dtype)
-    return _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static)
+    return _smc_jit(
+        key, sde, score, proposal, log_potential, args, ts, solver, threshold, static
+    )
 
 
 def _check_number(name: str, value, *, static: bool = False):
@@ -304,10 +332,14 @@ class _FrozenScore(AbstractScore):
 # Solvers that evaluate the score once per step, at (t0, y0): they can take the score
 # value the twist already needed (no second evaluation).
 _ONE_EVALUATION = (ExponentialIntegrator, SDEDPMSolverPP, dfx.Euler)
+# ... and keep no history, so a step's law is a Gaussian given its start alone.
+_NO_HISTORY = (ExponentialIntegrator, dfx.Euler)
 
 
 @eqx.filter_jit
-def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static):
+def _smc_jit(
+    key, sde, score, proposal, log_potential, args, ts, solver, threshold, static
+):
     n, shape, dtype, twist, scheme = static
     keys = _particle_keys(key, n)
     k_prior, k_bm = jax.vmap(_split_particle_key)(keys)
@@ -331,32 +363,56 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
             lh = (twist * log_potential(score_to_x0(sde, t, x, s))).astype(dtype)
         return lh, _failed(x, lh)
 
+    def move(s, inc, x, state, t0, t1):
+        x1, _, _, state1, _ = solver.step(
+            terms_with(s, inc), t0, t1, x, args, state, False
+        )
+        return x1, state1
+
     def step_one(kb, x, state, t0, t1, cell):
         s = score(t0, x, args)
         inc = GridBrownianPath(struct, ts, kb).cell_increment(cell, t1 - t0)
-        step_score = _FrozenScore(s) if frozen else score
-        x1, _, _, state1, _ = solver.step(
-            terms_with(step_score, inc), t0, t1, x, args, state, False
-        )
-        return (x1, state1), log_h(t0, x, s)
+        if proposal is None:
+            x1, state1 = move(
+                _FrozenScore(s) if frozen else score, inc, x, state, t0, t1
+            )
+            log_ratio = jnp.zeros((), dtype)
+        else:
+            # x1 = m_q + c * inc; the base kernel has mean m_p and the same
+            # covariance c^2 |dt|: log N(x1; m_p) - log N(x1; m_q), summed over
+            # coordinates, is -(inc d / (c |dt|) + d^2 / (2 c^2 |dt|)), d = m_q - m_p.
+            sq = _FrozenScore(proposal(t0, x, args))
+            x1, state1 = move(sq, inc, x, state, t0, t1)
+            zero = jnp.zeros_like(inc)
+            m_q = move(sq, zero, x, state, t0, t1)[0]
+            m_p = move(_FrozenScore(s), zero, x, state, t0, t1)[0]
+            c = move(sq, jnp.ones_like(inc), x, state, t0, t1)[0] - m_q
+            d, dt = m_q - m_p, jnp.abs(t1 - t0).astype(dtype)
+            c_safe = jnp.where(c == 0, 1.0, c)
+            term = inc * d / (c_safe * dt) + d**2 / (2 * c_safe**2 * dt)
+            term = jnp.where(c == 0, jnp.where(d == 0, 0.0, jnp.inf), term)
+            log_ratio = -jnp.sum(term).astype(dtype)
+        return (x1, state1, log_ratio), log_h(t0, x, s)
 
-    def reweight(logw, dead, lh, lh_prev, dead_now):
-        # log w += log h_k(x_k) - log h_{k-1}(x_{k-1}). A failed particle, or one
-        # whose twist is zero (log h = -inf, now or before), weighs zero.
-        dead = dead | dead_now
+    def reweight(logw, dead, lh, lh_prev, log_ratio, dead_now):
+        # log w += log h_k(x_k) - log h_{k-1}(x_{k-1}) (+ the proposal's density
+        # ratio of the move to x_k). A failed particle, or one whose twist is zero
+        # (log h = -inf, now or before), weighs zero.
+        dead = dead | dead_now | jnp.isnan(log_ratio)
         zero = dead | (lh == -jnp.inf) | (lh_prev == -jnp.inf)
-        return jnp.where(zero, -jnp.inf, logw + lh - lh_prev), dead
+        new = logw + lh - lh_prev + log_ratio
+        return jnp.where(zero, -jnp.inf, new), dead
 
     def step(carry, xs):
-        x, state, lh_prev, logw, dead = carry
+        x, state, lh_prev, log_ratio, logw, dead = carry
         k, t0, t1, cell = xs
         # The twist at x_k uses the score the step needs anyway; the reweighting and
         # any resampling come before the move, so the new particle and its
         # solver state are resampled together with x_k.
-        (x1, state1), (lh, dead_now) = jax.vmap(
+        (x1, state1, ratio1), (lh, dead_now) = jax.vmap(
             step_one, in_axes=(0, 0, 0, None, None, None)
         )(k_bm, x, state, t0, t1, cell)
-        logw, dead = reweight(logw, dead, lh, lh_prev, dead_now)
+        logw, dead = reweight(logw, dead, lh, lh_prev, log_ratio, dead_now)
         ess = _ess(logw)
         # equal weights give an ESS of n up to rounding: not a reason to resample
         do = ess < threshold * n * (1 - 1e-5)
@@ -368,9 +424,10 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
             log_mean = jax.nn.logsumexp(logw) - math.log(n)
             return tree, jnp.full_like(logw, log_mean)
 
-        tree, logw = lax.cond(do, resample, lambda o: o, ((x1, state1, lh, dead), logw))
-        x1, state1, lh, dead = tree
-        return (x1, state1, lh, logw, dead), (ess, do)
+        tree = (x1, state1, lh, ratio1, dead)
+        tree, logw = lax.cond(do, resample, lambda o: o, (tree, logw))
+        x1, state1, lh, ratio1, dead = tree
+        return (x1, state1, lh, ratio1, logw, dead), (ess, do)
 
     state0 = jax.vmap(
         lambda x: solver.init(
@@ -380,12 +437,13 @@ def _smc_jit(key, sde, score, log_potential, args, ts, solver, threshold, static
     # a traced grid skipped the Python checks: a bad one fails every particle
     dead0 = jnp.broadcast_to(~_grid_ok(sde, ts, True), (n,))
     zeros = jnp.zeros((n,), dtype)
-    carry0 = (y0, state0, zeros, jnp.where(dead0, -jnp.inf, zeros), dead0)
+    carry0 = (y0, state0, zeros, zeros, jnp.where(dead0, -jnp.inf, zeros), dead0)
     xs = (steps, ts[:-1], ts[1:], cells)
-    (ys, _, lh, logw, dead), (ess, did) = lax.scan(step, carry0, xs)
-    # the last factor: r(x_N) / h_{N-1}(x_{N-1})
+    (ys, _, lh, ratio, logw, dead), (ess, did) = lax.scan(step, carry0, xs)
+    # the last factor: r(x_N) / h_{N-1}(x_{N-1}) (and the last move's ratio)
     final = jax.vmap(log_potential)(ys).astype(dtype)
-    logw, dead = reweight(logw, dead, final, lh, jax.vmap(_failed)(ys, final))
+    failed = jax.vmap(_failed)(ys, final)
+    logw, dead = reweight(logw, dead, final, lh, ratio, failed)
     ess = jnp.concatenate([ess, _ess(logw)[None]])
     log_z = jax.nn.logsumexp(logw) - math.log(n)
     return SMCSamples(ys, logw, log_z, ess, did, dead)

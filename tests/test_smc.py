@@ -19,6 +19,7 @@ SDE = gd.VPSDE()
 GMM = three_class_gmm()
 REWARD = gd.GaussianBumpReward([1.0, 1.0], 1.0)
 TS = gd.uniform_grid(1.0, 1e-3, 200)
+TILTED = GMM.tilt(REWARD).score(SDE)  # the exact score of the tilted mixture
 P, R = 512, 16  # particles per run, independent runs
 
 
@@ -51,15 +52,18 @@ def importance():
         {},  # twist 1, systematic, resample below ESS = P/2
         {"resampling": "stratified", "ess_threshold": 1.0},
         {"resampling": "multinomial", "twist": 0.5},
+        # moved by reward guidance at w = 1/2 (neither q nor the target), weights
+        # corrected by the transition densities
+        {"proposal": gd.guide(GMM.score(SDE), gd.reward_guidance(TILTED, 0.5))},
     ],
-    ids=["systematic", "stratified-every-step", "multinomial-half-twist"],
+    ids=["systematic", "stratified-every-step", "multinomial-half-twist", "proposal"],
 )
 def test_smc_targets_the_tilted_law(kw, importance):
     """Resampling and the twist leave the target q r / Z and Z-hat's mean unchanged:
     the same as importance sampling on the same grid, and as the exact tilt of the
     mixture (q is the 200-step sampler's law, close to the mixture)."""
     mean, z, resampled = _replicates(1, **kw)
-    assert resampled.any()
+    assert resampled.any() or "proposal" in kw
     if kw.get("ess_threshold") == 1.0:
         assert resampled.all()
     exact_mean = np.asarray(GMM.tilt(REWARD).sample(jr.key(5), 400_000).mean(0))
@@ -249,3 +253,20 @@ def test_smc_costs_the_score_evaluations_of_gd_sample():
         a, b = matmul_flops(plain, jr.key(0)), matmul_flops(smc, jr.key(0))
     assert a["flops"] > 0
     assert b["flops"] == a["flops"], (a, b)
+
+
+def test_proposal_equal_to_the_score_changes_nothing():
+    """With proposal = score the two transition kernels coincide: the density ratio
+    is exactly 0 and the run is bit-identical to the one without a proposal. A
+    multistep solver (whose steps depend on history) is refused."""
+    kw = dict(num_particles=16, ts=gd.uniform_grid(1.0, 1e-3, 20))
+    score = GMM.score(SDE)
+    a = gd.smc_sample(jr.key(2), SDE, score, (2,), REWARD.log, **kw)
+    b = gd.smc_sample(jr.key(2), SDE, score, (2,), REWARD.log, proposal=score, **kw)
+    np.testing.assert_array_equal(a.ys, b.ys)
+    np.testing.assert_array_equal(a.log_weights, b.log_weights)
+    with pytest.raises(ValueError, match="transition density"):
+        gd.smc_sample(
+            jr.key(2), SDE, score, (2,), REWARD.log, proposal=score,
+            solver=gd.SDEDPMSolverPP(SDE), **kw,
+        )  # fmt: skip
