@@ -24,6 +24,7 @@ SCRIPTS = (
     "mfu",
     "scaling",
     "work_precision",
+    "smc_cost",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

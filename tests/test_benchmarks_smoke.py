@@ -28,6 +28,7 @@ RUNS = {
     "mfu": ["--steps", "4", "--repeats", "1"],
     "cfg_cost": ["--repeats", "1"],
     "work_precision": ["--repeats", "1", "--steps-list", "4"],
+    "smc_cost": ["--steps", "4", "--repeats", "1"],
 }
 
 COMMON_KEYS = {
@@ -191,6 +192,21 @@ def test_work_precision(runs):
         _timing(x["timing"])
         assert x["error"] >= 0 and x["nfe"] >= x["steps"] == 4
     assert all(v["error"] <= r["tol"] for v in r["at_tolerance"].values())
+
+
+def test_smc_cost(runs):
+    r = _load(runs, "smc_cost")
+    for v in ("sample", "smc", "smc_every_step", "smc_proposal"):
+        _timing(r["forward"][v])
+    assert set(r["ratios"]) == {
+        "smc_over_sample",
+        "smc_every_step_over_sample",
+        "smc_proposal_over_sample",
+    }
+    # the twist reuses the step's score; a proposal adds one evaluation
+    flops = {k: v["flops"] for k, v in r["matmul_flops"].items()}
+    assert r["smc_flops_equal_sample"] and flops["smc"] == flops["sample"] > 0
+    assert flops["smc_proposal"] == 2 * flops["sample"]
 
 
 def test_readme_gpu_table_is_generated_from_the_json():
