@@ -111,6 +111,11 @@ def flax_score(
         s = score(0.5, jnp.zeros(2), None)
         ```
     """
+    if not isinstance(sde, AbstractSDE):
+        raise TypeError(
+            f"sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got {type(sde).__name__}"
+            "; the prediction kind is the fourth argument, prediction="
+        )
     model = LinenModel(variables, module_or_apply_fn)
     if prediction == "eps":
         return EpsScore(model, sde)

@@ -27,7 +27,8 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
   under 4 passes), `checkpoint=False` every step's internals (3 passes, memory
   linear in $N$).
   The `"diffeqsolve"` driver uses diffrax's adjoints (`RecursiveCheckpointAdjoint`
-  by default, `DirectAdjoint`, `BacksolveAdjoint`, `ForwardMode`). On a fixed grid
+  by default, `DirectAdjoint`, `ForwardMode`; `BacksolveAdjoint` for the
+  probability-flow ODE with adaptive steps only). On a fixed grid
   it solves all particles as one batched state in one `diffeqsolve` (the same
   samples), so its adjoint keeps one cotangent of the score's parameters, not one
   per particle; with a `stepsize_controller` each particle is its own `vmap`-ped
@@ -43,6 +44,7 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
 """
 
 import functools
+import math
 from typing import Literal
 
 import diffrax as dfx
@@ -524,6 +526,19 @@ def sample(
         ts = uniform_grid(sde.T, 1e-3, 500)
     ts = _grid_in_dtype(sde, ts, dtype, start_at_T=y0 is None)
     brownian = _check_brownian(brownian, process, driver, stepsize_controller, adjoint)
+    max_steps = _check_count("max_steps", max_steps)
+    if process == "sde" and brownian == "tree":
+        tol = float(brownian_tol)
+        if not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"brownian_tol must be finite and positive, got {tol}")
+    if isinstance(adjoint, dfx.BacksolveAdjoint) and (
+        process != "ode" or stepsize_controller is None
+    ):
+        raise ValueError(
+            "adjoint=BacksolveAdjoint() (a continuous adjoint) is supported for the "
+            "probability-flow ODE with an adaptive stepsize_controller only; use "
+            "RecursiveCheckpointAdjoint (default) or the scan driver's checkpoint="
+        )
     if adjoint is None:
         unsafe = process == "sde" and brownian == "unsafe"
         adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
@@ -559,7 +574,7 @@ def sample(
         driver,
         save_every if save_trajectory else 0,
         bool(denoise),
-        int(max_steps),
+        max_steps,
         checkpoint,
         float(brownian_tol),
         brownian,

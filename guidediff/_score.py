@@ -16,6 +16,7 @@ import abc
 from collections.abc import Callable
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array
 
 from ._custom_types import Args, Time
@@ -47,28 +48,36 @@ class ScoreFn(AbstractScore):
         return self.fn(t, x, args)
 
 
+def _float_dtype(x) -> jnp.dtype:
+    """`x`'s dtype if floating, else the default float (integer states would turn
+    alpha and sigma into 0)."""
+    return jnp.result_type(x, jnp.result_type(float))
+
+
 def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
     r"""$s = -\varepsilon / \sigma(t)$."""
     _, sigma = sde.marginal(t)
-    return -eps / sigma.astype(eps.dtype)
+    return -eps / sigma.astype(_float_dtype(eps))
 
 
 def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""$\varepsilon = -\sigma(t)\, s$."""
     _, sigma = sde.marginal(t)
-    return -sigma.astype(score.dtype) * score
+    return -sigma.astype(_float_dtype(score)) * score
 
 
 def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
     r"""$s = (\alpha(t)\hat x_0 - x) / \sigma(t)^2$."""
     alpha, sigma = sde.marginal(t)
-    return (alpha.astype(x.dtype) * x0 - x) / sigma.astype(x.dtype) ** 2
+    dt = _float_dtype(x)
+    return (alpha.astype(dt) * x0 - x) / sigma.astype(dt) ** 2
 
 
 def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""Tweedie's denoiser $\hat x_0 = (x + \sigma(t)^2 s) / \alpha(t)$."""
     alpha, sigma = sde.marginal(t)
-    return (x + sigma.astype(x.dtype) ** 2 * score) / alpha.astype(x.dtype)
+    dt = _float_dtype(x)
+    return (x + sigma.astype(dt) ** 2 * score) / alpha.astype(dt)
 
 
 def denoise(

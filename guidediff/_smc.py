@@ -225,7 +225,8 @@ def smc_sample(
       on the score). A good proposal keeps the ESS high. Needs a solver that
       evaluates the score once per step and keeps no history
       (`ExponentialIntegrator`, `diffrax.Euler`); costs one more score evaluation
-      per step.
+      per step. A step without noise (the exponential integrator's last step to
+      $t = 0$) moves with `score`.
 
     **Returns:** an `SMCSamples` (weighted particles, ESS trace, $\log\hat Z$).
 
@@ -390,8 +391,11 @@ def _smc_jit(
             d, dt = m_q - m_p, jnp.abs(t1 - t0).astype(dtype)
             c_safe = jnp.where(c == 0, 1.0, c)
             term = inc * d / (c_safe * dt) + d**2 / (2 * c_safe**2 * dt)
-            term = jnp.where(c == 0, jnp.where(d == 0, 0.0, jnp.inf), term)
-            log_ratio = -jnp.sum(term).astype(dtype)
+            # A coordinate the step moves without noise (e.g. the exponential
+            # integrator's last step to t = 0) has point-mass kernels: it follows
+            # the base score there (ratio 1) instead of the proposal's.
+            x1 = jnp.where(c == 0, m_p, x1)
+            log_ratio = -jnp.sum(jnp.where(c == 0, 0.0, term)).astype(dtype)
         return (x1, state1, log_ratio), log_h(t0, x, s)
 
     def reweight(logw, dead, lh, lh_prev, log_ratio, dead_now):

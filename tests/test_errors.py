@@ -258,3 +258,30 @@ def test_guidance_sde_and_tuner_inputs():
         tune(num_iters=0)
     with pytest.raises(ValueError, match="lo <= hi"):
         tune(bounds=(1.0, 0.0))
+
+
+def test_tolerance_steps_adjoint_and_conversions():
+    score = GMM.score(SDE)
+    kw = dict(num_particles=2, ts=TS, driver="diffeqsolve", brownian="tree")
+    for tol in (0.0, -1.0, np.nan):
+        with pytest.raises(
+            ValueError, match="brownian_tol must be finite and positive"
+        ):
+            gd.sample(jr.key(0), SDE, score, (2,), brownian_tol=tol, **kw)
+    for steps, err in ((-1, ValueError), (None, TypeError), (2.5, TypeError)):
+        with pytest.raises(err, match="max_steps"):
+            gd.sample(jr.key(0), SDE, score, (2,), max_steps=steps, **kw)
+    with pytest.raises(ValueError, match="BacksolveAdjoint"):
+        gd.sample(jr.key(0), SDE, score, (2,), adjoint=dfx.BacksolveAdjoint(), **kw)
+    # integer states: the conversions compute in floating point, not in int
+    x = jnp.array([1, 2])
+    s = score(0.5, x.astype(float))
+    np.testing.assert_allclose(
+        gd.score_to_x0(SDE, 0.5, x, s), gd.score_to_x0(SDE, 0.5, x.astype(float), s)
+    )
+    assert np.all(np.isfinite(gd.x0_to_score(SDE, 0.5, x, x)))
+    assert np.all(np.isfinite(gd.eps_to_score(SDE, 0.5, x, x)))
+    net = gd.MLPScoreNet(hidden=(4,), time_embed_dim=4)
+    variables = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    with pytest.raises(TypeError, match="sde must be a gd.AbstractSDE"):
+        gd.flax_score(net, variables, "x0")
