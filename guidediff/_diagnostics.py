@@ -73,6 +73,16 @@ def guidance_norms(
         raise ValueError(
             f"guidance_norms needs at least 2 particles, got {ys.shape[0]}"
         )
+    if not jnp.issubdtype(ys.dtype, jnp.floating):
+        raise TypeError(f"ys must be floating point, got {ys.dtype}")
+    particle = jax.ShapeDtypeStruct(ys.shape[2:], ys.dtype)
+    out = jax.eval_shape(lambda t, y: guided(t, y, args), ts[0], particle)
+    if getattr(out, "shape", None) != particle.shape:
+        raise ValueError(
+            f"the guided score returned shape {getattr(out, 'shape', None)} for a "
+            f"particle of shape {particle.shape} (ys.shape[2:]): ys does not hold "
+            "this score's particles"
+        )
 
     def norm(t, y):
         delta = guided(t, y, args) - guided.score(t, y, args)
