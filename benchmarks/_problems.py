@@ -383,6 +383,24 @@ def hand_sampler(
     return run
 
 
+def network_alone(problem: Problem, *, args=None):
+    """The score network alone, chained in its compute dtype for `len(ts) - 1`
+    evaluations (`x <- mlp(t, x) / 2`): no sampler state, no noise, no update. Its
+    FLOP/s is the ceiling that the network can reach at this size inside any loop."""
+    p, d = problem.particles, problem.dim
+
+    def run(params, key, ts):
+        cdt = params.layers[0][0].dtype
+        x0 = jr.normal(key, (p, d)).astype(cdt)
+
+        def step(x, t):
+            return (params(t, x, args) * 0.5).astype(cdt), None
+
+        return lax.scan(step, x0, ts[:-1])[0]
+
+    return run
+
+
 class _Drift(eqx.Module):
     score: gd.AbstractScore
 

@@ -3,8 +3,11 @@
 The 3072-D size (MLP 3 x 1024), float32 and bfloat16 weights and activations (the
 sampler state stays float32), `gd.sample` (scan driver, Euler) inside `jax.jit`,
 plain and with batched classifier-free guidance, and the hand-fused loop as the
-reference. Two more hand-loop rows split a step's time: `hand_no_noise` (network
-and update, no noise drawn) and `hand_no_network` (noise and update, score 0).
+reference, and `gd.sample(..., unroll=4)`. Three more rows split a step's time:
+`hand_no_noise` (network and update, no noise drawn), `hand_no_network` (noise and
+update, score 0) and `network_alone` (the network chained on its own output in its
+compute dtype: no sampler state, noise or update; its MFU is the ceiling for any
+sampler at this size).
 `guidediff_flax` is the library's own `gd.MLPScoreNet(dtype=...)` (float32
 parameters, bfloat16 computation in the bfloat16 rows; its time-embedding MLP
 included), whose FLOPs are the traced count. FLOPs are counted analytically: 2 * in * out per layer per particle per
@@ -79,11 +82,13 @@ def main(argv=None) -> dict:
                 P.gd_sampler(problem, args=label, guidance=cfg),
                 2,
             ),
+            "guidediff_unroll4": (P.gd_sampler(problem, args=label, unroll=4), 1),
             "hand_no_noise": (P.hand_sampler(problem, args=label, noise="none"), 1),
             "hand_no_network": (
                 P.hand_sampler(problem, args=label, network=False),
                 0,
             ),
+            "network_alone": (P.network_alone(problem, args=label), 1),
         }
         print(f"-- {dtype_name}: {n} particles, {steps} steps, width {problem.width}")
         flax_run, flax_vars = P.flax_mlp_sampler(problem, dtype, args=label)

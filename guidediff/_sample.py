@@ -62,6 +62,7 @@ from ._brownian import threefry_key
 from ._custom_types import Args, Key
 from ._driver import _solve
 from ._grid import check_grid, uniform_grid
+from ._jit import filter_jit
 from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
     _check_brownian,
@@ -266,7 +267,7 @@ def _sample_core(
     return ys, result, failed, nsteps
 
 
-@eqx.filter_jit
+@filter_jit
 def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, static):
     (
         num,
@@ -363,7 +364,7 @@ def initial_noise(
     return y0[0] if num_particles is None else y0
 
 
-@eqx.filter_jit
+@filter_jit
 def _initial_noise_jit(key, sde, shape, dtype, n):
     keys = _particle_keys(key, n)
     k_prior = jax.vmap(_split_particle_key)(keys)[0]

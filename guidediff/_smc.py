@@ -58,6 +58,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from ._brownian import GridBrownianPath, _StepIncrement, threefry_key
 from ._custom_types import Args, Key
 from ._grid import uniform_grid
+from ._jit import filter_jit
 from ._reverse import reverse_sde
 from ._sample import (
     _args_as_arrays,
@@ -337,7 +338,7 @@ _ONE_EVALUATION = (ExponentialIntegrator, SDEDPMSolverPP, dfx.Euler)
 _NO_HISTORY = (ExponentialIntegrator, dfx.Euler)
 
 
-@eqx.filter_jit
+@filter_jit
 def _smc_jit(
     key, sde, score, proposal, log_potential, args, ts, solver, threshold, static
 ):

@@ -212,9 +212,10 @@ def test_smc_threshold_and_labels_do_not_recompile(monkeypatch):
     import equinox as eqx
 
     from guidediff import _smc
+    from guidediff._jit import filter_jit
 
     counted = eqx.debug.assert_max_traces(_smc._smc_jit.__wrapped__, max_traces=1)
-    monkeypatch.setattr(_smc, "_smc_jit", eqx.filter_jit(counted))
+    monkeypatch.setattr(_smc, "_smc_jit", filter_jit(counted))
     cond = GMM.conditional_score(SDE)
     kw = dict(num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 5))
     for thr, label in ((0.5, 0), (0.7, 1), (0.9, 2)):

@@ -1,0 +1,53 @@
+"""`filter_jit`: compile a function of a pytree, dispatching asynchronously.
+
+Like `equinox.filter_jit` (array leaves are traced, every other leaf is static and
+must be hashable), but the call returns as soon as the program is enqueued, as
+`jax.jit` does. `equinox.filter_jit` waits for every call to finish (it blocks on an
+output to surface `eqx.error_if` failures), so a Python loop of `gd.sample` calls
+could not overlap host work with the device's, and each call paid a round trip.
+The entry points compiled here raise no runtime errors: failures are flagged in
+their outputs (`Samples.failed`).
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+
+
+def _partition(tree: Any) -> tuple[tuple, tuple]:
+    leaves, treedef = jtu.tree_flatten(tree)
+    dynamic = tuple(x if eqx.is_array(x) else None for x in leaves)
+    static = tuple(None if eqx.is_array(x) else x for x in leaves)
+    return dynamic, (static, treedef)
+
+
+def _combine(dynamic: tuple, static: tuple) -> Any:
+    static_leaves, treedef = static
+    leaves = [
+        d if s is None else s for d, s in zip(dynamic, static_leaves, strict=True)
+    ]
+    return jtu.tree_unflatten(treedef, leaves)
+
+
+def filter_jit(fun: Callable) -> Callable:
+    """`fun(*args)` compiled once per static structure; array leaves are traced.
+
+    A static leaf that is not hashable raises jax's error for unhashable static
+    arguments. Keyword arguments are not supported (the entry points take none).
+    """
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def compiled(dynamic, static):
+        return fun(*_combine(dynamic, static))
+
+    @functools.wraps(fun)
+    def call(*args):
+        dynamic, static = _partition(args)
+        return compiled(dynamic, static)
+
+    call._cached = compiled  # the jitted function (its `_cache_size()` for tests)
+    return call
