@@ -273,6 +273,22 @@ def _mfu(res: dict, file: str) -> list[str]:
     return rows
 
 
+def _smc_cost(res: dict, file: str) -> list[str]:
+    q = res["ratios"]
+    where = f"{res['size']}, {res['particles']} particles"
+    return [
+        _row(
+            "smc_cost",
+            where,
+            "time over gd.sample: SMC (default) / resampling every step / guided "
+            "proposal; SMC matmul FLOPs equal gd.sample's",
+            f"{_f(q['smc_over_sample'])} / {_f(q['smc_every_step_over_sample'])} / "
+            f"{_f(q['smc_proposal_over_sample'])}; {res['smc_flops_equal_sample']}",
+            file,
+        )
+    ]
+
+
 def _scaling(res: dict, file: str) -> list[str]:
     pts = res["vs_particles"]
     counts = " / ".join(f"{p['particles']}" for p in pts)
@@ -294,6 +310,7 @@ BUILDERS = {
     "grad_cost": _grad_cost,
     "mfu": _mfu,
     "scaling": _scaling,
+    "smc_cost": _smc_cost,
 }
 
 
@@ -350,8 +367,24 @@ def readme_blocks(results_dir: str | Path) -> list[str]:
     ]
 
 
+def write_readme(results_dir: str | Path, readme: str | Path) -> None:
+    """Replace the generated blocks of `readme` (between their markers) in place."""
+    path = Path(readme)
+    text = path.read_text()
+    for block in readme_blocks(results_dir):
+        start, end = block.splitlines()[0], block.splitlines()[-1]
+        i, j = text.index(start), text.index(end) + len(end)
+        text = text[:i] + block + text[j:]
+    path.write_text(text)
+
+
 if __name__ == "__main__":
-    for block in readme_blocks(
-        sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
-    ):
-        print(block, end="\n\n")
+    # python -m benchmarks._table [RESULTS_DIR] [--write]: print the blocks, or
+    # write them into benchmarks/README.md
+    argv = [a for a in sys.argv[1:] if a != "--write"]
+    results = argv[0] if argv else "benchmarks/results"
+    if "--write" in sys.argv[1:]:
+        write_readme(results, Path(__file__).with_name("README.md"))
+    else:
+        for block in readme_blocks(results):
+            print(block, end="\n\n")
