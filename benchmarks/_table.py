@@ -248,6 +248,9 @@ def _mfu(res: dict, file: str) -> list[str]:
         if "guidediff_flax" in v:  # files from before the Flax row lack it
             keys.append("guidediff_flax")
             labels += " / gd.MLPScoreNet"
+        if "guidediff_flax_cast_variables" in v:
+            keys.append("guidediff_flax_cast_variables")
+            labels += " / gd.MLPScoreNet, variables cast to bfloat16"
         if "guidediff_unroll4" in v:  # files from before these rows lack them
             keys += ["guidediff_unroll4", "network_alone"]
             labels += " / guidediff unroll=4 / the network alone (ceiling)"

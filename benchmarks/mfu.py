@@ -10,7 +10,9 @@ compute dtype: no sampler state, noise or update; its MFU is the ceiling for any
 sampler at this size).
 `guidediff_flax` is the library's own `gd.MLPScoreNet(dtype=...)` (float32
 parameters, bfloat16 computation in the bfloat16 rows; its time-embedding MLP
-included), whose FLOPs are the traced count. FLOPs are counted analytically: 2 * in * out per layer per particle per
+included), whose FLOPs are the traced count; `guidediff_flax_cast_variables` is the
+same network given its variables already cast to bfloat16 (the same samples; each
+step no longer converts every weight). FLOPs are counted analytically: 2 * in * out per layer per particle per
 step, twice that for CFG (the conditional and unconditional evaluations; the first
 layer's x W0 is shared by both, so the CFG count is an upper bound on the work
 done: `flops_effective` counts it once).
@@ -93,8 +95,14 @@ def main(argv=None) -> dict:
         print(f"-- {dtype_name}: {n} particles, {steps} steps, width {problem.width}")
         flax_run, flax_vars = P.flax_mlp_sampler(problem, dtype, args=label)
         variants["guidediff_flax"] = (flax_run, None)
+        if dtype != jnp.float32:  # the same net and samples, variables cast once
+            variants["guidediff_flax_cast_variables"] = (flax_run, None)
         for name, (fn, evals) in variants.items():
-            params = flax_vars if name == "guidediff_flax" else problem.params
+            params = problem.params
+            if name == "guidediff_flax":
+                params = flax_vars
+            elif name == "guidediff_flax_cast_variables":
+                params = jax.tree.map(lambda a, d=dtype: a.astype(d), flax_vars)
             timing, _ = C.try_timeit(jax.jit(fn), params, key, ts, repeats=args.repeats)
             if "run_s" not in timing:
                 rows.append({"variant": name, "dtype": dtype_name, "timing": timing})

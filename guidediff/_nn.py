@@ -136,7 +136,13 @@ class MLPScoreNet(nn.Module):
       outputs. If `None` (the default), the network is unconditional and ignores
       the label (classifier guidance passes one to the score and the classifier).
     - `dtype`: the computation dtype (`jnp.bfloat16` for mixed precision; the
-      parameters stay float32).
+      parameters stay float32). Every layer casts its weights to `dtype` at every
+      call, and XLA does not hoist that out of a sampler's loop: for sampling
+      without gradients, pass the variables already cast
+      (`jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables)`) to
+      `gd.flax_score`. The samples are the same (every weight is rounded to
+      `dtype` either way) and each step skips reading and converting every
+      weight. Keep float32 variables to differentiate with respect to them.
 
     !!! example
 

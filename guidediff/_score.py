@@ -50,8 +50,9 @@ class ScoreFn(AbstractScore):
 
 def _float_dtype(x) -> jnp.dtype:
     """`x`'s dtype if floating, else the default float (integer states would turn
-    alpha and sigma into 0)."""
-    return jnp.result_type(x, jnp.result_type(float))
+    alpha and sigma into 0). Not promoted: a float32 `x` stays float32 under x64."""
+    dt = jnp.result_type(x)
+    return dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
 
 
 def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:

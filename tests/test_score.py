@@ -38,3 +38,19 @@ def test_final_denoise_step():
     s = G.score(SDE)
     expected = np.stack([gd.score_to_x0(SDE, 0.05, r, s(0.05, r)) for r in raw])
     np.testing.assert_allclose(den, expected, rtol=1e-12)
+
+
+def test_conversions_keep_a_float32_state_float32_under_x64():
+    """With x64 on, a float32 state (gd.sample(dtype=float32)) must not be promoted
+    by the conversions (it broke the scan's carry for every Flax eps-network)."""
+    sde = gd.VPSDE()
+    x, t = jnp.ones(3, jnp.float32), jnp.float32(0.5)
+    for convert in (
+        gd.eps_to_score,
+        gd.score_to_eps,
+        gd.x0_to_score,
+        gd.score_to_x0,
+    ):
+        assert convert(sde, t, x, x).dtype == jnp.float32, convert.__name__
+    assert gd.eps_to_score(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float32
+    assert gd.score_to_x0(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float64
