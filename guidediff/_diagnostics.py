@@ -13,6 +13,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Args
 from ._guidance.base import Guided
+from ._metrics import _safe_sqrt
 
 
 def guidance_norms(
@@ -86,7 +87,7 @@ def guidance_norms(
 
     def norm(t, y):
         delta = guided(t, y, args) - guided.score(t, y, args)
-        return jnp.sqrt(jnp.sum(delta**2))
+        return _safe_sqrt(jnp.sum(delta**2))  # gradient 0, not NaN, at delta = 0
 
     per_time = jax.vmap(norm, in_axes=(0, 0))  # one particle, every saved time
     norms = jax.vmap(per_time, in_axes=(None, 0))(ts, ys)  # (n, T)

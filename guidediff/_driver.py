@@ -92,6 +92,19 @@ def _grid_path(terms) -> GridBrownianPath | None:
     return None
 
 
+def _differentiable_stages(solver):
+    """Runge-Kutta solvers with `scan_kind=None` loop over their stages with a
+    `custom_vjp` ("checkpointed"), which forward mode (`jax.jvp`) cannot enter, and
+    "lax" (diffrax's choice under ForwardMode) cannot be reverse-differentiated. The
+    scan driver does not know which mode a caller will use: "bounded" supports
+    both (the driver checkpoints whole steps itself)."""
+    if getattr(solver, "scan_kind", "lax") is None:
+        return eqx.tree_at(
+            lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None
+        )
+    return solver
+
+
 def _scan_solve(
     terms,
     solver,
@@ -104,6 +117,7 @@ def _scan_solve(
     unroll: int = 1,
     state0=None,
 ):
+    solver = _differentiable_stages(solver)
     if state0 is None:
         state0 = solver.init(terms, ts[0], ts[1], y0, args)
     num = ts.shape[0] - 1

@@ -41,8 +41,12 @@ def logsnr_grid(
                 "logsnr_grid runs from the noise end down to the data end: it needs "
                 f"t_start > t_end, got {lo_hi[0]} and {lo_hi[1]}"
             )
-        ends = np.asarray([sde.log_snr(t) for t in lo_hi], np.float64)
-        if not np.all(np.isfinite(ends)):
+        ends = [sde.log_snr(t) for t in lo_hi]
+        if any(isinstance(e, jax.core.Tracer) for e in ends):
+            ends = None  # a traced SDE (jit/grad/vmap over its parameters)
+        else:
+            ends = np.asarray(ends, np.float64)
+        if ends is not None and not np.all(np.isfinite(ends)):
             raise ValueError(
                 f"the log-SNR is not finite at the grid's ends ({ends[0]}, {ends[1]}; "
                 "t_end = 0 has sigma = 0): end the grid at a small t_end > 0"

@@ -141,7 +141,7 @@ def reward_weights(
         raise ValueError(f"rewards must have shape (n,), got {rewards.shape}")
     n = rewards.shape[0]
     if temperature is not None:
-        if not float(temperature) > 0:
+        if _is_concrete(temperature) and not float(temperature) > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if _is_concrete(rewards):
             rv = np.asarray(rewards)
@@ -256,7 +256,7 @@ def dsm_example_loss(
         raise ValueError(
             f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}"
         )
-    if not 0.0 <= t_min < sde.T:
+    if _is_concrete(t_min) and _is_concrete(sde.T) and not 0.0 <= t_min < sde.T:
         raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
     dtype = x0.dtype
     kt, kz = jr.split(key)
@@ -369,7 +369,7 @@ def drop_labels(
     """Replace each label by the null label `num_classes` with probability
     `p_uncond` (classifier-free guidance's label dropout). Checks the labels."""
     labels = check_labels(labels, num_classes, allow_null=True)
-    if not 0.0 <= p_uncond <= 1.0:
+    if _is_concrete(p_uncond) and not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
     drop = jr.bernoulli(key, p_uncond, labels.shape)
     return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
@@ -516,7 +516,12 @@ def noisy_classifier_loss(
     `sde`); anything else is a `ValueError` (the logits' shape is checked when
     the loss is traced).
     """
-    if sde is not None and not 0.0 <= t_min < sde.T:
+    if (
+        sde is not None
+        and _is_concrete(t_min)
+        and _is_concrete(sde.T)
+        and not 0.0 <= t_min < sde.T
+    ):
         raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
     x0 = jnp.asarray(x0)
     labels = check_labels(labels, num_classes, allow_null=False)

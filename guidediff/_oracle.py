@@ -117,10 +117,15 @@ class GaussianMixture(eqx.Module):
                     "mixture weights must be finite, non-negative and not all zero"
                 )
         covs = jnp.asarray(covs, dtype)
+        # Diagonal covariances are their own eigendecomposition: no eigh, whose
+        # gradient is NaN at repeated eigenvalues (every isotropic covariance).
+        diag = None
         if covs.shape == (K,):
-            covs = covs[:, None, None] * jnp.eye(d, dtype=dtype)[None]
+            diag = jnp.broadcast_to(covs[:, None], (K, d))
         elif covs.shape == (K, d):
-            covs = jax.vmap(jnp.diag)(covs)
+            diag = covs
+        if diag is not None:
+            covs = jax.vmap(jnp.diag)(diag)
         elif covs.shape != (K, d, d):
             raise ValueError(
                 f"covs must be (K,), (K, d) or (K, d, d); got {covs.shape}"
@@ -137,23 +142,40 @@ class GaussianMixture(eqx.Module):
                     f"covariance {int(bad[0])} is not symmetric (max |C - C^T| = "
                     f"{asym[bad[0]]:.3g}); pass a symmetric matrix, e.g. (C + C.T) / 2"
                 )
-        evals, evecs = jnp.linalg.eigh(covs)
+        if diag is None:
+            evals, evecs = jnp.linalg.eigh(covs)
+        else:
+            evals = diag
+            evecs = jnp.broadcast_to(jnp.eye(d, dtype=dtype), (K, d, d))
         if _is_concrete(evals) and np.any(np.asarray(evals) <= 0):
             raise ValueError("every covariance must be positive definite")
         if labels is None:
-            labels = jnp.arange(K)
-        labels = jnp.asarray(labels)
+            labels = np.arange(K)
+        # Concrete labels stay numpy while checked: any jnp op on them would be
+        # traced inside jax.jit.
+        if _is_concrete(labels):
+            labels = np.asarray(labels)
+        else:
+            labels = jnp.asarray(labels)
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise TypeError(
                 f"component labels must be integers, got dtype {labels.dtype}"
             )
-        labels = labels.astype(jnp.int32)
+        labels = labels.astype(np.int32)
         if labels.shape != (K,):
             raise ValueError(f"labels must have shape ({K},), got {labels.shape}")
-        if num_classes is None:
-            num_classes = int(np.max(np.asarray(labels))) + 1
-        if np.any(np.asarray(labels) < 0) or np.any(np.asarray(labels) >= num_classes):
-            raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+        if not _is_concrete(labels):
+            if num_classes is None:
+                raise ValueError(
+                    "traced component labels (e.g. under jax.jit) need num_classes="
+                )
+        else:
+            if num_classes is None:
+                num_classes = int(np.max(np.asarray(labels))) + 1
+            lv = np.asarray(labels)
+            if np.any(lv < 0) or np.any(lv >= num_classes):
+                raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+        labels = jnp.asarray(labels)
         self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
         self.means = means
         self.evals = evals
@@ -532,6 +554,15 @@ def _check_nonnegative(values: ArrayLike, what: str) -> Array:
     return values
 
 
+def _retilted(gmm: "GaussianMixture", log_weights, means, evals) -> "GaussianMixture":
+    """`gmm` with new (unnormalised) log-weights, means and eigenvalues in the same
+    eigenbasis: no constructor (its checks need concrete values) and no `eigh`."""
+    log_weights = log_weights - jax.nn.logsumexp(log_weights)
+    return eqx.tree_at(
+        lambda g: (g.log_weights, g.means, g.evals), gmm, (log_weights, means, evals)
+    )
+
+
 def _check_dim(vector: Array, gmm: GaussianMixture, what: str) -> None:
     if vector.shape != (gmm.dim,):
         raise ValueError(
@@ -618,14 +649,10 @@ class GaussianBumpReward(eqx.Module):
             + jnp.einsum("kij,i->kj", gmm.evecs, self.center) / s2
         )
         new_means = jnp.einsum("kij,kj->ki", gmm.evecs, new_evals * rhs)
-        new_covs = jnp.einsum("kij,kj,klj->kil", gmm.evecs, new_evals, gmm.evecs)
-        logw = gmm.log_weights + self._per_component(gmm)
-        return GaussianMixture(
-            jnp.exp(logw - jnp.max(logw)),
-            new_means,
-            new_covs,
-            gmm.labels,
-            gmm.num_classes,
+        # Sigma' = V diag(new_evals) V^T: the eigenbasis is kept (re-decomposing
+        # would give NaN gradients at repeated eigenvalues).
+        return _retilted(
+            gmm, gmm.log_weights + self._per_component(gmm), new_means, new_evals
         )
 
 
@@ -661,6 +688,4 @@ class ExpLinearReward(eqx.Module):
         covs = gmm.covs
         new_means = gmm.means + jnp.einsum("kij,j->ki", covs, self.direction)
         logw = gmm.log_weights + self._per_component(gmm)
-        return GaussianMixture(
-            jnp.exp(logw - jnp.max(logw)), new_means, covs, gmm.labels, gmm.num_classes
-        )
+        return _retilted(gmm, logw, new_means, gmm.evals)

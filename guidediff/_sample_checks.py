@@ -27,7 +27,12 @@ def _signature(score, shape, dtype, args):
             return None
         if isinstance(leaf, jax.Array | np.ndarray):
             value = None
-            if i >= num_score and leaf.size <= 8:
+            # Integer arrays (a mixture's component labels, class labels) decide
+            # the check by value: a memo keyed by shape alone would skip a failing one.
+            integer = jnp.issubdtype(leaf.dtype, jnp.integer) or leaf.dtype == bool
+            if integer and leaf.size > 4096:
+                return None
+            if integer or (i >= num_score and leaf.size <= 8):
                 value = tuple(np.asarray(leaf).ravel().tolist())
             sig.append((leaf.shape, str(leaf.dtype), value))
         else:

@@ -253,7 +253,7 @@ def smc_sample(
         )
     if not callable(log_potential):
         raise TypeError("log_potential must be a callable x -> log r(x)")
-    twist = _check_number("twist", twist, static=True)
+    twist = _check_number("twist", twist)
     ess_threshold = _check_number("ess_threshold", ess_threshold)
     if not isinstance(ess_threshold, jax.core.Tracer) and not (
         0.0 <= float(ess_threshold) <= 1.0
@@ -290,25 +290,23 @@ def smc_sample(
         _check_score_shape(proposal, ts, shape, dtype, args)
         _check_guidance_sde(proposal, sde)
     args = _args_as_arrays(args)  # a new label does not recompile
-    static = (num_particles, shape, dtype, twist, resampling)
-    threshold = jnp.asarray(ess_threshold, dtype)
+    # Only twist == 0 (no twist: not even 0 * log r, which is NaN where r = 0)
+    # selects code; any other value is traced, so a new one does not recompile.
+    use_twist = isinstance(twist, jax.core.Tracer) or twist != 0.0
+    static = (num_particles, shape, dtype, use_twist, resampling)
+    numbers = (jnp.asarray(ess_threshold, dtype), jnp.asarray(twist, dtype))
     return _smc_jit(
-        key, sde, score, proposal, log_potential, args, ts, solver, threshold, static
+        key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
     )
 
 
-def _check_number(name: str, value, *, static: bool = False):
-    """A finite real number; `static` ones (which select code) must be concrete."""
+def _check_number(name: str, value):
+    """A finite real number (traced values pass unchecked)."""
     if isinstance(value, bool) or not isinstance(
         value, int | float | np.number | np.ndarray | jax.Array
     ):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if isinstance(value, jax.core.Tracer):
-        if static:
-            raise TypeError(
-                f"{name} selects the compiled code and cannot be traced (jit/vmap "
-                f"over it); pass a Python float"
-            )
         return value
     v = float(value)
     if not math.isfinite(v):
@@ -340,9 +338,10 @@ _NO_HISTORY = (ExponentialIntegrator, dfx.Euler)
 
 @filter_jit
 def _smc_jit(
-    key, sde, score, proposal, log_potential, args, ts, solver, threshold, static
+    key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
 ):
-    n, shape, dtype, twist, scheme = static
+    n, shape, dtype, use_twist, scheme = static
+    threshold, twist = numbers
     keys = _particle_keys(key, n)
     k_prior, k_bm = jax.vmap(_split_particle_key)(keys)
     # The resampling stream: a fold_in index no slot uses (slots are 0, ..., n - 1).
@@ -359,10 +358,12 @@ def _smc_jit(
 
     def log_h(t, x, s):
         """The twist at (t, x) from the score value s there, and whether x failed."""
-        if twist == 0.0:
+        if not use_twist:
             lh = jnp.zeros((), dtype)
         else:
-            lh = (twist * log_potential(score_to_x0(sde, t, x, s))).astype(dtype)
+            lp = log_potential(score_to_x0(sde, t, x, s))
+            # a traced twist may still be 0 at run time: no 0 * (-inf) = NaN
+            lh = jnp.where(twist == 0, 0, twist * lp).astype(dtype)
         return lh, _failed(x, lh)
 
     def move(s, inc, x, state, t0, t1):
