@@ -19,6 +19,7 @@ distances and the p-value of `two_sample_test` included), never a finite, wrong 
 """
 
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -103,7 +104,7 @@ def mean_stderr(values: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
     n = _num_samples(values, "values", 2)
     mean = jnp.mean(values, axis=0)
     std = jnp.std(values, axis=0, ddof=1)
-    return mean, std / np.sqrt(n)
+    return mean, std / math.sqrt(n)  # a weak Python float: keeps the dtype
 
 
 @jax.jit
@@ -281,7 +282,9 @@ def _pooled(x: ArrayLike, y: ArrayLike) -> tuple[Array, int, int]:
             "x and y must have the same per-sample shape, got "
             f"x.shape={x.shape} and y.shape={y.shape}."
         )
-    dtype = jnp.result_type(x, y)
+    # At least float32: the U-statistics sum n^2 terms, which overflow (float16)
+    # or lose most digits (bfloat16) in a 16-bit accumulator.
+    dtype = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
     z = jnp.concatenate([x.reshape(n, -1), y.reshape(m, -1)]).astype(dtype)
     return z, n, m
 

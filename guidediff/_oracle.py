@@ -23,6 +23,12 @@ from ._score import AbstractScore
 from ._sde import AbstractSDE
 
 
+def _state_dtype(x) -> jnp.dtype:
+    """`x`'s floating dtype (float32 stays float32 under x64), else the default."""
+    dt = jnp.result_type(x)
+    return dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -617,7 +623,12 @@ class GaussianBumpReward(eqx.Module):
                 raise ValueError(f"the bump width must be finite and positive, got {w}")
 
     def log(self, x: Array) -> Scalar:
-        return -0.5 * jnp.sum((x - self.center) ** 2) / self.width**2
+        dt = _state_dtype(x)
+        return (
+            -0.5
+            * jnp.sum((x - self.center.astype(dt)) ** 2)
+            / (jnp.asarray(self.width, dt) ** 2)
+        )
 
     def __call__(self, x: Array) -> Scalar:
         return jnp.exp(self.log(x))
@@ -669,7 +680,7 @@ class ExpLinearReward(eqx.Module):
         self.direction = jnp.asarray(direction, jnp.result_type(float))
 
     def log(self, x: Array) -> Scalar:
-        return jnp.dot(self.direction, x)
+        return jnp.dot(self.direction.astype(_state_dtype(x)), x)
 
     def __call__(self, x: Array) -> Scalar:
         return jnp.exp(self.log(x))

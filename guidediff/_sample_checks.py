@@ -94,6 +94,13 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
             "must return an array shaped like x (scores are per particle: vmap is "
             "applied by gd.sample)"
         )
+    if jnp.issubdtype(dtype, jnp.inexact) and out.dtype != dtype:
+        raise ValueError(
+            f"the score returned dtype {out.dtype} for a particle of dtype {dtype}: a "
+            "score must return x's dtype (the sampler's state would change type "
+            f"between steps); cast its output (e.g. `.astype(x.dtype)`) or sample "
+            f"with dtype={out.dtype}"
+        )
 
 
 def _check_brownian(brownian, process, driver, controller, adjoint) -> str:

@@ -241,7 +241,9 @@ class AbstractSDE(eqx.Module):
 
     def prior_logp(self, x: Array) -> Scalar:
         """The prior log-density at one particle `x`."""
-        std = self.prior_std()
+        dt = jnp.result_type(x)
+        dt = dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
+        std = jnp.asarray(self.prior_std(), dt)  # float32 x stays float32 under x64
         d = x.size
         return -0.5 * jnp.sum((x / std) ** 2) - d * (
             jnp.log(std) + 0.5 * math.log(2 * math.pi)

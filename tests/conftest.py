@@ -1,5 +1,7 @@
 """Test configuration: float64 and strict rank promotion, as diffrax's own tests do."""
 
+import gc
+
 import jax
 import jax.random as jr
 import pytest
@@ -19,3 +21,14 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free every compiled program after each test module. The suite compiles
+    hundreds of programs in one process; XLA:CPU maps memory for each, and
+    without this the process reached the kernel's limit on memory mappings
+    (vm.max_map_count) and segfaulted inside a later compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -1,0 +1,61 @@
+"""Regressions from a dtype audit: float32 inputs stay float32 with x64 on, and
+16-bit samples give the float32 answers where a metric accumulates many terms."""
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import guidediff as gd  # noqa: E402
+
+
+def test_mean_stderr_keeps_float32():
+    mean, se = gd.mean_stderr(jnp.linspace(0.0, 1.0, 10, dtype=jnp.float32))
+    assert mean.dtype == se.dtype == jnp.float32
+
+
+def test_rewards_and_prior_keep_float32():
+    x = jnp.ones(2, jnp.float32)
+    assert gd.GaussianBumpReward([1.0, 0.0], 0.7).log(x).dtype == jnp.float32
+    assert gd.ExpLinearReward([0.5, -0.5]).log(x).dtype == jnp.float32
+    assert gd.VPSDE().prior_logp(x).dtype == jnp.float32
+    # values unchanged (float64 reference)
+    x64 = x.astype(jnp.float64)
+    ref = gd.GaussianBumpReward([1.0, 0.0], 0.7).log(x64)
+    np.testing.assert_allclose(
+        gd.GaussianBumpReward([1.0, 0.0], 0.7).log(x), ref, rtol=1e-6
+    )
+
+
+def test_two_sample_metrics_on_16bit_samples_match_float32():
+    kx, ky = jr.split(jr.key(0))
+    x = jr.normal(kx, (300, 2), jnp.float32)
+    y = 0.3 + jr.normal(ky, (300, 2), jnp.float32)
+    for half in (jnp.float16, jnp.bfloat16):
+        xh, yh = x.astype(half), y.astype(half)
+        # the same (rounded) points in float32: only the accumulation differs
+        x32, y32 = xh.astype(jnp.float32), yh.astype(jnp.float32)
+        for metric in (gd.mmd2, gd.energy_distance):
+            got, want = metric(xh, yh), metric(x32, y32)
+            assert np.isfinite(got), (metric.__name__, half)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_score_of_another_dtype_gets_a_clear_error():
+    sde = gd.VPSDE()
+    wide = gd.ScoreFn(lambda t, x, args: -x.astype(jnp.float64))
+    with pytest.raises(ValueError, match="score returned dtype float64"):
+        gd.sample(
+            jr.key(0),
+            sde,
+            wide,
+            (2,),
+            num_particles=2,
+            dtype=jnp.float32,
+            ts=gd.uniform_grid(1.0, 1e-3, 3),
+        )
