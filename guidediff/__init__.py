@@ -70,6 +70,7 @@ from ._oracle import (
 )
 from ._reverse import (
     AdditiveNoiseTerm as AdditiveNoiseTerm,
+    DriftTerm as DriftTerm,
     ReverseDrift as ReverseDrift,
     probability_flow as probability_flow,
     reverse_sde as reverse_sde,

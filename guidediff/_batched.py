@@ -16,6 +16,7 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from equinox.internal import nondifferentiable
 from jaxtyping import Array
 
 from ._brownian import GridBrownianPath
@@ -31,8 +32,43 @@ def brownian_path(kind: str, shape, ts, key, tol) -> dfx.AbstractBrownianPath:
         return GridBrownianPath(shape, ts, key)
     if kind == "tree":
         lo, hi = jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1])
-        return dfx.VirtualBrownianTree(lo, hi, tol=tol, shape=shape, key=key)
+        lo, hi = nondifferentiable((lo, hi), msg=_TREE_TIME_GRAD_MSG)
+        tree = dfx.VirtualBrownianTree(lo, hi, tol=tol, shape=shape, key=key)
+        return _FixedTimeTree(tree)
     return dfx.UnsafeBrownianPath(shape=shape, key=key)
+
+
+_TREE_TIME_GRAD_MSG = (
+    "gd.sample(..., brownian='tree') cannot be differentiated with respect to the "
+    "time grid ts: a diffrax.VirtualBrownianTree's value is not differentiable in "
+    "time (nor is Brownian motion). Use brownian='grid' (the default on a fixed "
+    "grid), whose increments sqrt(|dt|) * xi_k are smooth in the grid's times, or "
+    "jax.lax.stop_gradient(ts)."
+)
+
+
+class _FixedTimeTree(dfx.AbstractBrownianPath):
+    """A `VirtualBrownianTree` whose evaluation times may not carry tangents: a
+    gradient with respect to the grid raises `_TREE_TIME_GRAD_MSG` (diffrax's own
+    error names its internal argument `t0` only)."""
+
+    tree: dfx.VirtualBrownianTree
+
+    @property
+    def t0(self):
+        return self.tree.t0
+
+    @property
+    def t1(self):
+        return self.tree.t1
+
+    @property
+    def levy_area(self):
+        return self.tree.levy_area
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        t0, t1 = nondifferentiable((t0, t1), msg=_TREE_TIME_GRAD_MSG)
+        return self.tree.evaluate(t0, t1, left=left, use_levy=use_levy)
 
 
 class BatchedScore(AbstractScore):

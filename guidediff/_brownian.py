@@ -156,11 +156,14 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
         return self.grid[-1]
 
     def cell_increment(self, k, dt) -> Array:
-        """$\\sqrt{|dt|}\\,\\xi_k$: the increment over cell `k` of (signed) length dt."""
-        xi = cell_normal(self.key, k, self.shape.shape, self.shape.dtype)
-        return (
-            jnp.sign(dt).astype(xi.dtype) * jnp.sqrt(jnp.abs(dt)).astype(xi.dtype) * xi
-        )
+        """$\\sqrt{|dt|}\\,\\xi_k$: the increment over cell `k` of (signed) length dt.
+
+        16-bit paths compute it in float32 and round it once."""
+        dtype = self.shape.dtype
+        gen = jnp.promote_types(dtype, jnp.float32)
+        xi = cell_normal(self.key, k, self.shape.shape, gen)
+        scale = jnp.sign(dt).astype(gen) * jnp.sqrt(jnp.abs(dt)).astype(gen)
+        return (scale * xi).astype(dtype)
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         del left

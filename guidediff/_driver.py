@@ -81,6 +81,17 @@ def _scan_steps(step, carry, xs, checkpoint: str, unroll: int = 1):
     return carry, ys
 
 
+def _like(new, old):
+    """`new` with each array leaf cast to the dtype of `old`'s leaf: a diffrax
+    solver's step promotes a 16-bit state through its float32 time step (e.g.
+    Euler's `y + dt * f`), and a scan carry keeps its dtypes."""
+    return jtu.tree_map(
+        lambda a, b: a.astype(b.dtype) if eqx.is_array(a) and eqx.is_array(b) else a,
+        new,
+        old,
+    )
+
+
 def _grid_path(terms) -> GridBrownianPath | None:
     """The `GridBrownianPath` of `reverse_sde` terms, if that is what they hold."""
     if isinstance(terms, dfx.MultiTerm) and len(terms.terms) == 2:
@@ -141,6 +152,7 @@ def _scan_solve(
                 lambda tm: tm.terms[1].path, terms, _StepIncrement(inc)
             )
         y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
+        y1, state1 = _like((y1, state1), (y, state))
         result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
         return (y1, state1, result), (y1 if save_every == 1 else None)
 

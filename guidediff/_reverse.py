@@ -34,6 +34,18 @@ class ReverseDrift(eqx.Module):
         return self.sde.drift(t, y) - (self.score_scale * g2) * s
 
 
+class DriftTerm(dfx.ODETerm):
+    r"""`diffrax.ODETerm` whose increment $v\,\Delta t$ keeps the drift's dtype.
+
+    The time grid of 16-bit particles is float32 (16-bit times cannot resolve it);
+    `ODETerm.prod` would promote a bfloat16 drift times a float32 step to float32,
+    which diffrax's Runge-Kutta solvers cannot store in their 16-bit stage buffers.
+    The product is formed in the wider dtype and rounded once."""
+
+    def prod(self, vf, control):
+        return jtu.tree_map(lambda v: (control * v).astype(v.dtype), vf)
+
+
 class AdditiveNoiseTerm(dfx.AbstractTerm):
     r"""$g(t)\,dW_t$ for a scalar diffusion $g(t)$: the vector field is the scalar
     $g(t)$ and the product with the Brownian increment is elementwise (cheaper than a
@@ -55,12 +67,12 @@ class AdditiveNoiseTerm(dfx.AbstractTerm):
 def reverse_sde(
     sde: AbstractSDE, score: AbstractScore, brownian: dfx.AbstractBrownianPath
 ) -> dfx.MultiTerm:
-    """The reverse-time SDE as `MultiTerm(ODETerm(drift), AdditiveNoiseTerm)`."""
+    """The reverse-time SDE as `MultiTerm(DriftTerm(drift), AdditiveNoiseTerm)`."""
     return dfx.MultiTerm(
-        dfx.ODETerm(ReverseDrift(sde, score, 1.0)), AdditiveNoiseTerm(sde, brownian)
+        DriftTerm(ReverseDrift(sde, score, 1.0)), AdditiveNoiseTerm(sde, brownian)
     )
 
 
 def probability_flow(sde: AbstractSDE, score: AbstractScore) -> dfx.ODETerm:
-    """The probability-flow ODE as an `ODETerm`."""
-    return dfx.ODETerm(ReverseDrift(sde, score, 0.5))
+    """The probability-flow ODE as a `DriftTerm` (a `diffrax.ODETerm`)."""
+    return DriftTerm(ReverseDrift(sde, score, 0.5))

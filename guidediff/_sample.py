@@ -120,21 +120,32 @@ def _check_sde(sde) -> None:
         )
 
 
+def _time_dtype(dtype) -> jnp.dtype:
+    """The dtype of the time grid for particles of `dtype`: at least float32.
+
+    16-bit times cannot resolve a sampling grid (bfloat16 has 8 significant bits:
+    a 500-step grid from 1 rounds neighbouring times together, and `T = 0.999`
+    rounds to 1), so 16-bit particles step on a float32 grid: each step's scalar
+    coefficients are computed in float32 and only the state is 16-bit."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _grid_in_dtype(sde: AbstractSDE, ts, dtype, start_at_T: bool) -> Array:
-    """`ts` checked (clear errors on concrete grids), then cast to the particles'
-    dtype and checked again: a 16-bit dtype can round neighbouring times together.
-    With `start_at_T` (no `y0`: the particles start from the prior) the grid must
-    start at `sde.T`."""
+    """`ts` checked (clear errors on concrete grids), then cast to the time dtype of
+    particles of `dtype` (`_time_dtype`) and checked again: float32 particles under
+    x64 can round neighbouring float64 times together. With `start_at_T` (no `y0`:
+    the particles start from the prior) the grid must start at `sde.T`."""
     given = jnp.asarray(ts)
     check_grid(sde, given)
-    ts = given.astype(dtype)
+    ts = given.astype(_time_dtype(dtype))
     if ts.dtype != given.dtype:
         try:
             check_grid(sde, ts)
         except ValueError as e:
             raise ValueError(
-                f"the time grid is valid, but not once rounded to dtype={dtype}: {e}. "
-                "Use fewer steps or a wider dtype"
+                f"the time grid is valid, but not once rounded to {ts.dtype} (the "
+                f"times of dtype={dtype} particles): {e}. Use fewer steps or a wider "
+                "dtype"
             ) from None
     if start_at_T and not isinstance(ts, jax.core.Tracer):
         T, t0 = float(sde.T), float(np.asarray(ts)[0])  # host values: no tracing
@@ -153,6 +164,35 @@ def _grid_ok(sde: AbstractSDE, ts, start_at_T: bool) -> Array:
     if start_at_T:
         ok = ok & (jnp.abs(ts[0] - T) <= 1e-6 * jnp.maximum(T, 1.0))
     return ok & jnp.all(jnp.isfinite(ts))
+
+
+def _step_to_grid(controller: dfx.StepTo, ts):
+    """The grid of a `StepTo` controller, which must be `ts` if both are given."""
+    grid = jnp.asarray(controller.ts)
+    if ts is None:
+        return grid
+    given = jnp.asarray(ts)
+    traced = isinstance(grid, jax.core.Tracer) or isinstance(given, jax.core.Tracer)
+    if (
+        traced
+        or grid.shape != given.shape
+        or not np.array_equal(np.asarray(grid), np.asarray(given))
+    ):
+        raise ValueError(
+            "stepsize_controller=diffrax.StepTo(ts=...) and ts= both give the time "
+            "grid, and they differ (or one is traced): pass the grid once, as ts= "
+            "(or as StepTo's ts)"
+        )
+    return given
+
+
+def _safe_grid(sde: AbstractSDE, ts, ok) -> Array:
+    """`ts` where the on-device grid check passed, else a valid grid of the same
+    length from `sde.T` (diffrax raises a runtime error on a bad grid; the
+    particles of a bad traced grid are flagged and set to NaN instead)."""
+    T = jnp.asarray(sde.T, ts.dtype)
+    fallback = T * jnp.linspace(1.0, 0.5, ts.shape[0], dtype=ts.dtype)
+    return jnp.where(ok, ts, fallback)
 
 
 def _args_as_arrays(args):
@@ -255,6 +295,7 @@ def _sample_core(
         last = (slice(None), -1) if batched else (-1,)
         final = ys[last] if save_every else ys
         x0 = score_to_x0(sde, t_end, final, score(t_end, final, args))
+        x0 = x0.astype(final.dtype)
         ys = ys.at[last].set(x0) if save_every else x0
     if batched:
         num = key.shape[0]
@@ -314,15 +355,19 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
     keys = _particle_keys(key, num)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, sharding)
+    # A traced grid skipped the Python checks: a bad one fails every particle.
+    grid_ok = _grid_ok(sde, ts, y0 is None)
+    if driver == "diffeqsolve" and isinstance(ts, jax.core.Tracer):
+        core = functools.partial(core, ts=_safe_grid(sde, ts, grid_ok))
     if driver == "diffeqsolve" and controller is None:
         # A fixed grid: one diffeqsolve over the whole batch (one adjoint, not one
         # per particle). Adaptive steps stay per particle (vmap).
         out = core(keys, y0, batched=True)
     else:
         out = jax.vmap(core)(keys, y0)
-    # A traced grid skipped the Python checks: a bad one fails every particle.
     ys, result, failed, nsteps = out
-    out = (ys, result, failed | ~_grid_ok(sde, ts, y0 is None), nsteps)
+    ys = jnp.where(grid_ok, ys, jnp.nan)
+    out = (ys, result, failed | ~grid_ok, nsteps)
     if single:
         out = jtu.tree_map(lambda a: a[0], out)
     # The saved times are computed here too: no eager op after the compiled call.
@@ -417,11 +462,12 @@ def sample(
     - `args`: passed to the score (e.g. a class label); shared by all particles.
     - `ts`: decreasing time grid from the noise end to the data end (default:
       500 uniform steps from `sde.T` to `1e-3`), inside `[0, sde.T]`; without `y0`
-      it starts at `sde.T`, where the prior is the law. It is cast to `dtype` (a
-      grid whose times round together there is an error). A traced grid (under
-      `jit`/`vmap`) is checked on the device instead: a bad one flags every
-      particle as failed. With an adaptive `stepsize_controller` only its ends and
-      first step are used.
+      it starts at `sde.T`, where the prior is the law. It is cast to `dtype`, or
+      to float32 for 16-bit particles (a grid whose times round together there is
+      an error). A traced grid (under `jit`/`vmap`) is checked on the device
+      instead: a bad one flags every particle as failed and its samples are NaN.
+      With an adaptive `stepsize_controller` only its ends and first step are
+      used; `diffrax.StepTo(ts)` is the fixed grid `ts`.
     - `process`: `"sde"` (reverse SDE) or `"ode"` (probability flow).
     - `solver`: a diffrax solver; guidediff's solvers must be built with the same
       `sde`. Default: `ExponentialIntegrator(sde)` (DDPM ancestral, the paper's
@@ -463,8 +509,16 @@ def sample(
     - `sharding`: shard the particle axis (e.g. a `NamedSharding` over a mesh);
       the number of particles must split evenly over its devices.
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
-      float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit dtypes draw
-      the prior and the noise in float32 and round them.
+      float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
+      (`driver="scan"` only) step on a float32 time grid: the prior, the noise and
+      each step's scalar coefficients are computed in float32, and the state is
+      rounded to `dtype` after every step; `Samples.ts` is then float32. A 16-bit
+      state loses any step's change smaller than half its resolution: with noise
+      (the SDE) rounding averages out, but hundreds of small deterministic steps
+      (the probability-flow ODE on a fine grid) shrink the samples measurably in
+      bfloat16. For accuracy keep `dtype=float32` and compute the network in
+      bfloat16 (`gd.MLPScoreNet(dtype=jnp.bfloat16)`): the matmuls are most of a
+      step's cost.
 
     **Returns:** a `Samples`. Failed particles are flagged in `failed`, never raised.
 
@@ -509,10 +563,23 @@ def sample(
         raise ValueError(f"process must be 'sde' or 'ode', got {process!r}")
     if driver is None:
         driver = "scan" if stepsize_controller is None else "diffeqsolve"
+    if isinstance(stepsize_controller, dfx.StepTo):
+        # StepTo(ts) is a fixed grid: the same as ts= (one batched solve, the
+        # grid Brownian path), so its grid is checked as ts= is
+        ts = _step_to_grid(stepsize_controller, ts)
+        stepsize_controller = None
     if driver not in ("scan", "diffeqsolve"):
         raise ValueError(f"driver must be 'scan' or 'diffeqsolve', got {driver!r}")
     if driver == "scan" and stepsize_controller is not None:
         raise ValueError("adaptive step sizes need driver='diffeqsolve'")
+    if driver == "diffeqsolve" and dtype.itemsize < 4:
+        raise ValueError(
+            f"driver='diffeqsolve' cannot integrate {dtype} particles: "
+            "diffrax.diffeqsolve promotes the state to its time dtype, and 16-bit "
+            "times cannot resolve a sampling grid. Use driver='scan' (the default on "
+            f"a fixed grid), which steps {dtype} particles on a float32 grid, or "
+            "dtype=jnp.float32"
+        )
     if not isinstance(score, AbstractScore):
         raise TypeError(
             f"score must be an AbstractScore (got {type(score).__name__}); wrap a plain "
@@ -547,9 +614,7 @@ def sample(
     save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
     checkpoint = _checkpoint_mode(checkpoint)
     unroll = _check_unroll(unroll, driver)
-    adaptive = stepsize_controller is not None and not isinstance(
-        stepsize_controller, dfx.StepTo
-    )
+    adaptive = stepsize_controller is not None
     if solver is None:
         sde_default = dfx.Heun() if adaptive else ExponentialIntegrator(sde)
         solver = sde_default if process == "sde" else dfx.Heun()

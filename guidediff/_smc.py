@@ -57,6 +57,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._brownian import GridBrownianPath, _StepIncrement, threefry_key
 from ._custom_types import Args, Key
+from ._driver import _like
 from ._grid import uniform_grid
 from ._jit import filter_jit
 from ._reverse import reverse_sde
@@ -68,6 +69,7 @@ from ._sample import (
     _particle_keys,
     _prior_draw,
     _split_particle_key,
+    _time_dtype,
 )
 from ._sample_checks import (
     _check_count,
@@ -209,7 +211,8 @@ def smc_sample(
     - `key`: slot `i` uses `fold_in(key, i)` for its prior draw and noise, as
       `gd.sample`'s particle `i`; the resampling draws from another stream.
     - `sde`, `score`, `shape`, `args`, `ts`, `solver`, `dtype`: as in `gd.sample`
-      (reverse SDE, fixed grid; default solver `ExponentialIntegrator(sde)`).
+      (reverse SDE, fixed grid; default solver `ExponentialIntegrator(sde)`). The
+      log-weights, ESS and $\log\hat Z$ of 16-bit particles are float32.
     - `log_potential`: $\log r$ of one particle, a scalar (e.g. `reward.log`).
     - `num_particles`: $P$.
     - `twist`: $\lambda$ in $\log h_k = \lambda \log r(\hat x_0)$; 0 reweights at the
@@ -294,7 +297,8 @@ def smc_sample(
     # selects code; any other value is traced, so a new one does not recompile.
     use_twist = isinstance(twist, jax.core.Tracer) or twist != 0.0
     static = (num_particles, shape, dtype, use_twist, resampling)
-    numbers = (jnp.asarray(ess_threshold, dtype), jnp.asarray(twist, dtype))
+    wdt = _time_dtype(dtype)  # the weights: at least float32
+    numbers = (jnp.asarray(ess_threshold, wdt), jnp.asarray(twist, wdt))
     return _smc_jit(
         key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
     )
@@ -341,6 +345,9 @@ def _smc_jit(
     key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
 ):
     n, shape, dtype, use_twist, scheme = static
+    # log-weights accumulate over every step: float32 at least (a bfloat16 sum of
+    # hundreds of increments would keep 8 bits)
+    wdt = _time_dtype(dtype)
     threshold, twist = numbers
     keys = _particle_keys(key, n)
     k_prior, k_bm = jax.vmap(_split_particle_key)(keys)
@@ -359,18 +366,18 @@ def _smc_jit(
     def log_h(t, x, s):
         """The twist at (t, x) from the score value s there, and whether x failed."""
         if not use_twist:
-            lh = jnp.zeros((), dtype)
+            lh = jnp.zeros((), wdt)
         else:
             lp = log_potential(score_to_x0(sde, t, x, s))
             # a traced twist may still be 0 at run time: no 0 * (-inf) = NaN
-            lh = jnp.where(twist == 0, 0, twist * lp).astype(dtype)
+            lh = jnp.where(twist == 0, 0, twist * lp.astype(wdt)).astype(wdt)
         return lh, _failed(x, lh)
 
     def move(s, inc, x, state, t0, t1):
         x1, _, _, state1, _ = solver.step(
             terms_with(s, inc), t0, t1, x, args, state, False
         )
-        return x1, state1
+        return _like((x1, state1), (x, state))
 
     def step_one(kb, x, state, t0, t1, cell):
         s = score(t0, x, args)
@@ -379,7 +386,7 @@ def _smc_jit(
             x1, state1 = move(
                 _FrozenScore(s) if frozen else score, inc, x, state, t0, t1
             )
-            log_ratio = jnp.zeros((), dtype)
+            log_ratio = jnp.zeros((), wdt)
         else:
             # x1 = m_q + c * inc; the base kernel has mean m_p and the same
             # covariance c^2 |dt|: log N(x1; m_p) - log N(x1; m_q), summed over
@@ -390,14 +397,15 @@ def _smc_jit(
             m_q = move(sq, zero, x, state, t0, t1)[0]
             m_p = move(_FrozenScore(s), zero, x, state, t0, t1)[0]
             c = move(sq, jnp.ones_like(inc), x, state, t0, t1)[0] - m_q
-            d, dt = m_q - m_p, jnp.abs(t1 - t0).astype(dtype)
+            m_q, m_p, c = (a.astype(wdt) for a in (m_q, m_p, c))
+            d, dt, inc = m_q - m_p, jnp.abs(t1 - t0).astype(wdt), inc.astype(wdt)
             c_safe = jnp.where(c == 0, 1.0, c)
             term = inc * d / (c_safe * dt) + d**2 / (2 * c_safe**2 * dt)
             # A coordinate the step moves without noise (e.g. the exponential
             # integrator's last step to t = 0) has point-mass kernels: it follows
             # the base score there (ratio 1) instead of the proposal's.
-            x1 = jnp.where(c == 0, m_p, x1)
-            log_ratio = -jnp.sum(jnp.where(c == 0, 0.0, term)).astype(dtype)
+            x1 = jnp.where(c == 0, m_p.astype(dtype), x1)
+            log_ratio = -jnp.sum(jnp.where(c == 0, 0.0, term))
         return (x1, state1, log_ratio), log_h(t0, x, s)
 
     def reweight(logw, dead, lh, lh_prev, log_ratio, dead_now):
@@ -442,12 +450,12 @@ def _smc_jit(
     )(y0)
     # a traced grid skipped the Python checks: a bad one fails every particle
     dead0 = jnp.broadcast_to(~_grid_ok(sde, ts, True), (n,))
-    zeros = jnp.zeros((n,), dtype)
+    zeros = jnp.zeros((n,), wdt)
     carry0 = (y0, state0, zeros, zeros, jnp.where(dead0, -jnp.inf, zeros), dead0)
     xs = (steps, ts[:-1], ts[1:], cells)
     (ys, _, lh, ratio, logw, dead), (ess, did) = lax.scan(step, carry0, xs)
     # the last factor: r(x_N) / h_{N-1}(x_{N-1}) (and the last move's ratio)
-    final = jax.vmap(log_potential)(ys).astype(dtype)
+    final = jax.vmap(log_potential)(ys).astype(wdt)
     failed = jax.vmap(_failed)(ys, final)
     logw, dead = reweight(logw, dead, final, lh, ratio, failed)
     ess = jnp.concatenate([ess, _ess(logw)[None]])

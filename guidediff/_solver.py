@@ -38,6 +38,15 @@ from jaxtyping import Array, Bool, Float
 from ._sde import AbstractSDE
 
 
+def _working_dtype(y) -> jnp.dtype:
+    """The dtype a step's arithmetic runs in: the state's, or float32 for 16-bit
+    states. A 16-bit step combining the state with coefficients near 1 (e.g.
+    $1/\alpha_{t|s}$, rounded to bfloat16 with the same error at every step) would
+    drift by a rounding error per step; the score is still evaluated on the
+    16-bit state, and the new state is rounded once."""
+    return jnp.promote_types(y.dtype, jnp.float32)
+
+
 def _sde_times(term, t0, t1):
     """The step's start and end in the SDE's own time, and the ODE term's control
     (the signed step in the SDE's time), also when `diffeqsolve` has flipped time to
@@ -45,6 +54,19 @@ def _sde_times(term, t0, t1):
     dt = term.contr(t0, t1)
     direction = jnp.where(dt * (t1 - t0) < 0, -1, 1)
     return t0 * direction, t1 * direction, dt
+
+
+def _read_score(sde, drift_term, t0, ta, y0, args, score_scale) -> Array:
+    r"""The score read back from a reverse drift $v = f x - c\,g^2 s$ ($c$ =
+    `score_scale`): $s = (f x - v)/(c\,g^2)$, in the step's working dtype.
+
+    $f x$ and $c\,g^2$ are rounded to the state's dtype exactly as `ReverseDrift`
+    rounds them, so for a 16-bit state the rounding of the coefficients cancels
+    (a float32 $f$ against the drift's bfloat16 one would bias every step)."""
+    dtype = _working_dtype(y0)
+    v = drift_term.vf(t0, y0, args).astype(dtype)
+    g2 = (sde.diffusion(ta) ** 2).astype(y0.dtype)
+    return (sde.drift(ta, y0).astype(dtype) - v) / (score_scale * g2).astype(dtype)
 
 
 class _ReverseSDESolver(dfx.AbstractItoSolver):
@@ -85,19 +107,18 @@ class ExponentialIntegrator(_ReverseSDESolver):
         del solver_state, made_jump
         drift_term, noise_term = terms.terms
         ta, tb, dt = _sde_times(drift_term, t0, t1)
-        dtype = y0.dtype
-        v = drift_term.vf(t0, y0, args)
-        g2 = (self.sde.diffusion(ta) ** 2).astype(dtype)
-        score = (self.sde.drift(ta, y0) - v) / g2
+        dtype = _working_dtype(y0)
+        score = _read_score(self.sde, drift_term, t0, ta, y0, args, 1.0)
+        y = y0.astype(dtype)
         alpha_a, sigma_a = self.sde.marginal(ta)
         alpha_b, sigma_b = self.sde.marginal(tb)
         a_ab = (alpha_a / alpha_b).astype(dtype)
         var_ab = (sigma_a**2 - (alpha_a / alpha_b) ** 2 * sigma_b**2).astype(dtype)
-        mean = (y0 + var_ab * score) / a_ab
+        mean = (y + var_ab * score) / a_ab
         std = jnp.sqrt(jnp.maximum(var_ab, 0.0)) * (sigma_b / sigma_a).astype(dtype)
-        dw = noise_term.contr(t0, t1)
+        dw = noise_term.contr(t0, t1).astype(dtype)
         xi = dw / jnp.sqrt(jnp.abs(dt)).astype(dtype)
-        y1 = mean + std * xi
+        y1 = (mean + std * xi).astype(y0.dtype)
         dense_info = dict(y0=y0, y1=y1)
         return y1, None, dense_info, None, dfx.RESULTS.successful
 
@@ -108,13 +129,19 @@ class _DataPredictionState(eqx.Module):
     ready: Bool[Array, ""]  # False before the first step
 
 
-def _initial_state(y0) -> _DataPredictionState:
+def _initial_state(t0, y0) -> _DataPredictionState:
+    # log-SNRs stay in the time dtype (float32 for 16-bit states: `r` below is a
+    # ratio of log-SNR differences, which 16 bits would cancel away)
+    time_dtype = jnp.promote_types(jnp.result_type(t0), jnp.float32)
     return _DataPredictionState(
-        jnp.zeros_like(y0), jnp.zeros((), y0.dtype), jnp.asarray(False)
+        jnp.zeros(y0.shape, _working_dtype(y0)),
+        jnp.zeros((), time_dtype),
+        jnp.asarray(False),
     )
 
 
 class _Prediction(NamedTuple):
+    # the scalars are in the time dtype, x0 in the step's working dtype
     ta: Array  # the step's start and end in the SDE's time
     tb: Array
     dt: Array  # the drift term's control
@@ -130,17 +157,15 @@ def _predict(sde, drift_term, t0, t1, y0, args, score_scale) -> _Prediction:
     r"""Read the score back from a reverse drift $f x - c\,g^2 s$ ($c$ = `score_scale`)
     and turn it into $\hat x_0$ and the step's log-SNR increment."""
     ta, tb, dt = _sde_times(drift_term, t0, t1)
-    dtype = y0.dtype
-    v = drift_term.vf(t0, y0, args)
-    g2 = (sde.diffusion(ta) ** 2).astype(dtype)
-    score = (sde.drift(ta, y0) - v) / (score_scale * g2)
+    dtype = _working_dtype(y0)
+    score = _read_score(sde, drift_term, t0, ta, y0, args, score_scale)
+    y = y0.astype(dtype)
     alpha_a, sigma_a = sde.marginal(ta)
     alpha_b, sigma_b = sde.marginal(tb)
-    x0 = (y0 + (sigma_a**2).astype(dtype) * score) / alpha_a.astype(dtype)
-    lam_a = jnp.log(alpha_a / sigma_a).astype(dtype)
-    lam_b = jnp.log(alpha_b / sigma_b).astype(dtype)
-    ratio = (sigma_b / sigma_a).astype(dtype)
-    alpha_b, sigma_b = alpha_b.astype(dtype), sigma_b.astype(dtype)
+    x0 = (y + (sigma_a**2).astype(dtype) * score) / alpha_a.astype(dtype)
+    lam_a = jnp.log(alpha_a / sigma_a)
+    lam_b = jnp.log(alpha_b / sigma_b)
+    ratio = sigma_b / sigma_a
     return _Prediction(ta, tb, dt, x0, ratio, alpha_b, sigma_b, lam_a, lam_b - lam_a)
 
 
@@ -156,7 +181,7 @@ def _multistep_x0(p: _Prediction, state: _DataPredictionState, multistep: bool):
     second = state.ready & jnp.isfinite(p.h)
     h = jnp.where(second, p.h, 1.0)
     r = jnp.where(second, (p.log_snr_a - state.log_snr) / h, 1.0)
-    corrected = p.x0 + (p.x0 - state.x0) / (2 * r)
+    corrected = p.x0 + (p.x0 - state.x0) / (2 * r).astype(p.x0.dtype)
     return jnp.where(second, corrected, p.x0)
 
 
@@ -194,13 +219,16 @@ class DDIM(dfx.AbstractSolver):
 
     def init(self, terms, t0, t1, y0, args):
         # DDIM needs no memory; the multistep subclass carries the last prediction.
-        return _initial_state(y0) if self._multistep else None
+        return _initial_state(t0, y0) if self._multistep else None
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump
         p = _predict(self.sde, terms, t0, t1, y0, args, 0.5)
         d = _multistep_x0(p, solver_state, self._multistep)
-        y1 = p.ratio * y0 - p.alpha_b * jnp.expm1(-p.h) * d
+        dtype = d.dtype  # the working dtype
+        y = y0.astype(dtype)
+        y1 = p.ratio.astype(dtype) * y - (p.alpha_b * jnp.expm1(-p.h)).astype(dtype) * d
+        y1 = y1.astype(y0.dtype)
         state = None
         if self._multistep:
             state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
@@ -275,7 +303,7 @@ class SDEDPMSolverPP(_ReverseSDESolver):
         return 2
 
     def init(self, terms, t0, t1, y0, args):
-        return _initial_state(y0)
+        return _initial_state(t0, y0)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump
@@ -284,11 +312,13 @@ class SDEDPMSolverPP(_ReverseSDESolver):
         d = _multistep_x0(p, solver_state, True)
         one_minus = -jnp.expm1(-2 * p.h)  # 1 - e^{-2h}
         dw = noise_term.contr(t0, t1)
-        xi = dw / jnp.sqrt(jnp.abs(p.dt)).astype(y0.dtype)
+        dtype = d.dtype  # the working dtype
+        xi = dw.astype(dtype) / jnp.sqrt(jnp.abs(p.dt)).astype(dtype)
+        noise_std = p.sigma_b * jnp.sqrt(jnp.maximum(one_minus, 0.0))
         y1 = (
-            p.ratio * jnp.exp(-p.h) * y0
-            + p.alpha_b * one_minus * d
-            + p.sigma_b * jnp.sqrt(jnp.maximum(one_minus, 0.0)) * xi
-        )
+            (p.ratio * jnp.exp(-p.h)).astype(dtype) * y0.astype(dtype)
+            + (p.alpha_b * one_minus).astype(dtype) * d
+            + noise_std.astype(dtype) * xi
+        ).astype(y0.dtype)
         state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful

@@ -150,19 +150,38 @@ def test_grid_checks():
         gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=late)
     y0 = jnp.zeros((2, 2))
     assert gd.sample(jr.key(0), SDE, score, (2,), y0=y0, ts=late).ys.shape == (2, 2)
-    # a grid valid in float32 that rounds to repeated times in bfloat16
-    with pytest.raises(ValueError, match="not once rounded to dtype=bfloat16"):
-        gd.sample(
+    # a float64 grid whose times round together in float32 (the tests run with x64)
+    close = jnp.array([1.0, 1.0 - 1e-9, 0.5], jnp.float64)
+    with pytest.raises(ValueError, match="not once rounded to float32 .*float32 par"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=close, dtype=jnp.float32)
+    # 16-bit particles step on a float32 grid: a 500-step grid is fine for them
+    for half in (jnp.bfloat16, jnp.float16):
+        out = gd.sample(
             jr.key(0), SDE, score, (2,), ts=gd.uniform_grid(1.0, 1e-3, 500),
-            dtype=jnp.bfloat16,
+            dtype=half,
         )  # fmt: skip
-    # a traced grid skips the Python checks: a bad one fails every particle
-    bad = jax.jit(
-        lambda ts: gd.sample(jr.key(0), SDE, score, (2,), num_particles=3, ts=ts).failed
-    )
-    assert not np.any(bad(TS))
-    assert np.all(bad(TS[::-1]))  # increasing
-    assert np.all(bad(TS * 0.5))  # does not start at T
+        assert out.ys.dtype == half and out.ts.dtype == jnp.float32
+    # a traced grid skips the Python checks: a bad one fails every particle (and
+    # its samples are NaN), with either driver and with adaptive steps (diffrax's
+    # own checks on the grid would raise a runtime error from inside the program)
+    pid = dfx.PIDController(rtol=1e-2, atol=1e-2)
+    kinds = [
+        dict(),
+        dict(driver="diffeqsolve"),
+        dict(driver="diffeqsolve", brownian="unsafe"),
+        dict(stepsize_controller=pid),
+    ]
+    for kw in kinds:
+        run = jax.jit(
+            lambda ts, kw=kw: gd.sample(
+                jr.key(0), SDE, score, (2,), num_particles=3, ts=ts, **kw
+            )
+        )
+        out = run(TS)
+        assert not np.any(out.failed) and np.all(np.isfinite(out.ys)), kw
+        for ts in (TS[::-1], TS * 0.5):  # increasing; does not start at T
+            out = run(ts)
+            assert np.all(out.failed) and np.all(np.isnan(out.ys)), kw
     with pytest.raises(ValueError, match="t_start > t_end"):
         gd.logsnr_grid(SDE, 1e-3, 1.0, 5)
     with pytest.raises(ValueError, match="log-SNR is not finite"):
@@ -195,10 +214,19 @@ def test_solver_must_match_the_sde_and_the_controller():
     out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=TS,
                     stepsize_controller=pid)  # fmt: skip
     assert not np.any(out.failed)
-    # StepTo: the controller's steps, no dt0
-    out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=TS,
-                    process="ode", stepsize_controller=dfx.StepTo(TS))  # fmt: skip
-    assert not np.any(out.failed)
+    # StepTo(ts) is the fixed grid ts (given once, or twice the same)
+    kw = dict(num_particles=2, process="ode")
+    fixed = gd.sample(jr.key(0), SDE, score, (2,), ts=TS, driver="diffeqsolve", **kw)
+    for grid in (TS, None):
+        out = gd.sample(jr.key(0), SDE, score, (2,), ts=grid, **kw,
+                        stepsize_controller=dfx.StepTo(TS))  # fmt: skip
+        np.testing.assert_array_equal(out.ys, fixed.ys)
+    with pytest.raises(ValueError, match="StepTo.* and ts= both give the time grid"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, **kw,
+                  stepsize_controller=dfx.StepTo(TS[::2]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"starts at ts\[0\]=0.5"):
+        gd.sample(jr.key(0), SDE, score, (2,), **kw,
+                  stepsize_controller=dfx.StepTo(TS * 0.5))  # fmt: skip
 
 
 def test_bad_weights_and_intervals():
@@ -285,3 +313,26 @@ def test_tolerance_steps_adjoint_and_conversions():
     variables = net.init(jr.key(0), 0.5, jnp.zeros(2))
     with pytest.raises(TypeError, match="sde must be a gd.AbstractSDE"):
         gd.flax_score(net, variables, "x0")
+
+
+def test_gradient_wrt_the_grid_through_a_virtual_tree_names_the_fix():
+    """A Brownian path is not differentiable in time: with brownian='tree' a
+    gradient with respect to ts raises an error naming brownian='grid' (whose
+    increments sqrt(|dt|) xi are smooth in the grid), which differentiates."""
+    score = GMM.score(SDE)
+
+    def mean(ts, brownian):
+        out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=ts,
+                        driver="diffeqsolve", brownian=brownian)  # fmt: skip
+        return jnp.mean(out.ys)
+
+    with pytest.raises(Exception, match="brownian='tree'.*time grid ts"):
+        jax.grad(mean)(TS, "tree")
+    with pytest.raises(Exception, match="brownian='tree'.*time grid ts"):
+        jax.jvp(lambda ts: mean(ts, "tree"), (TS,), (jnp.ones_like(TS),))
+    assert np.all(np.isfinite(jax.grad(mean)(TS, "grid")))
+    # other gradients through the tree are unaffected
+    w = jax.grad(lambda y0: jnp.mean(gd.sample(
+        jr.key(0), SDE, score, (2,), ts=TS, brownian="tree", driver="diffeqsolve",
+        y0=y0).ys))(jnp.ones((2, 2)))  # fmt: skip
+    assert np.all(np.isfinite(w))
