@@ -203,6 +203,16 @@ def _check_batch(x0: Array, what: str, values: Array | None) -> None:
 # ---------------------------------------------------------------------------------
 
 
+def _loss_dtype(x) -> jnp.dtype:
+    """The dtype of a loss's draws and arithmetic: the data's, or float32 for 16-bit
+    data (the model still sees 16-bit inputs). In float16, `sigma**4` underflows
+    at small t (an infinite `x0` weighting) and a score residual's square
+    overflows; in bfloat16 a mean over a minibatch keeps 8 bits."""
+    dt = jnp.result_type(x)
+    dt = dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
+    return jnp.promote_types(dt, jnp.float32)
+
+
 def _lambda(weighting, sde: AbstractSDE, t: Time, alpha, sigma):
     if callable(weighting):
         return jnp.asarray(weighting(t))
@@ -258,13 +268,15 @@ def dsm_example_loss(
         )
     if _is_concrete(t_min) and _is_concrete(sde.T) and not 0.0 <= t_min < sde.T:
         raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
-    dtype = x0.dtype
+    data_dtype = jnp.result_type(x0)
+    dtype = _loss_dtype(x0)
+    x0 = jnp.asarray(x0, dtype)
     kt, kz = jr.split(key)
     t = jr.uniform(kt, (), dtype, minval=t_min, maxval=sde.T)
     eps = jr.normal(kz, x0.shape, dtype)
     alpha, sigma = sde.marginal(t)
     alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
-    x_t = alpha * x0 + sigma * eps
+    x_t = (alpha * x0 + sigma * eps).astype(data_dtype)  # what the model sees
     out = model_fn(params, t, x_t, label)
     if out.shape != x0.shape:
         raise ValueError(
@@ -335,7 +347,9 @@ def dsm_loss(
     - `model_fn`: `model_fn(params, t, x, label)` for one particle, e.g. `net.apply`.
     - `params`: the network variables.
     - `key`: a PRNG key (times and noises).
-    - `x0`: the clean minibatch, shape `(n, *x_shape)`.
+    - `x0`: the clean minibatch, shape `(n, *x_shape)`. For 16-bit data the times,
+      the noise and the loss are float32 (the model sees 16-bit $x_t$), so the loss
+      is float32.
     - `sde`: the forward SDE.
     - `weighting`, `prediction`: see the module docstring.
     - `t_min`: the smallest training time.
@@ -528,14 +542,17 @@ def noisy_classifier_loss(
     _check_batch(x0, "labels", labels)
     keys = jr.split(key, x0.shape[0])
 
+    dtype = _loss_dtype(x0)  # float32 draws and loss for 16-bit data
+
     def one(k, x, c):
         if sde is None:
-            t = jnp.zeros((), x.dtype)
+            t = jnp.zeros((), dtype)
             x_t = x
         else:
             kt, kz = jr.split(k)
-            t = jr.uniform(kt, (), x.dtype, minval=t_min, maxval=sde.T)
-            x_t = sde.perturb(t, x, jr.normal(kz, x.shape, x.dtype))
+            t = jr.uniform(kt, (), dtype, minval=t_min, maxval=sde.T)
+            noise = jr.normal(kz, x.shape, dtype)
+            x_t = sde.perturb(t, x.astype(dtype), noise).astype(x.dtype)
         logits = model_fn(params, t, x_t)
         if jnp.shape(logits) != (num_classes,):
             raise ValueError(
@@ -543,6 +560,7 @@ def noisy_classifier_loss(
                 f"one particle, expected ({num_classes},) for num_classes="
                 f"{num_classes}"
             )
+        logits = jnp.asarray(logits).astype(dtype)
         return optax.softmax_cross_entropy_with_integer_labels(logits, c)
 
     return jnp.mean(jax.vmap(one)(keys, x0, labels))

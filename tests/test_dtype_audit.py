@@ -59,3 +59,56 @@ def test_a_score_of_another_dtype_gets_a_clear_error():
             dtype=jnp.float32,
             ts=gd.uniform_grid(1.0, 1e-3, 3),
         )
+
+
+def test_losses_of_16bit_data_compute_in_float32():
+    """16-bit data: the losses draw t and the noise in float32 and compute in
+    float32; only the model's input and output are 16-bit. (In float16 the x0
+    prediction's weight ratio underflowed to an infinite loss, and a score
+    residual's square can overflow.) The reference: float32 data already rounded
+    to 16 bits, and a model that rounds its input and output to 16 bits, so the
+    two differ in the loss arithmetic only; for every weighting and prediction."""
+    sde = gd.VPSDE()
+    g = gd.Gaussian(jnp.array([1.0, -1.0]), 0.25 * jnp.eye(2))
+
+    def model(prediction, half):
+        def f(params, t, x, label):
+            x = x.astype(half).astype(jnp.float32)  # a no-op on 16-bit input
+            s = g.score(sde)(t, x)
+            alpha, sigma = sde.marginal(t)
+            out = {"eps": -sigma * s, "x0": (x + sigma**2 * s) / alpha, "score": s}
+            return out[prediction].astype(half)
+
+        return f
+
+    x0 = g.sample(jr.key(0), 256).astype(jnp.float32)
+    for half in (jnp.float16, jnp.bfloat16):
+        ref_x0 = x0.astype(half).astype(jnp.float32)
+        for prediction in ("eps", "x0", "score"):
+            for weighting in ("eps", "x0", "score", "likelihood"):
+                kw = dict(weighting=weighting, prediction=prediction)
+                m = model(prediction, half)
+                want = gd.dsm_loss(m, None, jr.key(1), ref_x0, sde, **kw)
+                got = gd.dsm_loss(m, None, jr.key(1), x0.astype(half), sde, **kw)
+                assert got.dtype == jnp.float32
+                assert np.isfinite(want), kw
+                np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(kw))
+    # the noisy classifier's cross-entropy too
+    w = jnp.array([[1.0, -1.0], [-1.0, 1.0], [0.5, 0.5]])
+    labels = jnp.arange(256) % 3
+    for half in (jnp.float16, jnp.bfloat16):
+
+        def logits(params, t, x, half=half):
+            x = x.astype(half)
+            return (w.astype(half) @ x) * (1 + t).astype(half)
+
+        ref_x0 = x0.astype(half).astype(jnp.float32)
+        kw = dict(num_classes=3)
+        want = gd.noisy_classifier_loss(
+            logits, None, jr.key(2), ref_x0, labels, sde, **kw
+        )
+        got = gd.noisy_classifier_loss(
+            logits, None, jr.key(2), x0.astype(half), labels, sde, **kw
+        )
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6)
