@@ -149,9 +149,27 @@ def _checkpoint_mode(checkpoint) -> str:
 
 
 def _same_sde(a, b) -> bool:
-    """False only when both are concrete and differ (traced SDEs are not compared)."""
-    same = eqx.tree_equal(a, b)
-    return isinstance(same, jax.core.Tracer) or bool(same)
+    """False only when both are concrete and differ (traced leaves are not compared).
+
+    Compared on the host: `eqx.tree_equal` would enqueue device ops and wait for
+    their result, i.e. for every computation already queued (a loop of `gd.sample`
+    calls could not overlap). The same object is the same SDE at no cost."""
+    if a is b:
+        return True
+    leaves_a, tree_a = jtu.tree_flatten(a)
+    leaves_b, tree_b = jtu.tree_flatten(b)
+    if tree_a != tree_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+            continue
+        if eqx.is_array(x) or eqx.is_array(y):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.shape != y.shape or not np.array_equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def _check_guidance_sde(score, sde) -> None:

@@ -66,3 +66,27 @@ def test_smc_sample_and_initial_noise_return_before_the_device_finishes():
         return gd.initial_noise(jr.key(seed), SDE, (256,), num_particles=P)
 
     assert _returns_first(noise), "gd.initial_noise waited for its program to finish"
+
+
+def test_a_call_does_not_wait_for_the_calls_before_it():
+    """With the default solver (`ExponentialIntegrator(sde)`, checked against the
+    sampled SDE) and gradient guidance (which holds an SDE): a second call returns
+    while the first is still running. Comparing the SDEs with `eqx.tree_equal`
+    enqueued device ops and read their result back, so every call waited for the
+    calls queued before it."""
+    score = gd.guide(
+        _score(), gd.gradient_guidance(lambda x: -jnp.sum(x**2), 0.1, sde=SDE)
+    )
+    for run in (gd.sample, gd.smc_sample):
+        extra = (lambda x: -jnp.sum(x**2),) if run is gd.smc_sample else ()
+        n = P if run is gd.sample else P // 4
+
+        def call(seed, run=run, extra=extra, n=n):
+            return run(jr.key(seed), SDE, score, (2,), *extra, num_particles=n, ts=TS)
+
+        jax.block_until_ready(call(0))
+        first = call(1)
+        second = call(2)
+        pending = not all(leaf.is_ready() for leaf in jax.tree.leaves(first))
+        jax.block_until_ready((first, second))
+        assert pending, f"{run.__name__} waited for the call before it"
