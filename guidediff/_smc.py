@@ -77,6 +77,7 @@ from ._sample_checks import (
     _check_guidance_sde,
     _check_score_shape,
     _check_shape,
+    _check_sharding,
     _check_solver,
 )
 from ._score import AbstractScore, score_to_x0
@@ -203,6 +204,7 @@ def smc_sample(
     resampling: Literal["systematic", "stratified", "multinomial"] = "systematic",
     proposal: AbstractScore | None = None,
     dtype=None,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> SMCSamples:
     r"""Sample $\pi \propto q\,r$ with $P$ reweighted, resampled reverse-SDE particles.
 
@@ -220,6 +222,8 @@ def smc_sample(
     - `ess_threshold`: resample when ESS $<$ `ess_threshold` $\cdot P$ (0: never,
       1: whenever the weights are not all equal).
     - `resampling`: `"systematic"` (default), `"stratified"` or `"multinomial"`.
+    - `sharding`: shard the particle axis, as in `gd.sample` (resampling gathers
+      particles across the devices).
     - `proposal`: a score to move the particles with instead of `score` (e.g. the
       reward-guided one), the target staying $\pi \propto q\,r$: each move
       $x_k \to x_{k+1}$ multiplies the weight by the ratio of the two Gaussian
@@ -296,7 +300,8 @@ def smc_sample(
     # Only twist == 0 (no twist: not even 0 * log r, which is NaN where r = 0)
     # selects code; any other value is traced, so a new one does not recompile.
     use_twist = isinstance(twist, jax.core.Tracer) or twist != 0.0
-    static = (num_particles, shape, dtype, use_twist, resampling)
+    _check_sharding(sharding, num_particles, shape)
+    static = (num_particles, shape, dtype, use_twist, resampling, sharding)
     wdt = _time_dtype(dtype)  # the weights: at least float32
     numbers = (jnp.asarray(ess_threshold, wdt), jnp.asarray(twist, wdt))
     return _smc_jit(
@@ -344,12 +349,14 @@ _NO_HISTORY = (ExponentialIntegrator, dfx.Euler)
 def _smc_jit(
     key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
 ):
-    n, shape, dtype, use_twist, scheme = static
+    n, shape, dtype, use_twist, scheme, sharding = static
     # log-weights accumulate over every step: float32 at least (a bfloat16 sum of
     # hundreds of increments would keep 8 bits)
     wdt = _time_dtype(dtype)
     threshold, twist = numbers
     keys = _particle_keys(key, n)
+    if sharding is not None:
+        keys = jax.lax.with_sharding_constraint(keys, sharding)
     k_prior, k_bm = jax.vmap(_split_particle_key)(keys)
     # The resampling stream: a fold_in index no slot uses (slots are 0, ..., n - 1).
     k_resample = jr.fold_in(threefry_key(key), jnp.uint32(0xFFFFFFFF))
@@ -440,6 +447,8 @@ def _smc_jit(
 
         tree = (x1, state1, lh, ratio1, dead)
         tree, logw = lax.cond(do, resample, lambda o: o, (tree, logw))
+        if sharding is not None:  # keep the particles laid out after the gather
+            tree, logw = jax.lax.with_sharding_constraint((tree, logw), sharding)
         x1, state1, lh, ratio1, dead = tree
         return (x1, state1, lh, ratio1, logw, dead), (ess, do)
 
