@@ -27,9 +27,10 @@ reset to equal ones that keep the running estimate
 
 $$\hat Z = \frac1P \sum_i w_i,$$
 
-unbiased for $Z$. A resampled particle keeps its slot's noise: slot $i$ draws its
-increments from `fold_in(key, i)` as in `gd.sample`, so copies of one ancestor
-diverge, and with no resampling (`ess_threshold=0`) the particles are `gd.sample`'s.
+unbiased for $Z$. Resampling picks among the $x_k$, before the step from $x_k$, and
+a resampled particle keeps its slot's noise: slot $i$ draws its increments from
+`fold_in(key, i)` as in `gd.sample`, so copies of one ancestor diverge at the next
+step, and with no resampling (`ess_threshold=0`) the particles are `gd.sample`'s.
 
 Cost: the twist at $x_k$ needs the score there, which the step from $x_k$ needs
 too: solvers that evaluate the score once per step, at its start
@@ -386,34 +387,37 @@ def _smc_jit(
         )
         return _like((x1, state1), (x, state))
 
-    def step_one(kb, x, state, t0, t1, cell):
+    def evaluate(x, t0):
+        """The score(s) at x_k, which the twist and the move both use."""
         s = score(t0, x, args)
+        sq = None if proposal is None else proposal(t0, x, args)
+        return (s, sq), log_h(t0, x, s)
+
+    def move_one(kb, x, state, s, sq, t0, t1, cell):
         inc = GridBrownianPath(struct, ts, kb).cell_increment(cell, t1 - t0)
         if proposal is None:
             x1, state1 = move(
                 _FrozenScore(s) if frozen else score, inc, x, state, t0, t1
             )
-            log_ratio = jnp.zeros((), wdt)
-        else:
-            # x1 = m_q + c * inc; the base kernel has mean m_p and the same
-            # covariance c^2 |dt|: log N(x1; m_p) - log N(x1; m_q), summed over
-            # coordinates, is -(inc d / (c |dt|) + d^2 / (2 c^2 |dt|)), d = m_q - m_p.
-            sq = _FrozenScore(proposal(t0, x, args))
-            x1, state1 = move(sq, inc, x, state, t0, t1)
-            zero = jnp.zeros_like(inc)
-            m_q = move(sq, zero, x, state, t0, t1)[0]
-            m_p = move(_FrozenScore(s), zero, x, state, t0, t1)[0]
-            c = move(sq, jnp.ones_like(inc), x, state, t0, t1)[0] - m_q
-            m_q, m_p, c = (a.astype(wdt) for a in (m_q, m_p, c))
-            d, dt, inc = m_q - m_p, jnp.abs(t1 - t0).astype(wdt), inc.astype(wdt)
-            c_safe = jnp.where(c == 0, 1.0, c)
-            term = inc * d / (c_safe * dt) + d**2 / (2 * c_safe**2 * dt)
-            # A coordinate the step moves without noise (e.g. the exponential
-            # integrator's last step to t = 0) has point-mass kernels: it follows
-            # the base score there (ratio 1) instead of the proposal's.
-            x1 = jnp.where(c == 0, m_p.astype(dtype), x1)
-            log_ratio = -jnp.sum(jnp.where(c == 0, 0.0, term))
-        return (x1, state1, log_ratio), log_h(t0, x, s)
+            return x1, state1, jnp.zeros((), wdt)
+        # x1 = m_q + c * inc; the base kernel has mean m_p and the same
+        # covariance c^2 |dt|: log N(x1; m_p) - log N(x1; m_q), summed over
+        # coordinates, is -(inc d / (c |dt|) + d^2 / (2 c^2 |dt|)), d = m_q - m_p.
+        sq = _FrozenScore(sq)
+        x1, state1 = move(sq, inc, x, state, t0, t1)
+        zero = jnp.zeros_like(inc)
+        m_q = move(sq, zero, x, state, t0, t1)[0]
+        m_p = move(_FrozenScore(s), zero, x, state, t0, t1)[0]
+        c = move(sq, jnp.ones_like(inc), x, state, t0, t1)[0] - m_q
+        m_q, m_p, c = (a.astype(wdt) for a in (m_q, m_p, c))
+        d, dt, inc = m_q - m_p, jnp.abs(t1 - t0).astype(wdt), inc.astype(wdt)
+        c_safe = jnp.where(c == 0, 1.0, c)
+        term = inc * d / (c_safe * dt) + d**2 / (2 * c_safe**2 * dt)
+        # A coordinate the step moves without noise (e.g. the exponential
+        # integrator's last step to t = 0) has point-mass kernels: it follows
+        # the base score there (ratio 1) instead of the proposal's.
+        x1 = jnp.where(c == 0, m_p.astype(dtype), x1)
+        return x1, state1, -jnp.sum(jnp.where(c == 0, 0.0, term))
 
     def reweight(logw, dead, lh, lh_prev, log_ratio, dead_now):
         # log w += log h_k(x_k) - log h_{k-1}(x_{k-1}) (+ the proposal's density
@@ -427,12 +431,10 @@ def _smc_jit(
     def step(carry, xs):
         x, state, lh_prev, log_ratio, logw, dead = carry
         k, t0, t1, cell = xs
-        # The twist at x_k uses the score the step needs anyway; the reweighting and
-        # any resampling come before the move, so the new particle and its
-        # solver state are resampled together with x_k.
-        (x1, state1, ratio1), (lh, dead_now) = jax.vmap(
-            step_one, in_axes=(0, 0, 0, None, None, None)
-        )(k_bm, x, state, t0, t1, cell)
+        # Reweight at x_k with the twist there, resample x_k (with its solver state
+        # and the score value the move reuses), then move every slot with its own
+        # increment: copies of one ancestor diverge at once.
+        scores, (lh, dead_now) = jax.vmap(evaluate, in_axes=(0, None))(x, t0)
         logw, dead = reweight(logw, dead, lh, lh_prev, log_ratio, dead_now)
         ess = _ess(logw)
         # equal weights give an ESS of n up to rounding: not a reason to resample
@@ -445,11 +447,14 @@ def _smc_jit(
             log_mean = jax.nn.logsumexp(logw) - math.log(n)
             return tree, jnp.full_like(logw, log_mean)
 
-        tree = (x1, state1, lh, ratio1, dead)
+        tree = (x, state, scores, lh, dead)
         tree, logw = lax.cond(do, resample, lambda o: o, (tree, logw))
         if sharding is not None:  # keep the particles laid out after the gather
             tree, logw = jax.lax.with_sharding_constraint((tree, logw), sharding)
-        x1, state1, lh, ratio1, dead = tree
+        x, state, (s, sq), lh, dead = tree
+        x1, state1, ratio1 = jax.vmap(
+            move_one, in_axes=(0, 0, 0, 0, 0, None, None, None)
+        )(k_bm, x, state, s, sq, t0, t1, cell)
         return (x1, state1, lh, ratio1, logw, dead), (ess, do)
 
     state0 = jax.vmap(

@@ -1,7 +1,8 @@
 r"""Diffusion-specific diffrax solvers.
 
-`ExponentialIntegrator` solves the linear part of the reverse SDE exactly with the
-score frozen at the start of each step. Between times $t > s$ with
+`ExponentialIntegrator` solves the reverse SDE exactly over each step with the data
+prediction $\hat x_0$ frozen at the step's start (not the score: with the score
+frozen the linear solve differs at second order). Between times $t > s$ with
 $\alpha_{t|s} = \alpha_t/\alpha_s$ and $\sigma_{t|s}^2 = \sigma_t^2 - \alpha_{t|s}^2
 \sigma_s^2$, the step is the Gaussian posterior $q(x_s \mid x_t, \hat x_0)$:
 
@@ -13,7 +14,8 @@ PAPER.md §5.1 (SDE-DPM-Solver-1). It has no $1/\alpha_t$ in it, so it is stable
 start time where $\beta$ is large.
 
 `DDIM` and `DPMSolverPP` solve the probability-flow ODE in log-SNR time
-$\lambda_t = \log(\alpha_t/\sigma_t)$ with the data prediction
+$\lambda_t = \log(\alpha_t/\sigma_t)$ (DPM-Solver's convention: half of
+`AbstractSDE.log_snr`, which is $\log(\alpha_t^2/\sigma_t^2)$) with the data prediction
 $\hat x_0 = (x + \sigma_t^2 s_t(x))/\alpha_t$ (Lu et al., DPM-Solver++): with
 $h = \lambda_s - \lambda_t$,
 

@@ -25,7 +25,9 @@ def test_demo_small(tmp_path):
     for w in [1.0, 2.0, 4.0]:
         r = rows[w]
         assert r["reciprocal_prob_mean"] + 4 * r["reciprocal_prob_stderr"] < theory
-        assert 0.5 < r["frac_improved"] < 1.0  # guidance does not improve every sample
+        # most samples improve, but not every one: both beyond 4 standard errors
+        f, f_se = r["frac_improved"], r["frac_improved_stderr"]
+        assert 0.5 < f - 4 * f_se and f + 4 * f_se < 1.0
 
 
 def test_unwritable_out_dir(tmp_path):

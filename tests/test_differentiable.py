@@ -358,7 +358,6 @@ def test_tune_guidance_beats_constant_weights(tmp_path):
         ts=ts,
     )
     assert len(result.curve) == 40
-    assert result.curve[-1]["objective"] > result.curve[0]["objective"] + 0.1
 
     # Evaluate on the same fixed particles (shared noise, not the training keys).
     @jax.jit
@@ -369,6 +368,11 @@ def test_tune_guidance_beats_constant_weights(tmp_path):
         return jax.vmap(REWARD)(ys), jnp.sum((ys - ref) ** 2, axis=-1)
 
     r_tuned, pen_tuned = map(np.asarray, evaluate(result.schedule))
+    # the objective (reward - lam * penalty) beats the initial schedule's (w = 0),
+    # paired on the same noise (the learning curve's entries use other keys)
+    r0, pen0 = map(np.asarray, evaluate(gd.Constant(0.0)))
+    gain = (r_tuned - lam * pen_tuned) - (r0 - lam * pen0)
+    assert gain.mean() > 3 * gain.std(ddof=1) / np.sqrt(gain.size)
     beaten = 0
     for w in np.linspace(0.0, 3.0, 13):
         r, pen = map(np.asarray, evaluate(gd.Constant(w)))

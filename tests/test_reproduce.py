@@ -124,8 +124,11 @@ def test_cfg_gmm(results):
     ):
         assert 0 < f - 4 * fse and f + 4 * fse < 1
     # The documented reason: in PAPER.md's 1-D configuration every sample improves.
+    # Exactly: each discrete step x -> a x + b s(x) + c xi is increasing in x at
+    # these step sizes, and guidance shifts it one way everywhere, so the coupled
+    # paths stay ordered step by step (the comparison theorem, discretised).
     ref = res["reference_paper_1d"]
-    assert all(f >= 0.99 for f in ref["frac_improved"][1:])
+    assert all(f == 1.0 for f in ref["frac_improved"][1:])
 
 
 # -- cfg-digits ------------------------------------------------------------------------

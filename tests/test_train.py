@@ -497,7 +497,19 @@ def test_warm_start():
 def test_swiss_roll():
     x = swiss_roll(0, 2000, noise=0.2)
     assert x.shape == (2000, 2) and x.dtype == jnp.float64
-    assert np.all(np.abs(np.std(x, axis=0) - 0.95) < 0.15)
+    # exact SDs: sklearn's roll is (t cos t, t sin t) + N(0, 0.2^2) per coordinate,
+    # t ~ U[1.5 pi, 4.5 pi], divided by 7; by quadrature on a fine midpoint grid
+    u = (np.arange(200_000) + 0.5) / 200_000
+    t = 1.5 * np.pi * (1 + 2 * u)
+    exact = (
+        np.sqrt(np.array([np.var(t * np.cos(t)), np.var(t * np.sin(t))]) + 0.2**2) / 7
+    )
+    # SE of a sample SD: sigma sqrt((kurtosis - 1) / (4 n)), kurtosis estimated
+    xn = np.asarray(x)
+    xc = xn - xn.mean(axis=0)
+    kurt = np.mean(xc**4, axis=0) / np.mean(xc**2, axis=0) ** 2
+    se = exact * np.sqrt((kurt - 1) / (4 * xn.shape[0]))
+    np.testing.assert_array_less(np.abs(xn.std(axis=0) - exact), 4 * se)
     np.testing.assert_array_equal(x, swiss_roll(0, 2000, noise=0.2))
     assert not np.array_equal(x, swiss_roll(1, 2000, noise=0.2))
     y = swiss_roll(jr.key(0), 10, scale=2.0)
