@@ -155,15 +155,34 @@ def two_sample_pvalue(samples, reference, key, max_points: int = 2000) -> float:
     return float(two_sample_test(a, b, key=key)[1])
 
 
+def paired_steps(values: Sequence) -> dict[str, Any]:
+    """Standard errors of the changes along a sweep whose points share their noise.
+
+    `values[i]` holds one number per sample at sweep point `i` (the same samples'
+    noise at every point), so neighbouring means are strongly correlated: the
+    standard error of a difference is that of the per-sample differences, far below
+    the two means' errors combined as if independent. Returns `step_stderr` (between
+    consecutive points) and `total_stderr` (last minus first)."""
+    v = [np.asarray(x, np.float64).ravel() for x in values]
+    step = [stats(b - a)[1] for a, b in zip(v[:-1], v[1:], strict=True)]
+    return {"step_stderr": step, "total_stderr": stats(v[-1] - v[0])[1]}
+
+
 def monotone_within(
-    means: Sequence[float], ses: Sequence[float], *, increasing: bool, k: float = 3.0
+    means: Sequence[float],
+    step_ses: Sequence[float],
+    total_se: float,
+    *,
+    increasing: bool,
+    k: float = 3.0,
 ) -> bool:
-    """Whether the means move in the stated direction: the last differs from the
-    first by more than `k` combined standard errors that way, and no consecutive
-    pair moves the other way by more than `k` combined standard errors. (A flat
-    curve is not increasing.)"""
+    """Whether the means of a shared-noise sweep move in the stated direction: the
+    last differs from the first by more than `k` standard errors of that paired
+    difference, and no consecutive pair moves the other way by more than `k`
+    standard errors of its paired difference (`paired_steps`). (A flat curve is not
+    increasing.)"""
     sign = 1.0 if increasing else -1.0
-    for a, b, sa, sb in zip(means[:-1], means[1:], ses[:-1], ses[1:], strict=True):
-        if sign * (b - a) < -k * math.hypot(sa, sb):
+    for a, b, se in zip(means[:-1], means[1:], step_ses, strict=True):
+        if sign * (b - a) < -k * se:
             return False
-    return bool(sign * (means[-1] - means[0]) > k * math.hypot(ses[0], ses[-1]))
+    return bool(sign * (means[-1] - means[0]) > k * total_se)

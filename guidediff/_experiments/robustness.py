@@ -147,7 +147,7 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
             amount = dict(eps_field=eps) if family == "noise" else dict(eps_bias=eps)
             p_s = perturb(s, sde, k1, 2, **amount)
             p_r = perturb(s_r, sde, k2, 2, **amount)
-            samples, _, _ = reward_sweep(
+            samples, _, _, _ = reward_sweep(
                 k_sample, sde, p_s, p_r, reward, WEIGHTS, (2,), **kw
             )
             rows.append(
@@ -176,7 +176,9 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
     rows = []
     for steps, (pb, pr) in snaps.items():
         nb, nr = flax_score(net, pb, sde), flax_score(net, pr, sde)
-        samples, _, _ = reward_sweep(k_sample, sde, nb, nr, reward, WEIGHTS, (2,), **kw)
+        samples, _, _, _ = reward_sweep(
+            k_sample, sde, nb, nr, reward, WEIGHTS, (2,), **kw
+        )
         rows.append(
             {
                 "steps": steps,
