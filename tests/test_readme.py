@@ -3,6 +3,11 @@
 import re
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
 
 def test_readme_example_runs(capsys):
     text = (Path(__file__).parent.parent / "README.md").read_text()
@@ -13,16 +18,53 @@ def test_readme_example_runs(capsys):
         exec(compile(block, "README.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert "(2000, 2) 0" in out
-    grad_line = [line for line in out.splitlines() if "Array(" in line][-1]
-    grad = float(grad_line.split("Array(")[-1].split(",")[0])
-    assert grad > 0.0  # the reward rises with the guidance weight
-    rows = {
-        line[:10].strip(): [float(v) for v in line[10:].split()]
-        for line in out.splitlines()
-        if line.startswith(("tuned", "w = "))
-    }
-    tuned = rows.pop("tuned w(t)")
-    cheaper = [r for r in rows.values() if r[1] <= tuned[1]]
+    # The claims printed by the README, checked with paired standard errors on the
+    # README's own objects (its printed means alone carry no error).
+    _gradient_is_positive(namespace)
+    _tuned_schedule_beats_cheaper_constants(namespace)
+
+
+def _gradient_is_positive(ns):
+    """d E[r(Y^w)] / dw at w = 1 > 0: the per-particle derivatives (forward mode,
+    shared noise) have a mean above 3 standard errors, and that mean is the
+    gradient the README prints."""
+    gd = ns["gd"]
+
+    def rewards(w):
+        guided = gd.guide(ns["s"], gd.reward_guidance(ns["s_r"], w))
+        out = gd.sample(
+            jr.key(0), ns["sde"], guided, (2,), num_particles=512, ts=ns["ts"]
+        )
+        return jax.vmap(ns["reward"])(out.ys)
+
+    per = np.asarray(jax.jacfwd(rewards)(1.0))
+    assert per.mean() > 3 * per.std(ddof=1) / np.sqrt(per.size)
+    np.testing.assert_allclose(
+        jax.grad(ns["mean_reward"])(1.0), per.mean(), rtol=1e-6, atol=1e-9
+    )
+
+
+def _tuned_schedule_beats_cheaper_constants(ns):
+    """At no larger mean displacement penalty, the tuned w(t) reaches a higher
+    E[r] than each constant w: the paired per-particle reward difference (same
+    noise) has a mean above 3 standard errors."""
+    gd, guided, reward, sde, ts = (
+        ns[k] for k in ("gd", "guided", "reward", "sde", "ts")
+    )
+
+    @jax.jit
+    def per_particle(w):
+        kw = dict(num_particles=5000, ts=ts)
+        ys = gd.sample(jr.key(1), sde, guided(w), (2,), **kw).ys
+        y0 = gd.sample(jr.key(1), sde, guided(0.0), (2,), **kw).ys
+        return jax.vmap(reward)(ys), jnp.sum((ys - y0) ** 2, -1)
+
+    r_tuned, pen_tuned = map(np.asarray, per_particle(ns["result"].schedule))
+    cheaper = 0
+    for w in (0.5, 1.0, 2.0, 4.0, 6.0):
+        r, pen = map(np.asarray, per_particle(gd.as_weight(jnp.asarray(w))))
+        if pen.mean() <= pen_tuned.mean():
+            cheaper += 1
+            diff = r_tuned - r
+            assert diff.mean() > 3 * diff.std(ddof=1) / np.sqrt(diff.size), w
     assert cheaper, "no constant w with a penalty below the tuned schedule's"
-    # at no larger penalty, the tuned schedule reaches a higher reward
-    assert all(tuned[0] > r[0] for r in cheaper), (tuned, rows)
