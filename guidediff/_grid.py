@@ -41,6 +41,8 @@ def logsnr_grid(
                 "logsnr_grid runs from the noise end down to the data end: it needs "
                 f"t_start > t_end, got {lo_hi[0]} and {lo_hi[1]}"
             )
+        sde.check_time(lo_hi[0])  # e.g. t_start = 1 beyond a cosine SDE's T
+        sde.check_time(lo_hi[1])
         ends = [sde.log_snr(t) for t in lo_hi]
         if any(isinstance(e, jax.core.Tracer) for e in ends):
             ends = None  # a traced SDE (jit/grad/vmap over its parameters)
@@ -72,9 +74,13 @@ def logsnr_grid(
     return ts.at[0].set(t_start).at[-1].set(t_end)
 
 
-def _check_steps(num_steps) -> None:
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
+def _check_steps(num_steps) -> int:
+    """A positive Python/NumPy integer (not a bool, a float or a string)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
+        raise TypeError(f"num_steps must be a positive int, got {num_steps!r}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return int(num_steps)
 
 
 _CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T): grids already checked

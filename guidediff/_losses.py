@@ -203,14 +203,28 @@ def _check_batch(x0: Array, what: str, values: Array | None) -> None:
 # ---------------------------------------------------------------------------------
 
 
+def _check_data(x0, *, batch: bool) -> Array:
+    """Clean data: a floating-point array (integer data, e.g. uint8 images, would
+    give the model x_t rounded back to integers), with at least one example."""
+    x0 = jnp.asarray(x0)
+    if not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise TypeError(
+            f"x0 must be a floating-point array, got dtype {x0.dtype}: scale integer "
+            "data to floats first (e.g. images to [-1, 1], as gd.digits() does)"
+        )
+    if batch and (x0.ndim == 0 or x0.shape[0] == 0):
+        raise ValueError(
+            f"x0 must be a minibatch (n, *x_shape) with n >= 1, got shape {x0.shape}"
+        )
+    return x0
+
+
 def _loss_dtype(x) -> jnp.dtype:
     """The dtype of a loss's draws and arithmetic: the data's, or float32 for 16-bit
     data (the model still sees 16-bit inputs). In float16, `sigma**4` underflows
     at small t (an infinite `x0` weighting) and a score residual's square
     overflows; in bfloat16 a mean over a minibatch keeps 8 bits."""
-    dt = jnp.result_type(x)
-    dt = dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
-    return jnp.promote_types(dt, jnp.float32)
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
 
 
 def _lambda(weighting, sde: AbstractSDE, t: Time, alpha, sigma):
@@ -268,7 +282,8 @@ def dsm_example_loss(
         )
     if _is_concrete(t_min) and _is_concrete(sde.T) and not 0.0 <= t_min < sde.T:
         raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
-    data_dtype = jnp.result_type(x0)
+    x0 = _check_data(x0, batch=False)
+    data_dtype = x0.dtype
     dtype = _loss_dtype(x0)
     x0 = jnp.asarray(x0, dtype)
     kt, kz = jr.split(key)
@@ -367,7 +382,7 @@ def dsm_loss(
         # to train: gd.fit(loss_fn, params, data, optimizer=optax.adam(1e-3), ...)
         ```
     """
-    x0 = jnp.asarray(x0)
+    x0 = _check_data(x0, batch=True)
     if labels is not None:
         labels = jnp.asarray(labels)
         _check_batch(x0, "labels", labels)
@@ -430,7 +445,7 @@ def conditional_dsm_loss(
         loss = loss_fn(params, jr.key(1), (x0, labels))  # a scalar
         ```
     """
-    x0 = jnp.asarray(x0)
+    x0 = _check_data(x0, batch=True)
     labels = jnp.asarray(labels)
     _check_batch(x0, "labels", labels)
     kdrop, kloss = jr.split(key)
@@ -491,7 +506,7 @@ def reward_weighted_dsm_loss(
         loss = loss_fn(params, jr.key(1), gd.swiss_roll(0, 256))  # a scalar
         ```
     """
-    x0 = jnp.asarray(x0)
+    x0 = _check_data(x0, batch=True)
     if callable(rewards):
         rewards = jax.vmap(rewards)(x0)
     rewards = jnp.asarray(rewards)
@@ -537,7 +552,7 @@ def noisy_classifier_loss(
         and not 0.0 <= t_min < sde.T
     ):
         raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
-    x0 = jnp.asarray(x0)
+    x0 = _check_data(x0, batch=True)
     labels = check_labels(labels, num_classes, allow_null=False)
     _check_batch(x0, "labels", labels)
     keys = jr.split(key, x0.shape[0])

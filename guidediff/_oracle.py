@@ -33,14 +33,32 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _particle(x) -> Array:
+    """One particle as an array; integer points are read as floats (the mixture's
+    variances and means must not be cast to an integer dtype)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
 def _check_label(label: Array, num_classes: int, *, allow_null: bool) -> Array:
-    """Clear error for a label outside [0, num_classes) (or == num_classes if null)."""
+    """Clear error for a label outside [0, num_classes) (or == num_classes if null)
+    or that is not one integer (a vector of labels would broadcast against the
+    components)."""
     concrete = _is_concrete(label)
     if concrete:
         label = np.asarray(label)  # checked before any tracing can stage it
+    else:
+        label = jnp.asarray(label)
     hi = num_classes if allow_null else num_classes - 1
     if not jnp.issubdtype(label.dtype, jnp.integer):
         raise TypeError(f"class labels must be integers, got dtype {label.dtype}")
+    if label.ndim != 0:
+        raise ValueError(
+            f"a class label must be one integer (shared by all particles of a "
+            f"sample), got shape {label.shape}; for per-particle labels vmap over them"
+        )
     if concrete:
         lv = label
         if np.any((lv < 0) | (lv > hi)):
@@ -273,6 +291,9 @@ class GaussianMixture(eqx.Module):
 
         `label == null_label` gives the unconditional density.
         """
+        x = _particle(x)
+        if sde is not None:
+            sde.check_time(t)
         if label is not None:
             label = self._check_class(label, allow_null=True)
         alpha, sigma = _coeffs(sde, t, x.dtype)
@@ -292,6 +313,8 @@ class GaussianMixture(eqx.Module):
 
     def score_t(self, sde: AbstractSDE, t: Time, x: Array, label=None) -> Array:
         r"""$\nabla_x\log p_t(x)$, or $\nabla_x \log p_t(x \mid c)$ given `label`."""
+        x = _particle(x)
+        sde.check_time(t)
         if label is not None:
             label = self._check_class(label, allow_null=True)
         alpha, sigma = sde.marginal(t)
@@ -305,6 +328,7 @@ class GaussianMixture(eqx.Module):
         r"""The exact noisy classifier $\log p_t(c \mid x)$ ($t = 0$ if `sde` is None)."""
         n = self.num_classes
         label = _check_label(label, n, allow_null=False)
+        x = _particle(x)
         alpha, sigma = _coeffs(sde, t, x.dtype)
         logn, _ = self._component_terms(x, alpha, sigma)
         logits = self._log_resp(logn)
@@ -320,6 +344,7 @@ class GaussianMixture(eqx.Module):
         resolves changes where $p_t(c\mid x)$ rounds to 1)."""
         n = self.num_classes
         label = _check_label(label, n, allow_null=False)
+        x = _particle(x)
         alpha, sigma = _coeffs(sde, t, x.dtype)
         logn, _ = self._component_terms(x, alpha, sigma)
         logits = self._log_resp(logn)
@@ -502,6 +527,8 @@ class PointCloud(eqx.Module):
         self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
 
     def score_t(self, sde: AbstractSDE, t: Time, x: Array) -> Array:
+        x = _particle(x)
+        sde.check_time(t)
         alpha, sigma = sde.marginal(t)
         alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
         mu = alpha * self.points.astype(x.dtype)
@@ -678,6 +705,15 @@ class ExpLinearReward(eqx.Module):
 
     def __init__(self, direction):
         self.direction = jnp.asarray(direction, jnp.result_type(float))
+        if self.direction.ndim != 1:
+            raise ValueError(
+                "the reward direction must be a vector (d,), got shape "
+                f"{self.direction.shape}"
+            )
+        if _is_concrete(self.direction) and not np.all(
+            np.isfinite(np.asarray(self.direction))
+        ):
+            raise ValueError(f"the reward direction must be finite, got {direction}")
 
     def log(self, x: Array) -> Scalar:
         return jnp.dot(self.direction.astype(_state_dtype(x)), x)

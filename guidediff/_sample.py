@@ -581,9 +581,26 @@ def sample(
             "dtype=jnp.float32"
         )
     if not isinstance(score, AbstractScore):
+        owner = getattr(score, "__self__", None)
+        hint = (
+            f"call it: {type(owner).__name__}.{score.__name__}(sde) builds the score"
+            if owner is not None and getattr(score, "__name__", "").endswith("score")
+            else "wrap a plain function (t, x, args) -> score with gd.ScoreFn"
+        )
         raise TypeError(
-            f"score must be an AbstractScore (got {type(score).__name__}); wrap a plain "
-            "function with gd.ScoreFn"
+            f"score must be an AbstractScore (got {type(score).__name__}); {hint}"
+        )
+    if stepsize_controller is not None and not isinstance(
+        stepsize_controller, dfx.AbstractStepSizeController
+    ):
+        raise TypeError(
+            "stepsize_controller must be a diffrax step size controller (e.g. "
+            f"diffrax.PIDController(rtol=1e-3, atol=1e-3)), got {stepsize_controller!r}"
+        )
+    if adjoint is not None and not isinstance(adjoint, dfx.AbstractAdjoint):
+        raise TypeError(
+            f"adjoint must be a diffrax adjoint (e.g. diffrax.RecursiveCheckpointAdjoint"
+            f"()), got {adjoint!r}"
         )
     if adjoint is not None and driver == "scan":
         raise ValueError(
@@ -595,6 +612,12 @@ def sample(
     ts = _grid_in_dtype(sde, ts, dtype, start_at_T=y0 is None)
     brownian = _check_brownian(brownian, process, driver, stepsize_controller, adjoint)
     max_steps = _check_count("max_steps", max_steps)
+    if driver == "diffeqsolve" and stepsize_controller is None:
+        if max_steps < ts.shape[0] - 1:
+            raise ValueError(
+                f"max_steps={max_steps} is fewer than the grid's {ts.shape[0] - 1} "
+                "steps: diffeqsolve would stop early and fail every particle"
+            )
     if process == "sde" and brownian == "tree":
         tol = float(brownian_tol)
         if not (math.isfinite(tol) and tol > 0):

@@ -78,6 +78,27 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     base = score
     while isinstance(base, Guided):
         base = base.score
+    # Classifier-free guidance's null args reach the base score inside the batched
+    # (vmapped) call, where their values are hidden too: call it with them here.
+    from ._guidance.cfg import ClassifierFree
+
+    cfgs = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, ClassifierFree))
+    null_args = [
+        g.null_args
+        for g in cfgs
+        if isinstance(g, ClassifierFree) and g.null_args is not None
+    ]
+    for null in null_args if base is not score else ():
+        try:
+            concrete = jtu.tree_map(
+                lambda a: np.asarray(a) if isinstance(a, jax.Array | int) else a, null
+            )
+            eqx.filter_eval_shape(lambda t, x_, n=concrete: base(t, x_, n), ts[0], x)
+        except Exception as e:
+            raise ValueError(
+                f"calling the score with gd.cfg's null_args={null!r} (the "
+                f"unconditional call) failed: {e}"
+            ) from e
     try:
         if base is not score:
             eqx.filter_eval_shape(lambda t, x_: base(t, x_, args), ts[0], x)
@@ -173,16 +194,21 @@ def _same_sde(a, b) -> bool:
 
 
 def _check_guidance_sde(score, sde) -> None:
-    """Guidance that holds an SDE (gradient guidance's Tweedie denoiser) must hold
-    the one sampled."""
-    from ._guidance.gradient import GradientGuidance
+    """Every SDE the score holds must be the one sampled: an oracle's exact score
+    (`gmm.score(sde)`), a network read through an SDE (`EpsScore`, `X0Score`,
+    `flax_score`), a classifier (`gmm.log_classifier(sde)`) or gradient
+    guidance's denoiser. One built for another SDE gives a wrong score at every
+    step (NaN samples or, worse, plausible wrong ones)."""
+    from ._sde import AbstractSDE
 
-    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, GradientGuidance))
-    for g in found:
-        if isinstance(g, GradientGuidance) and not _same_sde(g.sde, sde):
+    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, AbstractSDE))
+    for held in found:
+        if isinstance(held, AbstractSDE) and not _same_sde(held, sde):
             raise ValueError(
-                "gradient_guidance was built with a different SDE (type or "
-                "parameters) than the one sampled; build it with the same SDE"
+                f"the score holds a {type(held).__name__} that differs (type or "
+                f"parameters) from the {type(sde).__name__} sampled: build every "
+                "score, classifier and guidance with the SDE that is sampled "
+                "(e.g. gmm.score(sde), gd.gradient_guidance(..., sde=sde))"
             )
 
 
@@ -269,7 +295,11 @@ def _check_unroll(unroll, driver) -> int:
 def _check_truncate(truncate, controller) -> int | None:
     if truncate is None:
         return None
-    if int(truncate) != truncate or truncate < 1:
+    if isinstance(truncate, bool) or not isinstance(truncate, int | np.integer):
+        raise TypeError(
+            f"truncate_backprop must be a positive int (steps), got {truncate!r}"
+        )
+    if truncate < 1:
         raise ValueError(
             f"truncate_backprop must be a positive number of steps, got {truncate!r}"
         )
@@ -288,6 +318,11 @@ def _check_y0(y0, shape, dtype, num_particles):
     y0 = y0.astype(dtype)
     if y0.shape == shape and num_particles is None:
         return y0, None
+    if y0.shape == shape:
+        raise ValueError(
+            f"y0 has one particle's shape {shape} but num_particles={num_particles}: "
+            f"pass y0 of shape {(num_particles, *shape)} or num_particles=None"
+        )
     if y0.shape[1:] == shape and y0.ndim == len(shape) + 1:
         if num_particles is not None and int(num_particles) != y0.shape[0]:
             raise ValueError(
@@ -346,6 +381,11 @@ def _check_sharding(sharding, num: int, shape) -> None:
     """The particle axis must split evenly over the sharding's devices."""
     if sharding is None:
         return
+    if not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(
+            "sharding must be a jax.sharding.Sharding (e.g. NamedSharding(mesh, "
+            f"PartitionSpec('p'))), got {sharding!r}"
+        )
     try:
         sharding.shard_shape((num, *shape))
     except ValueError as e:

@@ -85,6 +85,7 @@ def denoise(
     sde: AbstractSDE, score: AbstractScore, t: Time, x: Array, args: Args = None
 ):
     r"""Tweedie's posterior mean $E[X_0 \mid X_t = x] = (x + \sigma^2 s(t,x))/\alpha$."""
+    sde.check_time(t)
     return score_to_x0(sde, t, x, score(t, x, args))
 
 

@@ -36,7 +36,14 @@ def _concrete(*values) -> tuple[np.ndarray, ...] | None:
     """
     if any(isinstance(v, jax.core.Tracer) for v in values):
         return None
-    return tuple(np.asarray(v) for v in values)
+    out = tuple(np.asarray(v) for v in values)
+    if any(v.ndim != 0 for v in out):
+        raise ValueError(
+            "SDE and schedule parameters must be scalars (one schedule for every "
+            f"coordinate), got shapes {[v.shape for v in out]}; for a sweep over "
+            "parameters, vmap over scalar ones"
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------
@@ -289,6 +296,11 @@ class VPSDE(AbstractSDE):
     def __init__(
         self, schedule: AbstractVPSchedule | None = None, T: float | None = None
     ):
+        if schedule is not None and not isinstance(schedule, AbstractVPSchedule):
+            raise TypeError(
+                "schedule must be a VP schedule instance, e.g. gd.LinearBeta(), "
+                f"gd.CosineSchedule() or gd.OneMinusT(), got {schedule!r}"
+            )
         self.schedule = LinearBeta() if schedule is None else schedule
         self.T = float(self.schedule.default_T if T is None else T)
         if not 0.0 < self.T <= 1.0:

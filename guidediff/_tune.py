@@ -75,6 +75,17 @@ class FinetuneResult(NamedTuple):
     compile_s: float
 
 
+def _check_learning_rate(lr) -> float:
+    """A finite, positive learning rate (a negative one would minimise the reward)."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise TypeError(f"learning_rate must be a number, got {lr!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"learning_rate must be finite and positive, got {lr!r}")
+    return value
+
+
 def _check_per_particle(fn: Callable, name: str, *structs) -> None:
     """`fn` must map one particle (or a pair) to one real scalar."""
     try:
@@ -234,7 +245,7 @@ def tune_guidance(
         return -(r - lam * pen), {"reward": r, "penalty": pen}
 
     if optimizer is None:
-        optimizer = optax.adam(learning_rate)
+        optimizer = optax.adam(_check_learning_rate(learning_rate))
     if bounds is None:
         project = lambda v: v
     else:
@@ -362,7 +373,7 @@ def finetune_through_sampler(
         return -(r - lam * pen), {"reward": r, "penalty": pen}
 
     if optimizer is None:
-        optimizer = optax.adam(learning_rate)
+        optimizer = optax.adam(_check_learning_rate(learning_rate))
     params, curve, compile_s = _optimise(
         loss, params, optimizer, num_iters, key, fixed_noise, lambda p: p, kw["ts"]
     )

@@ -28,6 +28,8 @@ class Constant(eqx.Module):
             raise ValueError(
                 f"a constant weight must be a scalar, got {self.value.shape}"
             )
+        if _is_concrete(self.value) and not np.isfinite(np.asarray(self.value)):
+            raise ValueError(f"a guidance weight must be finite, got {value!r}")
 
     def __call__(self, t: Time) -> Scalar:
         return self.value
@@ -50,6 +52,9 @@ class PiecewiseLinear(eqx.Module):
             raise ValueError("times and values must be 1-D arrays of the same length")
         if self.times.shape[0] < 1:
             raise ValueError("a piecewise-linear weight needs at least one knot")
+        for name, a in (("times", self.times), ("values", self.values)):
+            if _is_concrete(a) and not np.all(np.isfinite(np.asarray(a))):
+                raise ValueError(f"the knots' {name} must be finite, got {a}")
         if _is_concrete(self.times) and not np.all(np.diff(self.times) > 0):
             raise ValueError(
                 f"the knots must be strictly increasing, got times={self.times}"

@@ -260,14 +260,27 @@ def test_guidance_sde_and_tuner_inputs():
     other = gd.VPSDE(gd.LinearBeta(beta_max=10.0))
     reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
     guided = gd.guide(GMM.score(SDE), gd.gradient_guidance(reward.log, 1.0, other))
-    with pytest.raises(
-        ValueError, match="gradient_guidance was built with a different"
-    ):
+    held = "the score holds a VPSDE that differs"
+    with pytest.raises(ValueError, match=held):
         gd.sample(jr.key(0), SDE, guided, (2,), ts=TS)
-    with pytest.raises(
-        ValueError, match="gradient_guidance was built with a different"
-    ):
+    with pytest.raises(ValueError, match=held):
         gd.smc_sample(jr.key(0), SDE, guided, (2,), reward.log, num_particles=2, ts=TS)
+    # any SDE the score holds: an oracle's score, a classifier, a network's reading
+    foreign = [
+        GMM.score(other),
+        gd.guide(
+            GMM.score(SDE), gd.classifier_guidance(GMM.log_classifier(other), 1.0)
+        ),
+        gd.EpsScore(lambda t, x, args: x, other),
+    ]
+    for score in foreign:
+        with pytest.raises(ValueError, match=held):
+            gd.sample(jr.key(0), SDE, score, (2,), ts=TS, args=0)
+    with pytest.raises(ValueError, match="the score holds a VESDE"):
+        gd.smc_sample(jr.key(0), SDE, GMM.score(gd.VESDE()), (2,), reward.log,
+                      num_particles=2, ts=TS)  # fmt: skip
+    # an equal SDE built separately is the same SDE
+    gd.sample(jr.key(0), SDE, GMM.score(gd.VPSDE()), (2,), ts=TS)
     s = GMM.score(SDE)
 
     def tune(**kw):
@@ -336,3 +349,79 @@ def test_gradient_wrt_the_grid_through_a_virtual_tree_names_the_fix():
         jr.key(0), SDE, score, (2,), ts=TS, brownian="tree", driver="diffeqsolve",
         y0=y0).ys))(jnp.ones((2, 2)))  # fmt: skip
     assert np.all(np.isfinite(w))
+
+
+def test_bad_input_audit():
+    """From an audit of bad inputs: each gave NaN, a silently wrong value or an
+    obscure internal error before."""
+    score = GMM.score(SDE)
+    x = jnp.array([2.0, 0.0])
+    # integer points are points: the mixture's parameters are not cast to int
+    np.testing.assert_allclose(
+        GMM.log_prob(jnp.array([2, 0])), GMM.log_prob(x), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        GMM.score_t(SDE, 0.5, jnp.array([2, 0])), GMM.score_t(SDE, 0.5, x), rtol=1e-12
+    )
+    # a class label is one integer, not one per component or particle
+    with pytest.raises(ValueError, match="a class label must be one integer"):
+        GMM.classifier_prob(x, jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="a class label must be one integer"):
+        gd.sample(
+            jr.key(0), SDE, GMM.conditional_score(SDE), (2,), num_particles=2, ts=TS,
+            args=jnp.array([0, 1]),
+        )  # fmt: skip
+    # cfg's null label is checked like args (it reached the score only vmapped)
+    cs = GMM.conditional_score(SDE)
+    with pytest.raises(ValueError, match="null_args=-1 .*unknown class label -1"):
+        gd.sample(jr.key(0), SDE, gd.guide(cs, gd.cfg(2.0, null_args=-1)), (2,),
+                  ts=TS, args=1)  # fmt: skip
+    # scalar SDE parameters and schedule instances
+    with pytest.raises(ValueError, match="parameters must be scalars"):
+        gd.VPSDE(gd.LinearBeta(0.1, jnp.array([20.0, 10.0])))
+    with pytest.raises(TypeError, match="VP schedule instance"):
+        gd.VPSDE(gd.CosineSchedule)
+    # times outside [0, T] in the oracles' public methods
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        GMM.score_t(SDE, 5.0, x)
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        gd.denoise(SDE, score, -0.5, x)
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        gd.logsnr_grid(gd.VPSDE(gd.CosineSchedule()), 1.0, 1e-3, 10)
+    # weights and learning rates must be finite (positive)
+    with pytest.raises(ValueError, match="guidance weight must be finite"):
+        gd.cfg(float("nan"), null_args=GMM.null_label)
+    with pytest.raises(ValueError, match="must be finite"):
+        gd.PiecewiseLinear([0.0, 1.0], [1.0, float("inf")])
+    tilt = lambda w: gd.guide(score, gd.reward_guidance(score, w))
+    reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+    with pytest.raises(ValueError, match="learning_rate must be finite and positive"):
+        gd.tune_guidance(jr.key(0), SDE, tilt, reward, (2,), learning_rate=-0.1,
+                         num_iters=1, num_particles=2, ts=TS)  # fmt: skip
+    with pytest.raises(ValueError, match="reward direction must be a vector"):
+        gd.ExpLinearReward(1.0)
+    # the losses need floating-point data and a non-empty batch
+    model = lambda p, t, x, c: x
+    with pytest.raises(TypeError, match="x0 must be a floating-point array"):
+        gd.dsm_loss(model, None, jr.key(0), jnp.ones((4, 2), jnp.uint8), SDE)
+    with pytest.raises(ValueError, match="n >= 1"):
+        gd.dsm_loss(model, None, jr.key(0), jnp.zeros((0, 2)), SDE)
+    # counts are ints; arguments of the wrong kind name what was expected
+    with pytest.raises(TypeError, match="num_steps must be a positive int"):
+        gd.uniform_grid(1.0, 1e-3, 2.0)
+    with pytest.raises(TypeError, match="truncate_backprop must be a positive int"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, truncate_backprop=True)
+    with pytest.raises(TypeError, match=r"call it: GaussianMixture.score\(sde\)"):
+        gd.sample(jr.key(0), SDE, GMM.score, (2,), ts=TS)
+    with pytest.raises(TypeError, match="step size controller"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, stepsize_controller="pid")
+    with pytest.raises(TypeError, match="adjoint must be a diffrax adjoint"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, driver="diffeqsolve",
+                  adjoint="x")  # fmt: skip
+    with pytest.raises(TypeError, match="sharding must be a jax.sharding.Sharding"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, sharding=jax.devices()[0])
+    with pytest.raises(ValueError, match=r"pass y0 of shape \(2, 2\)"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, y0=jnp.zeros(2), num_particles=2)
+    with pytest.raises(ValueError, match="max_steps=3 is fewer than the grid's 10"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, driver="diffeqsolve",
+                  max_steps=3)  # fmt: skip
