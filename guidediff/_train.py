@@ -186,6 +186,7 @@ def _ema_update(ema, params, decay, step):
         "sampler_static",
         "batch_size",
         "length",
+        "unrolled",
     ),
 )
 def _run_chunk(
@@ -203,6 +204,7 @@ def _run_chunk(
     sampler_static,
     batch_size,
     length,
+    unrolled,
 ):
     # Callables may be pytrees holding arrays (e.g. an eqx.Module): their arrays are
     # traced arguments, the rest is static (hashed) and keys the compilation cache.
@@ -222,15 +224,23 @@ def _run_chunk(
         params = optax.apply_updates(params, updates)
         if ema is not None:
             ema = _ema_update(ema, params, ema_decay, step)
-        return (params, opt_state, ema), loss
+        # a finite loss can still have a non-finite gradient (e.g. sqrt at 0): report
+        # the step whose update made the parameters non-finite
+        finite = jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+        )
+        return (params, opt_state, ema), (loss, finite)
 
     steps = start + jnp.arange(length, dtype=jnp.uint32)
-    if length == 1:
-        # One step per dispatch: no while loop around the step (XLA:CPU runs
+    if unrolled:
+        # steps_per_dispatch=1: no while loop around the step (XLA:CPU runs
         # convolution gradients inside a loop many times slower than on their own).
+        # Decided by steps_per_dispatch, not by this chunk's length: a 1-step chunk
+        # of a scanned run (before a checkpoint, an eval or a resume point) must
+        # compile to the same arithmetic as the scan, or resuming is not bit-exact.
         first = jax.tree.map(lambda b: b[0], batches)
-        state, loss = body(state, (steps[0], first))
-        return state, loss[None]
+        state, out = body(state, (steps[0], first))
+        return state, jax.tree.map(lambda a: a[None], out)
     return jax.lax.scan(body, state, (steps, batches))
 
 
@@ -498,9 +508,10 @@ def fit(
           inside the jitted step, as a function of `kdata`;
         - a jittable function `kdata -> batch` (e.g. sampling an oracle afresh);
         - a Python iterator of batches (stacked on the host, `steps_per_dispatch`
-          at a time). On `resume=True` a restarted iterator is fast-forwarded past
-          the batches already used, so resuming is exact if the iterator is
-          deterministic.
+          at a time, so with `steps_per_dispatch > 1` every batch must have the
+          same shape: drop an epoch's last partial batch). On `resume=True` a
+          restarted iterator is fast-forwarded past the batches already used, so
+          resuming is exact if the iterator is deterministic.
     - `optimizer`: an `optax.GradientTransformation` (reuse the object to reuse
       compilation).
     - `num_steps`: the total number of steps (including any done before a resume).
@@ -513,6 +524,8 @@ def fit(
       it to avoid compiling more than one chunk length). `1` runs each step as its
       own jitted call, with no loop around it: use it for convolutional networks on
       a CPU, where XLA runs convolution gradients inside a loop many times slower.
+      The chunking never changes the result: with `steps_per_dispatch > 1` every
+      chunk, also one of a single step, is a scan.
     - `ema_decay`: EMA decay, or `None` for no EMA.
     - `eval_every`, `eval_fn`: every `eval_every` steps, call
       `eval_fn(step, params, ema_params)` on the host and record its value.
@@ -537,7 +550,8 @@ def fit(
     below its minimum (0 for `num_steps`, else 1) is a `ValueError`.
 
     **Returns:** a `FitResult` (final `params`, `ema_params`, `opt_state`, `losses`
-    per step, `evals`, `step`). A non-finite loss raises `FloatingPointError`.
+    per step, `evals`, `step`). A non-finite loss, or parameters made non-finite
+    by an update (a NaN gradient of a finite loss), raise `FloatingPointError`.
 
     !!! example
 
@@ -626,7 +640,9 @@ def fit(
             "step": s,
             "key": key_data,
             "loss_dtype": str(hist.dtype),
-            "evals": stored_evals,
+            # a copy: orbax writes the JSON in the background, while later evals
+            # are appended to the live list
+            "evals": [list(e) for e in stored_evals],
         }
         _save(mngr, s, state, hist, meta)
 
@@ -644,6 +660,16 @@ def fit(
                     raise ValueError(
                         f"the data iterator ran out of batches before step {num_steps}"
                     ) from None
+                shapes = {
+                    tuple(np.shape(leaf) for leaf in jax.tree.leaves(b)) for b in chunk
+                }
+                if len(shapes) > 1:
+                    raise ValueError(
+                        "the data iterator's batches differ in shape "
+                        f"({sorted(shapes)}): with steps_per_dispatch > 1 they are "
+                        "stacked into one array, so drop the last partial batch of "
+                        "an epoch or use steps_per_dispatch=1"
+                    )
                 batches = jax.tree.map(lambda *b: np.stack(b), *chunk)
             state, chunk_losses = _run_chunk(
                 state,
@@ -659,12 +685,19 @@ def fit(
                 sampler_static=sampler_static,
                 batch_size=batch_size,
                 length=length,
+                unrolled=steps_per_dispatch == 1,
             )
-            chunk_losses = np.asarray(chunk_losses)
+            chunk_losses, chunk_finite = map(np.asarray, chunk_losses)
             losses.append(chunk_losses)
             if not np.all(np.isfinite(chunk_losses)):
                 bad = step + int(np.argmin(np.isfinite(chunk_losses)))
                 raise FloatingPointError(f"the loss is not finite at step {bad}")
+            if not np.all(chunk_finite):
+                bad = step + int(np.argmin(chunk_finite))
+                raise FloatingPointError(
+                    f"the parameters are not finite after step {bad}'s update (a "
+                    "non-finite gradient of a finite loss)"
+                )
             step += length
             postfix = {"loss": f"{float(np.mean(chunk_losses)):.4g}"}
             if eval_every is not None and step % eval_every == 0:

@@ -719,3 +719,54 @@ def test_evals_that_cannot_be_checkpointed(tmp_path):
     # Without checkpoints, any value goes.
     result = _fit_tiny(4, eval_every=2, eval_fn=lambda s, p, e: Metric(s))
     assert [e.v for _, e in result.evals] == [2, 4]
+
+
+# ---------------------------------------------------------------------------------
+# From an audit of fit: chunking, checkpointed evals, batch shapes, NaN gradients
+# ---------------------------------------------------------------------------------
+
+
+def test_chunking_does_not_change_a_unet_run():
+    """With steps_per_dispatch > 1 every chunk is a scan, also a 1-step chunk (one
+    left before an eval, a checkpoint, the end or a resume point): chunks (4, 1) and
+    one chunk of 5 give bit-identical UNet parameters. A 1-step chunk used to be
+    compiled without the loop, which XLA rounds differently for convolutions, so
+    where a run stopped changed its result."""
+    images = digits()[0][:32]
+    net = UNet(features=(4, 8), time_embed_dim=8)
+    p0 = net.init(jr.key(0), 0.5, jnp.zeros((8, 8)))
+    loss = lambda p, k, x0: dsm_loss(net.apply, p, k, x0, SDE)
+    kw = dict(optimizer=optax.adam(1e-3), num_steps=5, batch_size=4, key=jr.key(1))
+    a = fit(loss, p0, images, steps_per_dispatch=4, progress=False, **kw)
+    b = fit(loss, p0, images, steps_per_dispatch=5, progress=False, **kw)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_each_checkpoint_holds_only_its_own_evals(tmp_path):
+    """orbax writes a checkpoint's JSON in the background: it must hold a copy of
+    the evals up to its step, not the live list that later evals are appended to."""
+    _fit_tiny(
+        num_steps=30, steps_per_dispatch=1, eval_every=1,
+        eval_fn=lambda s, p, e: float(s), checkpoint_dir=tmp_path / "run",
+        checkpoint_every=1, max_to_keep=None,
+    )  # fmt: skip
+    for s in range(1, 31):
+        loaded = load_checkpoint(tmp_path / "run", TINY_P0, TINY_OPT, step=s)
+        assert [e[0] for e in loaded.evals] == list(range(1, s + 1)), s
+
+
+def test_iterator_batches_of_different_shapes_are_a_clear_error():
+    batches = iter([TINY_DATA[:8], TINY_DATA[8:16], TINY_DATA[16:20]] * 4)
+    with pytest.raises(ValueError, match="batches differ in shape"):
+        _fit_tiny(num_steps=6, data=batches, steps_per_dispatch=3)
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_is_reported():
+    """sqrt(|w|^2) at w = 0: the loss is 0, its gradient NaN, so the first update
+    makes the parameters NaN; fit names that step instead of returning NaNs."""
+    loss = lambda p, k, batch: jnp.sqrt(jnp.sum(p["w"] ** 2))
+    with pytest.raises(FloatingPointError, match="not finite after step 0's update"):
+        fit(loss, TINY_P0, TINY_DATA, optimizer=TINY_OPT, num_steps=1, batch_size=4,
+            key=jr.key(0), progress=False)  # fmt: skip
