@@ -280,6 +280,10 @@ def dsm_example_loss(
         raise ValueError(
             f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}"
         )
+    if not isinstance(sde, AbstractSDE):
+        raise TypeError(
+            f"sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got {type(sde).__name__}"
+        )
     if _is_concrete(t_min) and _is_concrete(sde.T) and not 0.0 <= t_min < sde.T:
         raise ValueError(f"need 0 <= t_min < T = {sde.T}, got t_min={t_min}")
     x0 = _check_data(x0, batch=False)

@@ -188,6 +188,12 @@ class GaussianMixture(eqx.Module):
         labels = labels.astype(np.int32)
         if labels.shape != (K,):
             raise ValueError(f"labels must have shape ({K},), got {labels.shape}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, int | np.integer)
+            or num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not _is_concrete(labels):
             if num_classes is None:
                 raise ValueError(
@@ -198,7 +204,9 @@ class GaussianMixture(eqx.Module):
                 num_classes = int(np.max(np.asarray(labels))) + 1
             lv = np.asarray(labels)
             if np.any(lv < 0) or np.any(lv >= num_classes):
-                raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+                raise ValueError(
+                    f"labels must lie in 0..{num_classes - 1}, got {lv.tolist()}"
+                )
         labels = jnp.asarray(labels)
         self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
         self.means = means
@@ -408,6 +416,13 @@ class GaussianMixture(eqx.Module):
     def tilt(self, reward) -> "GaussianMixture":
         r"""The reweighted law $p^r \propto p\cdot r$ for a reward with a closed-form
         tilt (`GaussianBumpReward`, `ExpLinearReward`)."""
+        if not hasattr(reward, "tilt_mixture"):
+            raise TypeError(
+                "GaussianMixture.tilt needs a reward whose tilt of a Gaussian mixture "
+                "is closed form (gd.GaussianBumpReward, gd.ExpLinearReward), got "
+                f"{type(reward).__name__}; for any reward, reweight samples instead "
+                "(gd.smc_sample, or PointCloud(samples).tilt(reward))"
+            )
         return reward.tilt_mixture(self)
 
 
@@ -515,8 +530,12 @@ class PointCloud(eqx.Module):
 
     def __init__(self, points, weights=None):
         points = jnp.asarray(points, jnp.result_type(float))
-        if points.ndim != 2:
-            raise ValueError(f"points must have shape (n, d), got {points.shape}")
+        if points.ndim != 2 or points.shape[0] == 0:
+            raise ValueError(
+                f"points must have shape (n, d) with n >= 1, got {points.shape}"
+            )
+        if _is_concrete(points) and not np.all(np.isfinite(np.asarray(points))):
+            raise ValueError("points must be finite (drop failed samples first)")
         n = points.shape[0]
         if weights is None:
             weights = jnp.ones(n, points.dtype)

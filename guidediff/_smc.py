@@ -275,7 +275,12 @@ def smc_sample(
         solver = ExponentialIntegrator(sde)
     _check_solver(solver, "sde", None, sde)
     _check_score_shape(score, ts, shape, dtype, args)
-    probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
+    try:
+        probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
+    except Exception as e:  # re-raised with context: which call failed
+        raise ValueError(
+            f"calling log_potential on one particle of shape {shape} failed: {e}"
+        ) from e
     if getattr(probe, "shape", None) != () or not jnp.issubdtype(
         probe.dtype, jnp.floating
     ):

@@ -212,6 +212,12 @@ def tune_guidance(
         gd.save_learning_curve(result.curve, "out/tune")  # out/tune.json, .png
         ```
     """
+    if isinstance(guided, AbstractScore) or not callable(guided):
+        raise TypeError(
+            "guided must be a function from a weight schedule to a score (e.g. "
+            "lambda w: gd.guide(s, gd.reward_guidance(s_r, w))), got "
+            f"{type(guided).__name__}"
+        )
     _check_count("num_iters", num_iters)
     shape, dtype, kw = _sampler_setup(
         sde, shape, ts, num_particles, args, process, solver, truncate_backprop

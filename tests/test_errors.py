@@ -425,3 +425,19 @@ def test_bad_input_audit():
     with pytest.raises(ValueError, match="max_steps=3 is fewer than the grid's 10"):
         gd.sample(jr.key(0), SDE, score, (2,), ts=TS, driver="diffeqsolve",
                   max_steps=3)  # fmt: skip
+    # the wrong kind of object where a specific one is needed
+    with pytest.raises(TypeError, match="closed form"):
+        GMM.tilt(lambda x: jnp.exp(-jnp.sum(x**2)))
+    with pytest.raises(TypeError, match="guided must be a function"):
+        gd.tune_guidance(jr.key(0), SDE, score, reward, (2,), num_iters=1,
+                         num_particles=2, ts=TS)  # fmt: skip
+    with pytest.raises(ValueError, match="calling log_potential on one particle"):
+        gd.smc_sample(jr.key(0), SDE, score, (2,),
+                      gd.GaussianBumpReward([1.0, 1.0, 1.0], 1.0).log,
+                      num_particles=2, ts=TS)  # fmt: skip
+    with pytest.raises(TypeError, match="sde must be a gd.AbstractSDE"):
+        gd.dsm_loss(model, None, jr.key(0), jnp.zeros((4, 2)), None)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        gd.GaussianMixture([1.0], [[0.0, 0.0]], [1.0], labels=[0], num_classes=2.5)
+    with pytest.raises(ValueError, match="points must be finite"):
+        gd.PointCloud([[0.0, 0.0], [float("nan"), 1.0]])
