@@ -97,7 +97,9 @@ class GaussianMixture(eqx.Module):
     - `weights`: $(K,)$ finite non-negative mixture weights (normalised here).
     - `means`: $(K, d)$, finite.
     - `covs`: $(K, d, d)$ finite, symmetric (up to rounding) positive definite, or
-      $(K,)$ / $(K, d)$ for isotropic / diagonal covariances.
+      $(K,)$ / $(K, d)$ for isotropic / diagonal covariances (a $(K, d)$ array is
+      always per-component variances, also when $K = d$: a matrix shared by all
+      components must be repeated to $(K, d, d)$).
     - `labels`: $(K,)$ integer class of each component (default: component index).
       A class in `0..num_classes-1` may have no component (as in `conditional`'s
       result); its $p(c)$ and $p_t(c \mid x)$ are 0 and its conditional law is
@@ -172,7 +174,15 @@ class GaussianMixture(eqx.Module):
             evals = diag
             evecs = jnp.broadcast_to(jnp.eye(d, dtype=dtype), (K, d, d))
         if _is_concrete(evals) and np.any(np.asarray(evals) <= 0):
-            raise ValueError("every covariance must be positive definite")
+            hint = ""
+            if diag is not None and K == d:
+                hint = (
+                    f" (covs of shape ({K}, {d}) are read as one diagonal per "
+                    f"component; for a full covariance matrix pass ({K}, {d}, {d}))"
+                )
+            raise ValueError(
+                "every covariance must be positive definite (variances > 0)" + hint
+            )
         if labels is None:
             labels = np.arange(K)
         # Concrete labels stay numpy while checked: any jnp op on them would be

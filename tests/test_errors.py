@@ -441,3 +441,8 @@ def test_bad_input_audit():
         gd.GaussianMixture([1.0], [[0.0, 0.0]], [1.0], labels=[0], num_classes=2.5)
     with pytest.raises(ValueError, match="points must be finite"):
         gd.PointCloud([[0.0, 0.0], [float("nan"), 1.0]])
+    # (K, d) covariances are per-component variances also when K == d
+    with pytest.raises(
+        ValueError, match=r"for a full covariance matrix pass \(2, 2, 2\)"
+    ):
+        gd.GaussianMixture([0.5, 0.5], [[0.0, 0.0], [1.0, 1.0]], jnp.eye(2))
