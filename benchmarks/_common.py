@@ -21,6 +21,8 @@ from typing import Any
 
 import jax
 
+from guidediff._experiments._common import source_commit
+
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TIMING_METHOD = (
@@ -197,6 +199,7 @@ def versions() -> dict:
         "flax": flax.__version__,
         "numpy": numpy.__version__,
         "guidediff": guidediff.__version__,
+        "guidediff_commit": source_commit(),
     }
     if "torch" in sys.modules:
         out["torch"] = sys.modules["torch"].__version__

@@ -33,15 +33,11 @@ def paper_1d_gmm() -> gd.GaussianMixture:
     )
 
 
-def reciprocal_prob_sd(gmm: gd.GaussianMixture, label: int, half_width=12.0, n=801):
-    """The exact standard deviation of 1/p(c|X) for X ~ p(x|c), by quadrature on a
-    grid (1-D or 2-D mixtures).
-
-    E[1/p(c|X)] = 1/p(c) exactly, but the statistic is heavy-tailed: rare samples
-    far from class c have huge 1/p, so the *sample* standard error of its mean
-    underestimates the true one badly at a few thousand samples. Tests of the
-    unguided value use this exact one instead:
-    E[1/p^2] = int p(x|c) / p(c|x)^2 dx = int p(x)^2 / (p(c)^2 p(x|c)) dx.
+def reciprocal_prob_moment2(
+    gmm: gd.GaussianMixture, label: int, half_width=12.0, n=801
+) -> float:
+    """The exact second moment E[1/p(c|X)^2] for X ~ p(x|c), by quadrature on a grid
+    (1-D or 2-D mixtures): int p(x|c) / p(c|x)^2 dx = int p(x)^2 / (p(c)^2 p(x|c)) dx.
     """
     import jax
 
@@ -52,9 +48,37 @@ def reciprocal_prob_sd(gmm: gd.GaussianMixture, label: int, half_width=12.0, n=8
     log_pc = jnp.log(gmm.class_prob(label))
     log_cond = jax.vmap(lambda x: gmm.log_prob(x, label))(jnp.asarray(grid))
     cell = (axis[1] - axis[0]) ** d
-    second = float(jnp.sum(jnp.exp(2 * log_p - 2 * log_pc - log_cond)) * cell)
-    first = float(jnp.exp(-log_pc))
-    return float(np.sqrt(second - first**2))
+    return float(jnp.sum(jnp.exp(2 * log_p - 2 * log_pc - log_cond)) * cell)
+
+
+def reciprocal_prob_sd(gmm: gd.GaussianMixture, label: int, **quadrature) -> float:
+    """The exact standard deviation of 1/p(c|X) for X ~ p(x|c) (unguided), by
+    quadrature.
+
+    E[1/p(c|X)] = 1/p(c) exactly, but the statistic is heavy-tailed: rare samples
+    far from class c have huge 1/p, so the *sample* standard error of its mean
+    underestimates the true one badly at a few thousand samples. Tests of the
+    unguided value use this exact one instead.
+    """
+    first = 1.0 / float(gmm.class_prob(label))
+    return float(np.sqrt(reciprocal_prob_moment2(gmm, label, **quadrature) - first**2))
+
+
+def guided_reciprocal_prob_se(gmm: gd.GaussianMixture, label: int, n: int) -> float:
+    """A standard error for the mean of 1/p(c|Y) over n guided samples Y, w > 0,
+    that does not trust the sample's own spread (the heavy right tail makes the
+    sample standard error unreliable: the rare samples that set it are the ones
+    a finite sample misses).
+
+    It is sqrt(E_0[1/p^2] / n), the unguided second moment, exact by quadrature.
+    For the exactly tilted law q_w(x) ~ p(x|c) p(c|x)^w, which guidance aims at,
+    it bounds the variance: with P = p(c|X), X ~ p(x|c),
+    E_{q_w}[P^-2] = E_0[P^(w-2)] / E_0[P^w] <= E_0[P^-2], because P^-2 falls and
+    P^w rises in P, so they are negatively correlated (Chebyshev's association
+    inequality). CFG's sampled law is not exactly q_w, but pulls samples towards
+    the class alike, so its tail is no heavier than the unguided one.
+    """
+    return float(np.sqrt(reciprocal_prob_moment2(gmm, label) / n))
 
 
 def two_sample_z(a, b) -> float:

@@ -87,7 +87,9 @@ def _load(runs, name: str) -> dict:
     assert result["benchmark"] == name
     assert result["quick"] is True
     assert result["device"]["backend"] == "cpu"
-    assert {"jax", "diffrax", "guidediff"} <= set(result["versions"])
+    assert {"jax", "diffrax", "guidediff", "guidediff_commit"} <= set(
+        result["versions"]
+    )
     return result
 
 

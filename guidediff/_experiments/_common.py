@@ -8,7 +8,9 @@ pytree keeps one structure, so the sampler compiles once per score type).
 
 import json
 import math
+import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,10 +39,40 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def source_commit() -> str | None:
+    """The git commit of the code that ran: `$GUIDEDIFF_COMMIT` if set (for a copy
+    of the tree without `.git`, e.g. on a remote machine), else `git rev-parse`
+    of this checkout, with "-dirty" if tracked files differ from it; None when
+    neither is available (an installed package)."""
+    env = os.environ.get("GUIDEDIFF_COMMIT")
+    if env:
+        return env
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
-    """The device, JAX version and float width a run used."""
+    """The device, JAX version, float width and source commit a run used."""
     dev = jax.devices()[0]
     return {
+        "commit": source_commit(),
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', str(dev))}",
         "num_devices": jax.device_count(),
         "jax_version": jax.__version__,
