@@ -83,25 +83,27 @@ def check_labels(
     """Check integer class labels: `0..num_classes-1`, plus the null label
     `num_classes` if `allow_null`.
 
-    A concrete bad label raises `ValueError` now; under `jit` the check is an
-    `equinox.error_if`, which raises when the computation runs.
+    A concrete bad label raises `ValueError` now, checked on its own (e.g. int64)
+    value before the conversion to JAX's default integer type, so that a label past
+    the int32 range (`2**32 + 1`) is not wrapped into a valid one. Under `jit` the
+    check is an `equinox.error_if`, which raises when the computation runs.
     """
-    labels = jnp.asarray(labels)
+    concrete = _is_concrete(labels)
+    labels = np.asarray(labels) if concrete else jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"class labels must be integers, got dtype {labels.dtype}")
     hi = num_classes if allow_null else num_classes - 1
     valid = f"0..{num_classes - 1}" + (
         f" or the null label {num_classes}" if allow_null else ""
     )
-    if _is_concrete(labels):
-        lv = np.asarray(labels)
-        bad = (lv < 0) | (lv > hi)
+    if concrete:
+        bad = (labels < 0) | (labels > hi)
         if np.any(bad):
             raise ValueError(
-                f"class labels out of range: got {np.unique(lv[bad]).tolist()}, "
+                f"class labels out of range: got {np.unique(labels[bad]).tolist()}, "
                 f"valid labels are {valid}"
             )
-        return labels
+        return jnp.asarray(labels)  # in range, so the conversion cannot wrap
     return eqx.error_if(
         labels, (labels < 0) | (labels > hi), f"class label out of range: valid {valid}"
     )
@@ -126,6 +128,7 @@ def reward_weights(
 
     Negative, NaN or infinite rewards, or plain rewards that are all zero, raise a
     `ValueError` when concrete and an `equinox.error_if` error at run time under `jit`.
+    Empty rewards (`n = 0`) are a `ValueError`, traced or not.
 
     !!! example
 
@@ -140,6 +143,8 @@ def reward_weights(
     if rewards.ndim != 1:
         raise ValueError(f"rewards must have shape (n,), got {rewards.shape}")
     n = rewards.shape[0]
+    if n == 0:
+        raise ValueError("rewards is empty: need at least one reward")
     if temperature is not None:
         if _is_concrete(temperature) and not float(temperature) > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -450,7 +455,9 @@ def conditional_dsm_loss(
         ```
     """
     x0 = _check_data(x0, batch=True)
-    labels = jnp.asarray(labels)
+    # Concrete labels stay numpy until checked (in `drop_labels`): a conversion to
+    # JAX's int32 first would wrap a label like 2**32 + 1 into a valid one.
+    labels = np.asarray(labels) if _is_concrete(labels) else jnp.asarray(labels)
     _check_batch(x0, "labels", labels)
     kdrop, kloss = jr.split(key)
     labels = drop_labels(kdrop, labels, num_classes, p_uncond)

@@ -12,10 +12,11 @@ Every function here takes samples stacked on a leading particle axis (the output
 All of them are pure JAX and jit-compiled; input validation that depends only on
 shapes happens at trace time, and checks of values run only when the input is
 concrete: `reciprocal_prob` rejects probabilities outside $(0, 1]$, `frac_improved`
-rejects NaN, and the distances and `two_sample_test` reject NaN or infinite samples
-(e.g. the failed particles of `gd.sample`), all with a `ValueError`. Under
-`jit`/`vmap` these checks are skipped, and a NaN input gives a NaN result (the
-distances and the p-value of `two_sample_test` included), never a finite, wrong one.
+rejects NaN, and `mean_stderr`, `reward_stats`, the distances and `two_sample_test`
+reject NaN or infinite samples (e.g. the failed particles of `gd.sample`), all with
+a `ValueError`. Under `jit`/`vmap` these checks are skipped, and a NaN input gives a
+NaN result (the distances and the p-value of `two_sample_test` included), never a
+finite, wrong one.
 """
 
 import functools
@@ -77,6 +78,14 @@ def _num_samples(x: Array, name: str, minimum: int) -> int:
 
 
 @jax.jit
+def _mean_stderr(values: Array) -> tuple[Array, Array]:
+    # Unchecked core: NaN or inf in gives NaN or inf out.
+    n = values.shape[0]
+    mean = jnp.mean(values, axis=0)
+    std = jnp.std(values, axis=0, ddof=1)
+    return mean, std / math.sqrt(n)  # a weak Python float: keeps the dtype
+
+
 def mean_stderr(values: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
     r"""Sample mean and its standard error over the leading axis.
 
@@ -87,7 +96,10 @@ def mean_stderr(values: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
     **Arguments:**
 
     - `values`: an array of shape `(n, ...)` with `n >= 2`; the leading axis indexes
-      independent samples. Trailing axes are reduced element-wise.
+      independent samples. Trailing axes are reduced element-wise. The values must
+      be finite: a concrete NaN or inf raises `ValueError` (naming how many entries
+      are non-finite). Under `jit`/`vmap` no check is possible, and a NaN or inf
+      input gives a NaN or inf result.
 
     **Returns:**
 
@@ -101,15 +113,16 @@ def mean_stderr(values: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
         ```
     """
     values = _as_inexact(values)
-    n = _num_samples(values, "values", 2)
-    mean = jnp.mean(values, axis=0)
-    std = jnp.std(values, axis=0, ddof=1)
-    return mean, std / math.sqrt(n)  # a weak Python float: keeps the dtype
+    _num_samples(values, "values", 2)
+    _check_finite("mean_stderr", values=values)
+    return _mean_stderr(values)
 
 
 @jax.jit
 def _reciprocal_prob(probs: Array) -> tuple[Array, Array]:
-    return mean_stderr(1.0 / probs)
+    # The probabilities were checked; 1/p of a tiny p may overflow to inf, an
+    # honest (infinite) average rather than an error.
+    return _mean_stderr(1.0 / probs)
 
 
 def reciprocal_prob(probs: Float[ArrayLike, "n ..."]) -> tuple[Array, Array]:
@@ -229,7 +242,6 @@ def frac_improved(
     return _frac_improved(p_guided, p_base)
 
 
-@jax.jit
 def reward_stats(rewards: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
     r"""Average reward of a population of samples, with its standard error.
 
@@ -240,7 +252,10 @@ def reward_stats(rewards: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
 
     **Arguments:**
 
-    - `rewards`: the rewards $r(Y_i)$, shape `(n, ...)` with `n >= 2`.
+    - `rewards`: the rewards $r(Y_i)$, shape `(n, ...)` with `n >= 2`. They must be
+      finite: a concrete NaN or inf (e.g. the reward of a failed particle) raises
+      `ValueError`; under `jit`/`vmap` no check is possible, and the result is then
+      NaN or inf.
 
     **Returns:**
 
@@ -254,7 +269,10 @@ def reward_stats(rewards: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
         mean, se = gd.reward_stats(rewards)
         ```
     """
-    return mean_stderr(rewards)
+    rewards = _as_inexact(rewards)
+    _num_samples(rewards, "rewards", 2)
+    _check_finite("reward_stats", rewards=rewards)
+    return _mean_stderr(rewards)
 
 
 # ---------------------------------------------------------------------------------

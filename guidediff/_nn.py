@@ -40,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 
@@ -89,6 +90,19 @@ class _Conditioning(nn.Module):
         if self.num_classes is not None:
             if label is None:
                 label = self.num_classes
+            if not isinstance(label, jax.core.Tracer):
+                # check the value before a cast to 32-bit ints can wrap it
+                host = np.asarray(label)
+                if (
+                    host.ndim == 0
+                    and np.issubdtype(host.dtype, np.integer)
+                    and not 0 <= int(host) <= self.num_classes
+                ):
+                    raise ValueError(
+                        f"class label {int(host)} out of range: valid labels are "
+                        f"0..{self.num_classes - 1} or the null label "
+                        f"{self.num_classes}"
+                    )
             label = jnp.asarray(label)
             if label.ndim != 0:
                 raise ValueError(
@@ -97,13 +111,6 @@ class _Conditioning(nn.Module):
                 )
             if not jnp.issubdtype(label.dtype, jnp.integer):
                 raise TypeError(f"class labels must be integers, got {label.dtype}")
-            if not isinstance(label, jax.core.Tracer) and not (
-                0 <= int(label) <= self.num_classes
-            ):
-                raise ValueError(
-                    f"class label {int(label)} out of range: valid labels are "
-                    f"0..{self.num_classes - 1} or the null label {self.num_classes}"
-                )
             # num_classes + 1 rows: index num_classes is the null (unconditional) label.
             embed = nn.Embed(
                 self.num_classes + 1, self.dim, dtype=self.dtype, name="class_embed"

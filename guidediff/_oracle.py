@@ -195,7 +195,6 @@ class GaussianMixture(eqx.Module):
             raise TypeError(
                 f"component labels must be integers, got dtype {labels.dtype}"
             )
-        labels = labels.astype(np.int32)
         if labels.shape != (K,):
             raise ValueError(f"labels must have shape ({K},), got {labels.shape}")
         if num_classes is not None and (
@@ -210,14 +209,26 @@ class GaussianMixture(eqx.Module):
                     "traced component labels (e.g. under jax.jit) need num_classes="
                 )
         else:
-            if num_classes is None:
-                num_classes = int(np.max(np.asarray(labels))) + 1
+            # Checked on the values given (e.g. int64), before the cast to int32
+            # would wrap a label like 2**32 + 1 into a valid one.
             lv = np.asarray(labels)
+            inferred = num_classes is None
+            if inferred:
+                num_classes = int(np.max(lv)) + 1
             if np.any(lv < 0) or np.any(lv >= num_classes):
                 raise ValueError(
                     f"labels must lie in 0..{num_classes - 1}, got {lv.tolist()}"
                 )
-        labels = jnp.asarray(labels)
+            imax = int(np.iinfo(np.int32).max)
+            if num_classes > imax:
+                raise ValueError(
+                    f"num_classes={num_classes}"
+                    + (" (1 + the largest label)" if inferred else "")
+                    + f" is too large: class labels and the null label num_classes "
+                    f"are int32, so num_classes must be at most {imax}; got labels "
+                    f"{lv.tolist()}"
+                )
+        labels = jnp.asarray(labels.astype(np.int32))  # in range: no wrap-around
         self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
         self.means = means
         self.evals = evals

@@ -446,3 +446,62 @@ def test_bad_input_audit():
         ValueError, match=r"for a full covariance matrix pass \(2, 2, 2\)"
     ):
         gd.GaussianMixture([0.5, 0.5], [[0.0, 0.0], [1.0, 1.0]], jnp.eye(2))
+
+
+def test_metrics_reject_non_finite_values():
+    # mean_stderr and reward_stats returned NaN for NaN or inf input
+    with pytest.raises(ValueError, match=r"mean_stderr needs finite .* holds 2 non"):
+        gd.mean_stderr(jnp.array([1.0, jnp.nan, jnp.inf, 2.0]))
+    with pytest.raises(ValueError, match=r"reward_stats needs finite .* holds 1 non"):
+        gd.reward_stats(np.array([1.0, 2.0, -np.inf]))
+    # under tracing no check is possible: the non-finite value propagates
+    mean, se = jax.jit(gd.mean_stderr)(jnp.array([1.0, jnp.nan]))
+    assert np.isnan(mean) and np.isnan(se)
+    mean, _ = jax.jit(gd.reward_stats)(jnp.array([1.0, jnp.inf]))
+    assert np.isinf(mean)
+    # reciprocal_prob's overflowing 1/p (p > 0 but tiny) is an honest inf, no error
+    mean, _ = gd.reciprocal_prob(jnp.array([1e-45, 0.5], jnp.float32))
+    assert np.isinf(mean)
+
+
+def test_labels_past_int32_do_not_wrap():
+    # 2**32 + 1 became label 1 under JAX's default 32-bit ints
+    big = 2**32 + 1
+    for labels in ([0, big], np.array([0, big], np.int64)):
+        with pytest.raises(ValueError, match=r"out of range: got \[4294967297\]"):
+            gd.check_labels(labels, 3)
+        with pytest.raises(ValueError, match=r"out of range: got \[4294967297\]"):
+            gd.drop_labels(jr.key(0), labels, 3, 0.1)
+        with pytest.raises(ValueError, match=r"out of range: got \[4294967297\]"):
+            gd.conditional_dsm_loss(lambda p, t, x, c: x, None, jr.key(0),
+                                    jnp.zeros((2, 2)), labels, SDE, num_classes=3,
+                                    p_uncond=0.1)  # fmt: skip
+        with pytest.raises(ValueError, match=r"labels must lie in 0..2, got \[0, 42"):
+            gd.GaussianMixture([0.5, 0.5], [[0.0, 0.0], [1.0, 1.0]], [1.0, 1.0],
+                               labels=labels, num_classes=3)  # fmt: skip
+        with pytest.raises(ValueError, match="num_classes=4294967298 .* too large"):
+            gd.GaussianMixture([0.5, 0.5], [[0.0, 0.0], [1.0, 1.0]], [1.0, 1.0],
+                               labels=labels)  # fmt: skip
+    for label in (big, np.int64(big), np.array(big, np.int64)):
+        with pytest.raises(ValueError, match="unknown class label 4294967297"):
+            GMM.classifier_prob(jnp.zeros(2), label)
+        with pytest.raises(ValueError, match="unknown class label 4294967297"):
+            gd.sample(jr.key(0), SDE, GMM.conditional_score(SDE), (2,), ts=TS,
+                      args=label)  # fmt: skip
+    net = gd.MLPScoreNet(hidden=(8,), time_embed_dim=8, num_classes=3)
+    params = net.init(jr.key(0), jnp.array(0.5), jnp.zeros(2), label=0)
+    for label in (big, np.int64(big), np.array(big, np.int64)):
+        with pytest.raises(ValueError, match="class label 4294967297 out of range"):
+            net.apply(params, jnp.array(0.5), jnp.zeros(2), label=label)
+    # in-range labels of any integer type still work
+    net.apply(params, jnp.array(0.5), jnp.zeros(2), label=np.int64(3))
+    np.testing.assert_array_equal(
+        gd.check_labels(np.array([0, 3], np.int64), 3), [0, 3]
+    )
+
+
+def test_reward_weights_empty():
+    # said "rewards are all zero" before
+    for temperature in (None, 1.0):
+        with pytest.raises(ValueError, match="rewards is empty: need at least one"):
+            gd.reward_weights([], temperature=temperature)
