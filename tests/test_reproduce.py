@@ -8,13 +8,17 @@ strict rank promotion) and the tests read its results.json.
 import json
 import math
 
+import jax
+import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 import pytest
 from helpers import guided_reciprocal_prob_se, reciprocal_prob_sd
 
+import guidediff as gd
 from guidediff._cli import main
 from guidediff._experiments import EXPERIMENTS
-from guidediff._experiments._common import source_commit
+from guidediff._experiments._common import sample_over_weights, source_commit
 
 
 K = 3.0  # standard errors
@@ -185,6 +189,13 @@ def _check_reward(res):
     assert res["two_sample_pvalue_w1"]["exact"] > 1e-3
     dist = res["energy_distance_w1"]
     assert set(dist) >= {"exact", "learned", "noise_floor"}
+    # diverged particles are counted per w, and at most 0.1 % of them dropped
+    n = len(ws)
+    for kind in ("exact", "learned"):
+        f = res["failures"][kind]
+        assert len(f["num_failed"]) == n
+        assert max(f["num_failed"]) <= f["num_dropped"] <= sum(f["num_failed"])
+        assert f["num_dropped"] <= res["config"]["num_particles"] // 1000
 
 
 def test_reward_gmm(results):
@@ -305,3 +316,33 @@ def test_source_commit(monkeypatch):
     monkeypatch.delenv("GUIDEDIFF_COMMIT")
     commit = source_commit()  # this checkout: a hash, maybe marked dirty
     assert commit is None or commit.split("-")[0].isalnum()
+
+
+class _FailsBeyond(gd.AbstractScore):
+    """The N(0, I) score, except NaN wherever w > 0 and x[0] > 1.5: particles
+    that wander there fail, and only at w > 0."""
+
+    w: jax.Array
+
+    def __call__(self, t, x, args=None):
+        bad = (self.w > 0) & (x[0] > 1.5)
+        return jnp.where(bad, jnp.nan, -x)
+
+
+def test_sample_over_weights_drops_failed_particles_from_every_w():
+    sde, n = gd.VPSDE(), 400
+    kw = dict(num_particles=n, num_steps=20)
+    with pytest.raises(FloatingPointError, match=r"of 400 particles failed \(at w"):
+        sample_over_weights(jr.key(0), sde, _FailsBeyond, [0.0, 1.0], (2,), **kw)
+    failures = {}
+    out = sample_over_weights(
+        jr.key(0), sde, _FailsBeyond, [0.0, 1.0], (2,), **kw,
+        max_failed=n, failures=failures,
+    )  # fmt: skip
+    dropped = failures["num_dropped"]
+    assert failures["num_failed"][0] == 0 and failures["num_failed"][1] == dropped
+    assert 0 < dropped < n  # ~7 % of N(0, 1) lies beyond 1.5 at the end alone
+    # the rows left are the same particles (same noise) at both weights: at w = 0
+    # and w = 1 the score is the same where nothing failed
+    assert out[0.0].shape == out[1.0].shape == (n - dropped, 2)
+    np.testing.assert_array_equal(out[0.0], out[1.0])

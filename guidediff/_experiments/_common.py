@@ -156,25 +156,40 @@ def sample_over_weights(
     num_steps: int,
     t_end: float = 1e-3,
     args=None,
+    max_failed: int = 0,
+    failures: dict | None = None,
 ) -> dict[float, np.ndarray]:
     """Samples of `make_score(w)` for each `w`, with the same noise for every `w`
     (uniform grid of `num_steps` steps from `sde.T` to `t_end`).
 
-    `w` enters the score as an array leaf, so the sampler compiles once. A failed
-    particle raises `FloatingPointError`.
+    `w` enters the score as an array leaf, so the sampler compiles once.
+
+    Failed particles (`Samples.failed`: a diverged, non-finite path) are dropped
+    from every `w`, so the samples stay paired: row `i` is the same noise at every
+    weight. More than `max_failed` of them (over all weights, default none) raise
+    `FloatingPointError`. If `failures` is a dict it receives `num_failed` (per
+    `w`) and `num_dropped` (particles dropped from every weight), for the record.
     """
     ts = uniform_grid(sde.T, t_end, num_steps)
-    out = {}
+    out, failed = {}, {}
     for w in weights:
         score = make_score(jnp.asarray(w, jnp.result_type(float)))
         res = sample(
             key, sde, score, shape, num_particles=num_particles, ts=ts, args=args
         )
-        failed = int(res.num_failed)
-        if failed:
-            raise FloatingPointError(f"{failed} particles failed at w={w}")
+        failed[float(w)] = np.asarray(res.failed)
         out[float(w)] = np.asarray(res.ys)
-    return out
+    bad = np.any(np.stack(list(failed.values())), axis=0)
+    if int(bad.sum()) > max_failed:
+        counts = {w: int(f.sum()) for w, f in failed.items() if f.any()}
+        raise FloatingPointError(
+            f"{int(bad.sum())} of {num_particles} particles failed (at w: {counts}); "
+            f"at most {max_failed} allowed"
+        )
+    if failures is not None:
+        failures["num_failed"] = [int(f.sum()) for f in failed.values()]
+        failures["num_dropped"] = int(bad.sum())
+    return {w: ys[~bad] for w, ys in out.items()}
 
 
 def distance_to(samples, reference, max_points: int = 2000) -> float:

@@ -161,10 +161,14 @@ def reward_sweep(
     *,
     num_particles: int,
     num_steps: int,
+    max_failed: int = 0,
+    failures: dict | None = None,
 ):
     """Samples of the reward-guided score for each `w` (shared noise), the mean
     reward with its standard error, and the paired standard errors of its changes
-    along `w` (`paired_steps`). Returns `(samples, means, stderrs, steps)`."""
+    along `w` (`paired_steps`). Returns `(samples, means, stderrs, steps)`.
+    `max_failed` and `failures` as in `sample_over_weights` (failed particles are
+    dropped from every `w`)."""
     samples = sample_over_weights(
         key,
         sde,
@@ -173,6 +177,8 @@ def reward_sweep(
         shape,
         num_particles=num_particles,
         num_steps=num_steps,
+        max_failed=max_failed,
+        failures=failures,
     )
     means, ses, values = [], [], []
     reward_v = jax.jit(jax.vmap(reward))
@@ -298,10 +304,23 @@ def run_reward_experiment(
         "exact": (base.score(sde), tilted.score(sde)),
         "learned": learned_scores(net, base_p, rew_p, sde),
     }
-    samples, means, ses, steps = {}, {}, {}, {}
+    # Strong guidance (w > 1 amplifies s^r - s) can make a rare path diverge: the
+    # sampler flags it, and up to 0.1 % of the particles are dropped (from every
+    # w, keeping the pairing) and counted in `failures` rather than ending the run.
+    samples, means, ses, steps, failures = {}, {}, {}, {}, {}
     for label, (s, s_r) in scores.items():
+        failures[label] = {}
         samples[label], means[label], ses[label], steps[label] = reward_sweep(
-            k_sample, sde, s, s_r, reward, weights, (2,), **kw
+            k_sample,
+            sde,
+            s,
+            s_r,
+            reward,
+            weights,
+            (2,),
+            **kw,
+            max_failed=cfg["num_particles"] // 1000,
+            failures=failures[label],
         )
     exact_unguided, exact_tilted = exact_values
     n = cfg["distance_points"]
@@ -327,6 +346,8 @@ def run_reward_experiment(
         "reward_total_stderr": {k: v["total_stderr"] for k, v in steps.items()},
         "exact_reward_unguided": exact_unguided,
         "exact_reward_tilted": exact_tilted,
+        # per score kind: failed particles per w, and how many were dropped
+        "failures": failures,
         "energy_distance_w1": dist,
         "two_sample_pvalue_w1": pvals,
         "config": {
