@@ -232,9 +232,12 @@ def smc_sample(
       \mathcal N(x_{k+1}; m_q, \Sigma)$, where $m_p$, $m_q$ are the step's means
       with `score` and with `proposal` (same covariance: the noise does not depend
       on the score). A good proposal keeps the ESS high. Needs a solver that
-      evaluates the score once per step and keeps no history
-      (`ExponentialIntegrator`, `diffrax.Euler`); costs one more score evaluation
-      per step. A step without noise (the exponential integrator's last step to
+      evaluates the score once per step (`ExponentialIntegrator`,
+      `SDEDPMSolverPP`, `diffrax.Euler`); costs one more score evaluation per step.
+      For the multistep `SDEDPMSolverPP` the step's mean depends on the last
+      denoised value too: the particles move with the proposal's history, and
+      $m_p$ uses the base score's history along the same path (the base sampler's
+      kernel), so the weights are the ratio of the two path densities. A step without noise (the exponential integrator's last step to
       $t = 0$) moves with `score`.
 
     **Returns:** an `SMCSamples` (weighted particles, ESS trace, $\log\hat Z$).
@@ -295,10 +298,11 @@ def smc_sample(
             raise TypeError(
                 f"proposal must be an AbstractScore, got {type(proposal).__name__}"
             )
-        if not isinstance(solver, _NO_HISTORY):
+        if not isinstance(solver, _ONE_EVALUATION):
             raise ValueError(
-                f"a proposal needs the transition density of each step: use "
-                f"ExponentialIntegrator or diffrax.Euler, not {type(solver).__name__}"
+                f"a proposal needs the transition density of each step from one "
+                f"score value at its start: use ExponentialIntegrator, "
+                f"SDEDPMSolverPP or diffrax.Euler, not {type(solver).__name__}"
             )
         _check_score_shape(proposal, ts, shape, dtype, args)
         _check_guidance_sde(proposal, sde)
@@ -345,10 +349,9 @@ class _FrozenScore(AbstractScore):
 
 
 # Solvers that evaluate the score once per step, at (t0, y0): they can take the score
-# value the twist already needed (no second evaluation).
+# value the twist already needed (no second evaluation). Each step is Gaussian given
+# its start and the solver's history (SDEDPMSolverPP: the last denoised value).
 _ONE_EVALUATION = (ExponentialIntegrator, SDEDPMSolverPP, dfx.Euler)
-# ... and keep no history, so a step's law is a Gaussian given its start alone.
-_NO_HISTORY = (ExponentialIntegrator, dfx.Euler)
 
 
 @filter_jit
@@ -408,12 +411,18 @@ def _smc_jit(
         # x1 = m_q + c * inc; the base kernel has mean m_p and the same
         # covariance c^2 |dt|: log N(x1; m_p) - log N(x1; m_q), summed over
         # coordinates, is -(inc d / (c |dt|) + d^2 / (2 c^2 |dt|)), d = m_q - m_p.
+        # Two solver states: a multistep solver's step depends on the history of
+        # its own score's values along the path, so the proposal moves with the
+        # proposal's history and the base kernel's mean uses the base score's
+        # history on the same path (one-step solvers keep no history: both empty).
+        state_q, state_p = state
         sq = _FrozenScore(sq)
-        x1, state1 = move(sq, inc, x, state, t0, t1)
+        x1, state_q1 = move(sq, inc, x, state_q, t0, t1)
         zero = jnp.zeros_like(inc)
-        m_q = move(sq, zero, x, state, t0, t1)[0]
-        m_p = move(_FrozenScore(s), zero, x, state, t0, t1)[0]
-        c = move(sq, jnp.ones_like(inc), x, state, t0, t1)[0] - m_q
+        m_q = move(sq, zero, x, state_q, t0, t1)[0]
+        m_p, state_p1 = move(_FrozenScore(s), zero, x, state_p, t0, t1)
+        c = move(sq, jnp.ones_like(inc), x, state_q, t0, t1)[0] - m_q
+        state1 = (state_q1, state_p1)
         m_q, m_p, c = (a.astype(wdt) for a in (m_q, m_p, c))
         d, dt, inc = m_q - m_p, jnp.abs(t1 - t0).astype(wdt), inc.astype(wdt)
         c_safe = jnp.where(c == 0, 1.0, c)
@@ -467,6 +476,8 @@ def _smc_jit(
             terms_with(score, jnp.zeros_like(x)), ts[0], ts[1], x, args
         )
     )(y0)
+    if proposal is not None:
+        state0 = (state0, state0)  # the proposal's history and the base score's
     # a traced grid skipped the Python checks: a bad one fails every particle
     dead0 = jnp.broadcast_to(~_grid_ok(sde, ts, True), (n,))
     zeros = jnp.zeros((n,), wdt)

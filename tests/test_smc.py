@@ -5,6 +5,7 @@ replicates (the particles of one SMC run are correlated by resampling, so the
 spread between runs is the honest error bar).
 """
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -55,8 +56,20 @@ def importance():
         # moved by reward guidance at w = 1/2 (neither q nor the target), weights
         # corrected by the transition densities
         {"proposal": gd.guide(GMM.score(SDE), gd.reward_guidance(TILTED, 0.5))},
+        # the same with a multistep solver (two histories), resampling every step
+        {
+            "proposal": gd.guide(GMM.score(SDE), gd.reward_guidance(TILTED, 0.5)),
+            "solver": gd.SDEDPMSolverPP(SDE),
+            "ess_threshold": 1.0,
+        },
     ],
-    ids=["systematic", "stratified-every-step", "multinomial-half-twist", "proposal"],
+    ids=[
+        "systematic",
+        "stratified-every-step",
+        "multinomial-half-twist",
+        "proposal",
+        "proposal-multistep",
+    ],
 )
 def test_smc_targets_the_tilted_law(kw, importance):
     """Resampling and the twist leave the target q r / Z and Z-hat's mean unchanged:
@@ -262,20 +275,76 @@ def test_smc_costs_the_score_evaluations_of_gd_sample():
 
 def test_proposal_equal_to_the_score_changes_nothing():
     """With proposal = score the two transition kernels coincide: the density ratio
-    is 0 and the run is the one without a proposal (to float rounding). A
-    multistep solver (whose steps depend on history) is refused."""
+    is 0 and the run is the one without a proposal (to float rounding), for a
+    one-step solver and for the multistep SDEDPMSolverPP. A solver that evaluates
+    the score more than once per step is refused."""
     kw = dict(num_particles=16, ts=gd.uniform_grid(1.0, 1e-3, 20))
     score = GMM.score(SDE)
-    a = gd.smc_sample(jr.key(2), SDE, score, (2,), REWARD.log, **kw)
-    b = gd.smc_sample(jr.key(2), SDE, score, (2,), REWARD.log, proposal=score, **kw)
-    # the same values up to the rounding of differently fused programs
-    np.testing.assert_allclose(a.ys, b.ys, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(a.log_weights, b.log_weights, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="transition density"):
+    for solver in (None, gd.SDEDPMSolverPP(SDE)):
+        a = gd.smc_sample(jr.key(2), SDE, score, (2,), REWARD.log, solver=solver, **kw)
+        b = gd.smc_sample(
+            jr.key(2), SDE, score, (2,), REWARD.log, proposal=score, solver=solver,
+            **kw,
+        )  # fmt: skip
+        # the same values up to the rounding of differently fused programs
+        np.testing.assert_allclose(a.ys, b.ys, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a.log_weights, b.log_weights, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="transition density .* not Heun"):
         gd.smc_sample(
             jr.key(2), SDE, score, (2,), REWARD.log, proposal=score,
-            solver=gd.SDEDPMSolverPP(SDE), **kw,
+            solver=dfx.Heun(), **kw,
         )  # fmt: skip
+
+
+def test_multistep_proposal_weights_are_the_path_density_ratio():
+    """SDEDPMSolverPP (multistep) with a proposal, no resampling and no twist: the
+    particles are gd.sample's with the proposal score, and each log-weight is
+    log r(x_N) plus the log ratio of the base and proposal path densities, each
+    kernel's mean taken with its own score's history along the path. Computed here
+    by stepping the solver along the saved trajectory with each score."""
+    from guidediff._brownian import _StepIncrement
+    from guidediff._reverse import reverse_sde
+
+    solver = gd.SDEDPMSolverPP(SDE)
+    ts = gd.logsnr_grid(SDE, 1.0, 1e-3, 10)
+    score = GMM.score(SDE)
+    prop = gd.guide(score, gd.reward_guidance(TILTED, 0.5))
+    kw = dict(num_particles=4, ts=ts, solver=solver)
+    out = gd.smc_sample(
+        jr.key(4), SDE, score, (2,), REWARD.log, proposal=prop, twist=0.0,
+        ess_threshold=0.0, **kw,
+    )  # fmt: skip
+    paths = gd.sample(jr.key(4), SDE, prop, (2,), save_trajectory=True, **kw).ys
+    np.testing.assert_allclose(out.ys, paths[:, -1], rtol=1e-10, atol=1e-10)
+
+    def step(s, x, state, k, inc):
+        terms = reverse_sde(SDE, s, _StepIncrement(inc))
+        x1, _, _, state1, _ = solver.step(
+            terms, ts[k], ts[k + 1], x, None, state, False
+        )
+        return x1, state1
+
+    def log_weight(path):
+        zero, one = jnp.zeros(2), jnp.ones(2)
+        terms = reverse_sde(SDE, score, _StepIncrement(zero))
+        state_p = state_q = solver.init(terms, ts[0], ts[1], path[0], None)
+        total = float(REWARD.log(path[-1]))
+        for k in range(len(ts) - 1):
+            x, x1, dt = path[k], path[k + 1], abs(float(ts[k + 1] - ts[k]))
+            m_p, state_p = step(score, x, state_p, k, zero)
+            m_q, next_q = step(prop, x, state_q, k, zero)
+            sd = np.abs(np.asarray(step(prop, x, state_q, k, one)[0] - m_q)) * dt**0.5
+            state_q = next_q
+            # log N(x1; m_p, sd^2) - log N(x1; m_q, sd^2), per coordinate
+            lp = -((x1 - m_p) ** 2) / (2 * sd**2)
+            lq = -((x1 - m_q) ** 2) / (2 * sd**2)
+            total += float(jnp.sum(lp - lq))
+        return total
+
+    expected = [log_weight(path) for path in np.asarray(paths)]
+    # (taking the base kernel's mean with the proposal's history instead moves
+    # these log-weights by O(1): the history matters)
+    np.testing.assert_allclose(out.log_weights, expected, rtol=1e-8, atol=1e-8)
 
 
 def test_proposal_on_a_grid_ending_at_zero():
