@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="CFG on a 2-D, 3-class Gaussian mixture")
     p_demo.add_argument("--out", default="out/demo", help="output folder")
-    p_demo.add_argument("--particles", type=_int_in(1), default=4000)
+    p_demo.add_argument("--particles", type=_int_in(2), default=4000)
     p_demo.add_argument("--steps", type=_int_in(1), default=500)
     p_rep = sub.add_parser(
         "reproduce",

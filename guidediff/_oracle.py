@@ -46,6 +46,14 @@ def _check_label(label: Array, num_classes: int, *, allow_null: bool) -> Array:
     """Clear error for a label outside [0, num_classes) (or == num_classes if null)
     or that is not one integer (a vector of labels would broadcast against the
     components)."""
+    if label is None:
+        null = (
+            f", or the null label {num_classes} for unconditional" if allow_null else ""
+        )
+        raise TypeError(
+            f"this score is class-conditional: pass the class label as args= "
+            f"(0..{num_classes - 1}{null})"
+        )
     concrete = _is_concrete(label)
     if concrete:
         label = np.asarray(label)  # checked before any tracing can stage it

@@ -80,7 +80,7 @@ from ._sample_checks import (
     _check_y0,
     _checkpoint_mode,
 )
-from ._score import AbstractScore, score_to_x0
+from ._score import AbstractScore, check_score, score_to_x0
 from ._sde import AbstractSDE
 from ._solver import ExponentialIntegrator
 
@@ -580,16 +580,7 @@ def sample(
             f"a fixed grid), which steps {dtype} particles on a float32 grid, or "
             "dtype=jnp.float32"
         )
-    if not isinstance(score, AbstractScore):
-        owner = getattr(score, "__self__", None)
-        hint = (
-            f"call it: {type(owner).__name__}.{score.__name__}(sde) builds the score"
-            if owner is not None and getattr(score, "__name__", "").endswith("score")
-            else "wrap a plain function (t, x, args) -> score with gd.ScoreFn"
-        )
-        raise TypeError(
-            f"score must be an AbstractScore (got {type(score).__name__}); {hint}"
-        )
+    check_score(score)
     if stepsize_controller is not None and not isinstance(
         stepsize_controller, dfx.AbstractStepSizeController
     ):

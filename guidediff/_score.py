@@ -35,14 +35,60 @@ class AbstractScore(eqx.Module):
         """The score at time `t` and state `x`."""
 
 
+def _network_hint(obj) -> str | None:
+    """How to read `obj` as a score if it is (or is a method of) a Flax network or a
+    `LinenModel`, whose output is a network's prediction (eps by default), not a
+    score; None otherwise."""
+    import flax.linen as nn
+
+    from ._flax import LinenModel  # here: _flax imports this module
+
+    owner = getattr(obj, "__self__", None)
+    if isinstance(obj, nn.Module | LinenModel) or isinstance(owner, nn.Module):
+        return (
+            "a Flax network (or LinenModel) predicts eps (or x0), it is not a score: "
+            "read it with gd.flax_score(net, variables, sde, prediction=...)"
+        )
+    return None
+
+
+def check_score(score, what: str = "score") -> None:
+    """A `TypeError` with the fix when `score` is not an `AbstractScore`: an oracle's
+    uncalled `.score` method, a Flax network, or a plain function."""
+    if isinstance(score, AbstractScore):
+        return
+    owner = getattr(score, "__self__", None)
+    hint = _network_hint(score)
+    if hint is None:
+        hint = (
+            f"call it: {type(owner).__name__}.{score.__name__}(sde) builds the score"
+            if owner is not None and getattr(score, "__name__", "").endswith("score")
+            else "wrap a plain function (t, x, args) -> score with gd.ScoreFn"
+        )
+    raise TypeError(
+        f"{what} must be an AbstractScore (got {type(score).__name__}); {hint}"
+    )
+
+
 class ScoreFn(AbstractScore):
     """Wrap a plain function `fn(t, x, args) -> score` as a score.
 
     The function is a static field: arrays it closes over are compile-time constants
     and invisible to `jax.grad`. Prefer an `eqx.Module` for anything with parameters.
+    A Flax network is refused (its output is a prediction, not a score: use
+    `gd.flax_score`).
     """
 
     fn: Callable = eqx.field(static=True)
+
+    def __check_init__(self):
+        hint = _network_hint(self.fn)
+        if hint is not None:
+            raise TypeError(f"gd.ScoreFn got {type(self.fn).__name__}: {hint}")
+        if not callable(self.fn):
+            raise TypeError(
+                f"gd.ScoreFn needs a callable, got {type(self.fn).__name__}"
+            )
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return self.fn(t, x, args)

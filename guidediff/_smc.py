@@ -81,7 +81,7 @@ from ._sample_checks import (
     _check_sharding,
     _check_solver,
 )
-from ._score import AbstractScore, score_to_x0
+from ._score import AbstractScore, check_score, score_to_x0
 from ._sde import AbstractSDE
 from ._solver import ExponentialIntegrator, SDEDPMSolverPP
 
@@ -219,7 +219,12 @@ def smc_sample(
     - `log_potential`: $\log r$ of one particle, a scalar (e.g. `reward.log`).
     - `num_particles`: $P$.
     - `twist`: $\lambda$ in $\log h_k = \lambda \log r(\hat x_0)$; 0 reweights at the
-      last step only (importance sampling, no extra score evaluation).
+      last step only (importance sampling, no extra score evaluation). The twist
+      must be positive wherever $\pi$ has mass: a potential that can be zero (a
+      hard constraint, `log r = -inf`) zeroes for good every particle whose
+      denoised estimate $\hat x_0$ ever violates it, although its path may end
+      inside, which biases the weights and $\log\hat Z$ (by orders of magnitude
+      for a half-space constraint). Use `twist=0` there, or a smoothed potential.
     - `ess_threshold`: resample when ESS $<$ `ess_threshold` $\cdot P$ (0: never,
       1: whenever the weights are not all equal).
     - `resampling`: `"systematic"` (default), `"stratified"` or `"multinomial"`.
@@ -257,11 +262,7 @@ def smc_sample(
     shape = _check_shape(shape)
     dtype = _check_dtype(dtype)
     num_particles = _check_count("num_particles", num_particles)
-    if not isinstance(score, AbstractScore):
-        raise TypeError(
-            f"score must be an AbstractScore (got {type(score).__name__}); wrap a plain "
-            "function with gd.ScoreFn"
-        )
+    check_score(score)
     if not callable(log_potential):
         raise TypeError("log_potential must be a callable x -> log r(x)")
     twist = _check_number("twist", twist)
@@ -294,10 +295,7 @@ def smc_sample(
         )
     _check_guidance_sde(score, sde)
     if proposal is not None:
-        if not isinstance(proposal, AbstractScore):
-            raise TypeError(
-                f"proposal must be an AbstractScore, got {type(proposal).__name__}"
-            )
+        check_score(proposal, "proposal")
         if not isinstance(solver, _ONE_EVALUATION):
             raise ValueError(
                 f"a proposal needs the transition density of each step from one "

@@ -195,7 +195,7 @@ def tune_guidance(
     - `ts`, `args`, `process`, `solver`, `truncate_backprop`: passed to `sample`
       (default grid: 100 uniform steps from `sde.T` to `1e-3`).
 
-    **Returns:** a `TuneResult` `(schedule, curve)`.
+    **Returns:** a `TuneResult` `(schedule, curve, compile_s)`.
 
     !!! example
 
@@ -337,7 +337,7 @@ def finetune_through_sampler(
     - `lam`, `penalty`: optional penalty towards the initial model's samples.
     - the rest as in `tune_guidance` (default grid: 100 uniform steps).
 
-    **Returns:** a `FinetuneResult` `(params, curve)`.
+    **Returns:** a `FinetuneResult` `(params, curve, compile_s)`.
 
     !!! example
 
@@ -345,7 +345,9 @@ def finetune_through_sampler(
         sde, net = gd.VPSDE(), gd.MLPScoreNet()
         pretrained = net.init(jr.key(0), 0.5, jnp.zeros(2))  # or gd.fit(...).ema_params
         reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
-        make = lambda p: gd.flax_score(net, p, sde)
+        # read as an x0-prediction, the untrained net (output 0) is data at the
+        # origin: finite samples, a non-zero reward and gradient to start from
+        make = lambda p: gd.flax_score(net, p, sde, prediction="x0")
         result = gd.finetune_through_sampler(
             jr.key(1), sde, make, pretrained, reward, (2,),
             num_iters=50, truncate_backprop=10, learning_rate=1e-4,

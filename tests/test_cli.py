@@ -74,6 +74,7 @@ def test_bad_numbers_are_argparse_errors(capsys):
 
     for argv in (
         ["demo", "--particles", "0"],
+        ["demo", "--particles", "1"],  # the standard errors need two
         ["demo", "--steps", "-3"],
         ["demo", "--steps", "x"],
         ["reproduce", "cfg-gmm", "--seed", "-1"],

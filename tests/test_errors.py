@@ -1,5 +1,7 @@
 """Bad input gets a clear error (one test each)."""
 
+import warnings
+
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
@@ -505,3 +507,39 @@ def test_reward_weights_empty():
     for temperature in (None, 1.0):
         with pytest.raises(ValueError, match="rewards is empty: need at least one"):
             gd.reward_weights([], temperature=temperature)
+
+
+def test_user_audit_score_mistakes():
+    """From a user-journey audit: gd.guide took anything as its score (a Flax
+    network's eps output was then used as a score, silently), and gd.sample's hint
+    for a network pointed at gd.ScoreFn, which accepted it."""
+    net = gd.MLPScoreNet(hidden=(8,), time_embed_dim=8, num_classes=2)
+    params = net.init(jr.key(0), jnp.array(0.5), jnp.zeros(2), label=0)
+    gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    cfg = gd.cfg(1.0, null_args=2)
+    flax_hint = r"gd.flax_score\(net, variables, sde"
+    for bad in (net, net.apply, gd.LinenModel(params, net)):
+        with pytest.raises(TypeError, match=flax_hint):
+            gd.guide(bad, cfg)
+        with pytest.raises(TypeError, match=flax_hint):
+            gd.sample(jr.key(0), SDE, bad, (2,), ts=TS)
+    for bad in (net, gd.LinenModel(params, net)):
+        with pytest.raises(TypeError, match=flax_hint):
+            with warnings.catch_warnings():  # equinox warns of the static array first
+                warnings.simplefilter("ignore")
+                gd.ScoreFn(bad)
+    with pytest.raises(TypeError, match=r"call it: GaussianMixture.conditional_score"):
+        gd.guide(gmm.conditional_score, cfg)
+    with pytest.raises(TypeError, match="wrap a plain function"):
+        gd.guide(lambda t, x, a: -x, cfg)
+    with pytest.raises(TypeError, match=r"proposal must be an AbstractScore.*flax"):
+        gd.smc_sample(
+            jr.key(0), SDE, GMM.score(SDE), (2,), lambda x: x[0], num_particles=4,
+            ts=TS, proposal=net,
+        )  # fmt: skip
+    # a conditional score called without its label says so
+    with pytest.raises(ValueError, match=r"class-conditional: pass the class label"):
+        gd.sample(jr.key(0), SDE, gmm.conditional_score(SDE), (2,), ts=TS)
+    # the flax_score reading still works
+    score = gd.flax_score(net, params, SDE)
+    gd.guide(score, cfg)

@@ -16,7 +16,7 @@ import equinox as eqx
 from jaxtyping import Array
 
 from .._custom_types import Args, Time
-from .._score import AbstractScore
+from .._score import AbstractScore, check_score
 
 
 class AbstractGuidance(eqx.Module):
@@ -53,6 +53,7 @@ def guide(score: AbstractScore, guidance: AbstractGuidance) -> Guided:
         s = guided(0.3, jnp.zeros(2), 1)  # the guided score of class 1
         ```
     """
+    check_score(score, "the score to guide")
     if not isinstance(guidance, AbstractGuidance):
         raise TypeError(f"expected an AbstractGuidance, got {type(guidance).__name__}")
     return Guided(score, guidance)
