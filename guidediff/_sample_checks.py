@@ -116,11 +116,15 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
             "applied by gd.sample)"
         )
     if jnp.issubdtype(dtype, jnp.inexact) and out.dtype != dtype:
+        alt = (
+            f" or sample with dtype={out.dtype}"
+            if jnp.issubdtype(out.dtype, jnp.floating)
+            else ""
+        )
         raise ValueError(
             f"the score returned dtype {out.dtype} for a particle of dtype {dtype}: a "
             "score must return x's dtype (the sampler's state would change type "
-            f"between steps); cast its output (e.g. `.astype(x.dtype)`) or sample "
-            f"with dtype={out.dtype}"
+            f"between steps); cast its output (e.g. `.astype(x.dtype)`){alt}"
         )
 
 

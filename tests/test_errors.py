@@ -543,3 +543,8 @@ def test_user_audit_score_mistakes():
     # the flax_score reading still works
     score = gd.flax_score(net, params, SDE)
     gd.guide(score, cfg)
+    # an integer-valued score is not told to sample with an integer dtype
+    int_score = gd.ScoreFn(lambda t, x, a: jnp.zeros(x.shape, jnp.int32))
+    with pytest.raises(ValueError, match=r"returned dtype int32") as e:
+        gd.sample(jr.key(0), SDE, int_score, (2,), ts=TS)
+    assert "sample with dtype" not in str(e.value)
