@@ -233,7 +233,9 @@ class DDIM(dfx.AbstractSolver):
         y1 = y1.astype(y0.dtype)
         state = None
         if self._multistep:
-            state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
+            state = _DataPredictionState(
+                p.x0, p.log_snr_a.astype(solver_state.log_snr.dtype), jnp.asarray(True)
+            )
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful
 
     def func(self, terms, t0, y0, args):
@@ -322,5 +324,7 @@ class SDEDPMSolverPP(_ReverseSDESolver):
             + (p.alpha_b * one_minus).astype(dtype) * d
             + noise_std.astype(dtype) * xi
         ).astype(y0.dtype)
-        state = _DataPredictionState(p.x0, p.log_snr_a, jnp.asarray(True))
+        state = _DataPredictionState(
+            p.x0, p.log_snr_a.astype(solver_state.log_snr.dtype), jnp.asarray(True)
+        )
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful

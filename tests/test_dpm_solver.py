@@ -327,3 +327,25 @@ def test_multistep_solvers_step_to_time_zero():
     last = gd.sample(jr.key(0), SDE, score, (2,), y0=traj[:, -2], ts=ts[-2:],
                      process="ode", solver=gd.DDIM(SDE)).ys  # fmt: skip
     np.testing.assert_allclose(traj[:, -1], last, rtol=1e-12, atol=1e-12)
+
+
+def test_multistep_float32_particles_under_x64_with_diffeqsolve():
+    """From a numerical audit: under x64 (the tests' setting) the multistep solvers'
+    state took the float64 log-SNR of the SDE's parameters, which diffeqsolve's loop
+    rejected for float32 particles; both drivers now give the same samples."""
+    sde = gd.VPSDE()
+    score = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)
+    ts = gd.logsnr_grid(sde, sde.T, 1e-3, 12)
+    for solver, process in (
+        (gd.DPMSolverPP(sde), "ode"),
+        (gd.SDEDPMSolverPP(sde), "sde"),
+    ):
+        a, b = (
+            gd.sample(
+                jr.key(0), sde, score, (2,), num_particles=4, ts=ts, process=process,
+                solver=solver, driver=driver, dtype=jnp.float32,
+            ).ys
+            for driver in ("scan", "diffeqsolve")
+        )  # fmt: skip
+        assert b.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
