@@ -34,7 +34,8 @@ def _signature(score, shape, dtype, args):
                 return None
             if integer or (i >= num_score and leaf.size <= 8):
                 value = tuple(np.asarray(leaf).ravel().tolist())
-            sig.append((leaf.shape, str(leaf.dtype), value))
+            weak = bool(getattr(leaf, "weak_type", False))  # promotes differently
+            sig.append((leaf.shape, str(leaf.dtype), weak, value))
         else:
             try:
                 hash(leaf)
@@ -61,18 +62,23 @@ def _check_score_shape(score, ts, shape, dtype, args) -> None:
         _CHECKED_SIGNATURES[sig] = True
 
 
+def _concrete(a):
+    """A concrete jax array as a value the score sees concretely under eval_shape,
+    with the same dtype promotion as the array: numpy, or a Python scalar for a
+    weakly typed scalar (`jnp.asarray(1.0)`: numpy would make it a strong float64
+    under x64, or a strong float32 next to bfloat16 particles, and promote x)."""
+    if not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer):
+        return a
+    if getattr(a, "weak_type", False):
+        return a.item() if a.ndim == 0 else a
+    return np.asarray(a)
+
+
 def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     x = jax.ShapeDtypeStruct(shape, dtype)
     # Concrete arrays in args are passed as numpy here, so that value checks inside
     # the score (e.g. an unknown class label) run now, with a clear Python error.
-    args = jtu.tree_map(
-        lambda a: (
-            np.asarray(a)
-            if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
-            else a
-        ),
-        args,
-    )
+    args = jtu.tree_map(_concrete, args)
     # The innermost (unguided) score is also called directly: guidance such as
     # batched CFG vmaps over args, which would hide their concrete values.
     base = score
@@ -90,9 +96,7 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     ]
     for null in null_args if base is not score else ():
         try:
-            concrete = jtu.tree_map(
-                lambda a: np.asarray(a) if isinstance(a, jax.Array | int) else a, null
-            )
+            concrete = jtu.tree_map(_concrete, null)
             eqx.filter_eval_shape(lambda t, x_, n=concrete: base(t, x_, n), ts[0], x)
         except Exception as e:
             raise ValueError(

@@ -12,15 +12,18 @@ particles run the reverse SDE step by step (any SDE solver, the same increments 
 log-weight gains
 
 $$\log h_k(x_k) - \log h_{k-1}(x_{k-1}),\qquad
-\log h_k(x) = \lambda \log r\big(\hat x_0(t_k, x)\big),\quad \log h_N = \log r,$$
+\log h_k(x) = \max\big(\lambda \log r(\hat x_0(t_k, x)),\ f\big),\quad
+\log h_N = \log r,$$
 
 ($\log h_{-1} = 0$), a twist through Tweedie's denoiser $\hat x_0$ (FK steering's
-difference potential; $\lambda$ = `twist`, 0 for none). The product telescopes to
-$r(x_N)$, so the weighted particles target $\pi$ for any twist that is positive
-wherever $\pi$ has mass; the twist only decides where resampling happens. (A
-potential that vanishes, such as a hard constraint, gives zero twists: a particle
-with $h_k = 0$ has weight zero from then on, so use `twist=0` or a smoothed
-potential there.) When the effective sample size
+difference potential; $\lambda$ = `twist`, 0 for none; $f$ = `twist_floor`,
+$-\infty$ for none). The product telescopes to $r(x_N)$, so the weighted particles
+target $\pi$ for any twist that is positive wherever $\pi$ has mass; the twist only
+decides where resampling happens. (A potential that vanishes, such as a hard
+constraint, gives zero twists: a particle with $h_k = 0$ has weight zero from then
+on, although its path may end where $r > 0$. A finite floor $f$ keeps every $h_k$
+positive, so the estimate stays unbiased; see `smc_sample`'s `twist_floor`.) When
+the effective sample size
 $\mathrm{ESS} = (\sum_i w_i)^2 / \sum_i w_i^2$ falls below `ess_threshold` $\cdot P$,
 the particles are resampled (systematic, stratified or multinomial) and their weights
 reset to equal ones that keep the running estimate
@@ -201,6 +204,7 @@ def smc_sample(
     ts: Float[ArrayLike, " n"] | None = None,
     solver: dfx.AbstractSolver | None = None,
     twist: float = 1.0,
+    twist_floor: float = -math.inf,
     ess_threshold: float = 0.5,
     resampling: Literal["systematic", "stratified", "multinomial"] = "systematic",
     proposal: AbstractScore | None = None,
@@ -224,7 +228,16 @@ def smc_sample(
       hard constraint, `log r = -inf`) zeroes for good every particle whose
       denoised estimate $\hat x_0$ ever violates it, although its path may end
       inside, which biases the weights and $\log\hat Z$ (by orders of magnitude
-      for a half-space constraint). Use `twist=0` there, or a smoothed potential.
+      for a half-space constraint). Use `twist=0` there, a smoothed potential, or
+      a `twist_floor`.
+    - `twist_floor`: $f$, a lower bound on each intermediate $\log h_k$ (default
+      $-\infty$: none; the last factor is always the exact $r$). Any finite floor
+      keeps $h_k > 0$, so the weights target $\pi$ and $\hat Z$ is unbiased with
+      a hard constraint too. A moderate floor (a few units, e.g. -3) is the useful
+      range: a very low one makes $\hat Z$ heavy-tailed (a path whose $\hat x_0$
+      left the constraint and came back is rarely kept by resampling, and weighs
+      $e^{-f}$ times its siblings when it is), so its typical value sits far below
+      $Z$; a floor near 0 flattens the twist and resamples less.
     - `ess_threshold`: resample when ESS $<$ `ess_threshold` $\cdot P$ (0: never,
       1: whenever the weights are not all equal).
     - `resampling`: `"systematic"` (default), `"stratified"` or `"multinomial"`.
@@ -266,6 +279,7 @@ def smc_sample(
     if not callable(log_potential):
         raise TypeError("log_potential must be a callable x -> log r(x)")
     twist = _check_number("twist", twist)
+    twist_floor = _check_number("twist_floor", twist_floor, allow_minus_inf=True)
     ess_threshold = _check_number("ess_threshold", ess_threshold)
     if not isinstance(ess_threshold, jax.core.Tracer) and not (
         0.0 <= float(ess_threshold) <= 1.0
@@ -311,14 +325,14 @@ def smc_sample(
     _check_sharding(sharding, num_particles, shape)
     static = (num_particles, shape, dtype, use_twist, resampling, sharding)
     wdt = _time_dtype(dtype)  # the weights: at least float32
-    numbers = (jnp.asarray(ess_threshold, wdt), jnp.asarray(twist, wdt))
+    numbers = tuple(jnp.asarray(v, wdt) for v in (ess_threshold, twist, twist_floor))
     return _smc_jit(
         key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
     )
 
 
-def _check_number(name: str, value):
-    """A finite real number (traced values pass unchecked)."""
+def _check_number(name: str, value, allow_minus_inf: bool = False):
+    """A finite real number, or -inf where allowed (traced values pass unchecked)."""
     if isinstance(value, bool) or not isinstance(
         value, int | float | np.number | np.ndarray | jax.Array
     ):
@@ -326,8 +340,9 @@ def _check_number(name: str, value):
     if isinstance(value, jax.core.Tracer):
         return value
     v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
+    if not (math.isfinite(v) or (allow_minus_inf and v == -math.inf)):
+        extra = " or -inf" if allow_minus_inf else ""
+        raise ValueError(f"{name} must be finite{extra}, got {v}")
     return v
 
 
@@ -360,7 +375,7 @@ def _smc_jit(
     # log-weights accumulate over every step: float32 at least (a bfloat16 sum of
     # hundreds of increments would keep 8 bits)
     wdt = _time_dtype(dtype)
-    threshold, twist = numbers
+    threshold, twist, floor = numbers
     keys = _particle_keys(key, n)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, sharding)
@@ -385,6 +400,8 @@ def _smc_jit(
             lp = log_potential(score_to_x0(sde, t, x, s))
             # a traced twist may still be 0 at run time: no 0 * (-inf) = NaN
             lh = jnp.where(twist == 0, 0, twist * lp.astype(wdt)).astype(wdt)
+            # floored: any positive h_k keeps the product telescoping to r(x_N)
+            lh = jnp.maximum(lh, floor)
         return lh, _failed(x, lh)
 
     def move(s, inc, x, state, t0, t1):

@@ -61,6 +61,26 @@ def test_a_score_of_another_dtype_gets_a_clear_error():
         )
 
 
+def test_weakly_typed_args_keep_the_particles_dtype():
+    """`args=jnp.asarray(2.0)` is weakly typed: it multiplies float32 (or bfloat16)
+    particles without promoting them, so the score check must not reject it (it
+    did: it saw the value as a strong float64). A strong float64 array of the same
+    shape does promote, and is rejected although the weak one was checked first."""
+    sde, ts = gd.VPSDE(), gd.uniform_grid(1.0, 1e-3, 3)
+    scaled = gd.ScoreFn(lambda t, x, args: -x * args)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        out = gd.sample(
+            jr.key(0), sde, scaled, (2,), num_particles=2, dtype=dtype, ts=ts,
+            args=jnp.asarray(2.0),
+        )  # fmt: skip
+        assert out.ys.dtype == dtype
+    with pytest.raises(ValueError, match="score returned dtype float64"):
+        gd.sample(
+            jr.key(0), sde, scaled, (2,), num_particles=2, dtype=jnp.float32, ts=ts,
+            args=jnp.asarray(2.0, jnp.float64),
+        )  # fmt: skip
+
+
 def test_losses_of_16bit_data_compute_in_float32():
     """16-bit data: the losses draw t and the noise in float32 and compute in
     float32; only the model's input and output are 16-bit. (In float16 the x0
