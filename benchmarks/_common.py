@@ -29,7 +29,8 @@ TIMING_METHOD = (
     "first call timed alone (trace + compile + run); then 1 untimed warm-up call; "
     "then `repeats` calls timed one by one with time.perf_counter around "
     "fn(...) + jax.block_until_ready; run_s is their median; compile_s = "
-    "first_call_s - run_s"
+    "first_call_s - run_s; dispatch_s is the median time until fn(...) returned "
+    "(before blocking): the host's share of an asynchronous call"
 )
 
 
@@ -91,14 +92,17 @@ def timeit(
     first = time.perf_counter() - t0
     for _ in range(warmup):
         block(fn(*args))
-    times = []
+    times, dispatch = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        block(fn(*args))
+        out_i = fn(*args)
+        dispatch.append(time.perf_counter() - t0)
+        block(out_i)
         times.append(time.perf_counter() - t0)
     run = statistics.median(times)
     timing = {
         "run_s": run,
+        "dispatch_s": statistics.median(dispatch),
         "run_min_s": min(times),
         "run_max_s": max(times),
         "repeats": repeats,
@@ -106,6 +110,21 @@ def timeit(
         "compile_s": max(first - run, 0.0),
     }
     return timing, out
+
+
+def pipelined(fn: Callable, *args, calls: int = 10, repeats: int = 3) -> dict:
+    """Time `calls` calls of `fn(*args)` issued back to back, blocking once at the
+    end (after one blocked warm-up call): the per-call time when the host's work
+    overlaps the device's, as in a loop that does not wait for each result. Median
+    over `repeats` such bursts."""
+    _block_jax(fn(*args))
+    per_call = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [fn(*args) for _ in range(calls)]
+        _block_jax(outs)
+        per_call.append((time.perf_counter() - t0) / calls)
+    return {"per_call_s": statistics.median(per_call), "calls": calls}
 
 
 def try_timeit(fn: Callable, *args, **kwargs) -> tuple[dict, Any]:

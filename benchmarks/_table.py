@@ -60,6 +60,21 @@ def _against_scan(res: dict, file: str) -> list[str]:
                 file,
             )
         )
+        piped = r.get("forward_pipelined", {})
+        if "guidediff" in piped and "guidediff_jit" in piped:
+            host = [1e3 * fwd[k].get("dispatch_s", float("nan")) for k in piped]
+            per_call = [1e3 * piped[k]["per_call_s"] for k in piped]
+            rows.append(
+                _row(
+                    "against_scan",
+                    size,
+                    "forward, direct call / jit: host time until the call returns; "
+                    "per call, 10 calls back to back",
+                    f"{host[0]:.2f} ms / {host[1]:.2f} ms; "
+                    f"{per_call[0]:.1f} ms / {per_call[1]:.1f} ms",
+                    file,
+                )
+            )
         rows.append(
             _row(
                 "against_scan",

@@ -7,6 +7,11 @@ Baselines (benchmarks/_problems.py): `hand`, one `(P, d)` normal draw per step,
 and `hand_same_noise`, guidediff's own per-particle noise (same samples: the JSON
 reports the largest difference).
 
+`forward_pipelined` times 10 calls issued back to back (one block at the end) for
+the direct and the jitted call, and each timing's `dispatch_s` is the host's time
+until the call returned: together they tell a direct call's host cost from work
+on the device.
+
 Forward, and forward + backward: the gradient of mean(samples**2) with respect to
 the MLP weights (the GMM means at 2-D), `gd.sample(..., checkpoint=True)` under
 `jax.grad` against the hand loop with `jax.checkpoint` on each step. guidediff's
@@ -64,10 +69,19 @@ def run_size(size: P.Size, args) -> dict:
         repeats=args.repeats,
         label="forward  ",
     )
+    # A direct call's fixed cost outside the compiled program: host time per call
+    # (dispatch_s in `forward`) and the per-call time of back-to-back calls, where
+    # the host's work overlaps the device's.
+    piped = {
+        name: C.pipelined(variants[name], problem.params, key, ts)
+        for name in ("guidediff", "guidediff_jit")
+        if "error" not in fwd[name]
+    }
     result = {
         **P.run_fields(size, problem.particles, steps, problem.width),
         "network": _network(problem),
         "forward": fwd,
+        "forward_pipelined": piped,
         "max_abs_diff_same_noise": P.max_abs_diff(
             out["guidediff"], out["hand_same_noise"]
         ),

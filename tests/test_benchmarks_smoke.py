@@ -110,6 +110,9 @@ def test_against_scan(runs):
         for v in ("guidediff", "guidediff_step_ckpt", "hand", "hand_same_noise"):
             _timing(x["backward"][v])
         assert {"forward", "forward_jit", "backward"} <= set(x["ratios"])
+        for v in ("guidediff", "guidediff_jit"):
+            assert 0 < x["forward"][v]["dispatch_s"] <= x["forward"][v]["run_s"]
+            assert x["forward_pipelined"][v]["per_call_s"] > 0
         # The same-noise baseline reproduces guidediff's samples.
         assert x["max_abs_diff_same_noise"] <= 1e-4 * max(1.0, x["sample_scale"])
 
