@@ -119,8 +119,8 @@ def reward_weights(
       denoising score matching for the tilted law $p^r \propto p\,r$. It is
       computed as $v_i / \bar v$ with $v_i = r_i\,2^{-e}$ (the same $w_i$), $2^e$
       the power of two just above $\max_j r_j$, so the mean cannot overflow, even
-      for rewards near the dtype's largest value. Subnormal rewards (below `finfo(dtype).tiny`) count as zero, as
-      XLA on CPU flushes them.
+      for rewards near the dtype's largest value. Subnormal rewards (below
+      `finfo(dtype).tiny`) count as zero, as XLA on CPU flushes them.
     - `temperature=alpha`: an exponential tilt $r_i = \exp(R_i/\alpha)$ of signed
       rewards $R_i$, normalised in log space,
       $w_i = n\exp(R_i/\alpha - \operatorname{logsumexp}_j R_j/\alpha)$, which never
@@ -128,7 +128,9 @@ def reward_weights(
 
     Negative, NaN or infinite rewards, or plain rewards that are all zero, raise a
     `ValueError` when concrete and an `equinox.error_if` error at run time under `jit`.
-    Empty rewards (`n = 0`) are a `ValueError`, traced or not.
+    Empty rewards (`n = 0`) are a `ValueError`, traced or not. The weights have
+    the rewards' dtype, or float32 for 16-bit rewards (whose mean and softmax
+    would keep 8 or 11 bits: weights not of mean one).
 
     !!! example
 
@@ -140,6 +142,9 @@ def reward_weights(
     rewards = jnp.asarray(rewards)
     if not jnp.issubdtype(rewards.dtype, jnp.floating):
         rewards = rewards.astype(jnp.result_type(float))
+    # 16-bit rewards are weighted in float32: a bfloat16 mean (and softmax) keeps
+    # 8 bits, and the weights would not have mean one
+    rewards = rewards.astype(jnp.promote_types(rewards.dtype, jnp.float32))
     if rewards.ndim != 1:
         raise ValueError(f"rewards must have shape (n,), got {rewards.shape}")
     n = rewards.shape[0]
@@ -234,7 +239,13 @@ def _loss_dtype(x) -> jnp.dtype:
 
 def _lambda(weighting, sde: AbstractSDE, t: Time, alpha, sigma):
     if callable(weighting):
-        return jnp.asarray(weighting(t))
+        lam = jnp.asarray(weighting(t))
+        if lam.shape != ():
+            raise ValueError(
+                "a callable weighting must return one positive number lambda(t) for "
+                f"a scalar t, got shape {lam.shape}"
+            )
+        return lam
     if weighting == "eps":
         return sigma**2
     if weighting == "x0":
@@ -410,6 +421,9 @@ def drop_labels(
     if _is_concrete(p_uncond) and not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
     drop = jr.bernoulli(key, p_uncond, labels.shape)
+    # at least int32: the null label num_classes may not fit the labels' dtype
+    # (uint8 labels of 256 classes)
+    labels = labels.astype(jnp.promote_types(labels.dtype, jnp.int32))
     return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
 
 
@@ -556,6 +570,11 @@ def noisy_classifier_loss(
     `sde`); anything else is a `ValueError` (the logits' shape is checked when
     the loss is traced).
     """
+    if sde is not None and not isinstance(sde, AbstractSDE):
+        raise TypeError(
+            "sde must be a gd.AbstractSDE (e.g. gd.VPSDE()) or None (a clean-data "
+            f"classifier), got {type(sde).__name__}"
+        )
     if (
         sde is not None
         and _is_concrete(t_min)

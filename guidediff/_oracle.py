@@ -42,6 +42,16 @@ def _particle(x) -> Array:
     return x
 
 
+def _check_point(x: Array, shape: tuple[int, ...], what: str) -> None:
+    """One particle of the law's dimension (static shapes: free under `jit`). A
+    batch, or a point of another dimension, would broadcast into a wrong value."""
+    if x.shape != tuple(shape):
+        raise ValueError(
+            f"{what} takes one particle of shape {tuple(shape)}, got shape "
+            f"{x.shape}; for a batch of particles use jax.vmap"
+        )
+
+
 def _check_label(label: Array, num_classes: int, *, allow_null: bool) -> Array:
     """Clear error for a label outside [0, num_classes) (or == num_classes if null)
     or that is not one integer (a vector of labels would broadcast against the
@@ -107,11 +117,15 @@ class GaussianMixture(eqx.Module):
     - `covs`: $(K, d, d)$ finite, symmetric (up to rounding) positive definite, or
       $(K,)$ / $(K, d)$ for isotropic / diagonal covariances (a $(K, d)$ array is
       always per-component variances, also when $K = d$: a matrix shared by all
-      components must be repeated to $(K, d, d)$).
+      components must be repeated to $(K, d, d)$). Full matrices are
+      diagonalised with `eigh`, whose gradient is NaN where eigenvalues repeat
+      (e.g. `jnp.eye(d)`): to differentiate with respect to a diagonal or
+      isotropic covariance, pass it as $(K, d)$ or $(K,)$.
     - `labels`: $(K,)$ integer class of each component (default: component index).
-      A class in `0..num_classes-1` may have no component (as in `conditional`'s
-      result); its $p(c)$ and $p_t(c \mid x)$ are 0 and its conditional law is
-      undefined, so asking for it raises a `ValueError`.
+      A class in `0..num_classes-1` may have no component, or only components of
+      weight 0 (as in `conditional`'s result); its $p(c)$ and $p_t(c \mid x)$ are
+      0 and its conditional law is undefined, so asking for it raises a
+      `ValueError`.
 
     !!! example
 
@@ -146,7 +160,7 @@ class GaussianMixture(eqx.Module):
             raise ValueError(f"weights must have shape ({K},), got {weights.shape}")
         if _is_concrete(weights):
             w = np.asarray(weights)
-            if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            if np.any(~np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
                 raise ValueError(
                     "mixture weights must be finite, non-negative and not all zero"
                 )
@@ -237,7 +251,8 @@ class GaussianMixture(eqx.Module):
                     f"{lv.tolist()}"
                 )
         labels = jnp.asarray(labels.astype(np.int32))  # in range: no wrap-around
-        self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
+        log_w = jnp.log(weights)  # normalised in logs: a sum of huge weights overflows
+        self.log_weights = log_w - jax.nn.logsumexp(log_w)
         self.means = means
         self.evals = evals
         self.evecs = evecs
@@ -269,6 +284,8 @@ class GaussianMixture(eqx.Module):
         label = _check_label(label, self.num_classes, allow_null=allow_null)
         if _is_concrete(label) and _is_concrete(self.labels):
             present = np.asarray(self.labels)
+            if _is_concrete(self.log_weights):  # a class of zero-weight components
+                present = present[np.asarray(self.log_weights) > -np.inf]
             lv = np.asarray(label)
             missing = ~np.isin(lv, present)
             if allow_null:
@@ -279,9 +296,9 @@ class GaussianMixture(eqx.Module):
                     f"class {gone[0]} has" if len(gone) == 1 else f"classes {gone} have"
                 )
                 raise ValueError(
-                    f"{which} no component in this mixture (component labels "
-                    f"{np.unique(present).tolist()}): the conditional law p(x | c) "
-                    "is undefined"
+                    f"{which} no component in this mixture (labels of the "
+                    f"components with weight > 0: {np.unique(present).tolist()}): "
+                    "the conditional law p(x | c) is undefined"
                 )
         return label
 
@@ -304,6 +321,7 @@ class GaussianMixture(eqx.Module):
 
     def _component_terms(self, x: Array, alpha, sigma):
         """Per-component log N_t(x) and score, for one particle x of shape (d,)."""
+        _check_point(x, (self.dim,), "the mixture")
         dtype = x.dtype
         v = (alpha**2 * self.evals + sigma**2).astype(dtype)  # (K, d)
         diff = x[None, :] - alpha.astype(dtype) * self.means.astype(dtype)  # (K, d)
@@ -458,6 +476,7 @@ class GaussianMixture(eqx.Module):
 def _coeffs(sde, t, dtype):
     if sde is None:
         return jnp.ones((), dtype), jnp.zeros((), dtype)
+    sde.check_time(t)
     return sde.marginal(t)
 
 
@@ -519,7 +538,9 @@ class Gaussian(eqx.Module):
                 f"a mean of shape ({d},), got shape {cov.shape}"
             )
         if cov.ndim == 0:
-            cov = cov * jnp.eye(d, dtype=mean.dtype)
+            # a diagonal, not cov * I: the mixture's eigh of a matrix with equal
+            # eigenvalues has a NaN gradient, its diagonal path has none
+            cov = jnp.full((d,), cov, mean.dtype)
         self.mixture = GaussianMixture(jnp.ones(1), mean[None], cov[None])
 
     @property
@@ -532,6 +553,7 @@ class Gaussian(eqx.Module):
 
     def marginal_moments(self, sde: AbstractSDE, t: Time) -> tuple[Array, Array]:
         """The exact mean and covariance of $X_t$."""
+        sde.check_time(t)
         alpha, sigma = sde.marginal(t)
         d = self.mean.shape[0]
         return alpha * self.mean, alpha**2 * self.cov + sigma**2 * jnp.eye(d)
@@ -572,10 +594,12 @@ class PointCloud(eqx.Module):
         if weights.shape != (n,):
             raise ValueError(f"weights must have shape ({n},), got {weights.shape}")
         self.points = points
-        self.log_weights = jnp.log(weights) - jnp.log(jnp.sum(weights))
+        log_w = jnp.log(weights)  # normalised in logs: a sum of huge weights overflows
+        self.log_weights = log_w - jax.nn.logsumexp(log_w)
 
     def score_t(self, sde: AbstractSDE, t: Time, x: Array) -> Array:
         x = _particle(x)
+        _check_point(x, self.points.shape[1:], "the point cloud")
         sde.check_time(t)
         alpha, sigma = sde.marginal(t)
         alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
@@ -699,6 +723,7 @@ class GaussianBumpReward(eqx.Module):
 
     def log(self, x: Array) -> Scalar:
         dt = _state_dtype(x)
+        _check_point(jnp.asarray(x), self.center.shape, "the bump reward")
         return (
             -0.5
             * jnp.sum((x - self.center.astype(dt)) ** 2)
@@ -764,6 +789,7 @@ class ExpLinearReward(eqx.Module):
             raise ValueError(f"the reward direction must be finite, got {direction}")
 
     def log(self, x: Array) -> Scalar:
+        _check_point(jnp.asarray(x), self.direction.shape, "the exp-linear reward")
         return jnp.dot(self.direction.astype(_state_dtype(x)), x)
 
     def __call__(self, x: Array) -> Scalar:

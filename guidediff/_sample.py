@@ -135,9 +135,12 @@ def _grid_in_dtype(sde: AbstractSDE, ts, dtype, start_at_T: bool) -> Array:
     particles of `dtype` (`_time_dtype`) and checked again: float32 particles under
     x64 can round neighbouring float64 times together. With `start_at_T` (no `y0`:
     the particles start from the prior) the grid must start at `sde.T`."""
-    given = jnp.asarray(ts)
+    # (a jax array as it is: jnp.asarray and a same-dtype astype cost host time on
+    # every direct call)
+    given = ts if isinstance(ts, jax.Array) else jnp.asarray(ts)
     check_grid(sde, given)
-    ts = given.astype(_time_dtype(dtype))
+    tdtype = _time_dtype(dtype)
+    ts = given if given.dtype == tdtype else given.astype(tdtype)
     if ts.dtype != given.dtype:
         try:
             check_grid(sde, ts)

@@ -27,6 +27,15 @@ def _as_float(x: ArrayLike) -> Array:
     return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
+def _float_state(x: ArrayLike) -> Array:
+    """A state as an inexact array: integer points are read as floats (an SDE
+    coefficient cast to an integer dtype would be truncated)."""
+    x = jnp.asarray(x)
+    return (
+        x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.result_type(float))
+    )
+
+
 def _concrete(*values) -> tuple[np.ndarray, ...] | None:
     """The values as NumPy arrays, or None if any is traced.
 
@@ -229,6 +238,7 @@ class AbstractSDE(eqx.Module):
 
     def drift(self, t: Time, x: Array) -> Array:
         """$f(t)\\,x$."""
+        x = _float_state(x)
         return self.drift_coeff(t).astype(x.dtype) * x
 
     def log_snr(self, t: Time) -> Scalar:
@@ -239,6 +249,7 @@ class AbstractSDE(eqx.Module):
     def perturb(self, t: Time, x0: Array, noise: Array) -> Array:
         r"""$x_t = \alpha(t) x_0 + \sigma(t)\varepsilon$."""
         alpha, sigma = self.marginal(t)
+        x0 = _float_state(x0)
         return alpha.astype(x0.dtype) * x0 + sigma.astype(x0.dtype) * noise
 
     def prior_sample(self, key: Key, shape: tuple[int, ...], dtype=None) -> Array:
@@ -262,7 +273,13 @@ class AbstractSDE(eqx.Module):
             tv = float(t)
         except (TypeError, jax.errors.ConcretizationTypeError):
             return
-        if not (0.0 <= tv <= float(self.T)):
+        T = float(self.T)
+        dt = getattr(t, "dtype", None)
+        if dt is not None and jnp.issubdtype(dt, jnp.floating):
+            # T rounded to t's precision: float32(0.999) is above 0.999, and a
+            # float32 grid from sde.T starts there
+            T = max(T, float(np.asarray(T, dt)))
+        if not (0.0 <= tv <= T):
             raise ValueError(
                 f"time {tv} is outside this SDE's range [0, {float(self.T)}]"
             )

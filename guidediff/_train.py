@@ -21,6 +21,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -212,8 +213,12 @@ def _run_chunk(
     sampler = eqx.combine(sampler_dynamic, sampler_static)
 
     def body(state, inp):
-        step, batch = inp
+        step, i, valid = inp
         params, opt_state, ema = state
+        # the chunk's i-th host batch (iterator data; None otherwise)
+        batch = jax.tree.map(
+            lambda b: lax.dynamic_index_in_dim(b, i, keepdims=False), batches
+        )
         kdata, kloss = jr.split(jr.fold_in(key, step))
         if sampler is not None:
             batch = sampler(kdata)
@@ -229,19 +234,29 @@ def _run_chunk(
         finite = jnp.all(
             jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
         )
-        return (params, opt_state, ema), (loss, finite)
+        new = (params, opt_state, ema)
+        if valid is not None:  # a padding step leaves the state as it was
+            new = jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, state)
+        return new, (loss, finite)
 
-    steps = start + jnp.arange(length, dtype=jnp.uint32)
     if unrolled:
         # steps_per_dispatch=1: no while loop around the step (XLA:CPU runs
         # convolution gradients inside a loop many times slower than on their own).
         # Decided by steps_per_dispatch, not by this chunk's length: a 1-step chunk
         # of a scanned run (before a checkpoint, an eval or a resume point) must
         # compile to the same arithmetic as the scan, or resuming is not bit-exact.
-        first = jax.tree.map(lambda b: b[0], batches)
-        state, out = body(state, (steps[0], first))
+        state, out = body(state, (start, 0, None))
         return state, jax.tree.map(lambda a: a[None], out)
-    return jax.lax.scan(body, state, (steps, batches))
+    # A 1-step chunk is a 2-step scan whose second step is padding: XLA compiles a
+    # scan it knows runs once without its loop, and fused that step differently (an
+    # ulp in the loss with host batches), so a run cut by an eval or a resume point
+    # was not bit-exact. Every scanned chunk selects its new state by `valid`, so
+    # all compile the same loop body.
+    n = max(length, 2)
+    steps = start + jnp.arange(n, dtype=jnp.uint32)
+    index = jnp.minimum(jnp.arange(n, dtype=jnp.int32), length - 1)
+    state, out = jax.lax.scan(body, state, (steps, index, jnp.arange(n) < length))
+    return state, jax.tree.map(lambda a: a[:length], out)
 
 
 # ---------------------------------------------------------------------------------
@@ -525,7 +540,8 @@ def fit(
       own jitted call, with no loop around it: use it for convolutional networks on
       a CPU, where XLA runs convolution gradients inside a loop many times slower.
       The chunking never changes the result: with `steps_per_dispatch > 1` every
-      chunk, also one of a single step, is a scan.
+      chunk, also one of a single step, is the same loop (a 1-step chunk runs
+      a padding step whose result is discarded, so XLA keeps its loop).
     - `ema_decay`: EMA decay, or `None` for no EMA.
     - `eval_every`, `eval_fn`: every `eval_every` steps, call
       `eval_fn(step, params, ema_params)` on the host and record its value.
@@ -689,11 +705,18 @@ def fit(
             )
             chunk_losses, chunk_finite = map(np.asarray, chunk_losses)
             losses.append(chunk_losses)
-            if not np.all(np.isfinite(chunk_losses)):
-                bad = step + int(np.argmin(np.isfinite(chunk_losses)))
+            # the first failure of the chunk: a loss at step k, or the parameters
+            # after step k's update (whose NaN gives step k + 1 a NaN loss)
+            loss_ok = np.isfinite(chunk_losses)
+            bad_loss = int(np.argmin(loss_ok)) if not np.all(loss_ok) else length
+            bad_params = (
+                int(np.argmin(chunk_finite)) if not np.all(chunk_finite) else length
+            )
+            if bad_loss <= bad_params and bad_loss < length:
+                bad = step + bad_loss
                 raise FloatingPointError(f"the loss is not finite at step {bad}")
-            if not np.all(chunk_finite):
-                bad = step + int(np.argmin(chunk_finite))
+            if bad_params < length:
+                bad = step + bad_params
                 raise FloatingPointError(
                     f"the parameters are not finite after step {bad}'s update (a "
                     "non-finite gradient of a finite loss)"

@@ -727,11 +727,11 @@ def test_evals_that_cannot_be_checkpointed(tmp_path):
 
 
 def test_chunking_does_not_change_a_unet_run():
-    """With steps_per_dispatch > 1 every chunk is a scan, also a 1-step chunk (one
-    left before an eval, a checkpoint, the end or a resume point): chunks (4, 1) and
-    one chunk of 5 give bit-identical UNet parameters. A 1-step chunk used to be
-    compiled without the loop, which XLA rounds differently for convolutions, so
-    where a run stopped changed its result."""
+    """With steps_per_dispatch > 1 every chunk is the same loop, also a 1-step chunk
+    (one left before an eval, a checkpoint, the end or a resume point): chunks
+    (4, 1) and one chunk of 5 give bit-identical UNet parameters. A 1-step chunk
+    used to be compiled without the loop, which XLA rounds differently for
+    convolutions, so where a run stopped changed its result."""
     images = digits()[0][:32]
     net = UNet(features=(4, 8), time_embed_dim=8)
     p0 = net.init(jr.key(0), 0.5, jnp.zeros((8, 8)))
@@ -742,6 +742,34 @@ def test_chunking_does_not_change_a_unet_run():
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_one_step_chunks_of_host_batches_are_bit_exact():
+    """Host batches (an iterator) with an eval every 3 steps cut 1-step chunks out
+    of 2-step ones: the loss history is bit-identical to the run without evals.
+    A `scan` of length 1 is compiled without its loop, which rounded the loss of
+    such a step differently (by an ulp); the chunk's loop now has a run-time trip
+    count."""
+
+    def batches():
+        k = 0
+        while True:
+            yield np.full((4, 2), float(k), np.float32)
+            k += 1
+
+    loss = lambda p, k, batch: jnp.mean((batch - p["m"][None]) ** 2)
+    kw = dict(
+        optimizer=optax.sgd(0.1), key=jr.key(1), progress=False, num_steps=6,
+        steps_per_dispatch=2,
+    )  # fmt: skip
+    p0 = {"m": jnp.zeros(2, jnp.float32)}
+    a = fit(loss, p0, batches(), **kw)
+    b = fit(
+        loss, p0, batches(), eval_every=3,
+        eval_fn=lambda s, p, e: 0.0, **kw,
+    )  # fmt: skip
+    np.testing.assert_array_equal(a.losses, b.losses)
+    np.testing.assert_array_equal(a.params["m"], b.params["m"])
 
 
 def test_each_checkpoint_holds_only_its_own_evals(tmp_path):

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .._custom_types import Args
 from .._score import AbstractScore
@@ -24,12 +25,17 @@ class ClassifierFree(AbstractGuidance):
         if self.unconditional is not None:
             cond = score(t, x, args)
             uncond = self.unconditional(t, x, args)
-        elif self.batched:
+        elif self.batched and not _eager(t, x, args):
             # One call of the score on the stacked (cond, null) args: under the outer
-            # particle vmap this is a single network call on 2N inputs.
-            null = jtu.tree_map(
-                lambda a, n: jnp.asarray(n, jnp.asarray(a).dtype), args, self.null_args
-            )
+            # particle vmap this is a single network call on 2N inputs. (An eager
+            # call with concrete values takes the two-call path below, where the
+            # score's own checks, e.g. of an unknown label, see the values.)
+            if args is None:
+                raise TypeError(
+                    "gd.cfg(null_args=...) needs the conditional args (e.g. the class "
+                    "label) in the score's call: got args=None"
+                )
+            null = jtu.tree_map(_null_like, args, self.null_args)
             both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
             out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)
             cond, uncond = out[0], out[1]
@@ -38,6 +44,26 @@ class ClassifierFree(AbstractGuidance):
             uncond = score(t, x, self.null_args)
         w = self.weight(t).astype(cond.dtype)
         return cond + w * (cond - uncond)
+
+
+def _eager(*trees) -> bool:
+    """Every leaf concrete: a direct call outside `jit` / `vmap`."""
+    return not any(isinstance(v, jax.core.Tracer) for v in jtu.tree_leaves(trees))
+
+
+def _null_like(a, n):
+    """The null args `n` in the dtype of the conditional `a` they are stacked with;
+    a concrete value that the cast would change (a float label 1.9 -> 1) is an
+    error, not a silent other class."""
+    dtype = jnp.asarray(a).dtype
+    if not isinstance(n, jax.core.Tracer):
+        v = np.asarray(n)
+        if not np.array_equal(v.astype(dtype), v):
+            raise ValueError(
+                f"gd.cfg's null_args={n!r} is not representable as the conditional "
+                f"args' dtype {dtype} (they are stacked into one call)"
+            )
+    return jnp.asarray(n, dtype)
 
 
 def cfg(

@@ -18,7 +18,10 @@ class Interval(AbstractGuidance):
 
     def apply(self, score, t, x, args):
         t = jnp.asarray(t)
-        active = (t >= self.t_lo.astype(t.dtype)) & (t <= self.t_hi.astype(t.dtype))
+        tc = t  # compared in a float dtype: bounds cast to an int dtype would move
+        if not jnp.issubdtype(t.dtype, jnp.inexact):
+            tc = t.astype(jnp.result_type(float))
+        active = (tc >= self.t_lo.astype(tc.dtype)) & (tc <= self.t_hi.astype(tc.dtype))
         # With an unbatched t (all particles share the grid) this stays a real branch
         # under vmap, so work outside the interval (e.g. CFG's unconditional call) is
         # skipped.

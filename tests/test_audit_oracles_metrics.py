@@ -1,0 +1,200 @@
+"""Regressions from an audit of the oracles, guidance, metrics, losses and `fit`:
+each test names the wrong behaviour it pins down."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import guidediff as gd
+
+
+SDE = gd.VPSDE()
+GMM = gd.GaussianMixture(
+    [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+)
+
+
+def test_float32_grid_from_a_float32_T_is_in_range():
+    """float32(0.999) = 0.99900001 > 0.999: the oracles' time check compared in
+    float64 and rejected ts[0] of a float32 grid that gd.sample accepts."""
+    sde = gd.VPSDE(gd.CosineSchedule())
+    t0 = jnp.asarray(gd.uniform_grid(sde.T, 1e-3, 10), jnp.float32)[0]
+    assert float(t0) > float(sde.T)
+    x = jnp.zeros(2, jnp.float32)
+    assert np.all(np.isfinite(GMM.score(sde)(t0, x)))
+    assert np.isfinite(GMM.log_prob_t(sde, t0, x))
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        GMM.score(sde)(jnp.float32(1.01), x)
+
+
+def test_classifier_and_moments_check_the_time():
+    x = jnp.zeros(2)
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        GMM.log_classifier_t(SDE, 1.5, x, 0)
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        GMM.log_classifier_complement_t(SDE, -0.5, x, 0)
+    with pytest.raises(ValueError, match="outside this SDE's range"):
+        gd.Gaussian(jnp.zeros(2), 1.0).marginal_moments(SDE, 1.5)
+
+
+def test_isotropic_gaussian_has_a_finite_covariance_gradient():
+    """A scalar covariance went through eigh of v * I, whose gradient is NaN at
+    repeated eigenvalues; it now takes the diagonal path. d/dv of the time-t
+    log-density at x, against the closed form."""
+    x, t = jnp.array([0.3, -0.4]), 0.5
+    alpha, sigma = SDE.marginal(t)
+
+    def logp(v):
+        return gd.Gaussian(jnp.zeros(2), v).mixture.log_prob_t(SDE, t, x)
+
+    v = 0.7
+    s2 = alpha**2 * v + sigma**2  # the marginal variance
+    exact = alpha**2 * (-1.0 / s2 + jnp.sum(x**2) / (2 * s2**2))
+    np.testing.assert_allclose(jax.grad(logp)(v), exact, rtol=1e-10)
+
+
+def test_zero_weight_class_is_an_empty_class():
+    gmm = gd.GaussianMixture([0.0, 1.0], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    with pytest.raises(ValueError, match="class 0 has no component"):
+        gmm.conditional_score(SDE)(0.5, jnp.zeros(2), 0)
+
+
+def test_particles_of_another_shape_are_rejected():
+    """They broadcast into wrong values: a (1,) point against a 2-D mixture, a batch
+    passed to a per-particle reward (its product, or a contraction over particles)."""
+    with pytest.raises(ValueError, match=r"shape \(2,\), got shape \(1,\)"):
+        GMM.score(SDE)(0.5, jnp.zeros(1))
+    with pytest.raises(ValueError, match="one particle"):
+        gd.PointCloud(jnp.zeros((3, 2))).score(SDE)(0.5, jnp.zeros(3))
+    with pytest.raises(ValueError, match="jax.vmap"):
+        gd.GaussianBumpReward([1.0, 1.0], 1.0).log(jnp.zeros((3, 2)))
+    with pytest.raises(ValueError, match="jax.vmap"):
+        gd.ExpLinearReward([1.0, 1.0]).log(jnp.zeros((2, 2)))
+
+
+def test_huge_weights_normalise_without_overflow():
+    w = jnp.array([3e38, 3e38], jnp.float32)
+    gmm = gd.GaussianMixture(w, [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    np.testing.assert_allclose(gmm.weights, [0.5, 0.5], rtol=1e-5)
+    cloud = gd.PointCloud(jnp.array([[0.0, 0.0], [1.0, 1.0]]), w)
+    assert np.all(np.isfinite(cloud.score(SDE)(0.5, jnp.ones(2))))
+
+
+def test_integer_states_are_not_truncated():
+    x = jnp.array([1, 2])
+    np.testing.assert_allclose(
+        SDE.drift(0.5, x), SDE.drift(0.5, x.astype(float)), rtol=1e-12
+    )
+    eps = jnp.array([0.5, -0.5])
+    np.testing.assert_allclose(
+        SDE.perturb(0.5, x, eps), SDE.perturb(0.5, x.astype(float), eps), rtol=1e-12
+    )
+
+
+def test_interval_with_integer_times():
+    """Bounds cast to an integer t's dtype moved: [0.2, 0.5] contained t = 0."""
+    bump = gd.reward_guidance(gd.ScoreFn(lambda t, x, a: jnp.ones_like(x)), 1.0)
+    g = gd.guide(
+        gd.ScoreFn(lambda t, x, a: jnp.zeros_like(x)), gd.interval(bump, 0.2, 0.5)
+    )
+    x = jnp.zeros(2)
+    np.testing.assert_array_equal(g(0, x), jnp.zeros(2))
+    np.testing.assert_array_equal(g(jnp.asarray(1), x), jnp.zeros(2))
+    np.testing.assert_array_equal(g(0.3, x), jnp.ones(2))
+
+
+def test_cfg_direct_calls_keep_the_scores_checks():
+    """The batched path vmaps the label, which hid the score's own checks from a
+    direct (eager) call: an unknown label gave NaN, a float null label was cast to
+    another class."""
+    score = GMM.conditional_score(SDE)
+    x = jnp.zeros(2)
+    guided = gd.guide(score, gd.cfg(2.0, null_args=GMM.null_label))
+    with pytest.raises(ValueError, match="unknown class label 7"):
+        guided(0.5, x, 7)
+    with pytest.raises(TypeError, match="class-conditional"):
+        guided(0.5, x)
+    bad_null = gd.guide(score, gd.cfg(2.0, null_args=1.9))
+    with pytest.raises(TypeError, match="integers"):
+        bad_null(0.5, x, 1)
+    # traced (inside gd.sample's checks): the cast is caught before it happens
+    with pytest.raises(ValueError, match="not representable"):
+        jax.jit(lambda t, y, a: bad_null(t, y, a))(0.5, x, 1)
+    np.testing.assert_allclose(
+        jax.jit(lambda t, y, a: guided(t, y, a))(0.5, x, 1),
+        guided(0.5, x, 1),
+        rtol=1e-6,
+        atol=1e-12,
+    )
+
+
+def test_permutation_test_counts_ties_and_keeps_its_level():
+    """n = m = 3 of continuous data: 20 distinct splits, the observed one and its
+    mirror give the same statistic (summed in another order), so the exact
+    permutation p-value is at least 2/20 = 0.1. Ties dropped by rounding gave
+    Pr(p <= 0.05) above 0.05 under H0."""
+    keys = jr.split(jr.key(0), 200)
+
+    def p_value(k):
+        kx, ky, kt = jr.split(k, 3)
+        x, y = jr.normal(kx, (3, 2)), jr.normal(ky, (3, 2))
+        return gd.two_sample_test(x, y, key=kt, num_permutations=199)[1]
+
+    p = np.asarray(jax.vmap(p_value)(keys))
+    # Each p estimates a permutation p-value >= 0.1 with 199 draws: p <= 0.05
+    # needs at most 9 of 199 draws to tie or exceed where 19.9 are expected
+    # (binomial tail < 1e-3 per run); none of 200 runs should get there.
+    assert np.mean(p <= 0.05) == 0.0
+
+
+def test_mean_stderr_of_float16_does_not_overflow():
+    v = jnp.linspace(300.0, 1200.0, 10, dtype=jnp.float16)
+    mean, se = gd.mean_stderr(v)
+    ref = np.std(np.asarray(v, np.float64), ddof=1) / np.sqrt(10)
+    np.testing.assert_allclose(se, ref, rtol=1e-3)
+    np.testing.assert_allclose(mean, 750.0, rtol=1e-3)
+
+
+def test_bandwidth_must_be_finite():
+    x = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="finite positive"):
+        gd.mmd2(x, x + 1.0, float("inf"))
+
+
+def test_bfloat16_rewards_give_mean_one_weights():
+    r = jnp.arange(1.0, 9.0, dtype=jnp.bfloat16)  # exact in bfloat16
+    for kw in ({}, {"temperature": 0.3}):
+        w = gd.reward_weights(r, **kw)
+        ref = gd.reward_weights(r.astype(jnp.float32), **kw)
+        np.testing.assert_allclose(jnp.mean(w.astype(jnp.float64)), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(w, ref, rtol=1e-6)
+
+
+def test_loss_argument_errors():
+    labels = jnp.asarray([255, 3], jnp.uint8)
+    out = gd.drop_labels(jr.key(0), labels, 256, 1.0)  # null label 256 > uint8
+    np.testing.assert_array_equal(out, [256, 256])
+    net = lambda p, t, x, *label: -x
+    x0 = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="one positive number"):
+        gd.dsm_loss(net, None, jr.key(0), x0, SDE, weighting=lambda t: jnp.ones(2))
+    with pytest.raises(TypeError, match="AbstractSDE"):
+        gd.noisy_classifier_loss(
+            lambda p, t, x: jnp.zeros(2), None, jr.key(0), x0, jnp.zeros(4, int), "vp",
+            num_classes=2,
+        )  # fmt: skip
+
+
+def test_fit_names_the_first_failure_of_a_chunk():
+    """A finite loss with a NaN gradient at step 0 makes step 1's loss NaN: the
+    report named step 1's loss, not step 0's update, when both were in one chunk."""
+    loss = lambda p, k, b: jnp.sum(jnp.sqrt(p["w"]))  # d/dw sqrt(w) at 0: inf
+    with pytest.raises(FloatingPointError, match="not finite after step 0's update"):
+        gd.fit(
+            loss, {"w": jnp.zeros(2)}, lambda k: jnp.zeros(()),
+            optimizer=optax.sgd(0.1), num_steps=4, key=jr.key(0),
+            steps_per_dispatch=4, progress=False,
+        )  # fmt: skip
