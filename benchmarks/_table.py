@@ -266,6 +266,9 @@ def _mfu(res: dict, file: str) -> list[str]:
         if "guidediff_flax_cast_variables" in v:
             keys.append("guidediff_flax_cast_variables")
             labels += " / gd.MLPScoreNet, variables cast to bfloat16"
+        if "guidediff_bf16_particles" in v:
+            keys.append("guidediff_bf16_particles")
+            labels += " / bfloat16 particles"
         if "guidediff_unroll4" in v:  # files from before these rows lack them
             keys += ["guidediff_unroll4", "network_alone"]
             labels += " / guidediff unroll=4 / the network alone (ceiling)"

@@ -12,8 +12,9 @@ sampler at this size).
 parameters, bfloat16 computation in the bfloat16 rows; its time-embedding MLP
 included), whose FLOPs are the traced count; `guidediff_flax_cast_variables` is the
 same network given its variables already cast to bfloat16 (the same samples; each
-step no longer converts every weight). FLOPs are counted analytically: 2 * in * out per layer per particle per
-step, twice that for CFG (the conditional and unconditional evaluations; the first
+step no longer converts every weight); `guidediff_bf16_particles` also keeps the
+particles in bfloat16 (`gd.sample(..., dtype=jnp.bfloat16)`). FLOPs are counted
+analytically: 2 * in * out per layer per particle per step, twice that for CFG (the conditional and unconditional evaluations; the first
 layer's x W0 is shared by both, so the CFG count is an upper bound on the work
 done: `flops_effective` counts it once).
 
@@ -97,6 +98,12 @@ def main(argv=None) -> dict:
         variants["guidediff_flax"] = (flax_run, None)
         if dtype != jnp.float32:  # the same net and samples, variables cast once
             variants["guidediff_flax_cast_variables"] = (flax_run, None)
+            # the particles themselves in bfloat16 (noise drawn in float32, state
+            # rounded each step): half the state's memory traffic per step
+            variants["guidediff_bf16_particles"] = (
+                P.gd_sampler(problem, args=label, dtype=dtype),
+                1,
+            )
         for name, (fn, evals) in variants.items():
             params = problem.params
             if name == "guidediff_flax":

@@ -29,6 +29,18 @@ def _stop_gradient(tree):
     )
 
 
+def _first_failure(result, res):
+    """The first non-successful of two `diffrax.RESULTS`. An explicit solver's step
+    returns the constant `successful`: then no select is traced (on a GPU even a
+    scalar select is a kernel launched every step)."""
+    (value,) = jtu.tree_leaves(res)
+    if not isinstance(value, jax.core.Tracer) and int(value) == int(
+        jtu.tree_leaves(dfx.RESULTS.successful)[0]
+    ):
+        return result
+    return dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
+
+
 def _scan_steps(step, carry, xs, checkpoint: str, unroll: int = 1):
     """`lax.scan(step, carry, xs)`, checkpointed for reverse mode, with `unroll` steps
     per loop iteration (the chunk loops of "sqrt" and "chunk" are not unrolled).
@@ -153,7 +165,7 @@ def _scan_solve(
             )
         y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
         y1, state1 = _like((y1, state1), (y, state))
-        result = dfx.RESULTS.where(result == dfx.RESULTS.successful, res, result)
+        result = _first_failure(result, res)
         return (y1, state1, result), (y1 if save_every == 1 else None)
 
     carry0 = (y0, state0, dfx.RESULTS.successful)
@@ -280,6 +292,6 @@ def _solve(
     y_mid = lax.stop_gradient(ys_a[-1] if save_every else ys_a)
     state_mid = _stop_gradient(state_a)
     ys_b, res_b, n_b, _ = run(terms, solver, ts[split:], y_mid, args, split, state_mid)
-    result = dfx.RESULTS.where(res_a == dfx.RESULTS.successful, res_b, res_a)
+    result = _first_failure(res_a, res_b)
     ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_every else ys_b
     return ys, result, n_a + n_b

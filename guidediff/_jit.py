@@ -13,15 +13,19 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.tree_util as jtu
+import numpy as np
+
+
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)  # what `eqx.is_array` accepts
 
 
 def _partition(tree: Any) -> tuple[tuple, tuple]:
     leaves, treedef = jtu.tree_flatten(tree)
-    dynamic = tuple(x if eqx.is_array(x) else None for x in leaves)
-    static = tuple(None if eqx.is_array(x) else x for x in leaves)
+    arrays = [isinstance(x, _ARRAY_TYPES) for x in leaves]
+    dynamic = tuple(x if a else None for x, a in zip(leaves, arrays, strict=True))
+    static = tuple(None if a else x for x, a in zip(leaves, arrays, strict=True))
     return dynamic, (static, treedef)
 
 

@@ -120,7 +120,9 @@ class GaussianMixture(eqx.Module):
       components must be repeated to $(K, d, d)$). Full matrices are
       diagonalised with `eigh`, whose gradient is NaN where eigenvalues repeat
       (e.g. `jnp.eye(d)`): to differentiate with respect to a diagonal or
-      isotropic covariance, pass it as $(K, d)$ or $(K,)$.
+      isotropic covariance, pass it as $(K, d)$ or $(K,)$. Covariances given that
+      way are kept diagonal (`gmm.diagonal` is True): the scores then need no
+      rotation into an eigenbasis, the cheapest exact score.
     - `labels`: $(K,)$ integer class of each component (default: component index).
       A class in `0..num_classes-1` may have no component, or only components of
       weight 0 (as in `conditional`'s result); its $p(c)$ and $p_t(c \mid x)$ are
@@ -144,6 +146,8 @@ class GaussianMixture(eqx.Module):
     evecs: Float[Array, "K d d"]
     labels: Int[Array, " K"]
     num_classes: int = eqx.field(static=True)
+    # Diagonal covariances: `evecs` is the identity and the scores skip the rotation.
+    diagonal: bool = eqx.field(static=True)
 
     def __init__(
         self, weights, means, covs, labels=None, num_classes: int | None = None
@@ -258,6 +262,7 @@ class GaussianMixture(eqx.Module):
         self.evecs = evecs
         self.labels = labels
         self.num_classes = int(num_classes)
+        self.diagonal = diag is not None
 
     # -- basic properties ---------------------------------------------------------
 
@@ -325,12 +330,24 @@ class GaussianMixture(eqx.Module):
         dtype = x.dtype
         v = (alpha**2 * self.evals + sigma**2).astype(dtype)  # (K, d)
         diff = x[None, :] - alpha.astype(dtype) * self.means.astype(dtype)  # (K, d)
-        proj = jnp.einsum("kij,ki->kj", self.evecs.astype(dtype), diff)  # U^T diff
+        proj = self._rotate(diff, transpose=True)  # U^T diff
         logn = -0.5 * jnp.sum(
             proj**2 / v + jnp.log(v), axis=-1
         ) - 0.5 * self.dim * math.log(2 * math.pi)
-        scores = -jnp.einsum("kij,kj->ki", self.evecs.astype(dtype), proj / v)
+        scores = -self._rotate(proj / v, transpose=False)
         return logn, scores
+
+    def _rotate(self, vecs: Array, *, transpose: bool) -> Array:
+        """`U_k^T v_k` (`transpose`) or `U_k v_k` for each component's eigenbasis
+        `U_k`. Diagonal covariances need no rotation (and no matmul: a batched
+        matmul of tiny blocks is a kernel of its own on a GPU, launched at every
+        step of a sampler)."""
+        if self.diagonal:
+            return vecs
+        evecs = self.evecs.astype(vecs.dtype)
+        if transpose:
+            return jnp.einsum("kij,ki->kj", evecs, vecs)
+        return jnp.einsum("kij,kj->ki", evecs, vecs)
 
     def _log_resp(self, logn: Array, label=None) -> Array:
         logits = self.log_weights.astype(logn.dtype) + logn

@@ -231,6 +231,11 @@ _UNSAFE_GRAD_MSG = (
 )
 
 
+# Built once: constructing an equinox module costs host time on every direct call.
+_DEFAULT_ADJOINT = dfx.RecursiveCheckpointAdjoint()
+_FORWARD_MODE = dfx.ForwardMode()
+
+
 def _sample_core(
     key,
     y0,
@@ -626,7 +631,7 @@ def sample(
         )
     if adjoint is None:
         unsafe = process == "sde" and brownian == "unsafe"
-        adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
+        adjoint = _FORWARD_MODE if unsafe else _DEFAULT_ADJOINT
     truncate = _check_truncate(truncate_backprop, stepsize_controller)
     save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
     checkpoint = _checkpoint_mode(checkpoint)

@@ -18,31 +18,32 @@ def _signature(score, shape, dtype, args):
     """A hashable summary that determines the shape check's outcome: the structure
     and leaf shapes/dtypes of the score and args, and the values of small args arrays
     (class labels are checked by value). `None` (do not cache) if anything is traced
-    or unhashable."""
-    leaves, treedef = jtu.tree_flatten((score, args))
-    num_score = len(jtu.tree_leaves(score))
+    or unhashable. (Computed on every eager `gd.sample` call: kept cheap.)"""
+    score_leaves, score_def = jtu.tree_flatten(score)
+    args_leaves, args_def = jtu.tree_flatten(args)
+    num_score = len(score_leaves)
     sig = []
-    for i, leaf in enumerate(leaves):
+    for i, leaf in enumerate(score_leaves + args_leaves):
         if isinstance(leaf, jax.core.Tracer):
             return None
         if isinstance(leaf, jax.Array | np.ndarray):
             value = None
             # Integer arrays (a mixture's component labels, class labels) decide
             # the check by value: a memo keyed by shape alone would skip a failing one.
-            integer = jnp.issubdtype(leaf.dtype, jnp.integer) or leaf.dtype == bool
+            integer = getattr(leaf.dtype, "kind", None) in ("i", "u", "b")
             if integer and leaf.size > 4096:
                 return None
             if integer or (i >= num_score and leaf.size <= 8):
                 value = tuple(np.asarray(leaf).ravel().tolist())
             weak = bool(getattr(leaf, "weak_type", False))  # promotes differently
-            sig.append((leaf.shape, str(leaf.dtype), weak, value))
+            sig.append((leaf.shape, leaf.dtype, weak, value))
         else:
             try:
                 hash(leaf)
             except TypeError:
                 return None
             sig.append(leaf)
-    return (treedef, tuple(sig), shape, str(dtype))
+    return (score_def, args_def, tuple(sig), shape, np.dtype(dtype))
 
 
 def _check_score_shape(score, ts, shape, dtype, args) -> None:

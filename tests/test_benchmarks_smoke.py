@@ -165,6 +165,8 @@ def test_mfu(runs):
     r = _load(runs, "mfu")
     assert {x["dtype"] for x in r["results"]} == {"float32", "bfloat16"}
     assert {"hand_no_noise", "hand_no_network"} <= {x["variant"] for x in r["results"]}
+    bf16 = {x["variant"] for x in r["results"] if x["dtype"] == "bfloat16"}
+    assert "guidediff_bf16_particles" in bf16
     for x in r["results"]:
         _timing(x["timing"])
         # the analytic count (the MFU numerator) is the traced program's

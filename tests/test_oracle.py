@@ -182,3 +182,50 @@ def test_reward_and_shape_validation():
         gd.Gaussian([0.0, 1.0], jnp.eye(3))
     with pytest.raises(ValueError, match=r"rewards must have shape \(3,\)"):
         gd.PointCloud(POINTS).tilt(jnp.ones(5))
+
+
+def _direct_mixture(weights, means, covs, sde, t, x):
+    """log p_t(x) and its gradient from dense covariances (no eigenbasis):
+    p_t = sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)."""
+    from jax.scipy.stats import multivariate_normal
+
+    alpha, sigma = sde.marginal(t)
+    eye = jnp.eye(means.shape[1])
+
+    def log_p(y):
+        comps = jax.vmap(
+            lambda m, c: multivariate_normal.logpdf(
+                y, alpha * m, alpha**2 * c + sigma**2 * eye
+            )
+        )(means, covs)
+        return jax.nn.logsumexp(jnp.log(weights) + comps)
+
+    return log_p(x), jax.grad(log_p)(x)
+
+
+@pytest.mark.parametrize("dim", [3, 10])
+def test_mixture_score_against_dense_covariances(dim):
+    keys = jr.split(jr.key(3), 4)
+    K = 3
+    a = jr.normal(keys[0], (K, dim, dim))
+    covs = jnp.einsum("kij,klj->kil", a, a) / dim + 0.3 * jnp.eye(dim)[None]
+    means = jr.normal(keys[1], (K, dim))
+    weights = jnp.array([0.2, 0.5, 0.3])
+    full = gd.GaussianMixture(weights, means, covs)
+    variances = 0.5 + jr.uniform(keys[2], (K, dim))
+    diag = gd.GaussianMixture(weights, means, variances)  # no rotation at all
+    assert diag.diagonal and not full.diagonal
+    dense_diag = jax.vmap(jnp.diag)(variances)
+    ts = jnp.repeat(jnp.array([0.0, 0.3, 0.9]), 2)
+    xs = 2.0 * jr.normal(keys[3], (ts.shape[0], dim))
+    for gmm, c in [(full, covs), (diag, dense_diag)]:
+
+        @jax.jit
+        @jax.vmap
+        def both(t, x, gmm=gmm, c=c):
+            got = gmm.log_prob_t(SDE, t, x), gmm.score(SDE)(t, x)
+            return got, _direct_mixture(weights, means, c, SDE, t, x)
+
+        (lp, s), (want_lp, want_s) = both(ts, xs)
+        np.testing.assert_allclose(lp, want_lp, rtol=1e-10)
+        np.testing.assert_allclose(s, want_s, rtol=1e-8, atol=1e-10)
