@@ -6,7 +6,9 @@ batched state `(P, *shape)` instead of `vmap`-ing `diffeqsolve` over particles. 
 diffrax's adjoint is then not run under `vmap`, so reverse mode keeps ONE cotangent of
 what the score closes over (e.g. network parameters), not one per particle (which
 took 9.4 GiB for a 64-D MLP at 4,096 particles). Adaptive step sizes keep the
-per-particle `vmap`, so that each particle has its own steps.
+per-particle `vmap`, so that each particle has its own steps, and so do solvers
+whose step couples the state's entries (implicit solvers' Newton solves and
+Milstein's Jacobian would span the whole batch): see `_per_particle_steps`.
 
 The score is applied per particle (`vmap` over the leading axis) and the noise is each
 particle's own Brownian path, so particle `i`'s sample still depends on its key only.

@@ -188,15 +188,20 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
 
 
 class _StepIncrement(dfx.AbstractBrownianPath):
-    """The increment of one known step, returned for whatever interval is asked.
+    """The increment of one known step `[step_t0, step_t1]`.
 
     Used by guidediff's fixed-grid driver, which knows each step's cell index: it
     draws `GridBrownianPath.cell_increment(k, dt)` directly and hands the solver this
     one-step path, so no per-step search of the grid is needed (a `searchsorted`
-    loop per step costs device-host round trips on GPUs).
+    loop per step costs device-host round trips on GPUs). Any other interval (a
+    solver asking for part of the step, e.g. `diffrax.HalfSolver`) gets NaN, as
+    from `GridBrownianPath`: its particles are flagged as failed, never given the
+    whole step's noise twice.
     """
 
     increment: Array
+    step_t0: Array
+    step_t1: Array
     levy_area: type = eqx.field(static=True, default=dfx.BrownianIncrement)
 
     @property
@@ -208,7 +213,13 @@ class _StepIncrement(dfx.AbstractBrownianPath):
         return jnp.inf
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
-        del t0, t1, left
+        del left
         if use_levy:
             raise ValueError("no Levy area on a grid Brownian path: use Ito solvers")
-        return self.increment
+        if t1 is None:
+            raise ValueError(
+                "the grid Brownian path gives increments over grid cells only; "
+                "use diffrax.VirtualBrownianTree for point values (dense output)"
+            )
+        same = (t0 == self.step_t0) & (t1 == self.step_t1)
+        return jnp.where(same, self.increment, jnp.nan)

@@ -161,7 +161,7 @@ def _scan_solve(
         if path is not None:
             inc = path.cell_increment(cell, t1 - t0)
             step_terms = eqx.tree_at(
-                lambda tm: tm.terms[1].path, terms, _StepIncrement(inc)
+                lambda tm: tm.terms[1].path, terms, _StepIncrement(inc, t0, t1)
             )
         y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
         y1, state1 = _like((y1, state1), (y, state))
@@ -291,6 +291,10 @@ def _solve(
     ys_a, res_a, n_a, state_a = run(*head, want_state=True)
     y_mid = lax.stop_gradient(ys_a[-1] if save_every else ys_a)
     state_mid = _stop_gradient(state_a)
+    if getattr(getattr(solver, "tableau", None), "fsal", False):
+        # An FSAL Runge-Kutta state holds f(t_cut, y_cut), a value of the tail's own
+        # first step: rebuilt there (same value) so its parameter gradient counts.
+        state_mid = None
     ys_b, res_b, n_b, _ = run(terms, solver, ts[split:], y_mid, args, split, state_mid)
     result = _first_failure(res_a, res_b)
     ys = jnp.concatenate([lax.stop_gradient(ys_a), ys_b[1:]]) if save_every else ys_b

@@ -325,9 +325,13 @@ class GaussianMixture(eqx.Module):
     # -- time-t densities and scores -------------------------------------------------
 
     def _component_terms(self, x: Array, alpha, sigma):
-        """Per-component log N_t(x) and score, for one particle x of shape (d,)."""
+        """Per-component log N_t(x) and score, for one particle x of shape (d,), in
+        at least float32: for 16-bit particles a squared distance overflows float16
+        (a coordinate of 256 at a VE SDE's large times) and bfloat16 keeps 8 bits
+        of a log-density."""
         _check_point(x, (self.dim,), "the mixture")
-        dtype = x.dtype
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        x = x.astype(dtype)
         v = (alpha**2 * self.evals + sigma**2).astype(dtype)  # (K, d)
         diff = x[None, :] - alpha.astype(dtype) * self.means.astype(dtype)  # (K, d)
         proj = self._rotate(diff, transpose=True)  # U^T diff
@@ -392,7 +396,7 @@ class GaussianMixture(eqx.Module):
         alpha, sigma = sde.marginal(t)
         logn, scores = self._component_terms(x, alpha, sigma)
         resp = jax.nn.softmax(self._log_resp(logn, label))
-        return resp @ scores
+        return (resp @ scores).astype(x.dtype)
 
     def log_classifier_t(
         self, sde: AbstractSDE | None, t: Time, x: Array, label
@@ -618,15 +622,19 @@ class PointCloud(eqx.Module):
         x = _particle(x)
         _check_point(x, self.points.shape[1:], "the point cloud")
         sde.check_time(t)
+        # in at least float32, as the mixture's scores (16-bit squared distances
+        # overflow or lose the logits' digits)
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        y = x.astype(dtype)
         alpha, sigma = sde.marginal(t)
-        alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
-        mu = alpha * self.points.astype(x.dtype)
+        alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
+        mu = alpha * self.points.astype(dtype)
         logits = (
-            self.log_weights.astype(x.dtype)
-            - 0.5 * jnp.sum((x[None, :] - mu) ** 2, axis=-1) / sigma**2
+            self.log_weights.astype(dtype)
+            - 0.5 * jnp.sum((y[None, :] - mu) ** 2, axis=-1) / sigma**2
         )
         resp = jax.nn.softmax(logits)
-        return (resp @ mu - x) / sigma**2
+        return ((resp @ mu - y) / sigma**2).astype(x.dtype)
 
     def score(self, sde: AbstractSDE) -> "PointCloudScore":
         return PointCloudScore(self, sde)

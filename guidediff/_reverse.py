@@ -30,8 +30,13 @@ class ReverseDrift(eqx.Module):
 
     def __call__(self, t: Time, y: Array, args: Args) -> Array:
         s = self.score(t, y, args)
-        g2 = (self.sde.diffusion(t) ** 2).astype(y.dtype)
-        return self.sde.drift(t, y) - (self.score_scale * g2) * s
+        # formed in at least float32 and rounded once: for 16-bit states g^2 alone
+        # can overflow (float16 holds up to 65504; a VE SDE's g(T)^2 is 2e5 at
+        # sigma_max = 100)
+        wd = jnp.promote_types(y.dtype, jnp.float32)
+        g2 = (self.sde.diffusion(t) ** 2).astype(wd)
+        f_y = self.sde.drift(t, y.astype(wd))
+        return (f_y - (self.score_scale * g2) * s.astype(wd)).astype(y.dtype)
 
 
 class DriftTerm(dfx.ODETerm):

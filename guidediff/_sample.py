@@ -30,8 +30,10 @@ SDE or the PF-ODE, with the grid Brownian path or a `VirtualBrownianTree`.
   by default, `DirectAdjoint`, `ForwardMode`; `BacksolveAdjoint` for the
   probability-flow ODE with adaptive steps only). On a fixed grid
   it solves all particles as one batched state in one `diffeqsolve` (the same
-  samples), so its adjoint keeps one cotangent of the score's parameters, not one
-  per particle; with a `stepsize_controller` each particle is its own `vmap`-ped
+  samples; explicit solvers only: implicit and Milstein solvers are `vmap`-ped, as
+  their steps would couple the batch), so its adjoint keeps one cotangent of the
+  score's parameters, not one per particle; with a `stepsize_controller` each
+  particle is its own `vmap`-ped
   solve (its own steps), and parameter gradients then cost one cotangent per
   particle: prefer fixed grids for those.
 - Truncated backprop (DRaFT-K): `truncate_backprop=K` stops the gradient at the state
@@ -79,10 +81,11 @@ from ._sample_checks import (
     _check_unroll,
     _check_y0,
     _checkpoint_mode,
+    _leading_axis_sharding,
 )
 from ._score import AbstractScore, check_score, score_to_x0
 from ._sde import AbstractSDE
-from ._solver import ExponentialIntegrator
+from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
 
 
 class Samples(eqx.Module):
@@ -130,7 +133,9 @@ def _time_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _grid_in_dtype(sde: AbstractSDE, ts, dtype, start_at_T: bool) -> Array:
+def _grid_in_dtype(
+    sde: AbstractSDE, ts, dtype, start_at_T: bool, takes_y0: bool = True
+) -> Array:
     """`ts` checked (clear errors on concrete grids), then cast to the time dtype of
     particles of `dtype` (`_time_dtype`) and checked again: float32 particles under
     x64 can round neighbouring float64 times together. With `start_at_T` (no `y0`:
@@ -153,9 +158,10 @@ def _grid_in_dtype(sde: AbstractSDE, ts, dtype, start_at_T: bool) -> Array:
     if start_at_T and not isinstance(ts, jax.core.Tracer):
         T, t0 = float(sde.T), float(np.asarray(ts)[0])  # host values: no tracing
         if abs(t0 - T) > 1e-6 * max(T, 1.0):
+            fix = ", or pass y0 (e.g. an SDEdit start)" if takes_y0 else ""
             raise ValueError(
                 f"the grid starts at ts[0]={t0}, but the prior is the law at "
-                f"sde.T={T}: start the grid at sde.T, or pass y0 (e.g. an SDEdit start)"
+                f"sde.T={T}: start the grid at sde.T{fix}"
             )
     return ts
 
@@ -316,6 +322,28 @@ def _sample_core(
     return ys, result, failed, nsteps
 
 
+def _per_particle_steps(solver) -> bool:
+    """Whether `solver` steps a batch of particles as it steps each one alone, so
+    that all particles can be one batched `diffeqsolve` state: explicit Runge-Kutta,
+    Euler-type and SRK steps and guidediff's own. Not implicit solvers (a Newton
+    solve over the whole batch: a Jacobian of size P^2 and batch-wide convergence),
+    not Milstein (the diffusion's Jacobian over the batch), and not solvers unknown
+    here: those are vmapped per particle."""
+    if isinstance(solver, dfx.AbstractImplicitSolver):
+        return False
+    explicit = (
+        dfx.AbstractRungeKutta,
+        dfx.AbstractSRK,
+        dfx.Euler,
+        dfx.EulerHeun,
+        dfx.ReversibleHeun,
+        ExponentialIntegrator,
+        SDEDPMSolverPP,
+        DDIM,
+    )
+    return isinstance(solver, explicit)
+
+
 @filter_jit
 def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, static):
     (
@@ -362,12 +390,12 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
     # and laid out over the devices when a sharding is given.
     keys = _particle_keys(key, num)
     if sharding is not None:
-        keys = jax.lax.with_sharding_constraint(keys, sharding)
+        keys = jax.lax.with_sharding_constraint(keys, _leading_axis_sharding(sharding))
     # A traced grid skipped the Python checks: a bad one fails every particle.
     grid_ok = _grid_ok(sde, ts, y0 is None)
     if driver == "diffeqsolve" and isinstance(ts, jax.core.Tracer):
         core = functools.partial(core, ts=_safe_grid(sde, ts, grid_ok))
-    if driver == "diffeqsolve" and controller is None:
+    if driver == "diffeqsolve" and controller is None and _per_particle_steps(solver):
         # A fixed grid: one diffeqsolve over the whole batch (one adjoint, not one
         # per particle). Adaptive steps stay per particle (vmap).
         out = core(keys, y0, batched=True)

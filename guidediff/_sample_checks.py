@@ -257,7 +257,27 @@ def _check_solver(solver, process, controller, sde=None) -> None:
             f"{name} has no error estimate and runs on fixed grids only: pass "
             "ts (and no adaptive stepsize_controller)"
         )
+    if isinstance(controller, dfx.ConstantStepSize):
+        raise ValueError(
+            "stepsize_controller=diffrax.ConstantStepSize() needs a dt0, which "
+            "gd.sample does not take: pass the fixed grid as ts= (e.g. "
+            "gd.uniform_grid(sde.T, 1e-3, n)), which every solver steps on"
+        )
     adaptive = controller is not None and not isinstance(controller, dfx.StepTo)
+    root_finder = getattr(solver, "root_finder", None)
+    if isinstance(solver, dfx.AbstractImplicitSolver) and not (
+        adaptive and hasattr(controller, "rtol")
+    ):
+        tols = [getattr(root_finder, k, None) for k in ("rtol", "atol")]
+        # diffrax's default is a placeholder, "taken from the controller"
+        numbers = int | float | np.number | np.ndarray | jax.Array
+        if any(not isinstance(tol, numbers) for tol in tols):
+            raise ValueError(
+                f"{name} is implicit and its root finder has no tolerances; "
+                "diffrax takes them from an adaptive controller's rtol/atol, and a "
+                f"fixed grid has none: pass them, e.g. {name}(root_finder="
+                "optimistix.Chord(rtol=1e-6, atol=1e-6))"
+            )
     if adaptive and not isinstance(solver, dfx.AbstractAdaptiveSolver):
         raise ValueError(
             f"{name} gives no error estimate, so it cannot take adaptive steps "
@@ -397,8 +417,21 @@ def _check_sharding(sharding, num: int, shape) -> None:
         )
     try:
         sharding.shard_shape((num, *shape))
+        _leading_axis_sharding(sharding).shard_shape((num,))
     except ValueError as e:
         raise ValueError(
             f"{num} particles cannot be split evenly over the devices: use a number "
             f"of particles that the mesh axis divides ({e})"
         ) from None
+
+
+def _leading_axis_sharding(sharding):
+    """A sharding for any particle-indexed array (keys, log-weights, solver state):
+    the particle axis laid out as `sharding` lays out the particles' first axis, the
+    other axes replicated. (`sharding` describes `(P, *shape)` particles: a spec such
+    as `PartitionSpec('p', None)` cannot constrain the `(P,)` keys.)"""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)
+        lead = jax.sharding.PartitionSpec(spec[0] if spec else None)
+        return jax.sharding.NamedSharding(sharding.mesh, lead)
+    return sharding

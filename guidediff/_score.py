@@ -135,6 +135,31 @@ def denoise(
     return score_to_x0(sde, t, x, score(t, x, args))
 
 
+def _check_model(kind: str, model, sde) -> None:
+    """`EpsScore` / `X0Score` arguments: a callable `model(t, x, args)` (not a raw
+    Flax network: `gd.flax_score` wraps those) and a guidediff SDE."""
+    import flax.linen as nn
+
+    if not isinstance(sde, AbstractSDE):
+        swapped = " (arguments swapped? the model comes first)"
+        raise TypeError(
+            f"gd.{kind}(model, sde): sde must be a gd.AbstractSDE, got "
+            f"{type(sde).__name__}"
+            + (swapped if isinstance(model, AbstractSDE) else "")
+        )
+    owner = getattr(model, "__self__", None)
+    if isinstance(model, nn.Module) or isinstance(owner, nn.Module):
+        raise TypeError(
+            f"gd.{kind} got a Flax network "
+            f"({type(model if owner is None else owner).__name__}), which needs its "
+            "variables: use gd.flax_score(net, variables, sde, prediction=...)"
+        )
+    if not callable(model):
+        raise TypeError(
+            f"gd.{kind} needs a callable model(t, x, args), got {type(model).__name__}"
+        )
+
+
 class EpsScore(AbstractScore):
     r"""A noise-prediction model $\hat\varepsilon(t, x, \text{args})$ read as a score.
 
@@ -143,6 +168,9 @@ class EpsScore(AbstractScore):
 
     model: Callable
     sde: AbstractSDE
+
+    def __check_init__(self):
+        _check_model("EpsScore", self.model, self.sde)
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return eps_to_score(self.sde, t, x, self.model(t, x, args))
@@ -156,6 +184,9 @@ class X0Score(AbstractScore):
 
     model: Callable
     sde: AbstractSDE
+
+    def __check_init__(self):
+        _check_model("X0Score", self.model, self.sde)
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return x0_to_score(self.sde, t, x, self.model(t, x, args))

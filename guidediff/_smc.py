@@ -83,6 +83,7 @@ from ._sample_checks import (
     _check_shape,
     _check_sharding,
     _check_solver,
+    _leading_axis_sharding,
 )
 from ._score import AbstractScore, check_score, score_to_x0
 from ._sde import AbstractSDE
@@ -171,7 +172,10 @@ def resample_indices(
                 "log_weights must have no NaN or +inf and at least one finite entry"
             )
     n = log_weights.shape[0]
-    w = jax.nn.softmax(log_weights)
+    # at least float32: a 16-bit running sum stops growing once the weights fall
+    # below half its resolution, and the last particles would never be picked
+    wdt = jnp.promote_types(log_weights.dtype, jnp.float32)
+    w = jax.nn.softmax(log_weights.astype(wdt))
     cdf = jnp.cumsum(w)
     if scheme == "systematic":
         u = (jnp.arange(n) + jr.uniform(key, (), cdf.dtype)) / n
@@ -187,9 +191,12 @@ def resample_indices(
 
 
 def _ess(log_weights: Array) -> Array:
-    return jnp.exp(
-        2 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2 * log_weights)
-    )
+    r"""$(\sum_i w_i)^2 / \sum_i w_i^2$, from log-weights shifted by their maximum
+    (unshifted, log-weights of size 1e3 lose the float32 digits that tell equal
+    weights, ESS = n, from unequal ones)."""
+    m = jnp.max(log_weights)
+    lw = log_weights - jnp.where(jnp.isfinite(m), m, 0)
+    return jnp.exp(2 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2 * lw))
 
 
 def smc_sample(
@@ -288,7 +295,7 @@ def smc_sample(
     _check_scheme(resampling)
     if ts is None:
         ts = uniform_grid(sde.T, 1e-3, 500)
-    ts = _grid_in_dtype(sde, ts, dtype, start_at_T=True)
+    ts = _grid_in_dtype(sde, ts, dtype, start_at_T=True, takes_y0=False)
     if solver is None:
         solver = ExponentialIntegrator(sde)
     _check_solver(solver, "sde", None, sde)
@@ -378,7 +385,19 @@ def _smc_jit(
     threshold, twist, floor = numbers
     keys = _particle_keys(key, n)
     if sharding is not None:
-        keys = jax.lax.with_sharding_constraint(keys, sharding)
+        lead = _leading_axis_sharding(sharding)
+        keys = jax.lax.with_sharding_constraint(keys, lead)
+
+        def constrain(tree):
+            """Particles laid out as `sharding` says, every other per-particle
+            array (weights, solver state) along its particle axis."""
+            return jax.tree.map(
+                lambda a: jax.lax.with_sharding_constraint(
+                    a, sharding if a.shape == (n, *shape) else lead
+                ),
+                tree,
+            )
+
     k_prior, k_bm = jax.vmap(_split_particle_key)(keys)
     # The resampling stream: a fold_in index no slot uses (slots are 0, ..., n - 1).
     k_resample = jr.fold_in(threefry_key(key), jnp.uint32(0xFFFFFFFF))
@@ -389,24 +408,29 @@ def _smc_jit(
     cells = jnp.where(ts[0] > ts[-1], num_steps - 1 - steps, steps)
     frozen = isinstance(solver, _ONE_EVALUATION)
 
-    def terms_with(s, inc):
-        return reverse_sde(sde, s, _StepIncrement(inc))
+    def terms_with(s, inc, t0, t1):
+        return reverse_sde(sde, s, _StepIncrement(inc, t0, t1))
 
     def log_h(t, x, s):
         """The twist at (t, x) from the score value s there, and whether x failed."""
         if not use_twist:
             lh = jnp.zeros((), wdt)
         else:
-            lp = log_potential(score_to_x0(sde, t, x, s))
-            # a traced twist may still be 0 at run time: no 0 * (-inf) = NaN
-            lh = jnp.where(twist == 0, 0, twist * lp.astype(wdt)).astype(wdt)
+            lp = log_potential(score_to_x0(sde, t, x, s)).astype(wdt)
+            # A zero potential (log r = -inf) gives twist * (-inf) (0 for twist 0,
+            # also a traced twist that is 0 at run time) without forming that
+            # product, whose derivative in the twist is NaN.
+            zero = lp == -jnp.inf
+            lh = twist * jnp.where(zero, 0, lp)
+            lh = jnp.where(zero, -jnp.inf * jnp.sign(twist), lh)  # r^twist
+            lh = jnp.where(twist == 0, 0, lh).astype(wdt)
             # floored: any positive h_k keeps the product telescoping to r(x_N)
             lh = jnp.maximum(lh, floor)
         return lh, _failed(x, lh)
 
     def move(s, inc, x, state, t0, t1):
         x1, _, _, state1, _ = solver.step(
-            terms_with(s, inc), t0, t1, x, args, state, False
+            terms_with(s, inc, t0, t1), t0, t1, x, args, state, False
         )
         return _like((x1, state1), (x, state))
 
@@ -479,7 +503,7 @@ def _smc_jit(
         tree = (x, state, scores, lh, dead)
         tree, logw = lax.cond(do, resample, lambda o: o, (tree, logw))
         if sharding is not None:  # keep the particles laid out after the gather
-            tree, logw = jax.lax.with_sharding_constraint((tree, logw), sharding)
+            tree, logw = constrain((tree, logw))
         x, state, (s, sq), lh, dead = tree
         x1, state1, ratio1 = jax.vmap(
             move_one, in_axes=(0, 0, 0, 0, 0, None, None, None)
@@ -488,7 +512,7 @@ def _smc_jit(
 
     state0 = jax.vmap(
         lambda x: solver.init(
-            terms_with(score, jnp.zeros_like(x)), ts[0], ts[1], x, args
+            terms_with(score, jnp.zeros_like(x), ts[0], ts[1]), ts[0], ts[1], x, args
         )
     )(y0)
     if proposal is not None:

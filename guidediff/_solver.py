@@ -62,13 +62,13 @@ def _read_score(sde, drift_term, t0, ta, y0, args, score_scale) -> Array:
     r"""The score read back from a reverse drift $v = f x - c\,g^2 s$ ($c$ =
     `score_scale`): $s = (f x - v)/(c\,g^2)$, in the step's working dtype.
 
-    $f x$ and $c\,g^2$ are rounded to the state's dtype exactly as `ReverseDrift`
-    rounds them, so for a 16-bit state the rounding of the coefficients cancels
-    (a float32 $f$ against the drift's bfloat16 one would bias every step)."""
+    $f x$ and $c\,g^2$ are computed exactly as `ReverseDrift` computes them (in
+    the working dtype), so only the drift's one rounding to a 16-bit state
+    remains in the score read back."""
     dtype = _working_dtype(y0)
     v = drift_term.vf(t0, y0, args).astype(dtype)
-    g2 = (sde.diffusion(ta) ** 2).astype(y0.dtype)
-    return (sde.drift(ta, y0).astype(dtype) - v) / (score_scale * g2).astype(dtype)
+    g2 = (sde.diffusion(ta) ** 2).astype(dtype)
+    return (sde.drift(ta, y0.astype(dtype)) - v) / (score_scale * g2)
 
 
 class _ReverseSDESolver(dfx.AbstractItoSolver):

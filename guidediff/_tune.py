@@ -280,7 +280,7 @@ def _sampler_setup(
         ts = uniform_grid(sde.T, 1e-3, 100)
     kw = dict(
         num_particles=num_particles,
-        ts=_grid_in_dtype(sde, ts, dtype, start_at_T=True),
+        ts=_grid_in_dtype(sde, ts, dtype, start_at_T=True, takes_y0=False),
         args=args,
         process=process,
         solver=solver,

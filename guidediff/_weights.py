@@ -69,9 +69,11 @@ Weight: TypeAlias = float | ArrayLike | Callable[[Time], Scalar]
 
 
 class _Schedule(eqx.Module):
-    """A plain callable weight, its output made a scalar array."""
+    """A plain callable weight, its output made a scalar array. The function is a
+    static field (as in `gd.ScoreFn`), so a guided score holding it can still be
+    passed through `jax.jit` as an argument."""
 
-    fn: Callable[[Time], ArrayLike]
+    fn: Callable[[Time], ArrayLike] = eqx.field(static=True)
 
     def __call__(self, t: Time) -> Scalar:
         w = jnp.asarray(self.fn(t))
@@ -91,6 +93,26 @@ def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
     if callable(weight):
         return _Schedule(weight)
     return Constant(weight)
+
+
+class _StaticFn(eqx.Module):
+    """A plain function held as a static field: not a pytree leaf of the module that
+    holds it (arrays it closes over are compile-time constants)."""
+
+    fn: Callable = eqx.field(static=True)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def as_callable_leaf(fn: Callable) -> Callable:
+    """`fn` as a guidance field: pytrees (an `eqx.Module`, `jax.tree_util.Partial`)
+    as they are, so `jax.grad` reaches their arrays; a plain function wrapped as a
+    static field, so the guided score stays a valid argument of `jax.jit` (a plain
+    function is not an array leaf)."""
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(fn)):
+        return _StaticFn(fn)
+    return fn
 
 
 def _is_concrete(a) -> bool:

@@ -114,6 +114,20 @@ CHILD = textwrap.dedent(
             )
         ),
     }
+    # a sharding of the (P, 2) particles that names both axes: the keys, weights
+    # and solver state take its particle axis (it was a with_sharding_constraint
+    # error inside)
+    both_axes = NamedSharding(Mesh(jax.devices(), ("p",)), PartitionSpec("p", None))
+    ref = gd.sample(key, sde, score, (2,), sharding=sharding, **kw).ys
+    two = gd.sample(key, sde, score, (2,), sharding=both_axes, **kw).ys
+    smc_two = gd.smc_sample(
+        key, sde, gmm.score(sde), (2,), log_r, sharding=both_axes, **smc_kw
+    )
+    out["both_axes"] = {
+        "num_devices": [len(two.sharding.device_set), len(smc_two.ys.sharding.device_set)],
+        "sample_equal": bool(np.array_equal(np.asarray(two), np.asarray(ref))),
+        "smc_equal": bool(np.array_equal(np.asarray(smc_two.ys), np.asarray(smc_four.ys))),
+    }
     try:  # 6 particles do not split over 4 devices: a clear error, not replication
         gd.sample(key, sde, score, (2,), num_particles=6, ts=ts, sharding=sharding)
         out["indivisible"] = "no error"
@@ -207,3 +221,9 @@ def test_sharded_smc_agrees_to_rounding(sharded_runs):
     assert r["is_sharded"] and r["num_devices"] == 4
     assert r["resampled"] > 0 and r["same_resampling"]
     assert r["max_abs_diff"] <= 1e-5 and r["max_abs_diff_logw"] <= 1e-5
+
+
+def test_a_sharding_naming_both_particle_axes(sharded_runs):
+    r = sharded_runs["both_axes"]
+    assert r["num_devices"] == [4, 4]
+    assert r["sample_equal"] and r["smc_equal"]

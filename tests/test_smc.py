@@ -358,7 +358,7 @@ def test_multistep_proposal_weights_are_the_path_density_ratio():
     np.testing.assert_allclose(out.ys, paths[:, -1], rtol=1e-10, atol=1e-10)
 
     def step(s, x, state, k, inc):
-        terms = reverse_sde(SDE, s, _StepIncrement(inc))
+        terms = reverse_sde(SDE, s, _StepIncrement(inc, ts[k], ts[k + 1]))
         x1, _, _, state1, _ = solver.step(
             terms, ts[k], ts[k + 1], x, None, state, False
         )
@@ -366,7 +366,7 @@ def test_multistep_proposal_weights_are_the_path_density_ratio():
 
     def log_weight(path):
         zero, one = jnp.zeros(2), jnp.ones(2)
-        terms = reverse_sde(SDE, score, _StepIncrement(zero))
+        terms = reverse_sde(SDE, score, _StepIncrement(zero, ts[0], ts[1]))
         state_p = state_q = solver.init(terms, ts[0], ts[1], path[0], None)
         total = float(REWARD.log(path[-1]))
         for k in range(len(ts) - 1):
@@ -417,3 +417,53 @@ def test_proposal_on_a_grid_ending_at_zero():
     (im, im_se), (iz, iz_se) = replicates(300, twist=0.0, ess_threshold=0.0)
     np.testing.assert_array_less(np.abs(m - im), 4 * np.hypot(m_se, im_se))
     assert abs(z - iz) < 4 * np.hypot(z_se, iz_se)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_resample_indices_of_16_bit_log_weights(dtype):
+    """Systematic resampling of equal weights picks every slot exactly once: the
+    cumulative sum runs in float32 (in 16 bits it stopped growing and the last
+    particles were never picked)."""
+    n = 4096
+    idx = gd.resample_indices(jr.key(1), jnp.zeros(n, dtype), "systematic")
+    np.testing.assert_array_equal(np.sort(np.asarray(idx)), np.arange(n))
+
+
+def test_equal_large_log_weights_never_trigger_resampling():
+    """A constant potential log r = -1000 keeps the weights equal: the ESS is n
+    (computed from shifted log-weights: float32 lost it), so threshold 1 never
+    resamples."""
+    out = gd.smc_sample(
+        jr.key(0), SDE, GMM.score(SDE), (2,), lambda x: -1000.0 + 0 * x[0],
+        num_particles=100, ts=gd.uniform_grid(1.0, 1e-3, 10), ess_threshold=1.0,
+        dtype=jnp.float32,
+    )  # fmt: skip
+    assert not bool(jnp.any(out.resampled))
+    np.testing.assert_allclose(out.log_normalizer, -1000.0, rtol=1e-6)
+
+
+def test_twist_gradient_with_a_hard_constraint_is_finite():
+    """Without resampling the weights telescope to log r(x_N) for every twist, so
+    d log Z-hat / d twist = 0, also where the potential is zero (log r = -inf) at
+    some denoised estimate (it was NaN: the derivative of twist * -inf)."""
+    hard = lambda x: jnp.where(x[0] > 1.0, 0.0, -jnp.inf)
+
+    def log_z(twist):
+        return gd.smc_sample(
+            jr.key(0), SDE, GMM.score(SDE), (2,), hard, num_particles=8,
+            ts=gd.uniform_grid(1.0, 1e-3, 10), twist=twist, twist_floor=-3.0,
+            ess_threshold=0.0,
+        ).log_normalizer  # fmt: skip
+
+    for twist in (1.0, 0.0):
+        value, grad = jax.value_and_grad(log_z)(twist)
+        assert np.isfinite(float(value))
+        assert float(grad) == 0.0
+
+
+def test_smc_grid_error_does_not_suggest_y0():
+    with pytest.raises(ValueError, match=r"start the grid at sde.T$"):
+        gd.smc_sample(
+            jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log, num_particles=4,
+            ts=gd.uniform_grid(0.5, 1e-3, 5),
+        )  # fmt: skip

@@ -24,17 +24,21 @@ class ClassifierFree(AbstractGuidance):
     def apply(self, score, t, x, args):
         if self.unconditional is not None:
             cond = score(t, x, args)
-            uncond = self.unconditional(t, x, args)
-        elif self.batched and not _eager(t, x, args):
+            uncond = self.unconditional(t, x, args).astype(cond.dtype)
+            w = self.weight(t).astype(cond.dtype)
+            return cond + w * (cond - uncond)
+        if args is None:
+            # (a class-conditional network reads None as its null label: guidance
+            # would silently be off, cond == uncond)
+            raise TypeError(
+                "gd.cfg(null_args=...) needs the conditional args (e.g. the class "
+                "label) in the score's call: got args=None"
+            )
+        if self.batched and not _eager(t, x, args):
             # One call of the score on the stacked (cond, null) args: under the outer
             # particle vmap this is a single network call on 2N inputs. (An eager
             # call with concrete values takes the two-call path below, where the
             # score's own checks, e.g. of an unknown label, see the values.)
-            if args is None:
-                raise TypeError(
-                    "gd.cfg(null_args=...) needs the conditional args (e.g. the class "
-                    "label) in the score's call: got args=None"
-                )
             null = jtu.tree_map(_null_like, args, self.null_args)
             both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
             out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)

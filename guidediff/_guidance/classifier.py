@@ -1,11 +1,12 @@
 r"""Classifier (likelihood) guidance."""
 
+import inspect
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 
-from .._weights import Weight, as_weight
+from .._weights import Weight, as_callable_leaf, as_weight
 from .base import AbstractGuidance
 
 
@@ -34,4 +35,25 @@ def classifier_guidance(
     classifier this samples exactly $p(x \mid y)$. Pass an `eqx.Module` to keep its
     parameters visible to `jax.grad`.
     """
-    return ClassifierGuidance(log_likelihood, as_weight(weight))
+    if not callable(log_likelihood):
+        raise TypeError(
+            "classifier_guidance needs a callable log_likelihood(t, x, args) -> "
+            f"scalar, got {type(log_likelihood).__name__}"
+        )
+    owner = getattr(log_likelihood, "__self__", None)
+    if owner is not None and _takes_only_sde(log_likelihood):
+        name = f"{type(owner).__name__}.{log_likelihood.__name__}"
+        raise TypeError(
+            f"classifier_guidance got the method {name} itself; call it: "
+            f"{name}(sde) builds the classifier log p_t(c | x)"
+        )
+    return ClassifierGuidance(as_callable_leaf(log_likelihood), as_weight(weight))
+
+
+def _takes_only_sde(method) -> bool:
+    """A builder method such as `GaussianMixture.log_classifier(sde)`."""
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return list(params) == ["sde"]

@@ -7,7 +7,7 @@ import jax
 
 from .._score import score_to_x0
 from .._sde import AbstractSDE
-from .._weights import Weight, as_weight
+from .._weights import Weight, as_callable_leaf, as_weight
 from .base import AbstractGuidance
 
 
@@ -44,4 +44,4 @@ def gradient_guidance(
         raise TypeError("gradient_guidance needs a callable reward(x0) -> scalar")
     if not isinstance(sde, AbstractSDE):
         raise TypeError(f"sde must be a gd.AbstractSDE, got {type(sde).__name__}")
-    return GradientGuidance(reward, as_weight(weight), sde)
+    return GradientGuidance(as_callable_leaf(reward), as_weight(weight), sde)

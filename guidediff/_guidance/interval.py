@@ -2,6 +2,7 @@ r"""Guidance active on a time interval only."""
 
 import math
 
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
@@ -25,9 +26,12 @@ class Interval(AbstractGuidance):
         # With an unbatched t (all particles share the grid) this stays a real branch
         # under vmap, so work outside the interval (e.g. CFG's unconditional call) is
         # skipped.
+        # Both branches in the plain score's dtype (as every guidance returns), so a
+        # guidance that promotes (a custom one) cannot break the cond.
+        dtype = jax.eval_shape(lambda: score(t, x, args)).dtype
         return lax.cond(
             active,
-            lambda: self.guidance.apply(score, t, x, args),
+            lambda: self.guidance.apply(score, t, x, args).astype(dtype),
             lambda: score(t, x, args),
         )
 

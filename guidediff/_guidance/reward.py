@@ -16,7 +16,7 @@ class RewardGuidance(AbstractGuidance):
     def apply(self, score, t, x, args):
         s = score(t, x, args)
         s_r = self.reward_score(t, x, args)
-        return s + self.weight(t).astype(s.dtype) * (s_r - s)
+        return s + self.weight(t).astype(s.dtype) * (s_r.astype(s.dtype) - s)
 
 
 def reward_guidance(
