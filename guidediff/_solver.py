@@ -33,6 +33,7 @@ from typing import ClassVar, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 from diffrax._local_interpolation import LocalLinearInterpolation
 from jaxtyping import Array, Bool, Float
@@ -69,6 +70,21 @@ def _read_score(sde, drift_term, t0, ta, y0, args, score_scale) -> Array:
     v = drift_term.vf(t0, y0, args).astype(dtype)
     g2 = (sde.diffusion(ta) ** 2).astype(dtype)
     return (sde.drift(ta, y0.astype(dtype)) - v) / (score_scale * g2)
+
+
+def _end_marginal(sde, ta, tb):
+    r"""$(\alpha, \sigma, \lambda)$ at a step's end `tb`, differentiable also where
+    $\sigma(t_b) = 0$ (a grid ending at $t = 0$): there $\sigma = \sqrt{\cdot}$ and
+    $\lambda = \log(\alpha/\sigma)$ have infinite derivatives, which reverse mode
+    multiplies by 0 into NaN (the values are finite). $\sigma$ and $\lambda$ are
+    then taken at the step's start `ta` and replaced by $0$ and $\infty$ (the
+    double-`where` pattern: the replaced branch's derivatives are finite)."""
+    alpha, sigma = sde.marginal(tb)
+    end = lax.stop_gradient(sigma) == 0
+    alpha_s, sigma_s = sde.marginal(jnp.where(end, ta, tb))
+    sigma_b = jnp.where(end, 0.0, sigma_s).astype(sigma.dtype)
+    lam_b = jnp.where(end, jnp.inf, jnp.log(alpha_s / sigma_s)).astype(sigma.dtype)
+    return alpha, sigma_b, lam_b
 
 
 class _ReverseSDESolver(dfx.AbstractItoSolver):
@@ -113,7 +129,7 @@ class ExponentialIntegrator(_ReverseSDESolver):
         score = _read_score(self.sde, drift_term, t0, ta, y0, args, 1.0)
         y = y0.astype(dtype)
         alpha_a, sigma_a = self.sde.marginal(ta)
-        alpha_b, sigma_b = self.sde.marginal(tb)
+        alpha_b, sigma_b, _ = _end_marginal(self.sde, ta, tb)
         a_ab = (alpha_a / alpha_b).astype(dtype)
         var_ab = (sigma_a**2 - (alpha_a / alpha_b) ** 2 * sigma_b**2).astype(dtype)
         mean = (y + var_ab * score) / a_ab
@@ -163,10 +179,9 @@ def _predict(sde, drift_term, t0, t1, y0, args, score_scale) -> _Prediction:
     score = _read_score(sde, drift_term, t0, ta, y0, args, score_scale)
     y = y0.astype(dtype)
     alpha_a, sigma_a = sde.marginal(ta)
-    alpha_b, sigma_b = sde.marginal(tb)
+    alpha_b, sigma_b, lam_b = _end_marginal(sde, ta, tb)
     x0 = (y + (sigma_a**2).astype(dtype) * score) / alpha_a.astype(dtype)
     lam_a = jnp.log(alpha_a / sigma_a)
-    lam_b = jnp.log(alpha_b / sigma_b)
     ratio = sigma_b / sigma_a
     return _Prediction(ta, tb, dt, x0, ratio, alpha_b, sigma_b, lam_a, lam_b - lam_a)
 

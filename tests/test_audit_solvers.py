@@ -108,3 +108,32 @@ def test_constant_step_size_controller_points_to_ts():
             KEY, SDE, score, (2,), num_particles=2,
             stepsize_controller=dfx.ConstantStepSize(),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make, process",
+    [
+        (gd.ExponentialIntegrator, "sde"),
+        (gd.SDEDPMSolverPP, "sde"),
+        (gd.DDIM, "ode"),
+        (gd.DPMSolverPP, "ode"),
+    ],
+)
+def test_schedule_gradients_on_a_grid_ending_at_zero(make, process):
+    """sigma(0) = 0: its square root and the log-SNR there have infinite derivatives;
+    the samples are finite and so must the gradients be (they were NaN)."""
+    ts = gd.uniform_grid(1.0, 0.0, 6)
+    mu = jnp.array([1.0, -2.0])
+
+    def f(beta_max):
+        sde = gd.VPSDE(gd.LinearBeta(0.1, beta_max))
+        score = gd.Gaussian(mu, COV).score(sde)
+        ys = gd.sample(
+            KEY, sde, score, (2,), num_particles=2, ts=ts, process=process,
+            solver=make(sde),
+        ).ys  # fmt: skip
+        return jnp.mean(ys**2)
+
+    b, h = jnp.asarray(20.0), 1e-5
+    fd = (f(b + h) - f(b - h)) / (2 * h)
+    np.testing.assert_allclose(jax.grad(f)(b), fd, rtol=1e-5, atol=1e-9)
