@@ -6,6 +6,8 @@
   scaled to $[-1, 1]$, with their labels.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -63,6 +65,10 @@ def swiss_roll(
     """
     from sklearn.datasets import make_swiss_roll
 
+    if isinstance(scale, bool) or not isinstance(scale, int | float | np.number):
+        raise TypeError(f"scale must be a number, got {scale!r}")
+    if not (math.isfinite(float(scale)) and scale > 0):
+        raise ValueError(f"scale must be finite and positive, got {scale}")
     pts, _ = make_swiss_roll(n, noise=noise, random_state=_seed(key_or_seed))
     pts = pts[:, [0, 2]] / _SWISS_ROLL_SCALE * scale
     return jnp.asarray(pts, jnp.result_type(float))

@@ -47,8 +47,9 @@ def run_demo(
     label: int = 1,
     seed: int = 0,
 ) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from ._experiments._common import prepare_out_dir
+
+    out_dir = prepare_out_dir(out_dir)  # writable, checked before any computation
     start = time.perf_counter()
     sde = VPSDE()
     gmm = demo_mixture()

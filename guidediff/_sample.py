@@ -9,7 +9,8 @@ how they are sharded. Two drivers run the same diffrax solvers:
 - `"diffeqsolve"`: `diffrax.diffeqsolve` with `StepTo(ts)`, or with an adaptive
   `stepsize_controller` (then the noise is a `VirtualBrownianTree`).
 
-Both give the same samples for the same key on the same grid.
+Both give the same samples for the same key on the same grid (an implicit
+solver's to its root finder's tolerance).
 
 Everything is differentiable (DESIGN.md, decision 4; STYLE.md 2.5): `jax.grad` of any
 scalar function of the samples reaches the guidance weights, network parameters, SDE

@@ -231,7 +231,11 @@ def monotone_within(
     last differs from the first by more than `k` standard errors of that paired
     difference, and no consecutive pair moves the other way by more than `k`
     standard errors of its paired difference (`paired_steps`). (A flat curve is not
-    increasing.)"""
+    increasing; nor is a curve with a non-finite mean or standard error, which no
+    comparison below could reject.)"""
+    values = [*means, *step_ses, total_se]
+    if not np.all(np.isfinite(np.asarray(values, float))):
+        return False
     sign = 1.0 if increasing else -1.0
     for a, b, se in zip(means[:-1], means[1:], step_ses, strict=True):
         if sign * (b - a) < -k * se:

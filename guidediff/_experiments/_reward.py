@@ -328,7 +328,7 @@ def run_reward_experiment(
     dist = {label: distance_to(samples[label][1.0], ref_a, n) for label in samples}
     dist["noise_floor"] = distance_to(ref_b, ref_a, n)
     dist["learned_w0_to_p"] = distance_to(
-        samples["learned"][0.0], base.sample(k_ref, n)
+        samples["learned"][0.0], base.sample(k_ref, n), n
     )
     pvals = {
         label: two_sample_pvalue(samples[label][1.0], ref_a, k_test, n)

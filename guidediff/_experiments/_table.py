@@ -100,13 +100,17 @@ def _reward_headline(res: dict) -> str:
 
 def _robustness_headline(res: dict) -> str:
     c = res["claims"]
+
+    def up_to(name: str) -> str:
+        value = f"{c[f'{name}_gain_significant_up_to_relative_error']:.2f}"
+        lost = c.get(f"{name}_gain_lost_within_tested_errors")
+        # no tested size lost the gain: the value is the largest tested
+        return f"at least {value} (the largest tested)" if lost is False else value
+
     return (
         "the paired gain E[r(Y^w) - r(Y^0)] stays significantly > 0 up to relative "
-        f"score errors of {c['noise_gain_significant_up_to_relative_error']:.2f} "
-        f"(random fields), {c['bias_gain_significant_up_to_relative_error']:.2f} "
-        "(constant biases) and "
-        f"{c['undertrained_gain_significant_up_to_relative_error']:.2f} "
-        "(under-trained networks)"
+        f"score errors of {up_to('noise')} (random fields), {up_to('bias')} "
+        f"(constant biases) and {up_to('undertrained')} (under-trained networks)"
     )
 
 

@@ -96,7 +96,11 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
     ts = uniform_grid(sde.T, 1e-3, cfgd["num_steps"])
     reward_v = jax.jit(jax.vmap(reward))
 
+    failed_per_eval = []  # failed particles of every evaluation, in order
+
     def evaluate(params, with_samples=False):
+        """The mean reward of the particles that did not fail (their number is
+        recorded: one diverged particle made a NaN mean before)."""
         out = sample(
             k_eval,
             sde,
@@ -105,8 +109,11 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
             num_particles=cfgd["eval_particles"],
             ts=ts,
         )
-        m, se = stats(reward_v(out.ys))
-        return (m, se, np.asarray(out.ys)) if with_samples else (m, se)
+        ok = ~np.asarray(out.failed)
+        failed_per_eval.append(int((~ok).sum()))
+        ys = np.asarray(out.ys)[ok]
+        m, se = stats(np.asarray(reward_v(out.ys))[ok])
+        return (m, se, ys) if with_samples else (m, se)
 
     def base_loss(params, k, x0):
         return dsm_loss(net.apply, params, k, x0, sde)
@@ -174,6 +181,12 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
             "reward_stderr": base_reward[1],
         },
         "methods": methods,
+        "eval_failed_particles": {
+            "evaluations": len(failed_per_eval),
+            "total": int(sum(failed_per_eval)),
+            "max_per_evaluation": int(max(failed_per_eval, default=0)),
+            "of_particles": cfgd["eval_particles"],
+        },
         "config": {
             "setting": "reward-gmm's mixture and Gaussian-bump reward",
             "sampler": f"exponential integrator, {cfgd['num_steps']} uniform steps "
@@ -269,11 +282,19 @@ def _draft_curve(key, sde, net, base, reward, cfgd, ts, evaluate, start):
 
 
 def _first_reach(curve, axis, target):
-    """The cost at which the (3-point running mean) reward first reaches `target`."""
+    """The cost at which the (3-point running mean) reward first reaches `target`.
+    A point whose reward is not finite (every particle of that evaluation failed)
+    never counts as reached, and the running mean averages finite neighbours only
+    (a NaN would otherwise blank its neighbours and be stepped over)."""
     r = np.asarray(curve["reward"], float)
-    smooth = np.convolve(r, np.ones(3) / 3, mode="same")
+    finite = np.isfinite(r)
+    pad = np.pad(np.where(finite, r, 0.0), 1)
+    cnt = np.pad(finite.astype(float), 1)
+    sums = pad[:-2] + pad[1:-1] + pad[2:]
+    counts = cnt[:-2] + cnt[1:-1] + cnt[2:]
+    smooth = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     smooth[0], smooth[-1] = r[0], r[-1]
-    hit = np.flatnonzero(smooth >= target)
+    hit = np.flatnonzero(finite & (smooth >= target))
     return float(curve[axis][hit[0]]) if hit.size else None
 
 
