@@ -1,10 +1,34 @@
-"""Test configuration: float64 and strict rank promotion, as diffrax's own tests do."""
+"""Test configuration: float64 and strict rank promotion, as diffrax's own tests do;
+XLA:CPU flags for fast compiles (set before JAX starts its backend)."""
 
 import gc
+import os
 
-import jax
-import jax.random as jr
-import pytest
+
+# Compiling dominates this suite on a small CPU: most tests run a few particles for a
+# few steps, and each compiles its own programs. These flags trade run-time speed of
+# the compiled code for compile time: LLVM at optimisation level 0 without its
+# expensive passes, and XLA:CPU's elemental emitters instead of its newer fusion
+# emitters (which compile about twice as slowly here). On a 2-core machine the
+# not-slow suite took about 8 minutes with them, 12 to 14 without. They change
+# code generation, not the HLO programs or their math (no fast math); rounding can
+# differ from a default run's by an ulp, and tests compare results within one run.
+# The long statistical tests (`make test-slow`) run long computations and keep XLA's
+# defaults: GUIDEDIFF_TEST_XLA_DEFAULTS=1. Flags already in XLA_FLAGS come after
+# these and win.
+FAST_COMPILE_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+)
+if os.environ.get("GUIDEDIFF_TEST_XLA_DEFAULTS") != "1":
+    os.environ["XLA_FLAGS"] = " ".join(
+        [*FAST_COMPILE_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]
+    ).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS: JAX reads them when its backend starts)
+import jax.random as jr  # noqa: E402
+import pytest  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)

@@ -251,12 +251,15 @@ def test_truncated_backprop_is_the_last_k_steps():
         save_trajectory=True,
         truncate_backprop=K,
     )
-    np.testing.assert_array_equal(truncated.ys, traj.ys)  # the samples are unchanged
+    # The samples are unchanged, to rounding: the truncated solve is two loops split at
+    # the cut, another program, which XLA may round differently by an ulp.
+    np.testing.assert_allclose(truncated.ys, traj.ys, rtol=1e-12, atol=1e-12)
     # y0 = initial_noise(KEY, ...) is what sample draws from KEY by default
     default = gd.sample(
         KEY, sde, score, (2,), num_particles=NUM_PARTICLES, ts=TS, save_trajectory=True
     )
-    np.testing.assert_array_equal(default.ys, traj.ys)
+    np.testing.assert_array_equal(default.ys[:, 0], traj.ys[:, 0])
+    np.testing.assert_allclose(default.ys, traj.ys, rtol=1e-12, atol=1e-12)
     grads = _grads("sde-truncated-scan")
     assert not np.any(grads["y0"])  # the initial noise is before the cut
     # == the gradient of the last K steps alone, started from the (constant) state at

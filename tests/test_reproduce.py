@@ -1,8 +1,12 @@
 """`guidediff reproduce NAME --quick`: every experiment runs and its results.json
 supports the paper's claims, with tolerances from Monte-Carlo standard errors.
 
-Each experiment runs once per module (in-process, under the test suite's float64 and
-strict rank promotion) and the tests read its results.json.
+Each experiment runs in-process in float32, as the command runs for a user (not under
+the test suite's float64), with strict rank promotion, and the tests read its
+results.json. `make test` runs every experiment end to end at a smoke size (the same
+configuration keys, tiny values) and checks what it writes; the claims are checked
+at the `--quick` size, cfg-gmm's in `make test` and the others, which train networks
+for a minute or more each, in `make test-slow`.
 """
 
 import json
@@ -17,18 +21,29 @@ from helpers import guided_reciprocal_prob_se, reciprocal_prob_sd
 
 import guidediff as gd
 from guidediff._cli import main
-from guidediff._experiments import EXPERIMENTS
+from guidediff._experiments import (
+    EXPERIMENTS,
+    cfg_digits,
+    reward_gmm,
+    reward_pointset,
+    robustness,
+    training_efficiency,
+)
 from guidediff._experiments._common import sample_over_weights, source_commit
 
 
 K = 3.0  # standard errors
 
 
-def _reproduce(tmp_path_factory, name):
-    out = tmp_path_factory.mktemp(name)
-    assert main(["reproduce", name, "--quick", "--out", str(out)]) == 0
+def _reproduce(out, name):
+    with jax.enable_x64(False):
+        assert main(["reproduce", name, "--quick", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == name and res["quick"] is True
+    assert res["x64"] is False
+    # which code and device made the numbers (a checkout here: a commit hash)
+    assert res["commit"] and res["device"].startswith(jax.default_backend())
+    assert res["seconds"] > 0 and res["claims"]
     pngs = sorted(out.glob("*.png"))
     assert pngs and all(p.stat().st_size > 10_000 for p in pngs)
     return res
@@ -40,7 +55,7 @@ def results(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            cache[name] = _reproduce(tmp_path_factory, name)
+            cache[name] = _reproduce(tmp_path_factory.mktemp(name), name)
         return cache[name]
 
     return get
@@ -56,8 +71,6 @@ def _decreasing(means, step_ses, k=K):
 
 
 def _check_cfg_keys(res):
-    # which code and device made the numbers (a checkout here: a commit hash)
-    assert res["commit"] and res["device"].startswith("cpu")
     n = len(res["w"])
     assert res["w"][0] == 0.0 and all(w > 0 for w in res["w"][1:])
     for key in ("reciprocal_prob_mean", "reciprocal_prob_stderr", "frac_improved"):
@@ -149,11 +162,17 @@ def test_cfg_gmm(results):
 # -- cfg-digits ------------------------------------------------------------------------
 
 
-def test_cfg_digits(results):
-    res = results("cfg-digits")
+def _cfg_digits_structure(res):
     _check_cfg_keys(res)
     theory = res["theory_unguided"]
     assert theory == pytest.approx(10.0, rel=0.01)  # ten nearly balanced classes
+
+
+@pytest.mark.slow
+def test_cfg_digits(results):
+    res = results("cfg-digits")
+    _cfg_digits_structure(res)
+    theory = res["theory_unguided"]
     m, se = res["reciprocal_prob_mean"], res["reciprocal_prob_stderr"]
     assert _decreasing(m, res["reciprocal_prob_step_stderr"])
     # End to end, judged against the exact sampler's value 1/p(c) (below, for
@@ -172,12 +191,29 @@ def test_cfg_digits(results):
 # -- reward-gmm and reward-pointset ----------------------------------------------------
 
 
+def _reward_structure(res):
+    n = len(res["w"])
+    assert res["w"][0] == 0.0 and 1.0 in res["w"]
+    for kind in ("exact", "learned"):
+        assert len(res["reward_mean"][kind]) == len(res["reward_stderr"][kind]) == n
+        assert len(res["reward_step_stderr"][kind]) == n - 1
+        assert np.isfinite(res["reward_total_stderr"][kind])
+    assert set(res["energy_distance_w1"]) >= {"exact", "learned", "noise_floor"}
+    assert 0 <= res["two_sample_pvalue_w1"]["exact"] <= 1
+    # diverged particles are counted per w, and at most 0.1 % of them dropped
+    for kind in ("exact", "learned"):
+        f = res["failures"][kind]
+        assert len(f["num_failed"]) == n
+        assert max(f["num_failed"]) <= f["num_dropped"] <= sum(f["num_failed"])
+        assert f["num_dropped"] <= res["config"]["num_particles"] // 1000
+
+
 def _check_reward(res):
+    _reward_structure(res)
     ws = res["w"]
     i1 = ws.index(1.0)
     for kind in ("exact", "learned"):
         m = np.array(res["reward_mean"][kind])
-        assert len(m) == len(ws)
         # E[r] increasing in w, within Monte-Carlo error, and clearly overall
         # (paired errors: every w shares the samples' noise).
         assert _decreasing(-m, res["reward_step_stderr"][kind]), kind
@@ -187,21 +223,14 @@ def _check_reward(res):
     assert abs(m[0] - res["exact_reward_unguided"]) < K * se[0]
     assert abs(m[i1] - res["exact_reward_tilted"]) < K * se[i1]
     assert res["two_sample_pvalue_w1"]["exact"] > 1e-3
-    dist = res["energy_distance_w1"]
-    assert set(dist) >= {"exact", "learned", "noise_floor"}
-    # diverged particles are counted per w, and at most 0.1 % of them dropped
-    n = len(ws)
-    for kind in ("exact", "learned"):
-        f = res["failures"][kind]
-        assert len(f["num_failed"]) == n
-        assert max(f["num_failed"]) <= f["num_dropped"] <= sum(f["num_failed"])
-        assert f["num_dropped"] <= res["config"]["num_particles"] // 1000
 
 
+@pytest.mark.slow
 def test_reward_gmm(results):
     _check_reward(results("reward-gmm"))
 
 
+@pytest.mark.slow
 def test_reward_pointset(results):
     _check_reward(results("reward-pointset"))
 
@@ -209,13 +238,28 @@ def test_reward_pointset(results):
 # -- robustness ------------------------------------------------------------------------
 
 
-def test_robustness(results):
-    res = results("robustness")
+def _robustness_structure(res):
     fams = res["families"]
     assert set(fams) == {"noise", "bias", "undertrained"}
     for name in ("noise", "bias"):
+        assert fams[name][0]["size"] == 0.0
+        assert fams[name][0]["relative_error_base"] == 0.0
+    for name, rows in fams.items():
+        for row in rows:
+            n = len(res["w"])
+            assert len(row["gain_mean"]) == len(row["gain_stderr"]) == n, name
+        # "up to" is a limit only where some tested size lost the gain
+        lost = any(not all(r["gain_significant"]) for r in rows)
+        assert res["claims"][f"{name}_gain_lost_within_tested_errors"] == lost
+
+
+@pytest.mark.slow
+def test_robustness(results):
+    res = results("robustness")
+    _robustness_structure(res)
+    fams = res["families"]
+    for name in ("noise", "bias"):
         rows = fams[name]
-        assert rows[0]["size"] == 0.0 and rows[0]["relative_error_base"] == 0.0
         assert max(r["relative_error_base"] for r in rows) > 0.5
         # The paired gain E[r(Y^w) - r(Y^0)] stays significantly positive while the
         # relative error of both scores grows to 0.5.
@@ -227,10 +271,6 @@ def test_robustness(results):
                 ):
                     assert g - K * gse > 0, (name, row["size"])
         assert res["claims"][f"{name}_gain_significant_up_to_relative_error"] > 0.25
-    for name, rows in fams.items():
-        # "up to" is a limit only where some tested size lost the gain
-        lost = any(not all(r["gain_significant"]) for r in rows)
-        assert res["claims"][f"{name}_gain_lost_within_tested_errors"] == lost
     # Exact scores at w = 1 sample p^r.
     row0 = fams["noise"][0]
     assert (
@@ -245,8 +285,7 @@ def test_robustness(results):
 # -- training-efficiency ---------------------------------------------------------------
 
 
-def test_training_efficiency(results):
-    res = results("training-efficiency")
+def _training_efficiency_structure(res):
     methods = res["methods"]
     assert set(methods) == {
         "reweighted DSM, warm start",
@@ -257,19 +296,107 @@ def test_training_efficiency(results):
         assert len(m["time_s"]) == len(m["reward"]) == len(m["network_evals"])
         assert np.all(np.diff(m["network_evals"]) > 0), name
         assert np.all(np.diff(m["time_s"]) >= 0), name
+        assert np.all(np.isfinite(m["reward"])), name
+    # every evaluation's failed particles are counted (and left out of its mean)
+    fails = res["eval_failed_particles"]
+    dsm = [m for name, m in methods.items() if name.startswith("reweighted DSM")]
+    assert fails["evaluations"] >= sum(len(m["reward"]) for m in dsm)
+    assert 0 <= fails["max_per_evaluation"] <= fails["total"]
+
+
+@pytest.mark.slow
+def test_training_efficiency(results):
+    res = results("training-efficiency")
+    _training_efficiency_structure(res)
+    for name, m in res["methods"].items():
         assert (
             m["final_reward"] - K * m["final_reward_stderr"]
             > res["exact_reward_unguided"]
         ), name
     for claim in ("reweighted_DSM_warm_start", "reweighted_DSM_from_scratch", "DRaFT"):
         assert res["claims"][f"{claim}_improves_reward"]
-    # every evaluation's failed particles are counted (and left out of its mean)
-    fails = res["eval_failed_particles"]
-    dsm = [m for name, m in methods.items() if name.startswith("reweighted DSM")]
-    assert fails["evaluations"] >= sum(len(m["reward"]) for m in dsm)
-    assert 0 <= fails["max_per_evaluation"] <= fails["total"]
-    for m in methods.values():
-        assert np.all(np.isfinite(m["reward"]))
+
+
+# -- every experiment end to end, at a smoke size --------------------------------------
+
+# Each experiment's QUICK configuration with tiny values: every code path runs
+# (training, sampling over the weights, metrics, figures, JSON) in seconds. At these
+# sizes the numbers carry no evidence, so only what is written is checked; the claims
+# are checked at the quick size above.
+_REWARD_SMOKE = dict(
+    num_particles=200,
+    num_steps=10,
+    hidden=(16, 16),
+    steps=50,
+    reward_steps=50,
+    batch_size=32,
+    distance_points=100,
+    weights=[0.0, 1.0, 2.0],
+)
+SMOKE = {
+    "cfg-digits": (
+        cfg_digits,
+        dict(
+            unet_features=(8, 16),
+            unet_steps=20,
+            unet_batch=16,
+            clf_features=(8, 16),
+            clf_steps=20,
+            per_class=4,
+            num_steps=8,
+            weights=[0.0, 1.0],
+        ),
+        _cfg_digits_structure,
+    ),
+    "reward-gmm": (reward_gmm, _REWARD_SMOKE, _reward_structure),
+    "reward-pointset": (
+        reward_pointset,
+        dict(_REWARD_SMOKE, num_points=200),
+        _reward_structure,
+    ),
+    "robustness": (
+        robustness,
+        dict(
+            num_particles=200,
+            num_steps=10,
+            levels=[0.0, 0.4],
+            hidden=(16, 16),
+            snapshots=[20, 50],
+            batch_size=32,
+        ),
+        _robustness_structure,
+    ),
+    "training-efficiency": (
+        training_efficiency,
+        dict(
+            hidden=(16, 16),
+            base_steps=50,
+            reward_steps=50,
+            eval_every=25,
+            batch_size=32,
+            eval_particles=200,
+            num_steps=10,
+            draft_iters=3,
+            draft_particles=8,
+            draft_lr=1e-3,
+        ),
+        _training_efficiency_structure,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_experiment_runs_end_to_end_at_a_smoke_size(name, tmp_path, monkeypatch):
+    module, config, check = SMOKE[name]
+    assert set(config) == set(module.QUICK)  # the same knobs, smaller values
+    monkeypatch.setattr(module, "QUICK", config)
+    res = _reproduce(tmp_path, name)
+    assert res["config"]  # the configuration run is recorded
+    check(res)
+
+
+def test_every_experiment_has_a_smoke_run():
+    assert set(SMOKE) | {"cfg-gmm"} == set(EXPERIMENTS)
 
 
 def test_readme_results_table_is_generated_from_the_json():
