@@ -194,9 +194,13 @@ def reward_weights(
     # Rescaled first by the power of two that brings max(r) into [1/2, 1) (exact):
     # the mean of rewards near the dtype's largest value would overflow, and
     # dividing by max(r) can become a multiplication by a subnormal reciprocal,
-    # which XLA flushes to zero.
+    # which XLA flushes to zero. The exponent is max(r)'s (>= tiny, checked above),
+    # not the largest of the rewards' exponents: frexp(0) has exponent 0, which
+    # outranked rewards below 1/2 and left a batch of zeros and tiny rewards
+    # unscaled (a subnormal mean, flushed to zero: NaN weights).
     mant, expo = jnp.frexp(rewards)
-    scaled = jnp.ldexp(mant, expo - jnp.max(expo))
+    _, emax = jnp.frexp(jnp.max(rewards))
+    scaled = jnp.ldexp(mant, expo - emax)
     return scaled / jnp.mean(scaled)
 
 

@@ -396,6 +396,11 @@ def test_reward_weights_extreme_ranges():
         (jnp.float32, [3e38, 1e-39, 0.0], [3.0, 0.0, 0.0]),
         (jnp.float64, [1e308, 1.7e308, 0.3e308], [1.0, 1.7, 0.3]),
         (jnp.float16, [6e4, 2e4], [1.5, 0.5]),
+        # zeros beside rewards that are all tiny (frexp(0)'s exponent 0 used to set
+        # the scale: an unscaled, subnormal mean and NaN weights)
+        (jnp.float32, [0.0, 0.0, 0.0, 2e-38], [0.0, 0.0, 0.0, 4.0]),
+        (jnp.float32, [0.0] * 7 + [5e-38], [0.0] * 7 + [8.0]),
+        (jnp.float32, [0.0, 0.25, 0.125], [0.0, 2.0, 1.0]),
     ]
     jitted = jax.jit(reward_weights)
     for dtype, rewards, expected in cases:
