@@ -40,7 +40,8 @@ def guidance_norms(
 
     **Returns:**
 
-    A tuple `(mean, stderr)`, each of shape `(T,)`.
+    A tuple `(mean, stderr)`, each of shape `(T,)`, in at least float32 (the norms
+    of 16-bit particles are computed in float32).
 
     !!! example
 
@@ -87,6 +88,8 @@ def guidance_norms(
 
     def norm(t, y):
         delta = guided(t, y, args) - guided.score(t, y, args)
+        # in >= float32: a 16-bit norm above ~256 overflows float16 when squared
+        delta = delta.astype(jnp.promote_types(delta.dtype, jnp.float32))
         return _safe_sqrt(jnp.sum(delta**2))  # gradient 0, not NaN, at delta = 0
 
     per_time = jax.vmap(norm, in_axes=(0, 0))  # one particle, every saved time

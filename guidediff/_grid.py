@@ -20,7 +20,10 @@ def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array,
     r"""$t_i = t_{end} + (t_{start} - t_{end})(1 - i/N)^2$: finer near the data end."""
     _check_steps(num_steps)
     u = 1.0 - jnp.arange(num_steps + 1) / num_steps
-    return t_end + (t_start - t_end) * u**2
+    ts = t_end + (t_start - t_end) * u**2
+    # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
+    # which `sample` rejects as leaving the SDE's range)
+    return ts.at[0].set(t_start).at[-1].set(t_end)
 
 
 def logsnr_grid(

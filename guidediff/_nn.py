@@ -22,8 +22,10 @@ bfloat16 matmuls and convolutions on float32 parameters, normalisation statistic
 float32) and the output is cast back to the dtype of `x`, so networks stay fast when
 `jax_enable_x64` is on and the sampler's state keeps its own precision. A concrete
 label outside `0..C` is a `ValueError`; a traced one (under `jit`/`vmap`) gives NaN
-outputs, negative labels included (they do not wrap around); the losses check their
-labels, see `guidediff._losses.check_labels`.
+outputs, negative labels included (they do not wrap around). The class-conditional
+losses (`conditional_dsm_loss`, `noisy_classifier_loss`, which take `num_classes`)
+check their labels, also traced ones (`guidediff._losses.check_labels`); `dsm_loss`
+passes labels to the model as they are.
 
 On CPU, initialise conv nets under `jax.jit` (`jax.jit(net.init)(key, t, x, label)`):
 eager, op-by-op initialisation is much slower.

@@ -420,7 +420,9 @@ def save_learning_curve(
     if path.suffix in (".json", ".png"):
         path = path.with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = path.with_suffix(".json"), path.with_suffix(".png")
+    # appended, not with_suffix: "tune_lam0.05" must not become "tune_lam0.json"
+    json_path = path.with_name(path.name + ".json")
+    png_path = path.with_name(path.name + ".png")
     payload = {"curve": [{k: _jsonable(v) for k, v in r.items()} for r in curve]}
     payload.update(meta or {})
     json_path.write_text(json.dumps(payload, indent=2))

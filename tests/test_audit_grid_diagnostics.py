@@ -1,0 +1,52 @@
+"""Regressions from an audit of grids, diagnostics and learning-curve files."""
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+import guidediff as gd
+from guidediff._tune import save_learning_curve
+
+
+def test_quadratic_grid_hits_both_ends_exactly():
+    """t_0 = t_start exactly: the formula rounded it an ulp above T = 0.9 in float32
+    for many t_end, and `sample` then rejected the grid as leaving the SDE's range."""
+    for t_end in np.geomspace(1e-6, 0.1, 40):
+        for dtype in (jnp.float32, jnp.float64):
+            start = jnp.asarray(0.9, dtype)
+            ts = gd.quadratic_grid(start, jnp.asarray(t_end, dtype), 7)
+            assert ts[0] == start and ts[-1] == jnp.asarray(t_end, dtype)
+            assert np.all(np.diff(np.asarray(ts)) < 0)
+    sde = gd.VPSDE(T=jnp.float32(0.9))
+    ts = gd.quadratic_grid(jnp.float32(0.9), jnp.float32(1e-5), 7)
+    score = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)
+    out = gd.sample(jr.key(0), sde, score, (2,), num_particles=4, ts=ts)
+    assert np.all(np.isfinite(out.ys))
+
+
+def test_learning_curve_names_keep_their_dots(tmp_path):
+    """Only a .json / .png suffix is dropped: "tune_lam0.05" and "tune_lam0.1"
+    used to both become tune_lam0.json (one overwriting the other)."""
+    curve = [{"step": k, "objective": 0.1 * k} for k in range(3)]
+    paths = [save_learning_curve(curve, tmp_path / f"tune_lam{x}") for x in (0.05, 0.1)]
+    assert [p.name for p in paths[0]] == ["tune_lam0.05.json", "tune_lam0.05.png"]
+    assert [p.name for p in paths[1]] == ["tune_lam0.1.json", "tune_lam0.1.png"]
+    json_path, png_path = save_learning_curve(curve, tmp_path / "run.v2.json")
+    assert (json_path.name, png_path.name) == ("run.v2.json", "run.v2.png")
+
+
+def test_guidance_norms_of_float16_particles_do_not_overflow():
+    """A norm of several hundred is finite in float16, its square is not: the norms of 16-bit
+    trajectories are computed in float32."""
+    sde = gd.VPSDE()
+    base = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)
+    far = gd.Gaussian(jnp.full(2, 3.0), jnp.eye(2)).score(sde)
+    guided = gd.guide(base, gd.reward_guidance(far, 300.0))
+    ts = jnp.array([0.5, 0.3])
+    ys = jnp.zeros((3, 2, 2), jnp.float16)
+    mean, se = gd.guidance_norms(guided, ts, ys)
+    ref, _ = gd.guidance_norms(guided, ts, ys.astype(jnp.float32))
+    assert mean.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(mean)))
+    assert np.all(np.asarray(ref) > 256)  # beyond float16's sqrt(max)
+    np.testing.assert_allclose(mean, ref, rtol=2e-3)
+    assert np.all(np.asarray(se) <= 1e-6 * np.asarray(mean))  # every particle at 0
