@@ -5,7 +5,7 @@ With $x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$, $\varepsilon \sim \mathcal N(0
 the conditional score is $\nabla_{x_t}\log p(x_t \mid x_0) = -\varepsilon/\sigma(t)$
 and denoising score matching minimises
 
-$$\mathcal L(\theta) = \mathbb E_{t \sim U[t_{\min}, T]}\,\mathbb E_{x_0, \varepsilon}
+$$\mathcal L(\theta) = \mathbb E_{t \sim U(t_{\min}, T]}\,\mathbb E_{x_0, \varepsilon}
 \Big[\lambda(t)\,\tfrac1d\big\|s_\theta(t, x_t) + \varepsilon/\sigma(t)\big\|^2\Big],$$
 
 whose minimiser is the true score $\nabla\log p_t$ for any weighting $\lambda > 0$
@@ -278,7 +278,7 @@ def dsm_example_loss(
 ) -> Scalar:
     r"""The denoising score matching loss of ONE example at a random $(t, \varepsilon)$.
 
-    Draws $t \sim U[t_{\min}, T]$ and $\varepsilon \sim \mathcal N(0, I)$ from `key`,
+    Draws $t \sim U(t_{\min}, T]$ and $\varepsilon \sim \mathcal N(0, I)$ from `key`,
     forms $x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$ and returns
     $\lambda(t)\frac1d\|\hat s(t, x_t) + \varepsilon/\sigma(t)\|^2$, with $\hat s$ the
     score read from `model_fn(params, t, x_t, label)` (see the module docstring for
@@ -311,7 +311,11 @@ def dsm_example_loss(
     dtype = _loss_dtype(x0)
     x0 = jnp.asarray(x0, dtype)
     kt, kz = jr.split(key)
-    t = jr.uniform(kt, (), dtype, minval=t_min, maxval=sde.T)
+    # t in (t_min, T], never t_min itself: with t_min = 0, sigma(0) = 0 makes eps / sigma
+    # and the weight ratios infinite, and a float32 draw of U[0, T) is exactly 0 with
+    # probability 2^-23 (about once in ten million examples: a NaN gradient in a long
+    # run). The same uniform law, reflected.
+    t = (sde.T - jr.uniform(kt, (), dtype, 0.0, sde.T - t_min)).astype(dtype)
     eps = jr.normal(kz, x0.shape, dtype)
     alpha, sigma = sde.marginal(t)
     alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
@@ -376,7 +380,7 @@ def dsm_loss(
     r"""Denoising score matching on a minibatch `x0` (examples stacked on axis 0).
 
     The mean over the batch of `dsm_example_loss`: each example gets its own
-    $t \sim U[t_{\min}, T]$ and noise. With the defaults (`prediction="eps"`,
+    $t \sim U(t_{\min}, T]$ and noise. With the defaults (`prediction="eps"`,
     `weighting="eps"`) this is
     $\frac1n\sum_i \frac1d\|\hat\varepsilon(t_i, x_{t_i}) - \varepsilon_i\|^2$, i.e.
     $\lambda(t) = \sigma(t)^2$ on the score loss.

@@ -458,3 +458,28 @@ def test_noisy_classifier_loss_checks(x0):
         three_logits, PARAMS, jr.key(0), xs, labels, SDE, num_classes=3, t_min=0.0
     )
     np.testing.assert_allclose(loss, np.log(3.0), rtol=1e-12)
+
+
+def test_training_time_never_lands_on_t_min_zero(monkeypatch):
+    """With t_min = 0 a float32 uniform draw is exactly 0 about once in 2^23
+    examples, where sigma(0) = 0 makes the score-prediction residual eps / sigma and
+    the weight ratios infinite: t is drawn from (t_min, T]. Checked at the extreme
+    draws of the underlying uniform (its minimum and the value just below its
+    maximum), forced by replacing jax.random.uniform."""
+    import guidediff as gd
+
+    x0 = jnp.array([0.3, -0.2], jnp.float32)
+    model = lambda p, t, x, label: jnp.zeros_like(x)
+    for extreme in ("min", "max"):
+
+        def fake(key, shape=(), dtype=float, minval=0.0, maxval=1.0):
+            hi = jnp.nextafter(jnp.asarray(maxval, dtype), jnp.asarray(0, dtype))
+            return jnp.full(shape, minval if extreme == "min" else hi, dtype)
+
+        monkeypatch.setattr(jr, "uniform", fake)
+        for prediction, weighting in (("score", "score"), ("eps", "score")):
+            loss = gd.dsm_example_loss(
+                model, None, jr.key(0), x0, SDE, t_min=0.0,
+                prediction=prediction, weighting=weighting,
+            )  # fmt: skip
+            assert np.isfinite(loss), (extreme, prediction, weighting)
