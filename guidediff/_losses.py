@@ -151,8 +151,13 @@ def reward_weights(
     if n == 0:
         raise ValueError("rewards is empty: need at least one reward")
     if temperature is not None:
-        if _is_concrete(temperature) and not float(temperature) > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        if _is_concrete(temperature):
+            if not float(temperature) > 0:
+                raise ValueError(f"temperature must be positive, got {temperature}")
+        else:  # a traced one (e.g. swept under jit): negative would flip the tilt
+            rewards = eqx.error_if(
+                rewards, ~(temperature > 0), "temperature must be positive"
+            )
         if _is_concrete(rewards):
             rv = np.asarray(rewards)
             if not np.all(np.isfinite(rv)):

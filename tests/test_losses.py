@@ -483,3 +483,14 @@ def test_training_time_never_lands_on_t_min_zero(monkeypatch):
                 prediction=prediction, weighting=weighting,
             )  # fmt: skip
             assert np.isfinite(loss), (extreme, prediction, weighting)
+
+
+def test_traced_temperature_must_be_positive():
+    """A temperature traced under jit is checked at run time (a negative one would
+    reverse the exponential tilt silently)."""
+    weights = jax.jit(lambda r, a: reward_weights(r, temperature=a))
+    r = jnp.array([-1.0, 0.0, 2.0])
+    np.testing.assert_allclose(weights(r, 0.5), reward_weights(r, temperature=0.5))
+    for bad in (-0.5, 0.0, jnp.nan):
+        with pytest.raises(Exception, match="temperature must be positive"):
+            weights(r, bad).block_until_ready()
