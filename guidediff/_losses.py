@@ -19,7 +19,7 @@ the prediction's own space and rescaled, so the standard choices are exact:
 | `"x0"` | $\sigma^4/\alpha^2$ | $\tfrac1d\|\hat x_0 - x_0\|^2$ |
 | `"score"` | $1$ | $\tfrac1d\|\hat s + \varepsilon/\sigma\|^2$ |
 | `"likelihood"` | $g(t)^2$ | Song et al. (2021)'s likelihood weighting |
-| a callable | `weighting(t)` | |
+| a callable | `weighting(t)`, finite and $\ge 0$ (checked) | |
 
 Every loss is built the same way: a per-example loss (`dsm_example_loss`), vmapped
 over the minibatch, then a (weighted) mean. A custom loss is a few lines:
@@ -251,10 +251,18 @@ def _lambda(weighting, sde: AbstractSDE, t: Time, alpha, sigma):
         lam = jnp.asarray(weighting(t))
         if lam.shape != ():
             raise ValueError(
-                "a callable weighting must return one positive number lambda(t) for "
+                "a callable weighting must return one number lambda(t) >= 0 for "
                 f"a scalar t, got shape {lam.shape}"
             )
-        return lam
+        # lambda < 0 would maximise the residual at those t (a silently wrong
+        # score), so it is an error: now when concrete, else when the loss runs.
+        # lambda = 0 is allowed: those times are not trained (e.g. a t-window).
+        msg = "a callable weighting must return a finite lambda(t) >= 0"
+        if _is_concrete(lam):
+            if not (np.isfinite(float(lam)) and float(lam) >= 0):
+                raise ValueError(f"{msg}, got {float(lam)}")
+            return lam
+        return eqx.error_if(lam, ~(jnp.isfinite(lam) & (lam >= 0)), msg)
     if weighting == "eps":
         return sigma**2
     if weighting == "x0":

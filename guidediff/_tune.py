@@ -191,7 +191,8 @@ def tune_guidance(
     - `lam`, `penalty`: the penalty weight and `penalty(y, y_ref) -> scalar`.
     - `num_iters`, `num_particles`: optimiser steps, particles per step.
     - `learning_rate`, `optimizer`: `optax.adam(learning_rate)` by default.
-    - `bounds`: `(lo, hi)`: the knot values are clipped into it after each step.
+    - `bounds`: `(lo, hi)`: the knot values are clipped into it after each step;
+      the initial values must lie inside it.
     - `ts`, `args`, `process`, `solver`, `truncate_backprop`: passed to `sample`
       (default grid: 100 uniform steps from `sde.T` to `1e-3`).
 
@@ -258,6 +259,13 @@ def tune_guidance(
         lo, hi = bounds
         if not float(lo) <= float(hi):
             raise ValueError(f"bounds must be (lo, hi) with lo <= hi, got {bounds}")
+        v0 = np.asarray(schedule0.values)
+        if not np.all((v0 >= float(lo)) & (v0 <= float(hi))):
+            raise ValueError(
+                f"the initial knot values {v0.tolist()} lie outside bounds {bounds}: "
+                "the first step would evaluate the objective there; start inside "
+                "(e.g. `init` within the bounds)"
+            )
         project = lambda v: jnp.clip(v, lo, hi)
     values, curve, compile_s = _optimise(
         loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts

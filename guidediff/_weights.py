@@ -76,22 +76,38 @@ class _Schedule(eqx.Module):
     fn: Callable[[Time], ArrayLike] = eqx.field(static=True)
 
     def __call__(self, t: Time) -> Scalar:
-        w = jnp.asarray(self.fn(t))
-        if w.ndim != 0:
-            raise ValueError(
-                f"a weight schedule must return a scalar, got shape {w.shape}"
-            )
-        return w
+        return _scalar_weight(self.fn, t)
+
+
+class _PytreeSchedule(eqx.Module):
+    """A callable weight that is itself a pytree with array leaves (e.g. a
+    `jax.tree_util.Partial` over arrays): held as a pytree, so its arrays are leaves
+    (`jax.grad` reaches them; a new value does not recompile a jitted sampler)."""
+
+    fn: Callable[[Time], ArrayLike]
+
+    def __call__(self, t: Time) -> Scalar:
+        return _scalar_weight(self.fn, t)
+
+
+def _scalar_weight(fn, t: Time) -> Scalar:
+    w = jnp.asarray(fn(t))
+    if w.ndim != 0:
+        raise ValueError(f"a weight schedule must return a scalar, got shape {w.shape}")
+    return w
 
 
 def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
     """Lift a number to a `Constant`; pass guidediff schedules (`Constant`,
     `PiecewiseLinear`, any `eqx.Module`) through; wrap other callables so that their
-    output is a scalar array."""
+    output is a scalar array: a plain function as a static field, a callable pytree
+    (`jax.tree_util.Partial`) as a pytree, its arrays leaves."""
     if isinstance(weight, eqx.Module) and callable(weight):
         return weight
     if callable(weight):
-        return _Schedule(weight)
+        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(weight)):
+            return _Schedule(weight)
+        return _PytreeSchedule(weight)
     return Constant(weight)
 
 

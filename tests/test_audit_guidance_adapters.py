@@ -1,6 +1,8 @@
 """Regressions from an audit of the guidance transforms and score adapters: each test
 failed before its fix."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,3 +105,30 @@ def test_sampling_with_a_plain_weight_schedule_still_works():
         num_particles=4, args=1, ts=gd.uniform_grid(SDE.T, 1e-3, 4),
     )  # fmt: skip
     assert not bool(jnp.any(out.failed))
+
+
+def test_a_callable_pytree_weight_keeps_its_arrays_as_leaves():
+    # a `Partial` over an array was held as a static field: a warning, a recompile
+    # for every new value, and a constant closed over instead of a leaf
+    linear = lambda a, t: a * t
+    schedule = lambda a: jax.tree_util.Partial(linear, a)
+    traces = []
+
+    @jax.jit
+    def value(guided):
+        traces.append(None)
+        return guided(0.5, X, 1)
+
+    guided = lambda a: gd.guide(COND, gd.cfg(schedule(a), null_args=GMM.null_label))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "A JAX array is being set as static"
+        outs = [value(guided(jnp.asarray(a))) for a in (1.0, 2.0)]
+    assert len(traces) == 1
+    for a, out in zip((1.0, 2.0), outs, strict=True):
+        np.testing.assert_allclose(out, guided(a)(0.5, X, 1), rtol=1e-6)
+    assert any(leaf is not None and leaf.shape == () for leaf in jax.tree.leaves(
+        guided(jnp.asarray(1.0))) if isinstance(leaf, jax.Array))  # fmt: skip
+    # the gradient w.r.t. the array, through the jitted function taking the score
+    grad = jax.grad(lambda a: jnp.sum(value(guided(a))))(1.0)
+    cond, uncond = COND(0.5, X, 1), COND(0.5, X, GMM.null_label)
+    np.testing.assert_allclose(grad, 0.5 * jnp.sum(cond - uncond), rtol=1e-6)

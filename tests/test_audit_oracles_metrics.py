@@ -179,7 +179,7 @@ def test_loss_argument_errors():
     np.testing.assert_array_equal(out, [256, 256])
     net = lambda p, t, x, *label: -x
     x0 = jnp.zeros((4, 2))
-    with pytest.raises(ValueError, match="one positive number"):
+    with pytest.raises(ValueError, match="one number"):
         gd.dsm_loss(net, None, jr.key(0), x0, SDE, weighting=lambda t: jnp.ones(2))
     with pytest.raises(TypeError, match="AbstractSDE"):
         gd.noisy_classifier_loss(

@@ -393,6 +393,23 @@ def test_tune_guidance_beats_constant_weights(tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tune_guidance_keeps_the_knots_within_bounds():
+    sde = gd.VPSDE()
+    s, s_r = GMM.score(sde), TILTED.score(sde)
+    guided = lambda w: gd.guide(s, gd.reward_guidance(s_r, w))
+    kw = dict(num_knots=3, num_iters=3, num_particles=16, learning_rate=1.0)
+    ts = gd.uniform_grid(1.0, 1e-3, 5)
+    free = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), ts=ts, **kw)
+    bounded = tune_guidance(
+        jr.key(0), sde, guided, REWARD, (2,), ts=ts, bounds=(0.0, 0.3), **kw
+    )
+    # adam's steps of about the learning rate leave the box; the clip pins them
+    assert np.abs(np.asarray(free.schedule.values)).max() > 0.5
+    values = np.asarray(bounded.schedule.values)
+    assert np.all((values >= 0.0) & (values <= 0.3))
+    assert np.any(values == 0.3) or np.any(values == 0.0)
+
+
 def test_finetune_through_sampler_raises_reward():
     sde = gd.VPSDE()
     make = lambda params: Corrected(GMM.score(sde), LinenModel(params, NET))

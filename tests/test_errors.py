@@ -301,6 +301,12 @@ def test_guidance_sde_and_tuner_inputs():
         tune(num_iters=0)
     with pytest.raises(ValueError, match="lo <= hi"):
         tune(bounds=(1.0, 0.0))
+    # the first step would evaluate the objective at an initial value outside
+    with pytest.raises(ValueError, match="outside bounds"):
+        tune(init=2.0, bounds=(0.0, 1.0))
+    w0 = gd.PiecewiseLinear(jnp.array([1e-3, 1.0]), jnp.array([0.5, -0.1]))
+    with pytest.raises(ValueError, match="outside bounds"):
+        tune(init=w0, bounds=(0.0, 1.0))
 
 
 def test_tolerance_steps_adjoint_and_conversions():

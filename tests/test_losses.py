@@ -385,6 +385,16 @@ def test_loss_argument_errors(x0):
         dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, weighting="snr")
     with pytest.raises(ValueError, match="returned shape"):
         dsm_loss(lambda p, t, x, c: x[:1], PARAMS, jr.key(0), xs, SDE)
+    # a callable weighting < 0 would maximise the residual at those t: an error
+    # now when it is a constant, and when the loss runs when it depends on t
+    with pytest.raises(ValueError, match=r"finite lambda\(t\) >= 0"):
+        dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, weighting=lambda t: -1.0)
+    loss = jax.jit(lambda w: dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE,
+                                      weighting=lambda t: w * t))  # fmt: skip
+    assert np.isfinite(loss(1.0)) and loss(0.0) == 0.0  # 0: those t not trained
+    for bad in (-1.0, jnp.inf):
+        with pytest.raises(Exception, match=r"finite lambda\(t\) >= 0"):
+            loss(bad).block_until_ready()
 
 
 def test_reward_weights_extreme_ranges():
