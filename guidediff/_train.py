@@ -165,18 +165,42 @@ def _minibatch(arrays, key, batch_size):
 # ---------------------------------------------------------------------------------
 
 
+def _ema_init(params):
+    """The EMA accumulator: the parameters, 16-bit floating leaves in float32 (as
+    `optax.ema`'s `accumulator_dtype`). A bfloat16 average drifts: d and 1 - d
+    rounded apart do not sum to one, and increments below half its resolution
+    (2^-9 relative) are lost, so it cannot follow slowly moving parameters."""
+    return jax.tree.map(lambda p: jnp.asarray(p, _accumulator_dtype(p)), params)
+
+
+def _accumulator_dtype(p):
+    p = jnp.asarray(p)
+    if jnp.issubdtype(p.dtype, jnp.floating):
+        return jnp.promote_types(p.dtype, jnp.float32)
+    return p.dtype
+
+
+def _ema_out(ema, params):
+    """The EMA in the parameters' dtypes (what a network is applied with)."""
+    if ema is None:
+        return None
+    return jax.tree.map(lambda e, p: e.astype(jnp.asarray(p).dtype), ema, params)
+
+
 def _ema_update(ema, params, decay, step):
+    r"""$\bar\theta \leftarrow d_k\bar\theta + (1 - d_k)\theta$, computed as
+    $\bar\theta + (1 - d_k)(\theta - \bar\theta)$ in the accumulator's dtype (so a
+    constant $\theta$ is a fixed point exactly)."""
     # Warm-up: decay_k = min(decay, (1 + k) / (10 + k)), so early averages do not
     # remember the random initialisation for thousands of steps.
     k = step.astype(jnp.float32)
     d = jnp.minimum(decay, (1.0 + k) / (10.0 + k))
-    return jax.tree.map(
-        lambda e, p: (d.astype(e.dtype) * e + (1 - d).astype(e.dtype) * p).astype(
-            e.dtype
-        ),
-        ema,
-        params,
-    )
+
+    def update(e, p):
+        w = (1 - d).astype(e.dtype)
+        return (e + w * (p.astype(e.dtype) - e)).astype(e.dtype)
+
+    return jax.tree.map(update, ema, params)
 
 
 @functools.partial(
@@ -468,11 +492,11 @@ def load_checkpoint(
     `TypeError`.
     """
     step = _check_count("step", step, 0, optional=True)
-    like = (params, optimizer.init(params), params if ema else None)
+    like = (params, optimizer.init(params), _ema_init(params) if ema else None)
     state, losses, meta, step = _restore(checkpoint_dir, like, step)
     return FitResult(
         params=state[0],
-        ema_params=state[2],
+        ema_params=_ema_out(state[2], state[0]),
         opt_state=state[1],
         losses=losses,
         evals=_restored_evals(meta)[0],
@@ -542,7 +566,9 @@ def fit(
       The chunking never changes the result: with `steps_per_dispatch > 1` every
       chunk, also one of a single step, is the same loop (a 1-step chunk runs
       a padding step whose result is discarded, so XLA keeps its loop).
-    - `ema_decay`: EMA decay, or `None` for no EMA.
+    - `ema_decay`: EMA decay, or `None` for no EMA. The average accumulates in
+      float32 for 16-bit parameters (returned in their dtype; checkpoints keep it
+      in float32).
     - `eval_every`, `eval_fn`: every `eval_every` steps, call
       `eval_fn(step, params, ema_params)` on the host and record its value.
     - `checkpoint_dir`: where orbax checkpoints go (`None`: none). A fresh run
@@ -607,7 +633,8 @@ def fit(
     loss_dynamic, loss_static = eqx.partition(loss_fn, eqx.is_array)
     sampler_dynamic, sampler_static = eqx.partition(sampler, eqx.is_array)
 
-    state = (params, optimizer.init(params), params if ema_decay is not None else None)
+    ema = _ema_init(params) if ema_decay is not None else None
+    state = (params, optimizer.init(params), ema)
     step = 0
     losses: list[np.ndarray] = []
     evals: list = []
@@ -724,7 +751,7 @@ def fit(
             step += length
             postfix = {"loss": f"{float(np.mean(chunk_losses)):.4g}"}
             if eval_every is not None and step % eval_every == 0:
-                value = eval_fn(step, state[0], state[2])
+                value = eval_fn(step, state[0], _ema_out(state[2], state[0]))
                 if mngr is not None:  # fail now, not at the next checkpoint
                     where = f"the eval at step {step}"
                     stored_evals.append([step, _encode_eval(value, where)])
@@ -749,7 +776,7 @@ def fit(
     hist = np.concatenate(losses) if losses else np.zeros((0,), np.float32)
     return FitResult(
         params=state[0],
-        ema_params=state[2],
+        ema_params=_ema_out(state[2], state[0]),
         opt_state=state[1],
         losses=hist,
         evals=evals,

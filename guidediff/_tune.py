@@ -118,7 +118,11 @@ def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts)
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key, ts)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = project(optax.apply_updates(params, updates))
-        return params, opt_state, value, aux
+        # a finite objective can still have a non-finite gradient (e.g. sqrt at 0)
+        finite = jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+        )
+        return params, opt_state, value, aux, finite
 
     start = time.perf_counter()
     step = jax.jit(step).lower(params, opt_state, key, ts).compile()
@@ -127,7 +131,7 @@ def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts)
     start = time.perf_counter()
     for k in range(int(num_iters)):
         k_step = key if fixed_noise else jr.fold_in(key, k)
-        new_params, opt_state, value, aux = step(params, opt_state, k_step, ts)
+        new_params, opt_state, value, aux, finite = step(params, opt_state, k_step, ts)
         row = {"step": k, "objective": -float(value)}
         row.update({name: float(v) for name, v in aux.items()})
         row["time_s"] = time.perf_counter() - start
@@ -135,6 +139,13 @@ def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts)
             raise FloatingPointError(
                 f"the objective is not finite at step {k} ({row}); lower the "
                 "learning rate, bound the parameters, or check the reward"
+            )
+        if not bool(finite):
+            raise FloatingPointError(
+                f"the parameters are not finite after step {k}'s update (the "
+                f"objective was finite, {row}, its gradient was not: e.g. a reward "
+                "like sqrt(x) at 0); check the reward's gradient or lower the "
+                "learning rate"
             )
         curve.append(row)
         params = new_params

@@ -198,3 +198,35 @@ def test_fit_names_the_first_failure_of_a_chunk():
             optimizer=optax.sgd(0.1), num_steps=4, key=jr.key(0),
             steps_per_dispatch=4, progress=False,
         )  # fmt: skip
+
+
+def test_sampler_optimisers_name_a_non_finite_gradient():
+    """A finite objective whose gradient is NaN (sqrt at 0): `tune_guidance` failed
+    with an unrelated error from the schedule's constructor and
+    `finetune_through_sampler` returned NaN parameters silently."""
+    s = GMM.score(SDE)
+    s_r = GMM.tilt(gd.GaussianBumpReward([1.0, 1.0], 1.0)).score(SDE)
+    guided = lambda w: gd.guide(s, gd.reward_guidance(s_r, w))
+    reward = lambda x: jnp.sqrt(jnp.maximum(x[0], 0.0))  # d/dx at x < 0: 0 * inf
+    kw = dict(num_iters=2, num_particles=16, ts=gd.uniform_grid(1.0, 1e-2, 4))
+    match = "not finite after step 0's update"
+    with pytest.raises(FloatingPointError, match=match):
+        gd.tune_guidance(jr.key(0), SDE, guided, reward, (2,), num_knots=2, **kw)
+    with pytest.raises(FloatingPointError, match=match):
+        gd.finetune_through_sampler(
+            jr.key(0), SDE, lambda p: guided(p["w"]), {"w": jnp.asarray(0.0)},
+            reward, (2,), **kw,
+        )  # fmt: skip
+
+
+def test_fit_keeps_a_16_bit_models_ema_in_float32():
+    """A bfloat16 EMA drifted: d and 1 - d rounded apart do not sum to one, so
+    parameters held at the optimum pulled their average from 3 to 2."""
+    params = {"w": jnp.full((4,), 3.0, jnp.bfloat16)}
+    loss = lambda p, k, b: jnp.sum((p["w"].astype(jnp.float32) - 3.0) ** 2)
+    out = gd.fit(
+        loss, params, lambda k: jnp.zeros(()), optimizer=optax.sgd(0.1),
+        num_steps=3000, key=jr.key(0), steps_per_dispatch=1000, progress=False,
+    )  # fmt: skip
+    assert out.ema_params["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out.ema_params["w"], np.float32), 3.0)
