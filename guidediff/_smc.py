@@ -151,7 +151,17 @@ def resample_indices(
     With $W$ the cumulative normalised weights, $a_j$ is the first $i$ with
     $W_i > u_j$, where $u_j = (j + U)/n$ with one uniform $U$ (`"systematic"`: each
     count is $\lfloor n w_i \rfloor$ or $\lceil n w_i \rceil$), $u_j = (j + U_j)/n$
-    (`"stratified"`), or $n$ sorted i.i.d. uniforms (`"multinomial"`).
+    (`"stratified"`), or $n$ sorted i.i.d. uniforms (`"multinomial"`). A particle
+    of weight zero ($-\infty$) is never picked.
+
+    $W$ is computed in JAX's default float (float64 with `jax_enable_x64`, else
+    float32). In float32 its resolution near 1 is $2^{-24}$: from about $2^{18}$
+    particles a systematic count can miss $\lfloor n w_i \rfloor$ /
+    $\lceil n w_i \rceil$ by one (about ten slots per draw at $2^{20}$), and more
+    than $2^{24}$ particles cannot be resampled (an error; enable x64).
+
+    Concrete log-weights with a NaN or $+\infty$, or none finite, raise
+    `ValueError`; traced ones raise when the computation runs.
 
     !!! example
 
@@ -165,18 +175,39 @@ def resample_indices(
         raise ValueError(
             f"log_weights must be a non-empty 1-D array, got shape {log_weights.shape}"
         )
+    msg = "log_weights must have no NaN or +inf and at least one finite entry"
     if not isinstance(log_weights, jax.core.Tracer):
         lw = np.asarray(log_weights)
         if np.any(np.isnan(lw)) or not np.any(lw > -np.inf) or np.any(lw == np.inf):
-            raise ValueError(
-                "log_weights must have no NaN or +inf and at least one finite entry"
-            )
+            raise ValueError(msg)
+    else:
+        bad = (
+            jnp.any(jnp.isnan(log_weights))
+            | jnp.all(log_weights == -jnp.inf)
+            | jnp.any(log_weights == jnp.inf)
+        )
+        log_weights = eqx.error_if(log_weights, bad, msg)
+    return _resample_indices(key, log_weights, scheme)
+
+
+def _resample_indices(key, log_weights, scheme):
+    """`resample_indices` without the input checks (`smc_sample` resamples only
+    weights with a positive ESS)."""
     n = log_weights.shape[0]
-    # at least float32: a 16-bit running sum stops growing once the weights fall
-    # below half its resolution, and the last particles would never be picked
-    wdt = jnp.promote_types(log_weights.dtype, jnp.float32)
+    # JAX's default float, at least the log-weights' dtype: a 16-bit running sum
+    # stops growing once the weights fall below half its resolution
+    wdt = jnp.promote_types(log_weights.dtype, jnp.result_type(float))
+    if jnp.finfo(wdt).nmant < 52 and n > 2**24:
+        raise ValueError(
+            f"resampling {n} > 2^24 particles needs float64 cumulative weights (the "
+            "positions (j + U) / n no longer resolve j in float32): enable "
+            "jax_enable_x64"
+        )
     w = jax.nn.softmax(log_weights.astype(wdt))
-    cdf = jnp.cumsum(w)
+    # Monotone and flat across zero weights: XLA's parallel cumsum is not monotone
+    # (steps of an ulp down, and up at a zero weight), and a zero-weight slot whose
+    # cdf stepped up could be picked (a failed, NaN particle drawn).
+    cdf = lax.cummax(jnp.where(w > 0, jnp.cumsum(w), 0))
     if scheme == "systematic":
         u = (jnp.arange(n) + jr.uniform(key, (), cdf.dtype)) / n
     elif scheme == "stratified":
@@ -186,7 +217,7 @@ def resample_indices(
     # u (or its rounding) at or above cdf[-1] goes to the last particle with weight,
     # the first index where the cdf reaches its total.
     last = jnp.searchsorted(cdf, cdf[-1], side="left")
-    idx = jnp.searchsorted(cdf, u * cdf[-1], side="right")
+    idx = jnp.searchsorted(cdf, u.astype(cdf.dtype) * cdf[-1], side="right")
     return jnp.minimum(idx, last)
 
 
@@ -246,7 +277,7 @@ def smc_sample(
       $e^{-f}$ times its siblings when it is), so its typical value sits far below
       $Z$; a floor near 0 flattens the twist and resamples less.
     - `ess_threshold`: resample when ESS $<$ `ess_threshold` $\cdot P$ (0: never,
-      1: whenever the weights are not all equal).
+      1: whenever the weights are not all equal, beyond a relative 1e-5 of rounding).
     - `resampling`: `"systematic"` (default), `"stratified"` or `"multinomial"`.
     - `sharding`: shard the particle axis, as in `gd.sample` (resampling gathers
       particles across the devices).
@@ -359,6 +390,17 @@ def _failed(x, log_h):
     return ~jnp.all(jnp.isfinite(x)) | jnp.isnan(log_h) | (log_h == jnp.inf)
 
 
+def _widen(tree, dtype):
+    """Floating leaves narrower than `dtype` cast to it (exactly)."""
+
+    def widen(a):
+        if eqx.is_array(a) and jnp.issubdtype(a.dtype, jnp.floating):
+            return a.astype(jnp.promote_types(a.dtype, dtype))
+        return a
+
+    return jax.tree.map(widen, tree)
+
+
 class _FrozenScore(AbstractScore):
     """A score already evaluated at the step's start: returned whatever it is asked."""
 
@@ -428,11 +470,14 @@ def _smc_jit(
             lh = jnp.maximum(lh, floor)
         return lh, _failed(x, lh)
 
-    def move(s, inc, x, state, t0, t1):
+    def step_exact(s, inc, x, state, t0, t1):
         x1, _, _, state1, _ = solver.step(
             terms_with(s, inc, t0, t1), t0, t1, x, args, state, False
         )
-        return _like((x1, state1), (x, state))
+        return x1, state1
+
+    def move(s, inc, x, state, t0, t1):
+        return _like(step_exact(s, inc, x, state, t0, t1), (x, state))
 
     def evaluate(x, t0):
         """The score(s) at x_k, which the twist and the move both use."""
@@ -455,14 +500,19 @@ def _smc_jit(
         # proposal's history and the base kernel's mean uses the base score's
         # history on the same path (one-step solvers keep no history: both empty).
         state_q, state_p = state
+        x1, state_q1 = move(_FrozenScore(sq), inc, x, state_q, t0, t1)
+        # The kernels' means and noise scale in the weights' dtype, from the same
+        # (exactly widened) inputs: for 16-bit particles, means rounded to 16 bits
+        # would make d and c differences of rounded numbers (c quantised to the
+        # state's resolution, d's error a large part of the correction).
+        xw, sq, s, stq, stp = _widen((x, sq, s, state_q, state_p), wdt)
         sq = _FrozenScore(sq)
-        x1, state_q1 = move(sq, inc, x, state_q, t0, t1)
-        zero = jnp.zeros_like(inc)
-        m_q = move(sq, zero, x, state_q, t0, t1)[0]
-        m_p, state_p1 = move(_FrozenScore(s), zero, x, state_p, t0, t1)
-        c = move(sq, jnp.ones_like(inc), x, state_q, t0, t1)[0] - m_q
-        state1 = (state_q1, state_p1)
-        m_q, m_p, c = (a.astype(wdt) for a in (m_q, m_p, c))
+        zero = jnp.zeros(x.shape, wdt)
+        m_q = step_exact(sq, zero, xw, stq, t0, t1)[0].astype(wdt)
+        m_p, state_p1 = step_exact(_FrozenScore(s), zero, xw, stp, t0, t1)
+        c = step_exact(sq, jnp.ones(x.shape, wdt), xw, stq, t0, t1)[0] - m_q
+        state1 = (state_q1, _like(state_p1, state_p))
+        m_p, c = m_p.astype(wdt), c.astype(wdt)
         d, dt, inc = m_q - m_p, jnp.abs(t1 - t0).astype(wdt), inc.astype(wdt)
         c_safe = jnp.where(c == 0, 1.0, c)
         term = inc * d / (c_safe * dt) + d**2 / (2 * c_safe**2 * dt)
@@ -495,7 +545,7 @@ def _smc_jit(
 
         def resample(operand):
             tree, logw = operand
-            idx = resample_indices(jr.fold_in(k_resample, k), logw, scheme)
+            idx = _resample_indices(jr.fold_in(k_resample, k), logw, scheme)
             tree = jax.tree.map(lambda a: a[idx], tree)
             log_mean = jax.nn.logsumexp(logw) - math.log(n)
             return tree, jnp.full_like(logw, log_mean)
