@@ -241,6 +241,23 @@ _UNSAFE_GRAD_MSG = (
 # Built once: constructing an equinox module costs host time on every direct call.
 _DEFAULT_ADJOINT = dfx.RecursiveCheckpointAdjoint()
 _FORWARD_MODE = dfx.ForwardMode()
+_DEFAULT_SOLVERS: dict = {}  # id(sde) -> (sde, its ExponentialIntegrator)
+
+
+def _default_sde_solver(sde: AbstractSDE) -> ExponentialIntegrator:
+    """`ExponentialIntegrator(sde)`, the same object for the same `sde` object: a
+    direct `gd.sample` call then neither builds a module nor has `jit` compare a new
+    one against its cache key (tens of microseconds of host time per call). SDEs
+    holding tracers (built inside a traced function) are not remembered."""
+    hit = _DEFAULT_SOLVERS.get(id(sde))
+    if hit is not None and hit[0] is sde:
+        return hit[1]
+    solver = ExponentialIntegrator(sde)
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(sde)):
+        if len(_DEFAULT_SOLVERS) >= 16:
+            _DEFAULT_SOLVERS.clear()
+        _DEFAULT_SOLVERS[id(sde)] = (sde, solver)
+    return solver
 
 
 def _sample_core(
@@ -409,7 +426,10 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         out = jtu.tree_map(lambda a: a[0], out)
     # The saved times are computed here too: no eager op after the compiled call.
     out_ts = ts[::save_every] if save_trajectory else ts[-1]
-    return (*out, out_ts)
+    ys, result, failed, nsteps = out
+    # built here, so the call returns it by unflattening (cheaper on the host than
+    # constructing a Module after the call)
+    return Samples(ys, out_ts, result, failed, nsteps)
 
 
 def initial_noise(
@@ -667,7 +687,7 @@ def sample(
     unroll = _check_unroll(unroll, driver)
     adaptive = stepsize_controller is not None
     if solver is None:
-        sde_default = dfx.Heun() if adaptive else ExponentialIntegrator(sde)
+        sde_default = dfx.Heun() if adaptive else _default_sde_solver(sde)
         solver = sde_default if process == "sde" else dfx.Heun()
     _check_solver(solver, process, stepsize_controller, sde)
     _check_score_shape(score, ts, shape, dtype, args)
@@ -700,7 +720,6 @@ def sample(
         bool(save_trajectory),
         unroll,
     )
-    ys, result, failed, nsteps, out_ts = _sample_jit(
+    return _sample_jit(
         key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static
     )
-    return Samples(ys, out_ts, result, failed, nsteps)

@@ -68,6 +68,7 @@ from ._reverse import reverse_sde
 from ._sample import (
     _args_as_arrays,
     _check_sde,
+    _default_sde_solver,
     _grid_in_dtype,
     _grid_ok,
     _particle_keys,
@@ -328,7 +329,7 @@ def smc_sample(
         ts = uniform_grid(sde.T, 1e-3, 500)
     ts = _grid_in_dtype(sde, ts, dtype, start_at_T=True, takes_y0=False)
     if solver is None:
-        solver = ExponentialIntegrator(sde)
+        solver = _default_sde_solver(sde)
     _check_solver(solver, "sde", None, sde)
     _check_score_shape(score, ts, shape, dtype, args)
     try:

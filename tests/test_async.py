@@ -90,3 +90,23 @@ def test_a_call_does_not_wait_for_the_calls_before_it():
         pending = not all(leaf.is_ready() for leaf in jax.tree.leaves(first))
         jax.block_until_ready((first, second))
         assert pending, f"{run.__name__} waited for the call before it"
+
+
+def test_the_default_solver_is_built_once_per_sde():
+    """A direct call reuses the default `ExponentialIntegrator` of the same SDE
+    object (host time); an SDE holding tracers is not remembered."""
+    from guidediff._sample import _DEFAULT_SOLVERS, _default_sde_solver
+
+    assert _default_sde_solver(SDE) is _default_sde_solver(SDE)
+    assert _default_sde_solver(SDE).sde is SDE
+    other = gd.VPSDE(gd.LinearBeta(0.1, 10.0))
+    assert _default_sde_solver(other).sde is other
+
+    def mean(beta_max):
+        sde = gd.VPSDE(gd.LinearBeta(0.1, beta_max))
+        before = len(_DEFAULT_SOLVERS)
+        ys = gd.sample(jr.key(0), sde, _score(), (1,), num_particles=2, ts=TS[:4])
+        assert len(_DEFAULT_SOLVERS) == before
+        return jnp.mean(ys.ys)
+
+    jax.grad(mean)(20.0)
