@@ -36,6 +36,7 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 from diffrax._local_interpolation import LocalLinearInterpolation
+from diffrax._term import WrapTerm  # diffeqsolve's wrapper when time runs backwards
 from jaxtyping import Array, Bool, Float
 
 from ._sde import AbstractSDE
@@ -59,14 +60,31 @@ def _sde_times(term, t0, t1):
     return t0 * direction, t1 * direction, dt
 
 
-def _read_score(sde, drift_term, t0, ta, y0, args, score_scale) -> Array:
-    r"""The score read back from a reverse drift $v = f x - c\,g^2 s$ ($c$ =
-    `score_scale`): $s = (f x - v)/(c\,g^2)$, in the step's working dtype.
+def _reverse_drift(term):
+    """The `ReverseDrift` of a drift term built by `reverse_sde` /
+    `probability_flow`, also inside diffrax's direction wrapper; else `None`."""
+    from ._reverse import ReverseDrift
 
-    $f x$ and $c\,g^2$ are computed exactly as `ReverseDrift` computes them (in
-    the working dtype), so only the drift's one rounding to a 16-bit state
-    remains in the score read back."""
+    while isinstance(term, WrapTerm):
+        term = term.term
+    field = getattr(term, "vector_field", None)
+    return field if isinstance(field, ReverseDrift) else None
+
+
+def _read_score(sde, drift_term, t0, ta, y0, args, score_scale) -> Array:
+    r"""The score at the step's start, in the step's working dtype.
+
+    From guidediff's own terms, the score itself (evaluated at the SDE time `ta`,
+    as the drift evaluates it). From any other drift term $v = f x - c\,g^2 s$
+    ($c$ = `score_scale`), read back: $s = (f x - v)/(c\,g^2)$, with $f x$ and
+    $c\,g^2$ computed as `ReverseDrift` computes them (in the working dtype).
+    Reading back from a 16-bit drift costs its rounding, and overflows where the
+    drift exceeds the 16-bit range although its step does not (float16: a VE SDE's
+    $g^2 s$ near $T$ for $\sigma_{\max} = 1000$)."""
     dtype = _working_dtype(y0)
+    drift = _reverse_drift(drift_term)
+    if drift is not None and drift.score_scale == score_scale:
+        return drift.score(ta, y0, args).astype(dtype)
     v = drift_term.vf(t0, y0, args).astype(dtype)
     g2 = (sde.diffusion(ta) ** 2).astype(dtype)
     return (sde.drift(ta, y0.astype(dtype)) - v) / (score_scale * g2)
