@@ -251,9 +251,12 @@ def _mfu(res: dict, file: str) -> list[str]:
     for r in res["results"]:
         times.setdefault(r["dtype"], {})[r["variant"]] = r["timing"]
         if "mfu" in r:
-            by_dtype.setdefault(r["dtype"], {})[r["variant"]] = next(
-                iter(r["mfu"].values())
-            )
+            mfu = next(iter(r["mfu"].values()))
+            if "mfu_basis" not in res and "flops_effective" in r:
+                # files from before the fix took the MFU of CFG's nominal FLOPs
+                # (the shared first layer twice): rescale to the work done
+                mfu *= r["flops_effective"] / r["flops"]
+            by_dtype.setdefault(r["dtype"], {})[r["variant"]] = mfu
     flags = res["device"].get("xla_flags")
     rows = []
     for dtype, v in by_dtype.items():
@@ -343,6 +346,8 @@ def gpu_table(results_dir: str | Path) -> str:
     ]
     for path in sorted(Path(results_dir).glob("*_gpu*.json")):
         res = json.loads(path.read_text())
+        if res.get("quick"):  # a smoke-size run (NAME_gpu_quick.json)
+            continue
         build = BUILDERS.get(res.get("benchmark"))
         if build is not None:
             rows.extend(build(res, path.name))

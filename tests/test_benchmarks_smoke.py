@@ -178,6 +178,16 @@ def test_mfu(runs):
         }
         assert (x["achieved_flops_per_s"] > 0) == (x["network_evals_per_step"] > 0)
     assert r["peaks_flops_per_s"] is None  # no peak is claimed for a CPU
+    assert r["mfu_basis"] == "flops_effective"  # the work done (CFG's shared layer)
+
+
+def test_mfu_peaks_are_claimed_for_sxm_cards_only():
+    from benchmarks.mfu import device_peaks
+
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H100"):
+        assert device_peaks(kind)["bf16"] == 989.4e12, kind
+    for kind in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "cpu"):
+        assert device_peaks(kind) is None, kind
 
 
 def test_scaling(runs):
@@ -229,6 +239,35 @@ def test_readme_gpu_table_is_generated_from_the_json():
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     for block in table.readme_blocks(ROOT / "benchmarks" / "results"):
         assert block in readme
+
+
+def test_gpu_table_skips_quick_runs(tmp_path):
+    """A smoke-size GPU run (NAME_gpu_quick.json) must not reach the README table."""
+    from benchmarks._table import gpu_table
+
+    src = ROOT / "benchmarks" / "results" / "mfu_gpu.json"
+    full = json.loads(src.read_text())
+    (tmp_path / "mfu_gpu.json").write_text(json.dumps(full))
+    before = gpu_table(tmp_path)
+    quick = dict(full, quick=True, particles=8)
+    (tmp_path / "mfu_gpu_quick.json").write_text(json.dumps(quick))
+    assert gpu_table(tmp_path) == before and "8 particles" not in before
+
+
+def test_mfu_table_counts_cfg_work_done():
+    """Files written before `mfu_basis` took CFG's MFU from its nominal FLOPs (the
+    shared first layer twice); the table rescales them to the work done."""
+    from benchmarks._table import _mfu
+
+    res = json.loads((ROOT / "benchmarks" / "results" / "mfu_gpu.json").read_text())
+    cfg = [r for r in res["results"] if r["variant"] == "guidediff_cfg"]
+    assert cfg and all(r["flops_effective"] < r["flops"] for r in cfg)
+    f32 = [r for r in cfg if r["dtype"] == "float32"][0]
+    expected = f32["flops_effective"] / f32["timing"]["run_s"]
+    expected /= res["peaks_flops_per_s"]["tf32"]
+    row = [x for x in _mfu(res, "mfu_gpu.json") if "float32 MFU" in x][0]
+    # guidediff / hand / guidediff CFG / ...: the third value is CFG's
+    assert row.split("|")[4].split("/")[2].strip() == f"{100 * expected:.0f} %"
 
 
 def test_quick_run_does_not_replace_a_full_result(tmp_path):
