@@ -3,6 +3,7 @@ r"""Fixed time grids for sampling, from the noise end $T$ down to $\varepsilon$.
 import weakref
 
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -31,7 +32,10 @@ def logsnr_grid(
 ) -> Float[Array, " n"]:
     r"""Times equally spaced in log-SNR $\lambda(t) = \log(\alpha^2/\sigma^2)$.
 
-    $\lambda$ is inverted by bisection (it is monotone decreasing in $t$).
+    $\lambda$ is inverted by bisection (it is monotone decreasing in $t$). The
+    times are differentiable in the SDE's parameters and the ends (the implicit
+    function theorem: $\partial t = -(\partial\lambda(t) - \partial\lambda_k) /
+    \lambda'(t)$), so `jax.grad` through samples on this grid sees the grid move.
     """
     _check_steps(num_steps)
     try:
@@ -71,7 +75,14 @@ def logsnr_grid(
             body,
             (jnp.asarray(t_end, lam.dtype), jnp.asarray(t_start, lam.dtype)),
         )
-        return 0.5 * (lo + hi)
+        t = lax.stop_gradient(0.5 * (lo + hi))
+        # The bisection only selects between constants: its derivative would be 0.
+        # The implicit function theorem gives dt = -(d lambda - d target) /
+        # lambda'(t) (the grid moves with the schedule's parameters and the ends);
+        # added as a term whose value is 0, so the times stay the bisection's.
+        slope = lax.stop_gradient(jax.grad(sde.log_snr)(t))
+        step = (sde.log_snr(t) - target) / slope
+        return t - (step - lax.stop_gradient(step))
 
     ts = jax.vmap(invert)(lam)
     return ts.at[0].set(t_start).at[-1].set(t_end)

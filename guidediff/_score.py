@@ -101,30 +101,45 @@ def _float_dtype(x) -> jnp.dtype:
     return dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
 
 
+def _wide(dt) -> jnp.dtype:
+    """The conversions' arithmetic dtype: at least float32. For 16-bit states
+    sigma^2 alone overflows float16 beyond sigma = 256 (a VE SDE near T) and 1/sigma
+    beyond sigma < 2^-24; the result is rounded to the state's dtype once."""
+    return jnp.promote_types(dt, jnp.float32)
+
+
 def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
     r"""$s = -\varepsilon / \sigma(t)$."""
     _, sigma = sde.marginal(t)
-    return -eps / sigma.astype(_float_dtype(eps))
+    dt = _float_dtype(eps)
+    wd = _wide(dt)
+    return (-jnp.asarray(eps, wd) / sigma.astype(wd)).astype(dt)
 
 
 def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""$\varepsilon = -\sigma(t)\, s$."""
     _, sigma = sde.marginal(t)
-    return -sigma.astype(_float_dtype(score)) * score
+    dt = _float_dtype(score)
+    wd = _wide(dt)
+    return (-sigma.astype(wd) * jnp.asarray(score, wd)).astype(dt)
 
 
 def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
     r"""$s = (\alpha(t)\hat x_0 - x) / \sigma(t)^2$."""
     alpha, sigma = sde.marginal(t)
     dt = _float_dtype(x)
-    return (alpha.astype(dt) * x0 - x) / sigma.astype(dt) ** 2
+    wd = _wide(dt)
+    x, x0 = jnp.asarray(x, wd), jnp.asarray(x0, wd)
+    return ((alpha.astype(wd) * x0 - x) / sigma.astype(wd) ** 2).astype(dt)
 
 
 def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""Tweedie's denoiser $\hat x_0 = (x + \sigma(t)^2 s) / \alpha(t)$."""
     alpha, sigma = sde.marginal(t)
     dt = _float_dtype(x)
-    return (x + sigma.astype(dt) ** 2 * score) / alpha.astype(dt)
+    wd = _wide(dt)
+    x, score = jnp.asarray(x, wd), jnp.asarray(score, wd)
+    return ((x + sigma.astype(wd) ** 2 * score) / alpha.astype(wd)).astype(dt)
 
 
 def denoise(

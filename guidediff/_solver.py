@@ -105,6 +105,13 @@ def _end_marginal(sde, ta, tb):
     return alpha, sigma_b, lam_b
 
 
+def _nan_if_forward(y1, ta, tb):
+    """NaN (a failed particle) for a step forward in the SDE's time: the reverse
+    SDE's Gaussian step has a negative variance there, and clipping it to zero
+    would drop the noise silently (an inconsistent solver, not an error)."""
+    return jnp.where(tb > ta, jnp.nan, y1)
+
+
 class _ReverseSDESolver(dfx.AbstractItoSolver):
     """Shared by the one-evaluation-per-step solvers of `reverse_sde` terms."""
 
@@ -125,8 +132,9 @@ class ExponentialIntegrator(_ReverseSDESolver):
     It reads the score back from the drift term, $s = (f(t)x - v)/g(t)^2$ where $v$ is
     the reverse drift, and the Brownian increment $\Delta W$ from the noise term, using
     $\xi = \Delta W/\sqrt{|\Delta t|}$, so for the same Brownian path it is coupled to
-    Euler-Maruyama. Works forward and backward in time and with `diffrax.diffeqsolve`
-    (`StepTo` grids) or guidediff's fixed-grid driver.
+    Euler-Maruyama. Steps backward in the SDE's time (from noise to data; a forward
+    step returns NaN: its Gaussian step would have a negative variance), with
+    `diffrax.diffeqsolve` (`StepTo` grids) or guidediff's fixed-grid driver.
 
     **Arguments:**
 
@@ -155,6 +163,7 @@ class ExponentialIntegrator(_ReverseSDESolver):
         dw = noise_term.contr(t0, t1).astype(dtype)
         xi = dw / jnp.sqrt(jnp.abs(dt)).astype(dtype)
         y1 = (mean + std * xi).astype(y0.dtype)
+        y1 = _nan_if_forward(y1, ta, tb)
         dense_info = dict(y0=y0, y1=y1)
         return y1, None, dense_info, None, dfx.RESULTS.successful
 
@@ -320,7 +329,7 @@ class SDEDPMSolverPP(_ReverseSDESolver):
     noise term (so it is coupled to `ExponentialIntegrator`, which is this step
     with $D = \hat x_0(t)$, as is its own first step). For `reverse_sde` terms
     (`gd.sample(..., process="sde")`, the default), on fixed grids, with either
-    driver.
+    driver; backward in the SDE's time only (a forward step returns NaN).
 
     **Arguments:**
 
@@ -357,6 +366,7 @@ class SDEDPMSolverPP(_ReverseSDESolver):
             + (p.alpha_b * one_minus).astype(dtype) * d
             + noise_std.astype(dtype) * xi
         ).astype(y0.dtype)
+        y1 = _nan_if_forward(y1, p.ta, p.tb)
         state = _DataPredictionState(
             p.x0, p.log_snr_a.astype(solver_state.log_snr.dtype), jnp.asarray(True)
         )

@@ -141,3 +141,25 @@ def test_schedule_gradients_on_a_grid_ending_at_zero(make, process):
     b, h = jnp.asarray(20.0), 1e-5
     fd = (f(b + h) - f(b - h)) / (2 * h)
     np.testing.assert_allclose(jax.grad(f)(b), fd, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", [gd.ExponentialIntegrator, gd.SDEDPMSolverPP])
+def test_reverse_sde_solvers_refuse_forward_steps(make):
+    """A step forward in the SDE's time has a negative Gaussian variance: it was
+    clipped to zero, dropping the noise silently (the law did not converge). It is
+    NaN now; backward (sampling) stays finite."""
+    sde = gd.VPSDE()
+    score = gd.Gaussian(jnp.zeros(1), jnp.eye(1)).score(sde)
+    solver = make(sde)
+
+    def run(ts):
+        path = gd.GridBrownianPath(jax.ShapeDtypeStruct((1,), ts.dtype), ts, KEY)
+        return dfx.diffeqsolve(
+            gd.reverse_sde(sde, score, path), solver, ts[0], ts[-1], None,
+            jnp.ones(1), stepsize_controller=dfx.StepTo(ts),
+            adjoint=dfx.ForwardMode(),
+        ).ys  # fmt: skip
+
+    grid = jnp.linspace(0.2, 0.4, 5)
+    assert bool(jnp.all(jnp.isfinite(run(grid[::-1]))))
+    assert bool(jnp.all(jnp.isnan(run(grid))))

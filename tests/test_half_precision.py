@@ -167,3 +167,27 @@ def test_smc_proposal_weights_of_float16_particles_use_unrounded_means():
     spread = expected.std()  # the size of the correction across particles
     err = np.abs(np.asarray(out.log_weights, np.float64) - expected)
     assert err.max() < 1e-2 * spread, (err.max(), spread)
+
+
+def test_score_conversions_of_float16_states_on_a_wide_ve_sde():
+    """sigma(T) = 1000: sigma^2 overflowed float16 in `score_to_x0` / `x0_to_score`
+    (inf, and a zero score), so twisted SMC, which forms Tweedie's x0 at every step,
+    lost every float16 particle (log Z = -inf). They now compute in float32 and round
+    once."""
+    sde = gd.VESDE(sigma_max=1000.0)
+    t, x = 1.0, jnp.array([300.0, -500.0])
+    s = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)(t, x)
+    for fn, arg in ((gd.score_to_x0, s), (gd.x0_to_score, jnp.zeros(2))):
+        x16, arg16 = x.astype(jnp.float16), arg.astype(jnp.float16)
+        half = fn(sde, t, x16, arg16)
+        # the same 16-bit inputs converted in float32: one rounding apart
+        ref = fn(sde, t, x16.astype(jnp.float32), arg16.astype(jnp.float32))
+        assert half.dtype == jnp.float16
+        np.testing.assert_allclose(half.astype(jnp.float32), ref, rtol=1e-3)
+    reward = gd.GaussianBumpReward([1.0, -1.0], 1.0)
+    data = gd.Gaussian(jnp.zeros(2), jnp.eye(2))
+    out = gd.smc_sample(
+        jr.key(0), sde, data.score(sde), (2,), reward.log, num_particles=32,
+        ts=gd.uniform_grid(1.0, 1e-3, 20), ess_threshold=0.0, dtype=jnp.float16,
+    )  # fmt: skip
+    assert np.all(np.isfinite(np.asarray(out.log_weights)))

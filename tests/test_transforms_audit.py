@@ -87,10 +87,24 @@ def test_logsnr_grid_under_jit_and_grad():
     grid = jax.jit(lambda: gd.logsnr_grid(SDE, 1.0, 1e-3, 5))()
     np.testing.assert_allclose(grid, gd.logsnr_grid(SDE, 1.0, 1e-3, 5), rtol=1e-12)
 
-    def mid(beta_max):
-        return gd.logsnr_grid(gd.VPSDE(gd.LinearBeta(0.1, beta_max)), 1.0, 1e-3, 5)[2]
-
-    assert np.isfinite(jax.grad(mid)(20.0))
+    # the grid moves with the schedule and the ends: the bisection alone had zero
+    # derivative (gradients through samples on this grid were wrong by up to 3x)
+    grids = {
+        "beta_max": lambda b: gd.logsnr_grid(
+            gd.VPSDE(gd.LinearBeta(0.1, b)), 1.0, 1e-3, 5
+        ),
+        "sigma_max": lambda s: gd.logsnr_grid(gd.VESDE(sigma_max=s), 1.0, 1e-3, 5),
+        "t_end": lambda e: gd.logsnr_grid(SDE, 1.0, e, 5),
+    }
+    for name, x in (("beta_max", 20.0), ("sigma_max", 50.0), ("t_end", 1e-3)):
+        grid, h = grids[name], 1e-6 * x
+        jac = jax.jacfwd(grid)(x)
+        fd = (grid(x + h) - grid(x - h)) / (2 * h)
+        assert np.abs(fd[1:-1]).max() > 1e-4, name  # the interior times move
+        np.testing.assert_allclose(jac, fd, rtol=1e-5, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(
+            jax.grad(lambda v: grid(v)[2])(x), jac[2], rtol=1e-12
+        )
 
 
 def test_forward_mode_through_runge_kutta_steps():
