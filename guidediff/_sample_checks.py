@@ -1,5 +1,7 @@
 r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
 
+import weakref
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -10,57 +12,72 @@ import numpy as np
 from ._guidance.base import Guided
 
 
-_CHECKED_SIGNATURES: dict = {}  # a memo of score/args signatures already checked
+_CHECKED_SIGNATURES: dict = {}  # signature -> weakrefs of its identity-keyed leaves
 _MAX_CHECKED = 256
+_SMALL = 64  # float arrays up to this size are keyed by value
 
 
 def _signature(score, shape, dtype, args):
-    """A hashable summary that determines the shape check's outcome: the structure
-    and leaf shapes/dtypes of the score and args, and the values of small args arrays
-    (class labels are checked by value). `None` (do not cache) if anything is traced
-    or unhashable. (Computed on every eager `gd.sample` call: kept cheap.)"""
+    """A hashable summary that determines the shape check's outcome, and the leaves
+    it keys by identity. `(None, ())` (do not cache) if anything is traced or
+    unhashable. (Computed on every eager `gd.sample` call: kept cheap.)
+
+    The check runs the score on its concrete leaves, and a score may check their
+    values (a mixture rejects a class whose components all weigh zero), so values
+    are part of the key: integer arrays (labels) and small float arrays (weights)
+    by value (a jax array converts to numpy once and caches it); larger jax arrays
+    (network parameters) by identity, held by weak reference; larger numpy arrays
+    (mutable in place) are not cached. Python scalars are keyed with their type
+    (1, 1.0 and True hash alike)."""
     score_leaves, score_def = jtu.tree_flatten(score)
     args_leaves, args_def = jtu.tree_flatten(args)
-    num_score = len(score_leaves)
     sig = []
-    for i, leaf in enumerate(score_leaves + args_leaves):
+    by_identity = []
+    for leaf in score_leaves + args_leaves:
         if isinstance(leaf, jax.core.Tracer):
-            return None
+            return None, ()
         if isinstance(leaf, jax.Array | np.ndarray):
             value = None
-            # Integer arrays (a mixture's component labels, class labels) decide
-            # the check by value: a memo keyed by shape alone would skip a failing one.
             integer = getattr(leaf.dtype, "kind", None) in ("i", "u", "b")
             if integer and leaf.size > 4096:
-                return None
-            if integer or (i >= num_score and leaf.size <= 8):
+                return None, ()
+            if integer or leaf.size <= _SMALL:
                 value = tuple(np.asarray(leaf).ravel().tolist())
+            elif isinstance(leaf, jax.Array):
+                value = ("id", id(leaf))
+                by_identity.append(leaf)
+            else:
+                return None, ()
             weak = bool(getattr(leaf, "weak_type", False))  # promotes differently
             sig.append((leaf.shape, leaf.dtype, weak, value))
         else:
             try:
                 hash(leaf)
             except TypeError:
-                return None
-            sig.append(leaf)
-    return (score_def, args_def, tuple(sig), shape, np.dtype(dtype))
+                return None, ()
+            sig.append((type(leaf), leaf))
+    return (score_def, args_def, tuple(sig), shape, np.dtype(dtype)), by_identity
 
 
 def _check_score_shape(score, ts, shape, dtype, args) -> None:
     """Trace one score call (eval_shape) and check it returns `shape`; remembered per
     signature, so repeated eager calls of `gd.sample` do not re-trace the score."""
     try:
-        sig = _signature(score, shape, dtype, args)
+        sig, by_identity = _signature(score, shape, dtype, args)
         hash(sig)
     except TypeError:
-        sig = None
-    if sig is not None and sig in _CHECKED_SIGNATURES:
-        return
+        sig, by_identity = None, ()
+    if sig is not None:
+        refs = _CHECKED_SIGNATURES.get(sig)
+        if refs is not None and all(
+            r() is a for r, a in zip(refs, by_identity, strict=True)
+        ):
+            return
     _check_score_shape_uncached(score, ts, shape, dtype, args)
     if sig is not None:
         if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED:
             _CHECKED_SIGNATURES.clear()
-        _CHECKED_SIGNATURES[sig] = True
+        _CHECKED_SIGNATURES[sig] = tuple(weakref.ref(a) for a in by_identity)
 
 
 def _concrete(a):

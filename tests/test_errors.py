@@ -554,3 +554,51 @@ def test_user_audit_score_mistakes():
     with pytest.raises(ValueError, match=r"returned dtype int32") as e:
         gd.sample(jr.key(0), SDE, int_score, (2,), ts=TS)
     assert "sample with dtype" not in str(e.value)
+
+
+def test_score_check_memo_keys_the_values_it_depends_on(monkeypatch):
+    """The memo of checked scores keyed float leaves by shape: a mixture whose
+    class has zero weight (a clear error) passed after a valid mixture of the same
+    shapes, and sampled NaN. Scalars are keyed with their type (1.0 after 1)."""
+    from guidediff import _sample_checks
+
+    means = [[-2.0, 0.0], [2.0, 0.0]]
+    ok = gd.GaussianMixture([0.5, 0.5], means, [0.5, 0.5])
+    empty = gd.GaussianMixture([1.0, 0.0], means, [0.5, 0.5])  # class 1: no weight
+    kw = dict(ts=TS, num_particles=2, args=1)
+    gd.sample(jr.key(0), SDE, ok.conditional_score(SDE), (2,), **kw)
+    with pytest.raises(ValueError, match="class 1 has no component"):
+        gd.sample(jr.key(0), SDE, empty.conditional_score(SDE), (2,), **kw)
+
+    class Indexed(gd.AbstractScore):
+        table: jax.Array
+
+        def __call__(self, t, x, args=None):
+            return -(x - self.table[args])
+
+    score = Indexed(jnp.eye(2))
+    gd.sample(jr.key(0), SDE, score, (2,), ts=TS, num_particles=2, args=1)
+    with pytest.raises(ValueError, match="calling the score"):
+        gd.sample(jr.key(0), SDE, score, (2,), ts=TS, num_particles=2, args=1.0)
+
+    # large jax arrays (network weights) by identity: the same arrays are not
+    # checked again, new ones are
+    calls = []
+    real = _sample_checks._check_score_shape_uncached
+    monkeypatch.setattr(
+        _sample_checks, "_check_score_shape_uncached",
+        lambda *a: calls.append(1) or real(*a),
+    )  # fmt: skip
+
+    class Weighted(Indexed):
+        weights: jax.Array  # 256 entries: keyed by identity
+
+        def __call__(self, t, x, args=None):
+            return super().__call__(t, x, args) * jnp.mean(self.weights)
+
+    big = Weighted(jnp.eye(2), jnp.ones(256))
+    same = Weighted(big.table, big.weights)  # a new score holding the same arrays
+    new = Weighted(big.table, big.weights + 0.0)
+    for s in (big, big, same, new):
+        gd.sample(jr.key(0), SDE, s, (2,), ts=TS, num_particles=2, args=0)
+    assert len(calls) == 2  # the first call, and the new array
