@@ -550,7 +550,8 @@ def sample(
       step internals kept (about $\sqrt N$ steps' activations) and one extra forward
       pass; `"step"`: one `jax.checkpoint` per step, $N$ stored states and one
       extra forward pass (often faster when states are small); `False`: every
-      step's internals are stored.
+      step's internals are stored. With `driver="diffeqsolve"` only the default
+      is accepted (its reverse mode is `adjoint=`).
     - `unroll`: steps per loop iteration of the `"scan"` driver (`lax.scan`'s
       `unroll`): fewer loop iterations on accelerators, where each costs a kernel
       launch or more, at the price of a longer compile. Same values.
@@ -683,7 +684,7 @@ def sample(
         adjoint = _FORWARD_MODE if unsafe else _DEFAULT_ADJOINT
     truncate = _check_truncate(truncate_backprop, stepsize_controller)
     save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
-    checkpoint = _checkpoint_mode(checkpoint)
+    checkpoint = _checkpoint_mode(checkpoint, driver)
     unroll = _check_unroll(unroll, driver)
     adaptive = stepsize_controller is not None
     if solver is None:

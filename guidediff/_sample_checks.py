@@ -183,16 +183,28 @@ def _check_brownian(brownian, process, driver, controller, adjoint) -> str:
     return brownian
 
 
-def _checkpoint_mode(checkpoint) -> str:
+def _checkpoint_mode(checkpoint, driver: str = "scan") -> str:
+    """The scan driver's reverse-mode memory mode. Anything but the default (`True`)
+    with `driver="diffeqsolve"` is an error, as `adjoint=` with the scan driver is:
+    it would be ignored."""
     if checkpoint is True or checkpoint == "sqrt":
-        return "sqrt"
-    if checkpoint is False:
-        return "none"
-    if checkpoint in ("chunk", "step"):
-        return checkpoint
-    raise ValueError(
-        f"checkpoint must be True, False, 'sqrt', 'chunk' or 'step', got {checkpoint!r}"
-    )
+        mode = "sqrt"
+    elif checkpoint is False:
+        mode = "none"
+    elif checkpoint in ("chunk", "step"):
+        mode = checkpoint
+    else:
+        raise ValueError(
+            "checkpoint must be True, False, 'sqrt', 'chunk' or 'step', got "
+            f"{checkpoint!r}"
+        )
+    if driver != "scan" and checkpoint is not True:
+        raise ValueError(
+            f"checkpoint={checkpoint!r} applies to the 'scan' driver; "
+            "driver='diffeqsolve' sets its reverse mode with adjoint= (e.g. "
+            "diffrax.RecursiveCheckpointAdjoint(checkpoints=...))"
+        )
+    return mode
 
 
 def _same_sde(a, b) -> bool:

@@ -322,6 +322,11 @@ def test_tolerance_steps_adjoint_and_conversions():
             gd.sample(jr.key(0), SDE, score, (2,), max_steps=steps, **kw)
     with pytest.raises(ValueError, match="BacksolveAdjoint"):
         gd.sample(jr.key(0), SDE, score, (2,), adjoint=dfx.BacksolveAdjoint(), **kw)
+    # the scan driver's memory modes would be ignored by diffeqsolve: an error, as
+    # adjoint= with the scan driver is
+    for mode in (False, "sqrt", "step", "chunk"):
+        with pytest.raises(ValueError, match="applies to the 'scan' driver"):
+            gd.sample(jr.key(0), SDE, score, (2,), checkpoint=mode, **kw)
     # integer states: the conversions compute in floating point, not in int
     x = jnp.array([1, 2])
     s = score(0.5, x.astype(float))
