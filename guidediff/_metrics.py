@@ -124,7 +124,9 @@ def mean_stderr(values: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:
 @jax.jit
 def _reciprocal_prob(probs: Array) -> tuple[Array, Array]:
     # The probabilities were checked; 1/p of a tiny p may overflow to inf, an
-    # honest (infinite) average rather than an error.
+    # honest (infinite) average rather than an error. 16-bit probabilities are
+    # inverted in float32 (float16's 1/p overflows already at p < 1.5e-5).
+    probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
     return _mean_stderr(1.0 / probs)
 
 

@@ -377,10 +377,12 @@ class GaussianMixture(eqx.Module):
         logits = self._log_resp(logn, label)
         out = jax.nn.logsumexp(logits)
         if label is not None:
-            out = out - jnp.log(
-                jnp.sum(jnp.where(self.labels == label, self.weights, 0.0))
-                + jnp.where(label == self.num_classes, 1.0, 0.0)
-            ).astype(out.dtype)
+            # log p(c) from the log-weights: a class's weight can round to 0 (a
+            # tilt's log-weight of -100 in float32) while its log-weight is finite
+            null = label == self.num_classes
+            in_class = jnp.where(null, True, self.labels == label)  # finite if null
+            log_mass = jax.nn.logsumexp(jnp.where(in_class, self.log_weights, -jnp.inf))
+            out = out - jnp.where(null, 0.0, log_mass).astype(out.dtype)
         return out
 
     def log_prob(self, x: Array, label=None) -> Scalar:
@@ -471,8 +473,11 @@ class GaussianMixture(eqx.Module):
         """The class-conditional law $p(\\cdot \\mid c)$ as a mixture of its components."""
         label = int(self._check_class(label, allow_null=False))
         keep = np.asarray(self.labels) == label
+        # normalised within the class from the log-weights (the class's weights
+        # can all round to 0 while their log-weights are finite)
+        log_w = self.log_weights[keep]
         return GaussianMixture(
-            self.weights[keep],
+            jnp.exp(log_w - jax.nn.logsumexp(log_w)),
             self.means[keep],
             self.covs[keep],
             self.labels[keep],

@@ -233,3 +233,35 @@ def test_fit_keeps_a_16_bit_models_ema_in_float32():
     )  # fmt: skip
     assert out.ema_params["w"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out.ema_params["w"], np.float32), 3.0)
+
+
+def test_class_log_density_of_a_class_whose_weight_underflows():
+    """A tilt can leave a class with a finite log-weight whose weight rounds to 0
+    (log w = -230 in float32): log p(x | c) was +inf and `conditional(c)` raised,
+    although the class is accepted and its conditional score is right."""
+    from scipy.stats import norm
+
+    with jax.enable_x64(False):
+        gmm = gd.GaussianMixture(
+            [0.5, 0.5], [[-12.0], [12.0]], [1.0, 1.0], labels=[0, 1]
+        )
+        tilted = gmm.tilt(gd.GaussianBumpReward([12.0], 0.5))
+        assert float(tilted.weights[0]) == 0.0 and np.isfinite(tilted.log_weights[0])
+        mu, var = float(tilted.means[0, 0]), float(tilted.covs[0, 0, 0])
+        x = jnp.array([mu + 0.3], jnp.float32)
+        exact = norm.logpdf(mu + 0.3, mu, np.sqrt(var))
+        np.testing.assert_allclose(tilted.log_prob(x, 0), exact, rtol=1e-5)
+        np.testing.assert_allclose(tilted.conditional(0).log_prob(x), exact, rtol=1e-5)
+        # the null label is the unconditional density
+        np.testing.assert_allclose(
+            tilted.log_prob(x, gmm.null_label), tilted.log_prob(x), rtol=1e-6
+        )
+
+
+def test_reciprocal_prob_of_float16_probabilities():
+    """1/p was formed in float16 (inf beyond 65504, and a NaN standard error)."""
+    p16 = jnp.array([0.5, 1e-5, 0.5, 0.5], jnp.float16)
+    mean, se = gd.reciprocal_prob(p16)
+    ref = 1.0 / np.asarray(p16, np.float64)
+    np.testing.assert_allclose(mean, ref.mean(), rtol=1e-6)
+    np.testing.assert_allclose(se, ref.std(ddof=1) / 2.0, rtol=1e-6)
