@@ -116,6 +116,11 @@ def flax_score(
             f"sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got {type(sde).__name__}"
             "; the prediction kind is the fourth argument, prediction="
         )
+    if hasattr(variables, "ema_params") and hasattr(variables, "opt_state"):
+        raise TypeError(
+            "variables is a gd.FitResult: pass its trained variables, e.g. "
+            "result.ema_params (or result.params)"
+        )
     model = LinenModel(variables, module_or_apply_fn)
     if prediction == "eps":
         return EpsScore(model, sde)

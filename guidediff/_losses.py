@@ -222,9 +222,37 @@ def _check_batch(x0: Array, what: str, values: Array | None) -> None:
 # ---------------------------------------------------------------------------------
 
 
+def _check_slot_order(name: str, slot: str, value) -> None:
+    """An SDE in the `labels` / `rewards` slot: the arguments are in `dsm_loss`'s
+    order, not this loss's."""
+    if isinstance(value, AbstractSDE):
+        raise TypeError(
+            f"{name} got an SDE as `{slot}`: {slot} come before the SDE, "
+            f"{name}(model_fn, params, key, x0, {slot}, sde, ...)"
+        )
+
+
+def _check_conditional_model(model_fn) -> None:
+    """A bound `apply` of a guidediff network built without `num_classes` ignores
+    the labels: the conditional scores would all be the unconditional one, and CFG
+    would do nothing."""
+    module = getattr(model_fn, "__self__", None)
+    if module is not None and getattr(module, "num_classes", 0) is None:
+        raise ValueError(
+            f"the model ({type(module).__name__}.apply) was built without "
+            "num_classes, so it ignores the labels: build it with num_classes=K "
+            "for a class-conditional loss"
+        )
+
+
 def _check_data(x0, *, batch: bool) -> Array:
     """Clean data: a floating-point array (integer data, e.g. uint8 images, would
     give the model x_t rounded back to integers), with at least one example."""
+    if isinstance(x0, tuple | list | dict):
+        raise TypeError(
+            f"x0 must be one array of clean examples, got a {type(x0).__name__}: "
+            "unpack a batch like (x0, labels) in your loss_fn first"
+        )
     x0 = jnp.asarray(x0)
     if not jnp.issubdtype(x0.dtype, jnp.floating):
         raise TypeError(
@@ -489,6 +517,8 @@ def conditional_dsm_loss(
         loss = loss_fn(params, jr.key(1), (x0, labels))  # a scalar
         ```
     """
+    _check_slot_order("conditional_dsm_loss", "labels", labels)
+    _check_conditional_model(model_fn)
     x0 = _check_data(x0, batch=True)
     # Concrete labels stay numpy until checked (in `drop_labels`): a conversion to
     # JAX's int32 first would wrap a label like 2**32 + 1 into a valid one.
@@ -552,6 +582,7 @@ def reward_weighted_dsm_loss(
         loss = loss_fn(params, jr.key(1), gd.swiss_roll(0, 256))  # a scalar
         ```
     """
+    _check_slot_order("reward_weighted_dsm_loss", "rewards", rewards)
     x0 = _check_data(x0, batch=True)
     if callable(rewards):
         rewards = jax.vmap(rewards)(x0)

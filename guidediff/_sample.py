@@ -92,11 +92,14 @@ from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
 class Samples(eqx.Module):
     """The output of `sample`.
 
-    - `ys`: `(particles, *shape)`, or `(particles, len(ts), *shape)` for trajectories.
-    - `ts`: the saved times (the grid for trajectories, else the final time).
+    - `ys`: `(particles, *shape)`, or `(particles, len(ts[::save_every]), *shape)`
+      for trajectories.
+    - `ts`: the saved times (`ts[::save_every]` for trajectories, else the final
+      time).
     - `result`: per-particle `diffrax.RESULTS`.
     - `failed`: per-particle flag: the solver failed or the sample is not finite.
     - `num_steps`: solver steps taken per particle.
+    - `num_failed` (property): the number of failed particles.
     """
 
     ys: Array

@@ -317,6 +317,11 @@ def smc_sample(
     check_score(score)
     if not callable(log_potential):
         raise TypeError("log_potential must be a callable x -> log r(x)")
+    if hasattr(log_potential, "tilt_mixture") and hasattr(log_potential, "log"):
+        raise TypeError(
+            f"log_potential is the log of the reward, but a {type(log_potential).__name__}"
+            " (r itself) was given: pass its `.log` (e.g. reward.log)"
+        )
     twist = _check_number("twist", twist)
     twist_floor = _check_number("twist_floor", twist_floor, allow_minus_inf=True)
     ess_threshold = _check_number("ess_threshold", ess_threshold)

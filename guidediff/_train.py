@@ -625,6 +625,11 @@ def fit(
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
 
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (e.g. "
+            f"optax.adam(1e-3)), got {type(optimizer).__name__} {optimizer!r}"
+        )
     mode = _data_mode(data)
     if mode == "arrays" and batch_size is None:
         raise ValueError("array data needs a batch_size")

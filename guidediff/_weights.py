@@ -102,6 +102,11 @@ def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
     `PiecewiseLinear`, any `eqx.Module`) through; wrap other callables so that their
     output is a scalar array: a plain function as a static field, a callable pytree
     (`jax.tree_util.Partial`) as a pytree, its arrays leaves."""
+    if isinstance(weight, str | bool | np.bool_):
+        raise TypeError(
+            f"a guidance weight must be a number, an array or a callable of t, got "
+            f"{type(weight).__name__} {weight!r}"
+        )
     if isinstance(weight, eqx.Module) and callable(weight):
         return weight
     if callable(weight):

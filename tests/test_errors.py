@@ -607,3 +607,53 @@ def test_score_check_memo_keys_the_values_it_depends_on(monkeypatch):
     for s in (big, big, same, new):
         gd.sample(jr.key(0), SDE, s, (2,), ts=TS, num_particles=2, args=0)
     assert len(calls) == 2  # the first call, and the new array
+
+
+def test_plausible_user_mistakes_get_clear_errors():
+    """From a new-user audit: each mistake gave an obscure error or, worse, a
+    silently wrong result."""
+
+    score = GMM.conditional_score(SDE)
+    cfg = gd.cfg(1.0, null_args=GMM.null_label)
+    with pytest.raises(TypeError, match="arguments are swapped"):
+        gd.guide(cfg, score)
+    bump = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+    with pytest.raises(TypeError, match=r"this is a reward.*tilt\(reward\)"):
+        gd.reward_guidance(bump, 0.5)
+    for bad in ("2.0", True):  # a string was read as 2.0, a bool as 1
+        with pytest.raises(TypeError, match="guidance weight must be a number"):
+            gd.cfg(bad, null_args=GMM.null_label)
+    # SMC takes log r: r itself sampled a wrong tilt silently
+    with pytest.raises(TypeError, match="pass its `.log`"):
+        gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), bump,
+                      num_particles=2, ts=TS)  # fmt: skip
+
+    x0, labels = jnp.zeros((4, 2)), jnp.array([0, 1, 2, 0])
+    net = gd.MLPScoreNet(hidden=(8,), num_classes=3)
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+    with pytest.raises(TypeError, match="labels come before the SDE"):
+        gd.conditional_dsm_loss(net.apply, params, jr.key(0), x0, SDE, labels,
+                                num_classes=3)  # fmt: skip
+    with pytest.raises(TypeError, match="rewards come before the SDE"):
+        gd.reward_weighted_dsm_loss(net.apply, params, jr.key(0), x0, SDE, labels)
+    # an unconditional network ignores the labels: CFG would then do nothing
+    plain = gd.MLPScoreNet(hidden=(8,))
+    plain_params = plain.init(jr.key(0), 0.5, jnp.zeros(2))
+    with pytest.raises(ValueError, match="built without num_classes"):
+        gd.conditional_dsm_loss(plain.apply, plain_params, jr.key(0), x0, labels,
+                                SDE, num_classes=3)  # fmt: skip
+    with pytest.raises(TypeError, match="unpack a batch like"):
+        gd.dsm_loss(plain.apply, plain_params, jr.key(0), (x0, labels), SDE)
+
+    result = gd.FitResult(plain_params, plain_params, None, np.zeros(1), [], 1)
+    with pytest.raises(TypeError, match="result.ema_params"):
+        gd.flax_score(plain, result, SDE)
+    loss = lambda p, k, b: gd.dsm_loss(plain.apply, p, k, b, SDE)
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        gd.fit(loss, plain_params, x0, optimizer=1e-3, num_steps=1, key=jr.key(0),
+               batch_size=2, progress=False)  # fmt: skip
+    # the documented chain semantics: reward guidance at w = 1 is s_r alone
+    s_r = GMM.tilt(bump).conditional_score(SDE)
+    guided = gd.guide(score, gd.chain(cfg, gd.reward_guidance(s_r, 1.0)))
+    x = jnp.array([0.3, -0.2])
+    np.testing.assert_allclose(guided(0.5, x, 1), s_r(0.5, x, 1), rtol=1e-12)

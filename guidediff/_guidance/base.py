@@ -53,6 +53,11 @@ def guide(score: AbstractScore, guidance: AbstractGuidance) -> Guided:
         s = guided(0.3, jnp.zeros(2), 1)  # the guided score of class 1
         ```
     """
+    if isinstance(score, AbstractGuidance) and isinstance(guidance, AbstractScore):
+        raise TypeError(
+            "gd.guide(score, guidance): the arguments are swapped (got a "
+            f"{type(score).__name__} first and a {type(guidance).__name__} second)"
+        )
     check_score(score, "the score to guide")
     if not isinstance(guidance, AbstractGuidance):
         raise TypeError(f"expected an AbstractGuidance, got {type(guidance).__name__}")
@@ -81,6 +86,11 @@ def chain(*guidances: AbstractGuidance) -> Chain:
     """Compose guidances: `chain(g1, g2)` applies `g1` first, then `g2`.
 
     `chain()` is the identity, and `chain(g1, chain(g2, g3)) == chain(g1, g2, g3)`.
+    Each guidance transforms the score guided so far (optax order), so one that
+    moves the score towards another, `reward_guidance(s_r, w)`, also scales what
+    came before by 1 - w: `chain(cfg(...), reward_guidance(s_r, 1.0))` is `s_r`
+    alone. `chain(reward_guidance(...), cfg(...))` applies CFG to the
+    reward-guided score instead (its weight always counts).
     """
     for g in guidances:
         if not isinstance(g, AbstractGuidance):

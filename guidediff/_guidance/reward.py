@@ -31,7 +31,21 @@ def reward_guidance(
     denoising score matching). $w = 0$ samples $p$, $w = 1$ samples $p^r$ exactly,
     and $E[r(Y^w)]$ rises with $w \ge 0$ (PAPER.md §2.4); $w < 0$ lowers it (the
     cost-reduction view).
+
+    In a `gd.chain`, $s_t$ is the score guided so far: after `gd.cfg` the term moves
+    the CFG-guided score a fraction $w$ towards $s^r$ (at $w = 1$ the CFG is gone).
+    Put `reward_guidance` first for CFG on the reward-guided score.
     """
     if not isinstance(reward_score, AbstractScore):
-        raise TypeError("`reward_score` must be an AbstractScore")
+        hint = ""
+        if hasattr(reward_score, "tilt_mixture"):
+            hint = (
+                ": this is a reward; pass the score of the tilted law, e.g. "
+                "gmm.tilt(reward).score(sde) (or gd.gradient_guidance for a "
+                "differentiable reward)"
+            )
+        raise TypeError(
+            "`reward_score` must be an AbstractScore (the score of the "
+            f"reward-reweighted law), got {type(reward_score).__name__}{hint}"
+        )
     return RewardGuidance(reward_score, as_weight(weight))
