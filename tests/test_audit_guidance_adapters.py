@@ -132,3 +132,26 @@ def test_a_callable_pytree_weight_keeps_its_arrays_as_leaves():
     grad = jax.grad(lambda a: jnp.sum(value(guided(a))))(1.0)
     cond, uncond = COND(0.5, X, 1), COND(0.5, X, GMM.null_label)
     np.testing.assert_allclose(grad, 0.5 * jnp.sum(cond - uncond), rtol=1e-6)
+
+
+def test_batched_cfg_takes_float_null_args_and_names_a_shape_mismatch():
+    """A float64 null embedding (np.load, a Python float) next to float32 args was
+    rejected as 'not representable' (a check meant for integer labels); a scalar
+    null next to vector args failed inside jnp.stack."""
+
+    class Embedded(gd.AbstractScore):
+        def __call__(self, t, x, args=None):
+            return -x * (1.0 + jnp.sum(args))
+
+    args = jnp.array([0.3, 0.7], jnp.float32)
+    null = np.array([0.1, 0.2])  # float64, not exact in float32
+    results = []
+    for batched in (True, False):
+        g = gd.guide(Embedded(), gd.cfg(2.0, null_args=null, batched=batched))
+        results.append(
+            jax.jit(lambda x, a, g=g: g(0.5, x, a))(X.astype(jnp.float32), args)
+        )
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
+    g = gd.guide(Embedded(), gd.cfg(2.0, null_args=0.1))
+    with pytest.raises(ValueError, match="null_args has shape"):
+        jax.jit(lambda x, a: g(0.5, x, a))(X.astype(jnp.float32), args)

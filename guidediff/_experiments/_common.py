@@ -219,6 +219,24 @@ def paired_steps(values: Sequence) -> dict[str, Any]:
     return {"step_stderr": step, "total_stderr": stats(v[-1] - v[0])[1]}
 
 
+def below_reference(
+    change_means: Sequence[float],
+    change_ses: Sequence[float],
+    *,
+    k: float = 3.0,
+) -> bool:
+    """Corollary 1's form, R(w) <= R(0) for every w, on paired changes
+    R(w) - R(0) of a shared-noise sweep whose first entry is w = 0: no change is
+    above zero by more than `k` standard errors, and the last (the largest w) is
+    below zero by more than `k`. (Non-finite values fail.)"""
+    means, ses = list(change_means[1:]), list(change_ses[1:])
+    if not means or not np.all(np.isfinite(np.asarray([*means, *ses], float))):
+        return False
+    if any(m > k * se for m, se in zip(means, ses, strict=True)):
+        return False
+    return bool(means[-1] < -k * ses[-1])
+
+
 def monotone_within(
     means: Sequence[float],
     step_ses: Sequence[float],

@@ -56,11 +56,21 @@ def _eager(*trees) -> bool:
 
 
 def _null_like(a, n):
-    """The null args `n` in the dtype of the conditional `a` they are stacked with;
-    a concrete value that the cast would change (a float label 1.9 -> 1) is an
-    error, not a silent other class."""
+    """The null args `n` in the dtype of the conditional `a` they are stacked with.
+    Into an integer (label) dtype, a concrete value that the cast would change (a
+    float label 1.9 -> 1) is an error, not a silent other class; into a float
+    dtype the cast rounds, as the two-call path's arithmetic would. Shapes must
+    match (stacking cannot pair a scalar null with a vector of args)."""
     dtype = jnp.asarray(a).dtype
-    if not isinstance(n, jax.core.Tracer):
+    shape = jnp.shape(a)
+    if jnp.shape(n) != shape:
+        raise ValueError(
+            f"gd.cfg's null_args has shape {jnp.shape(n)} but the conditional args "
+            f"have shape {shape}: batched CFG stacks them into one call. Give "
+            "null_args of the same shape, or use gd.cfg(..., batched=False)"
+        )
+    exact = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+    if exact and not isinstance(n, jax.core.Tracer):
         v = np.asarray(n)
         if not np.array_equal(v.astype(dtype), v):
             raise ValueError(
