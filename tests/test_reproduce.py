@@ -157,6 +157,10 @@ def test_cfg_gmm(results):
     # paths stay ordered step by step (the comparison theorem, discretised).
     ref = res["reference_paper_1d"]
     assert all(f == 1.0 for f in ref["frac_improved"][1:])
+    # the JSON's own claims say the same, with the experiment's quadrature of the
+    # exact standard error agreeing with this file's
+    np.testing.assert_allclose(res["theory_unguided_stderr"], exact_se, rtol=1e-3)
+    assert all(v is True for v in res["claims"].values()), res["claims"]
 
 
 # -- cfg-digits ------------------------------------------------------------------------
