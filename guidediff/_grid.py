@@ -134,10 +134,14 @@ def check_grid(sde: AbstractSDE, ts) -> None:
             "the time grid must be strictly decreasing (from the noise end T to the data "
             f"end), but ts[{bad}]={arr[bad]} <= ts[{bad + 1}]={arr[bad + 1]}"
         )
-    T = float(sde.T)
-    if arr[0] > T * (1 + 1e-12) or arr[-1] < 0:
+    try:
+        T = float(sde.T)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        T = None  # a traced T (a custom SDE under jit): its end is checked on device
+    if arr[-1] < 0 or (T is not None and arr[0] > T * (1 + 1e-12)):
         raise ValueError(
-            f"the time grid [{arr[0]}, ..., {arr[-1]}] leaves the SDE's range [0, {T}]"
+            f"the time grid [{arr[0]}, ..., {arr[-1]}] leaves the SDE's range "
+            f"[0, {'T' if T is None else T}]"
         )
     if memo_key is not None:
         if len(_CHECKED_GRIDS) >= 64:

@@ -25,14 +25,18 @@ def _partition(tree: Any) -> tuple[tuple, tuple]:
     leaves, treedef = jtu.tree_flatten(tree)
     arrays = [isinstance(x, _ARRAY_TYPES) for x in leaves]
     dynamic = tuple(x if a else None for x, a in zip(leaves, arrays, strict=True))
-    static = tuple(None if a else x for x, a in zip(leaves, arrays, strict=True))
+    # each static leaf with its type: 2, 2.0 and True are equal and hash alike, but
+    # may trace different programs (x // 2 vs x / 2.0)
+    static = tuple(
+        None if a else (type(x), x) for x, a in zip(leaves, arrays, strict=True)
+    )
     return dynamic, (static, treedef)
 
 
 def _combine(dynamic: tuple, static: tuple) -> Any:
     static_leaves, treedef = static
     leaves = [
-        d if s is None else s for d, s in zip(dynamic, static_leaves, strict=True)
+        d if s is None else s[1] for d, s in zip(dynamic, static_leaves, strict=True)
     ]
     return jtu.tree_unflatten(treedef, leaves)
 

@@ -1,8 +1,10 @@
 """Regressions from an audit of grids, diagnostics and learning-curve files."""
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 
 import guidediff as gd
 from guidediff._tune import save_learning_curve
@@ -50,3 +52,42 @@ def test_guidance_norms_of_float16_particles_do_not_overflow():
     assert np.all(np.asarray(ref) > 256)  # beyond float16's sqrt(max)
     np.testing.assert_allclose(mean, ref, rtol=2e-3)
     assert np.all(np.asarray(se) <= 1e-6 * np.asarray(mean))  # every particle at 0
+
+
+def test_filter_jit_keys_static_leaves_with_their_type():
+    """2, 2.0 and True are equal and hash alike: the program traced for one was
+    reused for the other (x / 2.0 where x // 2 was asked)."""
+    from guidediff._jit import filter_jit
+
+    g = filter_jit(lambda x, s: x / s if isinstance(s, float) else x // s)
+    x = jnp.asarray(7.0)
+    assert float(g(x, 2.0)) == 3.5
+    assert float(g(x, 2)) == 3.0
+
+
+def test_check_grid_with_a_traced_sde_end():
+    """A custom SDE whose T is an array leaf, traced under jit, with a concrete
+    grid: the range check called float(T) unguarded (ConcretizationTypeError)."""
+    from guidediff._grid import check_grid
+
+    class Brownian(gd.AbstractSDE):
+        T: float
+
+        def drift_coeff(self, t):
+            return jnp.zeros_like(jnp.asarray(t, float))
+
+        def diffusion(self, t):
+            return jnp.ones_like(jnp.asarray(t, float))
+
+        def marginal(self, t):
+            t = jnp.asarray(t, float)
+            return jnp.ones_like(t), jnp.sqrt(t)
+
+        def prior_std(self):
+            return jnp.sqrt(jnp.asarray(self.T, float))
+
+    ts = gd.uniform_grid(1.0, 1e-3, 5)
+    jax.jit(lambda sde: check_grid(sde, ts) or 0)(Brownian(T=1.0))
+    below = ts - 2.0  # concrete, ends below 0: still an error
+    with pytest.raises(ValueError, match="leaves the SDE's range"):
+        jax.jit(lambda sde: check_grid(sde, below) or 0)(Brownian(T=1.0))

@@ -334,7 +334,7 @@ def run_reward_experiment(
         label: two_sample_pvalue(samples[label][1.0], ref_a, k_test, n)
         for label in samples
     }
-    i1 = weights.index(1.0)
+    i0, i1 = weights.index(0.0), weights.index(1.0)
     results = {
         "experiment": name,
         "quick": quick,
@@ -369,6 +369,10 @@ def run_reward_experiment(
             },
             "exact_w1_matches_tilted": bool(
                 abs(means["exact"][i1] - exact_tilted) < 3 * ses["exact"][i1]
+            ),
+            # the gains above are against the sampler's own w = 0: it samples p
+            "exact_w0_matches_unguided": bool(
+                abs(means["exact"][i0] - exact_unguided) < 3 * ses["exact"][i0]
             ),
         },
         **environment(),

@@ -158,7 +158,9 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
     methods["DRaFT"], finals["DRaFT"] = _draft_curve(
         k_draft, sde, net, base, reward, cfgd, ts, evaluate, base_reward
     )
-    ref = gmm.tilt(reward).sample(jr.fold_in(k_eval, 1), cfgd["eval_particles"])
+    # an index no evaluation particle uses (particle i samples with fold_in(k_eval, i))
+    k_ref = jr.fold_in(k_eval, jnp.uint32(0xFFFFFFFF))
+    ref = gmm.tilt(reward).sample(k_ref, cfgd["eval_particles"])
     for name, ys in finals.items():
         methods[name]["final_energy_distance_to_tilted"] = distance_to(ys, ref)
     gain = exact_tilted - exact_unguided
