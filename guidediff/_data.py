@@ -95,7 +95,11 @@ def digits(
     images = np.asarray(bunch.images, np.float64) / 8.0 - 1.0
     labels = np.asarray(bunch.target, np.int32)
     if classes is not None:
-        bad = [c for c in classes if not 0 <= int(c) <= 9 or int(c) != c]
+        bad = [
+            c
+            for c in classes
+            if isinstance(c, bool | np.bool_) or not 0 <= int(c) <= 9 or int(c) != c
+        ]
         if bad:
             raise ValueError(f"digits are classes 0..9, got {bad} in classes")
         keep = np.isin(labels, np.asarray(classes))

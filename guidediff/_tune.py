@@ -442,9 +442,13 @@ def save_learning_curve(
     # appended, not with_suffix: "tune_lam0.05" must not become "tune_lam0.json"
     json_path = path.with_name(path.name + ".json")
     png_path = path.with_name(path.name + ".png")
-    payload = {"curve": [{k: _jsonable(v) for k, v in r.items()} for r in curve]}
-    payload.update(meta or {})
-    json_path.write_text(json.dumps(payload, indent=2))
+    if meta is not None and "curve" in meta:
+        raise ValueError(
+            "meta must not hold a 'curve' key (it would replace the curve)"
+        )
+    payload = {"curve": _jsonable(list(curve)), **_jsonable(dict(meta or {}))}
+    text = json.dumps(payload, indent=2, allow_nan=False)  # raises before writing
+    json_path.write_text(text)
 
     names = [n for n in ("objective", "reward", "penalty") if n in curve[0]]
     steps = np.array([r["step"] for r in curve])
@@ -464,6 +468,14 @@ def save_learning_curve(
 
 
 def _jsonable(v):
-    if isinstance(v, np.generic | jax.Array):
-        return np.asarray(v).item()
+    """Strict JSON: numpy/jax scalars and arrays to Python, NaN and inf to null
+    (what `json.dumps` would write bare, which strict parsers reject)."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic | np.ndarray | jax.Array):
+        return _jsonable(np.asarray(v).tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v

@@ -91,3 +91,25 @@ def test_check_grid_with_a_traced_sde_end():
     below = ts - 2.0  # concrete, ends below 0: still an error
     with pytest.raises(ValueError, match="leaves the SDE's range"):
         jax.jit(lambda sde: check_grid(sde, below) or 0)(Brownian(T=1.0))
+
+
+def test_learning_curve_json_is_strict_and_keeps_its_curve(tmp_path):
+    """A NaN was written bare (strict parsers reject it), a numpy scalar in `meta`
+    was not serialisable, and `meta={"curve": ...}` replaced the curve."""
+    import json
+
+    curve = [{"step": 0, "objective": float("nan")}, {"step": 1, "objective": 1.0}]
+
+    def strict(s):
+        raise ValueError(f"bare {s} in the JSON")
+
+    path, _ = save_learning_curve(curve, tmp_path / "c", meta={"lam": np.float32(0.5)})
+    data = json.loads(path.read_text(), parse_constant=strict)
+    assert data["curve"][0]["objective"] is None and data["lam"] == 0.5
+    with pytest.raises(ValueError, match="'curve' key"):
+        save_learning_curve(curve, tmp_path / "d", meta={"curve": []})
+
+
+def test_digits_rejects_boolean_classes():
+    with pytest.raises(ValueError, match="digits are classes 0..9"):
+        gd.digits(classes=(True,))
