@@ -12,14 +12,20 @@ from ._sde import AbstractSDE
 
 
 def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
-    """`num_steps + 1` equally spaced times from `t_start` to `t_end`."""
+    """`num_steps + 1` equally spaced times from `t_start` to `t_end`.
+
+    The grid runs backwards in time, from the noise end down to the data end:
+    `t_start > t_end >= 0`, both finite (checked when they are concrete).
+    """
     _check_steps(num_steps)
+    _check_ends("uniform_grid", t_start, t_end)
     return jnp.linspace(t_start, t_end, num_steps + 1)
 
 
 def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
     r"""$t_i = t_{end} + (t_{start} - t_{end})(1 - i/N)^2$: finer near the data end."""
     _check_steps(num_steps)
+    _check_ends("quadratic_grid", t_start, t_end)
     u = 1.0 - jnp.arange(num_steps + 1) / num_steps
     ts = t_end + (t_start - t_end) * u**2
     # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
@@ -86,6 +92,22 @@ def logsnr_grid(
 
     ts = jax.vmap(invert)(lam)
     return ts.at[0].set(t_start).at[-1].set(t_end)
+
+
+def _check_ends(name: str, t_start, t_end) -> None:
+    """Concrete ends must be finite with `t_start > t_end >= 0` (traced ends are
+    the caller's; `sample` checks the grid it is given)."""
+    try:
+        lo_hi = float(t_start), float(t_end)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    if not np.all(np.isfinite(lo_hi)):
+        raise ValueError(f"{name}: the grid's ends must be finite, got {lo_hi}")
+    if not lo_hi[0] > lo_hi[1] >= 0:
+        raise ValueError(
+            f"{name} runs from the noise end down to the data end: it needs "
+            f"t_start > t_end >= 0, got t_start={lo_hi[0]}, t_end={lo_hi[1]}"
+        )
 
 
 def _check_steps(num_steps) -> int:

@@ -188,6 +188,20 @@ def test_grid_checks():
         gd.logsnr_grid(SDE, 1e-3, 1.0, 5)
     with pytest.raises(ValueError, match="log-SNR is not finite"):
         gd.logsnr_grid(SDE, 1.0, 0.0, 5)
+    # the other grids check their (concrete) ends the same way, at construction
+    for grid in (gd.uniform_grid, gd.quadratic_grid):
+        for ends in (
+            (1e-3, 1.0),
+            (1.0, 1.0),
+            (1.0, -0.1),
+            (np.inf, 0.0),
+            (1.0, np.nan),
+        ):
+            with pytest.raises(ValueError, match="t_start > t_end >= 0|must be finite"):
+                grid(*ends, 5)
+        assert grid(jnp.float32(1.0), 0.0, 4).shape == (5,)
+        traced = jax.jit(lambda a, b, g=grid: g(a, b, 4))(1.0, 0.0)  # not checked
+        assert traced.shape == (5,)
 
 
 def test_solver_must_match_the_sde_and_the_controller():
