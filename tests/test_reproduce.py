@@ -23,6 +23,7 @@ import guidediff as gd
 from guidediff._cli import main
 from guidediff._experiments import (
     EXPERIMENTS,
+    _reward,
     cfg_digits,
     reward_gmm,
     reward_pointset,
@@ -204,6 +205,8 @@ def _reward_structure(res):
         assert np.isfinite(res["reward_total_stderr"][kind])
     assert set(res["energy_distance_w1"]) >= {"exact", "learned", "noise_floor"}
     assert 0 <= res["two_sample_pvalue_w1"]["exact"] <= 1
+    assert np.isfinite(res["learned_w1_gain_fraction"])
+    assert isinstance(res["claims"]["learned_w1_within_10pct_of_exact_gain"], bool)
     # diverged particles are counted per w, and at most 0.1 % of them dropped
     for kind in ("exact", "learned"):
         f = res["failures"][kind]
@@ -227,6 +230,15 @@ def _check_reward(res):
     assert abs(m[0] - res["exact_reward_unguided"]) < K * se[0]
     assert abs(m[i1] - res["exact_reward_tilted"]) < K * se[i1]
     assert res["two_sample_pvalue_w1"]["exact"] > 1e-3
+    # Learned scores at w = 1: the reward of p^r, up to the stated model tolerance.
+    ml, sel = res["reward_mean"]["learned"][i1], res["reward_stderr"]["learned"][i1]
+    gain = res["exact_reward_tilted"] - res["exact_reward_unguided"]
+    tol = _reward.LEARNED_GAIN_TOL * gain + K * sel
+    assert abs(ml - res["exact_reward_tilted"]) <= tol
+    assert res["learned_w1_gain_fraction"] == pytest.approx(
+        (ml - res["exact_reward_unguided"]) / gain
+    )
+    assert all(v is True for v in res["claims"].values()), res["claims"]
 
 
 @pytest.mark.slow
