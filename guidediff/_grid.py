@@ -119,6 +119,13 @@ def _check_steps(num_steps) -> int:
     return int(num_steps)
 
 
+def _check_grid_shape(shape: tuple) -> None:
+    if len(shape) != 1 or shape[0] < 2:
+        raise ValueError(
+            f"the time grid must be 1-D with at least 2 times, got {shape}"
+        )
+
+
 _CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T): grids already checked
 
 
@@ -129,7 +136,8 @@ def check_grid(sde: AbstractSDE, ts) -> None:
     A device array that passed is remembered (by identity, while it lives), so
     calling `sample` again with the same grid costs no device-to-host copy."""
     if isinstance(ts, jax.core.Tracer):
-        return  # traced: checked by the caller's own tests
+        _check_grid_shape(ts.shape)  # its shape is known when traced
+        return  # its values: checked by the caller's own tests
     memo_key = None
     if isinstance(ts, jax.Array):
         try:
@@ -144,10 +152,7 @@ def check_grid(sde: AbstractSDE, ts) -> None:
         arr = np.asarray(ts)
     except (TypeError, jax.errors.TracerArrayConversionError):
         return  # traced: checked by the caller's own tests
-    if arr.ndim != 1 or arr.shape[0] < 2:
-        raise ValueError(
-            f"the time grid must be 1-D with at least 2 times, got {arr.shape}"
-        )
+    _check_grid_shape(arr.shape)
     if not np.all(np.isfinite(arr)):
         raise ValueError("the time grid contains non-finite times")
     if not np.all(np.diff(arr) < 0):

@@ -163,6 +163,22 @@ def test_grid_checks():
             dtype=half,
         )  # fmt: skip
         assert out.ys.dtype == half and out.ts.dtype == jnp.float32
+    # a traced grid's shape is known at trace time: a stack of grids (a sweep the
+    # user forgot to vmap) or a single time is named as the grid's fault under jit
+    # too, not as a failed score call; smc_sample checks the same
+    ts = gd.uniform_grid(1.0, 1e-3, 4)
+    runs = (
+        lambda t: gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=t).ys,
+        lambda t: gd.smc_sample(
+            jr.key(0), SDE, score, (2,), lambda x: -jnp.sum(x**2), num_particles=2,
+            ts=t,
+        ).ys,
+    )  # fmt: skip
+    for run in runs:
+        for bad in (jnp.stack([ts, ts]), ts[:1]):
+            for f in (run, jax.jit(run)):
+                with pytest.raises(ValueError, match="1-D with at least 2 times"):
+                    f(bad)
     # a traced grid skips the Python checks: a bad one fails every particle (and
     # its samples are NaN), with either driver and with adaptive steps (diffrax's
     # own checks on the grid would raise a runtime error from inside the program)
