@@ -566,8 +566,9 @@ def reward_weighted_dsm_loss(
       `reward_weights`).
     - the other arguments as in `dsm_loss`.
 
-    Negative, NaN or all-zero rewards raise a `ValueError` (at run time under `jit`,
-    where an all-zero minibatch is also an error: make sure minibatches carry reward).
+    Negative, NaN or all-zero rewards raise a `ValueError` (under `jit`, an
+    `equinox.error_if` error when the computation runs, where an all-zero minibatch
+    is also an error: make sure minibatches carry reward).
 
     !!! example
 

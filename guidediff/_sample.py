@@ -540,13 +540,25 @@ def sample(
       `stepsize_controller` is given).
     - `stepsize_controller`: e.g. `diffrax.PIDController(rtol, atol)` for adaptive
       steps (then the SDE noise is a `VirtualBrownianTree` with `brownian_tol`).
+      Gradients through adaptive SDE steps are those of the solve with its
+      accepted/rejected steps held fixed (discretise-then-optimise): the sampled
+      value itself jumps when a step decision flips, so finite differences of it
+      need not agree. Fixed grids have no such jumps.
+    - `max_steps`: the most steps a `"diffeqsolve"` solve may take (diffrax's
+      `max_steps`): with adaptive steps a particle that needs more is flagged
+      failed (NaN); on a fixed grid it must be at least the grid's step count.
+      The `"scan"` driver takes exactly the grid's steps and ignores it.
+    - `brownian_tol`: the `VirtualBrownianTree`'s tolerance (its finest time
+      resolution) for `brownian="tree"`.
     - `save_trajectory`: save every grid time (`ys` gains a time axis).
     - `save_every`: with `save_trajectory`, save every k-th grid time only,
       `ts[::k]` (k must divide the number of steps): `ys` holds
       `(len(ts) - 1) / k + 1` states per particle instead of `len(ts)`.
     - `denoise`: replace the final state by Tweedie's $\hat x_0$ at `ts[-1]`.
     - `adjoint`: diffrax adjoint for the `"diffeqsolve"` driver (default
-      `RecursiveCheckpointAdjoint()`; `ForwardMode()` with `brownian="unsafe"`).
+      `RecursiveCheckpointAdjoint()`, reverse mode only; `ForwardMode()` for
+      forward mode, `jax.jvp` / `jax.jacfwd`, and with `brownian="unsafe"`). The
+      `"scan"` driver supports both modes with any `checkpoint`.
     - `checkpoint`: reverse-mode memory of the `"scan"` driver. `True` (= `"sqrt"`):
       about $2\sqrt N$ stored states for $N$ steps, at the cost of two extra forward
       passes; `"chunk"`: the same chunks with no checkpoint per step, one chunk's
@@ -557,7 +569,8 @@ def sample(
       is accepted (its reverse mode is `adjoint=`).
     - `unroll`: steps per loop iteration of the `"scan"` driver (`lax.scan`'s
       `unroll`): fewer loop iterations on accelerators, where each costs a kernel
-      launch or more, at the price of a longer compile. Same values.
+      launch or more, at the price of a longer compile. The same values up to float
+      rounding (XLA may fuse the unrolled steps' arithmetic differently).
     - `truncate_backprop`: `K` differentiates only the last `K` steps (DRaFT-K): the
       gradient stops at the state `K` steps before the end (fixed grids only).
     - `y0`: explicit initial states, `(num_particles, *shape)` (or `shape` for one

@@ -129,8 +129,9 @@ class _ReverseSDESolver(dfx.AbstractItoSolver):
 class ExponentialIntegrator(_ReverseSDESolver):
     r"""The exponential-integrator (DDPM-ancestral) step for `reverse_sde` terms.
 
-    It reads the score back from the drift term, $s = (f(t)x - v)/g(t)^2$ where $v$ is
-    the reverse drift, and the Brownian increment $\Delta W$ from the noise term, using
+    It takes the score from guidediff's own drift term (`ReverseDrift`); a foreign
+    drift term's score is read back, $s = (f(t)x - v)/g(t)^2$ where $v$ is the
+    reverse drift. It reads the Brownian increment $\Delta W$ from the noise term, using
     $\xi = \Delta W/\sqrt{|\Delta t|}$, so for the same Brownian path it is coupled to
     Euler-Maruyama. Steps backward in the SDE's time (from noise to data; a forward
     step returns NaN: its Gaussian step would have a negative variance), with
