@@ -55,7 +55,7 @@ def swiss_roll(
     (the spiral; the $y$ axis is the roll's length), divided by 7 so each coordinate
     has standard deviation about 0.95, then multiplied by `scale`. `noise` is the
     standard deviation of sklearn's Gaussian noise, in sklearn's units (before
-    rescaling). Deterministic given the key or integer seed.
+    rescaling). Deterministic given `key_or_seed`, a JAX key or an integer seed.
 
     !!! example
 

@@ -499,6 +499,17 @@ def conditional_dsm_loss(
     passed to the model. Labels must lie in `0..num_classes` (a label already equal
     to `num_classes` is an unlabelled example); anything else is an error.
 
+    **Arguments:**
+
+    - `model_fn`, `params`, `key`, `x0`, `sde`, `weighting`, `t_min`, `prediction`:
+      as in `dsm_loss` (`model_fn(params, t, x, label)` for one particle; a Flax
+      network must be built with `num_classes`, else it would ignore the labels).
+    - `labels`: `(n,)` integer class of each example, in `0..num_classes`.
+    - `num_classes`: $K$; the null label is $K$ (so the network's label embedding
+      needs $K + 1$ entries, as `gd.MLPScoreNet(num_classes=K)` has).
+    - `p_uncond`: the probability of dropping a label to the null label, in
+      $[0, 1]$ (0.1-0.2 is usual for CFG).
+
     !!! example
 
         ```python
@@ -622,6 +633,33 @@ def noisy_classifier_loss(
     The logits must have shape `(num_classes,)`, and `0 <= t_min < T` (with an
     `sde`); anything else is a `ValueError` (the logits' shape is checked when
     the loss is traced).
+
+    **Arguments:**
+
+    - `model_fn`, `params`: the classifier, `model_fn(params, t, x) -> logits`.
+    - `key`: draws the times and the noise.
+    - `x0`: `(n, *shape)` clean examples; `labels`: their `(n,)` classes.
+    - `sde`: the SDE the sampler uses (the classifier must know its noise), or
+      `None` for a clean-data classifier.
+    - `num_classes`: $K$; `t_min`: the smallest training time.
+
+    !!! example
+
+        ```python
+        # a linear classifier: separating the classes lowers the loss below chance
+        sde = gd.VPSDE()
+        labels = jnp.arange(512) % 2
+        x0 = jnp.stack([4.0 * labels - 2.0, jnp.zeros(512)], axis=1)  # at (+-2, 0)
+
+        def logits(params, t, x):
+            return params * jnp.stack([-x[0], x[0]])
+
+        loss = lambda p: gd.noisy_classifier_loss(
+            logits, p, jr.key(0), x0, labels, sde, num_classes=2
+        )
+        assert loss(jnp.asarray(0.5)) < loss(jnp.asarray(0.0))  # 0: chance, log 2
+        assert jnp.allclose(loss(jnp.asarray(0.0)), jnp.log(2.0))
+        ```
     """
     if sde is not None and not isinstance(sde, AbstractSDE):
         raise TypeError(

@@ -507,7 +507,14 @@ def _coeffs(sde, t, dtype):
 
 
 class MixtureScore(AbstractScore):
-    """The exact score of a `GaussianMixture` under an SDE (see `GaussianMixture.score`)."""
+    r"""The exact score of a `GaussianMixture` under an SDE: $s_t(x) = \nabla_x\log
+    \sum_k \pi_k\mathcal N(x; \alpha\mu_k, \alpha^2\Sigma_k + \sigma^2 I)$.
+
+    Built by `gmm.score(sde)` (unconditional; `args` ignored) or
+    `gmm.conditional_score(sde)` (`args` is the class label, and `num_classes` the
+    null label that gives the unconditional score, as `gd.cfg` expects). See
+    `GaussianMixture` for an example.
+    """
 
     mixture: GaussianMixture
     sde: AbstractSDE
@@ -546,6 +553,18 @@ class Gaussian(eqx.Module):
 
     - `mean`: $\mu$, a vector of shape $(d,)$.
     - `cov`: $\Sigma$, a $(d, d)$ matrix, a $(d,)$ diagonal or a scalar (isotropic).
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        g = gd.Gaussian(jnp.array([1.0, -1.0]), 0.5)
+        alpha, sigma = sde.marginal(0.3)
+        x = jnp.array([0.2, 0.4])
+        # the score of N(alpha mu, alpha^2 Sigma + sigma^2 I) at x
+        exact = -(x - alpha * g.mean) / (alpha**2 * 0.5 + sigma**2)
+        assert jnp.allclose(g.score(sde)(0.3, x), exact, rtol=1e-5)
+        ```
     """
 
     mixture: GaussianMixture
@@ -600,6 +619,27 @@ class PointCloud(eqx.Module):
     Its time-$t$ marginal is $\sum_i w_i \mathcal N(\alpha p_i, \sigma^2 I)$, with score
     $s_t(x) = (\alpha\sum_i\gamma_i(x) p_i - x)/\sigma^2$, $\gamma_i \propto
     w_i\mathcal N(x; \alpha p_i, \sigma^2 I)$. Defined for $t > 0$ only.
+
+    **Arguments:**
+
+    - `points`: $(n, d)$ finite points $p_i$ (e.g. samples, or a data set).
+    - `weights`: $(n,)$ non-negative weights $w_i$, normalised here (default:
+      uniform). `tilt(rewards)` reweights them, $w_i' \propto w_i r_i$: the exact
+      reward tilt of the point set.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        pc = gd.PointCloud(jnp.array([[0.0, 0.0], [2.0, 0.0]]))
+        alpha, sigma = sde.marginal(0.5)
+        # halfway between the two (scaled) points, gamma = (1/2, 1/2): the score
+        # points to their mean, alpha (1, 0), which is where x is
+        x = alpha * jnp.array([1.0, 0.0])
+        assert jnp.allclose(pc.score(sde)(0.5, x), 0.0, atol=1e-5)
+        tilted = pc.tilt(jnp.array([1.0, 3.0]))  # w' = (1/4, 3/4)
+        assert jnp.allclose(jnp.exp(tilted.log_weights), jnp.array([0.25, 0.75]))
+        ```
     """
 
     points: Float[Array, "n d"]
@@ -723,6 +763,22 @@ class GaussianBumpReward(eqx.Module):
 
     - `center`: $a$, a finite vector of shape $(d,)$.
     - `width`: $s$, a finite positive scalar.
+
+    `reward.log(x)` is $\log r(x)$ (the potential `gd.smc_sample` takes);
+    `reward.expectation(gmm)` is $E_p[r]$ and `gmm.tilt(reward)` the tilted mixture
+    $p^r \propto p\,r$, both in closed form.
+
+    !!! example
+
+        ```python
+        # p = N(0, 1) in 1-D, a = 2, s = 1: p^r = N(a/(1+s^2), s^2/(1+s^2)) = N(1, 1/2)
+        p = gd.GaussianMixture([1.0], [[0.0]], [1.0])
+        reward = gd.GaussianBumpReward(jnp.array([2.0]), 1.0)
+        tilted = p.tilt(reward)
+        assert jnp.allclose(tilted.mean(), 1.0) and jnp.allclose(tilted.cov(), 0.5)
+        # E_p[r] = sqrt(s^2/(1+s^2)) exp(-a^2/(2(1+s^2))) = exp(-1)/sqrt(2)
+        assert jnp.allclose(reward.expectation(p), jnp.exp(-1.0) / jnp.sqrt(2.0))
+        ```
     """
 
     center: Float[Array, " d"]
@@ -802,6 +858,21 @@ class ExpLinearReward(eqx.Module):
 
     Tilting component $k$ gives $\mathcal N(\mu_k + \Sigma_k\lambda, \Sigma_k)$ with
     $\pi_k' \propto \pi_k\exp(\lambda^\top\mu_k + \tfrac12\lambda^\top\Sigma_k\lambda)$.
+
+    **Arguments:**
+
+    - `direction`: $\lambda$, a finite vector of shape $(d,)$.
+
+    !!! example
+
+        ```python
+        # tilting N(mu, Sigma) by exp(lambda . x) shifts its mean by Sigma lambda
+        p = gd.GaussianMixture([1.0], [[1.0, 0.0]], [[2.0, 0.5]])  # diagonal cov
+        reward = gd.ExpLinearReward(jnp.array([1.0, -2.0]))
+        assert jnp.allclose(p.tilt(reward).mean(), jnp.array([3.0, -1.0]))
+        # E_p[r] = exp(lambda . mu + lambda Sigma lambda / 2) = exp(1 + 2)
+        assert jnp.allclose(reward.expectation(p), jnp.exp(3.0), rtol=1e-5)
+        ```
     """
 
     direction: Float[Array, " d"]

@@ -449,6 +449,10 @@ def initial_noise(
     `sample(key, ..., y0=initial_noise(key, ...))` equals `sample(key, ...)`. Pass
     `y0` explicitly to differentiate with respect to the initial noise.
 
+    **Arguments:** `key`, `sde`, `shape` and `num_particles` as in `sample`;
+    `dtype`: the draws' floating dtype (default: JAX's default float), as
+    `sample`'s `dtype`.
+
     **Returns:** `(num_particles, *shape)`, or `shape` when `num_particles` is None.
 
     !!! example

@@ -77,6 +77,22 @@ class ScoreFn(AbstractScore):
     and invisible to `jax.grad`. Prefer an `eqx.Module` for anything with parameters.
     A Flax network is refused (its output is a prediction, not a score: use
     `gd.flax_score`).
+
+    **Arguments:**
+
+    - `fn`: `fn(t, x, args) -> score` for ONE particle `x` (an array of the
+      sample's shape), returning an array of the same shape.
+
+    !!! example
+
+        ```python
+        # the exact score of N(0, I) under the VP SDE: its marginals stay N(0, I)
+        sde = gd.VPSDE()
+        score = gd.ScoreFn(lambda t, x, args: -x)
+        out = gd.sample(jr.key(0), sde, score, (2,), num_particles=4,
+                        ts=gd.uniform_grid(sde.T, 1e-3, 10))
+        assert out.ys.shape == (4, 2) and int(out.num_failed) == 0
+        ```
     """
 
     fn: Callable = eqx.field(static=True)
@@ -109,7 +125,26 @@ def _wide(dt) -> jnp.dtype:
 
 
 def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
-    r"""$s = -\varepsilon / \sigma(t)$."""
+    r"""$s = -\varepsilon / \sigma(t)$: a noise prediction read as a score.
+
+    Arguments: the SDE, the time `t`, the state `x` and the prediction (`eps`,
+    `score` or `x0`), each of one particle; the result has `x`'s shape. It is
+    computed in at least float32 and rounded once to the input's dtype. The four
+    conversions invert each other:
+
+    !!! example
+
+        ```python
+        sde, t = gd.VPSDE(), 0.4
+        x, eps = jnp.array([0.3, -1.0]), jnp.array([0.5, 0.2])
+        s = gd.eps_to_score(sde, t, x, eps)
+        assert jnp.allclose(gd.score_to_eps(sde, t, x, s), eps, atol=1e-6)
+        x0 = gd.score_to_x0(sde, t, x, s)  # Tweedie: x = alpha x0 + sigma eps
+        alpha, sigma = sde.marginal(t)
+        assert jnp.allclose(alpha * x0 + sigma * eps, x, atol=1e-5)
+        assert jnp.allclose(gd.x0_to_score(sde, t, x, x0), s, atol=1e-5)
+        ```
+    """
     _, sigma = sde.marginal(t)
     dt = _float_dtype(eps)
     wd = _wide(dt)
@@ -117,7 +152,7 @@ def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
 
 
 def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
-    r"""$\varepsilon = -\sigma(t)\, s$."""
+    r"""$\varepsilon = -\sigma(t)\, s$ (see `eps_to_score` for the arguments)."""
     _, sigma = sde.marginal(t)
     dt = _float_dtype(score)
     wd = _wide(dt)
@@ -125,7 +160,7 @@ def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
 
 
 def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
-    r"""$s = (\alpha(t)\hat x_0 - x) / \sigma(t)^2$."""
+    r"""$s = (\alpha(t)\hat x_0 - x) / \sigma(t)^2$ (see `eps_to_score`)."""
     alpha, sigma = sde.marginal(t)
     dt = _float_dtype(x)
     wd = _wide(dt)
@@ -134,7 +169,8 @@ def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
 
 
 def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
-    r"""Tweedie's denoiser $\hat x_0 = (x + \sigma(t)^2 s) / \alpha(t)$."""
+    r"""Tweedie's denoiser $\hat x_0 = (x + \sigma(t)^2 s) / \alpha(t)$ (see
+    `eps_to_score`)."""
     alpha, sigma = sde.marginal(t)
     dt = _float_dtype(x)
     wd = _wide(dt)
@@ -145,7 +181,23 @@ def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
 def denoise(
     sde: AbstractSDE, score: AbstractScore, t: Time, x: Array, args: Args = None
 ):
-    r"""Tweedie's posterior mean $E[X_0 \mid X_t = x] = (x + \sigma^2 s(t,x))/\alpha$."""
+    r"""Tweedie's posterior mean $E[X_0 \mid X_t = x] = (x + \sigma^2 s(t,x))/\alpha$.
+
+    Arguments: the SDE, a score, a time `t` in $(0, T]$, one particle `x` and the
+    score's `args`. Exact for an exact score:
+
+    !!! example
+
+        ```python
+        # X0 ~ N(m, I) under the VP SDE: E[X0 | x] = m + alpha (x - alpha m)
+        sde, t, m = gd.VPSDE(), 0.5, jnp.array([1.0, 2.0])
+        score = gd.Gaussian(m, 1.0).score(sde)
+        x = jnp.array([0.3, -0.2])
+        alpha, _ = sde.marginal(t)
+        exact = m + alpha * (x - alpha * m)
+        assert jnp.allclose(gd.denoise(sde, score, t, x), exact, atol=1e-5)
+        ```
+    """
     sde.check_time(t)
     return score_to_x0(sde, t, x, score(t, x, args))
 
@@ -179,6 +231,26 @@ class EpsScore(AbstractScore):
     r"""A noise-prediction model $\hat\varepsilon(t, x, \text{args})$ read as a score.
 
     $s(t, x) = -\hat\varepsilon(t, x)/\sigma(t)$.
+
+    **Arguments:**
+
+    - `model`: `model(t, x, args) -> eps_hat` for one particle (a pure function or
+      an `eqx.Module`, whose array fields `jax.grad` reaches; for a Flax network
+      use `gd.flax_score(net, variables, sde, prediction="eps")`).
+    - `sde`: the SDE whose $\sigma(t)$ the model was trained with.
+
+    !!! example
+
+        ```python
+        # for X0 ~ N(0, I) under the VP SDE the optimal predictions are eps = sigma x
+        # and x0 = alpha x; both read as the exact score, -x
+        sde = gd.VPSDE()
+        eps = gd.EpsScore(lambda t, x, args: sde.marginal(t)[1] * x, sde)
+        x0 = gd.X0Score(lambda t, x, args: sde.marginal(t)[0] * x, sde)
+        x = jnp.array([0.5, -1.0])
+        assert jnp.allclose(eps(0.3, x, None), -x, atol=1e-6)
+        assert jnp.allclose(x0(0.3, x, None), -x, atol=1e-5)
+        ```
     """
 
     model: Callable
@@ -195,6 +267,14 @@ class X0Score(AbstractScore):
     r"""A data-prediction model $\hat x_0(t, x, \text{args})$ read as a score.
 
     $s(t, x) = (\alpha(t)\hat x_0(t, x) - x)/\sigma(t)^2$.
+
+    **Arguments:**
+
+    - `model`: `model(t, x, args) -> x0_hat` for one particle (for a Flax network
+      use `gd.flax_score(net, variables, sde, prediction="x0")`).
+    - `sde`: the SDE whose $\alpha(t), \sigma(t)$ the model was trained with.
+
+    See `EpsScore` for an example with both.
     """
 
     model: Callable

@@ -100,6 +100,18 @@ class LinearBeta(AbstractVPSchedule):
 
     $\log\bar\alpha(t) = -\beta_{\min} t - \tfrac12 t^2 (\beta_{\max} - \beta_{\min})$.
     Needs finite $0 \le \beta_{\min} \le \beta_{\max}$ with $\beta_{\max} > 0$.
+
+    **Arguments:** `beta_min` (default 0.1) and `beta_max` (default 20), array
+    leaves: `jax.grad` reaches them, and changing them does not recompile.
+
+    !!! example
+
+        ```python
+        sched = gd.LinearBeta(beta_min=0.1, beta_max=20.0)
+        # log alpha_bar(1) = -beta_min - (beta_max - beta_min) / 2
+        assert jnp.allclose(sched.log_alpha_bar(1.0), -0.1 - 19.9 / 2)
+        sde = gd.VPSDE(sched)
+        ```
     """
 
     beta_min: Float[Array, ""] = eqx.field(converter=_as_float, default=0.1)
@@ -141,6 +153,17 @@ class CosineSchedule(AbstractVPSchedule):
     $a = \tfrac{\pi}{2}\tfrac{t+s}{1+s}$, $a_0 = a|_{t=0}$, is evaluated without
     cancellation, so $\sigma(t)$ keeps its relative precision at small $t$ (also in
     float32).
+
+    **Arguments:** `s`, the offset (default 0.008), an array leaf.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE(gd.CosineSchedule())  # T = 1 - 1e-3 by default
+        alpha, sigma = sde.marginal(0.5)  # alpha_bar(1/2) = 1/2 up to the offset
+        assert jnp.allclose(alpha**2, 0.5, atol=0.01)
+        assert jnp.allclose(alpha**2 + sigma**2, 1.0)  # variance preserving
+        ```
     """
 
     s: Float[Array, ""] = eqx.field(converter=_as_float, default=0.008)
@@ -356,6 +379,15 @@ class VESDE(AbstractSDE):
 
     - `sigma_min`, `sigma_max`: finite, with $0 < \sigma_{\min} < \sigma_{\max}$.
     - `T`: where the reverse process starts; finite and positive (default 1).
+
+    !!! example
+
+        ```python
+        sde = gd.VESDE(sigma_min=0.01, sigma_max=50.0)
+        alpha, sigma = sde.marginal(1.0)
+        assert alpha == 1.0 and jnp.allclose(sigma**2, 50.0**2 - 0.01**2)
+        assert jnp.allclose(sde.marginal(0.0)[1], 0.0)  # sigma(0) = 0
+        ```
     """
 
     sigma_min: Float[Array, ""] = eqx.field(converter=_as_float, default=0.01)

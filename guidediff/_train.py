@@ -490,6 +490,29 @@ def load_checkpoint(
     were recorded with, see `fit`'s `checkpoint_dir`). A missing or corrupt
     checkpoint raises `CheckpointError`; a `step` that is not an integer, a
     `TypeError`.
+
+    **Arguments:**
+
+    - `checkpoint_dir`: the `checkpoint_dir` that `fit` wrote.
+    - `params`, `optimizer`: the structure to restore into (the values are not
+      used), as passed to `fit`.
+    - `ema`: whether the run kept an EMA (`fit`'s `ema_decay` was not `None`).
+    - `step`: the step to load (it must have been kept: `max_to_keep`), or `None`
+      for the latest.
+
+    !!! example
+
+        ```python
+        import os
+
+        loss_fn = lambda p, key, x: jnp.mean((x - p) ** 2)  # minimised at mean(x)
+        data, ckpt = jnp.arange(8.0), os.path.abspath("out/ckpt_example")
+        opt, p0 = optax.sgd(0.1), jnp.asarray(0.0)
+        run = gd.fit(loss_fn, p0, data, optimizer=opt, num_steps=20, batch_size=8,
+                     key=jr.key(0), checkpoint_dir=ckpt, progress=False)
+        loaded = gd.load_checkpoint(ckpt, p0, opt)
+        assert loaded.step == 20 and jnp.array_equal(loaded.params, run.params)
+        ```
     """
     step = _check_count("step", step, 0, optional=True)
     like = (params, optimizer.init(params), _ema_init(params) if ema else None)

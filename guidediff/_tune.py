@@ -417,8 +417,10 @@ def save_learning_curve(
     """Write a learning curve as `PATH.json` and `PATH.png` (matplotlib, Agg).
 
     The JSON is `{"curve": curve, **meta}`; the figure has one panel per quantity
-    (`objective`, `reward`, `penalty`, those present) against `step`. A `.json` or
-    `.png` suffix on `path` is dropped. Returns the two paths.
+    (`objective`, `reward`, `penalty`, those present) against `step`, under
+    `title` (default: none). A `.json` or `.png` suffix on `path` is dropped.
+    `meta` holds extra JSON-serialisable fields (not named `curve`). Returns the
+    two paths.
 
     !!! example
 
