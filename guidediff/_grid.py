@@ -12,10 +12,28 @@ from ._sde import AbstractSDE
 
 
 def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
-    """`num_steps + 1` equally spaced times from `t_start` to `t_end`.
+    r"""`num_steps + 1` equally spaced times from `t_start` to `t_end`:
+
+    $$t_i = t_{start} + (t_{end} - t_{start})\,i/N,\qquad i = 0, \dots, N.$$
 
     The grid runs backwards in time, from the noise end down to the data end:
     `t_start > t_end >= 0`, both finite (checked when they are concrete).
+
+    **Arguments:**
+
+    - `t_start`: the noise end, usually `sde.T`.
+    - `t_end`: the data end $\varepsilon$, a small positive time (e.g. `1e-3`).
+    - `num_steps`: $N \ge 1$, a Python integer.
+
+    **Returns:** the times, shape $(N + 1,)$, strictly decreasing.
+
+    !!! example
+
+        ```python
+        ts = gd.uniform_grid(1.0, 1e-3, 10)
+        assert ts.shape == (11,) and ts[0] == 1.0 and ts[-1] == 1e-3
+        assert jnp.allclose(jnp.diff(ts), -(1.0 - 1e-3) / 10)  # equal steps
+        ```
     """
     _check_steps(num_steps)
     _check_ends("uniform_grid", t_start, t_end)
@@ -23,7 +41,20 @@ def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, "
 
 
 def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
-    r"""$t_i = t_{end} + (t_{start} - t_{end})(1 - i/N)^2$: finer near the data end."""
+    r"""$t_i = t_{end} + (t_{start} - t_{end})(1 - i/N)^2$: finer near the data end.
+
+    The ends are exactly `t_start` and `t_end`. Arguments, checks and the returned
+    shape as in `uniform_grid`.
+
+    !!! example
+
+        ```python
+        ts = gd.quadratic_grid(1.0, 1e-3, 10)
+        assert ts.shape == (11,) and ts[0] == 1.0 and ts[-1] == 1e-3
+        steps = -jnp.diff(ts)
+        assert jnp.all(steps > 0) and jnp.all(jnp.diff(steps) < 0)  # shrinking
+        ```
+    """
     _check_steps(num_steps)
     _check_ends("quadratic_grid", t_start, t_end)
     u = 1.0 - jnp.arange(num_steps + 1) / num_steps
@@ -42,6 +73,28 @@ def logsnr_grid(
     times are differentiable in the SDE's parameters and the ends (the implicit
     function theorem: $\partial t = -(\partial\lambda(t) - \partial\lambda_k) /
     \lambda'(t)$), so `jax.grad` through samples on this grid sees the grid move.
+
+    **Arguments:**
+
+    - `sde`: the `gd.AbstractSDE` whose `log_snr` defines $\lambda$.
+    - `t_start`: the noise end, usually `sde.T`.
+    - `t_end`: the data end $\varepsilon > 0$ ($\lambda(0)$ is infinite: a
+      `ValueError`).
+    - `num_steps`: $N \ge 1$, a Python integer.
+
+    **Returns:** the times, shape $(N + 1,)$, strictly decreasing from `t_start`
+    to `t_end` exactly, with $\lambda(t_{i+1}) - \lambda(t_i)$ constant.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        ts = gd.logsnr_grid(sde, sde.T, 1e-3, 10)
+        assert ts.shape == (11,) and ts[0] == sde.T and ts[-1] == 1e-3
+        assert jnp.all(jnp.diff(ts) < 0)
+        dlam = jnp.diff(jax.vmap(sde.log_snr)(ts))  # equal steps in log-SNR
+        assert jnp.allclose(dlam, dlam[0], rtol=1e-3)
+        ```
     """
     _check_steps(num_steps)
     try:

@@ -18,7 +18,21 @@ from ._custom_types import Scalar, Time
 
 
 class Constant(eqx.Module):
-    """A constant weight $w(t) = w$."""
+    r"""A constant weight $w(t) = w$ (what `gd.as_weight` makes of a number).
+
+    **Arguments:**
+
+    - `value`: $w$, a finite scalar (stored as a float array leaf, so `jax.grad`
+      reaches it and a new value does not recompile).
+
+    !!! example
+
+        ```python
+        w = gd.Constant(1.5)
+        assert w(0.0) == w(0.9) == 1.5
+        assert jax.grad(lambda c: c(0.3))(w).value == 1.0  # dw/dw
+        ```
+    """
 
     value: Float[Array, ""]
 
@@ -36,10 +50,30 @@ class Constant(eqx.Module):
 
 
 class PiecewiseLinear(eqx.Module):
-    r"""$w(t)$ linearly interpolated between `values` at the knots `times`.
+    r"""$w(t)$ linearly interpolated between `values` at the knots `times`:
+
+    $$w(t) = v_i + (v_{i+1} - v_i)\,\frac{t - t_i}{t_{i+1} - t_i},\qquad
+    t_i \le t \le t_{i+1}.$$
 
     Knots must be increasing; outside them the end values are held. Both arrays are
     leaves, so a schedule can be learned (see issue "differentiable samplers").
+
+    **Arguments:**
+
+    - `times`: the knots $t_i$, a 1-D array, finite and strictly increasing.
+    - `values`: the weights $v_i$ at the knots, finite, of the same length
+      (at least one knot).
+
+    !!! example
+
+        ```python
+        w = gd.PiecewiseLinear([0.0, 0.5, 1.0], [0.0, 2.0, 2.0])  # ramp, then hold
+        assert w(0.25) == 1.0 and w(0.75) == 2.0
+        assert w(-1.0) == 0.0 and w(2.0) == 2.0  # the end values held outside
+        # the knots' values are leaves: d w(0.25) / d v = (1/2, 1/2, 0)
+        dv = jax.grad(lambda pw: pw(0.25))(w).values
+        assert jnp.allclose(dv, jnp.array([0.5, 0.5, 0.0]))
+        ```
     """
 
     times: Float[Array, " n"]
@@ -98,10 +132,33 @@ def _scalar_weight(fn, t: Time) -> Scalar:
 
 
 def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
-    """Lift a number to a `Constant`; pass guidediff schedules (`Constant`,
+    r"""A guidance weight as a module $t \mapsto w(t)$ (what every guidance does with
+    its `weight` argument).
+
+    Lift a number to a `Constant`; pass guidediff schedules (`Constant`,
     `PiecewiseLinear`, any `eqx.Module`) through; wrap other callables so that their
     output is a scalar array: a plain function as a static field, a callable pytree
-    (`jax.tree_util.Partial`) as a pytree, its arrays leaves."""
+    (`jax.tree_util.Partial`) as a pytree, its arrays leaves.
+
+    **Arguments:**
+
+    - `weight`: a number or scalar array, or a callable of $t$ returning a scalar.
+      A string or a bool is a `TypeError`; a non-finite number is a `ValueError`.
+
+    **Returns:** a callable `w(t)` returning a scalar array (a non-scalar output of
+    a schedule is a `ValueError` when called).
+
+    !!! example
+
+        ```python
+        w = gd.as_weight(1.5)
+        assert isinstance(w, gd.Constant) and w(0.3) == 1.5
+        ramp = gd.PiecewiseLinear([0.0, 1.0], [0.0, 4.0])
+        assert gd.as_weight(ramp) is ramp  # schedules pass through
+        sq = gd.as_weight(lambda t: t**2)  # a plain function
+        assert sq(0.5) == 0.25 and sq(jnp.asarray(0.5)).shape == ()
+        ```
+    """
     if isinstance(weight, str | bool | np.bool_):
         raise TypeError(
             f"a guidance weight must be a number, an array or a callable of t, got "

@@ -14,7 +14,16 @@ from .base import AbstractGuidance
 
 class ClassifierFree(AbstractGuidance):
     r"""$\tilde s = s(x \mid c) + w(t)\,\big(s(x\mid c) - s(x)\big)
-    = (1 + w)s(x\mid c) - w\,s(x)$. See `cfg`."""
+    = (1 + w)s(x\mid c) - w\,s(x)$. See `cfg`, which builds it (with checks) and
+    has an example.
+
+    **Arguments:**
+
+    - `weight`: $w$, a weight module $t \mapsto w(t)$ (see `gd.as_weight`).
+    - `null_args`: the `args` that make the score unconditional, or `None`.
+    - `unconditional`: a separate unconditional score, or `None`.
+    - `batched`: whether the two calls of one score are stacked into one (static).
+    """
 
     weight: eqx.Module
     null_args: Args
@@ -103,6 +112,11 @@ def cfg(
       same `args`). Give exactly one of `null_args` / `unconditional`. A weaker
       model of the *same* conditional law here is autoguidance (Karras et al.
       2024): $s + w\,(s - s_{\rm weak})$.
+    - `batched`: with `null_args`, stack the conditional and null `args` into one
+      vmapped call of the score (default `True`); they must then have the same
+      shape. `False` calls the score twice.
+
+    **Returns:** a `ClassifierFree` guidance, for `gd.guide` or `gd.chain`.
 
     !!! example
 
@@ -113,6 +127,9 @@ def cfg(
         )
         score = gmm.conditional_score(sde)  # args: the class label
         guided = gd.guide(score, gd.cfg(2.0, null_args=gmm.null_label))
+        x = jnp.array([0.5, -0.2])
+        expected = 3.0 * score(0.3, x, 1) - 2.0 * score(0.3, x, gmm.null_label)
+        assert jnp.allclose(guided(0.3, x, 1), expected, atol=1e-5)
         out = gd.sample(jr.key(0), sde, guided, (2,), num_particles=1000, args=1)
         ```
     """

@@ -11,7 +11,14 @@ from .base import AbstractGuidance
 
 
 class ClassifierGuidance(AbstractGuidance):
-    r"""$\tilde s = s + w(t)\nabla_x \log p_t(y\mid x)$. See `classifier_guidance`."""
+    r"""$\tilde s = s + w(t)\nabla_x \log p_t(y\mid x)$. See `classifier_guidance`,
+    which builds it and has an example.
+
+    **Arguments:**
+
+    - `log_likelihood`: `(t, x, args) -> log p_t(y | x)`, a scalar for one particle.
+    - `weight`: $w$, a weight module $t \mapsto w(t)$ (see `gd.as_weight`).
+    """
 
     log_likelihood: Callable
     weight: eqx.Module
@@ -32,8 +39,37 @@ def classifier_guidance(
     with `log_likelihood(t, x, args)` a differentiable scalar for one particle (e.g. a
     noisy classifier's log-probability of the label in `args`, or
     `GaussianMixture.log_classifier(sde)`). With $w = 1$ and the exact noisy
-    classifier this samples exactly $p(x \mid y)$. Pass an `eqx.Module` to keep its
-    parameters visible to `jax.grad`.
+    classifier this samples exactly $p(x \mid y)$: by Bayes,
+    $\nabla_x\log p_t(x) + \nabla_x\log p_t(y\mid x) = \nabla_x \log p_t(x\mid y)$.
+
+    **Arguments:**
+
+    - `log_likelihood`: `log_likelihood(t, x, args) -> scalar`, differentiable in
+      `x`; it gets the guided score's `args` (e.g. the label $y$). Pass an
+      `eqx.Module` (or a `jax.tree_util.Partial`) to keep its parameters visible to
+      `jax.grad`; a plain function is held as a static field. Passing the builder
+      method `gmm.log_classifier` itself, uncalled, is a `TypeError`.
+    - `weight`: $w$, a number, an array or a schedule $t \mapsto w(t)$; stored as
+      an array leaf (see `gd.as_weight`). Default 1.
+
+    **Returns:** a `ClassifierGuidance`, for `gd.guide` or `gd.chain`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture(
+            [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+        )
+        s = gmm.score(sde)  # unconditional: ignores args
+        s_c = gmm.conditional_score(sde)  # args: the class label
+        g = gd.classifier_guidance(gmm.log_classifier(sde), 1.0)
+        guided = gd.guide(s, g)
+        t, x = 0.3, jnp.array([0.5, -0.2])
+        assert not jnp.allclose(s(t, x), s_c(t, x, 1))
+        # w = 1 with the exact noisy classifier: the conditional score
+        assert jnp.allclose(guided(t, x, 1), s_c(t, x, 1), atol=1e-5)
+        ```
     """
     if not callable(log_likelihood):
         raise TypeError(

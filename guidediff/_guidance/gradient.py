@@ -12,7 +12,15 @@ from .base import AbstractGuidance
 
 
 class GradientGuidance(AbstractGuidance):
-    r"""$\tilde s = s + w(t)\nabla_x R(\hat x_0(t, x))$. See `gradient_guidance`."""
+    r"""$\tilde s = s + w(t)\nabla_x R(\hat x_0(t, x))$. See `gradient_guidance`,
+    which builds it and has an example.
+
+    **Arguments:**
+
+    - `reward`: $R$, `reward(x0) -> scalar` for one particle.
+    - `weight`: $w$, a weight module $t \mapsto w(t)$ (see `gd.as_weight`).
+    - `sde`: the SDE whose $\alpha(t), \sigma(t)$ define Tweedie's $\hat x_0$.
+    """
 
     reward: Callable
     weight: eqx.Module
@@ -39,6 +47,37 @@ def gradient_guidance(
     $\log r$ to approximate the tilt $p\cdot r$). This is an approximation: unlike
     `reward_guidance` it does not sample an exact tilted law. `sde` must be the SDE
     that is sampled (`gd.sample` checks).
+
+    **Arguments:**
+
+    - `reward`: $R$, `reward(x0) -> scalar`, differentiable, for one particle (it
+      does not see `args`). Pass an `eqx.Module` (or a `jax.tree_util.Partial`) to
+      keep its parameters visible to `jax.grad`; a plain function is held as a
+      static field.
+    - `weight`: $w$, a number, an array or a schedule $t \mapsto w(t)$; stored as
+      an array leaf (see `gd.as_weight`).
+    - `sde`: the `gd.AbstractSDE` that is sampled, for $\alpha(t)$ and
+      $\sigma(t)$ in $\hat x_0$.
+
+    **Returns:** a `GradientGuidance`, for `gd.guide` or `gd.chain`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        s = gd.Gaussian(jnp.zeros(2), 1.0).score(sde)  # p_t = N(0, I): s = -x
+        c = jnp.array([1.0, -1.0])
+
+        def R(x0):
+            return -0.5 * jnp.sum((x0 - c) ** 2)
+
+        guided = gd.guide(s, gd.gradient_guidance(R, 2.0, sde))
+        t, x = 0.3, jnp.array([0.5, -0.2])
+        alpha, sigma = sde.marginal(t)
+        # x0_hat = (x - sigma^2 x) / alpha = alpha x, so grad_x R = alpha (c - alpha x)
+        expected = -x + 2.0 * alpha * (c - alpha * x)
+        assert jnp.allclose(guided(t, x), expected, atol=1e-5)
+        ```
     """
     if not callable(reward):
         raise TypeError("gradient_guidance needs a callable reward(x0) -> scalar")

@@ -11,7 +11,14 @@ from .base import AbstractGuidance
 
 
 class Interval(AbstractGuidance):
-    r"""`guidance` on $t\in[t_{lo}, t_{hi}]$, the plain score elsewhere. See `interval`."""
+    r"""`guidance` on $t\in[t_{lo}, t_{hi}]$, the plain score elsewhere. See
+    `interval`, which builds it (with checks) and has an example.
+
+    **Arguments:**
+
+    - `guidance`: the `AbstractGuidance` to switch on and off.
+    - `t_lo`, `t_hi`: the interval's ends, scalar float arrays (leaves).
+    """
 
     guidance: AbstractGuidance
     t_lo: Float[Array, ""]
@@ -38,7 +45,53 @@ class Interval(AbstractGuidance):
 
 def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> Interval:
     r"""Apply `guidance` only for $t_{lo} \le t \le t_{hi}$ (Kynkäänniemi et al.'s
-    guidance interval). The bounds are array leaves: changing them does not retrace."""
+    guidance interval):
+
+    $$\tilde s_t = \begin{cases} G[s]_t & t_{lo} \le t \le t_{hi},\\
+    s_t & \text{otherwise.}\end{cases}$$
+
+    The bounds are array leaves: changing them does not retrace. The switch is a
+    `lax.cond`, so outside the interval the guidance is not evaluated at all (e.g.
+    CFG's unconditional call is skipped) when all particles share the time.
+
+    Gradients with respect to `t_lo` and `t_hi` are zero almost everywhere: on a
+    fixed grid the sampler only sees which grid times (and solver stage times) fall
+    inside the interval, so samples are piecewise constant in the bounds, and
+    `jax.grad` returns 0 rather than the jumps. To learn *when* to guide,
+    differentiate a weight schedule instead (e.g. `gd.PiecewiseLinear` knots).
+
+    **Arguments:**
+
+    - `guidance`: the `AbstractGuidance` to apply inside the interval.
+    - `t_lo`, `t_hi`: the interval's ends (inclusive), scalars with
+      $t_{lo} \le t_{hi}$ (concrete bounds are checked: NaN or $t_{lo} > t_{hi}$ is
+      a `ValueError`).
+
+    **Returns:** an `Interval`, for `gd.guide` or `gd.chain`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture(
+            [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+        )
+        s = gmm.conditional_score(sde)
+        g = gd.cfg(2.0, null_args=gmm.null_label)
+        late = gd.guide(s, gd.interval(g, 0.0, 0.5))
+        x = jnp.array([0.5, -0.2])
+        # outside the interval: the unguided score
+        assert jnp.allclose(late(0.8, x, 1), s(0.8, x, 1))
+        # inside: the guided one (which differs)
+        assert jnp.allclose(late(0.3, x, 1), gd.guide(s, g)(0.3, x, 1))
+        assert not jnp.allclose(late(0.3, x, 1), s(0.3, x, 1))
+
+        def f(lo):  # the bounds get zero gradients
+            return gd.guide(s, gd.interval(g, lo, 0.5))(0.3, x, 1).sum()
+
+        assert jax.grad(f)(0.0) == 0.0
+        ```
+    """
     if not isinstance(guidance, AbstractGuidance):
         raise TypeError("interval wraps an AbstractGuidance")
     dtype = jnp.result_type(float)
