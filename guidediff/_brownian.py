@@ -122,13 +122,23 @@ def cell_normal(key: Key, k, shape: tuple[int, ...], dtype) -> Array:
 
 
 class GridBrownianPath(dfx.AbstractBrownianPath):
-    """Brownian motion on a fixed grid with increments from `(key, cell index)`.
+    r"""Brownian motion on a fixed grid with increments from `(key, cell index)`.
+
+    Over grid cell $k$, $[t_k, t_{k+1}]$, the increment is
+    $W_{t_{k+1}} - W_{t_k} = \sqrt{|t_{k+1} - t_k|}\,\xi_k$ with
+    $\xi_k \sim \mathcal N(0, I)$ drawn from `fold_in(key, k)`: independent across
+    cells, reproducible, reverse-differentiable (no hidden state), and a particle's
+    path does not depend on the batch it is in. Queries must be whole grid cells (a
+    `diffrax.StepTo` grid): any other interval gets NaN increments (so its
+    particles fail visibly), and point values are an error.
 
     **Arguments:**
 
     - `shape`: the shape of one particle's state (a tuple or `jax.ShapeDtypeStruct`).
     - `ts`: the grid, increasing or decreasing.
     - `key`: the particle's key.
+
+    See `gd.reverse_sde` for an example with `diffrax.diffeqsolve`.
     """
 
     shape: jax.ShapeDtypeStruct = eqx.field(static=True)

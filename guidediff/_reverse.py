@@ -22,7 +22,12 @@ from ._sde import AbstractSDE
 
 
 class ReverseDrift(eqx.Module):
-    r"""$f(t)x - \lambda\,g(t)^2 s_t(x)$, with $\lambda = 1$ (SDE) or $\tfrac12$ (ODE)."""
+    r"""$f(t)x - \lambda\,g(t)^2 s_t(x)$, with $\lambda = 1$ (SDE) or $\tfrac12$ (ODE).
+
+    **Arguments:** `sde`, `score` and `score_scale` ($\lambda$). Built by
+    `reverse_sde` / `probability_flow` (see their examples); solvers read the score
+    from it directly.
+    """
 
     sde: AbstractSDE
     score: AbstractScore
@@ -72,12 +77,64 @@ class AdditiveNoiseTerm(dfx.AbstractTerm):
 def reverse_sde(
     sde: AbstractSDE, score: AbstractScore, brownian: dfx.AbstractBrownianPath
 ) -> dfx.MultiTerm:
-    """The reverse-time SDE as `MultiTerm(DriftTerm(drift), AdditiveNoiseTerm)`."""
+    r"""The reverse-time SDE $dX = [f(t)X - g(t)^2 s_t(X)]\,dt + g(t)\,d\bar W$ as
+    diffrax terms, `MultiTerm(DriftTerm(ReverseDrift), AdditiveNoiseTerm)`.
+
+    **Arguments:**
+
+    - `sde`: the forward SDE; `score`: its (possibly guided) score.
+    - `brownian`: the noise, a `diffrax.AbstractBrownianPath` of one particle's
+      shape (`gd.GridBrownianPath` on a fixed grid, `diffrax.VirtualBrownianTree`
+      for adaptive steps).
+
+    `gd.sample` builds these terms; use them directly to drive diffrax yourself:
+
+    !!! example
+
+        ```python
+        import diffrax as dfx
+
+        sde = gd.VPSDE()
+        score = gd.Gaussian(jnp.array([2.0]), 1.0).score(sde)  # X0 ~ N(2, 1)
+        ts = gd.uniform_grid(sde.T, 1e-3, 200)
+
+        def particle(key):  # diffrax's Euler-Maruyama, from T down to 1e-3
+            k0, kw = jr.split(key)
+            terms = gd.reverse_sde(sde, score, gd.GridBrownianPath((1,), ts, kw))
+            sol = dfx.diffeqsolve(terms, dfx.Euler(), ts[0], ts[-1], None,
+                                  sde.prior_sample(k0, (1,)),
+                                  stepsize_controller=dfx.StepTo(ts))
+            return sol.ys[-1]
+
+        ys = jax.vmap(particle)(jr.split(jr.key(0), 2000))
+        assert abs(ys.mean() - 2.0) < 4 / jnp.sqrt(2000)  # 4 standard errors
+        ```
+    """
     return dfx.MultiTerm(
         DriftTerm(ReverseDrift(sde, score, 1.0)), AdditiveNoiseTerm(sde, brownian)
     )
 
 
 def probability_flow(sde: AbstractSDE, score: AbstractScore) -> dfx.ODETerm:
-    """The probability-flow ODE as a `DriftTerm` (a `diffrax.ODETerm`)."""
+    r"""The probability-flow ODE $dX = [f(t)X - \tfrac12 g(t)^2 s_t(X)]\,dt$ as a
+    `DriftTerm` (a `diffrax.ODETerm`): deterministic, with the SDE's marginals.
+
+    **Arguments:** `sde`, the forward SDE; `score`, its (possibly guided) score.
+
+    !!! example
+
+        ```python
+        import diffrax as dfx
+
+        # X0 ~ N(m, 1) under the VP SDE: X_t ~ N(alpha(t) m, 1), and the flow
+        # shifts each point by (alpha(t1) - alpha(t0)) m
+        sde, m = gd.VPSDE(), 2.0
+        terms = gd.probability_flow(sde, gd.Gaussian(jnp.array([m]), 1.0).score(sde))
+        sol = dfx.diffeqsolve(terms, dfx.Tsit5(), sde.T, 1e-3, -0.01, jnp.zeros(1),
+                              stepsize_controller=dfx.PIDController(rtol=1e-6,
+                                                                    atol=1e-6))
+        shift = (sde.marginal(1e-3)[0] - sde.marginal(sde.T)[0]) * m
+        assert jnp.allclose(sol.ys[-1], shift, atol=1e-4)
+        ```
+    """
     return DriftTerm(ReverseDrift(sde, score, 0.5))
