@@ -429,7 +429,10 @@ def test_finetune_through_sampler_raises_reward():
         fixed_noise=True,
     )
     rewards = [r["reward"] for r in result.curve]
-    assert np.mean(rewards[-3:]) > rewards[0] + 0.05
+    # the same noise every iteration, so the curve is a paired comparison: over 8
+    # seed pairs the gain was 0.46-0.79 (an audit); 0.25 leaves a 2x margin, and a
+    # fine-tune that barely moves (a 0.05 gain passed before) fails
+    assert np.mean(rewards[-3:]) > rewards[0] + 0.25
     assert jtu.tree_structure(result.params) == jtu.tree_structure(params)
 
 

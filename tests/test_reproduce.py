@@ -33,7 +33,8 @@ from guidediff._experiments import (
 from guidediff._experiments._common import sample_over_weights, source_commit
 
 
-K = 3.0  # standard errors
+K = 3.0  # standard errors, for one-sided "significant" checks
+K_AGREE = 4.0  # standard errors, for two-sided agreement with an exact value
 
 
 def _reproduce(out, name):
@@ -227,13 +228,13 @@ def _check_reward(res):
         assert m[-1] - m[0] > K * res["reward_total_stderr"][kind], kind
     m, se = res["reward_mean"]["exact"], res["reward_stderr"]["exact"]
     # Exact oracle: w = 0 samples p, w = 1 samples p^r.
-    assert abs(m[0] - res["exact_reward_unguided"]) < K * se[0]
-    assert abs(m[i1] - res["exact_reward_tilted"]) < K * se[i1]
+    assert abs(m[0] - res["exact_reward_unguided"]) < K_AGREE * se[0]
+    assert abs(m[i1] - res["exact_reward_tilted"]) < K_AGREE * se[i1]
     assert res["two_sample_pvalue_w1"]["exact"] > 1e-3
     # Learned scores at w = 1: the reward of p^r, up to the stated model tolerance.
     ml, sel = res["reward_mean"]["learned"][i1], res["reward_stderr"]["learned"][i1]
     gain = res["exact_reward_tilted"] - res["exact_reward_unguided"]
-    tol = _reward.LEARNED_GAIN_TOL * gain + K * sel
+    tol = _reward.LEARNED_GAIN_TOL * gain + K_AGREE * sel
     assert abs(ml - res["exact_reward_tilted"]) <= tol
     assert res["learned_w1_gain_fraction"] == pytest.approx(
         (ml - res["exact_reward_unguided"]) / gain
@@ -291,7 +292,7 @@ def test_robustness(results):
     row0 = fams["noise"][0]
     assert (
         abs(row0["reward_mean"][1] - res["exact_reward_tilted"])
-        < K * row0["reward_stderr"][1]
+        < K_AGREE * row0["reward_stderr"][1]
     )
     # Under-trained networks: guidance at w = 1 still raises the reward.
     for row in fams["undertrained"]:

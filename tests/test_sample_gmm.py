@@ -1,7 +1,8 @@
 """Reverse-SDE sampling with exact scores against exact draws (Monte-Carlo tolerances).
 
 Every tolerance is a number of Monte-Carlo standard errors (4 for two-sided
-agreement checks), or a two-sample permutation test at the 1% level.
+agreement checks; the per-component checks of `assert_matches_mixture` at a
+family-wise 1e-3 against a 100x larger exact reference).
 """
 
 import diffrax as dfx
@@ -19,7 +20,7 @@ from helpers import (
 )
 
 import guidediff as gd
-from guidediff._metrics import mean_stderr, reciprocal_prob, two_sample_test
+from guidediff._metrics import mean_stderr, reciprocal_prob
 
 
 SDE = gd.VPSDE()
@@ -37,28 +38,17 @@ def _draw(score, key=1, shape=(2,), num_particles=N, **kw):
     return out.ys
 
 
-def _energy_test_passes(samples, exact):
-    _, p = two_sample_test(
-        samples[:600], exact[:600], key=jr.key(7), statistic="energy"
-    )
-    assert float(p) > 0.01, f"energy-distance test rejects: p={float(p):.4f}"
-
-
 @pytest.mark.parametrize("solver", [None, dfx.Euler()], ids=["exp-integrator", "euler"])
 def test_reverse_sde_matches_gmm(solver):
     ys = _draw(GMM.score(SDE), solver=solver)
-    exact = GMM.sample(jr.key(99), N)
-    assert_matches_mixture(GMM, ys, exact)
-    _energy_test_passes(ys, exact)
+    assert_matches_mixture(GMM, ys, jr.key(99))
 
 
 def test_reward_guidance_w1_samples_tilted_gmm():
     tilted = GMM.tilt(REWARD)
     guided = gd.guide(GMM.score(SDE), gd.reward_guidance(tilted.score(SDE), 1.0))
     ys = _draw(guided)
-    exact = tilted.sample(jr.key(98), N)
-    assert_matches_mixture(tilted, ys, exact)
-    _energy_test_passes(ys, exact)
+    assert_matches_mixture(tilted, ys, jr.key(98))
     r, se = mean_stderr(jax.vmap(REWARD)(ys))
     assert abs(float(r - REWARD.expectation(tilted))) < 4 * float(se)
 
@@ -149,7 +139,7 @@ def test_reverse_sde_matches_gmm_large(solver):
         solver=solver,
     )
     assert int(out.num_failed) == 0
-    assert_matches_mixture(GMM, out.ys, GMM.sample(jr.key(97), n))
+    assert_matches_mixture(GMM, out.ys, jr.key(97))
 
 
 @pytest.mark.slow
@@ -165,6 +155,6 @@ def test_reward_guidance_w1_large():
         num_particles=n,
         ts=gd.uniform_grid(1.0, 1e-3, 1000),
     )
-    assert_matches_mixture(tilted, out.ys, tilted.sample(jr.key(96), n))
+    assert_matches_mixture(tilted, out.ys, jr.key(96))
     r, se = mean_stderr(jax.vmap(REWARD)(out.ys))
     assert abs(float(r - REWARD.expectation(tilted))) < 4 * float(se)
