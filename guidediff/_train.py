@@ -470,6 +470,11 @@ def _restore(directory, like_state, step: int | None = None):
             ) from e
     finally:
         mngr.close()
+    # orbax returns arrays committed to a device; jit keys its cache on that, so the
+    # restored state would recompile programs already compiled for fresh arrays (a
+    # resume in the same process, or sampling with loaded parameters). Uncommitted
+    # copies, like any array a user builds, reuse them.
+    tree = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), tree)
     state = (tree["params"], tree["opt_state"], tree["ema"])
     return state, np.asarray(tree["losses"]), meta, step
 
@@ -661,6 +666,17 @@ def fit(
     loss_dynamic, loss_static = eqx.partition(loss_fn, eqx.is_array)
     sampler_dynamic, sampler_static = eqx.partition(sampler, eqx.is_array)
 
+    # Weakly typed parameters (e.g. `jnp.asarray(0.0)`) come out of the first chunk
+    # strongly typed: the next chunk would compile again, and compute with other
+    # promotion rules. They are made strong from the start.
+    params = jax.tree.map(
+        lambda a: (
+            lax.convert_element_type(a, a.dtype)
+            if getattr(a, "weak_type", False)
+            else a
+        ),
+        params,
+    )
     ema = _ema_init(params) if ema_decay is not None else None
     state = (params, optimizer.init(params), ema)
     step = 0

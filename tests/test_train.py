@@ -308,6 +308,10 @@ def test_checkpoint_round_trip(tmp_path, uninterrupted):
     # Resuming a finished run returns it as it is.
     again = _fit_small(200, checkpoint_dir=ckpt, resume=True)
     assert _tree_equal(again.params, result.params)
+    # Restored arrays are not committed to a device, like fresh ones: jit's cache
+    # would otherwise compile again programs that fresh parameters already have.
+    for tree in (loaded.params, loaded.opt_state, loaded.ema_params, again.params):
+        assert not any(a.committed for a in jax.tree.leaves(tree))
 
 
 def test_resume_errors(tmp_path):
@@ -440,6 +444,19 @@ def test_pytree_callables():
     b = fit(_ShiftLoss(-jnp.ones(2)), {"w": jnp.zeros(2)}, _Sampler(jnp.ones(2)), **kw)
     np.testing.assert_allclose(b.params["w"], [0.0, 0.0], atol=0.05)
     assert _run_chunk._cache_size() == compiled
+
+
+def test_weakly_typed_params_compile_one_chunk():
+    """A weakly typed scalar parameter (`jnp.asarray(0.0)`) lost its weak type in
+    the first chunk, and the second chunk compiled again."""
+    loss = lambda p, key, x: jnp.mean((x - p) ** 2)
+    kw = dict(optimizer=optax.sgd(0.1), batch_size=4, key=jr.key(0), progress=False)
+    data = jnp.arange(4.0) + 7.0  # a new loss function: a fresh program
+    before = _run_chunk._cache_size()
+    out = fit(loss, jnp.asarray(0.0), data, num_steps=30, steps_per_dispatch=10, **kw)
+    assert _run_chunk._cache_size() == before + 1
+    assert not out.params.weak_type and out.params.dtype == jnp.result_type(float)
+    assert 7.0 <= float(out.params) <= 10.0  # near the data (minibatch noise)
 
 
 def test_fit_errors():
