@@ -15,6 +15,8 @@ Both return the result and a learning curve (a list of dicts), which
 `save_learning_curve` writes as JSON and PNG.
 """
 
+import collections
+import functools
 import json
 import math
 import time
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -33,6 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
+from ._jit import _combine, _partition
 from ._sample import _check_sde, _grid_in_dtype, sample
 from ._sample_checks import _check_count, _check_shape
 from ._score import AbstractScore
@@ -53,7 +57,8 @@ class TuneResult(NamedTuple):
     - `curve`: one dict per optimiser step: `step`, `objective`, `reward`, `penalty`
       (minibatch estimates before that step's update) and `time_s` (wall time
       since the first step, compilation excluded).
-    - `compile_s`: the compilation time of the optimiser step.
+    - `compile_s`: the compilation time of the optimiser step (0 when a call with
+      the same sampler, reward and optimiser compiled it before).
     """
 
     schedule: PiecewiseLinear
@@ -67,7 +72,8 @@ class FinetuneResult(NamedTuple):
     - `params`: the fine-tuned parameters.
     - `curve`: one dict per optimiser step: `step`, `objective`, `reward` (and
       `penalty` when `lam != 0`), `time_s` (compilation excluded).
-    - `compile_s`: the compilation time of the optimiser step.
+    - `compile_s`: the compilation time of the optimiser step (0 when a call with
+      the same sampler, reward and optimiser compiled it before).
     """
 
     params: PyTree[Any]
@@ -105,33 +111,109 @@ def _check_per_particle(fn: Callable, name: str, *structs) -> None:
         )
 
 
-def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts):
-    """Run `num_iters` jitted optax steps of `loss(params, key, ts) -> (loss, aux)`.
+class _Project(eqx.Module):
+    """Clip the parameters into `[lo, hi]` after each update (identity if None)."""
 
-    The time grid `ts` is an argument of the compiled step, not a constant closed
-    over by it (XLA:GPU in jax 0.11 failed to compile some sampler gradients whose
-    grid was a constant). Returns the parameters, the curve, and the compile time
-    (excluded from the curve's `time_s`)."""
-    opt_state = optimizer.init(params)
+    lo: Array | None = None
+    hi: Array | None = None
 
-    def step(params, opt_state, key, ts):
-        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key, ts)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = project(optax.apply_updates(params, updates))
-        # a finite objective can still have a non-finite gradient (e.g. sqrt at 0)
-        finite = jnp.all(
-            jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
-        )
-        return params, opt_state, value, aux, finite
+    def __call__(self, params):
+        if self.lo is None:
+            return params
+        return jnp.clip(params, self.lo, self.hi)
 
+
+def _step(loss, project, optimizer, params, opt_state, key, ts):
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key, ts)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = project(optax.apply_updates(params, updates))
+    # a finite objective can still have a non-finite gradient (e.g. sqrt at 0)
+    finite = jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+    )
+    return params, opt_state, value, aux, finite
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _step_jit(dynamic, static):
+    return _step(*_combine(dynamic, static))
+
+
+# Compiled optimiser steps, keyed by the static parts of (loss, project, optimizer,
+# ...) and the arrays' shapes and dtypes: a second call with the same loss
+# ingredients (sampler, score maker, reward, the same optax object) and new values
+# (init, key, lam, bounds, number of iterations) reuses its program. Bounded: each
+# entry holds an executable and the callables of its key.
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_MAX_STEPS = 16
+
+
+def _aval(leaf) -> tuple | None:
+    if leaf is None:
+        return None
+    return (leaf.shape, leaf.dtype, bool(getattr(leaf, "weak_type", False)))
+
+
+def _compiled_step(*args):
+    """The compiled `_step` for these arguments (from `_STEPS` when it holds one),
+    and the seconds spent compiling it (0 for a reused one)."""
+    dynamic, static = _partition(args)
+    memo = (static, tuple(map(_aval, dynamic)))
+    compiled = _STEPS.get(memo)
+    if compiled is not None:
+        _STEPS.move_to_end(memo)
+        return compiled, 0.0
     start = time.perf_counter()
-    step = jax.jit(step).lower(params, opt_state, key, ts).compile()
+    compiled = _step_jit.lower(dynamic, static).compile()
     compile_s = time.perf_counter() - start
+    _STEPS[memo] = compiled
+    while len(_STEPS) > _MAX_STEPS:
+        _STEPS.popitem(last=False)
+    return compiled, compile_s
+
+
+@functools.lru_cache(maxsize=16)
+def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    """`optax.adam(learning_rate)`, one object per rate, so that a repeated call
+    with the same rate reuses its compiled step."""
+    return optax.adam(learning_rate)
+
+
+def _strong(tree):
+    """Weakly typed arrays made strong (an update's output is strongly typed: the
+    compiled step must see the same types on every iteration)."""
+    return jax.tree.map(
+        lambda a: (
+            lax.convert_element_type(a, a.dtype)
+            if getattr(a, "weak_type", False)
+            else a
+        ),
+        tree,
+    )
+
+
+def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts):
+    """Run `num_iters` compiled optax steps of `loss(params, key, ts) -> (loss, aux)`.
+
+    `loss` and `project` are pytrees (`eqx.Module`s): their arrays are arguments of
+    the compiled step, the rest keys its cache (see `_STEPS`). The time grid `ts` is
+    an argument too, not a constant closed over (XLA:GPU in jax 0.11 failed to
+    compile some sampler gradients whose grid was a constant). Returns the
+    parameters, the curve, and the compile time (excluded from the curve's
+    `time_s`; 0 when a compiled step is reused)."""
+    params = _strong(params)
+    opt_state = optimizer.init(params)
+    step, compile_s = _compiled_step(
+        loss, project, optimizer, params, opt_state, key, ts
+    )
     curve = []
     start = time.perf_counter()
     for k in range(int(num_iters)):
         k_step = key if fixed_noise else jr.fold_in(key, k)
-        new_params, opt_state, value, aux, finite = step(params, opt_state, k_step, ts)
+        dynamic, _ = _partition(
+            (loss, project, optimizer, params, opt_state, k_step, ts)
+        )
+        new_params, opt_state, value, aux, finite = step(dynamic)
         row = {"step": k, "objective": -float(value)}
         row.update({name: float(v) for name, v in aux.items()})
         row["time_s"] = time.perf_counter() - start
@@ -252,20 +334,14 @@ def tune_guidance(
                 "`guided(weight)` must return a score (an AbstractScore), e.g. "
                 "lambda w: gd.guide(score, gd.reward_guidance(reward_score, w))"
             )
-    times = schedule0.times
-
-    def loss(values, k, ts):
-        kw_ts = dict(kw, ts=ts)
-        ys = sample(k, sde, guided(PiecewiseLinear(times, values)), shape, **kw_ts).ys
-        ref = lax.stop_gradient(sample(k, sde, guided(zero), shape, **kw_ts).ys)
-        r = jnp.mean(jax.vmap(reward)(ys))
-        pen = jnp.mean(jax.vmap(penalty)(ys, ref))
-        return -(r - lam * pen), {"reward": r, "penalty": pen}
-
+    loss = _TuneLoss(
+        sde, guided, reward, penalty, jnp.asarray(lam, dtype), schedule0.times,
+        zero, shape, _without_ts(kw),
+    )  # fmt: skip
     if optimizer is None:
-        optimizer = optax.adam(_check_learning_rate(learning_rate))
+        optimizer = _default_optimizer(_check_learning_rate(learning_rate))
     if bounds is None:
-        project = lambda v: v
+        project = _Project()
     else:
         lo, hi = bounds
         if not float(lo) <= float(hi):
@@ -277,11 +353,65 @@ def tune_guidance(
                 "the first step would evaluate the objective there; start inside "
                 "(e.g. `init` within the bounds)"
             )
-        project = lambda v: jnp.clip(v, lo, hi)
+        project = _Project(jnp.asarray(lo, dtype), jnp.asarray(hi, dtype))
     values, curve, compile_s = _optimise(
         loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts
     )
-    return TuneResult(PiecewiseLinear(times, values), curve, compile_s)
+    return TuneResult(PiecewiseLinear(schedule0.times, values), curve, compile_s)
+
+
+def _without_ts(kw: dict) -> dict:
+    """`sample`'s keyword arguments less the grid (an argument of the step)."""
+    return {k: v for k, v in kw.items() if k != "ts"}
+
+
+class _TuneLoss(eqx.Module):
+    """`tune_guidance`'s negated objective of the knot values (a pytree: its arrays
+    are traced, its callables key the compiled step)."""
+
+    sde: AbstractSDE
+    guided: Callable
+    reward: Callable
+    penalty: Callable
+    lam: Array
+    times: Array
+    zero: PiecewiseLinear
+    shape: tuple
+    kw: dict
+
+    def __call__(self, values, k, ts):
+        w = PiecewiseLinear(self.times, values)
+        ys = sample(k, self.sde, self.guided(w), self.shape, ts=ts, **self.kw).ys
+        ref = sample(k, self.sde, self.guided(self.zero), self.shape, ts=ts, **self.kw)
+        ref = lax.stop_gradient(ref.ys)
+        r = jnp.mean(jax.vmap(self.reward)(ys))
+        pen = jnp.mean(jax.vmap(self.penalty)(ys, ref))
+        return -(r - self.lam * pen), {"reward": r, "penalty": pen}
+
+
+class _FinetuneLoss(eqx.Module):
+    """`finetune_through_sampler`'s negated objective of the network parameters."""
+
+    sde: AbstractSDE
+    make_score: Callable
+    reward: Callable
+    penalty: Callable
+    lam: Array
+    use_penalty: bool = eqx.field(static=True)
+    params0: PyTree[Any]
+    shape: tuple
+    kw: dict
+
+    def __call__(self, params, k, ts):
+        score = self.make_score(params)
+        ys = sample(k, self.sde, score, self.shape, ts=ts, **self.kw).ys
+        r = jnp.mean(jax.vmap(self.reward)(ys))
+        if not self.use_penalty:
+            return -r, {"reward": r}
+        ref = sample(k, self.sde, self.make_score(self.params0), self.shape, ts=ts,
+                     **self.kw)  # fmt: skip
+        pen = jnp.mean(jax.vmap(self.penalty)(ys, lax.stop_gradient(ref.ys)))
+        return -(r - self.lam * pen), {"reward": r, "penalty": pen}
 
 
 def _sampler_setup(
@@ -387,22 +517,14 @@ def finetune_through_sampler(
             "`make_score(params)` must return a score (an AbstractScore), e.g. "
             "lambda p: gd.flax_score(net, p, sde)"
         )
-    params0 = params
-
-    def loss(params, k, ts):
-        kw_ts = dict(kw, ts=ts)
-        ys = sample(k, sde, make_score(params), shape, **kw_ts).ys
-        r = jnp.mean(jax.vmap(reward)(ys))
-        if not lam:
-            return -r, {"reward": r}
-        ref = lax.stop_gradient(sample(k, sde, make_score(params0), shape, **kw_ts).ys)
-        pen = jnp.mean(jax.vmap(penalty)(ys, ref))
-        return -(r - lam * pen), {"reward": r, "penalty": pen}
-
+    loss = _FinetuneLoss(
+        sde, make_score, reward, penalty, jnp.asarray(lam, dtype), bool(lam),
+        params if lam else None, shape, _without_ts(kw),
+    )  # fmt: skip
     if optimizer is None:
-        optimizer = optax.adam(_check_learning_rate(learning_rate))
+        optimizer = _default_optimizer(_check_learning_rate(learning_rate))
     params, curve, compile_s = _optimise(
-        loss, params, optimizer, num_iters, key, fixed_noise, lambda p: p, kw["ts"]
+        loss, params, optimizer, num_iters, key, fixed_noise, _Project(), kw["ts"]
     )
     return FinetuneResult(params, curve, compile_s)
 

@@ -410,6 +410,40 @@ def test_tune_guidance_keeps_the_knots_within_bounds():
     assert np.any(values == 0.3) or np.any(values == 0.0)
 
 
+def test_tune_and_finetune_reuse_their_compiled_step():
+    """A repeated call with the same sampler, reward and optimiser and new values
+    (init, lam, bounds, key, number of iterations) reuses the compiled step: each
+    call compiled afresh before (seconds per call in a sweep over lam)."""
+    from guidediff import _tune
+
+    sde = gd.VPSDE()
+    s, s_r = GMM.score(sde), TILTED.score(sde)
+    guided = lambda w: gd.guide(s, gd.reward_guidance(s_r, w))
+    kw = dict(ts=gd.uniform_grid(1.0, 1e-3, 5), num_particles=8)
+    first = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), num_iters=2,
+                          bounds=(0.0, 1.0), **kw)  # fmt: skip
+    compiled = len(_tune._STEPS)
+    for more in (
+        dict(num_iters=2, bounds=(0.0, 1.0)),
+        dict(num_iters=3, bounds=(-1.0, 2.0), init=0.5, lam=0.3),
+    ):
+        again = tune_guidance(jr.key(1), sde, guided, REWARD, (2,), **more, **kw)
+        assert again.compile_s == 0.0 and len(_tune._STEPS) == compiled
+    # the reused step computes what a fresh one does
+    same = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), num_iters=2,
+                         bounds=(0.0, 1.0), **kw)  # fmt: skip
+    np.testing.assert_array_equal(same.schedule.values, first.schedule.values)
+
+    make = lambda params: Corrected(GMM.score(sde), LinenModel(params, NET))
+    params = NET.init(jr.key(1), 0.5, jnp.zeros(2))
+    ft = dict(num_iters=2, lam=0.1, **kw)
+    finetune_through_sampler(jr.key(0), sde, make, params, REWARD, (2,), **ft)
+    compiled = len(_tune._STEPS)
+    ft.update(lam=0.7, num_iters=3)
+    again = finetune_through_sampler(jr.key(2), sde, make, params, REWARD, (2,), **ft)
+    assert again.compile_s == 0.0 and len(_tune._STEPS) == compiled
+
+
 def test_finetune_through_sampler_raises_reward():
     sde = gd.VPSDE()
     make = lambda params: Corrected(GMM.score(sde), LinenModel(params, NET))
