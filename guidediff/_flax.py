@@ -20,6 +20,7 @@ import flax.linen as nn
 from jaxtyping import Array, PyTree
 
 from ._custom_types import Args, Time
+from ._sample_checks import register_shape_keyed
 from ._score import AbstractScore, EpsScore, X0Score
 from ._sde import AbstractSDE
 
@@ -67,6 +68,9 @@ class LinenModel(eqx.Module):
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return self.apply_fn(self.variables, t, x, args)
+
+
+register_shape_keyed(LinenModel)  # its variables: keyed by shape in sample's check
 
 
 class _DirectScore(AbstractScore):

@@ -16,6 +16,39 @@ _CHECKED_SIGNATURES: dict = {}  # signature -> weakrefs of its identity-keyed le
 _MAX_CHECKED = 256
 _SMALL = 64  # float arrays up to this size are keyed by value
 
+# Pytree node types whose array leaves are keyed by shape and dtype alone: network
+# parameters, which no score inspects in Python (the Flax adapter registers
+# `LinenModel`). New parameters of the same shapes (an EMA snapshot, a checkpoint,
+# each evaluation in a training loop) then reuse the check instead of re-tracing
+# the network, and reading them costs no device-to-host copy.
+_SHAPE_KEYED: list[type] = []
+
+
+def register_shape_keyed(cls: type) -> None:
+    if cls not in _SHAPE_KEYED:
+        _SHAPE_KEYED.append(cls)
+
+
+def _is_shape_keyed(node) -> bool:
+    return isinstance(node, tuple(_SHAPE_KEYED))
+
+
+def _shape_key(node):
+    """`node`'s structure with its arrays as (shape, dtype, weak type); None if any
+    leaf is traced."""
+    leaves, treedef = jtu.tree_flatten(node)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array | np.ndarray | np.generic):
+            weak = bool(getattr(leaf, "weak_type", False))
+            out.append((leaf.shape, leaf.dtype, weak))
+        else:
+            hash(leaf)
+            out.append((type(leaf), leaf))
+    return ("shape-keyed", treedef, tuple(out))
+
 
 def _signature(score, shape, dtype, args):
     """A hashable summary that determines the shape check's outcome, and the leaves
@@ -28,14 +61,21 @@ def _signature(score, shape, dtype, args):
     by value (a jax array converts to numpy once and caches it); larger jax arrays
     (network parameters) by identity, held by weak reference; larger numpy arrays
     (mutable in place) are not cached. Python scalars are keyed with their type
-    (1, 1.0 and True hash alike)."""
-    score_leaves, score_def = jtu.tree_flatten(score)
+    (1, 1.0 and True hash alike). Network parameters (`_SHAPE_KEYED` nodes) are
+    keyed by shape and dtype."""
+    score_leaves, score_def = jtu.tree_flatten(score, is_leaf=_is_shape_keyed)
     args_leaves, args_def = jtu.tree_flatten(args)
     sig = []
     by_identity = []
     for leaf in score_leaves + args_leaves:
         if isinstance(leaf, jax.core.Tracer):
             return None, ()
+        if _is_shape_keyed(leaf):
+            key = _shape_key(leaf)
+            if key is None:
+                return None, ()
+            sig.append(key)
+            continue
         if isinstance(leaf, jax.Array | np.ndarray):
             value = None
             integer = getattr(leaf.dtype, "kind", None) in ("i", "u", "b")
