@@ -171,14 +171,19 @@ def sample_over_weights(
     `w`) and `num_dropped` (particles dropped from every weight), for the record.
     """
     ts = uniform_grid(sde.T, t_end, num_steps)
-    out, failed = {}, {}
-    for w in weights:
-        score = make_score(jnp.asarray(w, jnp.result_type(float)))
-        res = sample(
-            key, sde, score, shape, num_particles=num_particles, ts=ts, args=args
+    # every weight's run is enqueued before any result is read back, so the device
+    # runs them back to back instead of waiting for the host between weights
+    runs = [
+        sample(
+            key, sde, make_score(jnp.asarray(w, jnp.result_type(float))), shape,
+            num_particles=num_particles, ts=ts, args=args,
         )
-        failed[float(w)] = np.asarray(res.failed)
-        out[float(w)] = np.asarray(res.ys)
+        for w in weights
+    ]  # fmt: skip
+    failed = {
+        float(w): np.asarray(r.failed) for w, r in zip(weights, runs, strict=True)
+    }
+    out = {float(w): np.asarray(r.ys) for w, r in zip(weights, runs, strict=True)}
     bad = np.any(np.stack(list(failed.values())), axis=0)
     if int(bad.sum()) > max_failed:
         counts = {w: int(f.sum()) for w, f in failed.items() if f.any()}
