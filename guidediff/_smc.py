@@ -131,10 +131,17 @@ class SMCSamples(eqx.Module):
         key: Key,
         scheme: Literal["systematic", "stratified", "multinomial"] = "systematic",
     ) -> Array:
-        """`ys` resampled to equal weights: `(P, *shape)` unweighted draws from $\\pi$."""
+        """`ys` resampled to equal weights: `(P, *shape)` unweighted draws from $\\pi$.
+
+        The draws keep the layout of `ys` (particles sharded over devices stay
+        sharded; the gather alone would return them replicated)."""
         _check_scheme(scheme)
         idx = resample_indices(key, self.log_weights, scheme)
-        return self.ys[idx]
+        out = self.ys[idx]
+        sharding = getattr(self.ys, "sharding", None)
+        if not isinstance(self.ys, jax.core.Tracer) and sharding is not None:
+            out = jax.device_put(out, sharding)
+        return out
 
 
 def _check_scheme(scheme) -> None:

@@ -96,8 +96,14 @@ CHILD = textwrap.dedent(
     smc_four = gd.smc_sample(
         key, sde, gmm.score(sde), (2,), log_r, sharding=sharding, **smc_kw
     )
+    drawn = smc_four.resample(jr.key(5))
     out["smc"] = {
         "is_sharded": smc_four.ys.sharding.spec == spec,
+        "resample_is_sharded": drawn.sharding.spec == spec
+        and len(drawn.sharding.device_set) == 4,
+        "resample_diff": float(
+            np.max(np.abs(np.asarray(drawn) - np.asarray(smc_one.resample(jr.key(5)))))
+        ),
         "num_devices": len(smc_four.ys.sharding.device_set),
         "resampled": int(np.sum(np.asarray(smc_four.resampled))),
         "same_resampling": bool(
@@ -219,6 +225,7 @@ def test_sharded_smc_agrees_to_rounding(sharded_runs):
     resampling decisions and the one-device samples and weights up to rounding."""
     r = sharded_runs["smc"]
     assert r["is_sharded"] and r["num_devices"] == 4
+    assert r["resample_is_sharded"] and r["resample_diff"] <= 1e-5  # .resample()
     assert r["resampled"] > 0 and r["same_resampling"]
     assert r["max_abs_diff"] <= 1e-5 and r["max_abs_diff_logw"] <= 1e-5
 
