@@ -4,7 +4,10 @@ information, and JSON results.
 Timing follows `timeit`: the first call (trace + compile + one run) is timed on its
 own; after `warmup` untimed calls, `repeats` calls are timed one by one, each ended
 by `jax.block_until_ready`, and the median is reported (the minimum and maximum
-too). Compile time is the first call minus the steady-state median.
+too). Compile time is the first call minus the steady-state median. `time_all`
+(the variants a script compares) interleaves the variants' timed calls, round by
+round in rotating order, so that a slow spell of a shared machine hits every
+variant alike and the ratios compare like with like.
 """
 
 import argparse
@@ -30,7 +33,9 @@ TIMING_METHOD = (
     "then `repeats` calls timed one by one with time.perf_counter around "
     "fn(...) + jax.block_until_ready; run_s is their median; compile_s = "
     "first_call_s - run_s; dispatch_s is the median time until fn(...) returned "
-    "(before blocking): the host's share of an asynchronous call"
+    "(before blocking): the host's share of an asynchronous call. Variants compared "
+    "in one script (time_all) have their timed calls interleaved: `repeats` rounds, "
+    "one call of each variant per round, in an order rotated every round"
 )
 
 
@@ -303,25 +308,57 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
 
 
 def time_all(
-    fns: dict[str, Callable], *args, repeats: int, label: str = ""
+    fns: dict[str, Callable], *args, repeats: int, label: str = "", warmup: int = 1
 ) -> tuple[dict, dict]:
-    """`timeit` each of `fns` on the same `args`; print one line each as it goes.
+    """Time each of `fns` on the same `args` as `timeit` does, but with the timed
+    calls interleaved: each variant's first call (compile) and warm-up first, then
+    `repeats` rounds, each timing one call of every variant, in an order rotated by
+    one per round. Prints one line per variant at the end.
 
     Returns `({name: timing}, {name: output of the first call})`; a variant that
-    fails gets `{"error": message}` and output None.
+    fails gets `{"error": message}` and output None (and drops out of the rounds).
     """
-    timings, outputs = {}, {}
+    timings, outputs, first = {}, {}, {}
     for name, fn in fns.items():
-        timings[name], outputs[name] = try_timeit(fn, *args, repeats=repeats)
-        t = timings[name]
-        if "error" in t:
-            continue
+        try:
+            t0 = time.perf_counter()
+            outputs[name] = _block_jax(fn(*args))
+            first[name] = time.perf_counter() - t0
+            for _ in range(warmup):
+                _block_jax(fn(*args))
+        except Exception as e:  # recorded in the JSON; the other variants still run
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            print(f"  {label}{name:<28} FAILED: {msg}", flush=True)
+            timings[name], outputs[name] = {"error": msg}, None
+    names = [n for n in fns if n in first]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    dispatch: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            out = fns[name](*args)
+            dispatch[name].append(time.perf_counter() - t0)
+            _block_jax(out)
+            times[name].append(time.perf_counter() - t0)
+    for name in names:
+        run = statistics.median(times[name])
+        timings[name] = {
+            "run_s": run,
+            "dispatch_s": statistics.median(dispatch[name]),
+            "run_min_s": min(times[name]),
+            "run_max_s": max(times[name]),
+            "repeats": repeats,
+            "interleaved": True,
+            "first_call_s": first[name],
+            "compile_s": max(first[name] - run, 0.0),
+        }
         print(
-            f"  {label}{name:<28} run {fmt_s(t['run_s']):>11}   "
-            f"compile {fmt_s(t['compile_s']):>11}",
+            f"  {label}{name:<28} run {fmt_s(run):>11}   "
+            f"compile {fmt_s(timings[name]['compile_s']):>11}",
             flush=True,
         )
-    return timings, outputs
+    return {n: timings[n] for n in fns}, outputs
 
 
 def f32_matmul_probe() -> dict:

@@ -20,7 +20,8 @@ parameters to its parent computation").
   `(P, d)` normal per step (the loop one would write by hand); `noise="particle"`
   draws the noise exactly as guidediff does (per-particle keys), so its samples
   equal `gd_sampler`'s up to float rounding;
-- `diffrax_sampler`: plain `diffrax.diffeqsolve` with `UnsafeBrownianPath` or
+- `diffrax_sampler`: plain `diffrax.diffeqsolve` (per particle, or `batched`: one
+  solve of the whole population) with `UnsafeBrownianPath` or
   `VirtualBrownianTree`, vmapped over particles, as diffrax's documentation writes it.
 """
 
@@ -412,33 +413,54 @@ def _diag_diffusion(t, y, args):
     return lx.DiagonalLinearOperator(SDE.diffusion(t) * jnp.ones_like(y))
 
 
+class _BatchedDrift(eqx.Module):
+    """`_Drift` of a flat `(P * d,)` state holding P particles of dimension d."""
+
+    score: gd.AbstractScore
+    dim: int = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        drift = jax.vmap(_Drift(self.score), in_axes=(None, 0, None))
+        return drift(t, y.reshape(-1, self.dim), args).reshape(-1)
+
+
 def diffrax_sampler(
-    problem: Problem, *, path="vbt", tol=1e-3, adjoint=None, max_steps=None
+    problem: Problem,
+    *,
+    path="vbt",
+    tol=1e-3,
+    adjoint=None,
+    max_steps=None,
+    batched=False,
 ):
     """Plain `diffrax.diffeqsolve` (Euler, `StepTo(ts)`) of the reverse SDE written
-    with `ControlTerm` + a diagonal `lineax` operator, vmapped over particles, with
-    an `UnsafeBrownianPath` (`path="unsafe"`) or a `VirtualBrownianTree` of
-    tolerance `tol` (`path="vbt"`)."""
+    with `ControlTerm` + a diagonal `lineax` operator, with an `UnsafeBrownianPath`
+    (`path="unsafe"`) or a `VirtualBrownianTree` of tolerance `tol` (`path="vbt"`).
+
+    `batched=False`: one solve per particle, vmapped (the usual way to write it;
+    reverse mode then keeps one cotangent of the parameters per particle).
+    `batched=True`: one solve of all P particles as a flat `(P * d,)` state with one
+    `(P * d,)` Brownian path, so the adjoint keeps one parameter cotangent: the
+    strongest diffrax baseline for parameter gradients."""
     d = problem.dim
     if adjoint is None:
         # diffrax refuses RecursiveCheckpointAdjoint with UnsafeBrownianPath.
         unsafe = path == "unsafe"
         adjoint = dfx.ForwardMode() if unsafe else dfx.RecursiveCheckpointAdjoint()
 
-    def one(params, key, ts):
+    def one(params, key, ts, size=d, drift=None):
         n = ts.shape[0] - 1
         k_prior, k_bm = jr.split(key)
-        y0 = jr.normal(k_prior, (d,))
+        y0 = jr.normal(k_prior, (size,))
         if path == "vbt":
-            bm = dfx.VirtualBrownianTree(ts[-1], ts[0], tol, (d,), k_bm)
+            bm = dfx.VirtualBrownianTree(ts[-1], ts[0], tol, (size,), k_bm)
         elif path == "unsafe":
-            bm = dfx.UnsafeBrownianPath((d,), k_bm)
+            bm = dfx.UnsafeBrownianPath((size,), k_bm)
         else:
             raise ValueError(path)
-        terms = dfx.MultiTerm(
-            dfx.ODETerm(_Drift(problem.score_of(params))),
-            dfx.ControlTerm(_diag_diffusion, bm),
-        )
+        if drift is None:
+            drift = _Drift(problem.score_of(params))
+        terms = dfx.MultiTerm(dfx.ODETerm(drift), dfx.ControlTerm(_diag_diffusion, bm))
         sol = dfx.diffeqsolve(
             terms,
             dfx.Euler(),
@@ -457,7 +479,12 @@ def diffrax_sampler(
         keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(problem.particles))
         return jax.vmap(one, in_axes=(None, 0, None))(params, keys, ts)
 
-    return run
+    def run_batched(params, key, ts):
+        drift = _BatchedDrift(problem.score_of(params), d)
+        y = one(params, key, ts, size=problem.particles * d, drift=drift)
+        return y.reshape(problem.particles, d)
+
+    return run_batched if batched else run
 
 
 def grad_of(sampler: Callable, loss: Callable = loss_mean_square) -> Callable:

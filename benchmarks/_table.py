@@ -149,28 +149,43 @@ def _peers(res: dict, file: str) -> list[str]:
             s.get("forward_diffrax_vbt"),
             s.get("backward_diffrax_vbt"),
         ]
+        metric = (
+            "speed-up vs diffrax Unsafe / diffrax VBT forward / VBT gradient "
+            "(target >= 5 for the gradient)"
+        )
+        if "backward_diffrax_vbt_batched" in s:  # files from before it lack it
+            diffrax.append(s["backward_diffrax_vbt_batched"])
+            metric += " / VBT gradient of one batched solve"
         rows.append(
-            _row(
-                "peers",
-                r["size"],
-                "speed-up vs diffrax Unsafe / diffrax VBT forward / VBT gradient "
-                "(target >= 5 for the gradient)",
-                " / ".join(_f(x) for x in diffrax),
-                file,
-            )
+            _row("peers", r["size"], metric, " / ".join(map(_f, diffrax)), file)
         )
     return rows
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
 def _cfg_cost(res: dict, file: str) -> list[str]:
     q, size = res["ratios"], res["size"]
+    if "cfg_batched_over_network_2n" in q:
+        metric = (
+            "cfg_batched / one network call on 2N inputs (target <= 1.15); "
+            "/ plain sampler of 2N particles; two calls / batched"
+        )
+        value = (
+            f"{_f(q['cfg_batched_over_network_2n'])}; "
+            f"{_f(q['cfg_batched_over_plain_2n'])}; "
+        )
+    else:  # files from before the network_2n denominator
+        metric = "cfg_batched / plain_2n (target <= 1.15); two calls / batched"
+        value = f"{_f(q['cfg_batched_over_plain_2n'])}; "
     rows = [
         _row(
             "cfg_cost",
             size,
-            "cfg_batched / plain_2n (target <= 1.15); two calls / batched",
-            f"{_f(q['cfg_batched_over_plain_2n'])}; "
-            f"{_f(q['cfg_two_calls_over_cfg_batched'])}",
+            metric,
+            value + _f(q["cfg_two_calls_over_cfg_batched"]),
             file,
         )
     ]
@@ -181,8 +196,8 @@ def _cfg_cost(res: dict, file: str) -> list[str]:
                 size,
                 f"{name}: guidance on {100 * v['fraction_of_steps']:.0f} % of the "
                 "steps, time saved vs full CFG (bound (1 - f) / 2)",
-                f"{100 * v['measured_time_saved']:.1f} % "
-                f"({100 * v['network_evals_saved_bound']:.1f} %)",
+                _pct(v.get("measured_time_saved"))
+                + f" ({100 * v['network_evals_saved_bound']:.1f} %)",
                 file,
             )
         )
@@ -232,25 +247,40 @@ def _grad_cost(res: dict, file: str) -> list[str]:
                 )
             )
         vbt = r.get("diffrax_vbt_grad_over_guidediff_grad")
+        batched = r.get("diffrax_vbt_batched_grad_over_guidediff_grad")
         if vbt is not None:
             rows.append(
                 _row(
                     "grad_cost",
                     f"{res['size']}, N = {r['steps']}",
-                    "diffrax VBT gradient / guidediff gradient (target >= 5)",
-                    _f(vbt),
+                    "diffrax VBT gradient / guidediff gradient (target >= 5): "
+                    + ("one batched solve / " if batched is not None else "")
+                    + "vmapped per particle",
+                    (f"{_f(batched)} / " if batched is not None else "") + _f(vbt),
                     file,
                 )
             )
+    for mode, g in (res.get("memory_growth") or {}).items():
+        rows.append(
+            _row(
+                "grad_cost",
+                f"{res['size']}, N = {g['steps'][0]}..{g['steps'][1]}",
+                f"gradient memory ~ N^a ({mode} checkpointing; sublinear: a < 0.75)",
+                f"a = {g['exponent']:.2f}" + (" (sublinear)" if g["sublinear"] else ""),
+                file,
+            )
+        )
     return rows
 
 
 def _mfu(res: dict, file: str) -> list[str]:
     by_dtype: dict[str, dict[str, float]] = {}
     times: dict[str, dict[str, dict]] = {}
+    peak_of: dict[str, str] = {}  # dtype -> the peak its MFU is of (bf16/tf32/fp32)
     for r in res["results"]:
         times.setdefault(r["dtype"], {})[r["variant"]] = r["timing"]
         if "mfu" in r:
+            peak_of[r["dtype"]] = next(iter(r["mfu"]))
             mfu = next(iter(r["mfu"].values()))
             if "mfu_basis" not in res and "flops_effective" in r:
                 # files from before the fix took the MFU of CFG's nominal FLOPs
@@ -260,7 +290,8 @@ def _mfu(res: dict, file: str) -> list[str]:
     flags = res["device"].get("xla_flags")
     rows = []
     for dtype, v in by_dtype.items():
-        peak = "bf16 peak, target >= 40 %" if dtype == "bfloat16" else "TF32 peak"
+        unit = peak_of[dtype]
+        peak = "bf16 peak, target >= 40 %" if unit == "bf16" else f"{unit.upper()} peak"
         keys = ["guidediff", "hand", "guidediff_cfg"]
         labels = "guidediff / hand / guidediff CFG"
         if "guidediff_flax" in v:  # files from before the Flax row lack it
@@ -339,18 +370,37 @@ BUILDERS = {
 
 
 def gpu_table(results_dir: str | Path) -> str:
-    """One Markdown table of the headline numbers of every `*_gpu*.json` file."""
-    rows = [
-        "| benchmark | size | metric | H100 | file |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    """One Markdown table of the headline numbers of every `*_gpu*.json` file, under
+    the device they name, and a line naming the commits that ran them. Files from
+    different devices are an error (their ratios are not comparable, and a later
+    run on another device would otherwise be labelled as the first)."""
+    files = []
     for path in sorted(Path(results_dir).glob("*_gpu*.json")):
         res = json.loads(path.read_text())
         if res.get("quick"):  # a smoke-size run (NAME_gpu_quick.json)
             continue
-        build = BUILDERS.get(res.get("benchmark"))
-        if build is not None:
-            rows.extend(build(res, path.name))
+        if res.get("benchmark") in BUILDERS:
+            files.append((path.name, res))
+    kinds: dict[str, list[str]] = {}
+    commits: dict[str, list[str]] = {}
+    for name, res in files:
+        kinds.setdefault(res["device"].get("device_kind", "?"), []).append(name)
+        commit = (res.get("versions") or {}).get("guidediff_commit") or "unknown"
+        commits.setdefault(commit, []).append(name)
+    if len(kinds) > 1:
+        raise ValueError(
+            f"the GPU result files come from different devices {kinds}: re-run them "
+            "on one device before tabulating them together"
+        )
+    device = next(iter(kinds), "GPU")
+    rows = [
+        f"| benchmark | size | metric | {device} | file |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, res in files:
+        rows.extend(BUILDERS[res["benchmark"]](res, name))
+    ran = "; ".join(f"{c} ({', '.join(names)})" for c, names in commits.items())
+    rows += ["", f"Device: {device}. guidediff commit: {ran}."]
     return "\n".join(rows)
 
 

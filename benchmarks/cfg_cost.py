@@ -4,7 +4,11 @@ At the 64-D size with a class-conditional MLP (a label embedding with a null cla
 added to the first hidden layer), all inside `jax.jit`, `gd.sample` scan driver:
 
 - `plain`: conditional sampling, one network call per step on N particles;
-- `plain_2n`: the same on 2N particles (one batched network call on 2N inputs);
+- `plain_2n`: the same on 2N particles (one batched network call on 2N inputs, but
+  also twice the noise and state updates);
+- `network_2n`: N particles whose score is one batched network call on 2N distinct
+  inputs (x and -x per particle): exactly "one batched network call" per step with
+  the N-particle sampler's other costs, the denominator of the target;
 - `cfg_batched`: `gd.cfg(w, null_args=null, batched=True)`: the conditional and the
   unconditional call batched into one network call;
 - `cfg_two_calls`: `batched=False`: two network calls per step;
@@ -12,7 +16,10 @@ added to the first hidden layer), all inside `jax.jit`, `gd.sample` scan driver:
   time interval (unguided, one call, elsewhere); `cfg_interval_quarter` on the
   middle quarter.
 
-Targets: cfg_batched <= 1.15 x plain_2n; the ratios are reported as measured.
+Target: cfg_batched <= 1.15 x network_2n (cfg_batched / plain_2n is reported too; it
+flatters CFG, whose sampler moves N particles, not 2N). Batched CFG vmaps the network
+over the label only, so the first layer's x W is computed once for both calls (5.6 %
+of the 64-D network's FLOPs): part of its advantage, and counted as such.
 
 What an interval can save: CFG costs 2 network evaluations per step, an unguided
 step 1. Guidance on a fraction f of the steps therefore costs (1 + f) / 2 of full
@@ -36,6 +43,16 @@ NAME = "cfg_cost"
 TARGET_BATCHED_VS_2N = 1.15
 
 
+class _TwoInputs(gd.AbstractGuidance):
+    """The score of N particles through ONE network call on 2N distinct inputs
+    (x and -x, vmapped together, so XLA cannot merge them): the cost of a batched
+    call on 2N inputs inside an N-particle sampler."""
+
+    def apply(self, score, t, x, args):
+        both = jax.vmap(lambda y: score(t, y, args))(jnp.stack([x, -x]))
+        return 0.5 * (both[0] - both[1])
+
+
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--size", default="64d", choices=list(P.SIZES))
@@ -57,6 +74,7 @@ def main(argv=None) -> dict:
     variants = {
         "plain": P.gd_sampler(problem, args=label),
         "plain_2n": P.gd_sampler(problem, args=label, particles=2 * n),
+        "network_2n": P.gd_sampler(problem, args=label, guidance=_TwoInputs()),
         "cfg_batched": P.gd_sampler(problem, args=label, guidance=cfg),
         "cfg_two_calls": P.gd_sampler(
             problem,
@@ -97,6 +115,7 @@ def main(argv=None) -> dict:
             "measured_time_saved": None if r is None else 1 - r,
         }
     ratios = {
+        "cfg_batched_over_network_2n": C.ratio(fwd["cfg_batched"], fwd["network_2n"]),
         "cfg_batched_over_plain_2n": C.ratio(fwd["cfg_batched"], fwd["plain_2n"]),
         "cfg_batched_over_plain": C.ratio(fwd["cfg_batched"], fwd["plain"]),
         "cfg_two_calls_over_plain": C.ratio(fwd["cfg_two_calls"], fwd["plain"]),
@@ -136,8 +155,9 @@ def main(argv=None) -> dict:
             "fraction_of_steps_in_interval": frac_active,
             "forward": fwd,
             "ratios": ratios,
-            "target_cfg_batched_over_plain_2n": TARGET_BATCHED_VS_2N,
-            "meets_target": ratios["cfg_batched_over_plain_2n"] <= TARGET_BATCHED_VS_2N,
+            "target_cfg_batched_over_network_2n": TARGET_BATCHED_VS_2N,
+            "meets_target": ratios["cfg_batched_over_network_2n"] is not None
+            and ratios["cfg_batched_over_network_2n"] <= TARGET_BATCHED_VS_2N,
             "cfg_interval_over_cfg_batched_if_skipped": expected_interval,
             "interval_savings": savings,
             "max_abs_diff_cfg_batched_vs_two_calls": P.max_abs_diff(

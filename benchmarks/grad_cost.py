@@ -11,24 +11,31 @@ steps N:
   checkpoint per step: one chunk's step internals kept, one recomputed forward);
 - `guidediff_grad_step_ckpt`: `checkpoint="step"` (N states, one recomputation);
 - `diffrax_vbt_grad`: `diffrax.diffeqsolve` with a `VirtualBrownianTree` and
-  `RecursiveCheckpointAdjoint` (max_steps = N);
+  `RecursiveCheckpointAdjoint` (max_steps = N), one solve per particle, vmapped (its
+  adjoint keeps one parameter cotangent per particle: 9 GB at 64-D);
+- `diffrax_vbt_batched_grad`: the same as one solve of the whole population (a flat
+  `(P * d,)` state and Brownian tree): one parameter cotangent, the fair baseline;
 - `guidediff_diffeqsolve_grad`: `gd.sample(..., driver="diffeqsolve", max_steps=N)`.
 
-The two diffeqsolve-based gradients are timed only up to `--peer-max-steps` (200)
+The diffeqsolve-based gradients are timed only up to `--peer-max-steps` (200)
 steps; above, only their memory is reported.
 
 Work: the matmul FLOPs each scan-driver variant asks for, counted from its jaxpr
 (`_flops.matmul_flops`: exact, device-independent; recomputation included), and
 their ratio to the forward pass's: the floor under the time ratios.
 
-Memory: XLA's compiled memory analysis (temporary bytes) for every variant, on every
-backend; on a GPU also the allocator's `peak_bytes_in_use` after each run (a
-process-lifetime peak: runs go in order of increasing N). Memory-only row (compiled,
-never run) above `--nockpt-max-steps` (200): `gd.sample(..., checkpoint=False)`,
-which stores every step's activations (memory linear in N) and recomputes nothing.
+Memory: XLA's compiled memory analysis (temporary bytes) of every variant's own
+program, on every backend (the allocator's peak is a process-lifetime maximum, not a
+program's, so it is not reported). `memory_growth` fits, per checkpointing mode, the
+exponent a of (gradient temp - forward temp) ~ N^a between the smallest and largest
+N, and calls it sublinear if a < 0.75. Memory-only row (compiled, never run) above
+`--nockpt-max-steps` (200): `gd.sample(..., checkpoint=False)`, which stores every
+step's activations (memory linear in N) and recomputes nothing.
 
     PYTHONPATH=. python -m benchmarks.grad_cost [--quick] [--steps-list 50 100 200]
 """
+
+import math
 
 import jax
 import jax.random as jr
@@ -69,6 +76,11 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
         "diffrax_vbt_grad": P.grad_of(
             P.diffrax_sampler(problem, path="vbt", tol=args.vbt_tol)
         ),
+        # one diffeqsolve of the whole population: no per-particle parameter
+        # cotangents (the vmapped form above keeps P of them), the fair baseline
+        "diffrax_vbt_batched_grad": P.grad_of(
+            P.diffrax_sampler(problem, path="vbt", tol=args.vbt_tol, batched=True)
+        ),
         "guidediff_diffeqsolve_grad": P.grad_of(
             P.gd_sampler(problem, driver="diffeqsolve", max_steps=steps)
         ),
@@ -77,7 +89,7 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
         ),
     }
     memory_only = {}
-    row = {"steps": steps, "timings": {}, "compiled_memory": {}, "device_peak": {}}
+    row = {"steps": steps, "timings": {}, "compiled_memory": {}}
     row["matmul_flops"] = {
         name: F.matmul_flops(fns[name], problem.params, key, ts)
         for name in FLOP_COUNTED
@@ -99,14 +111,17 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
     if steps > args.peer_max_steps:
         # The diffeqsolve-based gradients are 10-20x slower: time them only up to
         # --peer-max-steps (their memory is still reported).
-        for name in ("diffrax_vbt_grad", "guidediff_diffeqsolve_grad"):
+        for name in (
+            "diffrax_vbt_grad",
+            "diffrax_vbt_batched_grad",
+            "guidediff_diffeqsolve_grad",
+        ):
             memory_only[name] = fns.pop(name)
             row["timings"][name] = {"skipped": "steps > --peer-max-steps"}
     for name, fn in fns.items():
         timing, _ = C.try_timeit(fn, problem.params, key, ts, repeats=args.repeats)
         row["timings"][name] = timing
         row["compiled_memory"][name] = C.compiled_memory(fn, problem.params, key, ts)
-        row["device_peak"][name] = C.device_memory_stats()
         print(
             f"  {name:<28} {C.describe(timing)}   temp "
             f"{_mib(row['compiled_memory'][name])}",
@@ -129,10 +144,50 @@ def run_steps(problem: P.Problem, steps: int, args) -> dict:
     row["diffrax_vbt_grad_over_guidediff_grad"] = C.ratio(
         t["diffrax_vbt_grad"], t["guidediff_grad"]
     )
+    row["diffrax_vbt_batched_grad_over_guidediff_grad"] = C.ratio(
+        t["diffrax_vbt_batched_grad"], t["guidediff_grad"]
+    )
     row["diffeqsolve_grad_over_guidediff_grad"] = C.ratio(
         t["guidediff_diffeqsolve_grad"], t["guidediff_grad"]
     )
     return row
+
+
+# Gradient modes whose memory growth in N is fitted (name in `timings`).
+MEMORY_MODES = {
+    "sqrt": "guidediff_grad",
+    "chunk": "guidediff_grad_chunk_ckpt",
+    "step": "guidediff_grad_step_ckpt",
+    "none": "guidediff_grad_no_checkpoint",
+}
+SUBLINEAR_BELOW = 0.75  # a fitted exponent below this counts as sublinear
+
+
+def memory_growth(rows: list[dict]) -> dict:
+    """Per gradient mode, the exponent a of temp memory ~ N^a between the smallest
+    and the largest N: the log-log slope of the gradient's temp bytes less the
+    forward pass's (the forward's own scratch is a floor independent of the
+    gradient's storage), and whether a < SUBLINEAR_BELOW."""
+    if len(rows) < 2:
+        return {}
+    lo, hi = rows[0], rows[-1]
+    out = {}
+    for mode, name in MEMORY_MODES.items():
+        excess = []
+        for r in (lo, hi):
+            g = _temp(r["compiled_memory"].get(name))
+            f = _temp(r["compiled_memory"].get("forward"))
+            excess.append(None if g is None or f is None else max(g - f, 1))
+        if None in excess:
+            continue
+        a = math.log(excess[1] / excess[0]) / math.log(hi["steps"] / lo["steps"])
+        out[mode] = {
+            "exponent": a,
+            "sublinear": a < SUBLINEAR_BELOW,
+            "steps": [lo["steps"], hi["steps"]],
+            "excess_temp_bytes": excess,
+        }
+    return out
 
 
 def _temp(mem: dict | None) -> int | None:
@@ -183,6 +238,7 @@ def main(argv=None) -> dict:
                 "fwd_ms": _ms(t["forward"]),
                 "grad_ms": _ms(t["guidediff_grad"]),
                 "vbt_grad_ms": _ms(t["diffrax_vbt_grad"]),
+                "vbt_batched_grad_ms": _ms(t["diffrax_vbt_batched_grad"]),
                 "grad/fwd": r["grad_over_forward"],
                 "chunk/fwd": r["chunk_ckpt_grad_over_forward"],
                 "step/fwd": r["step_ckpt_grad_over_forward"],
@@ -200,6 +256,9 @@ def main(argv=None) -> dict:
             }
         )
     C.print_table(table, list(table[0]))
+    growth = memory_growth(rows)
+    for mode, g in growth.items():
+        print(f"  memory ~ N^{g['exponent']:.2f} ({mode}), sublinear: {g['sublinear']}")
     C.write_result(
         NAME,
         args,
@@ -217,10 +276,13 @@ def main(argv=None) -> dict:
                 "by benchmarks/_flops.py; exact and device-independent"
             ),
             "memory_note": (
-                "compiled_memory = XLA memory_analysis of the jitted function "
-                "(temp_size_in_bytes: scratch, residuals included); device_peak = "
-                "allocator peak_bytes_in_use since the process started (GPU only)"
+                "compiled_memory = XLA memory_analysis of each jitted function "
+                "(temp_size_in_bytes: scratch, residuals included), per program; "
+                "memory_growth: exponent of (gradient temp - forward temp) ~ N^a "
+                f"between the smallest and largest N, sublinear if a < "
+                f"{SUBLINEAR_BELOW}"
             ),
+            "memory_growth": growth,
             "results": rows,
         },
     )

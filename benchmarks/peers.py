@@ -6,11 +6,13 @@
   on a GPU, like JAX's default there); `torch_eager_fp32` at torch's default
   "highest" (true float32), compared with `guidediff_fp32` (gd.sample traced under
   `jax.default_matmul_precision("highest")`). Skipped with a note when torch is not
-  installed.
+  installed (`--require-torch` makes that an error).
 - `diffrax_unsafe` / `diffrax_vbt`: `diffrax.diffeqsolve` (Euler, `StepTo(ts)`,
   `ControlTerm` with a diagonal lineax operator) with `UnsafeBrownianPath` /
   `VirtualBrownianTree`, vmapped over particles; forward, and the VBT gradient
-  (`UnsafeBrownianPath` cannot be reverse-differentiated).
+  (`UnsafeBrownianPath` cannot be reverse-differentiated). `diffrax_vbt_batched`:
+  the VBT gradient of one solve of the whole population (a flat `(P * d,)` state),
+  whose adjoint keeps one parameter cotangent instead of one per particle.
 - `guidediff_diffeqsolve`: `gd.sample(..., driver="diffeqsolve")` (diffrax's loop
   with guidediff's grid path), to show what the `"scan"` driver saves.
 
@@ -185,6 +187,10 @@ def run_size(size: P.Size, args, torch) -> dict:
         grads["diffrax_vbt"] = P.grad_of(
             P.diffrax_sampler(problem, path="vbt", tol=args.vbt_tol)
         )
+    # one solve of the whole population: one parameter cotangent (the fair baseline)
+    grads["diffrax_vbt_batched"] = P.grad_of(
+        P.diffrax_sampler(problem, path="vbt", tol=args.vbt_tol, batched=True)
+    )
     bwd, _ = time_all(grads, "backward ")
     bwd.setdefault("diffrax_vbt", {"skipped": "out of device memory (see notes)"})
     speedups = {
@@ -198,6 +204,9 @@ def run_size(size: P.Size, args, torch) -> dict:
             fwd["torch_eager_fp32"], fwd["guidediff_fp32"]
         )
     speedups["backward_diffrax_vbt"] = C.ratio(bwd["diffrax_vbt"], bwd["guidediff"])
+    speedups["backward_diffrax_vbt_batched"] = C.ratio(
+        bwd["diffrax_vbt_batched"], bwd["guidediff"]
+    )
     return {
         **P.run_fields(size, problem.particles, steps, problem.width),
         "forward": fwd,
@@ -211,9 +220,16 @@ def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=list(P.SIZES), choices=list(P.SIZES))
     p.add_argument("--vbt-tol", type=float, default=1e-3)
+    p.add_argument(
+        "--require-torch",
+        action="store_true",
+        help="fail when torch is missing (the eager-PyTorch comparison is required)",
+    )
     args = C.parse(p, argv)
     C.header(NAME)
     torch = _torch()
+    if torch is None and args.require_torch:
+        raise SystemExit("peers: --require-torch, but torch is not installed")
     results = [run_size(P.SIZES[s], args, torch) for s in args.sizes]
     rows = [{"size": r["size"], **r["speedup_of_guidediff"]} for r in results]
     print("speedup of guidediff = t_peer / t_guidediff")

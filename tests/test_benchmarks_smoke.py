@@ -124,7 +124,9 @@ def test_peers(runs):
     for v in ("guidediff", "guidediff_diffeqsolve", "diffrax_unsafe", "diffrax_vbt"):
         _timing(x["forward"][v])
     _timing(x["backward"]["diffrax_vbt"])
+    _timing(x["backward"]["diffrax_vbt_batched"])  # one solve of all particles
     assert "forward_diffrax_vbt" in x["speedup_of_guidediff"]
+    assert "backward_diffrax_vbt_batched" in x["speedup_of_guidediff"]
     if not r["torch_available"]:
         assert any("torch" in n for n in x["notes"])
 
@@ -132,9 +134,12 @@ def test_peers(runs):
 def test_cfg_cost(runs):
     r = _load(runs, "cfg_cost")
     variants = ("plain", "plain_2n", "cfg_batched", "cfg_two_calls", "cfg_interval")
-    for v in (*variants, "cfg_interval_quarter"):
+    for v in (*variants, "cfg_interval_quarter", "network_2n"):
         _timing(r["forward"][v])
+        assert r["forward"][v]["interleaved"]
     assert "cfg_batched_over_plain_2n" in r["ratios"]
+    # the target's denominator: one network call on 2N inputs, N particles
+    assert r["meets_target"] == (r["ratios"]["cfg_batched_over_network_2n"] <= 1.15)
     for v in r["interval_savings"].values():
         f = v["fraction_of_steps"]
         assert 0 < f < 1 and v["network_evals_saved_bound"] == pytest.approx(
@@ -158,6 +163,8 @@ def test_grad_cost(runs):
         assert row["compiled_memory"][v]["temp_size_in_bytes"] >= 0
         assert row["matmul_flops"][v]["exact"]
     assert "guidediff_grad_no_checkpoint" in row["compiled_memory"]
+    _timing(row["timings"]["diffrax_vbt_batched_grad"])
+    assert "device_peak" not in row  # a process-lifetime peak, not the program's
     # store-all gradient = forward + a backward of two matmuls per forward matmul
     assert row["matmul_flops_over_forward"]["guidediff_grad_no_checkpoint"] == 3.0
 
@@ -225,6 +232,38 @@ def test_smc_cost(runs):
     flops = {k: v["flops"] for k, v in r["matmul_flops"].items()}
     assert r["smc_flops_equal_sample"] and flops["smc"] == flops["sample"] > 0
     assert flops["smc_proposal"] == 2 * flops["sample"]
+
+
+def test_memory_growth_fits_the_exponent():
+    from benchmarks.grad_cost import memory_growth
+
+    def row(steps, sqrt_excess, step_excess, fwd=1000):
+        mem = {
+            "forward": {"temp_size_in_bytes": fwd},
+            "guidediff_grad": {"temp_size_in_bytes": fwd + sqrt_excess},
+            "guidediff_grad_step_ckpt": {"temp_size_in_bytes": fwd + step_excess},
+        }
+        return {"steps": steps, "compiled_memory": mem}
+
+    # 16x the steps: sqrt's excess over the forward grows 4x, per-step's 16x
+    rows = [row(50, 64 * 50, 64 * 50), row(800, 64 * 200, 64 * 800)]
+    g = memory_growth(rows)
+    assert g["sqrt"]["exponent"] == pytest.approx(0.5) and g["sqrt"]["sublinear"]
+    assert g["step"]["exponent"] == pytest.approx(1.0) and not g["step"]["sublinear"]
+    assert "none" not in g  # not measured: not fitted
+    assert memory_growth(rows[:1]) == {}
+
+
+def test_gpu_table_refuses_files_from_different_devices(tmp_path):
+    from benchmarks._table import gpu_table
+
+    for name in ("mfu_gpu.json", "cfg_cost_gpu.json"):
+        res = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+        if name == "cfg_cost_gpu.json":
+            res["device"]["device_kind"] = "NVIDIA H200"
+        (tmp_path / name).write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="different devices"):
+        gpu_table(tmp_path)
 
 
 def test_readme_gpu_table_is_generated_from_the_json():
