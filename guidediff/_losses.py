@@ -209,6 +209,18 @@ def reward_weights(
     return scaled / jnp.mean(scaled)
 
 
+def _label_array(labels) -> Array:
+    """Per-example labels of the unconditional-or-labelled losses: one array (a
+    list or tuple of numbers converts; a dict is structured conditioning)."""
+    if isinstance(labels, dict):
+        raise TypeError(
+            f"labels must be one (n,) array (a label or value per example), got a "
+            f"{type(labels).__name__}; for structured conditioning, vmap "
+            "gd.dsm_example_loss(..., label=...) over the examples yourself"
+        )
+    return jnp.asarray(labels)
+
+
 def _check_batch(x0: Array, what: str, values: Array | None) -> None:
     if values is not None and (values.ndim != 1 or values.shape[0] != x0.shape[0]):
         raise ValueError(
@@ -453,7 +465,7 @@ def dsm_loss(
     """
     x0 = _check_data(x0, batch=True)
     if labels is not None:
-        labels = jnp.asarray(labels)
+        labels = _label_array(labels)
         _check_batch(x0, "labels", labels)
     per = _per_example(
         model_fn, params, key, x0, sde, labels, weighting, t_min, prediction
@@ -601,7 +613,7 @@ def reward_weighted_dsm_loss(
     rewards = jnp.asarray(rewards)
     _check_batch(x0, "rewards", rewards)
     if labels is not None:
-        labels = jnp.asarray(labels)
+        labels = _label_array(labels)
         _check_batch(x0, "labels", labels)
     w = reward_weights(rewards, temperature=temperature)
     per = _per_example(

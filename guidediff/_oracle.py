@@ -46,9 +46,18 @@ def _check_point(x: Array, shape: tuple[int, ...], what: str) -> None:
     """One particle of the law's dimension (static shapes: free under `jit`). A
     batch, or a point of another dimension, would broadcast into a wrong value."""
     if x.shape != tuple(shape):
+        size = int(np.prod(shape))
+        if x.ndim > 1 and x.size == size:  # e.g. an (8, 8, 1) image of a (64,) law
+            hint = (
+                f"its {x.size} entries match the law's dimension: flatten the "
+                "particle (sample with shape "
+                f"{tuple(shape)} and reshape the samples afterwards)"
+            )
+        else:
+            hint = "for a batch of particles use jax.vmap"
         raise ValueError(
             f"{what} takes one particle of shape {tuple(shape)}, got shape "
-            f"{x.shape}; for a batch of particles use jax.vmap"
+            f"{x.shape}; {hint}"
         )
 
 

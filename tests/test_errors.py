@@ -701,3 +701,27 @@ def test_plausible_user_mistakes_get_clear_errors():
     guided = gd.guide(score, gd.chain(cfg, gd.reward_guidance(s_r, 1.0)))
     x = jnp.array([0.3, -0.2])
     np.testing.assert_allclose(guided(0.5, x, 1), s_r(0.5, x, 1), rtol=1e-12)
+
+
+def test_structured_args_and_image_shapes_get_clear_errors():
+    """From a particle-shape audit: each gave an unhelpful message."""
+    x0 = jnp.zeros((6, 8, 8, 1))
+    model = lambda p, t, x, lab: x
+    # a dict of labels: structured conditioning is not one (n,) array
+    with pytest.raises(TypeError, match="labels must be one"):
+        gd.dsm_loss(model, None, jr.key(0), x0, SDE, labels={"scale": jnp.ones(6)})
+    assert np.isfinite(gd.dsm_loss(model, None, jr.key(0), x0, SDE, labels=[0] * 6))
+    # batched CFG stacks args: a string leaf names the batched=False way out
+    s = gd.ScoreFn(lambda t, x, a: -x)
+    cond, null = {"label": 1, "prompt": "a cat"}, {"label": 3, "prompt": "a cat"}
+    kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 3), args=cond)
+    with pytest.raises(ValueError, match=r"batched=False\) for args"):
+        gd.sample(jr.key(0), SDE, gd.guide(s, gd.cfg(1.0, null_args=null)), (2,), **kw)
+    unbatched = gd.guide(s, gd.cfg(1.0, null_args=null, batched=False))
+    assert gd.sample(jr.key(0), SDE, unbatched, (2,), **kw).ys.shape == (2, 2)
+    # an image-shaped particle of a flat law is not a batch
+    flat = gd.Gaussian(jnp.zeros(64), 1.0).score(SDE)
+    with pytest.raises(ValueError, match="flatten the particle"):
+        gd.sample(jr.key(0), SDE, flat, (8, 8, 1), num_particles=2, ts=TS)
+    with pytest.raises(ValueError, match="for a batch of particles use jax.vmap"):
+        gd.sample(jr.key(0), SDE, flat, (2, 64), num_particles=2, ts=TS)

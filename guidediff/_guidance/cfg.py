@@ -64,12 +64,34 @@ def _eager(*trees) -> bool:
     return not any(isinstance(v, jax.core.Tracer) for v in jtu.tree_leaves(trees))
 
 
+def _numeric(leaf) -> bool:
+    """A number, or an array of numbers or bools (read from its dtype, no copy)."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(leaf).dtype
+        except Exception:  # noqa: BLE001 - anything numpy cannot read is not numeric
+            return False
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, bool))
+    except TypeError:
+        return False
+
+
 def _null_like(a, n):
     """The null args `n` in the dtype of the conditional `a` they are stacked with.
     Into an integer (label) dtype, a concrete value that the cast would change (a
     float label 1.9 -> 1) is an error, not a silent other class; into a float
     dtype the cast rounds, as the two-call path's arithmetic would. Shapes must
     match (stacking cannot pair a scalar null with a vector of args)."""
+    for leaf in (a, n):
+        if not isinstance(leaf, jax.core.Tracer) and not _numeric(leaf):
+            raise TypeError(
+                f"batched gd.cfg stacks the conditional args and null_args into one "
+                f"call, so their leaves must be numbers or arrays; got {leaf!r} "
+                f"({type(leaf).__name__}). Use gd.cfg(..., batched=False) for args "
+                "with other leaves (e.g. strings)"
+            )
     dtype = jnp.asarray(a).dtype
     shape = jnp.shape(a)
     if jnp.shape(n) != shape:
