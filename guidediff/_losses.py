@@ -41,7 +41,8 @@ loss = my_loss(params, jr.key(1), (x0, jnp.exp(x0[:, 0])))  # a scalar
 ```
 
 The model function is `model_fn(params, t, x, label) -> prediction` for ONE particle,
-such as a Flax module's `apply` (`label` is `None` for unconditional networks).
+such as a Flax module's `apply` (`label` is `None` for unconditional networks); a
+Flax module itself may be passed, and its `apply` is used.
 """
 
 from collections.abc import Callable
@@ -244,11 +245,25 @@ def _check_slot_order(name: str, slot: str, value) -> None:
         )
 
 
+def _is_flax_module(obj) -> bool:
+    """A `flax.linen.Module` (recognised without importing flax: the core does not)."""
+    return any(
+        c.__name__ == "Module" and c.__module__.startswith("flax.")
+        for c in type(obj).__mro__
+    )
+
+
+def _as_model_fn(model_fn):
+    """`model_fn`, or a Flax module's `apply` (calling the unbound module itself
+    fails with Flax's CallCompactUnboundModuleError)."""
+    return model_fn.apply if _is_flax_module(model_fn) else model_fn
+
+
 def _check_conditional_model(model_fn) -> None:
     """A bound `apply` of a guidediff network built without `num_classes` ignores
     the labels: the conditional scores would all be the unconditional one, and CFG
     would do nothing."""
-    module = getattr(model_fn, "__self__", None)
+    module = getattr(_as_model_fn(model_fn), "__self__", None)
     if module is not None and getattr(module, "num_classes", 0) is None:
         raise ValueError(
             f"the model ({type(module).__name__}.apply) was built without "
@@ -373,7 +388,7 @@ def dsm_example_loss(
     alpha, sigma = sde.marginal(t)
     alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
     x_t = (alpha * x0 + sigma * eps).astype(data_dtype)  # what the model sees
-    out = model_fn(params, t, x_t, label)
+    out = _as_model_fn(model_fn)(params, t, x_t, label)
     if out.shape != x0.shape:
         raise ValueError(
             f"the model returned shape {out.shape} for an input of shape {x0.shape}"
@@ -701,7 +716,7 @@ def noisy_classifier_loss(
             t = jr.uniform(kt, (), dtype, minval=t_min, maxval=sde.T)
             noise = jr.normal(kz, x.shape, dtype)
             x_t = sde.perturb(t, x.astype(dtype), noise).astype(x.dtype)
-        logits = model_fn(params, t, x_t)
+        logits = _as_model_fn(model_fn)(params, t, x_t)
         if jnp.shape(logits) != (num_classes,):
             raise ValueError(
                 f"the classifier returned logits of shape {jnp.shape(logits)} for "

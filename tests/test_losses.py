@@ -504,3 +504,34 @@ def test_traced_temperature_must_be_positive():
     for bad in (-0.5, 0.0, jnp.nan):
         with pytest.raises(Exception, match="temperature must be positive"):
             weights(r, bad).block_until_ready()
+
+
+def test_a_flax_module_may_stand_for_its_apply(x0):
+    """Passing the network instead of `net.apply` failed with Flax's
+    CallCompactUnboundModuleError; the losses use its `apply`."""
+    import flax.linen as nn
+
+    import guidediff as gd
+
+    net = gd.MLPScoreNet(hidden=(8,), num_classes=2)
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+    labels = jnp.arange(x0.shape[0]) % 2
+    for loss in (dsm_loss, conditional_dsm_loss):
+        kw = {"labels": labels} if loss is dsm_loss else {"num_classes": 2}
+        args = (x0, SDE) if loss is dsm_loss else (x0, labels, SDE)
+        a = loss(net, params, jr.key(1), *args, **kw)
+        b = loss(net.apply, params, jr.key(1), *args, **kw)
+        assert float(a) == float(b)
+
+    class Logits(nn.Module):
+        @nn.compact
+        def __call__(self, t, x):
+            return nn.Dense(2)(jnp.append(x, t))
+
+    clf = Logits()
+    cparams = clf.init(jr.key(0), 0.5, jnp.zeros(2))
+    a = noisy_classifier_loss(clf, cparams, jr.key(1), x0, labels, SDE, num_classes=2)
+    b = noisy_classifier_loss(
+        clf.apply, cparams, jr.key(1), x0, labels, SDE, num_classes=2
+    )
+    assert float(a) == float(b)
