@@ -319,29 +319,41 @@ def time_all(
     fails gets `{"error": message}` and output None (and drops out of the rounds).
     """
     timings, outputs, first = {}, {}, {}
+
+    def failed(name, e):  # recorded in the JSON; the other variants still run
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        print(f"  {label}{name:<28} FAILED: {msg}", flush=True)
+        timings[name], outputs[name] = {"error": msg}, None
+        first.pop(name, None)
+
     for name, fn in fns.items():
         try:
             t0 = time.perf_counter()
-            outputs[name] = _block_jax(fn(*args))
-            first[name] = time.perf_counter() - t0
+            out = _block_jax(fn(*args))
+            took = time.perf_counter() - t0
             for _ in range(warmup):
                 _block_jax(fn(*args))
-        except Exception as e:  # recorded in the JSON; the other variants still run
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-            print(f"  {label}{name:<28} FAILED: {msg}", flush=True)
-            timings[name], outputs[name] = {"error": msg}, None
-    names = [n for n in fns if n in first]
+        except Exception as e:
+            failed(name, e)
+        else:
+            outputs[name], first[name] = out, took
+    names = list(first)
     times: dict[str, list[float]] = {n: [] for n in names}
     dispatch: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         k = r % len(names) if names else 0
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            out = fns[name](*args)
-            dispatch[name].append(time.perf_counter() - t0)
-            _block_jax(out)
-            times[name].append(time.perf_counter() - t0)
-    for name in names:
+            if name not in first:  # failed in an earlier round
+                continue
+            try:
+                t0 = time.perf_counter()
+                out = fns[name](*args)
+                dispatch[name].append(time.perf_counter() - t0)
+                _block_jax(out)
+                times[name].append(time.perf_counter() - t0)
+            except Exception as e:
+                failed(name, e)
+    for name in first:
         run = statistics.median(times[name])
         timings[name] = {
             "run_s": run,

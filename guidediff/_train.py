@@ -413,6 +413,23 @@ def _save(mngr, step: int, state, losses: np.ndarray, meta: dict) -> None:
     )
 
 
+def _like_placed(restored, like):
+    """`restored` placed as `like` was. Orbax returns arrays committed to a device,
+    and jit keys its cache on that: restoring the state of uncommitted arrays (what
+    a user builds) as committed ones recompiled programs already compiled for them
+    (a resume in the same process, sampling with loaded parameters). Those come
+    back uncommitted; arrays that were committed or sharded keep orbax's placement
+    (the sharding of `like`)."""
+    if not isinstance(restored, jax.Array) or getattr(like, "committed", False):
+        return restored
+    if len(restored.sharding.device_set) > 1:
+        return restored
+    if jax.dtypes.issubdtype(restored.dtype, jax.dtypes.prng_key):  # typed keys
+        data = _like_placed(jax.random.key_data(restored), None)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(restored))
+    return jnp.asarray(np.asarray(restored))
+
+
 def _restore(directory, like_state, step: int | None = None):
     """Restore `(state, meta, step)`; a missing or corrupt checkpoint raises."""
     path = os.path.abspath(os.fspath(directory))
@@ -470,11 +487,7 @@ def _restore(directory, like_state, step: int | None = None):
             ) from e
     finally:
         mngr.close()
-    # orbax returns arrays committed to a device; jit keys its cache on that, so the
-    # restored state would recompile programs already compiled for fresh arrays (a
-    # resume in the same process, or sampling with loaded parameters). Uncommitted
-    # copies, like any array a user builds, reuse them.
-    tree = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), tree)
+    tree = jax.tree.map(_like_placed, tree, like)
     state = (tree["params"], tree["opt_state"], tree["ema"])
     return state, np.asarray(tree["losses"]), meta, step
 

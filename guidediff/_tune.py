@@ -134,16 +134,13 @@ def _step(loss, project, optimizer, params, opt_state, key, ts):
     return params, opt_state, value, aux, finite
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _step_jit(dynamic, static):
-    return _step(*_combine(dynamic, static))
-
-
 # Compiled optimiser steps, keyed by the static parts of (loss, project, optimizer,
-# ...) and the arrays' shapes and dtypes: a second call with the same loss
-# ingredients (sampler, score maker, reward, the same optax object) and new values
-# (init, key, lam, bounds, number of iterations) reuses its program. Bounded: each
-# entry holds an executable and the callables of its key.
+# ...) and the arrays' shapes, dtypes and (committed) placements: a second call with
+# the same loss ingredients (sampler, score maker, reward: the same objects, as for
+# `jax.jit`; the same optax object) and new values (init, key, lam, bounds, number
+# of iterations) reuses its program. At most `_MAX_STEPS` are kept; each step is
+# compiled from a fresh closure, so an evicted entry releases its callables (and
+# whatever they hold). Static parts that cannot be hashed are compiled, not cached.
 _STEPS: collections.OrderedDict = collections.OrderedDict()
 _MAX_STEPS = 16
 
@@ -151,24 +148,32 @@ _MAX_STEPS = 16
 def _aval(leaf) -> tuple | None:
     if leaf is None:
         return None
-    return (leaf.shape, leaf.dtype, bool(getattr(leaf, "weak_type", False)))
+    # a committed array's placement is part of the program (AOT executables check it)
+    placed = leaf.sharding if getattr(leaf, "committed", False) else None
+    return (leaf.shape, leaf.dtype, bool(getattr(leaf, "weak_type", False)), placed)
 
 
 def _compiled_step(*args):
     """The compiled `_step` for these arguments (from `_STEPS` when it holds one),
     and the seconds spent compiling it (0 for a reused one)."""
     dynamic, static = _partition(args)
-    memo = (static, tuple(map(_aval, dynamic)))
-    compiled = _STEPS.get(memo)
+    try:
+        memo = (static, tuple(map(_aval, dynamic)))
+        hash(memo)
+    except TypeError:  # e.g. an unhashable reward object: compile, do not cache
+        memo = None
+    compiled = None if memo is None else _STEPS.get(memo)
     if compiled is not None:
         _STEPS.move_to_end(memo)
         return compiled, 0.0
     start = time.perf_counter()
-    compiled = _step_jit.lower(dynamic, static).compile()
+    step = jax.jit(lambda dynamic: _step(*_combine(dynamic, static)))
+    compiled = step.lower(dynamic).compile()
     compile_s = time.perf_counter() - start
-    _STEPS[memo] = compiled
-    while len(_STEPS) > _MAX_STEPS:
-        _STEPS.popitem(last=False)
+    if memo is not None:
+        _STEPS[memo] = compiled
+        while len(_STEPS) > _MAX_STEPS:
+            _STEPS.popitem(last=False)
     return compiled, compile_s
 
 
@@ -180,16 +185,18 @@ def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def _strong(tree):
-    """Weakly typed arrays made strong (an update's output is strongly typed: the
-    compiled step must see the same types on every iteration)."""
-    return jax.tree.map(
-        lambda a: (
-            lax.convert_element_type(a, a.dtype)
-            if getattr(a, "weak_type", False)
-            else a
-        ),
-        tree,
-    )
+    """Python numbers as arrays, and weakly typed arrays made strong: an update's
+    output is a strongly typed array, and the compiled step must see the same
+    structure and types on every iteration."""
+
+    def strong(a):
+        if isinstance(a, bool | int | float | complex):
+            a = jnp.asarray(a)
+        if getattr(a, "weak_type", False):
+            return lax.convert_element_type(a, a.dtype)
+        return a
+
+    return jax.tree.map(strong, tree)
 
 
 def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts):
@@ -271,6 +278,13 @@ def tune_guidance(
     with `penalty` the squared displacement $\|Y^w_i - Y^0_i\|^2$ by default: the
     reward is traded against how far guidance moves each sample. Step $k$ uses the
     key `fold_in(key, k)` (`fixed_noise=True`: always `key`).
+
+    The compiled optimiser step is reused by later calls with the same `guided`,
+    `reward`, `penalty` and optimiser objects and arguments of the same shapes (as
+    `jax.jit` reuses a function's compilation; `compile_s` is then 0): a function
+    that reads a global variable sees the value it had when first compiled, so pass
+    a new function object after changing it. The same holds for
+    `finetune_through_sampler`.
 
     **Arguments:**
 

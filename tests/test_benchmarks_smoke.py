@@ -234,6 +234,34 @@ def test_smc_cost(runs):
     assert flops["smc_proposal"] == 2 * flops["sample"]
 
 
+def test_time_all_records_failures_at_any_call():
+    """A variant failing after its first call (warm-up or a timed round) is recorded
+    as failed and the others are still timed; a failure in a round aborted the
+    script, one in the warm-up was overwritten by timings."""
+    import jax.numpy as jnp
+
+    from benchmarks._common import time_all
+
+    calls = {"warm": 0, "round": 0}
+
+    def fails_at(n, counter):
+        def fn(x):
+            calls[counter] += 1
+            if calls[counter] > n:
+                raise RuntimeError("boom")
+            return x + 1
+
+        return fn
+
+    fns = {"warm": fails_at(1, "warm"), "round": fails_at(3, "round"),
+           "ok": lambda x: x * 2}  # fmt: skip
+    timings, outputs = time_all(fns, jnp.ones(2), repeats=4)
+    assert timings["warm"] == {"error": "RuntimeError: boom"}
+    assert timings["round"] == {"error": "RuntimeError: boom"}
+    assert outputs["warm"] is None and outputs["round"] is None
+    assert timings["ok"]["repeats"] == 4 and timings["ok"]["interleaved"]
+
+
 def test_memory_growth_fits_the_exponent():
     from benchmarks.grad_cost import memory_growth
 

@@ -443,6 +443,28 @@ def test_tune_and_finetune_reuse_their_compiled_step():
     again = finetune_through_sampler(jr.key(2), sde, make, params, REWARD, (2,), **ft)
     assert again.compile_s == 0.0 and len(_tune._STEPS) == compiled
 
+    # parameters with Python-number leaves (they become arrays after one update:
+    # the cached step saw another structure on the second iteration)
+    scaled = lambda p: gd.guide(s, gd.reward_guidance(s_r, p["w"] * p["c"]))
+    out = finetune_through_sampler(jr.key(0), sde, scaled, {"w": 0.5, "c": 1.0},
+                                   REWARD, (2,), num_iters=2, **kw)  # fmt: skip
+    assert all(np.isfinite(float(v)) for v in out.params.values())
+
+    # an unhashable reward object (a plain dataclass) is compiled, not cached
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Bump:
+        width: float
+
+        def __call__(self, x):
+            return jnp.exp(-jnp.sum((x - 1.0) ** 2) / (2 * self.width**2))
+
+    first = tune_guidance(jr.key(0), sde, guided, Bump(1.0), (2,), num_iters=2, **kw)
+    again = tune_guidance(jr.key(0), sde, guided, Bump(1.0), (2,), num_iters=2, **kw)
+    assert first.compile_s > 0 and again.compile_s > 0  # nothing cached for it
+    np.testing.assert_array_equal(first.schedule.values, again.schedule.values)
+
 
 def test_finetune_through_sampler_raises_reward():
     sde = gd.VPSDE()

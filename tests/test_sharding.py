@@ -134,6 +134,40 @@ CHILD = textwrap.dedent(
         "sample_equal": bool(np.array_equal(np.asarray(two), np.asarray(ref))),
         "smc_equal": bool(np.array_equal(np.asarray(smc_two.ys), np.asarray(smc_four.ys))),
     }
+    # a checkpoint of sharded parameters restores them sharded (not gathered onto
+    # one device), and a typed key in the optimiser state restores at all
+    import tempfile
+
+    import jax.numpy as jnp
+    import optax
+
+    p0 = jax.device_put(jnp.zeros(4), sharding)
+    loss_fn = lambda p, k, x: jnp.mean((x[:, None] - p) ** 2)
+    opt = optax.chain(optax.add_noise(0.01, 0.55, 0), optax.sgd(0.1))
+    ckpt = tempfile.mkdtemp() + "/run"
+    fit_kw = dict(optimizer=opt, batch_size=8, key=jr.key(0), progress=False)
+    run = gd.fit(loss_fn, p0, jnp.arange(8.0), num_steps=4, checkpoint_dir=ckpt, **fit_kw)
+    loaded = gd.load_checkpoint(ckpt, p0, opt)
+    out["checkpoint"] = {
+        "run_sharded": run.params.sharding.spec == spec,
+        "loaded_sharded": loaded.params.sharding.spec == spec
+        and len(loaded.params.sharding.device_set) == 4,
+        "equal": bool(np.array_equal(np.asarray(run.params), np.asarray(loaded.params))),
+    }
+    # tune's cached step is keyed by where committed arguments live: the same call
+    # with parameters on another device runs there (it raised a sharding mismatch)
+    make = lambda prm: gd.guide(
+        gmm.score(sde), gd.reward_guidance(gmm.score(sde), prm["w"])
+    )
+    tune_kw = dict(num_iters=1, num_particles=4, ts=gd.uniform_grid(sde.T, 1e-3, 3))
+    placed = []
+    for device in jax.devices()[:2]:
+        prm = jax.device_put({"w": jnp.asarray(0.5)}, device)
+        res = gd.finetune_through_sampler(
+            jr.key(0), sde, make, prm, lambda x: -jnp.sum(x**2), (2,), **tune_kw
+        )
+        placed.append(next(iter(res.params["w"].devices())).id)
+    out["tune_placement"] = placed
     try:  # 6 particles do not split over 4 devices: a clear error, not replication
         gd.sample(key, sde, score, (2,), num_particles=6, ts=ts, sharding=sharding)
         out["indivisible"] = "no error"
@@ -165,6 +199,16 @@ def sharded_runs() -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT") :])
+
+
+def test_checkpoints_keep_the_sharding(sharded_runs):
+    """Restored parameters were gathered onto one device (a numpy round trip)."""
+    r = sharded_runs["checkpoint"]
+    assert r["run_sharded"] and r["loaded_sharded"] and r["equal"]
+
+
+def test_tune_step_cache_respects_placement(sharded_runs):
+    assert sharded_runs["tune_placement"] == [0, 1]
 
 
 def _check_layout(r: dict) -> None:
