@@ -139,7 +139,11 @@ class SMCSamples(eqx.Module):
         idx = resample_indices(key, self.log_weights, scheme)
         out = self.ys[idx]
         sharding = getattr(self.ys, "sharding", None)
-        if not isinstance(self.ys, jax.core.Tracer) and sharding is not None:
+        if (
+            not isinstance(self.ys, jax.core.Tracer)
+            and sharding is not None
+            and len(sharding.device_set) > 1  # one device: keep it uncommitted
+        ):
             out = jax.device_put(out, sharding)
         return out
 

@@ -119,6 +119,15 @@ def test_importance_sampling_matches_the_exact_tilt(importance):
         assert np.all(z < K), f"{what}: {m} vs exact {value}, z = {z}"
 
 
+def test_resample_of_one_device_particles_stays_uncommitted():
+    """Only particles sharded over devices are put back on their sharding: a
+    one-device result stays uncommitted, like any fresh array (a committed one
+    would compile the user's jitted functions again)."""
+    out = gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log,
+                        num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 4))  # fmt: skip
+    assert not out.ys.committed and not out.resample(jr.key(1)).committed
+
+
 def test_no_resampling_is_gd_sample_with_importance_weights():
     """ess_threshold=0: the particles are gd.sample's (slot i uses fold_in(key, i)),
     and the twisted increments telescope to log r of the final particle."""
