@@ -88,6 +88,19 @@ def check_labels(
     value before the conversion to JAX's default integer type, so that a label past
     the int32 range (`2**32 + 1`) is not wrapped into a valid one. Under `jit` the
     check is an `equinox.error_if`, which raises when the computation runs.
+    Returns the labels as a JAX integer array.
+
+    !!! example
+
+        ```python
+        gd.check_labels([0, 2, 3], num_classes=3)  # 3: the null label, allowed
+        try:
+            gd.check_labels([0, 3], num_classes=3, allow_null=False)
+        except ValueError as e:
+            print(e)  # names the bad label
+        else:
+            raise AssertionError("3 is not a class of 3")
+        ```
     """
     concrete = _is_concrete(labels)
     labels = np.asarray(labels) if concrete else jnp.asarray(labels)
@@ -492,7 +505,22 @@ def drop_labels(
     key: Key, labels: Int[ArrayLike, " n"], num_classes: int, p_uncond: float
 ) -> Int[Array, " n"]:
     """Replace each label by the null label `num_classes` with probability
-    `p_uncond` (classifier-free guidance's label dropout). Checks the labels."""
+    `p_uncond` (classifier-free guidance's label dropout). Checks the labels.
+
+    **Arguments:** `key`; `labels`, integers in `0..num_classes` (`num_classes`
+    itself is already the null label); `num_classes`, $K$; `p_uncond` in $[0, 1]$.
+    Returns the labels (at least int32, so the null label fits).
+
+    !!! example
+
+        ```python
+        labels = jnp.arange(10_000) % 3
+        dropped = gd.drop_labels(jr.key(0), labels, num_classes=3, p_uncond=0.2)
+        null = dropped == 3
+        assert jnp.all((dropped == labels) | null)  # kept, or the null label
+        assert abs(float(null.mean()) - 0.2) < 4 * (0.2 * 0.8 / 10_000) ** 0.5
+        ```
+    """
     labels = check_labels(labels, num_classes, allow_null=True)
     if _is_concrete(p_uncond) and not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")

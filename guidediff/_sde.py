@@ -212,6 +212,15 @@ class OneMinusT(AbstractVPSchedule):
     $X_t = \sqrt{1-t}\,X_0 + \sqrt{t}\,Z$. $X_1$ is exactly $\mathcal N(0, I)$ but the
     coefficients are singular at $t = 1$, so `T` must be below 1; the default start is
     $T = 1 - 10^{-3}$.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE(gd.OneMinusT())
+        alpha, sigma = sde.marginal(0.36)
+        assert jnp.allclose(alpha, 0.8) and jnp.allclose(sigma, 0.6)  # sqrt(1 - t)
+        assert sde.T == 1.0 - 1e-3
+        ```
     """
 
     def log_alpha_bar(self, t: Time) -> Scalar:
