@@ -108,7 +108,12 @@ class SMCSamples(eqx.Module):
       the step from it.
     - `failed`: `(P,)` the particle, or its potential, is NaN or infinite (a
       potential of zero, $\log r = -\infty$, is a zero weight, not a failure).
-      A failed particle weighs zero.
+      A failed particle weighs zero. Resampling replaces failed slots by copies of
+      live particles, so `failed` shows only the failures since the last
+      resampling; `num_failed_per_step` keeps the record.
+    - `num_failed_per_step`: `(N + 1,)` how many particles failed at `ts[k]` (the
+      last entry: at the end, with the final potential). Any failure biases
+      `log_normalizer` low (it then estimates $E_q[r\,1\{\text{no failure}\}]$).
 
     If every particle ends with weight zero, `log_normalizer` is $-\infty$ and the
     weights are NaN.
@@ -120,6 +125,7 @@ class SMCSamples(eqx.Module):
     ess: Float[Array, " times"]
     resampled: Bool[Array, " steps"]
     failed: Bool[Array, " particles"]
+    num_failed_per_step: Int[Array, " times"]
 
     @property
     def weights(self) -> Float[Array, " particles"]:
@@ -334,6 +340,10 @@ def smc_sample(
             " (r itself) was given: pass its `.log` (e.g. reward.log)"
         )
     twist = _check_number("twist", twist)
+    if not isinstance(twist, jax.core.Tracer) and float(twist) < 0:
+        raise ValueError(
+            f"twist must be >= 0 (the intermediate targets are q r^twist), got {twist}"
+        )
     twist_floor = _check_number("twist_floor", twist_floor, allow_minus_inf=True)
     ess_threshold = _check_number("ess_threshold", ess_threshold)
     if not isinstance(ess_threshold, jax.core.Tracer) and not (
@@ -539,43 +549,51 @@ def _smc_jit(
         x1 = jnp.where(c == 0, m_p.astype(dtype), x1)
         return x1, state1, -jnp.sum(jnp.where(c == 0, 0.0, term))
 
-    def reweight(logw, dead, lh, lh_prev, log_ratio, dead_now):
-        # log w += log h_k(x_k) - log h_{k-1}(x_{k-1}) (+ the proposal's density
-        # ratio of the move to x_k). A failed particle, or one whose twist is zero
-        # (log h = -inf, now or before), weighs zero.
-        dead = dead | dead_now | jnp.isnan(log_ratio)
-        zero = dead | (lh == -jnp.inf) | (lh_prev == -jnp.inf)
-        new = logw + lh - lh_prev + log_ratio
-        return jnp.where(zero, -jnp.inf, new), dead
+    def reweight(v, dead, lh, log_ratio, dead_now):
+        # The weight is carried untwisted: v = log w - log h_{k-1}(x_{k-1}), which
+        # changes only by the proposal's density ratio of each move (and at a
+        # resampling); log w_k = v + log h_k(x_k) is formed afresh at every step.
+        # (Accumulating log w += log h_k - log h_{k-1} instead lost a resampling's
+        # offset whenever a twist of huge magnitude (a hard constraint written as
+        # log r = -1e8) rounded it away, and overflowed for log r = -finfo.max.)
+        # A failed particle, or one whose twist is zero (log h = -inf, now or
+        # before: v = -inf), weighs zero. Also returns how many failed just now.
+        new_dead = dead | dead_now | jnp.isnan(log_ratio)
+        v = v + log_ratio
+        zero = new_dead | (lh == -jnp.inf) | (v == -jnp.inf)
+        logw = jnp.where(zero, -jnp.inf, v + lh)
+        v = jnp.where(zero, -jnp.inf, v)
+        return logw, v, new_dead, jnp.sum(new_dead & ~dead)
 
     def step(carry, xs):
-        x, state, lh_prev, log_ratio, logw, dead = carry
+        x, state, v, log_ratio, dead = carry
         k, t0, t1, cell = xs
         # Reweight at x_k with the twist there, resample x_k (with its solver state
         # and the score value the move reuses), then move every slot with its own
         # increment: copies of one ancestor diverge at once.
         scores, (lh, dead_now) = jax.vmap(evaluate, in_axes=(0, None))(x, t0)
-        logw, dead = reweight(logw, dead, lh, lh_prev, log_ratio, dead_now)
+        logw, v, dead, num_failed = reweight(v, dead, lh, log_ratio, dead_now)
         ess = _ess(logw)
         # equal weights give an ESS of n up to rounding: not a reason to resample
         do = ess < threshold * n * (1 - 1e-5)
 
         def resample(operand):
-            tree, logw = operand
+            tree, logw, v = operand
             idx = _resample_indices(jr.fold_in(k_resample, k), logw, scheme)
             tree = jax.tree.map(lambda a: a[idx], tree)
             log_mean = jax.nn.logsumexp(logw) - math.log(n)
-            return tree, jnp.full_like(logw, log_mean)
+            # equal weights log_mean: untwisted, log_mean - log h_k of each copy
+            return tree, jnp.full_like(logw, log_mean), log_mean - tree[3]
 
         tree = (x, state, scores, lh, dead)
-        tree, logw = lax.cond(do, resample, lambda o: o, (tree, logw))
+        tree, logw, v = lax.cond(do, resample, lambda o: o, (tree, logw, v))
         if sharding is not None:  # keep the particles laid out after the gather
-            tree, logw = constrain((tree, logw))
+            tree, logw, v = constrain((tree, logw, v))
         x, state, (s, sq), lh, dead = tree
         x1, state1, ratio1 = jax.vmap(
             move_one, in_axes=(0, 0, 0, 0, 0, None, None, None)
         )(k_bm, x, state, s, sq, t0, t1, cell)
-        return (x1, state1, lh, ratio1, logw, dead), (ess, do)
+        return (x1, state1, v, ratio1, dead), (ess, do, num_failed)
 
     state0 = jax.vmap(
         lambda x: solver.init(
@@ -587,13 +605,14 @@ def _smc_jit(
     # a traced grid skipped the Python checks: a bad one fails every particle
     dead0 = jnp.broadcast_to(~_grid_ok(sde, ts, True), (n,))
     zeros = jnp.zeros((n,), wdt)
-    carry0 = (y0, state0, zeros, zeros, jnp.where(dead0, -jnp.inf, zeros), dead0)
+    carry0 = (y0, state0, jnp.where(dead0, -jnp.inf, zeros), zeros, dead0)
     xs = (steps, ts[:-1], ts[1:], cells)
-    (ys, _, lh, ratio, logw, dead), (ess, did) = lax.scan(step, carry0, xs)
+    (ys, _, v, ratio, dead), (ess, did, num_failed) = lax.scan(step, carry0, xs)
     # the last factor: r(x_N) / h_{N-1}(x_{N-1}) (and the last move's ratio)
     final = jax.vmap(log_potential)(ys).astype(wdt)
     failed = jax.vmap(_failed)(ys, final)
-    logw, dead = reweight(logw, dead, final, lh, ratio, failed)
+    logw, _, dead, last_failed = reweight(v, dead, final, ratio, failed)
     ess = jnp.concatenate([ess, _ess(logw)[None]])
     log_z = jax.nn.logsumexp(logw) - math.log(n)
-    return SMCSamples(ys, logw, log_z, ess, did, dead)
+    failures = jnp.concatenate([num_failed, last_failed[None]])
+    return SMCSamples(ys, logw, log_z, ess, did, dead, failures)

@@ -227,6 +227,48 @@ def test_failed_and_zero_weight_particles():
     np.testing.assert_allclose(np.exp(out.log_normalizer), bad.mean(), rtol=1e-12)
 
 
+def test_a_huge_finite_log_potential_acts_as_zero():
+    """A hard constraint written with a large finite log r = c (not -inf): once
+    e^c is 0 the estimate must not depend on c. Accumulating log w += log h_k -
+    log h_{k-1} rounded a resampling's offset away when c was huge (Z-hat biased
+    high, 0.45 for a true 0.25) and overflowed to -inf at c = -finfo.max."""
+    ts = gd.uniform_grid(1.0, 1e-3, 50)
+
+    def log_z(c):
+        log_r = lambda x: jnp.where(x[0] > 2.0, 0.0, c).astype(x.dtype)
+        out = gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), log_r,
+                            num_particles=256, ts=ts)  # fmt: skip
+        assert out.resampled.any()
+        return float(out.log_normalizer)
+
+    values = [log_z(c) for c in (-1e5, -1e8, -1e30, float(-np.finfo(np.float32).max))]
+    assert np.isfinite(values[0]) and values == [values[0]] * 4, values
+
+
+def test_failures_are_counted_through_resampling():
+    """Resampling replaces failed slots with live copies, which erased every trace
+    of the failures (and Z-hat silently estimated E[r 1{no failure}])."""
+
+    class NaNLeft(gd.AbstractScore):  # NaN at one time for particles with x[0] < 0
+        def __call__(self, t, x, args=None):
+            s = GMM.score(SDE)(t, x, args)
+            return jnp.where((jnp.abs(t - 0.5) < 0.02) & (x[0] < 0), jnp.nan, s)
+
+    kw = dict(num_particles=256, ts=gd.uniform_grid(1.0, 1e-3, 50))
+    for threshold in (0.0, 1.0):
+        out = gd.smc_sample(jr.key(0), SDE, NaNLeft(), (2,), REWARD.log,
+                            ess_threshold=threshold, **kw)  # fmt: skip
+        counts = np.asarray(out.num_failed_per_step)
+        assert counts.shape == (51,) and counts.sum() > 50
+        if threshold == 0.0:  # no resampling: the flags are all there
+            assert counts.sum() == int(out.failed.sum())
+        else:  # resampled away, but counted
+            assert not out.failed.any()
+    with pytest.raises(ValueError, match="twist must be >= 0"):
+        gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log, twist=-1.0,
+                      **kw)  # fmt: skip
+
+
 def test_twist_floor_keeps_hard_constraints_unbiased():
     """A hard constraint (log r = 0 or -inf) with twist 1: every particle's denoised
     estimate leaves the half-space at some step, so without a floor all weights
