@@ -309,7 +309,13 @@ class DPMSolverPP(DDIM):
     with the previous step's prediction carried in the solver state; the first step
     is a `DDIM` step. One score evaluation per step; global error $O(h^2)$ (on a
     grid uniform in log-SNR, `gd.logsnr_grid`). Fixed grids only (`StepTo` or the
-    scan driver): a rejected adaptive step would leave a stale prediction.
+    scan driver): a rejected adaptive step would leave a stale prediction. Use a
+    grid whose log-SNR steps change gradually: on a uniform grid ending at a tiny
+    $t$ the last step's $h$ is many times the previous one's ($r$ small), and the
+    correction $(\hat x_0(t) - \hat x_0(t_{\rm prev}))/(2r)$ is amplified (with
+    the 1 - t schedule down to $10^{-6}$, 100 uniform steps gave 2.4x the target's
+    variance; the log-SNR grid was exact to Monte-Carlo error). The same holds for
+    `SDEDPMSolverPP`.
 
     **Arguments:**
 
