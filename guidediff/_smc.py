@@ -614,5 +614,7 @@ def _smc_jit(
     logw, _, dead, last_failed = reweight(v, dead, final, ratio, failed)
     ess = jnp.concatenate([ess, _ess(logw)[None]])
     log_z = jax.nn.logsumexp(logw) - math.log(n)
+    # particles dead from the start (a bad traced grid) count as failing at ts[0]
     failures = jnp.concatenate([num_failed, last_failed[None]])
+    failures = failures.at[0].add(jnp.sum(dead0).astype(failures.dtype))
     return SMCSamples(ys, logw, log_z, ess, did, dead, failures)

@@ -264,6 +264,11 @@ def test_failures_are_counted_through_resampling():
             assert counts.sum() == int(out.failed.sum())
         else:  # resampled away, but counted
             assert not out.failed.any()
+    # a bad traced grid fails every particle from the start: counted at ts[0]
+    run = jax.jit(lambda ts: gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,),
+                                           REWARD.log, num_particles=8, ts=ts))  # fmt: skip
+    bad = run(gd.uniform_grid(1.0, 1e-3, 4)[::-1])
+    assert bad.failed.all() and int(bad.num_failed_per_step[0]) == 8
     with pytest.raises(ValueError, match="twist must be >= 0"):
         gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log, twist=-1.0,
                       **kw)  # fmt: skip
