@@ -8,6 +8,8 @@ by resampling), and the threshold is the t quantile of a difference of two R-run
 means at a family-wise 1e-3 over the module's checks.
 """
 
+import itertools
+
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
@@ -329,14 +331,30 @@ def test_smc_bad_input():
 
 def test_resample_indices_never_pick_zero_weight_in_float32():
     """(j + U) / n rounds to 1 in float32 for large n; such u go to the last particle
-    WITH weight, never to a zero-weight last slot."""
+    WITH weight, never to a zero-weight last slot. In float32 (x64 off: with x64 the
+    positions are float64 and never round), with keys whose last position does round
+    to 1 (about one draw in 16 at 2^20), so the case is exercised, not left to a seed."""
     n = 2**20
-    logw = jnp.zeros(n, jnp.float32).at[-1].set(-jnp.inf)
-    for scheme in ("systematic", "stratified"):
-        idx = jax.vmap(lambda k: gd.resample_indices(k, logw, scheme))(
-            jr.split(jr.key(0), 32)
+    with jax.enable_x64(False):
+        logw = jnp.zeros(n, jnp.float32).at[-1].set(-jnp.inf)
+        pick = jax.jit(
+            jax.vmap(gd.resample_indices, in_axes=(0, None, None)),
+            static_argnums=2,
         )
-        assert int(jnp.max(idx)) < n - 1, scheme
+        draws = {
+            "systematic": jax.jit(lambda k: jr.uniform(k, (), jnp.float32)),
+            "stratified": jax.jit(lambda k: jr.uniform(k, (n,), jnp.float32)[-1]),
+        }
+        for scheme, last_u in draws.items():
+            rounds = (
+                k
+                for k in jr.split(jr.key(0), 256)
+                if (np.float32(n - 1) + np.float32(last_u(k))) / np.float32(n) >= 1
+            )
+            keys = list(itertools.islice(rounds, 4))
+            assert len(keys) == 4, scheme  # about 16 of 256 expected
+            idx = pick(jnp.stack(keys), logw, scheme)
+            assert int(jnp.max(idx)) < n - 1, scheme
     with pytest.raises(ValueError, match="no NaN"):
         gd.resample_indices(jr.key(0), jnp.array([0.0, jnp.nan]))
     with pytest.raises(ValueError, match="at least one finite"):
