@@ -233,17 +233,20 @@ def test_a_huge_finite_log_potential_acts_as_zero():
     """A hard constraint written with a large finite log r = c (not -inf): once
     e^c is 0 the estimate must not depend on c. Accumulating log w += log h_k -
     log h_{k-1} rounded a resampling's offset away when c was huge (Z-hat biased
-    high, 0.45 for a true 0.25) and overflowed to -inf at c = -finfo.max."""
-    ts = gd.uniform_grid(1.0, 1e-3, 50)
+    high, 0.45 for a true 0.25) and overflowed to -inf at c = -finfo.max. In
+    float32 (x64 off; in float64 neither happens at these c)."""
 
-    def log_z(c):
+    def log_z(c):  # the oracle and SDE made with x64 off (float32 parameters)
         log_r = lambda x: jnp.where(x[0] > 2.0, 0.0, c).astype(x.dtype)
-        out = gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), log_r,
-                            num_particles=256, ts=ts)  # fmt: skip
-        assert out.resampled.any()
+        sde = gd.VPSDE()
+        out = gd.smc_sample(jr.key(0), sde, three_class_gmm().score(sde), (2,), log_r,
+                            num_particles=256, ts=gd.uniform_grid(1.0, 1e-3, 50))  # fmt: skip
+        assert out.resampled.any() and out.log_weights.dtype == jnp.float32
         return float(out.log_normalizer)
 
-    values = [log_z(c) for c in (-1e5, -1e8, -1e30, float(-np.finfo(np.float32).max))]
+    with jax.enable_x64(False):
+        cs = (-1e5, -1e8, -1e30, float(-np.finfo(np.float32).max))
+        values = [log_z(c) for c in cs]
     assert np.isfinite(values[0]) and values == [values[0]] * 4, values
 
 
