@@ -57,7 +57,9 @@ def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array,
     """
     _check_steps(num_steps)
     _check_ends("quadratic_grid", t_start, t_end)
-    u = 1.0 - jnp.arange(num_steps + 1) / num_steps
+    # the ends' float dtype, as `uniform_grid` (jnp.linspace) keeps it
+    dtype = jnp.result_type(t_start, t_end, float)
+    u = 1.0 - jnp.arange(num_steps + 1, dtype=dtype) / num_steps
     ts = t_end + (t_start - t_end) * u**2
     # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
     # which `sample` rejects as leaving the SDE's range)

@@ -18,6 +18,7 @@ def test_quadratic_grid_hits_both_ends_exactly():
             start = jnp.asarray(0.9, dtype)
             ts = gd.quadratic_grid(start, jnp.asarray(t_end, dtype), 7)
             assert ts[0] == start and ts[-1] == jnp.asarray(t_end, dtype)
+            assert ts.dtype == dtype  # the ends' dtype, as uniform_grid
             assert np.all(np.diff(np.asarray(ts)) < 0)
     sde = gd.VPSDE(T=jnp.float32(0.9))
     ts = gd.quadratic_grid(jnp.float32(0.9), jnp.float32(1e-5), 7)
