@@ -99,6 +99,59 @@ def test_guidance_formulas():
     )
 
 
+def test_weights_scale_each_guidance_term():
+    """Each guidance adds w times its term. At w = 0 and 1 alone (above) a slip such
+    as w|w| or w^2 in place of w is invisible: checked at 0.5, 2 and -0.7."""
+    t = 0.5
+    s = GMM.score(SDE)
+    base, cond, tilted = s(t, X), COND(t, X, LABEL), TILTED.score(SDE)(t, X)
+    reward = lambda x0: -0.5 * jnp.sum((x0 - 1.0) ** 2)
+    grad_r = jax.grad(lambda y: reward(gd.denoise(SDE, s, t, y)))(X)
+    for w in (0.5, 2.0, -0.7):
+        cases = {
+            "cfg": (gd.guide(COND, gd.cfg(w, null_args=3)), LABEL, cond - base),
+            "cfg-unbatched": (
+                gd.guide(COND, gd.cfg(w, null_args=3, batched=False)),
+                LABEL,
+                cond - base,
+            ),
+            "cfg-unconditional": (
+                gd.guide(COND, gd.cfg(w, unconditional=s)),
+                LABEL,
+                cond - base,
+            ),
+            # exact classifier: grad log p(c | x) = conditional - unconditional score
+            "classifier": (
+                gd.guide(s, gd.classifier_guidance(GMM.log_classifier(SDE), w)),
+                LABEL,
+                cond - base,
+            ),
+            "reward": (gd.guide(s, gd.reward_guidance(TILTED.score(SDE), w)), None, tilted - base),
+            "gradient": (gd.guide(s, gd.gradient_guidance(reward, w, SDE)), None, grad_r),
+        }  # fmt: skip
+        for name, (guided, args, term) in cases.items():
+            start = cond if name.startswith("cfg") else base
+            np.testing.assert_allclose(
+                guided(t, X, args), start + w * term, rtol=1e-10, err_msg=f"{name} {w}"
+            )
+
+
+def test_interval_ends_are_inclusive():
+    """Guided at t = t_lo and t = t_hi exactly (as documented), plain just outside;
+    the other tests never evaluate at an end."""
+    g = gd.cfg(1.5, null_args=3)
+    guided, iv = gd.guide(COND, g), gd.guide(COND, gd.interval(g, 0.25, 0.75))
+    for dtype in (jnp.float32, jnp.float64):
+        for end, outside in ((0.25, -1.0), (0.75, 2.0)):
+            t = jnp.asarray(end, dtype)
+            np.testing.assert_allclose(iv(t, X, LABEL), guided(t, X, LABEL), rtol=1e-12)
+            out = jnp.nextafter(t, jnp.asarray(outside, dtype))
+            np.testing.assert_allclose(
+                iv(out, X, LABEL), COND(out, X, LABEL), rtol=1e-12
+            )
+            assert not np.allclose(guided(t, X, LABEL), COND(t, X, LABEL))
+
+
 def test_jit_vmap_equal_plain():
     guided = gd.guide(COND, gd.chain(*_guidances()))
     xs = jr.normal(jr.key(0), (5, 2))
