@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+import scipy.stats
 
 from guidediff._losses import (
     check_labels,
@@ -535,3 +536,19 @@ def test_a_flax_module_may_stand_for_its_apply(x0):
         clf.apply, cparams, jr.key(1), x0, labels, SDE, num_classes=2
     )
     assert float(a) == float(b)
+
+
+def test_training_times_are_uniform_on_t_min_to_T():
+    """With a model that returns t and x0 = 0, the x0-weighted x0-prediction loss of
+    one example is exactly t^2: the drawn times are observed. They lie in
+    (t_min, T] and are uniform there (Kolmogorov-Smirnov at level 1e-3)."""
+    import guidediff as gd
+
+    t_min, n = 0.5, 4000
+    model = lambda p, t, x, label: jnp.full_like(x, t)
+    loss = lambda k: gd.dsm_example_loss(model, None, k, jnp.zeros(1), SDE,
+                                         t_min=t_min, prediction="x0", weighting="x0")  # fmt: skip
+    t = np.sqrt(np.asarray(jax.vmap(loss)(jr.split(jr.key(0), n))))
+    assert t.min() > t_min and t.max() <= float(SDE.T)
+    ks = scipy.stats.kstest(t, "uniform", args=(t_min, float(SDE.T) - t_min))
+    assert ks.pvalue > 1e-3, ks

@@ -55,6 +55,20 @@ def test_log_snr_decreasing():
         assert np.all(np.diff(np.asarray(lam)) < 0)
 
 
+def test_log_snr_is_log_alpha2_over_sigma2():
+    """The value, not only its monotonicity (`logsnr_grid` is blind to a constant
+    factor, and the solvers compute their own lambda)."""
+    for sde in SDES:
+        for t in (0.05, 0.3, 0.9 * float(sde.T)):
+            alpha, sigma = sde.marginal(t)
+            np.testing.assert_allclose(
+                sde.log_snr(t), jnp.log(alpha**2 / sigma**2), rtol=1e-10
+            )
+    # closed form: VP with alpha^2 = 1 - t at t = 0.2 is log(0.8 / 0.2)
+    one_minus_t = gd.VPSDE(gd.OneMinusT())
+    np.testing.assert_allclose(one_minus_t.log_snr(0.2), np.log(4.0), rtol=1e-12)
+
+
 def test_grids():
     sde = gd.VPSDE()
     for ts in [

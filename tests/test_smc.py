@@ -279,6 +279,23 @@ def test_failures_are_counted_through_resampling():
                       **kw)  # fmt: skip
 
 
+def test_twist_scales_the_intermediate_potentials():
+    """The intermediate weights are exp(twist * log r(x0_hat)): without resampling
+    (the same particles) a run with `twist=lam` has the ESS trace of a run with
+    potential lam * log r and twist 1 up to the last time (where the weight is the
+    potential itself, r against r^lam). The statistical tests cannot see the twist:
+    Z-hat and the tilted law telescope to r for any lam."""
+    ts = gd.uniform_grid(1.0, 1e-3, 12)
+    kw = dict(num_particles=64, ts=ts, ess_threshold=0.0)
+    for lam in (0.25, 2.0):
+        twisted = gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log,
+                                twist=lam, **kw)  # fmt: skip
+        scaled = gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,),
+                               lambda x, lam=lam: lam * REWARD.log(x), **kw)  # fmt: skip
+        np.testing.assert_allclose(twisted.ess[:-1], scaled.ess[:-1], rtol=1e-10)
+        assert not np.allclose(twisted.ess[:-1], 64.0, rtol=1e-3)  # weights vary
+
+
 def test_twist_floor_keeps_hard_constraints_unbiased():
     """A hard constraint (log r = 0 or -inf) with twist 1: every particle's denoised
     estimate leaves the half-space at some step, so without a floor all weights
@@ -330,6 +347,26 @@ def test_smc_bad_input():
         )
     with pytest.raises(ValueError, match="resampling must be one of"):
         gd.resample_indices(jr.key(0), jnp.zeros(3), "x")
+
+
+@pytest.mark.parametrize(
+    "scheme, exact",
+    [("systematic", 0.0), ("stratified", 0.25), ("multinomial", 108 / 1024)],
+)
+def test_resample_indices_joint_law(scheme, exact):
+    """The schemes share their means (above) but not their joint law. With
+    w = (1, 3, 3, 1)/8 the cdf is (1/8, 1/2, 7/8, 1): one particle each of the two
+    light ones needs u_0 < 1/8 and u_3 >= 7/8. Systematic (u_j = (j + U)/4): never;
+    stratified (independent U_j): 1/4; multinomial: 4!/2! (1/8)^2 (3/4)^2."""
+    reps = 4000
+    lw = jnp.log(jnp.array([1.0, 3.0, 3.0, 1.0]) / 8)
+    idx = jax.vmap(lambda k: gd.resample_indices(k, lw, scheme))(
+        jr.split(jr.key(3), reps)
+    )
+    both = (jnp.sum(idx == 0, 1) == 1) & (jnp.sum(idx == 3, 1) == 1)
+    p_hat = float(jnp.mean(both))
+    se = np.sqrt(max(exact * (1 - exact), 1e-12) / reps)
+    assert abs(p_hat - exact) <= 4 * se, (scheme, p_hat, exact)
 
 
 def test_resample_indices_never_pick_zero_weight_in_float32():
