@@ -369,6 +369,34 @@ def test_resample_indices_joint_law(scheme, exact):
     assert abs(p_hat - exact) <= 4 * se, (scheme, p_hat, exact)
 
 
+def test_each_resampling_draws_fresh_randomness(monkeypatch):
+    """Every resampling of a run uses its own key. One key for all would reuse one
+    U across the steps: each step stays unbiased marginally, so the statistical
+    tests cannot see it, but conditional on the past U is no longer uniform. Spied
+    on: the keys reaching the resampler (compiled programs cleared around it)."""
+    from guidediff import _smc
+
+    seen = []
+    original = _smc._resample_indices
+
+    def spy(key, logw, scheme):
+        jax.debug.callback(lambda k: seen.append(np.asarray(k).tobytes()),
+                           jr.key_data(key))  # fmt: skip
+        return original(key, logw, scheme)
+
+    monkeypatch.setattr(_smc, "_resample_indices", spy)
+    jax.clear_caches()
+    try:
+        out = gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), REWARD.log,
+                            num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 6),
+                            ess_threshold=1.0)  # fmt: skip
+        jax.effects_barrier()
+    finally:
+        jax.clear_caches()
+    assert bool(out.resampled.all()) and len(seen) >= 6
+    assert len(set(seen)) == len(seen)
+
+
 def test_resample_indices_never_pick_zero_weight_in_float32():
     """(j + U) / n rounds to 1 in float32 for large n; such u go to the last particle
     WITH weight, never to a zero-weight last slot. In float32 (x64 off: with x64 the

@@ -392,6 +392,46 @@ def test_minibatches_draw_every_row_uniformly():
     np.testing.assert_array_less(np.abs(freq - 1 / n), 4 * se)
 
 
+def test_step_keys_follow_the_documented_rule():
+    """Step k draws its batch from kdata and calls the loss with kloss, where
+    kdata, kloss = split(fold_in(key, k)) (the documented rule, across chunk
+    boundaries). With sgd(0) the losses record both draws. One key for both would
+    correlate the batch with the loss's noise."""
+    key, n = jr.key(7), 12
+    loss = lambda p, k, batch: p * (batch + 10.0 * jr.uniform(k, (), batch.dtype))
+    out = fit(loss, jnp.asarray(1.0), lambda k: jr.uniform(k, (), float),
+              optimizer=optax.sgd(0.0), num_steps=n, key=key, steps_per_dispatch=5,
+              progress=False)  # fmt: skip
+    want = []
+    for k in range(n):
+        kdata, kloss = jr.split(jr.fold_in(key, k))
+        want.append(jr.uniform(kdata, (), float) + 10.0 * jr.uniform(kloss, (), float))
+    np.testing.assert_allclose(out.losses, want, rtol=1e-12)
+
+
+def test_a_16_bit_models_ema_follows_moving_parameters():
+    """bfloat16 parameters climbing one ulp (2^-7 on [1, 2)) per step: the EMA is
+    the documented recursion e <- e + (1 - d_k)(p_k - e), d_k = min(decay,
+    (1 + k)/(10 + k)), computed in float32 and rounded to bfloat16 once (half an
+    ulp). A bfloat16 accumulator loses the increments below half its resolution
+    (8 ulps behind here); parameters held still cannot show it."""
+    steps, decay, lr = 100, 0.99, 2.0**-7
+    p0 = {"w": jnp.ones((4,), jnp.bfloat16)}
+    out = fit(lambda p, k, b: -jnp.sum(p["w"].astype(jnp.float32)), p0,
+              lambda k: jnp.zeros(()), optimizer=optax.sgd(lr), num_steps=steps,
+              key=jr.key(0), ema_decay=decay, steps_per_dispatch=50, progress=False)  # fmt: skip
+    e = p = np.float32(1.0)
+    for k in range(steps):
+        p = np.float32(p + lr)
+        d = np.float32(min(decay, (1 + k) / (10 + k)))
+        e = np.float32(e + (np.float32(1) - d) * (p - e))
+    np.testing.assert_array_equal(np.asarray(out.params["w"], np.float32), p)
+    assert out.ema_params["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_less(
+        np.abs(np.asarray(out.ema_params["w"], np.float32) - e), 2.0**-8 + 1e-7
+    )
+
+
 def test_ema():
     """A constant gradient with SGD: params_k = p0 - lr (k + 1); the EMA follows
     ema_k = d_k ema_{k-1} + (1 - d_k) params_k with d_k = min(d, (1 + k)/(10 + k))."""
