@@ -264,6 +264,8 @@ def test_solver_must_match_the_sde_and_the_controller():
 def test_bad_weights_and_intervals():
     with pytest.raises(ValueError, match="strictly increasing"):
         gd.PiecewiseLinear([1.0, 0.0], [5.0, 0.0])
+    with pytest.raises(ValueError, match="strictly increasing"):  # a repeated knot
+        gd.PiecewiseLinear([0.0, 0.5, 0.5, 1.0], [0.0, 1.0, 3.0, 3.0])
     with pytest.raises(ValueError, match="at least one knot"):
         gd.PiecewiseLinear([], [])
     guidance = gd.reward_guidance(GMM.score(SDE), 1.0)

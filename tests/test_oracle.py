@@ -249,3 +249,41 @@ def test_mixture_score_against_dense_covariances(dim):
         (lp, s), (want_lp, want_s) = both(ts, xs)
         np.testing.assert_allclose(lp, want_lp, rtol=1e-10)
         np.testing.assert_allclose(s, want_s, rtol=1e-8, atol=1e-10)
+
+
+def test_mixture_moments_and_class_conditionals():
+    """Closed forms the other tests do not pin: the covariance of a two-component
+    mixture (E[Sigma_k] + Var(mu_k)), a class of two components keeping their
+    relative weights, and log p_t(c | x) + log(1 - p_t(c | x)) summing to one."""
+    g = gd.GaussianMixture([0.25, 0.75], [[-1.0, 1.0], [3.0, 1.0]], [0.5, 2.0])
+    np.testing.assert_allclose(g.mean(), [2.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(g.cov(), np.diag([1.625 + 3.0, 1.625]), atol=1e-12)
+    gmm = gd.GaussianMixture([0.1, 0.3, 0.6], [[-2.0], [0.0], [3.0]], [1.0, 0.5, 1.0],
+                             labels=[0, 0, 1])  # fmt: skip
+    c0 = gmm.conditional(0)
+    np.testing.assert_allclose(c0.weights, [0.25, 0.75], rtol=1e-12)
+    for x in (-1.0, 0.5, 2.0):
+        x = jnp.array([x])
+        np.testing.assert_allclose(c0.log_prob(x), gmm.log_prob(x, 0), rtol=1e-12)
+        for t in (0.1, 0.6):
+            for c in (0, 1):
+                p = jnp.exp(gmm.log_classifier_t(SDE, t, x, c))
+                q = jnp.exp(gmm.log_classifier_complement_t(SDE, t, x, c))
+                np.testing.assert_allclose(p + q, 1.0, rtol=1e-12)
+
+
+def test_point_cloud_tilt_multiplies_the_weights():
+    """w_i' proportional to w_i r_i: a non-uniform cloud (a uniform one cannot tell
+    w r from r), and two tilts compose into one by the product."""
+    pc = gd.PointCloud(jnp.array([[0.0], [1.0], [2.0]]), jnp.array([1.0, 2.0, 1.0]))
+    r1, r2 = jnp.array([3.0, 1.0, 2.0]), jnp.array([0.5, 2.0, 1.0])
+    np.testing.assert_allclose(jnp.exp(pc.tilt(r1).log_weights), [3 / 7, 2 / 7, 2 / 7],
+                               rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(pc.tilt(r1).tilt(r2).log_weights,
+                               pc.tilt(r1 * r2).log_weights, rtol=1e-12)  # fmt: skip
+
+
+def test_piecewise_linear_values():
+    w = gd.PiecewiseLinear([0.0, 0.5, 1.0], [0.0, 2.0, 3.0])
+    for t, v in ((0.25, 1.0), (0.5, 2.0), (0.75, 2.5), (-1.0, 0.0), (2.0, 3.0)):
+        np.testing.assert_allclose(w(t), v, rtol=1e-12)
