@@ -86,15 +86,15 @@ def _schedule(num_steps, lr=2e-3):
 
 @pytest.fixture(scope="module")
 def unconditional(gmm):
-    """3x128 MLP, eps-prediction, 3000 steps of fresh GMM samples (~10 s on CPU)."""
+    """3x128 MLP, eps-prediction, 1500 steps of fresh GMM samples (~10 s on CPU)."""
     net = MLPScoreNet(hidden=(128, 128, 128), time_embed_dim=32)
     params = net.init(jr.key(0), 0.5, jnp.zeros(2))
     result = fit(
         lambda p, k, x0: dsm_loss(net.apply, p, k, x0, SDE),
         params,
         lambda k: gmm.sample(k, BATCH),
-        optimizer=_schedule(3000),
-        num_steps=3000,
+        optimizer=_schedule(1500),
+        num_steps=1500,
         key=jr.key(1),
         steps_per_dispatch=500,
         ema_decay=0.99,
@@ -105,7 +105,7 @@ def unconditional(gmm):
 
 def test_learned_score_matches_oracle(gmm, unconditional):
     net, result = unconditional
-    assert result.losses.shape == (3000,)
+    assert result.losses.shape == (1500,)
     assert np.mean(result.losses[-500:]) < np.mean(result.losses[:100])
     err = rel_err(flax_score(net, result.ema_params, SDE), gmm.score(SDE), gmm)
     err_raw = rel_err(flax_score(net, result.params, SDE), gmm.score(SDE), gmm)
@@ -160,12 +160,12 @@ def test_learned_reward_guidance_raises_reward(gmm, unconditional, reweighted):
         flax_score(net, rw.ema_params, SDE),
     )
     exact = (gmm.score(SDE), gmm.tilt(REWARD).score(SDE))
-    ts = gd.uniform_grid(SDE.T, 1e-3, 200)
+    ts = gd.uniform_grid(SDE.T, 1e-3, 100)
     rewards = {}
     for name, (s, s_r) in {"learned": learned, "exact": exact}.items():
         for w in [0.0, 1.0, 2.0]:
             guided = gd.guide(s, gd.reward_guidance(s_r, w))
-            out = gd.sample(jr.key(5), SDE, guided, (2,), num_particles=3000, ts=ts)
+            out = gd.sample(jr.key(5), SDE, guided, (2,), num_particles=1000, ts=ts)
             assert int(out.num_failed) == 0
             rewards[name, w] = jax.vmap(REWARD)(out.ys)
     for name in ["learned", "exact"]:
