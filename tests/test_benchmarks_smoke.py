@@ -353,3 +353,58 @@ def test_quick_run_does_not_replace_a_full_result(tmp_path):
     # a quick file is replaced by the next quick run
     full.write_text(json.dumps({"quick": True, "value": 1}))
     assert write_result("demo", args, {"value": 3}) == full
+
+
+def test_time_all_under_a_fake_clock(monkeypatch):
+    """Exact timings under a scripted clock: the median of the timed calls (1 s, not
+    the mean 4 s), compile time = first call - median, the dispatch time taken before
+    blocking, and the round order rotated by one per round."""
+    import types
+
+    import benchmarks._common as common
+
+    clock, order = [0.0], []
+    monkeypatch.setattr(
+        common, "time", types.SimpleNamespace(perf_counter=lambda: clock[0])
+    )
+
+    class Out:  # blocking on it advances the clock by `block`
+        def __init__(self, block):
+            self.block = block
+
+    def block(out):
+        clock[0] += out.block
+        return out
+
+    monkeypatch.setattr(common, "_block_jax", block)
+
+    def variant(name, durations):  # (dispatch, blocking) per call
+        it = iter(durations)
+
+        def fn(x):
+            dispatch, blocking = next(it)
+            order.append(name)
+            clock[0] += dispatch
+            return Out(blocking)
+
+        return fn
+
+    a = variant("a", [(100, 0), (1, 0), (0.5, 0.5), (0.5, 0.5), (0.5, 9.5)])
+    b = variant("b", [(50, 0), (1, 0), (0.25, 1.75), (0.25, 1.75), (0.25, 1.75)])
+    timings, _ = common.time_all({"a": a, "b": b}, None, repeats=3)
+    ta = timings["a"]
+    assert (ta["run_s"], ta["compile_s"], ta["dispatch_s"]) == (1.0, 99.0, 0.5)
+    assert (ta["run_min_s"], ta["run_max_s"], ta["first_call_s"]) == (1.0, 10.0, 100.0)
+    assert timings["b"]["run_s"] == 2.0 and timings["b"]["dispatch_s"] == 0.25
+    assert order[4:] == list("abbaab")  # first calls and warm-ups, then rotated rounds
+
+
+def test_gpu_table_shows_a_failed_variant_as_a_dash():
+    """time_all records a failed variant as {"error": ...}: the README table shows
+    "-" for it (no committed JSON has one, so this path ran nowhere else)."""
+    from benchmarks._table import _against_scan
+
+    res = json.loads((ROOT / "benchmarks/results/against_scan_gpu.json").read_text())
+    res["results"][0]["forward"]["hand"] = {"error": "RuntimeError: out of memory"}
+    rows = _against_scan(res, "against_scan_gpu.json")
+    assert rows[0].endswith("ms vs -) | against_scan_gpu.json |"), rows[0]

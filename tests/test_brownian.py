@@ -209,3 +209,34 @@ def test_sixteen_bit_draws_are_the_float32_draws_rounded():
             cell_normal(jr.key(1), 2, (3,), dt),
             cell_normal(jr.key(1), 2, (3,), jnp.float32).astype(dt),
         )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cell_normal_is_the_documented_construction(dtype):
+    """Rebuilt in NumPy from the docstring: block j of cell k hashes the counter
+    (k, j); float32 values take one word, float64 two (hi, lo); the top mantissa bits
+    give a uniform on [0, 1), mapped to [nextafter(-1, 0), 1) and through
+    sqrt(2) erfinv. Moment tests cannot see float64 normals built from 32 bits."""
+    from jax.extend.random import threefry_2x32
+    from scipy.special import erfinv
+
+    from guidediff._brownian import cell_normal
+
+    key, k, n = jr.key(7), 5, 6
+    wide = dtype == jnp.float64
+    blocks = n if wide else (n + 1) // 2
+    counts = jnp.concatenate([jnp.full((blocks,), k, jnp.uint32),
+                              jnp.arange(blocks, dtype=jnp.uint32)])  # fmt: skip
+    words = np.asarray(threefry_2x32(jr.key_data(key), counts)).astype(np.uint64)
+    if wide:
+        bits, nmant = (words[0 : 2 * n : 2] << np.uint64(32)) | words[1 : 2 * n : 2], 52
+        unit = (bits >> np.uint64(64 - nmant)).astype(np.float64) / 2.0**nmant
+    else:
+        unit = (words[:n] >> np.uint64(32 - 23)).astype(np.float64) / 2.0**23
+    lo = np.nextafter(np.asarray(-1.0, dtype), np.asarray(0.0, dtype)).astype(
+        np.float64
+    )
+    want = np.sqrt(2) * erfinv(np.maximum(lo, unit * (1 - lo) + lo))
+    got = cell_normal(key, k, (n,), dtype)
+    rtol = 1e-12 if wide else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol)

@@ -49,6 +49,12 @@ def test_sinusoidal_embedding():
     np.testing.assert_array_equal(e, jnp.concatenate([jnp.ones(4), jnp.zeros(4)]))
     e1, e2 = sinusoidal_embedding(0.3, 16), sinusoidal_embedding(0.31, 16)
     assert not np.allclose(e1, e2)
+    # the formula away from t = 0 (where every frequency gives cos 1, sin 0):
+    # [cos(w u), sin(w u)], w_i = 10^4^(-i / h), u = 1000 t
+    w = 10_000.0 ** (-np.arange(4) / 4)
+    np.testing.assert_allclose(sinusoidal_embedding(0.3, 8),
+                               np.concatenate([np.cos(300 * w), np.sin(300 * w)]),
+                               atol=1e-4)  # fmt: skip
     with pytest.raises(ValueError, match="even"):
         sinusoidal_embedding(0.0, 7)
     with pytest.raises(ValueError, match="scalar"):
@@ -348,3 +354,45 @@ def test_bfloat16_mlp_with_variables_cast_once_samples_the_same(mlp):
         return body.count("convert_element_type[new_dtype=bfloat16")
 
     assert weight_converts(cast) < weight_converts(variables)
+
+
+def test_unet_wiring():
+    """The UNet's wiring, which shapes and label tests cannot see: every residual
+    block receives the conditioning vector, each up-path block's input ends with the
+    skip from the down block at its level, and a residual block whose last
+    convolution is zero returns its input. Recorded with flax's intercept_methods."""
+    import flax.linen as nn
+
+    from guidediff._nn import _Conditioning, _ResBlock
+
+    net = UNet(features=(8, 16), time_embed_dim=8, num_classes=3)
+    x = jr.normal(jr.key(1), (8, 8))
+    v = net.init(jr.key(0), 0.4, x, 1)
+    v = jax.tree.map(lambda a: a + 0.1 * jr.normal(jr.key(2), a.shape), v)
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and isinstance(
+            context.module, _ResBlock | _Conditioning
+        ):
+            calls.append((type(context.module).__name__, args, out))
+        return out
+
+    with nn.intercept_methods(record):
+        net.apply(v, 0.4, x, 1)
+    (cond,) = [out for name, _, out in calls if name == "_Conditioning"]
+    blocks = [(args, out) for name, args, out in calls if name == "_ResBlock"]
+    assert len(blocks) == 5  # down x 2, middle, up x 2
+    for args, _ in blocks:
+        np.testing.assert_array_equal(args[1], cond)
+    down0, down1, _, up1, up0 = blocks
+    np.testing.assert_array_equal(up1[0][0][..., -16:], down1[1])
+    np.testing.assert_array_equal(up0[0][0][..., -8:], down0[1])
+    block = _ResBlock(8)
+    h = jr.normal(jr.key(3), (1, 4, 4, 8))
+    bv = block.init(jr.key(4), h, jnp.ones(8))
+    bv = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.zeros_like(a) if "Conv_1" in jax.tree_util.keystr(p) else a, bv
+    )
+    np.testing.assert_allclose(block.apply(bv, h, jnp.ones(8)), h, atol=1e-6)

@@ -587,6 +587,10 @@ def test_swiss_roll():
     assert y.shape == (10, 2)
 
 
+def test_swiss_roll_scale():
+    np.testing.assert_allclose(swiss_roll(0, 50, scale=2.0), 2 * swiss_roll(0, 50))
+
+
 def test_digits():
     images, labels = digits()
     assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
@@ -595,6 +599,9 @@ def test_digits():
     some, some_labels = digits(classes=(3, 7), channel_axis=True)
     assert some.shape[1:] == (8, 8, 1)
     assert set(np.unique(some_labels).tolist()) == {3, 7}
+    keep = np.isin(np.asarray(labels), [3, 7])  # the image-label pairs kept
+    np.testing.assert_array_equal(some[..., 0], np.asarray(images)[keep])
+    np.testing.assert_array_equal(some_labels, np.asarray(labels)[keep])
     with pytest.raises(ValueError, match=r"0\.\.9"):
         digits(classes=(11,))
     with pytest.raises(ValueError, match=r"0\.\.9"):
