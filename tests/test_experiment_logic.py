@@ -161,3 +161,105 @@ def test_cli_passes_its_flags_on(monkeypatch, tmp_path):
     cli.main(["demo", "--out", str(pathlib.Path(tmp_path) / "c"), "--particles", "10",
               "--steps", "5"])  # fmt: skip
     assert seen["demo"]["num_particles"] == 10 and seen["demo"]["num_steps"] == 5
+
+
+def test_robustness_gains_and_significance(monkeypatch, tmp_path):
+    """robustness.run on a made-up sweep: below eps = 0.4 the 'sampler' moves p's
+    draws towards the bump (a paired, significant gain); from 0.4 on it has
+    collapsed far from it (E[r] near 0: a gain over its own w = 0 that helps no
+    one, not significant). The gain SEs are the paired ones, and the reward score's
+    error is measured under the tilted law."""
+    target = np.array([2.0, 2.0])
+    x0 = np.asarray(robustness.base_mixture().sample(jr.key(3), 2000))
+
+    def fake_sweep(key, sde, p_s, p_r, reward, weights, shape, **kw):
+        eps = float(p_s.eps_field + p_s.eps_bias)
+        x = x0 + 10.0 if eps >= 0.4 else x0
+        return {w: x + 0.2 * w * (target - x) for w in weights}, None, None, None
+
+    laws = []
+
+    def spy_error(key, sde, law, approx, exact, num=4000):
+        laws.append(law)
+        return 0.0
+
+    monkeypatch.setattr(robustness, "reward_sweep", fake_sweep)
+    monkeypatch.setattr(robustness, "relative_error", spy_error)
+    monkeypatch.setattr(robustness, "train_scores",
+                        lambda *a, **k: (None, None, None, {}, {}))  # fmt: skip
+    monkeypatch.setattr(robustness, "_plot", lambda *a, **k: None)
+    res = robustness.run(tmp_path, quick=True)
+    reward = robustness.bump_reward()
+    for row in res["families"]["noise"]:
+        collapsed = row["size"] >= 0.4
+        assert row["gain_significant"] == [not collapsed] * 2, row
+        x = x0 + 10.0 if collapsed else x0
+        r0 = np.asarray(jax.vmap(reward)(x))
+        r1 = np.asarray(jax.vmap(reward)(x + 0.2 * (target - x)))
+        paired = np.std(r1 - r0, ddof=1) / np.sqrt(r0.size)
+        np.testing.assert_allclose(row["gain_stderr"][1], paired, rtol=1e-6)
+    tilted = robustness.base_mixture().tilt(reward)
+    assert len(laws) == 2 * 2 * len(robustness.QUICK["levels"])
+    for base, reweighted in zip(laws[0::2], laws[1::2], strict=True):  # (s, s_r) pairs
+        np.testing.assert_allclose(base.means, robustness.base_mixture().means)
+        np.testing.assert_allclose(reweighted.means, tilted.means)
+
+
+def test_reward_experiment_fields(monkeypatch, tmp_path):
+    """run_reward_experiment on a made-up sweep (training and sampling stubbed):
+    w = 0 gives draws of p, w >= 1 draws of p^r; the exact sampler's means are the
+    exact values, the learned one's reaches half the gain. The claims, the gain
+    fraction (exactly 1/2), and which samples each distance and test compares."""
+    import guidediff._experiments._reward as reward_exp
+
+    gmm, r = reward_gmm.base_mixture(), reward_gmm.bump_reward()
+    tilted = gmm.tilt(r)
+    ep, epr = reward_gmm.exact_reward_values(gmm, r)
+    gain, n, weights = epr - ep, 400, [0.0, 1.0, 2.0]
+    draws = {0.0: np.asarray(gmm.sample(jr.key(11), n))}
+    draws |= {w: np.asarray(tilted.sample(jr.key(12 + i), n)) for i, w in enumerate(weights[1:])}  # fmt: skip
+
+    def fake_sweep(key, sde, s, s_r, reward, weights, shape, **kw):
+        learned = s == "learned"
+        means = [ep, ep + 0.5 * gain, epr + 0.1] if learned else [ep, epr, epr + 0.1]
+        steps = {"step_stderr": [0.001, 0.001], "total_stderr": 0.001}
+        return dict(draws), means, [0.01] * 3, steps
+
+    compared = {"distance": [], "test": []}
+    real_distance, real_test = reward_exp.distance_to, reward_exp.two_sample_pvalue
+
+    def spy_distance(a, b, n):
+        compared["distance"].append((np.asarray(a), np.asarray(b)))
+        return real_distance(a, b, n)
+
+    def spy_test(a, b, key, n):
+        compared["test"].append(np.asarray(a))
+        return real_test(a, b, key, n)
+
+    monkeypatch.setattr(reward_exp, "train_scores",
+                        lambda *a, **k: (None, None, None, {}, {}))  # fmt: skip
+    monkeypatch.setattr(reward_exp, "learned_scores", lambda *a: ("learned", "learned"))
+    monkeypatch.setattr(reward_exp, "reward_sweep", fake_sweep)
+    monkeypatch.setattr(reward_exp, "distance_to", spy_distance)
+    monkeypatch.setattr(reward_exp, "two_sample_pvalue", spy_test)
+    res = reward_exp.run_reward_experiment(
+        tmp_path, name="reward-gmm", quick=True, seed=0,
+        cfg=dict(reward_gmm.QUICK, weights=weights, distance_points=n), base=gmm,
+        tilted=tilted, reward=r, train_data=None, exact_values=(ep, epr), describe={},
+        lims=reward_gmm.LIMS, show=(0.0,), curve_title="", cloud_title="",
+    )  # fmt: skip
+    claims = res["claims"]
+    assert claims["exact_w1_matches_tilted"] and claims["exact_w0_matches_unguided"]
+    assert not claims["learned_w1_within_10pct_of_exact_gain"]  # half the gain
+    np.testing.assert_allclose(res["learned_w1_gain_fraction"], 0.5, rtol=1e-12)
+    (ex, ref_a), (le, _), (ref_b, ref_a2), (le0, ref_p) = compared["distance"]
+    np.testing.assert_array_equal(ex, draws[1.0])  # the w = 1 samples
+    np.testing.assert_array_equal(le0, draws[0.0])
+    np.testing.assert_array_equal(ref_a, ref_a2)
+    assert not np.array_equal(ref_a, ref_b)  # the noise floor: two independent sets
+    # learned w = 0 against draws of p, not of p^r (means 4 SE apart at least)
+    se = np.sqrt(np.diag(np.asarray(gmm.cov())) / n)
+    assert np.all(np.abs(ref_p.mean(0) - np.asarray(gmm.mean())) < 4 * se)
+    assert np.all(np.abs(ref_a.mean(0) - np.asarray(tilted.mean())) < 4 * se)
+    for a in compared["test"]:  # the two-sample tests see the w = 1 samples
+        np.testing.assert_array_equal(a, draws[1.0])
