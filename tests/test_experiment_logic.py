@@ -263,3 +263,39 @@ def test_reward_experiment_fields(monkeypatch, tmp_path):
     assert np.all(np.abs(ref_a.mean(0) - np.asarray(tilted.mean())) < 4 * se)
     for a in compared["test"]:  # the two-sample tests see the w = 1 samples
         np.testing.assert_array_equal(a, draws[1.0])
+
+
+def test_training_efficiency_costs_and_target(monkeypatch, tmp_path):
+    """A DRaFT step costs particles x sampler steps network evaluations (one score
+    call per particle per step); the 90 % target is E_p[r] + 0.9 (E_{p^r}[r] -
+    E_p[r]). Training stubbed."""
+    import types
+
+    te = training_efficiency
+    ep, epr = te.exact_reward_values(te.base_mixture(), te.bump_reward())
+    rows = [dict(step=k, reward=0.5, time_s=float(k + 1)) for k in range(3)]
+    monkeypatch.setattr(te, "finetune_through_sampler",
+                        lambda *a, **k: types.SimpleNamespace(curve=rows, params=None,
+                                                              compile_s=0.0))  # fmt: skip
+    cfgd = dict(draft_particles=64, num_steps=100, draft_iters=3, draft_lr=1e-3)
+    evaluate = lambda p, with_samples: (0.6, 0.01, None)
+    curve, _ = te._draft_curve(None, None, None, None, None, cfgd, None, evaluate,
+                               (0.4, 0.01))  # fmt: skip
+    assert curve["network_evals"] == [k * 64 * 100 for k in range(4)]
+
+    ys = np.asarray(te.base_mixture().tilt(te.bump_reward()).sample(jr.key(1), 50))
+
+    def curve_of(*args):
+        return {"step": [0, 1], "time_s": [0.0, 1.0], "network_evals": [0, 1],
+                "reward": [ep, epr], "final_reward": epr,
+                "final_reward_stderr": 0.01}, ys  # fmt: skip
+
+    monkeypatch.setattr(te, "fit", lambda loss, init, *a, **k: types.SimpleNamespace(
+        ema_params=init, params=init))  # fmt: skip
+    monkeypatch.setattr(te, "_dsm_curve", curve_of)
+    monkeypatch.setattr(te, "_draft_curve", curve_of)
+    monkeypatch.setattr(te, "_plot", lambda *a, **k: None)
+    monkeypatch.setattr(te, "QUICK",
+                        dict(te.QUICK, eval_particles=50, num_steps=5, hidden=(8,)))  # fmt: skip
+    res = te.run(tmp_path, quick=True)
+    np.testing.assert_allclose(res["target_90pct"], ep + 0.9 * (epr - ep), rtol=1e-12)
