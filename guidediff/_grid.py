@@ -57,10 +57,14 @@ def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array,
     """
     _check_steps(num_steps)
     _check_ends("quadratic_grid", t_start, t_end)
-    # the ends' float dtype, as `uniform_grid` (jnp.linspace) keeps it
+    # float ends keep their dtype, as in `uniform_grid` (jnp.linspace); computed in
+    # at least float32 and rounded once (16-bit arithmetic would misplace the times
+    # and can make neighbouring ones equal)
     dtype = jnp.result_type(t_start, t_end, float)
-    u = 1.0 - jnp.arange(num_steps + 1, dtype=dtype) / num_steps
-    ts = t_end + (t_start - t_end) * u**2
+    work = jnp.promote_types(dtype, jnp.float32)
+    u = 1.0 - jnp.arange(num_steps + 1, dtype=work) / num_steps
+    lo, hi = jnp.asarray(t_end, work), jnp.asarray(t_start, work)
+    ts = (lo + (hi - lo) * u**2).astype(dtype)
     # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
     # which `sample` rejects as leaving the SDE's range)
     return ts.at[0].set(t_start).at[-1].set(t_end)

@@ -20,6 +20,15 @@ def test_quadratic_grid_hits_both_ends_exactly():
             assert ts[0] == start and ts[-1] == jnp.asarray(t_end, dtype)
             assert ts.dtype == dtype  # the ends' dtype, as uniform_grid
             assert np.all(np.diff(np.asarray(ts)) < 0)
+    # 16-bit ends: a 16-bit grid, computed in float32 and rounded once (16-bit
+    # arithmetic misplaced the times by up to 14 % and made neighbours equal)
+    for dtype, n in ((jnp.bfloat16, 300), (jnp.float16, 1000)):
+        ts = gd.quadratic_grid(jnp.asarray(1.0, dtype), jnp.asarray(1e-3, dtype), n)
+        exact = gd.quadratic_grid(1.0, float(jnp.asarray(1e-3, dtype)), n)
+        assert ts.dtype == dtype
+        eps = float(jnp.finfo(dtype).eps)  # within one rounding of the exact times
+        np.testing.assert_allclose(np.asarray(ts, np.float64), exact, rtol=eps)
+        assert np.all(np.diff(np.asarray(ts, np.float32)) < 0)
     sde = gd.VPSDE(T=jnp.float32(0.9))
     ts = gd.quadratic_grid(jnp.float32(0.9), jnp.float32(1e-5), 7)
     score = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)

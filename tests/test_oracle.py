@@ -254,7 +254,8 @@ def test_mixture_score_against_dense_covariances(dim):
 def test_mixture_moments_and_class_conditionals():
     """Closed forms the other tests do not pin: the covariance of a two-component
     mixture (E[Sigma_k] + Var(mu_k)), a class of two components keeping their
-    relative weights, and log p_t(c | x) + log(1 - p_t(c | x)) summing to one."""
+    relative weights, and p_t(c | x) and 1 - p_t(c | x), each computed in logs,
+    summing to one."""
     g = gd.GaussianMixture([0.25, 0.75], [[-1.0, 1.0], [3.0, 1.0]], [0.5, 2.0])
     np.testing.assert_allclose(g.mean(), [2.0, 1.0], rtol=1e-12)
     np.testing.assert_allclose(g.cov(), np.diag([1.625 + 3.0, 1.625]), atol=1e-12)
