@@ -387,7 +387,11 @@ def test_minibatches_draw_every_row_uniformly():
     out = fit(lambda p, k, batch: p * jnp.mean(batch), jnp.asarray(1.0), data,
               optimizer=optax.sgd(0.0), num_steps=steps, batch_size=1, key=jr.key(0),
               progress=False)  # fmt: skip
-    freq = np.bincount(np.asarray(out.losses).astype(int), minlength=n) / steps
+    draws = np.asarray(out.losses).astype(int)
+    freq = np.bincount(draws, minlength=n) / steps
+    # with replacement: epochs (each row once per n draws) would never repeat a row
+    # within an aligned window of n; here P(no repeat in 200 windows) = (3/32)^200
+    assert any(len(set(draws[i : i + n])) < n for i in range(0, steps, n))
     se = np.sqrt((1 / n) * (1 - 1 / n) / steps)
     np.testing.assert_array_less(np.abs(freq - 1 / n), 4 * se)
 
