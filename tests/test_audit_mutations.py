@@ -84,3 +84,33 @@ def test_smc_flags_a_nan_proposal_ratio_as_failed():
     failures = int(np.sum(out.num_failed_per_step))
     assert failures > 0 and failures == int(out.failed.sum())
     assert np.isfinite(out.log_normalizer)
+
+
+class _ConstantBeta(gd.AbstractVPSchedule):
+    """A user schedule with a plain float field (a pytree leaf, not an array)."""
+
+    b: float
+
+    def log_alpha_bar(self, t):
+        return -self.b * t
+
+    def beta(self, t):
+        return self.b + 0.0 * t
+
+    @property
+    def default_T(self):
+        return 1.0
+
+
+def test_solver_sde_with_another_float_field_is_rejected():
+    """The solver's SDE is compared with the sampled one leaf by leaf, plain floats
+    by value (not only by type): beta = 2 and beta = 3 are different SDEs."""
+    sde2, sde3 = gd.VPSDE(_ConstantBeta(2.0)), gd.VPSDE(_ConstantBeta(3.0))
+    kw = dict(ts=gd.uniform_grid(1.0, 1e-3, 4), num_particles=2)
+    score = GMM.score(sde2)
+    solver = gd.ExponentialIntegrator(gd.VPSDE(_ConstantBeta(2.0)))  # equal, not same
+    out = gd.sample(jr.key(0), sde2, score, (2,), solver=solver, **kw)
+    assert out.ys.shape == (2, 2)
+    with pytest.raises(ValueError, match="SDE"):
+        gd.sample(jr.key(0), sde2, score, (2,), solver=gd.ExponentialIntegrator(sde3),
+                  **kw)  # fmt: skip
