@@ -126,9 +126,10 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
 
     Over grid cell $k$, $[t_k, t_{k+1}]$, the increment is
     $W_{t_{k+1}} - W_{t_k} = \sqrt{|t_{k+1} - t_k|}\,\xi_k$ with
-    $\xi_k \sim \mathcal N(0, I)$ drawn from `fold_in(key, k)`: independent across
-    cells, reproducible, reverse-differentiable (no hidden state), and a particle's
-    path does not depend on the batch it is in. Queries must be whole grid cells (a
+    $\xi_k \sim \mathcal N(0, I)$ = `cell_normal(key, k, ...)` (Threefry-2x32 in
+    counter mode on `(k, block)` under the particle's key, no `fold_in`): independent
+    across cells, reproducible, reverse-differentiable (no hidden state), and a
+    particle's path does not depend on the batch it is in. Queries must be whole grid cells (a
     `diffrax.StepTo` grid): any other interval gets NaN increments (so its
     particles fail visibly), and point values are an error.
 

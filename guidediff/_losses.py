@@ -57,6 +57,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._custom_types import Key, Scalar, Time
+from ._score import _is_flax_module
 from ._sde import AbstractSDE
 
 
@@ -256,14 +257,6 @@ def _check_slot_order(name: str, slot: str, value) -> None:
             f"{name} got an SDE as `{slot}`: {slot} come before the SDE, "
             f"{name}(model_fn, params, key, x0, {slot}, sde, ...)"
         )
-
-
-def _is_flax_module(obj) -> bool:
-    """A `flax.linen.Module` (recognised without importing flax: the core does not)."""
-    return any(
-        c.__name__ == "Module" and c.__module__.startswith("flax.")
-        for c in type(obj).__mro__
-    )
 
 
 def _as_model_fn(model_fn):

@@ -59,6 +59,14 @@ def sinusoidal_embedding(
 
     `scale = 1000` maps continuous times $t \in [0, 1]$ onto DDPM's step range.
     Computed in float32.
+
+    !!! example
+
+        ```python
+        e = gd.sinusoidal_embedding(0.5, 8)  # u = 500, frequencies 1, 0.1, 0.01, ...
+        assert e.shape == (8,) and jnp.allclose(e[0], jnp.cos(500.0))
+        assert jnp.allclose(e[:4] ** 2 + e[4:] ** 2, 1.0)
+        ```
     """
     if dim % 2 != 0:
         raise ValueError(f"the embedding dimension must be even, got {dim}")
@@ -369,5 +377,15 @@ class CNNClassifier(nn.Module):
 
 
 def count_params(variables) -> int:
-    """The number of scalars in a variables pytree."""
+    """The number of scalars in a variables pytree.
+
+    !!! example
+
+        ```python
+        net = gd.MLPScoreNet(hidden=(16,))
+        variables = net.init(jr.key(0), 0.5, jnp.zeros(2))
+        n = gd.count_params(variables)  # every weight and bias, time embedding included
+        assert n == sum(x.size for x in jax.tree_util.tree_leaves(variables))
+        ```
+    """
     return sum(x.size for x in jax.tree_util.tree_leaves(variables))

@@ -100,6 +100,20 @@ class Samples(eqx.Module):
     - `failed`: per-particle flag: the solver failed or the sample is not finite.
     - `num_steps`: solver steps taken per particle.
     - `num_failed` (property): the number of failed particles.
+
+    A failed particle does not stop the others: read `failed`, never an exception.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        data = gd.Gaussian(jnp.zeros(2), jnp.eye(2))
+        y0 = jnp.array([[0.0, 0.0], [jnp.nan, 0.0]])  # the second particle is bad
+        out = gd.sample(jr.key(0), sde, data.score(sde), (2,), y0=y0,
+                        ts=gd.uniform_grid(1.0, 1e-3, 10))
+        assert out.failed.tolist() == [False, True] and out.num_failed == 1
+        good = out.ys[~out.failed]  # (1, 2)
+        ```
     """
 
     ys: Array

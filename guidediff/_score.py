@@ -13,6 +13,7 @@ $$s = -\varepsilon/\sigma = (\alpha\hat x_0 - x)/\sigma^2.$$
 """
 
 import abc
+import sys
 from collections.abc import Callable
 
 import equinox as eqx
@@ -35,16 +36,27 @@ class AbstractScore(eqx.Module):
         """The score at time `t` and state `x`."""
 
 
+def _is_flax_module(obj) -> bool:
+    """A `flax.linen.Module`, recognised without importing flax (the core does not:
+    a network can only exist once its user has imported flax)."""
+    return any(
+        c.__name__ == "Module" and c.__module__.startswith("flax.")
+        for c in type(obj).__mro__
+    )
+
+
+def _is_linen_model(obj) -> bool:
+    """A `gd.LinenModel` (one exists only once the Flax adapter has been imported)."""
+    adapter = sys.modules.get(__name__.rpartition(".")[0] + "._flax")
+    return adapter is not None and isinstance(obj, adapter.LinenModel)
+
+
 def _network_hint(obj) -> str | None:
     """How to read `obj` as a score if it is (or is a method of) a Flax network or a
     `LinenModel`, whose output is a network's prediction (eps by default), not a
     score; None otherwise."""
-    import flax.linen as nn
-
-    from ._flax import LinenModel  # here: _flax imports this module
-
     owner = getattr(obj, "__self__", None)
-    if isinstance(obj, nn.Module | LinenModel) or isinstance(owner, nn.Module):
+    if _is_flax_module(obj) or _is_linen_model(obj) or _is_flax_module(owner):
         return (
             "a Flax network (or LinenModel) predicts eps (or x0), it is not a score: "
             "read it with gd.flax_score(net, variables, sde, prediction=...)"
@@ -205,8 +217,6 @@ def denoise(
 def _check_model(kind: str, model, sde) -> None:
     """`EpsScore` / `X0Score` arguments: a callable `model(t, x, args)` (not a raw
     Flax network: `gd.flax_score` wraps those) and a guidediff SDE."""
-    import flax.linen as nn
-
     if not isinstance(sde, AbstractSDE):
         swapped = " (arguments swapped? the model comes first)"
         raise TypeError(
@@ -215,7 +225,7 @@ def _check_model(kind: str, model, sde) -> None:
             + (swapped if isinstance(model, AbstractSDE) else "")
         )
     owner = getattr(model, "__self__", None)
-    if isinstance(model, nn.Module) or isinstance(owner, nn.Module):
+    if _is_flax_module(model) or _is_flax_module(owner):
         raise TypeError(
             f"gd.{kind} got a Flax network "
             f"({type(model if owner is None else owner).__name__}), which needs its "

@@ -46,7 +46,14 @@ from ._weights import PiecewiseLinear, Weight
 
 def squared_displacement(y: Array, y_ref: Array) -> Scalar:
     r"""$\|y - y_{\text{ref}}\|^2$ for one particle: the default penalty (its mean over
-    particles is the mean squared displacement from the unguided samples)."""
+    particles is the mean squared displacement from the unguided samples).
+
+    !!! example
+
+        ```python
+        assert gd.squared_displacement(jnp.array([3.0, 4.0]), jnp.zeros(2)) == 25.0
+        ```
+    """
     return jnp.sum((y - y_ref) ** 2)
 
 

@@ -37,6 +37,7 @@ class Constant(eqx.Module):
     value: Float[Array, ""]
 
     def __init__(self, value: ArrayLike):
+        _reject_non_number(value)
         self.value = jnp.asarray(value, jnp.result_type(float))
         if self.value.ndim != 0:
             raise ValueError(
@@ -124,6 +125,18 @@ class _PytreeSchedule(eqx.Module):
         return _scalar_weight(self.fn, t)
 
 
+def _reject_non_number(weight) -> None:
+    """A string or a boolean (Python, NumPy or a bool array) is not a weight: `True`
+    would silently become 1."""
+    dtype = getattr(weight, "dtype", None)
+    boolean = dtype is not None and np.dtype(dtype).kind == "b"
+    if isinstance(weight, str | bool | np.bool_) or boolean:
+        raise TypeError(
+            f"a guidance weight must be a number, an array or a callable of t, got "
+            f"{type(weight).__name__} {weight!r}"
+        )
+
+
 def _scalar_weight(fn, t: Time) -> Scalar:
     w = jnp.asarray(fn(t))
     if w.ndim != 0:
@@ -143,7 +156,8 @@ def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
     **Arguments:**
 
     - `weight`: a number or scalar array, or a callable of $t$ returning a scalar.
-      A string or a bool is a `TypeError`; a non-finite number is a `ValueError`.
+      A string or a boolean (also a bool array) is a `TypeError`; a non-finite
+      number is a `ValueError`.
 
     **Returns:** a callable `w(t)` returning a scalar array (a non-scalar output of
     a schedule is a `ValueError` when called).
@@ -159,11 +173,7 @@ def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
         assert sq(0.5) == 0.25 and sq(jnp.asarray(0.5)).shape == ()
         ```
     """
-    if isinstance(weight, str | bool | np.bool_):
-        raise TypeError(
-            f"a guidance weight must be a number, an array or a callable of t, got "
-            f"{type(weight).__name__} {weight!r}"
-        )
+    _reject_non_number(weight)
     if isinstance(weight, eqx.Module) and callable(weight):
         return weight
     if callable(weight):

@@ -666,9 +666,12 @@ def test_plausible_user_mistakes_get_clear_errors():
     bump = gd.GaussianBumpReward([1.0, 1.0], 1.0)
     with pytest.raises(TypeError, match=r"this is a reward.*tilt\(reward\)"):
         gd.reward_guidance(bump, 0.5)
-    for bad in ("2.0", True):  # a string was read as 2.0, a bool as 1
+    # a string was read as 2.0, a bool (also a bool array) as 1
+    for bad in ("2.0", True, jnp.asarray(True), np.array(False)):
         with pytest.raises(TypeError, match="guidance weight must be a number"):
             gd.cfg(bad, null_args=GMM.null_label)
+        with pytest.raises(TypeError, match="guidance weight must be a number"):
+            gd.Constant(bad)
     # SMC takes log r: r itself sampled a wrong tilt silently
     with pytest.raises(TypeError, match="pass its `.log`"):
         gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), bump,
