@@ -33,6 +33,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jax.extend.random import threefry_2x32
 from jaxtyping import Array, ArrayLike, Float
 
@@ -40,6 +41,32 @@ from ._custom_types import Key
 
 
 _HASH_IV = (0x67756964, 0x65646966)  # "guid", "edif": the hash's initial state
+
+
+def check_key(key) -> None:
+    """A clear `TypeError` unless `key` is one PRNG key: a typed key of shape `()`
+    or raw `uint32` key data of shape `(m,)`, m >= 1. Reads only the shape and
+    dtype (no device work), so entry points call it before compiling."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise TypeError(
+                f"expected one PRNG key, got a key array of shape {key.shape}; "
+                "for a batch of keys use jax.vmap"
+            )
+        return
+    if not isinstance(key, jax.Array | np.ndarray):
+        raise TypeError(
+            "expected one PRNG key (jax.random.key(seed)) or raw uint32 key data, "
+            f"got {type(key).__name__} {key!r}"
+        )
+    if dtype != jnp.uint32 or key.ndim != 1 or key.shape[0] == 0:
+        batch = dtype == jnp.uint32 and key.ndim == 2
+        raise TypeError(
+            "expected one PRNG key (jax.random.key(seed)) or raw uint32 key data of "
+            f"shape (m,), got an array of dtype {dtype} and shape {key.shape}"
+            + ("; for a batch of keys use jax.vmap" if batch else "")
+        )
 
 
 def threefry_key(key: Key) -> Key:
@@ -53,24 +80,13 @@ def threefry_key(key: Key) -> Key:
     `rbg`/`unsafe_rbg` generators themselves (whose batching rule draws a whole
     batch from its first key).
     """
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise TypeError(
-                f"expected one PRNG key, got a key array of shape {key.shape}; "
-                "for a batch of keys use jax.vmap"
-            )
+    check_key(key)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jr.key_impl(key)) == "threefry2x32":
             return key
         data = jr.key_data(key)
     else:
         data = jnp.asarray(key)
-        if data.dtype != jnp.uint32 or data.ndim != 1:
-            raise TypeError(
-                "expected one PRNG key (jax.random.key(seed)) or raw uint32 key "
-                f"data, got {type(key).__name__} of dtype {data.dtype} and shape "
-                f"{data.shape}"
-            )
         if data.shape == (2,):
             return jr.wrap_key_data(data, impl="threefry2x32")
     words = data.reshape(-1).astype(jnp.uint32)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ._jit import is_real_scalar, reject_traced
 from ._sde import AbstractSDE
 
 
@@ -37,7 +38,9 @@ def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, "
     """
     _check_steps(num_steps)
     _check_ends("uniform_grid", t_start, t_end)
-    return jnp.linspace(t_start, t_end, num_steps + 1)
+    ts = jnp.linspace(t_start, t_end, num_steps + 1)
+    _check_decreasing("uniform_grid", ts, num_steps)
+    return ts
 
 
 def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, " n"]:
@@ -67,7 +70,9 @@ def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array,
     ts = (lo + (hi - lo) * u**2).astype(dtype)
     # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
     # which `sample` rejects as leaving the SDE's range)
-    return ts.at[0].set(t_start).at[-1].set(t_end)
+    ts = ts.at[0].set(t_start).at[-1].set(t_end)
+    _check_decreasing("quadratic_grid", ts, num_steps)
+    return ts
 
 
 def logsnr_grid(
@@ -103,10 +108,12 @@ def logsnr_grid(
         ```
     """
     _check_steps(num_steps)
-    try:
-        lo_hi = float(t_start), float(t_end)
-    except TypeError:  # traced ends: checked by the caller
-        lo_hi = None
+    if not isinstance(sde, AbstractSDE):
+        raise TypeError(
+            f"logsnr_grid: sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got "
+            f"{type(sde).__name__}"
+        )
+    lo_hi = _end_values("logsnr_grid", t_start, t_end)  # None: traced ends
     if lo_hi is not None:
         if not lo_hi[0] > lo_hi[1]:
             raise ValueError(
@@ -150,15 +157,47 @@ def logsnr_grid(
         return t - (step - lax.stop_gradient(step))
 
     ts = jax.vmap(invert)(lam)
-    return ts.at[0].set(t_start).at[-1].set(t_end)
+    ts = ts.at[0].set(t_start).at[-1].set(t_end)
+    _check_decreasing("logsnr_grid", ts, num_steps)
+    return ts
+
+
+def _end_values(name: str, t_start, t_end) -> tuple[float, float] | None:
+    """The ends as floats, None if either is traced; a `TypeError` unless each is
+    a real scalar (a Python or NumPy number, or a 0-d real array)."""
+    values = []
+    for label, t in (("t_start", t_start), ("t_end", t_end)):
+        if not is_real_scalar(t):
+            shape = f" of shape {np.shape(t)}" if hasattr(t, "dtype") else ""
+            raise TypeError(
+                f"{name}: {label} must be a real scalar time, got "
+                f"{type(t).__name__}{shape} {t!r}"
+            )
+        values.append(None if isinstance(t, jax.core.Tracer) else float(t))
+    return None if None in values else (values[0], values[1])
+
+
+def _check_decreasing(name: str, ts, num_steps: int) -> None:
+    """A concrete grid must be strictly decreasing: ends too close for the dtype
+    (or for float64) round neighbouring times together."""
+    if isinstance(ts, jax.core.Tracer):
+        return
+    arr = np.asarray(ts)
+    if not np.all(np.diff(arr) < 0):
+        bad = int(np.argmax(np.diff(arr) >= 0))
+        raise ValueError(
+            f"{name}: {num_steps} steps from {arr[0]} to {arr[-1]} in {arr.dtype} "
+            f"repeat times (ts[{bad}] = {arr[bad]}, ts[{bad + 1}] = {arr[bad + 1]}): "
+            "the ends are too close for this many steps in this dtype; use fewer "
+            "steps, ends further apart or a wider dtype"
+        )
 
 
 def _check_ends(name: str, t_start, t_end) -> None:
-    """Concrete ends must be finite with `t_start > t_end >= 0` (traced ends are
-    the caller's; `sample` checks the grid it is given)."""
-    try:
-        lo_hi = float(t_start), float(t_end)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    """Ends must be real scalars; concrete ones finite with `t_start > t_end >= 0`
+    (traced ends are the caller's; `sample` checks the grid it is given)."""
+    lo_hi = _end_values(name, t_start, t_end)
+    if lo_hi is None:
         return
     if not np.all(np.isfinite(lo_hi)):
         raise ValueError(f"{name}: the grid's ends must be finite, got {lo_hi}")
@@ -171,6 +210,7 @@ def _check_ends(name: str, t_start, t_end) -> None:
 
 def _check_steps(num_steps) -> int:
     """A positive Python/NumPy integer (not a bool, a float or a string)."""
+    reject_traced("num_steps", num_steps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
         raise TypeError(f"num_steps must be a positive int, got {num_steps!r}")
     if num_steps < 1:
@@ -185,18 +225,19 @@ def _check_grid_shape(shape: tuple) -> None:
         )
 
 
-_CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T): grids already checked
+_CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T, last time): checked grids
 
 
-def check_grid(sde: AbstractSDE, ts) -> None:
+def check_grid(sde: AbstractSDE, ts) -> float | None:
     """Clear errors for a grid that is not strictly decreasing from the noise end
     towards the data, or that leaves the SDE's time range `[0, T]`.
 
-    A device array that passed is remembered (by identity, while it lives), so
-    calling `sample` again with the same grid costs no device-to-host copy."""
+    Returns the grid's last time (None for a traced grid). A device array that
+    passed is remembered (by identity, while it lives), so calling `sample` again
+    with the same grid costs no device-to-host copy."""
     if isinstance(ts, jax.core.Tracer):
         _check_grid_shape(ts.shape)  # its shape is known when traced
-        return  # its values: checked by the caller's own tests
+        return None  # its values: checked by the caller's own tests
     memo_key = None
     if isinstance(ts, jax.Array):
         try:
@@ -205,12 +246,12 @@ def check_grid(sde: AbstractSDE, ts) -> None:
             T = None
         hit = _CHECKED_GRIDS.get(id(ts))
         if hit is not None and hit[0]() is ts and hit[1] == T and T is not None:
-            return
+            return hit[2]
         memo_key = T
     try:
         arr = np.asarray(ts)
     except (TypeError, jax.errors.TracerArrayConversionError):
-        return  # traced: checked by the caller's own tests
+        return None  # traced: checked by the caller's own tests
     _check_grid_shape(arr.shape)
     if not np.all(np.isfinite(arr)):
         raise ValueError("the time grid contains non-finite times")
@@ -232,4 +273,5 @@ def check_grid(sde: AbstractSDE, ts) -> None:
     if memo_key is not None:
         if len(_CHECKED_GRIDS) >= 64:
             _CHECKED_GRIDS.clear()
-        _CHECKED_GRIDS[id(ts)] = (weakref.ref(ts), memo_key)
+        _CHECKED_GRIDS[id(ts)] = (weakref.ref(ts), memo_key, float(arr[-1]))
+    return float(arr[-1])

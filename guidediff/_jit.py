@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
@@ -39,6 +40,28 @@ def _combine(dynamic: tuple, static: tuple) -> Any:
         d if s is None else s[1] for d, s in zip(dynamic, static_leaves, strict=True)
     ]
     return jtu.tree_unflatten(treedef, leaves)
+
+
+def is_real_scalar(value) -> bool:
+    """A real Python/NumPy number or a 0-d real (integer or floating) array, traced
+    or not; not a bool, a string or None."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        real = isinstance(value, int | float | np.integer | np.floating)
+    else:
+        real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    return real and not isinstance(value, bool) and np.ndim(value) == 0
+
+
+def reject_traced(name: str, value, kind: str = "a Python int") -> None:
+    """A `TypeError` for a traced value of an argument that fixes the program (a
+    count, a shape, a flag): say it is static, and how to keep it so under jit."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} is static (it fixes the compiled program's shapes or structure) "
+            f"and must be {kind}, not a traced value: under jax.jit, close over it "
+            "or mark it static (static_argnums / static_argnames)"
+        )
 
 
 def filter_jit(fun: Callable) -> Callable:

@@ -58,10 +58,11 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 from equinox.internal import nondifferentiable_backward
+from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._batched import BatchedBrownianPath, BatchedScore, brownian_path
-from ._brownian import threefry_key
+from ._brownian import check_key, threefry_key
 from ._custom_types import Args, Key
 from ._driver import _solve
 from ._grid import check_grid, uniform_grid
@@ -73,11 +74,13 @@ from ._sample_checks import (
     _check_dtype,
     _check_flag,
     _check_guidance_sde,
+    _check_network_end,
     _check_save_every,
     _check_score_shape,
     _check_shape,
     _check_sharding,
     _check_solver,
+    _check_static_float,
     _check_truncate,
     _check_unroll,
     _check_y0,
@@ -343,8 +346,14 @@ def _sample_core(
         t_end = ts[-1]
         last = (slice(None), -1) if batched else (-1,)
         final = ys[last] if save_every else ys
-        x0 = score_to_x0(sde, t_end, final, score(t_end, final, args))
-        x0 = x0.astype(final.dtype)
+        # Tweedie at sigma = 0 is the identity; a network's score is infinite
+        # there (0 * inf = NaN), so it is not evaluated
+        x0 = lax.cond(
+            sde.marginal(t_end)[1] > 0,
+            lambda y: score_to_x0(sde, t_end, y, score(t_end, y, args)).astype(y.dtype),
+            lambda y: y,
+            final,
+        )
         ys = ys.at[last].set(x0) if save_every else x0
     if batched:
         num = key.shape[0]
@@ -478,6 +487,7 @@ def initial_noise(
         dy = jax.grad(lambda y0: gd.sample(key, sde, score, (2,), y0=y0).ys.sum())(y0)
         ```
     """
+    check_key(key)
     _check_sde(sde)
     shape = _check_shape(shape)
     dtype = _check_dtype(dtype)
@@ -645,6 +655,7 @@ def sample(
         dw = jax.grad(mean_reward)(0.5)
         ```
     """
+    check_key(key)
     _check_sde(sde)
     shape = _check_shape(shape)
     dtype = _check_dtype(dtype)
@@ -702,7 +713,7 @@ def sample(
                 "steps: diffeqsolve would stop early and fail every particle"
             )
     if process == "sde" and brownian == "tree":
-        tol = float(brownian_tol)
+        tol = _check_static_float("brownian_tol", brownian_tol)
         if not (math.isfinite(tol) and tol > 0):
             raise ValueError(f"brownian_tol must be finite and positive, got {tol}")
     if isinstance(adjoint, dfx.BacksolveAdjoint) and (
@@ -726,6 +737,7 @@ def sample(
         solver = sde_default if process == "sde" else dfx.Heun()
     _check_solver(solver, process, stepsize_controller, sde)
     _check_score_shape(score, ts, shape, dtype, args)
+    _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
     args = _args_as_arrays(args)
 
@@ -748,13 +760,24 @@ def sample(
         bool(denoise),
         max_steps,
         checkpoint,
-        float(brownian_tol),
+        _check_static_float("brownian_tol", brownian_tol),
         brownian,
         truncate,
         single,
         bool(save_trajectory),
         unroll,
     )
-    return _sample_jit(
-        key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static
-    )
+    try:
+        return _sample_jit(
+            key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static
+        )
+    except TypeError as e:
+        # jax.jvp / jacfwd over diffrax's reverse-mode adjoint (a custom_vjp)
+        if driver == "diffeqsolve" and "forward-mode autodiff" in str(e):
+            raise TypeError(
+                f"forward-mode differentiation (jax.jvp, jax.jacfwd) through "
+                f"driver='diffeqsolve' needs adjoint=diffrax.ForwardMode(); the "
+                f"default {type(adjoint).__name__} is reverse mode only. Or use "
+                "driver='scan' (the default on a fixed grid), which supports both"
+            ) from e
+        raise

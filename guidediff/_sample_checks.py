@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._guidance.base import Guided
+from ._jit import is_real_scalar, reject_traced
 
 
 _CHECKED_SIGNATURES: dict = {}  # signature -> weakrefs of its identity-keyed leaves
@@ -290,6 +291,47 @@ def _check_guidance_sde(score, sde) -> None:
             )
 
 
+def _evaluates_at_step_end(solver) -> bool:
+    """Whether `solver` evaluates the vector field at its step's end time: an
+    explicit Runge-Kutta tableau with a stage at c = 1 (Heun, the default ODE
+    solver; Bosh3, Tsit5, Dopri5). Euler-type and guidediff's solvers evaluate at
+    the step's start only."""
+    c = getattr(getattr(solver, "tableau", None), "c", None)
+    return c is not None and bool(np.any(np.asarray(c) == 1.0))
+
+
+def _check_network_end(score, solver, sde, ts) -> None:
+    """A network read as a score (`EpsScore`, `X0Score`, `flax_score`) divides by
+    sigma(t), zero at t = 0 for VP SDEs: a grid ending there, with a solver that
+    evaluates the score at the step's end, makes every particle infinite (all
+    failed, no reason given). Checked only for that combination, so other calls
+    pay nothing."""
+    from ._grid import check_grid
+    from ._score import EpsScore, X0Score
+
+    if not _evaluates_at_step_end(solver):
+        return
+    network = (EpsScore, X0Score)
+    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, network))
+    if not any(isinstance(n, network) for n in found):
+        return
+    t_end = check_grid(sde, ts)  # remembered: no device-to-host copy
+    try:
+        sigma = float(sde.marginal(t_end)[1]) if t_end is not None else None
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        sigma = None  # a traced SDE parameter
+    if sigma == 0.0:
+        raise ValueError(
+            f"the time grid ends at t = {t_end}, where sigma(t) = 0 and a network's "
+            f"score (eps or x0 prediction divided by sigma) is infinite; "
+            f"{type(solver).__name__} evaluates the score at each step's end, so "
+            "every particle would fail. End the grid at a small t > 0 (e.g. "
+            "gd.uniform_grid(sde.T, 1e-3, n)), or use a solver that evaluates at "
+            "step starts only (diffrax.Euler, gd.DDIM, gd.DPMSolverPP, "
+            "gd.ExponentialIntegrator, gd.SDEDPMSolverPP)"
+        )
+
+
 def _check_solver(solver, process, controller, sde=None) -> None:
     """guidediff's diffusion solvers each solve one kind of terms, for the SDE they
     were built with; the multistep ones run on fixed grids only; adaptive steps need
@@ -357,6 +399,7 @@ def _check_solver(solver, process, controller, sde=None) -> None:
 
 
 def _check_save_every(save_every, save_trajectory, ts, truncate) -> int:
+    reject_traced("save_every", save_every)
     if isinstance(save_every, bool) or not isinstance(save_every, int | np.integer):
         raise TypeError(f"save_every must be a positive int, got {save_every!r}")
     if save_every < 1:
@@ -379,6 +422,7 @@ def _check_save_every(save_every, save_trajectory, ts, truncate) -> int:
 
 
 def _check_unroll(unroll, driver) -> int:
+    reject_traced("unroll", unroll)
     if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer):
         raise TypeError(f"unroll must be a positive int, got {unroll!r}")
     if unroll < 1:
@@ -393,6 +437,7 @@ def _check_unroll(unroll, driver) -> int:
 def _check_truncate(truncate, controller) -> int | None:
     if truncate is None:
         return None
+    reject_traced("truncate_backprop", truncate)
     if isinstance(truncate, bool) or not isinstance(truncate, int | np.integer):
         raise TypeError(
             f"truncate_backprop must be a positive int (steps), got {truncate!r}"
@@ -413,6 +458,11 @@ def _check_y0(y0, shape, dtype, num_particles):
     y0 = jnp.asarray(y0)
     if not jnp.issubdtype(y0.dtype, jnp.floating):
         raise TypeError(f"y0 must be floating point, got dtype {y0.dtype}")
+    if y0.ndim == len(shape) + 1 and y0.shape[0] == 0:
+        raise ValueError(
+            f"y0 holds no particles (shape {y0.shape}): num_particles must be at "
+            "least 1"
+        )
     y0 = y0.astype(dtype)
     if y0.shape == shape and num_particles is None:
         return y0, None
@@ -447,11 +497,20 @@ def _check_count(name: str, value, *, allow_none: bool = False) -> int | None:
     """A positive Python/NumPy integer (not a bool or a float)."""
     if value is None and allow_none:
         return None
+    reject_traced(name, value)
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return int(value)
+
+
+def _check_static_float(name: str, value) -> float:
+    """A real Python/NumPy number (or 0-d array) for a static float argument."""
+    reject_traced(name, value, "a Python float")
+    if not is_real_scalar(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -470,6 +529,7 @@ def _check_shape(shape) -> tuple[int, ...]:
 
 
 def _check_flag(name: str, value) -> bool:
+    reject_traced(name, value, "True or False")
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)

@@ -129,6 +129,16 @@ def _float_dtype(x) -> jnp.dtype:
     return dt if jnp.issubdtype(dt, jnp.inexact) else jnp.result_type(float)
 
 
+def _check_like_x(fn: str, x, pred) -> None:
+    """The prediction must have the state's shape: broadcasting a `(1,)` network
+    output over a `(d,)` state would give a plausible, wrong score."""
+    if jnp.shape(pred) != jnp.shape(x):
+        raise ValueError(
+            f"gd.{fn}: the prediction has shape {jnp.shape(pred)}, the state "
+            f"{jnp.shape(x)}; they must be equal (one particle each)"
+        )
+
+
 def _wide(dt) -> jnp.dtype:
     """The conversions' arithmetic dtype: at least float32. For 16-bit states
     sigma^2 alone overflows float16 beyond sigma = 256 (a VE SDE near T) and 1/sigma
@@ -140,7 +150,8 @@ def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
     r"""$s = -\varepsilon / \sigma(t)$: a noise prediction read as a score.
 
     Arguments: the SDE, the time `t`, the state `x` and the prediction (`eps`,
-    `score` or `x0`), each of one particle; the result has `x`'s shape. It is
+    `score` or `x0`), each of one particle, of equal shapes (no broadcasting: a
+    `ValueError`); the result has `x`'s shape. It is
     computed in at least float32 and rounded once to the input's dtype. The four
     conversions invert each other:
 
@@ -157,6 +168,7 @@ def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
         assert jnp.allclose(gd.x0_to_score(sde, t, x, x0), s, atol=1e-5)
         ```
     """
+    _check_like_x("eps_to_score", x, eps)
     _, sigma = sde.marginal(t)
     dt = _float_dtype(eps)
     wd = _wide(dt)
@@ -165,6 +177,7 @@ def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
 
 def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""$\varepsilon = -\sigma(t)\, s$ (see `eps_to_score` for the arguments)."""
+    _check_like_x("score_to_eps", x, score)
     _, sigma = sde.marginal(t)
     dt = _float_dtype(score)
     wd = _wide(dt)
@@ -173,6 +186,7 @@ def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
 
 def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
     r"""$s = (\alpha(t)\hat x_0 - x) / \sigma(t)^2$ (see `eps_to_score`)."""
+    _check_like_x("x0_to_score", x, x0)
     alpha, sigma = sde.marginal(t)
     dt = _float_dtype(x)
     wd = _wide(dt)
@@ -183,6 +197,7 @@ def x0_to_score(sde: AbstractSDE, t: Time, x: Array, x0: Array) -> Array:
 def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""Tweedie's denoiser $\hat x_0 = (x + \sigma(t)^2 s) / \alpha(t)$ (see
     `eps_to_score`)."""
+    _check_like_x("score_to_x0", x, score)
     alpha, sigma = sde.marginal(t)
     dt = _float_dtype(x)
     wd = _wide(dt)

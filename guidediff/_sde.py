@@ -60,6 +60,16 @@ def _concrete(*values) -> tuple[np.ndarray, ...] | None:
 # ---------------------------------------------------------------------------------
 
 
+def _sqrt_variance(var: Scalar) -> Scalar:
+    r"""$\sigma = \sqrt{\sigma^2}$ with a zero derivative where $\sigma^2 = 0$
+    (t = 0): $\sigma(0) = 0$ for every parameter value, but the square root's
+    infinite slope times a zero tangent would make every gradient through it NaN
+    (a grid ending at t = 0 with Heun, `denoise`, an oracle's score). The
+    double-`where` keeps the other branch's derivative finite."""
+    positive = var > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+
+
 class AbstractVPSchedule(eqx.Module):
     r"""A variance-preserving noise schedule.
 
@@ -369,7 +379,7 @@ class VPSDE(AbstractSDE):
 
     def marginal(self, t: Time) -> tuple[Scalar, Scalar]:
         alpha = jnp.exp(0.5 * self.schedule.log_alpha_bar(t))
-        return alpha, jnp.sqrt(self.schedule.one_minus_alpha_bar(t))
+        return alpha, _sqrt_variance(self.schedule.one_minus_alpha_bar(t))
 
     def prior_std(self) -> Scalar:
         return jnp.ones((), jnp.result_type(float))
@@ -432,7 +442,7 @@ class VESDE(AbstractSDE):
         # sigma^2 = sigma_min^2 * (r^(2t) - 1), computed with expm1 for small t.
         log_ratio = jnp.log(self.sigma_max / self.sigma_min)
         var = self.sigma_min**2 * jnp.expm1(2.0 * t * log_ratio)
-        return jnp.ones_like(sb), jnp.sqrt(var)
+        return jnp.ones_like(sb), _sqrt_variance(var)
 
     def prior_std(self) -> Scalar:
         return self.marginal(self.T)[1]

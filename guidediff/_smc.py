@@ -59,11 +59,11 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._brownian import GridBrownianPath, _StepIncrement, threefry_key
+from ._brownian import GridBrownianPath, _StepIncrement, check_key, threefry_key
 from ._custom_types import Args, Key
 from ._driver import _like
 from ._grid import uniform_grid
-from ._jit import filter_jit
+from ._jit import filter_jit, is_real_scalar
 from ._reverse import reverse_sde
 from ._sample import (
     _args_as_arrays,
@@ -187,8 +187,14 @@ def resample_indices(
         idx = gd.resample_indices(jr.key(0), jnp.log(jnp.array([0.1, 0.6, 0.3])))
         ```
     """
+    check_key(key)
     _check_scheme(scheme)
     log_weights = jnp.asarray(log_weights)
+    if not jnp.issubdtype(log_weights.dtype, jnp.floating):
+        raise TypeError(
+            f"log_weights must be floating point, got dtype {log_weights.dtype} (for "
+            "a mask use jnp.where(mask, 0.0, -jnp.inf))"
+        )
     if log_weights.ndim != 1 or log_weights.shape[0] < 1:
         raise ValueError(
             f"log_weights must be a non-empty 1-D array, got shape {log_weights.shape}"
@@ -327,6 +333,7 @@ def smc_sample(
         ys = out.resample(jr.key(1))  # (512, 2), approximately gmm.tilt(reward)
         ```
     """
+    check_key(key)
     _check_sde(sde)
     shape = _check_shape(shape)
     dtype = _check_dtype(dtype)
@@ -398,10 +405,8 @@ def smc_sample(
 
 def _check_number(name: str, value, allow_minus_inf: bool = False):
     """A finite real number, or -inf where allowed (traced values pass unchecked)."""
-    if isinstance(value, bool) or not isinstance(
-        value, int | float | np.number | np.ndarray | jax.Array
-    ):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not is_real_scalar(value):
+        raise TypeError(f"{name} must be a number (a real scalar), got {value!r}")
     if isinstance(value, jax.core.Tracer):
         return value
     v = float(value)

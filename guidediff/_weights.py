@@ -81,6 +81,13 @@ class PiecewiseLinear(eqx.Module):
     values: Float[Array, " n"]
 
     def __init__(self, times: ArrayLike, values: ArrayLike):
+        for name, a in (("times", times), ("values", values)):
+            dtype = getattr(a, "dtype", None)
+            dtype = np.asarray(a).dtype if dtype is None else dtype
+            if not _is_real_dtype(dtype):
+                raise TypeError(
+                    f"the knots' {name} must be real numbers, got {dtype} ({a!r})"
+                )
         self.times = jnp.asarray(times, jnp.result_type(float))
         self.values = jnp.asarray(values, jnp.result_type(float))
         if self.times.ndim != 1 or self.times.shape != self.values.shape:
@@ -125,12 +132,22 @@ class _PytreeSchedule(eqx.Module):
         return _scalar_weight(self.fn, t)
 
 
+def _is_real_dtype(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
 def _reject_non_number(weight) -> None:
-    """A string or a boolean (Python, NumPy or a bool array) is not a weight: `True`
-    would silently become 1."""
+    """Only a callable, a real number or a real array is a weight: a bool (Python,
+    NumPy or a bool array) would silently become 1, a string its value, and None or
+    a dict would fail deep inside JAX."""
+    if callable(weight):
+        return
     dtype = getattr(weight, "dtype", None)
-    boolean = dtype is not None and np.dtype(dtype).kind == "b"
-    if isinstance(weight, str | bool | np.bool_) or boolean:
+    if dtype is None:
+        real = isinstance(weight, int | float | np.integer | np.floating)
+    else:
+        real = _is_real_dtype(dtype)
+    if isinstance(weight, bool) or not real:
         raise TypeError(
             f"a guidance weight must be a number, an array or a callable of t, got "
             f"{type(weight).__name__} {weight!r}"

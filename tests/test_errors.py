@@ -730,3 +730,140 @@ def test_structured_args_and_image_shapes_get_clear_errors():
         gd.sample(jr.key(0), SDE, flat, (8, 8, 1), num_particles=2, ts=TS)
     with pytest.raises(ValueError, match="for a batch of particles use jax.vmap"):
         gd.sample(jr.key(0), SDE, flat, (2, 64), num_particles=2, ts=TS)
+
+
+def test_x0_prediction_of_another_shape_is_rejected():
+    """A `(1,)` x0 prediction for a `(2,)` particle was broadcast into a plausible,
+    wrong score (an eps prediction of the wrong shape was already rejected)."""
+    bad = gd.X0Score(lambda t, x, a: jnp.mean(x, keepdims=True), SDE)
+    with pytest.raises(ValueError, match=r"prediction has shape \(1,\), the state"):
+        gd.sample(jr.key(0), SDE, bad, (2,), num_particles=2, ts=TS)
+    x = jnp.zeros(2)
+    for convert in (gd.eps_to_score, gd.x0_to_score, gd.score_to_x0, gd.score_to_eps):
+        with pytest.raises(ValueError, match="must be equal"):
+            convert(SDE, 0.5, x, jnp.zeros(1))
+
+
+def test_network_score_on_a_grid_ending_at_zero_with_heun():
+    """A network's score divides by sigma(0) = 0: Heun (the default ODE solver)
+    evaluates there and every particle failed without a reason. Now an error naming
+    the fix; solvers that evaluate at step starts only, and exact scores (finite
+    at t = 0), still run."""
+    ts0 = gd.uniform_grid(1.0, 0.0, 4)
+    net = gd.EpsScore(lambda t, x, a: 0.5 * x, SDE)
+    guided = gd.guide(net, gd.interval(gd.gradient_guidance(lambda x: -x @ x, 0.1,
+                                                            SDE), 0.2, 0.8))  # fmt: skip
+    for score in (net, guided):
+        with pytest.raises(ValueError, match=r"sigma\(t\) = 0.*Heun evaluates"):
+            gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=ts0,
+                      process="ode")  # fmt: skip
+    kw = dict(num_particles=2, ts=ts0, process="ode")
+    assert not gd.sample(
+        jr.key(0), SDE, net, (2,), solver=dfx.Euler(), **kw
+    ).failed.any()
+    exact = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(SDE)
+    assert not gd.sample(jr.key(0), SDE, exact, (2,), **kw).failed.any()
+
+
+def test_grid_builders_reject_bad_ends_and_repeated_times():
+    """Ends that are not real scalars gave NumPy errors or odd grids (a (2,) end
+    gave a (4, 2) 'grid'); ends too close for the dtype repeated times, which only
+    `sample` rejected later."""
+    for bad in ("1.0", None, True, jnp.array([1.0, 0.5])):
+        for build in (gd.uniform_grid, gd.quadratic_grid):
+            with pytest.raises(TypeError, match="t_start must be a real scalar"):
+                build(bad, 1e-3, 3)
+        with pytest.raises(TypeError, match="t_start must be a real scalar"):
+            gd.logsnr_grid(SDE, bad, 1e-3, 3)
+    with pytest.raises(TypeError, match="sde must be a gd.AbstractSDE"):
+        gd.logsnr_grid(None, 1.0, 1e-3, 3)
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match="repeat times"):
+            gd.uniform_grid(jnp.bfloat16(1.0), jnp.bfloat16(1e-3), 300)
+        with pytest.raises(ValueError, match="repeat times"):
+            gd.quadratic_grid(jnp.float16(1.0), jnp.float16(1e-3), 3000)
+        with pytest.raises(ValueError, match="repeat times"):
+            gd.uniform_grid(1.0, 1.0 - 1e-9, 4)
+        with pytest.raises(ValueError, match="repeat times"):
+            gd.logsnr_grid(gd.VPSDE(), 1.0, 1.0 - 1e-7, 10)
+    assert gd.uniform_grid(np.float32(1.0), jnp.asarray(0), 3).shape == (4,)
+
+
+def test_static_arguments_traced_under_jit_say_so():
+    """A traced count, flag or tolerance named the tracer type only."""
+    with pytest.raises(TypeError, match="num_steps is static"):
+        jax.jit(lambda n: gd.uniform_grid(1.0, 0.0, n))(3)
+    with pytest.raises(TypeError, match="brownian_tol is static"):
+        jax.jit(lambda tol: gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=TS,
+                                      driver="diffeqsolve", brownian="tree",
+                                      brownian_tol=tol).ys)(1e-3)  # fmt: skip
+    with pytest.raises(TypeError, match="denoise is static"):
+        jax.jit(lambda d: gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=TS,
+                                    denoise=d).ys)(True)  # fmt: skip
+    with pytest.raises(TypeError, match="brownian_tol must be a real number"):
+        gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=TS, driver="diffeqsolve",
+                  brownian="tree", brownian_tol=np.array([1e-3, 1e-3]))  # fmt: skip
+    potential = lambda x: -jnp.sum(x**2)
+    for name in ("ess_threshold", "twist", "twist_floor"):
+        with pytest.raises(TypeError, match=f"{name} must be a number"):
+            gd.smc_sample(jr.key(0), SDE, GMM.score(SDE), (2,), potential, ts=TS,
+                          num_particles=2, **{name: np.array([0.5, 0.5])})  # fmt: skip
+
+
+def test_forward_mode_through_diffeqsolve_names_the_adjoint():
+    score = GMM.score(SDE)
+
+    def f(y0, **kw):
+        return gd.sample(jr.key(0), SDE, score, (2,), y0=y0, ts=TS,
+                         driver="diffeqsolve", **kw).ys  # fmt: skip
+
+    y0 = jnp.ones(2)
+    with pytest.raises(TypeError, match=r"needs adjoint=diffrax.ForwardMode\(\)"):
+        jax.jvp(f, (y0,), (y0,))
+    jax.jvp(lambda y: f(y, adjoint=dfx.ForwardMode()), (y0,), (y0,))
+
+
+def test_keys_y0_and_log_weights_checked_before_compiling():
+    """None, a batch of raw keys or empty key data as `key` gave JAX's messages
+    about tracers (or passed: empty data); zero particles through y0 passed; a
+    boolean mask as log-weights was read as log-weights 1 and 0."""
+    kw = dict(num_particles=2, ts=TS)
+    score = GMM.score(SDE)
+    for bad, hint in ((None, "got NoneType"), (0, "got int"),
+                      (jr.split(jr.PRNGKey(0)), "for a batch of keys use jax.vmap"),
+                      (jr.split(jr.key(0)), "for a batch of keys use jax.vmap"),
+                      (jnp.zeros((0,), jnp.uint32), r"shape \(0,\)")):  # fmt: skip
+        with pytest.raises(TypeError, match=hint):
+            gd.sample(bad, SDE, score, (2,), **kw)
+        with pytest.raises(TypeError, match="expected one PRNG key"):
+            gd.initial_noise(bad, SDE, (2,))
+        with pytest.raises(TypeError, match="expected one PRNG key"):
+            gd.resample_indices(bad, jnp.zeros(3))
+        with pytest.raises(TypeError, match="expected one PRNG key"):
+            gd.smc_sample(bad, SDE, score, (2,), lambda x: 0.0 * x[0], **kw)
+    with pytest.raises(ValueError, match="y0 holds no particles"):
+        gd.sample(jr.key(0), SDE, score, (2,), y0=jnp.zeros((0, 2)), ts=TS)
+    with pytest.raises(TypeError, match="log_weights must be floating point"):
+        gd.resample_indices(jr.key(0), jnp.array([True, False, False]))
+
+
+def test_weights_bounds_and_flags_are_numbers():
+    """Strings, bools, None and dicts as weights, knots or interval bounds were read
+    as numbers or failed deep inside JAX; cfg's `batched` took any truthy value."""
+    g = gd.cfg(1.0, null_args=GMM.null_label)
+    for bad in ("2", None, {"w": 1.0}, [1.0, 2.0]):
+        with pytest.raises(TypeError, match="guidance weight must be a number"):
+            gd.cfg(bad, null_args=GMM.null_label)
+    for bad in ("0", False, None):
+        with pytest.raises(TypeError, match="t_lo must be a real scalar time"):
+            gd.interval(g, bad, 1.0)
+    with pytest.raises(TypeError, match="times must be real numbers"):
+        gd.PiecewiseLinear(["0", "1"], [1.0, 2.0])
+    with pytest.raises(TypeError, match="values must be real numbers"):
+        gd.PiecewiseLinear([0.0, 1.0], [True, False])
+    with pytest.raises(TypeError, match="batched must be True or False"):
+        gd.cfg(1.0, null_args=GMM.null_label, batched="no")
+    # numbers of every kind still work
+    assert gd.interval(g, 0, np.float64(0.5)).t_hi == 0.5
+    assert gd.PiecewiseLinear(np.array([0, 1]), [1, 2])(0.5) == 1.5
+    assert gd.as_weight(np.int32(2))(0.1) == 2.0

@@ -147,3 +147,35 @@ def test_cosine_sigma_float32_small_t():
         np.testing.assert_allclose(float(alpha), np.cos(a) / np.cos(a0), rtol=1e-6)
         dvar = jax.grad(lambda u: sde32.marginal(u)[1] ** 2)(t32)
         assert np.isfinite(float(dvar)) and float(dvar) > 0
+
+
+def test_sigma_at_zero_has_finite_parameter_gradients():
+    """sigma(0) = 0 for every parameter value, so its parameter derivative is 0; the
+    square root's infinite slope made it NaN (0 * inf), and with it every gradient
+    through a grid ending at t = 0 (Heun's last stage, denoise)."""
+    vp = jax.grad(lambda b: gd.VPSDE(gd.LinearBeta(0.1, b)).marginal(0.0)[1])(15.0)
+    ve = jax.grad(lambda s: gd.VESDE(0.01, s).marginal(0.0)[1])(5.0)
+    assert vp == 0.0 and ve == 0.0
+    # away from 0 the derivative is the square root's
+    sde = gd.VPSDE()
+    d = jax.grad(lambda t: sde.marginal(t)[1])(0.3)
+    expect = jax.grad(lambda t: jnp.sqrt(sde.schedule.one_minus_alpha_bar(t)))(0.3)
+    np.testing.assert_allclose(d, expect, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(process="ode"), dict(denoise=True)])
+def test_gradient_through_a_grid_ending_at_zero_matches_finite_differences(kw):
+    """Heun's last stage and denoise evaluate at t = 0 (float64, same noise)."""
+    gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    ts = jnp.array([1.0, 0.6, 0.3, 0.1, 0.0])
+
+    def f(b):
+        sde = gd.VPSDE(gd.LinearBeta(0.1, b))
+        out = gd.sample(jax.random.key(0), sde, gmm.score(sde), (2,), ts=ts,
+                        num_particles=3, **kw)  # fmt: skip
+        return jnp.mean(out.ys**2)
+
+    grad = jax.grad(f)(15.0)
+    fd = (f(15.0 + 1e-5) - f(15.0 - 1e-5)) / 2e-5
+    assert np.isfinite(grad)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)

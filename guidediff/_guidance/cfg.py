@@ -157,6 +157,8 @@ def cfg(
     """
     if (null_args is None) == (unconditional is None):
         raise ValueError("cfg needs exactly one of `null_args` or `unconditional`")
+    if not isinstance(batched, bool | np.bool_):
+        raise TypeError(f"cfg: batched must be True or False, got {batched!r}")
     if unconditional is not None and not isinstance(unconditional, AbstractScore):
         raise TypeError("`unconditional` must be an AbstractScore")
-    return ClassifierFree(as_weight(weight), null_args, unconditional, batched)
+    return ClassifierFree(as_weight(weight), null_args, unconditional, bool(batched))

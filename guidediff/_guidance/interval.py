@@ -5,8 +5,10 @@ import math
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from .._jit import is_real_scalar
 from .base import AbstractGuidance
 
 
@@ -94,6 +96,11 @@ def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> In
     """
     if not isinstance(guidance, AbstractGuidance):
         raise TypeError("interval wraps an AbstractGuidance")
+    for name, bound in (("t_lo", t_lo), ("t_hi", t_hi)):
+        if np.ndim(bound) == 0 and not is_real_scalar(bound):
+            raise TypeError(
+                f"interval: {name} must be a real scalar time, got {bound!r}"
+            )
     dtype = jnp.result_type(float)
     lo, hi = jnp.asarray(t_lo, dtype), jnp.asarray(t_hi, dtype)
     if lo.ndim or hi.ndim:
