@@ -7,6 +7,9 @@ output to surface `eqx.error_if` failures), so a Python loop of `gd.sample` call
 could not overlap host work with the device's, and each call paid a round trip.
 The entry points compiled here raise no runtime errors: failures are flagged in
 their outputs (`Samples.failed`).
+
+Also the argument checks that follow from it: which values may be traced
+(`is_real_scalar`) and which fix the program and must not be (`reject_traced`).
 """
 
 import functools

@@ -80,6 +80,7 @@ from ._sample_checks import (
     _check_count,
     _check_dtype,
     _check_guidance_sde,
+    _check_network_end,
     _check_score_shape,
     _check_shape,
     _check_sharding,
@@ -380,6 +381,7 @@ def smc_sample(
             f"{getattr(probe, 'dtype', '')}"
         )
     _check_guidance_sde(score, sde)
+    _check_network_end(score, solver, sde, ts)
     if proposal is not None:
         check_score(proposal, "proposal")
         if not isinstance(solver, _ONE_EVALUATION):

@@ -757,10 +757,12 @@ def test_network_score_on_a_grid_ending_at_zero_with_heun():
         with pytest.raises(ValueError, match=r"sigma\(t\) = 0.*Heun evaluates"):
             gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=ts0,
                       process="ode")  # fmt: skip
+    with pytest.raises(ValueError, match=r"sigma\(t\) = 0.*Heun evaluates"):
+        gd.smc_sample(jr.key(0), SDE, net, (2,), lambda x: -x @ x, num_particles=2,
+                      ts=ts0, solver=dfx.Heun())  # fmt: skip
     kw = dict(num_particles=2, ts=ts0, process="ode")
-    assert not gd.sample(
-        jr.key(0), SDE, net, (2,), solver=dfx.Euler(), **kw
-    ).failed.any()
+    euler = gd.sample(jr.key(0), SDE, net, (2,), solver=dfx.Euler(), **kw)
+    assert not euler.failed.any()
     exact = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(SDE)
     assert not gd.sample(jr.key(0), SDE, exact, (2,), **kw).failed.any()
 
