@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Real
 
 from ._custom_types import Key, Scalar
@@ -37,7 +38,11 @@ def _is_concrete(x) -> bool:
 
 
 def _as_inexact(x: ArrayLike) -> Array:
+    """A real floating array (integers become the default float); complex values
+    are a `TypeError` (the metrics' formulas are for real samples)."""
     x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"the values must be real, got dtype {x.dtype}")
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
     return x
@@ -84,8 +89,19 @@ def _mean_stderr(values: Array) -> tuple[Array, Array]:
     if jnp.issubdtype(values.dtype, jnp.floating) and values.dtype.itemsize < 4:
         values = values.astype(jnp.float32)
     n = values.shape[0]
-    mean = jnp.mean(values, axis=0)
-    std = jnp.std(values, axis=0, ddof=1)
+    # Scaled by a power of two when the largest |value| exceeds 2^60 (per element):
+    # squared deviations beyond ~1.8e19 overflow float32, and the sum of values
+    # near its maximum. A power of two keeps the arithmetic exact (XLA divides by
+    # multiplying with the reciprocal, which for a large non-power-of-two scale is
+    # rounded or flushed to zero); below 2^60 the values are used as they are. The
+    # scale is a constant for differentiation: mean and std are homogeneous.
+    big = jnp.max(jnp.abs(values), axis=0, keepdims=True)
+    over = (big > 2.0**60) & jnp.isfinite(big)
+    exponent = jnp.where(over, jnp.ceil(jnp.log2(jnp.where(over, big, 1.0))) - 60, 0)
+    scale = lax.stop_gradient(jnp.ldexp(jnp.ones_like(big), exponent.astype(jnp.int32)))
+    scaled = values / scale
+    mean = scale[0] * jnp.mean(scaled, axis=0)
+    std = scale[0] * jnp.std(scaled, axis=0, ddof=1)
     return mean, std / math.sqrt(n)  # a weak Python float: keeps the dtype
 
 
@@ -588,9 +604,12 @@ def _two_sample_test(x, y, key, bandwidth, statistic, num_permutations):
         jnp.concatenate([a[None], perms])
     )
     observed, stats = every[0], every[1:]
-    tol = (
-        100 * jnp.finfo(z.dtype).eps * jnp.maximum(jnp.abs(observed), jnp.abs(M).max())
-    )
+    # The tolerance scales with the size of the statistic's terms (each a weighted
+    # mean of M's entries, about 4 mean|M| for n = m), not with the largest entry:
+    # one far-off sample made max|M| exceed the statistic itself, and every
+    # permutation counted as a tie (p = 1).
+    scale = 4 * jnp.mean(jnp.abs(M))
+    tol = 100 * jnp.finfo(z.dtype).eps * jnp.maximum(jnp.abs(observed), scale)
     exceed = jnp.sum(stats >= observed - tol)
     p_value = ((1 + exceed) / (1 + num_permutations)).astype(z.dtype)
     # `stats >= NaN` is False: a NaN statistic would give the smallest p-value.

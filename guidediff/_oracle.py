@@ -162,9 +162,16 @@ class GaussianMixture(eqx.Module):
         self, weights, means, covs, labels=None, num_classes: int | None = None
     ):
         dtype = jnp.result_type(float)
+        _check_representable("weights", weights, dtype, positive=False)
+        _check_representable("covs", covs, dtype, positive=True)
+        given_covs = None  # full matrices as given, in float64, for the rank check
+        if _is_concrete(covs) and np.ndim(covs) == 3:
+            given_covs = np.asarray(covs, np.float64)
         means = jnp.asarray(means, dtype)
-        if means.ndim != 2:
-            raise ValueError(f"means must have shape (K, d), got {means.shape}")
+        if means.ndim != 2 or 0 in means.shape:
+            raise ValueError(
+                f"means must have shape (K, d) with K, d >= 1, got {means.shape}"
+            )
         K, d = means.shape
         if _is_concrete(means) and not np.all(np.isfinite(np.asarray(means))):
             raise ValueError("mixture means must be finite")
@@ -195,9 +202,13 @@ class GaussianMixture(eqx.Module):
             c = np.asarray(covs)
             if not np.all(np.isfinite(c)):
                 raise ValueError("mixture covariances must be finite")
+            # entry by entry against sqrt(C_ii C_jj): a large variance elsewhere
+            # must not hide an asymmetric block of small ones
+            v = np.abs(np.diagonal(c, axis1=-2, axis2=-1))
+            scale = np.sqrt(v[:, :, None] * v[:, None, :])
+            excess = np.abs(c - c.swapaxes(-1, -2)) - 1e-5 * scale
             asym = np.max(np.abs(c - c.swapaxes(-1, -2)), axis=(-2, -1))
-            scale = np.max(np.abs(c), axis=(-2, -1))
-            bad = np.flatnonzero(asym > 1e-5 * scale)
+            bad = np.flatnonzero(np.max(excess, axis=(-2, -1)) > 0)
             if bad.size:
                 raise ValueError(
                     f"covariance {int(bad[0])} is not symmetric (max |C - C^T| = "
@@ -218,6 +229,19 @@ class GaussianMixture(eqx.Module):
             raise ValueError(
                 "every covariance must be positive definite (variances > 0)" + hint
             )
+        if diag is None and given_covs is not None:
+            # A singular matrix's zero eigenvalues come out of a float32 eigh as
+            # rounding noise of either sign, accepted or not by chance: judged on
+            # the matrices as given, in float64.
+            ev = np.linalg.eigvalsh(0.5 * (given_covs + given_covs.swapaxes(-1, -2)))
+            floor = d * np.finfo(np.float64).eps * np.abs(ev).max(axis=-1)
+            bad = np.flatnonzero(ev.min(axis=-1) <= floor)
+            if bad.size:
+                raise ValueError(
+                    f"covariance {int(bad[0])} is singular (eigenvalues "
+                    f"{ev[bad[0]].min():.3g} to {ev[bad[0]].max():.3g}): every "
+                    "covariance must be positive definite"
+                )
         if labels is None:
             labels = np.arange(K)
         # Concrete labels stay numpy while checked: any jnp op on them would be
@@ -325,11 +349,12 @@ class GaussianMixture(eqx.Module):
         return self.weights @ self.means
 
     def cov(self) -> Float[Array, "d d"]:
-        m = self.mean()
-        second = jnp.einsum("k,kij->ij", self.weights, self.covs) + jnp.einsum(
-            "k,ki,kj->ij", self.weights, self.means, self.means
+        # centred: E[x x^T] - m m^T cancels (to a negative variance, with means
+        # far from 0 and small covariances)
+        dev = self.means - self.mean()[None, :]
+        return jnp.einsum("k,kij->ij", self.weights, self.covs) + jnp.einsum(
+            "k,ki,kj->ij", self.weights, dev, dev
         )
-        return second - jnp.outer(m, m)
 
     # -- time-t densities and scores -------------------------------------------------
 
@@ -681,6 +706,11 @@ class PointCloud(eqx.Module):
         dtype = jnp.promote_types(x.dtype, jnp.float32)
         y = x.astype(dtype)
         alpha, sigma = sde.marginal(t)
+        if _is_concrete(sigma) and float(sigma) == 0.0:
+            raise ValueError(
+                f"the point cloud's score is undefined at t = {float(t)} (sigma = 0: "
+                "a sum of point masses); evaluate it at t > 0"
+            )
         alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
         mu = alpha * self.points.astype(dtype)
         logits = (
@@ -699,7 +729,21 @@ class PointCloud(eqx.Module):
 
     def tilt(self, rewards: ArrayLike) -> "PointCloud":
         r"""The reweighted law with weights $\propto w_i r(p_i)$; `rewards` are the
-        non-negative values $r(p_i)$ (or a callable reward)."""
+        non-negative values $r(p_i)$ (or a callable reward; one with a `log`
+        method, as guidediff's rewards, is evaluated in logs, so rewards that
+        underflow or overflow as numbers still give the right weights)."""
+        log_reward = getattr(rewards, "log", None)
+        if callable(rewards) and callable(log_reward):
+            log_r = jax.vmap(log_reward)(self.points)
+            if _is_concrete(log_r) and np.any(np.isnan(np.asarray(log_r))):
+                raise ValueError("the reward's log is NaN at some points")
+            log_w = self.log_weights + log_r.astype(self.log_weights.dtype)
+            top = jnp.max(log_w)
+            if _is_concrete(top) and not np.isfinite(float(top)):
+                raise ValueError(
+                    "rewards are all zero (or infinite): the tilted law is undefined"
+                )
+            return PointCloud(self.points, jnp.exp(log_w - top))
         if callable(rewards):
             rewards = jax.vmap(rewards)(self.points)
         n = self.points.shape[0]
@@ -718,6 +762,32 @@ class PointCloudScore(AbstractScore):
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return self.cloud.score_t(self.sde, t, x)
+
+
+def _check_representable(what: str, values, dtype, positive: bool) -> None:
+    """Concrete values that are finite (and positive where asked) but overflow or
+    underflow `dtype` would otherwise be reported as infinite or zero."""
+    if not _is_concrete(values):
+        return
+    try:
+        v = np.asarray(values, np.float64)
+    except (TypeError, ValueError):
+        return  # not numbers: the later conversion names the problem
+    big = np.finfo(dtype).max
+    finite = np.isfinite(v)
+    over = finite & (np.abs(v) > big)
+    under = finite & (v != 0) & (np.abs(v) < np.finfo(dtype).tiny)
+    if (
+        np.any(over)
+        or (positive and np.any(under & (v > 0)))
+        or (not positive and np.any(v > 0) and np.all(under | (v <= 0)))
+    ):
+        raise ValueError(
+            f"mixture {what} do not fit {np.dtype(dtype).name}: "
+            f"{v[over | under].ravel()[:3].tolist()} over- or underflow (rescale: "
+            "weights matter only through their ratios; use float64 with "
+            "jax_enable_x64 for extreme covariances)"
+        )
 
 
 def _check_nonnegative(values: ArrayLike, what: str) -> Array:
@@ -817,8 +887,11 @@ class GaussianBumpReward(eqx.Module):
                 raise ValueError(f"the bump width must be finite and positive, got {w}")
 
     def log(self, x: Array) -> Scalar:
-        dt = _state_dtype(x)
+        # 16-bit particles in float32 (the result too): a squared distance
+        # overflows float16 at 256, a log-reward at 65504
+        dt = jnp.promote_types(_state_dtype(x), jnp.float32)
         _check_point(jnp.asarray(x), self.center.shape, "the bump reward")
+        x = jnp.asarray(x, dt)
         return (
             -0.5
             * jnp.sum((x - self.center.astype(dt)) ** 2)
@@ -900,7 +973,8 @@ class ExpLinearReward(eqx.Module):
 
     def log(self, x: Array) -> Scalar:
         _check_point(jnp.asarray(x), self.direction.shape, "the exp-linear reward")
-        return jnp.dot(self.direction.astype(_state_dtype(x)), x)
+        dt = jnp.promote_types(_state_dtype(x), jnp.float32)  # as the bump's
+        return jnp.dot(self.direction.astype(dt), jnp.asarray(x, dt))
 
     def __call__(self, x: Array) -> Scalar:
         return jnp.exp(self.log(x))

@@ -21,6 +21,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Key, Scalar, Time
+from ._jit import is_real_scalar
 
 
 def _as_float(x: ArrayLike) -> Array:
@@ -310,7 +311,15 @@ class AbstractSDE(eqx.Module):
         )
 
     def check_time(self, t: Time) -> None:
-        """Raise a `ValueError` if a concrete time lies outside `[0, T]`."""
+        """Raise a `ValueError` if a concrete time lies outside `[0, T]`, and a
+        `TypeError` unless `t` is a real scalar (one time: a vector of times
+        would broadcast into a wrong value; `jax.vmap` over times instead)."""
+        if not is_real_scalar(t):
+            shape = f" of shape {np.shape(t)}" if hasattr(t, "shape") else ""
+            raise TypeError(
+                f"a time must be a real scalar, got {type(t).__name__}{shape}; for "
+                "several times use jax.vmap"
+            )
         try:
             tv = float(t)
         except (TypeError, jax.errors.ConcretizationTypeError):

@@ -1,6 +1,8 @@
 """Regressions from an audit of the oracles, guidance, metrics, losses and `fit`:
 each test names the wrong behaviour it pins down."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -270,3 +272,128 @@ def test_reciprocal_prob_of_float16_probabilities():
     ref = 1.0 / np.asarray(p16, np.float64)
     np.testing.assert_allclose(mean, ref.mean(), rtol=1e-6)
     np.testing.assert_allclose(se, ref.std(ddof=1) / 2.0, rtol=1e-6)
+
+
+# -- a second audit: float32 extremes and inputs against independent references ------
+
+
+def test_mean_stderr_of_huge_values_does_not_overflow():
+    """Squared deviations of values beyond ~1.8e19 overflowed float32 to inf (a
+    classifier probability of 1e-20 gives 1/p = 1e20); references in float64."""
+    with jax.enable_x64(False):
+        for v in ([1e20, 2e20, 3e20], [3e38, 3e38], [-3e38, 3e38, 1e38]):
+            x = np.array(v, np.float32)
+            mean, se = gd.mean_stderr(x)
+            assert mean.dtype == jnp.float32
+            ref = np.asarray(v, np.float64)
+            np.testing.assert_allclose(mean, ref.mean(), rtol=1e-6)
+            np.testing.assert_allclose(
+                se, ref.std(ddof=1) / np.sqrt(ref.size), rtol=1e-6
+            )
+        m, se = gd.reciprocal_prob(np.array([1e-20, 1e-10, 0.5], np.float32))
+        assert np.isfinite(se) and np.isclose(se, 3.3333333e19, rtol=1e-6)
+        # values below 2^60 are used as they are (to rounding: XLA fuses alike)
+        v = jnp.array([1.0, 2.0, 4.0], jnp.float32)
+        ref = jnp.std(v, ddof=1) / math.sqrt(3)
+        np.testing.assert_allclose(gd.mean_stderr(v)[1], ref, rtol=2e-7)
+
+
+def test_mixture_cov_is_centred():
+    """E[x x^T] - m m^T cancelled to a negative variance with means far from 0."""
+    g = gd.GaussianMixture([0.1, 0.9], [[49.9], [49.9]], [1e-4, 1e-4])
+    np.testing.assert_allclose(g.cov(), [[1e-4]], rtol=1e-5)
+    g = gd.GaussianMixture([0.3, 0.7], [[-50.0, 17.123], [50.0, 17.123]], [1e-6, 1e-6])
+    np.testing.assert_allclose(g.cov(), np.diag([2100.0 + 1e-6, 1e-6]), rtol=1e-5)
+
+
+def test_energy_test_with_one_far_off_sample_keeps_its_power():
+    """One sample at 1e5 made the tie tolerance (scaled by the largest distance)
+    exceed the statistic, so every permutation tied and p = 1; the float64
+    permutation test gives p ~ 0.01."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 2)), rng.normal(size=(50, 2)) + 0.8
+    x[0] = [1e5, 0.0]
+    with jax.enable_x64(False):
+        _, p = gd.two_sample_test(np.float32(x), np.float32(y), key=jr.key(0))
+    assert p < 0.05
+
+
+def test_a_time_must_be_one_real_scalar():
+    """A vector of times broadcast into a plausible wrong score; a string time
+    failed with an unrelated error."""
+    x = jnp.array([0.3, 0.4])
+    for t in (jnp.array([0.1, 0.5]), "0.5", None):
+        with pytest.raises(TypeError, match="a time must be a real scalar"):
+            GMM.score(SDE)(t, x)
+        with pytest.raises(TypeError, match="a time must be a real scalar"):
+            gd.Gaussian(jnp.ones(2), 1.0).marginal_moments(SDE, t)
+    many = jax.vmap(lambda t: GMM.score(SDE)(t, x))(jnp.array([0.1, 0.5]))
+    np.testing.assert_allclose(many[1], GMM.score(SDE)(0.5, x), rtol=1e-6)
+
+
+def test_point_cloud_score_at_sigma_zero_and_tilt_in_logs():
+    """The score at t = 0 was silently NaN; a reward tilt whose values underflow
+    or overflow as numbers (log r = -200 or 100) was rejected as all zero or
+    infinite, though its weights are well defined."""
+    pc = gd.PointCloud(jnp.array([[0.0, 0.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="undefined at t = 0"):
+        pc.score(SDE)(0.0, jnp.array([0.5, 0.2]))
+    pts = jnp.array([[0.0], [1.0], [2.0]])
+    with jax.enable_x64(False):
+        tilted = gd.PointCloud(pts).tilt(gd.GaussianBumpReward(jnp.array([10.0]), 0.5))
+        log_r = np.array([-200.0, -162.0, -128.0])
+        ref = np.exp(log_r - np.logaddexp.reduce(log_r))
+        np.testing.assert_allclose(np.exp(tilted.log_weights), ref, rtol=1e-4)
+        tilted = gd.PointCloud(jnp.array([[100.0], [101.0]])).tilt(
+            gd.ExpLinearReward(jnp.array([1.0]))
+        )
+        np.testing.assert_allclose(
+            np.exp(tilted.log_weights), [1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-5
+        )
+
+
+def test_rewards_of_16bit_particles_are_computed_in_float32():
+    r = gd.GaussianBumpReward(jnp.zeros(2), 200.0).log(
+        jnp.array([300.0, 0.0], jnp.float16)
+    )
+    assert r.dtype == jnp.float32 and np.isclose(r, -1.125)
+    r = gd.ExpLinearReward(jnp.array([1.0, 1.0])).log(
+        jnp.array([4e4, 4e4], jnp.float16)
+    )
+    assert np.isclose(r, 80000.0)
+
+
+def test_metrics_reject_complex_samples():
+    x = (np.random.default_rng(0).normal(size=(10, 2)) * (1 + 1j)).astype(np.complex64)
+    for metric in (gd.mmd2, gd.energy_distance):
+        with pytest.raises(TypeError, match="must be real"):
+            metric(x, x + 1)
+    with pytest.raises(TypeError, match="must be real"):
+        gd.mean_stderr(x[:, 0])
+
+
+def test_mixture_constructor_checks_values_as_given():
+    """An asymmetric block hidden by a large variance elsewhere was averaged; a
+    singular covariance was accepted or not by rounding; weights and variances
+    that over- or underflow float32 were reported as infinite or zero; d = 0 gave a
+    NumPy error."""
+    C = np.array([[1e6, 0, 0], [0, 1.0, 0.9], [0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="not symmetric"):
+        gd.GaussianMixture([1.0], np.zeros((1, 3)), C[None])
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # rank 2 in 4-D
+        a = rng.normal(size=(4, 2))
+        with pytest.raises(ValueError, match="positive definite"):
+            gd.GaussianMixture([1.0], np.zeros((1, 4)), (a @ a.T)[None])
+    with jax.enable_x64(False):
+        for w in ([1e50, 2e50], [1e-50, 2e-50]):
+            with pytest.raises(ValueError, match="weights do not fit float32"):
+                gd.GaussianMixture(w, np.zeros((2, 1)), [1.0, 1.0])
+        with pytest.raises(ValueError, match="covs do not fit float32"):
+            gd.GaussianMixture([1.0, 1.0], np.zeros((2, 1)), [1e-50, 1.0])
+    with pytest.raises(ValueError, match="K, d >= 1"):
+        gd.GaussianMixture([1.0], np.zeros((1, 0)), [1.0])
+    # ill-conditioned but definite, and a zero weight, are fine
+    full = gd.GaussianMixture([1.0], np.zeros((1, 2)), np.diag([1e6, 0.1])[None])
+    np.testing.assert_allclose(np.sort(full.evals[0]), [0.1, 1e6], rtol=1e-6)
+    assert gd.GaussianMixture([0.0, 1.0], np.zeros((2, 1)), [1.0, 1.0]).weights[0] == 0
