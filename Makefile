@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/guidediff demo --out $(OUT)/demo
+	$(BIN)/guidediff demo --out "$(OUT)/demo"
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SRC)

@@ -39,6 +39,18 @@ TIMING_METHOD = (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 or a negative count crashed a script
+    deep inside, after compiling)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def parser(description: str, *, default_repeats: int = 5) -> argparse.ArgumentParser:
     """The flags every script takes (scripts add their own)."""
     p = argparse.ArgumentParser(description=description)
@@ -46,12 +58,15 @@ def parser(description: str, *, default_repeats: int = 5) -> argparse.ArgumentPa
         "--quick", action="store_true", help="tiny sizes, for a CPU smoke run"
     )
     p.add_argument(
-        "--particles", type=int, default=None, help="particle count for every size"
+        "--particles", type=positive_int, default=None,
+        help="particle count for every size",
+    )  # fmt: skip
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="number of solver steps"
     )
-    p.add_argument("--steps", type=int, default=None, help="number of solver steps")
     p.add_argument(
         "--repeats",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"timed repeats, median reported (default {default_repeats}, 2 if --quick)",
     )
@@ -65,10 +80,28 @@ def parser(description: str, *, default_repeats: int = 5) -> argparse.ArgumentPa
     return p
 
 
+# Flags that change no measured size: a run that sets only these is a default run.
+_SETTINGS = {"quick", "out", "repeats", "default_repeats", "require_torch"}
+
+
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parse the flags; check the output folder before anything is measured; note
+    whether a size flag differs from its default (`write_result` then keeps a
+    default run's file)."""
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else args.default_repeats
+    args.custom = sorted(
+        k for k, v in vars(args).items() if k not in _SETTINGS and v != p.get_default(k)
+    )
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".benchmark-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        p.error(f"--out {str(out)!r} is not a writable folder: {e}")
     return args
 
 
@@ -234,12 +267,15 @@ def write_result(name: str, args, payload: dict) -> Path:
     """Write `payload` (plus device, versions and run settings) to
     `args.out/{name}_{device tag}.json` and return the path. A quick run never
     replaces a full run's file (README tables are generated from those): it goes
-    to `{name}_{device tag}_quick.json` beside it instead."""
+    to `{name}_{device tag}_quick.json` beside it instead; a full run with sizes
+    other than the defaults (`--particles`, `--steps`, a script's own size flags)
+    never replaces a default full run's file: it goes to `..._custom.json`."""
     result = {
         "benchmark": name,
         "device": device_info(),
         "versions": versions(),
         "quick": bool(args.quick),
+        "custom_flags": list(getattr(args, "custom", [])),
         "argv": list(sys.argv[1:]),
         "timestamp_utc": datetime.datetime.now(datetime.UTC).isoformat(),
         "timing_method": TIMING_METHOD,
@@ -250,6 +286,8 @@ def write_result(name: str, args, payload: dict) -> Path:
     path = out_dir / f"{name}_{device_tag()}.json"
     if args.quick and _is_full_run(path):
         path = path.with_name(f"{path.stem}_quick.json")
+    elif getattr(args, "custom", None) and _is_default_run(path):
+        path = path.with_name(f"{path.stem}_custom.json")
     path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     print(f"wrote {path}")
     return path
@@ -258,6 +296,16 @@ def write_result(name: str, args, payload: dict) -> Path:
 def _is_full_run(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("quick") is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_default_run(path: Path) -> bool:
+    """A full run with default sizes (files written before `custom_flags` was
+    recorded count as default)."""
+    try:
+        res = json.loads(path.read_text())
+        return res.get("quick") is False and not res.get("custom_flags")
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -454,13 +454,36 @@ def write_readme(results_dir: str | Path, readme: str | Path) -> None:
     path.write_text(text)
 
 
-if __name__ == "__main__":
-    # python -m benchmarks._table [RESULTS_DIR] [--write]: print the blocks, or
-    # write them into benchmarks/README.md
-    argv = [a for a in sys.argv[1:] if a != "--write"]
-    results = argv[0] if argv else "benchmarks/results"
-    if "--write" in sys.argv[1:]:
-        write_readme(results, Path(__file__).with_name("README.md"))
+def main(argv=None) -> int:
+    """`python -m benchmarks._table [RESULTS_DIR] [--write]`: print the README's
+    generated blocks, or write them into benchmarks/README.md."""
+    import argparse
+
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument(
+        "results", nargs="?", type=Path, default=here / "results",
+        help="folder of result JSON files (default: benchmarks/results)",
+    )  # fmt: skip
+    p.add_argument(
+        "--write", action="store_true", help="replace the blocks in the README"
+    )
+    args = p.parse_args(argv)
+    if not args.results.is_dir():
+        p.error(f"no such folder: {args.results}")
+    if not any(args.results.glob("*.json")):
+        p.error(f"no result files (*.json) in {args.results}")
+    if args.write:
+        # never replace the committed tables by empty ones
+        if not any(args.results.glob("*_gpu*.json")):
+            p.error(f"no GPU result files (*_gpu*.json) in {args.results}")
+        write_readme(args.results, here / "README.md")
+        print(f"wrote the tables into {here / 'README.md'}")
     else:
-        for block in readme_blocks(results):
+        for block in readme_blocks(args.results):
             print(block, end="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -208,23 +208,32 @@ def _mib(mem: dict | None) -> str:
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0], default_repeats=3)
     p.add_argument("--size", default="64d", choices=list(P.SIZES))
-    p.add_argument("--steps-list", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--steps-list", type=C.positive_int, nargs="+", default=None,
+        help="numbers of steps N (default 50 ... 1000; --steps N: just N)",
+    )  # fmt: skip
     p.add_argument("--vbt-tol", type=float, default=1e-3)
     p.add_argument(
         "--peer-max-steps",
-        type=int,
+        type=C.positive_int,
         default=200,
         help="time the diffeqsolve-based gradients only up to this many steps",
     )
     p.add_argument(
         "--nockpt-max-steps",
-        type=int,
+        type=C.positive_int,
         default=200,
         help="time the gradient without checkpointing only up to this many steps",
     )
     args = C.parse(p, argv)
     C.header(NAME)
-    steps_list = args.steps_list or ([4, 8] if args.quick else list(DEFAULT_STEPS))
+    if args.steps is not None and args.steps_list is not None:
+        p.error("give --steps or --steps-list, not both")
+    steps_list = (
+        args.steps_list
+        or ([args.steps] if args.steps is not None else None)
+        or ([4, 8] if args.quick else list(DEFAULT_STEPS))
+    )
     size = P.SIZES[args.size]
     problem = P.make_problem(size, _particles(args), quick=args.quick)
     print(f"{size.name}: {problem.particles} particles, width {problem.width}")

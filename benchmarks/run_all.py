@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks._common import positive_int
+
 
 SCRIPTS = (
     "against_scan",
@@ -32,19 +34,30 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
-    p.add_argument("--out", type=Path, default=None, help="folder for the JSON files")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="folder for the JSON files (relative to the current folder)",
+    )  # fmt: skip
     p.add_argument("--only", nargs="+", choices=SCRIPTS, default=None)
     p.add_argument("--skip", nargs="+", choices=SCRIPTS, default=())
-    p.add_argument("--steps", type=int, default=None, help="passed to every script")
-    p.add_argument("--repeats", type=int, default=None, help="passed to every script")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="passed to every script"
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=None, help="passed to every script"
+    )
     p.add_argument(
         "--timeout", type=float, default=None, help="seconds per script (no limit)"
     )
     args = p.parse_args(argv)
     names = [s for s in (args.only or SCRIPTS) if s not in args.skip]
+    if not names:
+        p.error("--only and --skip leave no benchmark to run")
     flags = ["--quick"] if args.quick else []
     if args.out is not None:
-        flags += ["--out", str(args.out)]
+        # the scripts run from the repository root: a relative folder is the
+        # caller's, resolved here
+        flags += ["--out", str(args.out.resolve())]
     if args.steps is not None:
         flags += ["--steps", str(args.steps)]
     if args.repeats is not None:

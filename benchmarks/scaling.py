@@ -127,7 +127,13 @@ def vs_devices(problem: P.Problem, ts, steps, args, per_device: int) -> list[dic
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0], default_repeats=3)
     p.add_argument("--size", default="64d", choices=list(P.SIZES))
-    p.add_argument("--particles-list", type=int, nargs="+", default=None)
+    p.add_argument("--particles-list", type=C.positive_int, nargs="+", default=None)
+    for action in p._actions:  # the shared flag means something narrower here
+        if action.dest == "particles":
+            action.help = (
+                "particles per device in the device sweep (the particle sweep "
+                "uses --particles-list)"
+            )
     p.add_argument(
         "--kinds", nargs="+", default=["strong", "weak"], choices=["strong", "weak"]
     )

@@ -141,18 +141,29 @@ def at_tolerance(rows: list[dict], tol: float) -> dict:
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--dim", type=int, default=None, help="data dimension (64)")
-    p.add_argument("--steps-list", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--dim", type=C.positive_int, default=None, help="data dimension (64)"
+    )
+    p.add_argument(
+        "--steps-list", type=C.positive_int, nargs="+", default=None,
+        help="numbers of steps (--steps N: just N)",
+    )  # fmt: skip
     p.add_argument("--tol", type=float, default=1e-2, help="for at_tolerance")
     p.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = C.parse(p, argv)
     C.header(NAME)
-    dim = args.dim or (4 if args.quick else 64)
+    if args.steps is not None and args.steps_list is not None:
+        p.error("give --steps or --steps-list, not both")
+    dim = args.dim if args.dim is not None else (4 if args.quick else 64)
     if args.particles is not None:
         particles = args.particles
     else:
         particles = 16 if args.quick else (65536 if C.on_accelerator() else 8192)
-    steps_list = args.steps_list or (QUICK_STEPS if args.quick else STEPS)
+    steps_list = (
+        args.steps_list
+        or ([args.steps] if args.steps is not None else None)
+        or (QUICK_STEPS if args.quick else STEPS)
+    )
     print(f"Gaussian data, d = {dim}, {particles} particles, steps {steps_list}")
     rows = []
     for grid in args.grids:

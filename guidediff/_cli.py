@@ -107,7 +107,9 @@ def _bench(rest: list[str]) -> int:
         filter(None, [str(root), env.get("PYTHONPATH")])
     )
     cmd = [sys.executable, "-m", "benchmarks.run_all", *rest]
-    return subprocess.run(cmd, cwd=root, env=env).returncode
+    # from the caller's folder (run_all resolves a relative --out there; its
+    # scripts run from the checkout)
+    return subprocess.run(cmd, env=env).returncode
 
 
 if __name__ == "__main__":

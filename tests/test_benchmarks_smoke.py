@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Longest first, so that the two workers finish together.
 RUNS = {
     "peers": ["--sizes", "64d", "--repeats", "1"],
-    "grad_cost": ["--steps-list", "4", "--repeats", "1"],
+    "grad_cost": ["--steps", "4", "--repeats", "1"],  # --steps N: the list [N]
     "against_scan": ["--sizes", "64d", "--repeats", "1"],
     "scaling": "--particles-list 16 --steps 4 --repeats 1 --kinds strong".split(),
     "mfu": ["--steps", "4", "--repeats", "1"],
     "cfg_cost": ["--repeats", "1"],
-    "work_precision": ["--repeats", "1", "--steps-list", "4"],
+    "work_precision": ["--repeats", "1", "--steps", "4"],
     "smc_cost": ["--steps", "4", "--repeats", "1"],
 }
 
@@ -408,3 +408,78 @@ def test_gpu_table_shows_a_failed_variant_as_a_dash():
     res["results"][0]["forward"]["hand"] = {"error": "RuntimeError: out of memory"}
     rows = _against_scan(res, "against_scan_gpu.json")
     assert rows[0].endswith("ms vs -) | against_scan_gpu.json |"), rows[0]
+
+
+def test_a_custom_size_run_does_not_replace_a_default_result(tmp_path):
+    """A full run with non-default sizes (here --particles) replaced the committed
+    default run the README tables come from; it goes to NAME_DEVICE_custom.json."""
+    from benchmarks._common import device_tag, parse, parser, write_result
+
+    default = tmp_path / f"demo_{device_tag()}.json"
+    default.write_text(json.dumps({"quick": False, "value": 1}))
+    args = parse(parser("demo"), ["--particles", "16", "--out", str(tmp_path)])
+    assert args.custom == ["particles"]
+    path = write_result("demo", args, {"value": 2})
+    assert path.name == f"demo_{device_tag()}_custom.json"
+    assert json.loads(default.read_text())["value"] == 1
+    # a default run replaces the default file; repeats change no size
+    args = parse(parser("demo"), ["--repeats", "2", "--out", str(tmp_path)])
+    assert args.custom == [] and write_result("demo", args, {"value": 3}) == default
+
+
+def test_benchmark_flags_are_checked_before_any_work(tmp_path, capsys):
+    """Zero or negative counts crashed deep inside a script; an --out that is a file
+    failed after the whole run; --steps with --steps-list was ambiguous; run_all with
+    nothing selected exited 0."""
+    from benchmarks import grad_cost, run_all
+    from benchmarks._common import parse, parser
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["--repeats", "0"], ["--particles", "-4"], ["--steps", "x"],
+                 ["--out", str(afile)]):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            parse(parser("demo"), argv)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        grad_cost.main(["--steps", "4", "--steps-list", "8", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(["--only", "mfu", "--skip", "mfu"])
+    assert exc.value.code == 2
+    assert "no benchmark to run" in capsys.readouterr().err
+
+
+def test_run_all_resolves_a_relative_out_in_the_callers_folder(tmp_path, monkeypatch):
+    """The scripts run from the repository root: a relative --out landed there."""
+    from benchmarks import run_all
+
+    seen = []
+    monkeypatch.setattr(
+        run_all.subprocess, "run",
+        lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0),
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert run_all.main(["--only", "mfu", "--out", "rel"]) == 0
+    (cmd,) = seen
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "rel")
+
+
+def test_table_cli_never_writes_empty_tables(tmp_path, monkeypatch, capsys):
+    """From another folder, `_table --write` read a relative results folder that
+    did not exist there and wrote empty tables over the README's (exit 0)."""
+    from benchmarks import _table
+
+    readme = Path(_table.__file__).with_name("README.md")
+    before = readme.read_text()
+    monkeypatch.chdir(tmp_path)
+    for argv in (["nosuch"], [str(tmp_path)], ["--write", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            _table.main(argv)
+        assert exc.value.code == 2
+    (tmp_path / "work_precision_cpu.json").write_text("{}")
+    with pytest.raises(SystemExit):  # no GPU files: nothing to write
+        _table.main(["--write", str(tmp_path)])
+    assert readme.read_text() == before
+    assert _table.main([]) == 0  # the default folder is found from any directory
+    assert "| against_scan |" in capsys.readouterr().out

@@ -85,3 +85,11 @@ def test_bad_numbers_are_argparse_errors(capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "must be an integer" in err or "not an integer" in err, err
+
+
+def test_reproduce_checks_results_json_is_writable_first(tmp_path, capsys):
+    """A folder named results.json made reproduce fail with a traceback after the
+    whole computation."""
+    (tmp_path / "results.json").mkdir()
+    assert main(["reproduce", "cfg-gmm", "--quick", "--out", str(tmp_path)]) == 2
+    assert "cannot write" in capsys.readouterr().err

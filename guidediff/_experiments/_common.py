@@ -33,6 +33,8 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.json").is_dir():
+        raise IsADirectoryError(f"{out / 'results.json'} is a folder")
     probe = out / ".guidediff-write-test"
     probe.write_text("ok")
     probe.unlink()

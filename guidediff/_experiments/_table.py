@@ -160,8 +160,26 @@ def headline_block(results_dir: str | Path) -> str:
     return f"{HEADLINE_START}\n{headline_table(results_dir)}\n{HEADLINE_END}"
 
 
-if __name__ == "__main__":
-    folder = sys.argv[1] if len(sys.argv) > 1 else "results"
-    print(readme_block(folder))
+def main(argv=None) -> int:
+    """`python -m guidediff._experiments._table [RESULTS_DIR]`: print the README's
+    generated blocks from the experiments' results.json files."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument(
+        "results", nargs="?", type=Path, default=Path("results"),
+        help="folder with one subfolder per experiment (default: results)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    if not args.results.is_dir():
+        p.error(f"no such folder: {args.results}")
+    if not any(args.results.glob("*/results.json")):
+        p.error(f"no experiment results (*/results.json) in {args.results}")
+    print(readme_block(args.results))
     print()
-    print(headline_block(folder))
+    print(headline_block(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
