@@ -57,6 +57,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._custom_types import Key, Scalar, Time
+from ._jit import is_real_scalar
 from ._score import _is_flax_module
 from ._sde import AbstractSDE
 
@@ -155,6 +156,8 @@ def reward_weights(
         ```
     """
     rewards = jnp.asarray(rewards)
+    if jnp.issubdtype(rewards.dtype, jnp.complexfloating):
+        raise TypeError(f"rewards must be real, got dtype {rewards.dtype}")
     if not jnp.issubdtype(rewards.dtype, jnp.floating):
         rewards = rewards.astype(jnp.result_type(float))
     # 16-bit rewards are weighted in float32: a bfloat16 mean (and softmax) keeps
@@ -166,9 +169,15 @@ def reward_weights(
     if n == 0:
         raise ValueError("rewards is empty: need at least one reward")
     if temperature is not None:
+        if not is_real_scalar(temperature):
+            raise TypeError(f"temperature must be a real number, got {temperature!r}")
         if _is_concrete(temperature):
-            if not float(temperature) > 0:
-                raise ValueError(f"temperature must be positive, got {temperature}")
+            tiny = float(jnp.finfo(rewards.dtype).tiny)
+            if not float(temperature) >= tiny:  # a subnormal one is flushed to 0
+                raise ValueError(
+                    f"temperature must be positive (at least {tiny:.3g} in "
+                    f"{rewards.dtype}), got {temperature}"
+                )
         else:  # a traced one (e.g. swept under jit): negative would flip the tilt
             rewards = eqx.error_if(
                 rewards, ~(temperature > 0), "temperature must be positive"
@@ -181,7 +190,9 @@ def reward_weights(
             rewards = eqx.error_if(
                 rewards, ~jnp.all(jnp.isfinite(rewards)), "rewards contain NaN or inf"
             )
-        logw = rewards / temperature
+        # shifted by the largest reward first: R / alpha alone overflows for large
+        # R or small alpha (inf - inf = NaN weights)
+        logw = (rewards - jnp.max(rewards)) / temperature
         return n * jnp.exp(logw - jax.nn.logsumexp(logw))
     tiny = jnp.finfo(rewards.dtype).tiny
     if _is_concrete(rewards):
@@ -265,16 +276,28 @@ def _as_model_fn(model_fn):
     return model_fn.apply if _is_flax_module(model_fn) else model_fn
 
 
-def _check_conditional_model(model_fn) -> None:
+def _check_conditional_model(model_fn, num_classes: int | None = None) -> None:
     """A bound `apply` of a guidediff network built without `num_classes` ignores
     the labels: the conditional scores would all be the unconditional one, and CFG
-    would do nothing."""
+    would do nothing. One built with another `num_classes` than the loss's has its
+    null label elsewhere: a smaller loss value trains a real class as the null
+    one (CFG's unconditional score is never trained), a larger one feeds labels the
+    network has no row for (NaN)."""
     module = getattr(_as_model_fn(model_fn), "__self__", None)
-    if module is not None and getattr(module, "num_classes", 0) is None:
+    if module is None:
+        return
+    built = getattr(module, "num_classes", 0)
+    if built is None:
         raise ValueError(
             f"the model ({type(module).__name__}.apply) was built without "
             "num_classes, so it ignores the labels: build it with num_classes=K "
             "for a class-conditional loss"
+        )
+    if num_classes is not None and isinstance(built, int) and built != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but the model ({type(module).__name__}) was "
+            f"built with num_classes={built} (its null label is {built}): pass "
+            f"num_classes={built}"
         )
 
 
@@ -486,6 +509,7 @@ def dsm_loss(
     """
     x0 = _check_data(x0, batch=True)
     if labels is not None:
+        _check_conditional_model(model_fn)  # else the labels would be ignored
         labels = _label_array(labels)
         _check_batch(x0, "labels", labels)
     per = _per_example(
@@ -577,7 +601,7 @@ def conditional_dsm_loss(
         ```
     """
     _check_slot_order("conditional_dsm_loss", "labels", labels)
-    _check_conditional_model(model_fn)
+    _check_conditional_model(model_fn, num_classes)
     x0 = _check_data(x0, batch=True)
     # Concrete labels stay numpy until checked (in `drop_labels`): a conversion to
     # JAX's int32 first would wrap a label like 2**32 + 1 into a valid one.
@@ -649,6 +673,7 @@ def reward_weighted_dsm_loss(
     rewards = jnp.asarray(rewards)
     _check_batch(x0, "rewards", rewards)
     if labels is not None:
+        _check_conditional_model(model_fn)  # else the labels would be ignored
         labels = _label_array(labels)
         _check_batch(x0, "labels", labels)
     w = reward_weights(rewards, temperature=temperature)

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -89,6 +90,16 @@ def warm_start(pretrained: PyTree[Any], like: PyTree[Any] | None = None) -> PyTr
         tuned = gd.fit(reward_loss, phi0, data, num_steps=200, **kw).ema_params
         ```
     """
+    if isinstance(pretrained, FitResult):
+        raise TypeError(
+            "warm_start takes parameters, got a FitResult: pass its .params or "
+            ".ema_params"
+        )
+    if not any(eqx.is_array(x) for x in jax.tree.leaves(pretrained)):
+        raise ValueError(
+            f"pretrained holds no arrays (got {type(pretrained).__name__}); a run "
+            "with ema_decay=None has ema_params=None: use its .params"
+        )
     if like is not None:
         s1, s2 = jax.tree.structure(pretrained), jax.tree.structure(like)
         if s1 != s2:
@@ -663,8 +674,23 @@ def fit(
         raise ValueError("eval_every and eval_fn go together")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
+    if isinstance(ema_decay, bool | np.bool_):  # False would be an EMA of decay 0
+        raise TypeError(
+            f"ema_decay must be a number in [0, 1) or None, got {ema_decay}"
+        )
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+    if checkpoint_dir is not None:
+        # before any step: an unusable folder failed at the first save, after
+        # `checkpoint_every` steps of work, which were lost
+        folder = Path(checkpoint_dir)
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(
+                f"checkpoint_dir {str(folder)!r} exists and is not a folder"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"checkpoint_dir {str(folder)!r} is not writable")
 
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -707,6 +733,14 @@ def fit(
                     f"the checkpoint in {checkpoint_dir} was written by a run with a "
                     "different key; resuming it with this key would not reproduce it"
                 )
+            for name, value in (("batch_size", batch_size), ("ema_decay", ema_decay)):
+                # (checkpoints written before these were recorded lack them)
+                if name in meta and meta[name] != value:
+                    raise CheckpointError(
+                        f"the checkpoint in {checkpoint_dir} was written with "
+                        f"{name}={meta[name]}; resuming it with {name}={value} would "
+                        "not reproduce that run"
+                    )
             if step > num_steps:
                 raise ValueError(
                     f"the checkpoint is at step {step}, beyond num_steps={num_steps}"
@@ -739,6 +773,8 @@ def fit(
         meta = {
             "step": s,
             "key": key_data,
+            "batch_size": batch_size,
+            "ema_decay": ema_decay,
             "loss_dtype": str(hist.dtype),
             # a copy: orbax writes the JSON in the background, while later evals
             # are appended to the live list

@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
-from ._jit import _combine, _partition
+from ._jit import _combine, _partition, is_real_scalar
 from ._sample import _check_sde, _grid_in_dtype, sample
 from ._sample_checks import _check_count, _check_shape
 from ._score import AbstractScore
@@ -334,6 +334,9 @@ def tune_guidance(
             f"{type(guided).__name__}"
         )
     _check_count("num_iters", num_iters)
+    _check_lam(lam)
+    if not isinstance(init, PiecewiseLinear) and not is_real_scalar(init):
+        raise TypeError(f"init must be a number or a gd.PiecewiseLinear, got {init!r}")
     shape, dtype, kw = _sampler_setup(
         sde, shape, ts, num_particles, args, process, solver, truncate_backprop
     )
@@ -526,6 +529,7 @@ def finetune_through_sampler(
         ```
     """
     _check_count("num_iters", num_iters)
+    _check_lam(lam)
     shape, dtype, kw = _sampler_setup(
         sde, shape, ts, num_particles, args, process, solver, truncate_backprop
     )
@@ -591,11 +595,15 @@ def save_learning_curve(
         raise ValueError(
             "meta must not hold a 'curve' key (it would replace the curve)"
         )
+    names = [n for n in ("objective", "reward", "penalty") if curve and n in curve[0]]
+    for i, row in enumerate(curve):  # checked before anything is written
+        missing = [k for k in ("step", *names) if k not in row]
+        if missing:
+            raise ValueError(f"curve row {i} lacks {missing} (row 0 has them)")
     payload = {"curve": _jsonable(list(curve)), **_jsonable(dict(meta or {}))}
     text = json.dumps(payload, indent=2, allow_nan=False)  # raises before writing
     json_path.write_text(text)
 
-    names = [n for n in ("objective", "reward", "penalty") if n in curve[0]]
     steps = np.array([r["step"] for r in curve])
     fig = Figure(figsize=(3.6 * len(names), 3.2))
     FigureCanvasAgg(fig)
@@ -612,11 +620,23 @@ def save_learning_curve(
     return json_path, png_path
 
 
+def _check_lam(lam) -> None:
+    """A finite scalar >= 0 (traced values pass): a negative one rewards moving
+    away from the reference samples, and the objective is unbounded."""
+    if not is_real_scalar(lam):
+        raise TypeError(f"lam must be a real number, got {lam!r}")
+    if not isinstance(lam, jax.core.Tracer) and not 0.0 <= float(lam) < math.inf:
+        raise ValueError(f"lam must be finite and >= 0, got {float(lam)}")
+
+
 def _jsonable(v):
     """Strict JSON: numpy/jax scalars and arrays to Python, NaN and inf to null
     (what `json.dumps` would write bare, which strict parsers reject)."""
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        out = {str(k): _jsonable(x) for k, x in v.items()}
+        if len(out) != len(v):  # {1: .., "1": ..} would lose one silently
+            raise ValueError(f"keys that read the same as text: {list(v)}")
+        return out
     if isinstance(v, list | tuple):
         return [_jsonable(x) for x in v]
     if isinstance(v, np.generic | np.ndarray | jax.Array):
