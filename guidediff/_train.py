@@ -688,8 +688,9 @@ def fit(
             raise NotADirectoryError(
                 f"checkpoint_dir {str(folder)!r} exists and is not a folder"
             )
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
+        if not resume:  # (resuming needs the folder: `_restore` says so)
+            folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_dir() and not os.access(folder, os.W_OK):
             raise PermissionError(f"checkpoint_dir {str(folder)!r} is not writable")
 
     if not isinstance(optimizer, optax.GradientTransformation):
