@@ -28,12 +28,15 @@ format: $(STAMP)
 
 # pytest exits 5 when it collects no test; that must fail, so no `|| true` anywhere.
 # Test files run in TEST_WORKERS processes (pytest-xdist, one file per worker at a
-# time so module fixtures are shared); compiling leaves a core idle otherwise.
+# time so module fixtures are shared); compiling leaves a core idle otherwise. Files
+# are handed out longest first (the order tests/conftest.py collects them in; xdist
+# would reorder them by their number of tests).
 # tests/conftest.py sets XLA:CPU flags for fast compiles; the slow statistical tests
 # run long computations and keep XLA's defaults.
 TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder --durations=15
 
 test-slow: $(STAMP)
 	GUIDEDIFF_TEST_XLA_DEFAULTS=1 $(BIN)/python -m pytest -m slow -q -n $(TEST_WORKERS) --dist loadfile

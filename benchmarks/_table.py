@@ -377,7 +377,9 @@ def gpu_table(results_dir: str | Path) -> str:
     files = []
     for path in sorted(Path(results_dir).glob("*_gpu*.json")):
         res = json.loads(path.read_text())
-        if res.get("quick"):  # a smoke-size run (NAME_gpu_quick.json)
+        # a smoke-size run (NAME_gpu_quick.json) or one at other sizes than the
+        # defaults (NAME_gpu_custom.json)
+        if res.get("quick") or res.get("custom_flags"):
             continue
         if res.get("benchmark") in BUILDERS:
             files.append((path.name, res))
@@ -415,7 +417,7 @@ def work_precision_table(results_dir: str | Path) -> str:
     ]
     for path in sorted(Path(results_dir).glob("work_precision_*.json")):
         res = json.loads(path.read_text())
-        if res.get("quick"):
+        if res.get("quick") or res.get("custom_flags"):
             continue
         last: dict[str, dict] = {}
         for r in res["results"]:

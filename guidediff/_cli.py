@@ -106,10 +106,16 @@ def _bench(rest: list[str]) -> int:
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(root), env.get("PYTHONPATH")])
     )
+    # from the checkout (a `benchmarks` folder in the caller's folder must not be
+    # imported instead), with a relative --out resolved in the caller's folder
+    rest = list(rest)
+    for i, arg in enumerate(rest):
+        if arg == "--out" and i + 1 < len(rest):
+            rest[i + 1] = str(Path(rest[i + 1]).resolve())
+        elif arg.startswith("--out="):
+            rest[i] = "--out=" + str(Path(arg[len("--out=") :]).resolve())
     cmd = [sys.executable, "-m", "benchmarks.run_all", *rest]
-    # from the caller's folder (run_all resolves a relative --out there; its
-    # scripts run from the checkout)
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, cwd=root, env=env).returncode
 
 
 if __name__ == "__main__":

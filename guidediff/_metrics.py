@@ -101,8 +101,10 @@ def _mean_stderr(values: Array) -> tuple[Array, Array]:
     scale = lax.stop_gradient(jnp.ldexp(jnp.ones_like(big), exponent.astype(jnp.int32)))
     scaled = values / scale
     mean = scale[0] * jnp.mean(scaled, axis=0)
-    std = scale[0] * jnp.std(scaled, axis=0, ddof=1)
-    return mean, std / math.sqrt(n)  # a weak Python float: keeps the dtype
+    # divided by sqrt(n) before scaling back: the std itself may exceed the
+    # dtype's maximum where the standard error does not
+    se = scale[0] * (jnp.std(scaled, axis=0, ddof=1) / math.sqrt(n))
+    return mean, se  # (a weak Python float: keeps the dtype)
 
 
 def mean_stderr(values: Real[ArrayLike, "n ..."]) -> tuple[Array, Array]:

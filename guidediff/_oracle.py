@@ -652,7 +652,8 @@ class PointCloud(eqx.Module):
 
     Its time-$t$ marginal is $\sum_i w_i \mathcal N(\alpha p_i, \sigma^2 I)$, with score
     $s_t(x) = (\alpha\sum_i\gamma_i(x) p_i - x)/\sigma^2$, $\gamma_i \propto
-    w_i\mathcal N(x; \alpha p_i, \sigma^2 I)$. Defined for $t > 0$ only.
+    w_i\mathcal N(x; \alpha p_i, \sigma^2 I)$. Defined for $t > 0$ only (a concrete
+    $t$ with $\sigma(t) = 0$ is a `ValueError`).
 
     **Arguments:**
 

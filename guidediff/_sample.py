@@ -773,11 +773,12 @@ def sample(
         )
     except TypeError as e:
         # jax.jvp / jacfwd over diffrax's reverse-mode adjoint (a custom_vjp)
-        if driver == "diffeqsolve" and "forward-mode autodiff" in str(e):
+        reverse_only = not isinstance(adjoint, dfx.ForwardMode)
+        if driver == "diffeqsolve" and reverse_only and "forward-mode" in str(e):
             raise TypeError(
                 f"forward-mode differentiation (jax.jvp, jax.jacfwd) through "
-                f"driver='diffeqsolve' needs adjoint=diffrax.ForwardMode(); the "
-                f"default {type(adjoint).__name__} is reverse mode only. Or use "
+                f"driver='diffeqsolve' needs adjoint=diffrax.ForwardMode(); "
+                f"{type(adjoint).__name__} is reverse mode only. Or use "
                 "driver='scan' (the default on a fixed grid), which supports both"
             ) from e
         raise

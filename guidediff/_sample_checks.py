@@ -316,8 +316,10 @@ def _check_network_end(score, solver, sde, ts) -> None:
     if not any(isinstance(n, network) for n in found):
         return
     t_end = check_grid(sde, ts)  # remembered: no device-to-host copy
+    if t_end != 0.0:  # sigma(t) = 0 at t = 0 only (VP and VE SDEs): no device work
+        return
     try:
-        sigma = float(sde.marginal(t_end)[1]) if t_end is not None else None
+        sigma = float(sde.marginal(t_end)[1])
     except (TypeError, jax.errors.ConcretizationTypeError):
         sigma = None  # a traced SDE parameter
     if sigma == 0.0:

@@ -82,8 +82,11 @@ class PiecewiseLinear(eqx.Module):
 
     def __init__(self, times: ArrayLike, values: ArrayLike):
         for name, a in (("times", times), ("values", values)):
-            dtype = getattr(a, "dtype", None)
-            dtype = np.asarray(a).dtype if dtype is None else dtype
+            try:  # jnp: a list of traced values is fine (under jit, grad, vmap)
+                dtype = jnp.result_type(a) if hasattr(a, "dtype") else None
+                dtype = jnp.asarray(a).dtype if dtype is None else dtype
+            except (TypeError, ValueError):
+                dtype = np.asarray(a).dtype  # strings: named below
             if not _is_real_dtype(dtype):
                 raise TypeError(
                     f"the knots' {name} must be real numbers, got {dtype} ({a!r})"

@@ -92,6 +92,29 @@ def test_a_call_does_not_wait_for_the_calls_before_it():
         assert pending, f"{run.__name__} waited for the call before it"
 
 
+def test_a_network_score_with_heun_does_not_wait():
+    """The check that a network score is not evaluated at sigma = 0 by an
+    end-evaluating solver (Heun, the ODE default) computed sigma(t_end) on the
+    device and read it back on every call, waiting for the calls before it."""
+    net = gd.EpsScore(lambda t, x, args: x * jnp.cos(t * x), SDE)
+
+    def sample(seed):
+        return gd.sample(jr.key(seed), SDE, net, (2,), process="ode",
+                         num_particles=P // 4, ts=TS).ys  # fmt: skip
+
+    def smc(seed):
+        return gd.smc_sample(jr.key(seed), SDE, net, (2,), lambda x: -jnp.sum(x**2),
+                             solver=dfx.Heun(), num_particles=P, ts=TS).ys  # fmt: skip
+
+    for call in (sample, smc):
+        jax.block_until_ready(call(0))
+        first = call(1)
+        second = call(2)
+        pending = not first.is_ready()
+        jax.block_until_ready((first, second))
+        assert pending, f"{call.__name__} waited for the call before it"
+
+
 def test_the_default_solver_is_built_once_per_sde():
     """A direct call reuses the default `ExponentialIntegrator` of the same SDE
     object (host time); an SDE holding tracers is not remembered."""

@@ -281,7 +281,12 @@ def test_mean_stderr_of_huge_values_does_not_overflow():
     """Squared deviations of values beyond ~1.8e19 overflowed float32 to inf (a
     classifier probability of 1e-20 gives 1/p = 1e20); references in float64."""
     with jax.enable_x64(False):
-        for v in ([1e20, 2e20, 3e20], [3e38, 3e38], [-3e38, 3e38, 1e38]):
+        for v in (
+            [1e20, 2e20, 3e20],
+            [3e38, 3e38],
+            [-3e38, 3e38, 1e38],
+            [3e38, 3e38, -3e38],
+        ):  # (its std, 3.5e38, overflows; se does not)
             x = np.array(v, np.float32)
             mean, se = gd.mean_stderr(x)
             assert mean.dtype == jnp.float32

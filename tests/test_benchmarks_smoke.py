@@ -483,3 +483,37 @@ def test_table_cli_never_writes_empty_tables(tmp_path, monkeypatch, capsys):
     assert readme.read_text() == before
     assert _table.main([]) == 0  # the default folder is found from any directory
     assert "| against_scan |" in capsys.readouterr().out
+
+
+def test_tables_leave_out_custom_size_runs(tmp_path):
+    """A `_custom.json` run (other sizes than the defaults) added rows beside the
+    default run's."""
+    import shutil
+
+    from benchmarks import _table
+
+    results = Path(_table.__file__).with_name("results")
+    for name in ("against_scan_gpu.json", "work_precision_cpu.json"):
+        shutil.copy(results / name, tmp_path / name)
+    before = "\n".join(_table.readme_blocks(tmp_path))
+    for name in ("against_scan_gpu", "work_precision_cpu"):
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        res["custom_flags"] = ["steps"]
+        (tmp_path / f"{name}_custom.json").write_text(json.dumps(res))
+    assert "\n".join(_table.readme_blocks(tmp_path)) == before
+
+
+def test_bench_runs_from_the_checkout_with_an_absolute_out(tmp_path, monkeypatch):
+    """Run from the caller's folder, `-m benchmarks.run_all` could import a
+    `benchmarks` package there; a relative --out is the caller's."""
+    from guidediff import _cli
+
+    seen = {}
+    monkeypatch.setattr(
+        subprocess, "run",
+        lambda cmd, **kw: seen.update(cmd=cmd, **kw) or subprocess.CompletedProcess(cmd, 0),
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert _cli._bench(["--only", "mfu", "--out", "rel"]) == 0
+    assert Path(seen["cwd"]) == ROOT
+    assert seen["cmd"][-1] == str(tmp_path / "rel")

@@ -868,4 +868,8 @@ def test_weights_bounds_and_flags_are_numbers():
     # numbers of every kind still work
     assert gd.interval(g, 0, np.float64(0.5)).t_hi == 0.5
     assert gd.PiecewiseLinear(np.array([0, 1]), [1, 2])(0.5) == 1.5
+    # knots holding traced values (jit, grad, vmap)
+    f = lambda w: gd.PiecewiseLinear([0.0, 1.0], [w, 2 * w])(0.5)
+    assert jax.grad(f)(1.0) == 1.5 and jax.jit(f)(1.0) == 1.5
+    np.testing.assert_allclose(jax.vmap(f)(jnp.ones(2)), [1.5, 1.5])
     assert gd.as_weight(np.int32(2))(0.1) == 2.0
