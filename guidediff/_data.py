@@ -95,6 +95,11 @@ def digits(
     images = np.asarray(bunch.images, np.float64) / 8.0 - 1.0
     labels = np.asarray(bunch.target, np.int32)
     if classes is not None:
+        if isinstance(classes, int | np.integer | str):
+            raise TypeError(
+                f"classes must be a sequence of digits, e.g. ({classes},), got "
+                f"{classes!r}"
+            )
         bad = [
             c
             for c in classes

@@ -133,6 +133,32 @@ class _Conditioning(nn.Module):
         return emb
 
 
+def _check_config(net: nn.Module, widths: str) -> None:
+    """Clear errors for a network built with sizes it cannot have (they failed at
+    `init` with a ZeroDivisionError or an IndexError)."""
+    name = type(net).__name__
+
+    def positive(field, value):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name}: {field} must be a positive int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name}: {field} must be >= 1, got {value}")
+
+    sizes = getattr(net, widths)
+    if widths == "features" and len(sizes) == 0:
+        raise ValueError(f"{name}: features must name at least one level")
+    for w in sizes:
+        positive(widths, w)
+    embed = getattr(net, "time_embed_dim", 2)
+    positive("time_embed_dim", embed)
+    if embed % 2:
+        raise ValueError(f"{name}: time_embed_dim must be even, got {embed}")
+    if net.num_classes is not None or isinstance(net, CNNClassifier):
+        positive("num_classes", net.num_classes)
+    if hasattr(net, "blocks_per_level"):
+        positive("blocks_per_level", net.blocks_per_level)
+
+
 class MLPScoreNet(nn.Module):
     r"""An MLP for low-dimensional data (e.g. 2-D mixtures, Swiss rolls).
 
@@ -174,6 +200,10 @@ class MLPScoreNet(nn.Module):
     time_embed_dim: int = 64
     num_classes: int | None = None
     dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _check_config(self, "hidden")
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -270,6 +300,10 @@ class UNet(nn.Module):
     blocks_per_level: int = 1
     dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        _check_config(self, "features")
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -347,6 +381,10 @@ class CNNClassifier(nn.Module):
     time_conditioned: bool = False
     time_embed_dim: int = 64
     dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _check_config(self, "features")
+        super().__post_init__()
 
     @nn.compact
     def __call__(

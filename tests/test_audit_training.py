@@ -131,3 +131,17 @@ def test_save_learning_curve_checks_before_writing(tmp_path):
         gd.save_learning_curve([{"step": 0, "objective": 1.0}, {"step": 1}],
                                tmp_path / "b")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_network_sizes_and_digit_classes_are_checked_when_built():
+    """Sizes a network cannot have failed at init with a ZeroDivisionError or an
+    IndexError; digits(classes=3) with "'int' object is not iterable"."""
+    for build, match in ((lambda: gd.MLPScoreNet(hidden=(0,)), "hidden must be >= 1"),
+                         (lambda: gd.UNet(features=()), "at least one level"),
+                         (lambda: gd.CNNClassifier(num_classes=0), "num_classes"),
+                         (lambda: gd.MLPScoreNet(time_embed_dim=7), "must be even"),
+                         (lambda: gd.UNet(blocks_per_level=0), "blocks_per_level")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            build()
+    with pytest.raises(TypeError, match="a sequence of digits"):
+        gd.digits(classes=3)
