@@ -45,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/guidediff bench
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis

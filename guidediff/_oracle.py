@@ -163,7 +163,13 @@ class GaussianMixture(eqx.Module):
     ):
         dtype = jnp.result_type(float)
         _check_representable("weights", weights, dtype, positive=False)
-        _check_representable("covs", covs, dtype, positive=True)
+        if np.ndim(covs) == 3:
+            # full matrices: the variances must fit; an off-diagonal entry below
+            # the smallest normal number is a harmless (near-)zero covariance
+            _check_representable("covs", covs, dtype, positive=True, diagonal=True)
+            _check_representable("covs", covs, dtype, positive=False, underflow=False)
+        else:
+            _check_representable("covs", covs, dtype, positive=True)
         given_covs = None  # full matrices as given, in float64, for the rank check
         if _is_concrete(covs) and np.ndim(covs) == 3:
             given_covs = np.asarray(covs, np.float64)
@@ -765,19 +771,31 @@ class PointCloudScore(AbstractScore):
         return self.cloud.score_t(self.sde, t, x)
 
 
-def _check_representable(what: str, values, dtype, positive: bool) -> None:
+def _check_representable(
+    what: str,
+    values,
+    dtype,
+    positive: bool,
+    *,
+    diagonal: bool = False,
+    underflow: bool = True,
+) -> None:
     """Concrete values that are finite (and positive where asked) but overflow or
-    underflow `dtype` would otherwise be reported as infinite or zero."""
+    underflow `dtype` would otherwise be reported as infinite or zero. `diagonal`:
+    check only the diagonals of a stack of matrices; `underflow=False`: check only
+    for overflow."""
     if not _is_concrete(values):
         return
     try:
         v = np.asarray(values, np.float64)
     except (TypeError, ValueError):
         return  # not numbers: the later conversion names the problem
+    if diagonal:
+        v = np.diagonal(v, axis1=-2, axis2=-1)
     big = np.finfo(dtype).max
     finite = np.isfinite(v)
     over = finite & (np.abs(v) > big)
-    under = finite & (v != 0) & (np.abs(v) < np.finfo(dtype).tiny)
+    under = finite & (v != 0) & (np.abs(v) < np.finfo(dtype).tiny) & underflow
     if (
         np.any(over)
         or (positive and np.any(under & (v > 0)))

@@ -402,3 +402,24 @@ def test_mixture_constructor_checks_values_as_given():
     full = gd.GaussianMixture([1.0], np.zeros((1, 2)), np.diag([1e6, 0.1])[None])
     np.testing.assert_allclose(np.sort(full.evals[0]), [0.1, 1e6], rtol=1e-6)
     assert gd.GaussianMixture([0.0, 1.0], np.zeros((2, 1)), [1.0, 1.0]).weights[0] == 0
+
+
+def test_tiny_off_diagonal_covariances_are_accepted():
+    """A full covariance whose off-diagonal entries are below the smallest normal
+    number (a near-zero correlation) was rejected as not fitting the dtype (found
+    by the property tests); only the variances must fit."""
+    tiny64 = 2.2e-311
+    cov = np.array([[1.0, tiny64], [tiny64, 2.0]])
+    gmm = gd.GaussianMixture([1.0], np.zeros((1, 2)), cov[None])
+    np.testing.assert_allclose(np.sort(gmm.evals[0]), [1.0, 2.0])
+    with jax.enable_x64(False):
+        cov32 = np.array([[1.0, 1e-40], [1e-40, 2.0]])
+        gmm = gd.GaussianMixture([1.0], np.zeros((1, 2)), cov32[None])
+        assert gmm.evals.dtype == np.float32
+        np.testing.assert_allclose(np.sort(gmm.evals[0]), [1.0, 2.0])
+        with pytest.raises(ValueError, match="covs do not fit float32"):
+            var = np.array([[1e-40, 0.0], [0.0, 1.0]])
+            gd.GaussianMixture([1.0], np.zeros((1, 2)), var[None])
+        with pytest.raises(ValueError, match="covs do not fit float32"):
+            big = np.array([[1e39, 0.0], [0.0, 1.0]])
+            gd.GaussianMixture([1.0], np.zeros((1, 2)), big[None])

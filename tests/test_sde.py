@@ -85,6 +85,20 @@ def test_grids():
     )
 
 
+def test_logsnr_grid_compiles_once_per_step_count():
+    """Run eagerly, the bisection's loop compiled anew at every call (0.1-0.3 s);
+    new ends now reuse one program per SDE and step count."""
+    from guidediff import _grid
+
+    sde = gd.VPSDE()
+    gd.logsnr_grid(sde, 1.0, 1e-3, 13)
+    before = _grid._logsnr_times._cached._cache_size()
+    for t_end in (1e-3, 2e-3, 5e-3):
+        ts = gd.logsnr_grid(sde, 0.9, t_end, 13)
+        assert ts[-1] == t_end and ts[0] == 0.9
+    assert _grid._logsnr_times._cached._cache_size() == before
+
+
 def test_bad_sde_parameters():
     with pytest.raises(ValueError, match="sigma_min"):
         gd.VESDE(sigma_min=2.0, sigma_max=1.0)
