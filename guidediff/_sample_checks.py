@@ -1,5 +1,6 @@
 r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
 
+import collections
 import weakref
 
 import diffrax as dfx
@@ -13,8 +14,12 @@ from ._guidance.base import Guided
 from ._jit import is_real_scalar, reject_traced
 
 
-_CHECKED_SIGNATURES: dict = {}  # signature -> weakrefs of its identity-keyed leaves
-_MAX_CHECKED = 256
+# signature -> weakrefs of its identity-keyed leaves, least recently used first. A
+# signature holds the score's static fields (closures, and what they capture), so
+# the memo is small: a sweep that builds a new closure per call keeps at most
+# `_MAX_CHECKED` of them alive.
+_CHECKED_SIGNATURES: collections.OrderedDict = collections.OrderedDict()
+_MAX_CHECKED = 32
 _SMALL = 64  # float arrays up to this size are keyed by value
 
 # Pytree node types whose array leaves are keyed by shape and dtype alone: network
@@ -113,12 +118,14 @@ def _check_score_shape(score, ts, shape, dtype, args) -> None:
         if refs is not None and all(
             r() is a for r, a in zip(refs, by_identity, strict=True)
         ):
+            _CHECKED_SIGNATURES.move_to_end(sig)
             return
     _check_score_shape_uncached(score, ts, shape, dtype, args)
     if sig is not None:
-        if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED:
-            _CHECKED_SIGNATURES.clear()
         _CHECKED_SIGNATURES[sig] = tuple(weakref.ref(a) for a in by_identity)
+        _CHECKED_SIGNATURES.move_to_end(sig)
+        while len(_CHECKED_SIGNATURES) > _MAX_CHECKED:
+            _CHECKED_SIGNATURES.popitem(last=False)
 
 
 def _concrete(a):

@@ -37,8 +37,8 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
 from ._jit import _combine, _partition, is_real_scalar
-from ._sample import _check_sde, _grid_in_dtype, sample
-from ._sample_checks import _check_count, _check_shape
+from ._sample import _args_as_arrays, _check_sde, _grid_in_dtype, sample
+from ._sample_checks import _check_count, _check_score_shape, _check_shape
 from ._score import AbstractScore
 from ._sde import AbstractSDE
 from ._weights import PiecewiseLinear, Weight
@@ -358,6 +358,9 @@ def tune_guidance(
                 "`guided(weight)` must return a score (an AbstractScore), e.g. "
                 "lambda w: gd.guide(score, gd.reward_guidance(reward_score, w))"
             )
+    # the score with the concrete args (e.g. an unknown class label), as `sample`
+    # checks it: inside the compiled step the args are traced
+    _check_score_shape(guided(schedule0), ts, shape, dtype, args)
     loss = _TuneLoss(
         sde, guided, reward, penalty, jnp.asarray(lam, dtype), schedule0.times,
         zero, shape, _without_ts(kw),
@@ -454,7 +457,9 @@ def _sampler_setup(
     kw = dict(
         num_particles=num_particles,
         ts=_grid_in_dtype(sde, ts, dtype, start_at_T=True, takes_y0=False),
-        args=args,
+        # numbers as array leaves (as `sample` takes them): a new class label must
+        # not compile a new step
+        args=_args_as_arrays(args),
         process=process,
         solver=solver,
         truncate_backprop=truncate_backprop,
@@ -542,6 +547,7 @@ def finetune_through_sampler(
             "`make_score(params)` must return a score (an AbstractScore), e.g. "
             "lambda p: gd.flax_score(net, p, sde)"
         )
+    _check_score_shape(make_score(params), kw["ts"], shape, dtype, args)
     loss = _FinetuneLoss(
         sde, make_score, reward, penalty, jnp.asarray(lam, dtype), bool(lam),
         params if lam else None, shape, _without_ts(kw),

@@ -514,6 +514,44 @@ def test_tune_and_finetune_reuse_their_compiled_step():
     np.testing.assert_array_equal(first.schedule.values, again.schedule.values)
 
 
+def test_tune_and_finetune_take_class_labels_as_values():
+    """A new class label compiled a new step (a Python int in `args` was a static
+    leaf of the compiled loss); an unknown label is still a clear error."""
+    from guidediff import _tune
+
+    sde = gd.VPSDE()
+    labelled = gd.GaussianMixture(
+        [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+    )
+    cond = labelled.conditional_score(sde)
+    guided = lambda w: gd.guide(cond, gd.cfg(w, null_args=labelled.null_label))
+    make = lambda p: guided(p["w"])
+    kw = dict(ts=gd.uniform_grid(1.0, 1e-3, 5), num_particles=8, num_iters=2)
+    runs = {}
+    for label in (1, 0, jnp.asarray(1)):
+        tuned = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), args=label, **kw)
+        compiled = len(_tune._STEPS)
+        fine = finetune_through_sampler(
+            jr.key(0), sde, make, {"w": jnp.asarray(1.0)}, REWARD, (2,), args=label,
+            **kw,
+        )  # fmt: skip
+        if runs:
+            assert tuned.compile_s == 0.0 and fine.compile_s == 0.0
+            assert len(_tune._STEPS) == compiled
+        runs[label if isinstance(label, int) else "array"] = tuned.schedule.values
+    # the label reaches the sampler: another class, another schedule
+    assert not np.array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs["array"], runs[1])
+    for call in (
+        lambda: tune_guidance(jr.key(0), sde, guided, REWARD, (2,), args=7, **kw),
+        lambda: finetune_through_sampler(
+            jr.key(0), sde, make, {"w": 1.0}, REWARD, (2,), args=7, **kw
+        ),
+    ):
+        with pytest.raises(ValueError, match="unknown class label 7"):
+            call()
+
+
 def test_finetune_through_sampler_raises_reward():
     sde = gd.VPSDE()
     make = lambda params: Corrected(GMM.score(sde), LinenModel(params, NET))

@@ -54,3 +54,29 @@ def test_conversions_keep_a_float32_state_float32_under_x64():
         assert convert(sde, t, x, x).dtype == jnp.float32, convert.__name__
     assert gd.eps_to_score(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float32
     assert gd.score_to_x0(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float64
+
+
+def test_score_check_memo_keeps_few_closures_alive():
+    """The memo of checked score signatures held up to 256 closures (and all they
+    captured) until it filled up; it is now a small least-recently-used table."""
+    import gc
+    import weakref
+
+    from guidediff import _sample_checks
+
+    class Payload:  # what a closure captures (weakly referenceable)
+        def __init__(self):
+            self.bias = np.ones(2)
+
+    ts = gd.uniform_grid(1.0, 1e-3, 4)
+    alive = []
+    for _ in range(100):
+        payload = Payload()
+        score = gd.ScoreFn(lambda t, x, args, p=payload: -x + p.bias)
+        _sample_checks._check_score_shape(score, ts, (2,), jnp.float64, None)
+        alive.append(weakref.ref(payload))
+        del payload, score
+    gc.collect()
+    assert len(_sample_checks._CHECKED_SIGNATURES) <= 32
+    assert sum(r() is not None for r in alive) <= 32
+    assert alive[-1]() is not None  # the most recent is remembered
