@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 import equinox as eqx
 import flax.linen as nn
+import jax
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._custom_types import Args, Time
 from ._sample_checks import register_shape_keyed
-from ._score import AbstractScore, EpsScore, X0Score
+from ._score import AbstractScore, EpsScore, X0Score, check_flax_variables
 from ._sde import AbstractSDE
 
 
@@ -63,11 +65,36 @@ class LinenModel(eqx.Module):
     apply_fn: Callable = eqx.field(static=True)
 
     def __init__(self, variables: PyTree[Any], apply_fn: nn.Module | Callable):
+        check_flax_variables(apply_fn, variables)
         self.variables = variables
         self.apply_fn = _apply_fn(apply_fn)
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        _check_label(getattr(self.apply_fn, "__self__", None), args)
         return self.apply_fn(self.variables, t, x, args)
+
+
+def _check_label(module, args) -> None:
+    """A concrete integer label outside `0..num_classes` (the last one the null
+    label) for a network with an integer `num_classes` field: a clear error, not
+    an embedding lookup out of range (NaN, every particle failed). Traced labels
+    pass: `gd.sample` checks the score with its concrete `args` first."""
+    num_classes = getattr(module, "num_classes", None)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        return
+    if isinstance(args, jax.core.Tracer) or np.ndim(args) != 0:
+        return
+    if not isinstance(args, int | np.integer | np.ndarray | jax.Array):
+        return
+    if not np.issubdtype(np.asarray(args).dtype, np.integer):
+        return
+    label = int(args)
+    if not 0 <= label <= num_classes:
+        raise ValueError(
+            f"unknown class label {label}: the network {type(module).__name__} has "
+            f"num_classes={num_classes}, so its labels are 0..{num_classes - 1} and "
+            f"the null (unconditional) label {num_classes}"
+        )
 
 
 register_shape_keyed(LinenModel)  # its variables: keyed by shape in sample's check
@@ -95,8 +122,13 @@ def flax_score(
     - `module_or_apply_fn`: a `flax.linen.Module` whose `__call__(t, x, args)` takes
       one particle (such as `gd.MLPScoreNet` or `gd.UNet`, whose `args` is the class
       label), or an apply function `apply(variables, t, x, args)`.
-    - `variables`: the trained variables (e.g. `fit(...).ema_params`).
+    - `variables`: the trained variables, the whole dict from `net.init(...)`
+      (`{'params': ...}`, not `variables['params']`; e.g. `fit(...).ema_params`).
     - `sde`: the forward SDE the network was trained for (gives $\alpha, \sigma$).
+      The network gets the SDE's continuous time $t \in (0, T]$. A network
+      trained on DDPM's integer steps $n = 0, \dots, N - 1$ (linear betas from
+      0.1/N to 20/N: `gd.VPSDE()`) takes $n = (N - 1)\,t$, as in score_sde:
+      pass `lambda v, t, x, a: net.apply(v, (N - 1) * t, x, a)`.
     - `prediction`: what the network predicts: `"eps"` the noise $\varepsilon$
       ($s = -\hat\varepsilon/\sigma$), `"x0"` the clean data
       ($s = (\alpha\hat x_0 - x)/\sigma^2$) or `"score"` the score itself.

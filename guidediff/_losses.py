@@ -58,7 +58,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._custom_types import Key, Scalar, Time
 from ._jit import is_real_scalar
-from ._score import _is_flax_module
+from ._score import _is_flax_module, check_flax_variables
 from ._sde import AbstractSDE
 
 
@@ -270,23 +270,27 @@ def _check_slot_order(name: str, slot: str, value) -> None:
         )
 
 
-def _as_model_fn(model_fn):
+def _as_model_fn(model_fn, params=None):
     """`model_fn`, or a Flax module's `apply` (calling the unbound module itself
-    fails with Flax's CallCompactUnboundModuleError)."""
+    fails with Flax's CallCompactUnboundModuleError); with `params`, also checks
+    that a Flax network gets its whole variables dict."""
+    if params is not None:
+        check_flax_variables(model_fn, params)
     return model_fn.apply if _is_flax_module(model_fn) else model_fn
 
 
 def _check_conditional_model(model_fn, num_classes: int | None = None) -> None:
-    """A bound `apply` of a guidediff network built without `num_classes` ignores
+    """Checks of a bound `apply` whose module has a `num_classes` field (guidediff's
+    networks; a user's module without one is not checked). One built without `num_classes` ignores
     the labels: the conditional scores would all be the unconditional one, and CFG
     would do nothing. One built with another `num_classes` than the loss's has its
     null label elsewhere: a smaller loss value trains a real class as the null
     one (CFG's unconditional score is never trained), a larger one feeds labels the
     network has no row for (NaN)."""
     module = getattr(_as_model_fn(model_fn), "__self__", None)
-    if module is None:
-        return
-    built = getattr(module, "num_classes", 0)
+    if module is None or not hasattr(module, "num_classes"):
+        return  # not a module, or one whose class count is not a `num_classes` field
+    built = module.num_classes
     if built is None:
         raise ValueError(
             f"the model ({type(module).__name__}.apply) was built without "
@@ -417,7 +421,7 @@ def dsm_example_loss(
     alpha, sigma = sde.marginal(t)
     alpha, sigma = alpha.astype(dtype), sigma.astype(dtype)
     x_t = (alpha * x0 + sigma * eps).astype(data_dtype)  # what the model sees
-    out = _as_model_fn(model_fn)(params, t, x_t, label)
+    out = _as_model_fn(model_fn, params)(params, t, x_t, label)
     if out.shape != x0.shape:
         raise ValueError(
             f"the model returned shape {out.shape} for an input of shape {x0.shape}"
@@ -574,8 +578,10 @@ def conditional_dsm_loss(
     **Arguments:**
 
     - `model_fn`, `params`, `key`, `x0`, `sde`, `weighting`, `t_min`, `prediction`:
-      as in `dsm_loss` (`model_fn(params, t, x, label)` for one particle; a Flax
-      network must be built with `num_classes`, else it would ignore the labels).
+      as in `dsm_loss` (`model_fn(params, t, x, label)` for one particle). A
+      network of guidediff's must be built with `num_classes` (else it ignores the
+      labels); a module of your own with a field named `num_classes` is checked
+      against the `num_classes` given here, one without such a field is not.
     - `labels`: `(n,)` integer class of each example, in `0..num_classes`.
     - `num_classes`: $K$; the null label is $K$ (so the network's label embedding
       needs $K + 1$ entries, as `gd.MLPScoreNet(num_classes=K)` has).
@@ -762,7 +768,7 @@ def noisy_classifier_loss(
             t = jr.uniform(kt, (), dtype, minval=t_min, maxval=sde.T)
             noise = jr.normal(kz, x.shape, dtype)
             x_t = sde.perturb(t, x.astype(dtype), noise).astype(x.dtype)
-        logits = _as_model_fn(model_fn)(params, t, x_t)
+        logits = _as_model_fn(model_fn, params)(params, t, x_t)
         if jnp.shape(logits) != (num_classes,):
             raise ValueError(
                 f"the classifier returned logits of shape {jnp.shape(logits)} for "

@@ -14,7 +14,7 @@ $$s = -\varepsilon/\sigma = (\alpha\hat x_0 - x)/\sigma^2.$$
 
 import abc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -43,6 +43,22 @@ def _is_flax_module(obj) -> bool:
         c.__name__ == "Module" and c.__module__.startswith("flax.")
         for c in type(obj).__mro__
     )
+
+
+def check_flax_variables(fn, variables) -> None:
+    """A clear `TypeError` when a Flax network (or its bound `apply`) is given its
+    parameters alone (`variables["params"]`): Flax's apply needs the whole variables
+    dict and fails deep inside with ScopeCollectionNotFound."""
+    owner = fn if _is_flax_module(fn) else getattr(fn, "__self__", None)
+    if not _is_flax_module(owner):
+        return
+    if isinstance(variables, Mapping) and len(variables) and "params" not in variables:
+        keys = list(variables)[:4]
+        raise TypeError(
+            f"the variables given to the Flax network {type(owner).__name__} have no "
+            f"'params' collection (top-level keys: {keys}): pass the whole dict from "
+            "net.init(...), {'params': ...}, not variables['params']"
+        )
 
 
 def _is_linen_model(obj) -> bool:

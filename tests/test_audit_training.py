@@ -34,6 +34,28 @@ def test_conditional_loss_num_classes_must_match_the_network(conditional_net):
     assert np.isfinite(loss)
 
 
+def test_a_users_module_without_a_num_classes_field_is_not_checked():
+    """A user's Flax module that keeps its class count under another name was read
+    as built with num_classes=0 and rejected (the error's fix then failed too)."""
+    import flax.linen as nn
+
+    class MyNet(nn.Module):
+        n_classes: int = 2
+
+        @nn.compact
+        def __call__(self, t, x, label):
+            e = nn.Embed(self.n_classes + 1, 4)(jnp.asarray(label))
+            h = jnp.concatenate([x, jnp.atleast_1d(t), e])
+            return nn.Dense(x.shape[-1])(nn.silu(nn.Dense(8)(h)))
+
+    net = MyNet()
+    p = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+    x0, labels = jr.normal(jr.key(1), (8, 2)), jnp.arange(8) % 2
+    loss = gd.conditional_dsm_loss(net.apply, p, jr.key(2), x0, labels, SDE,
+                                   num_classes=2)  # fmt: skip
+    assert np.isfinite(loss)
+
+
 def test_labels_on_an_unconditional_network_are_an_error():
     """dsm_loss and reward_weighted_dsm_loss dropped the labels silently."""
     net = gd.MLPScoreNet(hidden=(8,), time_embed_dim=8)

@@ -873,3 +873,43 @@ def test_weights_bounds_and_flags_are_numbers():
     assert jax.grad(f)(1.0) == 1.5 and jax.jit(f)(1.0) == 1.5
     np.testing.assert_allclose(jax.vmap(f)(jnp.ones(2)), [1.5, 1.5])
     assert gd.as_weight(np.int32(2))(0.1) == 2.0
+
+
+def test_flax_network_labels_and_variables_are_checked():
+    """A label outside the classes of a user's network (with a `num_classes` field)
+    failed every particle with no reason (flax's Embed out of range is NaN); the
+    parameters alone
+    (`variables['params']`) failed deep inside Flax (ScopeCollectionNotFound)."""
+    import flax.linen as nn
+
+    class MyNet(nn.Module):  # a user's network: labels embedded by flax's Embed
+        num_classes: int = 2
+
+        @nn.compact
+        def __call__(self, t, x, label):
+            e = nn.Embed(self.num_classes + 1, 4)(jnp.asarray(label))
+            return nn.Dense(2)(jnp.concatenate([x, jnp.atleast_1d(t), e]))
+
+    sde = gd.VPSDE()
+    net = MyNet()
+    v = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+    score = gd.flax_score(net, v, sde)
+    kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 3))
+    for label in (2, 1):  # the null label and a class are fine
+        assert gd.sample(jr.key(0), sde, score, (2,), args=label, **kw).num_failed == 0
+    for label in (3, -1, np.int32(7)):
+        with pytest.raises(ValueError, match=f"unknown class label {int(label)}"):
+            gd.sample(jr.key(0), sde, score, (2,), args=label, **kw)
+    bad_null = gd.guide(score, gd.cfg(1.0, null_args=3))
+    with pytest.raises(ValueError, match="null_args=3.*unknown class label 3"):
+        gd.sample(jr.key(0), sde, bad_null, (2,), args=1, **kw)
+    x0 = jr.normal(jr.key(1), (4, 2))
+    for call in (
+        lambda: gd.flax_score(net, v["params"], sde),
+        lambda: gd.dsm_loss(net.apply, v["params"], jr.key(0), x0, sde),
+        lambda: gd.conditional_dsm_loss(
+            net, v["params"], jr.key(0), x0, jnp.zeros(4, int), sde, num_classes=2
+        ),
+    ):
+        with pytest.raises(TypeError, match=r"no 'params' collection"):
+            call()

@@ -48,6 +48,16 @@ def gradient_guidance(
     `reward_guidance` it does not sample an exact tilted law. `sde` must be the SDE
     that is sampled (`gd.sample` checks).
 
+    Near $t = T$ the term can be huge with a trained network: the Jacobian of
+    $\hat x_0$ is $(I + \sigma^2 \nabla_x s)/\alpha$, where $\alpha(T)$ is
+    small (0.0066 for `gd.VPSDE()`). For the exact score the two terms cancel; a
+    network's score cancels them only approximately, and the remainder is divided
+    by $\alpha$ (a 2-D network trained for seconds gave guidance terms of ~100 at
+    $t = 1$ and samples of 1e16, not flagged as failed: they are finite). Switch the
+    guidance off at high noise, e.g. `gd.interval(gd.gradient_guidance(R, w, sde),
+    0.0, 0.7)`, or use a weight schedule that vanishes as $\alpha \to 0$, as DPS
+    implementations do.
+
     **Arguments:**
 
     - `reward`: $R$, `reward(x0) -> scalar`, differentiable, for one particle (it
