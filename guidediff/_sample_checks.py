@@ -176,7 +176,7 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     except Exception as e:  # re-raised with context: which call failed and why
         raise ValueError(
             f"calling the score on one particle of shape {shape} with args={args!r} "
-            f"failed: {e}"
+            f"failed: {e}" + _per_particle_args_hint(args)
         ) from e
     if not hasattr(out, "shape") or tuple(out.shape) != shape:
         got = getattr(out, "shape", type(out).__name__)
@@ -196,6 +196,21 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
             "score must return x's dtype (the sampler's state would change type "
             f"between steps); cast its output (e.g. `.astype(x.dtype)`){alt}"
         )
+
+
+def _per_particle_args_hint(args) -> str:
+    """For integer arrays in `args` (one label per particle, a common mistake): how
+    to sample several classes."""
+    if any(
+        np.ndim(a) >= 1 and jnp.issubdtype(getattr(a, "dtype", np.float64), jnp.integer)
+        for a in jtu.tree_leaves(args)
+    ):
+        return (
+            "; `args` is shared by all particles (e.g. one class label): for a label "
+            "per particle, vmap over the labels, "
+            "jax.vmap(lambda c: gd.sample(..., args=c))(labels)"
+        )
+    return ""
 
 
 def _check_brownian(brownian, process, driver, controller, adjoint) -> str:

@@ -900,6 +900,8 @@ def test_flax_network_labels_and_variables_are_checked():
     for label in (3, -1, np.int32(7)):
         with pytest.raises(ValueError, match=f"unknown class label {int(label)}"):
             gd.sample(jr.key(0), sde, score, (2,), args=label, **kw)
+    with pytest.raises(ValueError, match="vmap over the labels"):  # per particle
+        gd.sample(jr.key(0), sde, score, (2,), args=jnp.array([0, 1]), **kw)
     bad_null = gd.guide(score, gd.cfg(1.0, null_args=3))
     with pytest.raises(ValueError, match="null_args=3.*unknown class label 3"):
         gd.sample(jr.key(0), sde, bad_null, (2,), args=1, **kw)
