@@ -14,12 +14,15 @@ from ._guidance.base import Guided
 from ._jit import is_real_scalar, reject_traced
 
 
-# signature -> weakrefs of its identity-keyed leaves, least recently used first. A
-# signature holds the score's static fields (closures, and what they capture), so
-# the memo is small: a sweep that builds a new closure per call keeps at most
-# `_MAX_CHECKED` of them alive.
+# The memo of checked scores, in two levels, each least recently used first:
+# structure (the score's and args' tree structures, which hold the static fields:
+# closures and what they capture; the shape and dtype) -> values (the leaves' values
+# or identities) -> weakrefs of the identity-keyed leaves. A sweep that builds a new
+# closure per call keeps at most `_MAX_STRUCTURES` alive; a sweep over many labels
+# of one score keeps up to `_MAX_VALUES` of them.
 _CHECKED_SIGNATURES: collections.OrderedDict = collections.OrderedDict()
-_MAX_CHECKED = 32
+_MAX_STRUCTURES = 32
+_MAX_VALUES = 256
 _SMALL = 64  # float arrays up to this size are keyed by value
 
 # Pytree node types whose array leaves are keyed by shape and dtype alone: network
@@ -114,17 +117,25 @@ def _check_score_shape(score, ts, shape, dtype, args) -> None:
     except TypeError:
         sig, by_identity = None, ()
     if sig is not None:
-        refs = _CHECKED_SIGNATURES.get(sig)
+        score_def, args_def, values, shape_, dtype_ = sig
+        structure = (score_def, args_def, shape_, dtype_)
+        known = _CHECKED_SIGNATURES.get(structure)
+        refs = None if known is None else known.get(values)
         if refs is not None and all(
             r() is a for r, a in zip(refs, by_identity, strict=True)
         ):
-            _CHECKED_SIGNATURES.move_to_end(sig)
+            _CHECKED_SIGNATURES.move_to_end(structure)
+            known.move_to_end(values)
             return
     _check_score_shape_uncached(score, ts, shape, dtype, args)
     if sig is not None:
-        _CHECKED_SIGNATURES[sig] = tuple(weakref.ref(a) for a in by_identity)
-        _CHECKED_SIGNATURES.move_to_end(sig)
-        while len(_CHECKED_SIGNATURES) > _MAX_CHECKED:
+        known = _CHECKED_SIGNATURES.setdefault(structure, collections.OrderedDict())
+        _CHECKED_SIGNATURES.move_to_end(structure)
+        known[values] = tuple(weakref.ref(a) for a in by_identity)
+        known.move_to_end(values)
+        while len(known) > _MAX_VALUES:
+            known.popitem(last=False)
+        while len(_CHECKED_SIGNATURES) > _MAX_STRUCTURES:
             _CHECKED_SIGNATURES.popitem(last=False)
 
 

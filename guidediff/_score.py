@@ -13,6 +13,7 @@ $$s = -\varepsilon/\sigma = (\alpha\hat x_0 - x)/\sigma^2.$$
 """
 
 import abc
+import re
 import sys
 from collections.abc import Callable, Mapping
 
@@ -50,9 +51,15 @@ def check_flax_variables(fn, variables) -> None:
     parameters alone (`variables["params"]`): Flax's apply needs the whole variables
     dict and fails deep inside with ScopeCollectionNotFound."""
     owner = fn if _is_flax_module(fn) else getattr(fn, "__self__", None)
-    if not _is_flax_module(owner):
+    if not _is_flax_module(owner) or (
+        fn is not owner and getattr(fn, "__name__", "") != "apply"
+    ):
+        return  # not a network's own apply (a method may take the params alone)
+    if not isinstance(variables, Mapping) or "params" in variables:
         return
-    if isinstance(variables, Mapping) and len(variables) and "params" not in variables:
+    # Only keys named like Flax's automatic submodule names (Dense_0, _Block_1):
+    # a variables dict of other collections alone (constants, batch_stats) is fine.
+    if any(re.fullmatch(r"_?[A-Z]\w*_\d+", str(k)) for k in variables):
         keys = list(variables)[:4]
         raise TypeError(
             f"the variables given to the Flax network {type(owner).__name__} have no "

@@ -897,7 +897,9 @@ def test_flax_network_labels_and_variables_are_checked():
     kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 3))
     for label in (2, 1):  # the null label and a class are fine
         assert gd.sample(jr.key(0), sde, score, (2,), args=label, **kw).num_failed == 0
-    for label in (3, -1, np.int32(7)):
+    for label in (-1, -3):  # from the end of the embedding, as jnp.take does
+        gd.sample(jr.key(0), sde, score, (2,), args=label, **kw)
+    for label in (3, -4, np.int32(7)):
         with pytest.raises(ValueError, match=f"unknown class label {int(label)}"):
             gd.sample(jr.key(0), sde, score, (2,), args=label, **kw)
     with pytest.raises(ValueError, match="vmap over the labels"):  # per particle
@@ -915,3 +917,23 @@ def test_flax_network_labels_and_variables_are_checked():
     ):
         with pytest.raises(TypeError, match=r"no 'params' collection"):
             call()
+
+    class Fixed(nn.Module):  # no parameters: its variables are other collections
+        @nn.compact
+        def __call__(self, t, x, label):
+            return x * self.variable("consts", "w", jnp.ones, (2,)).value
+
+    fixed = Fixed()
+    consts = fixed.init(jr.key(0), 0.5, jnp.zeros(2), None)
+    assert "params" not in consts
+    gd.flax_score(fixed, consts, sde)(0.5, jnp.ones(2), None)
+    # a bound method that takes the parameters alone is not the network's apply
+
+    class WithHelper(MyNet):
+        @nn.nowrap
+        def eps(self, params, t, x, label):
+            return self.apply({"params": params}, t, x, label)
+
+    net = WithHelper()
+    gd.conditional_dsm_loss(net.eps, v["params"], jr.key(0), x0, jnp.zeros(4, int),
+                            sde, num_classes=2)  # fmt: skip

@@ -56,27 +56,47 @@ def test_conversions_keep_a_float32_state_float32_under_x64():
     assert gd.score_to_x0(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float64
 
 
-def test_score_check_memo_keeps_few_closures_alive():
-    """The memo of checked score signatures held up to 256 closures (and all they
-    captured) until it filled up; it is now a small least-recently-used table."""
+def test_score_check_memo_bounds_closures_and_keeps_label_sweeps():
+    """The memo of checked score signatures kept up to 256 closures (and what they
+    capture) alive, then forgot everything at once. It is now two-level: at most
+    `_MAX_STRUCTURES` score structures (which hold the closures), each with up to
+    `_MAX_VALUES` leaf values (labels), least recently used evicted first."""
     import gc
     import weakref
 
-    from guidediff import _sample_checks
+    from guidediff import _sample_checks as checks
 
     class Payload:  # what a closure captures (weakly referenceable)
         def __init__(self):
             self.bias = np.ones(2)
 
+    checks._CHECKED_SIGNATURES.clear()
     ts = gd.uniform_grid(1.0, 1e-3, 4)
     alive = []
-    for _ in range(100):
+    for _ in range(3 * checks._MAX_STRUCTURES):
         payload = Payload()
         score = gd.ScoreFn(lambda t, x, args, p=payload: -x + p.bias)
-        _sample_checks._check_score_shape(score, ts, (2,), jnp.float64, None)
+        checks._check_score_shape(score, ts, (2,), jnp.float64, None)
         alive.append(weakref.ref(payload))
         del payload, score
     gc.collect()
-    assert len(_sample_checks._CHECKED_SIGNATURES) <= 32
-    assert sum(r() is not None for r in alive) <= 32
+    assert sum(r() is not None for r in alive) <= checks._MAX_STRUCTURES
     assert alive[-1]() is not None  # the most recent is remembered
+
+    calls = []
+    real = checks._check_score_shape_uncached
+
+    def counted(*a):
+        calls.append(a)
+        return real(*a)
+
+    labelled = gd.ScoreFn(lambda t, x, c: -x + c)
+    labels = range(checks._MAX_STRUCTURES + 8)  # more labels than structures
+    checks._check_score_shape_uncached = counted
+    try:
+        for _ in range(2):
+            for c in labels:
+                checks._check_score_shape(labelled, ts, (2,), jnp.float64, c)
+            assert len(calls) == len(labels)  # the second sweep re-traces nothing
+    finally:
+        checks._check_score_shape_uncached = real
