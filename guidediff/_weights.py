@@ -41,7 +41,11 @@ class Constant(eqx.Module):
         self.value = jnp.asarray(value, jnp.result_type(float))
         if self.value.ndim != 0:
             raise ValueError(
-                f"a constant weight must be a scalar, got {self.value.shape}"
+                f"a constant weight must be a scalar, got shape {self.value.shape}: "
+                "to sample at several weights, jax.vmap over a scalar weight (e.g. "
+                "jax.vmap(lambda w: gd.sample(..., gd.guide(s, gd.cfg(w, ...)), "
+                "...))(weights)); for a weight that changes with t, use a schedule "
+                "(gd.PiecewiseLinear)"
             )
         if _is_concrete(self.value) and not np.isfinite(np.asarray(self.value)):
             raise ValueError(f"a guidance weight must be finite, got {value!r}")

@@ -937,3 +937,10 @@ def test_flax_network_labels_and_variables_are_checked():
     net = WithHelper()
     gd.conditional_dsm_loss(net.eps, v["params"], jr.key(0), x0, jnp.zeros(4, int),
                             sde, num_classes=2)  # fmt: skip
+
+
+def test_an_array_of_weights_points_to_vmap():
+    """`cfg(jnp.array([0.5, 1.0]))` said only that the weight must be a scalar; a
+    weight sweep is a vmap over a scalar weight."""
+    with pytest.raises(ValueError, match=r"shape \(2,\).*jax.vmap over a scalar"):
+        gd.cfg(jnp.array([0.5, 1.0]), null_args=GMM.null_label)
