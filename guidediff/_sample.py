@@ -74,6 +74,7 @@ from ._sample_checks import (
     _check_dtype,
     _check_flag,
     _check_guidance_sde,
+    _check_intervals,
     _check_network_end,
     _check_save_every,
     _check_score_shape,
@@ -739,6 +740,7 @@ def sample(
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
+    _check_intervals(score, ts)
     args = _args_as_arrays(args)
 
     if y0 is not None:

@@ -1,6 +1,7 @@
 r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
 
 import collections
+import warnings
 import weakref
 
 import diffrax as dfx
@@ -321,6 +322,35 @@ def _check_guidance_sde(score, sde) -> None:
                 f"parameters) from the {type(sde).__name__} sampled: build every "
                 "score, classifier and guidance with the SDE that is sampled "
                 "(e.g. gmm.score(sde), gd.gradient_guidance(..., sde=sde))"
+            )
+
+
+def _check_intervals(score, ts) -> None:
+    """A `gd.interval` whose (concrete) bounds miss the sampled times altogether
+    never switches its guidance on: a warning, not a silent no-op (the usual cause
+    is bounds given as integer timesteps, 200..800, or as fractions of the steps;
+    not an error, since a guided score reused for a segment of the time range, e.g.
+    the first part of a split run, may legitimately miss an interval)."""
+    from ._guidance.interval import Interval
+
+    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, Interval))
+    found = [g for g in found if isinstance(g, Interval)]
+    if not found or isinstance(ts, jax.core.Tracer):
+        return
+    grid = np.asarray(ts)  # a jax array keeps its host copy: read once
+    lo_t, hi_t = float(grid.min()), float(grid.max())
+    for g in found:
+        if isinstance(g.t_lo, jax.core.Tracer) or isinstance(g.t_hi, jax.core.Tracer):
+            continue
+        lo, hi = float(np.asarray(g.t_lo)), float(np.asarray(g.t_hi))
+        if hi < lo_t or lo > hi_t:
+            warnings.warn(
+                f"gd.interval's bounds [{lo:g}, {hi:g}] miss the sampled times "
+                f"[{lo_t:g}, {hi_t:g}] altogether: its guidance never applies. The "
+                "bounds are times of the SDE (from 0, data, to T, noise), not step "
+                "indices or fractions of the steps",
+                UserWarning,
+                stacklevel=3,
             )
 
 

@@ -80,6 +80,7 @@ from ._sample_checks import (
     _check_count,
     _check_dtype,
     _check_guidance_sde,
+    _check_intervals,
     _check_network_end,
     _check_score_shape,
     _check_shape,
@@ -381,6 +382,7 @@ def smc_sample(
             f"{getattr(probe, 'dtype', '')}"
         )
     _check_guidance_sde(score, sde)
+    _check_intervals(score, ts)
     _check_network_end(score, solver, sde, ts)
     if proposal is not None:
         check_score(proposal, "proposal")
@@ -392,6 +394,7 @@ def smc_sample(
             )
         _check_score_shape(proposal, ts, shape, dtype, args)
         _check_guidance_sde(proposal, sde)
+        _check_intervals(proposal, ts)
     args = _args_as_arrays(args)  # a new label does not recompile
     # Only twist == 0 (no twist: not even 0 * log r, which is NaN where r = 0)
     # selects code; any other value is traced, so a new one does not recompile.

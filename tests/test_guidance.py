@@ -152,6 +152,39 @@ def test_interval_ends_are_inclusive():
             assert not np.allclose(guided(t, X, LABEL), COND(t, X, LABEL))
 
 
+def test_an_interval_that_misses_the_grid_warns():
+    """Bounds outside the sampled times (e.g. integer timesteps) made the guidance
+    a silent no-op; `sample` and `smc_sample` now warn. Bounds that meet the grid,
+    or traced ones, do not."""
+    import warnings
+
+    g = gd.cfg(1.5, null_args=3)
+    ts = gd.uniform_grid(1.0, 1e-3, 3)
+    kw = dict(num_particles=2, ts=ts, args=1)
+    for lo, hi in ((200.0, 800.0), (-2.0, -1.0)):
+        missed = gd.guide(COND, gd.interval(g, lo, hi))
+        with pytest.warns(UserWarning, match="miss the sampled times"):
+            gd.sample(jr.key(0), SDE, missed, (2,), **kw)
+        with pytest.warns(UserWarning, match="miss the sampled times"):
+            gd.smc_sample(jr.key(0), SDE, missed, (2,), lambda x: jnp.sum(x), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for lo, hi in ((0.9, 2.0), (0.0, 1e-3)):  # overlapping, touching the end
+            gd.sample(jr.key(0), SDE, gd.guide(COND, gd.interval(g, lo, hi)), (2,),
+                      **kw)  # fmt: skip
+        jax.jit(
+            lambda hi: (
+                gd.sample(
+                    jr.key(0),
+                    SDE,
+                    gd.guide(COND, gd.interval(g, 200.0, hi)),
+                    (2,),
+                    **kw,
+                ).ys
+            )
+        )(800.0)
+
+
 def test_jit_vmap_equal_plain():
     guided = gd.guide(COND, gd.chain(*_guidances()))
     xs = jr.normal(jr.key(0), (5, 2))

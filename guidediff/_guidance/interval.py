@@ -67,7 +67,9 @@ def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> In
     - `guidance`: the `AbstractGuidance` to apply inside the interval.
     - `t_lo`, `t_hi`: the interval's ends (inclusive), scalars with
       $t_{lo} \le t_{hi}$ (concrete bounds are checked: NaN or $t_{lo} > t_{hi}$ is
-      a `ValueError`).
+      a `ValueError`). They are times of the SDE, in $[0, T]$, not step indices:
+      `gd.sample` and `gd.smc_sample` warn when concrete bounds miss the sampled
+      times altogether (the guidance would never apply).
 
     **Returns:** an `Interval`, for `gd.guide` or `gd.chain`.
 
