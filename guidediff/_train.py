@@ -784,6 +784,10 @@ def fit(
         _save(mngr, s, state, hist, meta)
 
     key_arr = jnp.asarray(key)
+    if not jnp.issubdtype(key_arr.dtype, jax.dtypes.prng_key):
+        # raw key data (jr.PRNGKey) as the typed key it stands for: the same
+        # draws, and one compiled chunk for both kinds of key
+        key_arr = jr.wrap_key_data(key_arr)
     decay = jnp.asarray(0.0 if ema_decay is None else ema_decay, jnp.float32)
     bar = tqdm(total=num_steps, initial=step, disable=not progress, desc="fit")
     try:
@@ -810,7 +814,7 @@ def fit(
                 batches = jax.tree.map(lambda *b: np.stack(b), *chunk)
             state, chunk_losses = _run_chunk(
                 state,
-                jnp.asarray(step, jnp.uint32),
+                np.uint32(step),  # no eager device op per chunk
                 key_arr,
                 arrays,
                 batches,
@@ -824,7 +828,9 @@ def fit(
                 length=length,
                 unrolled=steps_per_dispatch == 1,
             )
-            chunk_losses, chunk_finite = map(np.asarray, chunk_losses)
+            # copies: on a CPU np.asarray is a view that keeps the chunk's device
+            # array alive, one per chunk, for the whole run
+            chunk_losses, chunk_finite = map(np.array, chunk_losses)
             losses.append(chunk_losses)
             # the first failure of the chunk: a loss at step k, or the parameters
             # after step k's update (whose NaN gives step k + 1 a NaN loss)

@@ -504,6 +504,30 @@ def test_pytree_callables():
     assert _run_chunk._cache_size() == compiled
 
 
+def test_long_fits_keep_no_device_arrays_and_take_raw_keys():
+    """Each chunk's losses were kept as numpy views of its device array (on a CPU),
+    one live jax array per chunk for the whole run; raw key data (jr.PRNGKey)
+    compiled a second chunk program next to a typed key's."""
+    loss = lambda p, key, x: jnp.mean((x - p) ** 2)
+    kw = dict(optimizer=optax.sgd(0.1), batch_size=4, progress=False, num_steps=60,
+              steps_per_dispatch=1)  # fmt: skip
+    data = jnp.arange(4.0) - 3.0
+    live = []
+
+    def probe(step, params, ema):
+        live.append(len(jax.live_arrays()))
+        return 0.0
+
+    typed = fit(loss, jnp.zeros(()), data, key=jr.key(5), eval_every=10,
+                eval_fn=probe, **kw)  # fmt: skip
+    assert max(live[1:]) <= live[1] + 1, live  # flat, not one more per step
+    compiled = _run_chunk._cache_size()
+    raw = fit(loss, jnp.zeros(()), data, key=jr.PRNGKey(5), **kw)
+    assert _run_chunk._cache_size() == compiled
+    np.testing.assert_array_equal(raw.losses, typed.losses)  # the same draws
+    np.testing.assert_array_equal(raw.params, typed.params)
+
+
 def test_weakly_typed_params_compile_one_chunk():
     """A weakly typed scalar parameter (`jnp.asarray(0.0)`) lost its weak type in
     the first chunk, and the second chunk compiled again."""
