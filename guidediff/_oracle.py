@@ -935,7 +935,12 @@ class GaussianBumpReward(eqx.Module):
 
     def expectation(self, gmm: GaussianMixture) -> Scalar:
         r"""$E_{X\sim p}[r(X)]$ in closed form."""
-        return jnp.exp(jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm)))
+        return jnp.exp(self.log_expectation(gmm))
+
+    def log_expectation(self, gmm: GaussianMixture) -> Scalar:
+        r"""$\log E_{X\sim p}[r(X)]$ in closed form, without overflow (compare
+        with `smc_sample`'s `log_normalizer`)."""
+        return jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm))
 
     def tilt_mixture(self, gmm: GaussianMixture) -> GaussianMixture:
         _check_dim(self.center, gmm, "bump centre")
@@ -1005,7 +1010,12 @@ class ExpLinearReward(eqx.Module):
 
     def expectation(self, gmm: GaussianMixture) -> Scalar:
         r"""$E_{X\sim p}[r(X)]$ in closed form."""
-        return jnp.exp(jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm)))
+        return jnp.exp(self.log_expectation(gmm))
+
+    def log_expectation(self, gmm: GaussianMixture) -> Scalar:
+        r"""$\log E_{X\sim p}[r(X)]$ in closed form, without overflow (compare
+        with `smc_sample`'s `log_normalizer`)."""
+        return jax.nn.logsumexp(gmm.log_weights + self._per_component(gmm))
 
     def tilt_mixture(self, gmm: GaussianMixture) -> GaussianMixture:
         _check_dim(self.direction, gmm, "reward direction")

@@ -423,3 +423,20 @@ def test_tiny_off_diagonal_covariances_are_accepted():
         with pytest.raises(ValueError, match="covs do not fit float32"):
             big = np.array([[1e39, 0.0], [0.0, 1.0]])
             gd.GaussianMixture([1.0], np.zeros((1, 2)), big[None])
+
+
+def test_log_expectation_does_not_overflow():
+    """`ExpLinearReward([50, 0]).expectation(gmm)` is inf in float32, leaving no
+    reference for SMC's log Z-hat; `log_expectation` is the closed form in logs."""
+    gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    with jax.enable_x64(False):
+        g32 = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+        big = gd.ExpLinearReward([50.0, 0.0])
+        assert np.isinf(big.expectation(g32))
+        # log E = log(0.5 e^{-100} + 0.5 e^{100}) + 0.5 * 50^2 * 0.5
+        expected = math.log(0.5) + 100.0 + 625.0 + math.log1p(math.exp(-200.0))
+        np.testing.assert_allclose(big.log_expectation(g32), expected, rtol=1e-6)
+    for reward in (gd.ExpLinearReward([0.3, -0.2]), gd.GaussianBumpReward([1, 1], 1)):
+        np.testing.assert_allclose(
+            np.exp(reward.log_expectation(gmm)), reward.expectation(gmm), rtol=1e-12
+        )
