@@ -118,7 +118,8 @@ class SMCSamples(eqx.Module):
       `log_normalizer` low (it then estimates $E_q[r\,1\{\text{no failure}\}]$).
 
     If every particle ends with weight zero, `log_normalizer` is $-\infty$ and the
-    weights are NaN.
+    weights are NaN; `ess` is 0 from the step where the whole population died
+    (a hard constraint that every denoised estimate violates, for instance).
 
     Averages with `weights` are self-normalised: they carry an $O(1/P)$ bias,
     which with a twist can reach several standard errors at $P = 1000$. A NaN or
@@ -258,8 +259,10 @@ def _ess(log_weights: Array) -> Array:
     (unshifted, log-weights of size 1e3 lose the float32 digits that tell equal
     weights, ESS = n, from unequal ones)."""
     m = jnp.max(log_weights)
-    lw = log_weights - jnp.where(jnp.isfinite(m), m, 0)
-    return jnp.exp(2 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2 * lw))
+    none = m == -jnp.inf  # every weight zero: an ESS of 0 (the formula's 0 / 0)
+    lw = jnp.where(none, 0.0, log_weights - jnp.where(jnp.isfinite(m), m, 0))
+    ess = jnp.exp(2 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2 * lw))
+    return jnp.where(none, jnp.zeros_like(ess), ess)
 
 
 def smc_sample(
@@ -611,7 +614,8 @@ def _smc_jit(
         logw, v, dead, num_failed = reweight(v, dead, lh, log_ratio, dead_now)
         ess = _ess(logw)
         # equal weights give an ESS of n up to rounding: not a reason to resample
-        do = ess < threshold * n * (1 - 1e-5)
+        # (and nothing to resample from once every weight is zero: ESS = 0)
+        do = (ess < threshold * n * (1 - 1e-5)) & (ess > 0)
 
         def resample(operand):
             tree, logw, v = operand
