@@ -342,7 +342,10 @@ def _check_intervals(score, ts) -> None:
     for g in found:
         if isinstance(g.t_lo, jax.core.Tracer) or isinstance(g.t_hi, jax.core.Tracer):
             continue
-        lo, hi = float(np.asarray(g.t_lo)), float(np.asarray(g.t_hi))
+        # in the grid's dtype, as `Interval.apply` compares them (a float64 bound
+        # 1e-3 is below the float32 grid end it meets there)
+        lo = float(np.asarray(g.t_lo).astype(grid.dtype))
+        hi = float(np.asarray(g.t_hi).astype(grid.dtype))
         if hi < lo_t or lo > hi_t:
             warnings.warn(
                 f"gd.interval's bounds [{lo:g}, {hi:g}] miss the sampled times "

@@ -170,8 +170,9 @@ def test_an_interval_that_misses_the_grid_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for lo, hi in ((0.9, 2.0), (0.0, 1e-3)):  # overlapping, touching the end
-            gd.sample(jr.key(0), SDE, gd.guide(COND, gd.interval(g, lo, hi)), (2,),
-                      **kw)  # fmt: skip
+            for dtype in (None, jnp.float32):  # float64 bounds, a float32 grid
+                gd.sample(jr.key(0), SDE, gd.guide(COND, gd.interval(g, lo, hi)),
+                          (2,), dtype=dtype, **kw)  # fmt: skip
         jax.jit(
             lambda hi: (
                 gd.sample(
