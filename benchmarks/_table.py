@@ -248,15 +248,16 @@ def _grad_cost(res: dict, file: str) -> list[str]:
             )
         vbt = r.get("diffrax_vbt_grad_over_guidediff_grad")
         batched = r.get("diffrax_vbt_batched_grad_over_guidediff_grad")
-        if vbt is not None:
+        if vbt is not None or batched is not None:
+            # either may be missing (the vmapped one out of memory): the batched
+            # solve, the fair baseline, is shown without it
             rows.append(
                 _row(
                     "grad_cost",
                     f"{res['size']}, N = {r['steps']}",
                     "diffrax VBT gradient / guidediff gradient (target >= 5): "
-                    + ("one batched solve / " if batched is not None else "")
-                    + "vmapped per particle",
-                    (f"{_f(batched)} / " if batched is not None else "") + _f(vbt),
+                    "one batched solve / vmapped per particle",
+                    f"{_f(batched)} / {_f(vbt)}",
                     file,
                 )
             )
@@ -479,6 +480,12 @@ def main(argv=None) -> int:
         # never replace the committed tables by empty ones
         if not any(args.results.glob("*_gpu*.json")):
             p.error(f"no GPU result files (*_gpu*.json) in {args.results}")
+        if not any(args.results.glob("work_precision_*.json")):
+            p.error(
+                f"no work_precision_*.json in {args.results}: --write would empty "
+                "the work-precision table (copy fetched GPU files into "
+                "benchmarks/results and write from there)"
+            )
         write_readme(args.results, here / "README.md")
         print(f"wrote the tables into {here / 'README.md'}")
     else:

@@ -480,6 +480,13 @@ def test_table_cli_never_writes_empty_tables(tmp_path, monkeypatch, capsys):
     (tmp_path / "work_precision_cpu.json").write_text("{}")
     with pytest.raises(SystemExit):  # no GPU files: nothing to write
         _table.main(["--write", str(tmp_path)])
+    # GPU files without a work-precision file emptied the work-precision table
+    gpu_only = tmp_path / "fetched"
+    gpu_only.mkdir()
+    (gpu_only / "mfu_gpu.json").write_text("{}")
+    with pytest.raises(SystemExit, match="2"):
+        _table.main(["--write", str(gpu_only)])
+    assert "work_precision" in capsys.readouterr().err
     assert readme.read_text() == before
     assert _table.main([]) == 0  # the default folder is found from any directory
     assert "| against_scan |" in capsys.readouterr().out
