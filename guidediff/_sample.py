@@ -87,6 +87,7 @@ from ._sample_checks import (
     _check_y0,
     _checkpoint_mode,
     _leading_axis_sharding,
+    _output_sharding,
 )
 from ._score import AbstractScore, check_score, score_to_x0
 from ._sde import AbstractSDE
@@ -448,6 +449,11 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
         out = jax.vmap(core)(keys, y0)
     ys, result, failed, nsteps = out
     ys = jnp.where(grid_ok, ys, jnp.nan)
+    layout = None if sharding is None else _output_sharding(sharding, save_trajectory)
+    if layout is not None:
+        # every axis the sharding names, as smc_sample lays out its particles (the
+        # keys' constraint above lays out the particle axis only)
+        ys = jax.lax.with_sharding_constraint(ys, layout)
     out = (ys, result, failed | ~grid_ok, nsteps)
     if single:
         out = jtu.tree_map(lambda a: a[0], out)
@@ -609,8 +615,11 @@ def sample(
       grid), `"tree"` (`diffrax.VirtualBrownianTree` with `brownian_tol`; default
       with a `stepsize_controller`) or `"unsafe"` (`diffrax.UnsafeBrownianPath`:
       forward only, `driver="diffeqsolve"` on a fixed grid).
-    - `sharding`: shard the particle axis (e.g. a `NamedSharding` over a mesh);
-      the number of particles must split evenly over its devices.
+    - `sharding`: the layout of the `(num_particles, *shape)` particles over
+      devices, e.g. `NamedSharding(mesh, PartitionSpec("p"))` shards the particle
+      axis (the number of particles must split evenly over its devices); a spec
+      such as `PartitionSpec("p", "q")` also splits each particle's first axis
+      (a saved trajectory keeps its save axis replicated).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and

@@ -613,6 +613,15 @@ def _check_sharding(sharding, num: int, shape) -> None:
             f"PartitionSpec('p'))), got {sharding!r}"
         )
     try:
+        sharding.check_compatible_aval((num, *shape))
+    except ValueError:
+        raise ValueError(
+            f"the sharding {sharding} names more axes than the particles have: "
+            f"they are a (num_particles, *shape) = {(num, *shape)} array of rank "
+            f"{1 + len(shape)}; give at most one PartitionSpec entry per axis "
+            "(PartitionSpec('p') shards the particle axis)"
+        ) from None
+    try:
         sharding.shard_shape((num, *shape))
         _leading_axis_sharding(sharding).shard_shape((num,))
     except ValueError as e:
@@ -620,6 +629,22 @@ def _check_sharding(sharding, num: int, shape) -> None:
             f"{num} particles cannot be split evenly over the devices: use a number "
             f"of particles that the mesh axis divides ({e})"
         ) from None
+
+
+def _output_sharding(sharding, trajectory: bool):
+    """The layout of `gd.sample`'s `ys`: `sharding` itself for `(P, *shape)`
+    particles; for a `(P, num_saves, *shape)` trajectory, its spec with the save
+    axis replicated (None for a sharding other than `NamedSharding`, which names no
+    axes: the particle axis then follows the keys' layout)."""
+    if not trajectory:
+        return sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec)
+    if len(spec) <= 1:
+        return sharding  # the particle axis only: valid at any rank
+    new = jax.sharding.PartitionSpec(spec[0], None, *spec[1:])
+    return jax.sharding.NamedSharding(sharding.mesh, new)
 
 
 def _leading_axis_sharding(sharding):

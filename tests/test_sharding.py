@@ -134,6 +134,47 @@ CHILD = textwrap.dedent(
         "sample_equal": bool(np.array_equal(np.asarray(two), np.asarray(ref))),
         "smc_equal": bool(np.array_equal(np.asarray(smc_two.ys), np.asarray(smc_four.ys))),
     }
+    # a 2 x 2 mesh that also shards the state axis: gd.sample lays its particles
+    # (and a trajectory, save axis replicated) out over both, as smc_sample does
+    mesh22 = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
+    grid = NamedSharding(mesh22, PartitionSpec("a", "b"))
+    g_final = gd.sample(key, sde, score, (2,), sharding=grid, **kw).ys
+    g_traj = gd.sample(
+        key, sde, score, (2,), sharding=grid, save_trajectory=True, save_every=4, **kw
+    ).ys
+    g_smc = gd.smc_sample(key, sde, gmm.score(sde), (2,), log_r, sharding=grid, **smc_kw)
+    out["mesh_2x2"] = {
+        "specs": [
+            list(g_final.sharding.spec),
+            list(g_traj.sharding.spec),
+            list(g_smc.ys.sharding.spec),
+        ],
+        "max_abs_diff": float(np.max(np.abs(np.asarray(g_final) - np.asarray(one)))),
+        "traj_last_diff": float(
+            np.max(np.abs(np.asarray(g_traj[:, -1]) - np.asarray(g_final)))
+        ),
+    }
+    # a spec naming more axes than the (P, *shape) particles have: one clear error
+    # from both entry points, with or without y0 (it was accepted, or failed inside
+    # jax with an IndexError or a sharding-constraint error)
+    too_long = NamedSharding(Mesh(jax.devices(), ("p",)), PartitionSpec("p", None, None))
+    calls = {
+        "sample": lambda: gd.sample(key, sde, score, (2,), sharding=too_long, **kw),
+        "sample_y0": lambda: gd.sample(
+            key, sde, score, (2,), y0=np.zeros((64, 2), np.float32), ts=ts,
+            solver=dfx.Euler(), sharding=too_long,
+        ),
+        "smc": lambda: gd.smc_sample(
+            key, sde, gmm.score(sde), (2,), log_r, sharding=too_long, **smc_kw
+        ),
+    }
+    out["too_long"] = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out["too_long"][name] = "no error"
+        except ValueError as e:
+            out["too_long"][name] = str(e)
     # a checkpoint of sharded parameters restores them sharded (not gathered onto
     # one device), and a typed key in the optimiser state restores at all
     import tempfile
@@ -278,3 +319,16 @@ def test_a_sharding_naming_both_particle_axes(sharded_runs):
     r = sharded_runs["both_axes"]
     assert r["num_devices"] == [4, 4]
     assert r["sample_equal"] and r["smc_equal"]
+
+
+def test_a_sharding_of_the_state_axis_is_honoured(sharded_runs):
+    """gd.sample laid out only the particle axis of a sharding (smc_sample all of
+    its axes): the same argument gave two layouts."""
+    r = sharded_runs["mesh_2x2"]
+    assert r["specs"] == [["a", "b"], ["a", None, "b"], ["a", "b"]]
+    assert r["max_abs_diff"] <= 1e-5 and r["traj_last_diff"] == 0.0
+
+
+def test_a_spec_longer_than_the_particles_rank_is_an_error(sharded_runs):
+    for name, msg in sharded_runs["too_long"].items():
+        assert "names more axes than the particles have" in msg, (name, msg)
