@@ -13,6 +13,7 @@ Also the argument checks that follow from it: which values may be traced
 """
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,54 @@ def reject_traced(name: str, value, kind: str = "a Python int") -> None:
             f"{name} is static (it fixes the compiled program's shapes or structure) "
             f"and must be {kind}, not a traced value: under jax.jit, close over it "
             "or mark it static (static_argnums / static_argnames)"
+        )
+
+
+def _over_concrete(x) -> bool:
+    """A tracer of an eager transformation (`jax.grad`, `jax.vmap`, `jax.jvp`
+    called outside `jit`): a concrete value underneath. Each call of the transformed
+    function traces everything in it anew."""
+    if not isinstance(x, jax.core.Tracer):
+        return False
+    while isinstance(x, jax.core.Tracer):
+        inner = getattr(x, "primal", None)
+        x = getattr(x, "val", None) if inner is None else inner
+    return isinstance(x, (*_ARRAY_TYPES, int, float, complex))
+
+
+_RETRACED_CODE: dict = {}  # code objects of closures over eager tracers (bounded)
+
+
+def warn_if_retraced(fn, what: str) -> None:
+    """Warn when a plain function that closes over an eager transformation's traced
+    value is built a second time from the same code: held as a static part of the
+    compiled program, each new function compiles the program again (seconds per
+    call in a `jax.grad` loop), though nothing about the program changed."""
+    cells = getattr(fn, "__closure__", None)
+    code = getattr(fn, "__code__", None)
+    if not cells or code is None:
+        return
+    contents = []
+    for cell in cells:
+        try:
+            contents.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    if not any(_over_concrete(x) for x in jtu.tree_leaves(contents)):
+        return
+    seen = code in _RETRACED_CODE
+    _RETRACED_CODE[code] = None
+    if len(_RETRACED_CODE) > 64:
+        del _RETRACED_CODE[next(iter(_RETRACED_CODE))]
+    if seen:
+        warnings.warn(
+            f"{what} is a plain Python function that closes over a value traced by "
+            "jax.grad / jax.vmap (such as the weight being differentiated). A plain "
+            "function is a static part of the compiled sampler, so each call builds "
+            "a new one and compiles the sampler again. Make the value an array leaf "
+            "instead: jax.tree_util.Partial(lambda a, t: a * (1 - t), a), a "
+            "gd.PiecewiseLinear schedule, or jax.jit the transformed function",
+            stacklevel=4,
         )
 
 

@@ -108,7 +108,14 @@ def _check_per_particle(fn: Callable, name: str, *structs) -> None:
             f"calling `{name}` on one particle of shape {structs[0].shape} failed: {e}"
         ) from e
     shape = getattr(out, "shape", None)
-    if shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+    if shape == () and not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}` must return a real floating-point scalar per particle (it is "
+            f"differentiated), but it returned a scalar of dtype {out.dtype}; "
+            "return a float, e.g. `(x[0] > 1).astype(float)` (whose gradient is "
+            "zero: a differentiable reward gives the optimiser a direction)"
+        )
+    if shape != ():
         got = shape if shape is not None else type(out).__name__
         raise ValueError(
             f"`{name}` must return one real scalar per particle (the objective is its "
@@ -132,7 +139,20 @@ class _Project(eqx.Module):
 
 def _step(loss, project, optimizer, params, opt_state, key, ts):
     (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, key, ts)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        # what line-search optimisers (optax.lbfgs) need: the loss at the current
+        # parameters, its gradient, and the loss as a function of the parameters
+        # (the same noise); transformations that need none ignore them
+        updates, opt_state = optimizer.update(
+            grads,
+            opt_state,
+            params,
+            value=value,
+            grad=grads,
+            value_fn=lambda p: loss(p, key, ts)[0],
+        )
+    else:
+        updates, opt_state = optimizer.update(grads, opt_state, params)
     params = project(optax.apply_updates(params, updates))
     # a finite objective can still have a non-finite gradient (e.g. sqrt at 0)
     finite = jnp.all(
@@ -182,6 +202,18 @@ def _compiled_step(*args):
         while len(_STEPS) > _MAX_STEPS:
             _STEPS.popitem(last=False)
     return compiled, compile_s
+
+
+def _check_optimizer(optimizer, learning_rate) -> optax.GradientTransformation:
+    """`optimizer`, or `optax.adam(learning_rate)` for None."""
+    if optimizer is None:
+        return _default_optimizer(_check_learning_rate(learning_rate))
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (e.g. "
+            f"optax.adam(1e-2), optax.lbfgs()), got {optimizer!r}"
+        )
+    return optimizer
 
 
 @functools.lru_cache(maxsize=16)
@@ -304,7 +336,10 @@ def tune_guidance(
       an initial `PiecewiseLinear` (its knot times are kept).
     - `lam`, `penalty`: the penalty weight and `penalty(y, y_ref) -> scalar`.
     - `num_iters`, `num_particles`: optimiser steps, particles per step.
-    - `learning_rate`, `optimizer`: `optax.adam(learning_rate)` by default.
+    - `learning_rate`, `optimizer`: `optax.adam(learning_rate)` by default; any
+      optax transformation, line searches included (`optax.lbfgs()`: its `update`
+      receives `value`, `grad` and `value_fn`, the objective at the step's noise;
+      with `fixed_noise=True` that is one deterministic function to minimise).
     - `bounds`: `(lo, hi)`: the knot values are clipped into it after each step;
       the initial values must lie inside it.
     - `ts`, `args`, `process`, `solver`, `truncate_backprop`: passed to `sample`
@@ -345,7 +380,7 @@ def tune_guidance(
         schedule0 = init
     else:
         if int(num_knots) != num_knots or num_knots < 2:
-            raise ValueError(f"num_knots must be an integer >= 2, got {num_knots}")
+            raise ValueError(f"num_knots must be an integer >= 2, got {num_knots!r}")
         times = jnp.linspace(ts[-1], ts[0], int(num_knots))
         schedule0 = PiecewiseLinear(times, jnp.full(int(num_knots), init, dtype))
     x = jax.ShapeDtypeStruct(shape, dtype)
@@ -365,8 +400,7 @@ def tune_guidance(
         sde, guided, reward, penalty, jnp.asarray(lam, dtype), schedule0.times,
         zero, shape, _without_ts(kw),
     )  # fmt: skip
-    if optimizer is None:
-        optimizer = _default_optimizer(_check_learning_rate(learning_rate))
+    optimizer = _check_optimizer(optimizer, learning_rate)
     if bounds is None:
         project = _Project()
     else:
@@ -552,8 +586,7 @@ def finetune_through_sampler(
         sde, make_score, reward, penalty, jnp.asarray(lam, dtype), bool(lam),
         params if lam else None, shape, _without_ts(kw),
     )  # fmt: skip
-    if optimizer is None:
-        optimizer = _default_optimizer(_check_learning_rate(learning_rate))
+    optimizer = _check_optimizer(optimizer, learning_rate)
     params, curve, compile_s = _optimise(
         loss, params, optimizer, num_iters, key, fixed_noise, _Project(), kw["ts"]
     )

@@ -416,6 +416,24 @@ def test_tune_guidance_keeps_the_knots_within_bounds():
     assert np.all((values >= 0.0) & (values <= 0.3)) and np.any(values == 0.0)
 
 
+def test_tune_guidance_with_a_line_search_optimiser():
+    """optax.lbfgs needs the objective as a function of the parameters (`value_fn`)
+    and its value and gradient: it failed with a missing-argument TypeError. With
+    fixed noise the objective is one deterministic function, and the line search's
+    sufficient-decrease condition makes every step improve it."""
+    sde = gd.VPSDE()
+    s, s_r = GMM.score(sde), TILTED.score(sde)
+    guided = lambda w: gd.guide(s, gd.reward_guidance(s_r, w))
+    res = tune_guidance(
+        jr.key(0), sde, guided, REWARD, (2,), num_knots=3, lam=0.05, num_iters=4,
+        num_particles=16, ts=gd.uniform_grid(1.0, 1e-3, 5), fixed_noise=True,
+        optimizer=optax.lbfgs(),
+    )  # fmt: skip
+    objective = np.array([row["objective"] for row in res.curve])
+    assert np.all(np.diff(objective) >= 0.0), objective
+    assert objective[-1] > objective[0] + 1e-3, objective
+
+
 def test_learning_curves_are_the_direct_evaluations():
     """Row k of a learning curve is the objective at that row's parameters on the
     row's noise: reward = mean r(Y), penalty = mean |Y - Y^0|^2 (Y^0: the reference

@@ -339,6 +339,16 @@ def test_guidance_sde_and_tuner_inputs():
     w0 = gd.PiecewiseLinear(jnp.array([1e-3, 1.0]), jnp.array([0.5, -0.1]))
     with pytest.raises(ValueError, match="outside bounds"):
         tune(init=w0, bounds=(0.0, 1.0))
+    # (a tuning audit) an optimiser that is not optax's failed with an
+    # AttributeError inside; a string count printed as a number; a bool reward was
+    # told to "reduce it to a scalar"
+    with pytest.raises(TypeError, match="optimizer must be an optax"):
+        tune(optimizer="adam")
+    with pytest.raises(ValueError, match="got '8'"):
+        tune(num_knots="8")
+    with pytest.raises(ValueError, match="scalar of dtype bool; return a float"):
+        gd.tune_guidance(jr.key(0), SDE, lambda w: gd.guide(s, gd.reward_guidance(s, w)),
+                         lambda x: x[0] > 0, (2,), num_iters=1, num_particles=2)  # fmt: skip
 
 
 def test_tolerance_steps_adjoint_and_conversions():

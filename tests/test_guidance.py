@@ -1,5 +1,7 @@
 """Guidance transform laws, transformation invariances, retracing and gradients."""
 
+import warnings
+
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
@@ -323,3 +325,27 @@ def test_eager_sample_does_not_retrace_the_score():
     for k in range(3):
         gd.sample(jr.key(k), SDE, score, (2,), num_particles=2, ts=ts)
     assert len(traces) == first
+
+
+def test_a_schedule_closing_over_a_grad_tracer_warns_when_built_again():
+    """A plain-function schedule over the value being differentiated, built anew in
+    each call of an eager `jax.grad`, compiled the sampler again on every call
+    (seconds each) without a word: the second build warns."""
+
+    def weight_at(a):
+        return gd.as_weight(lambda t: a * (1 - t))(0.5)
+
+    def reward_at(a):
+        return gd.classifier_guidance(lambda t, x, y: a * x[0]).log_likelihood(
+            0.5, jnp.ones(2), None
+        )
+
+    for f in (weight_at, reward_at):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            jax.grad(f)(1.0)  # the first build compiles once anyway
+            f(1.0)  # no tracer
+            jax.jit(jax.grad(f))(1.0)  # traced once per compile of the outer jit
+            jax.jit(jax.grad(f))(2.0)
+        with pytest.warns(UserWarning, match="compiles the sampler again"):
+            jax.grad(f)(2.0)
