@@ -56,6 +56,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
+from ._brownian import check_key
 from ._custom_types import Key, Scalar, Time
 from ._jit import is_real_scalar
 from ._score import _is_flax_module, check_flax_variables
@@ -235,15 +236,21 @@ def reward_weights(
     return scaled / jnp.mean(scaled)
 
 
-def _label_array(labels) -> Array:
+def _label_array(labels, model_fn) -> Array:
     """Per-example labels of the unconditional-or-labelled losses: one array (a
-    list or tuple of numbers converts; a dict is structured conditioning)."""
+    list or tuple of numbers converts; a dict is structured conditioning). For a
+    model with a `num_classes` field, concrete labels are checked against it (the
+    null label allowed: labels dropped beforehand); under `vmap` the network's own
+    check cannot see them, and a label past its embedding rows made the loss NaN."""
+    num_classes = _check_conditional_model(model_fn)  # else labels are ignored
     if isinstance(labels, dict):
         raise TypeError(
             f"labels must be one (n,) array (a label or value per example), got a "
             f"{type(labels).__name__}; for structured conditioning, vmap "
             "gd.dsm_example_loss(..., label=...) over the examples yourself"
         )
+    if isinstance(num_classes, int) and _is_concrete(labels):
+        return check_labels(labels, num_classes)
     return jnp.asarray(labels)
 
 
@@ -279,17 +286,18 @@ def _as_model_fn(model_fn, params=None):
     return model_fn.apply if _is_flax_module(model_fn) else model_fn
 
 
-def _check_conditional_model(model_fn, num_classes: int | None = None) -> None:
+def _check_conditional_model(model_fn, num_classes: int | None = None):
     """Checks of a bound `apply` whose module has a `num_classes` field (guidediff's
     networks; a user's module without one is not checked). One built without `num_classes` ignores
     the labels: the conditional scores would all be the unconditional one, and CFG
     would do nothing. One built with another `num_classes` than the loss's has its
     null label elsewhere: a smaller loss value trains a real class as the null
     one (CFG's unconditional score is never trained), a larger one feeds labels the
-    network has no row for (NaN)."""
+    network has no row for (NaN). Returns the module's `num_classes` (None when
+    there is none to read)."""
     module = getattr(_as_model_fn(model_fn), "__self__", None)
     if module is None or not hasattr(module, "num_classes"):
-        return  # not a module, or one whose class count is not a `num_classes` field
+        return None  # not a module, or one without a `num_classes` field
     built = module.num_classes
     if built is None:
         raise ValueError(
@@ -303,6 +311,7 @@ def _check_conditional_model(model_fn, num_classes: int | None = None) -> None:
             f"built with num_classes={built} (its null label is {built}): pass "
             f"num_classes={built}"
         )
+    return built
 
 
 def _check_data(x0, *, batch: bool) -> Array:
@@ -397,6 +406,7 @@ def dsm_example_loss(
         )(keys, x0)  # shape (256,)
         ```
     """
+    check_key(key)
     if prediction not in ("eps", "x0", "score"):
         raise ValueError(
             f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}"
@@ -497,8 +507,10 @@ def dsm_loss(
     - `sde`: the forward SDE.
     - `weighting`, `prediction`: see the module docstring.
     - `t_min`: the smallest training time.
-    - `labels`: optional `(n,)` integer labels passed to the model as-is (see
-      `conditional_dsm_loss` for label dropout).
+    - `labels`: optional `(n,)` labels passed to the model (see
+      `conditional_dsm_loss` for label dropout); for a network with a
+      `num_classes` field $K$, concrete labels must lie in `0..K` ($K$ the null
+      label), as `gd.check_labels` checks.
 
     !!! example
 
@@ -511,10 +523,10 @@ def dsm_loss(
         # to train: gd.fit(loss_fn, params, data, optimizer=optax.adam(1e-3), ...)
         ```
     """
+    check_key(key)
     x0 = _check_data(x0, batch=True)
     if labels is not None:
-        _check_conditional_model(model_fn)  # else the labels would be ignored
-        labels = _label_array(labels)
+        labels = _label_array(labels, model_fn)
         _check_batch(x0, "labels", labels)
     per = _per_example(
         model_fn, params, key, x0, sde, labels, weighting, t_min, prediction
@@ -542,6 +554,7 @@ def drop_labels(
         assert abs(float(null.mean()) - 0.2) < 4 * (0.2 * 0.8 / 10_000) ** 0.5
         ```
     """
+    check_key(key)
     labels = check_labels(labels, num_classes, allow_null=True)
     if _is_concrete(p_uncond) and not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
@@ -606,6 +619,7 @@ def conditional_dsm_loss(
         loss = loss_fn(params, jr.key(1), (x0, labels))  # a scalar
         ```
     """
+    check_key(key)
     _check_slot_order("conditional_dsm_loss", "labels", labels)
     _check_conditional_model(model_fn, num_classes)
     x0 = _check_data(x0, batch=True)
@@ -672,6 +686,7 @@ def reward_weighted_dsm_loss(
         loss = loss_fn(params, jr.key(1), gd.swiss_roll(0, 256))  # a scalar
         ```
     """
+    check_key(key)
     _check_slot_order("reward_weighted_dsm_loss", "rewards", rewards)
     x0 = _check_data(x0, batch=True)
     if callable(rewards):
@@ -679,8 +694,7 @@ def reward_weighted_dsm_loss(
     rewards = jnp.asarray(rewards)
     _check_batch(x0, "rewards", rewards)
     if labels is not None:
-        _check_conditional_model(model_fn)  # else the labels would be ignored
-        labels = _label_array(labels)
+        labels = _label_array(labels, model_fn)
         _check_batch(x0, "labels", labels)
     w = reward_weights(rewards, temperature=temperature)
     per = _per_example(
@@ -740,6 +754,7 @@ def noisy_classifier_loss(
         assert jnp.allclose(loss(jnp.asarray(0.0)), jnp.log(2.0))
         ```
     """
+    check_key(key)
     if sde is not None and not isinstance(sde, AbstractSDE):
         raise TypeError(
             "sde must be a gd.AbstractSDE (e.g. gd.VPSDE()) or None (a clean-data "

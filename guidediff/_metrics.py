@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Real
 
+from ._brownian import check_key
 from ._custom_types import Key, Scalar
 
 
@@ -577,6 +578,7 @@ def sliced_wasserstein(
         gd.sliced_wasserstein(x, y, key=kp)  # ~ 2.0**2 / 2 = 2
         ```
     """
+    check_key(key)
     if num_projections < 1:
         raise ValueError(f"num_projections must be >= 1, got {num_projections}.")
     _check_finite("sliced_wasserstein", x=x, y=y)
@@ -668,6 +670,7 @@ def two_sample_test(
         stat, p = gd.two_sample_test(x, y, key=kt)  # p = 1/201
         ```
     """
+    check_key(key)
     if statistic not in ("energy", "mmd"):
         raise ValueError(f"statistic must be 'energy' or 'mmd', got {statistic!r}.")
     if num_permutations < 1:

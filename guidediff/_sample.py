@@ -102,11 +102,19 @@ class Samples(eqx.Module):
     - `ts`: the saved times (`ts[::save_every]` for trajectories, else the final
       time).
     - `result`: per-particle `diffrax.RESULTS`.
-    - `failed`: per-particle flag: the solver failed or the sample is not finite.
+    - `failed`: per-particle flag: the solver failed (`result`) or the sample is
+      not finite. A failed particle's `ys` are NaN (the metrics reject them),
+      whatever state the solver stopped in.
     - `num_steps`: solver steps taken per particle.
     - `num_failed` (property): the number of failed particles.
 
     A failed particle does not stop the others: read `failed`, never an exception.
+    Its values never reach the others', but under `jax.grad` a failed particle
+    makes the gradient of shared leaves (guidance weights, network parameters)
+    NaN even when a loss masks it out: reverse mode multiplies the mask's zero
+    cotangent by the failed particle's NaN partial derivatives (JAX's rule for
+    `jnp.where` over NaN). Keep the score finite where the particles go, or check
+    `failed` and discard that gradient.
 
     !!! example
 
@@ -448,13 +456,17 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
     else:
         out = jax.vmap(core)(keys, y0)
     ys, result, failed, nsteps = out
-    ys = jnp.where(grid_ok, ys, jnp.nan)
+    # A failed particle's values are NaN, whatever the solver left (the state where
+    # an adaptive solve ran out of steps, an implicit step that did not converge):
+    # code that reads `ys` without `failed` (the metrics) then rejects it.
+    failed = failed | ~grid_ok
+    ys = jnp.where(failed.reshape(failed.shape + (1,) * (ys.ndim - 1)), jnp.nan, ys)
     layout = None if sharding is None else _output_sharding(sharding, save_trajectory)
     if layout is not None:
         # every axis the sharding names, as smc_sample lays out its particles (the
         # keys' constraint above lays out the particle axis only)
         ys = jax.lax.with_sharding_constraint(ys, layout)
-    out = (ys, result, failed | ~grid_ok, nsteps)
+    out = (ys, result, failed, nsteps)
     if single:
         out = jtu.tree_map(lambda a: a[0], out)
     # The saved times are computed here too: no eager op after the compiled call.

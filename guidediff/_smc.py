@@ -33,7 +33,8 @@ $$\hat Z = \frac1P \sum_i w_i,$$
 unbiased for $Z$. Resampling picks among the $x_k$, before the step from $x_k$, and
 a resampled particle keeps its slot's noise: slot $i$ draws its increments from
 `fold_in(key, i)` as in `gd.sample`, so copies of one ancestor diverge at the next
-step, and with no resampling (`ess_threshold=0`) the particles are `gd.sample`'s.
+step, and with no resampling (`ess_threshold=0`) the particles are `gd.sample`'s
+(but for failed ones, which `gd.sample` sets to NaN).
 
 Cost: the twist at $x_k$ needs the score there, which the step from $x_k$ needs
 too: solvers that evaluate the score once per step, at its start
@@ -110,8 +111,13 @@ class SMCSamples(eqx.Module):
       `ts[-1]` (before any resampling there; the last with the final $r$).
     - `resampled`: `(N,)` whether the particles were resampled at `ts[k]`, before
       the step from it.
-    - `failed`: `(P,)` the particle, or its potential, is NaN or infinite (a
-      potential of zero, $\log r = -\infty$, is a zero weight, not a failure).
+    - `failed`: `(P,)` the particle, or its potential, is NaN or infinite, or a
+      solver step reaching it failed (diffrax's result code, as in `gd.sample`: an
+      implicit solver's root finder that did not converge, with finite values); a
+      potential of zero, $\log r = -\infty$, is a zero weight, not a failure.
+      `num_failed` counts them. Unlike `gd.sample`, a failed particle keeps the
+      values it reached (its weight is zero; NaN values would make weighted sums
+      such as `weights @ ys` NaN).
       A failed particle weighs zero. Resampling replaces failed slots by copies of
       live particles, so `failed` shows only the failures since the last
       resampling; `num_failed_per_step` keeps the record.
@@ -146,6 +152,12 @@ class SMCSamples(eqx.Module):
     def weights(self) -> Float[Array, " particles"]:
         """Normalised weights (they sum to one)."""
         return jax.nn.softmax(self.log_weights)
+
+    @property
+    def num_failed(self) -> Array:
+        """How many of the final particles are flagged `failed` (as
+        `Samples.num_failed`; `num_failed_per_step` counts every failure)."""
+        return jnp.sum(self.failed)
 
     def resample(
         self,
@@ -544,13 +556,16 @@ def _smc_jit(
         return lh, _failed(x, lh)
 
     def step_exact(s, inc, x, state, t0, t1):
-        x1, _, _, state1, _ = solver.step(
+        """The solver's step, and whether it failed (diffrax's result code: e.g.
+        an implicit solver's root finder not converging, with finite values)."""
+        x1, _, _, state1, result = solver.step(
             terms_with(s, inc, t0, t1), t0, t1, x, args, state, False
         )
-        return x1, state1
+        return x1, state1, result != dfx.RESULTS.successful
 
     def move(s, inc, x, state, t0, t1):
-        return _like(step_exact(s, inc, x, state, t0, t1), (x, state))
+        x1, state1, bad = step_exact(s, inc, x, state, t0, t1)
+        return (*_like((x1, state1), (x, state)), bad)
 
     def evaluate(x, t0):
         """The score(s) at x_k, which the twist and the move both use."""
@@ -560,11 +575,13 @@ def _smc_jit(
 
     def move_one(kb, x, state, s, sq, t0, t1, cell):
         inc = GridBrownianPath(struct, ts, kb).cell_increment(cell, t1 - t0)
+        # A failed step (`bad`) makes the move's log density ratio NaN, which
+        # `reweight` counts as a failure of the particle it reached.
         if proposal is None:
-            x1, state1 = move(
+            x1, state1, bad = move(
                 _FrozenScore(s) if frozen else score, inc, x, state, t0, t1
             )
-            return x1, state1, jnp.zeros((), wdt)
+            return x1, state1, jnp.where(bad, jnp.nan, jnp.zeros((), wdt))
         # x1 = m_q + c * inc; the base kernel has mean m_p and the same
         # covariance c^2 |dt|: log N(x1; m_p) - log N(x1; m_q), summed over
         # coordinates, is -(inc d / (c |dt|) + d^2 / (2 c^2 |dt|)), d = m_q - m_p.
@@ -573,7 +590,8 @@ def _smc_jit(
         # proposal's history and the base kernel's mean uses the base score's
         # history on the same path (one-step solvers keep no history: both empty).
         state_q, state_p = state
-        x1, state_q1 = move(_FrozenScore(sq), inc, x, state_q, t0, t1)
+        # (the explicit solvers a proposal allows report no failures)
+        x1, state_q1, _ = move(_FrozenScore(sq), inc, x, state_q, t0, t1)
         # The kernels' means and noise scale in the weights' dtype, from the same
         # (exactly widened) inputs: for 16-bit particles, means rounded to 16 bits
         # would make d and c differences of rounded numbers (c quantised to the
@@ -582,7 +600,7 @@ def _smc_jit(
         sq = _FrozenScore(sq)
         zero = jnp.zeros(x.shape, wdt)
         m_q = step_exact(sq, zero, xw, stq, t0, t1)[0].astype(wdt)
-        m_p, state_p1 = step_exact(_FrozenScore(s), zero, xw, stp, t0, t1)
+        m_p, state_p1, _ = step_exact(_FrozenScore(s), zero, xw, stp, t0, t1)
         c = step_exact(sq, jnp.ones(x.shape, wdt), xw, stq, t0, t1)[0] - m_q
         state1 = (state_q1, _like(state_p1, state_p))
         m_p, c = m_p.astype(wdt), c.astype(wdt)

@@ -30,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from jaxtyping import Array, PyTree
 
+from ._brownian import check_key
 from ._custom_types import Key
 
 
@@ -660,6 +661,7 @@ def fit(
         score = gd.flax_score(net, result.ema_params, sde)
         ```
     """
+    check_key(key)
     from tqdm.auto import tqdm
 
     num_steps = _check_count("num_steps", num_steps, 0)

@@ -37,8 +37,22 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
 from ._jit import _combine, _partition, is_real_scalar
-from ._sample import _args_as_arrays, _check_sde, _grid_in_dtype, sample
-from ._sample_checks import _check_count, _check_score_shape, _check_shape
+from ._sample import (
+    _args_as_arrays,
+    _check_sde,
+    _default_sde_solver,
+    _grid_in_dtype,
+    sample,
+)
+from ._sample_checks import (
+    _check_count,
+    _check_guidance_sde,
+    _check_intervals,
+    _check_network_end,
+    _check_score_shape,
+    _check_shape,
+    _check_solver,
+)
 from ._score import AbstractScore
 from ._sde import AbstractSDE
 from ._weights import PiecewiseLinear, Weight
@@ -261,8 +275,17 @@ def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts)
         )
         new_params, opt_state, value, aux, finite = step(dynamic)
         row = {"step": k, "objective": -float(value)}
+        num_failed = int(aux.pop(_FAILED))
         row.update({name: float(v) for name, v in aux.items()})
         row["time_s"] = time.perf_counter() - start
+        if num_failed:
+            raise FloatingPointError(
+                f"{num_failed} particle(s) failed in the sampler runs of step {k} (the "
+                "solver reported a failure, or values went non-finite: see "
+                "`Samples.failed`), so the objective is NaN; check the score and "
+                "the solver (e.g. gd.sample with the step's parameters), lower the "
+                "learning rate or bound the parameters"
+            )
         if not all(math.isfinite(v) for v in row.values()):
             raise FloatingPointError(
                 f"the objective is not finite at step {k} ({row}); lower the "
@@ -393,9 +416,7 @@ def tune_guidance(
                 "`guided(weight)` must return a score (an AbstractScore), e.g. "
                 "lambda w: gd.guide(score, gd.reward_guidance(reward_score, w))"
             )
-    # the score with the concrete args (e.g. an unknown class label), as `sample`
-    # checks it: inside the compiled step the args are traced
-    _check_score_shape(guided(schedule0), ts, shape, dtype, args)
+    _check_sampled_score(guided(schedule0), sde, shape, dtype, args, kw)
     loss = _TuneLoss(
         sde, guided, reward, penalty, jnp.asarray(lam, dtype), schedule0.times,
         zero, shape, _without_ts(kw),
@@ -426,6 +447,14 @@ def _without_ts(kw: dict) -> dict:
     return {k: v for k, v in kw.items() if k != "ts"}
 
 
+_FAILED = "num_failed"  # an aux entry of the losses, not a column of the curve
+
+
+def _num_failed(*samples) -> Array:
+    """Particles failed in any of the runs (NaN: they make the objective NaN)."""
+    return sum(jnp.sum(out.failed) for out in samples)
+
+
 class _TuneLoss(eqx.Module):
     """`tune_guidance`'s negated objective of the knot values (a pytree: its arrays
     are traced, its callables key the compiled step)."""
@@ -442,12 +471,12 @@ class _TuneLoss(eqx.Module):
 
     def __call__(self, values, k, ts):
         w = PiecewiseLinear(self.times, values)
-        ys = sample(k, self.sde, self.guided(w), self.shape, ts=ts, **self.kw).ys
+        out = sample(k, self.sde, self.guided(w), self.shape, ts=ts, **self.kw)
         ref = sample(k, self.sde, self.guided(self.zero), self.shape, ts=ts, **self.kw)
-        ref = lax.stop_gradient(ref.ys)
-        r = jnp.mean(jax.vmap(self.reward)(ys))
-        pen = jnp.mean(jax.vmap(self.penalty)(ys, ref))
-        return -(r - self.lam * pen), {"reward": r, "penalty": pen}
+        r = jnp.mean(jax.vmap(self.reward)(out.ys))
+        pen = jnp.mean(jax.vmap(self.penalty)(out.ys, lax.stop_gradient(ref.ys)))
+        aux = {"reward": r, "penalty": pen, _FAILED: _num_failed(out, ref)}
+        return -(r - self.lam * pen), aux
 
 
 class _FinetuneLoss(eqx.Module):
@@ -465,14 +494,15 @@ class _FinetuneLoss(eqx.Module):
 
     def __call__(self, params, k, ts):
         score = self.make_score(params)
-        ys = sample(k, self.sde, score, self.shape, ts=ts, **self.kw).ys
-        r = jnp.mean(jax.vmap(self.reward)(ys))
+        out = sample(k, self.sde, score, self.shape, ts=ts, **self.kw)
+        r = jnp.mean(jax.vmap(self.reward)(out.ys))
         if not self.use_penalty:
-            return -r, {"reward": r}
+            return -r, {"reward": r, _FAILED: _num_failed(out)}
         ref = sample(k, self.sde, self.make_score(self.params0), self.shape, ts=ts,
                      **self.kw)  # fmt: skip
-        pen = jnp.mean(jax.vmap(self.penalty)(ys, lax.stop_gradient(ref.ys)))
-        return -(r - self.lam * pen), {"reward": r, "penalty": pen}
+        pen = jnp.mean(jax.vmap(self.penalty)(out.ys, lax.stop_gradient(ref.ys)))
+        aux = {"reward": r, "penalty": pen, _FAILED: _num_failed(out, ref)}
+        return -(r - self.lam * pen), aux
 
 
 def _sampler_setup(
@@ -499,6 +529,24 @@ def _sampler_setup(
         truncate_backprop=truncate_backprop,
     )
     return shape, dtype, kw
+
+
+def _check_sampled_score(score, sde, shape, dtype, args, kw) -> None:
+    """What `sample` checks of its concrete inputs, on the score at the initial
+    parameters: inside the compiled step the SDE, the grid and the args are traced,
+    and these checks would pass a score or solver built for another SDE, a network
+    read at sigma = 0, or interval bounds that miss the grid."""
+    ts, process, solver = kw["ts"], kw["process"], kw["solver"]
+    if process not in ("sde", "ode"):
+        raise ValueError(f"process must be 'sde' or 'ode', got {process!r}")
+    if solver is None:  # sample's default
+        solver = _default_sde_solver(sde) if process == "sde" else dfx.Heun()
+    _check_solver(solver, process, None, sde)
+    # with the concrete args (e.g. an unknown class label)
+    _check_score_shape(score, ts, shape, dtype, args)
+    _check_network_end(score, solver, sde, ts)
+    _check_guidance_sde(score, sde)
+    _check_intervals(score, ts)
 
 
 def finetune_through_sampler(
@@ -581,7 +629,7 @@ def finetune_through_sampler(
             "`make_score(params)` must return a score (an AbstractScore), e.g. "
             "lambda p: gd.flax_score(net, p, sde)"
         )
-    _check_score_shape(make_score(params), kw["ts"], shape, dtype, args)
+    _check_sampled_score(make_score(params), sde, shape, dtype, args, kw)
     loss = _FinetuneLoss(
         sde, make_score, reward, penalty, jnp.asarray(lam, dtype), bool(lam),
         params if lam else None, shape, _without_ts(kw),

@@ -97,13 +97,16 @@ def test_a_network_score_with_heun_does_not_wait():
     end-evaluating solver (Heun, the ODE default) computed sigma(t_end) on the
     device and read it back on every call, waiting for the calls before it."""
     net = gd.EpsScore(lambda t, x, args: x * jnp.cos(t * x), SDE)
+    # one potential object: a new function per call would compile a new program
+    # per call (a static argument), and the compile, not the check, would wait
+    log_potential = lambda x: -jnp.sum(x**2)
 
     def sample(seed):
         return gd.sample(jr.key(seed), SDE, net, (2,), process="ode",
                          num_particles=P // 4, ts=TS).ys  # fmt: skip
 
     def smc(seed):
-        return gd.smc_sample(jr.key(seed), SDE, net, (2,), lambda x: -jnp.sum(x**2),
+        return gd.smc_sample(jr.key(seed), SDE, net, (2,), log_potential,
                              solver=dfx.Heun(), num_particles=P, ts=TS).ys  # fmt: skip
 
     for call in (sample, smc):

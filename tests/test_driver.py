@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 
 import guidediff as gd
 from guidediff._driver import _first_failure
@@ -76,6 +77,34 @@ def test_a_failing_step_flags_its_particle_only():
     assert 0 < went_far.sum() < 64  # the test sees both kinds of particle
     np.testing.assert_array_equal(np.asarray(out.failed), went_far)
     np.testing.assert_array_equal(np.asarray(out.result == FAIL), went_far)
+    # a failed particle's values are NaN (the finite state its solver stopped in
+    # is not a sample, and metrics reading ys alone took it as one); the others
+    # are the plain Euler samples
+    ys = np.asarray(out.ys)
+    assert np.all(np.isnan(ys[went_far]))
+    np.testing.assert_allclose(
+        ys[~went_far], np.asarray(traj[~went_far, -1]), rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="needs finite samples"):
+        gd.energy_distance(out.ys, traj[:, -1])
+    # the tuners report them (their objective was a mean over the finite garbage)
+    guided = lambda w: gd.guide(score, gd.reward_guidance(score, w))
+    with pytest.raises(FloatingPointError, match="failed in the sampler"):
+        gd.tune_guidance(jr.key(0), sde, guided, lambda x: -jnp.sum(x**2), (1,),
+                         num_iters=1, num_particles=64, ts=ts, solver=_FailsFarOut())  # fmt: skip
+
+
+def test_a_particle_out_of_adaptive_steps_is_nan():
+    """With adaptive steps, a particle that needs more than max_steps was flagged
+    but kept the state where its solve stopped (a trajectory: inf at the times not
+    reached): NaN either way now."""
+    sde = gd.VPSDE()
+    score = gd.Gaussian(jnp.zeros(2), 0.01 * jnp.eye(2)).score(sde)
+    kw = dict(num_particles=3, ts=gd.uniform_grid(1.0, 1e-3, 2), process="ode",
+              stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-5), max_steps=5)  # fmt: skip
+    for traj in (False, True):
+        out = gd.sample(jr.key(0), sde, score, (2,), save_trajectory=traj, **kw)
+        assert bool(out.failed.all()) and bool(jnp.all(jnp.isnan(out.ys)))
 
 
 def test_denoise_at_sigma_zero_is_the_identity():

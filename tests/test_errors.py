@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 from helpers import three_class_gmm
 
@@ -110,6 +111,36 @@ def test_bad_keys():
         gd.sample(jr.split(jr.key(0), 3), SDE, score, (2,), num_particles=2, ts=TS)
     with pytest.raises(TypeError, match="for a batch of keys use jax.vmap"):
         gd.initial_noise(jr.split(jr.key(0), 3), SDE, (2,), num_particles=2)
+    # every entry point that takes a key checks it alike (the losses, fit and the
+    # metrics raised jax's own TypeError or ValueError)
+    x = jnp.zeros((4, 2))
+    net = gd.MLPScoreNet(hidden=(4,))
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    takers = {
+        "dsm_loss": lambda k: gd.dsm_loss(net.apply, params, k, x, SDE),
+        "dsm_example_loss": lambda k: gd.dsm_example_loss(net.apply, params, k, x, SDE),
+        "reward_weighted_dsm_loss": lambda k: gd.reward_weighted_dsm_loss(
+            net.apply, params, k, x, jnp.ones(4), SDE
+        ),
+        "drop_labels": lambda k: gd.drop_labels(k, jnp.array([0, 1]), 2, 0.1),
+        "sliced_wasserstein": lambda k: gd.sliced_wasserstein(x, x, key=k),
+        "two_sample_test": lambda k: gd.two_sample_test(x, x, key=k),
+        "fit": lambda k: gd.fit(
+            lambda p, k_, b: jnp.sum(p),
+            jnp.zeros(()),
+            x,
+            optimizer=optax.sgd(0.1),
+            batch_size=2,
+            num_steps=1,
+            key=k,
+            progress=False,
+        ),  # fmt: skip
+    }
+    for call in takers.values():
+        with pytest.raises(TypeError, match=r"expected one PRNG key .* got int"):
+            call(0)
+        with pytest.raises(TypeError, match="for a batch of keys use jax.vmap"):
+            call(jr.split(jr.key(0), 3))
     # raw uint32 key data is a key: jax.random.PRNGKey(0) equals jax.random.key(0)
     np.testing.assert_array_equal(
         gd.sample(jr.PRNGKey(0), SDE, score, (2,), num_particles=2, ts=TS).ys,
@@ -346,6 +377,25 @@ def test_guidance_sde_and_tuner_inputs():
         tune(optimizer="adam")
     with pytest.raises(ValueError, match="got '8'"):
         tune(num_knots="8")
+    # what sample checks of its concrete inputs, the tuners check too (inside
+    # their compiled step the SDE and grid are traced, and those checks passed)
+    with pytest.raises(ValueError, match=held):
+        gd.tune_guidance(jr.key(0), SDE, lambda w: gd.guide(GMM.score(other), gd.reward_guidance(s, w)),
+                         reward, (2,), num_iters=1, num_particles=2)  # fmt: skip
+    with pytest.raises(ValueError, match="built for a different SDE"):
+        tune(solver=gd.ExponentialIntegrator(other))
+    with pytest.raises(ValueError, match="built for a different SDE"):
+        gd.finetune_through_sampler(jr.key(0), SDE, lambda p: gd.guide(s, gd.reward_guidance(s, p)),
+                                    jnp.asarray(0.5), reward, (2,), num_iters=1, num_particles=2,
+                                    solver=gd.ExponentialIntegrator(other))  # fmt: skip
+    with pytest.warns(UserWarning, match="miss the sampled times"):
+        gd.tune_guidance(jr.key(0), SDE, lambda w: gd.guide(s, gd.interval(gd.reward_guidance(s, w), 200.0, 800.0)),
+                         reward, (2,), num_iters=1, num_particles=2)  # fmt: skip
+    eps_net = gd.EpsScore(lambda t, x, args: jnp.zeros_like(x), SDE)
+    with pytest.raises(ValueError, match="ends at t = 0"):
+        gd.finetune_through_sampler(jr.key(0), SDE, lambda p: gd.guide(eps_net, gd.reward_guidance(s, p)),
+                                    jnp.asarray(0.5), reward, (2,), num_iters=1, num_particles=2,
+                                    ts=gd.uniform_grid(1.0, 0.0, 5), process="ode")  # fmt: skip
     with pytest.raises(ValueError, match="scalar of dtype bool; return a float"):
         gd.tune_guidance(jr.key(0), SDE, lambda w: gd.guide(s, gd.reward_guidance(s, w)),
                          lambda x: x[0] > 0, (2,), num_iters=1, num_particles=2)  # fmt: skip

@@ -552,3 +552,27 @@ def test_training_times_are_uniform_on_t_min_to_T():
     assert t.min() > t_min and t.max() <= float(SDE.T)
     ks = scipy.stats.kstest(t, "uniform", args=(t_min, float(SDE.T) - t_min))
     assert ks.pvalue > 1e-3, ks
+
+
+def test_labels_checked_against_the_networks_classes(x0):
+    """dsm_loss and reward_weighted_dsm_loss passed concrete labels to the network
+    unchecked: under vmap the network's own check cannot see them, and a label past
+    its embedding rows (or negative) made the loss NaN, where conditional_dsm_loss
+    raises (a consistency audit). The null label is a label."""
+    import guidediff as gd
+
+    net = gd.MLPScoreNet(hidden=(8,), num_classes=2)
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+    xs, rewards = x0[:4], jnp.ones(4)
+    losses = {
+        "dsm": lambda c: dsm_loss(net.apply, params, jr.key(0), xs, SDE, labels=c),
+        "reward": lambda c: reward_weighted_dsm_loss(
+            net.apply, params, jr.key(0), xs, rewards, SDE, labels=c
+        ),
+    }
+    big = np.array([0, 1, 2**32 + 1, 1], np.int64)  # not wrapped round to 1
+    for name, loss in losses.items():
+        assert np.isfinite(loss(jnp.array([0, 1, 2, 1]))), name  # 2: the null label
+        for bad in ([0, 1, 5, 1], [0, -1, 1, 1], big):
+            with pytest.raises(ValueError, match="out of range"):
+                loss(np.asarray(bad))

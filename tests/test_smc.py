@@ -747,3 +747,28 @@ def test_a_dead_population_has_an_ess_of_zero():
     assert out.log_normalizer == -np.inf
     assert not bool(out.resampled.any())  # nothing to resample from
     assert int(out.num_failed_per_step.sum()) == 0  # zero weights, not failures
+
+
+def test_a_failed_solver_step_fails_the_particle():
+    """smc_sample dropped the solver's result code (consistency audit): an implicit
+    step whose root finder did not converge leaves finite values, which gd.sample
+    flags as failed; smc_sample gave those particles full weight."""
+    import optimistix as optx
+
+    gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    s = gmm.score(SDE)
+    ts = gd.uniform_grid(1.0, 1e-3, 10)
+    solver = dfx.ImplicitEuler(root_finder=optx.Chord(rtol=1e-6, atol=1e-6))
+    kw = dict(num_particles=4, ts=ts, solver=solver)
+    ref = gd.sample(jr.key(0), SDE, s, (2,), **kw)
+    # flagged by the result code (the solver's values were finite): NaN
+    assert 0 < int(ref.num_failed) < 4
+    assert np.all(np.asarray(ref.result != dfx.RESULTS.successful) == ref.failed)
+    smc = gd.smc_sample(jr.key(0), SDE, s, (2,), REWARD.log, ess_threshold=0.0, **kw)
+    np.testing.assert_array_equal(smc.failed, ref.failed)
+    assert int(smc.num_failed) == int(ref.num_failed)
+    assert int(smc.num_failed_per_step.sum()) == int(ref.num_failed)
+    assert np.all(np.asarray(smc.weights)[np.asarray(ref.failed)] == 0.0)
+    assert np.all(np.asarray(smc.weights)[~np.asarray(ref.failed)] > 0.0)
+    ok = ~np.asarray(ref.failed)  # (sample sets failed particles to NaN)
+    np.testing.assert_array_max_ulp(np.asarray(smc.ys)[ok], np.asarray(ref.ys)[ok], 8)
