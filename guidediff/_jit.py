@@ -12,8 +12,14 @@ Also the argument checks that follow from it: which values may be traced
 (`is_real_scalar`) and which fix the program and must not be (`reject_traced`).
 """
 
+import collections
 import functools
+import os
+import sys
+import threading
+import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -68,51 +74,86 @@ def reject_traced(name: str, value, kind: str = "a Python int") -> None:
         )
 
 
-def _over_concrete(x) -> bool:
-    """A tracer of an eager transformation (`jax.grad`, `jax.vmap`, `jax.jvp`
-    called outside `jit`): a concrete value underneath. Each call of the transformed
-    function traces everything in it anew."""
-    if not isinstance(x, jax.core.Tracer):
-        return False
-    while isinstance(x, jax.core.Tracer):
-        inner = getattr(x, "primal", None)
-        x = getattr(x, "val", None) if inner is None else inner
-    return isinstance(x, (*_ARRAY_TYPES, int, float, complex))
+def _code_key(obj, functions: list):
+    """`obj` (the static part of a compiled call) with every plain function
+    replaced by its code object (and appended to `functions`), a
+    `functools.partial` by its function's code and arguments, recursively through
+    tuples, lists, dicts and tree structures. Two statics with equal code keys
+    differ at most in function objects of the same code: a lambda or closure
+    built anew for each call."""
+    if isinstance(obj, types.FunctionType):
+        functions.append(obj)
+        return ("<code>", obj.__code__)
+    if isinstance(obj, functools.partial):
+        parts = (obj.func, obj.args, obj.keywords)
+        return ("<partial>", *(_code_key(x, functions) for x in parts))
+    if isinstance(obj, jtu.PyTreeDef):
+        children = tuple(_code_key(c, functions) for c in obj.children())
+        return ("<treedef>", _code_key(obj.node_data(), functions), children)
+    if isinstance(obj, tuple | list):
+        return (type(obj), *(_code_key(x, functions) for x in obj))
+    if isinstance(obj, dict):
+        return (dict, *((k, _code_key(v, functions)) for k, v in obj.items()))
+    return obj
 
 
-_RETRACED_CODE: dict = {}  # code objects of closures over eager tracers (bounded)
+# code key -> weak references to the function objects last traced with it
+_TRACED: collections.OrderedDict = collections.OrderedDict()
+_TRACED_LOCK = threading.Lock()
+_MAX_TRACED = 64
+_OWN_DIRS = tuple(
+    os.path.dirname(m.__file__) + os.sep for m in (jax, jtu, np, functools)
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 
-def warn_if_retraced(fn, what: str) -> None:
-    """Warn when a plain function that closes over an eager transformation's traced
-    value is built a second time from the same code: held as a static part of the
-    compiled program, each new function compiles the program again (seconds per
-    call in a `jax.grad` loop), though nothing about the program changed."""
-    cells = getattr(fn, "__closure__", None)
-    code = getattr(fn, "__code__", None)
-    if not cells or code is None:
+def _user_stacklevel() -> int:
+    """The `stacklevel` of the innermost frame outside guidediff, jax and the
+    standard library: the user's line that led to the trace."""
+    frame, level = sys._getframe(1), 1  # the caller, as warn counts it
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_OWN_DIRS)
+        or frame.f_code.co_filename.startswith("<")
+        or "/site-packages/" in frame.f_code.co_filename
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def note_trace(name: str, static) -> None:
+    """Called while tracing a program for `static`: warn when programs were traced
+    twice before for statics that differ from this one only in function objects of
+    the same code. A plain function is a static part of the program (as for
+    `jax.jit`'s static arguments), so a lambda or closure built anew for each call
+    (a weight schedule over the value `jax.grad` differentiates, an SMC potential
+    written inline) compiles the program again on every call."""
+    functions: list = []
+    try:
+        key = _code_key(static, functions)
+        hash(key)
+    except TypeError:
         return
-    contents = []
-    for cell in cells:
-        try:
-            contents.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    if not any(_over_concrete(x) for x in jtu.tree_leaves(contents)):
-        return
-    seen = code in _RETRACED_CODE
-    _RETRACED_CODE[code] = None
-    if len(_RETRACED_CODE) > 64:
-        del _RETRACED_CODE[next(iter(_RETRACED_CODE))]
-    if seen:
+    if not functions:
+        return  # a new trace of the same program (new shapes or dtypes)
+    with _TRACED_LOCK:
+        refs, count = _TRACED.pop(key, ((), 0))
+        # identities, not hashes (a dead function's id is reused by the next one)
+        if not refs or any(r() is not f for r, f in zip(refs, functions, strict=True)):
+            count += 1
+        _TRACED[key] = (tuple(map(weakref.ref, functions)), count)
+        while len(_TRACED) > _MAX_TRACED:
+            _TRACED.popitem(last=False)
+    # the third: a first call and a first call under jax.jit compile twice anyway
+    if count >= 3:
         warnings.warn(
-            f"{what} is a plain Python function that closes over a value traced by "
-            "jax.grad / jax.vmap (such as the weight being differentiated). A plain "
-            "function is a static part of the compiled sampler, so each call builds "
-            "a new one and compiles the sampler again. Make the value an array leaf "
-            "instead: jax.tree_util.Partial(lambda a, t: a * (1 - t), a), a "
-            "gd.PiecewiseLinear schedule, or jax.jit the transformed function",
-            stacklevel=4,
+            f"{name} is compiling again, a third time at least, for new function "
+            "objects with the same code as before (a lambda or closure built "
+            "anew in each call?). A plain function is a static part of the "
+            "compiled program, so each new one compiles it again, seconds per "
+            "call. Define the function once, outside the loop; numbers it closes "
+            "over can be array leaves instead: gd.PiecewiseLinear for a weight "
+            "schedule, or jax.tree_util.Partial(f, a) with f defined once (under "
+            "jax.grad, or jax.jit the differentiated function)",
+            stacklevel=_user_stacklevel(),
         )
 
 
@@ -123,8 +164,11 @@ def filter_jit(fun: Callable) -> Callable:
     arguments. Keyword arguments are not supported (the entry points take none).
     """
 
+    name = fun.__name__.strip("_").removesuffix("_jit")
+
     @functools.partial(jax.jit, static_argnums=1)
     def compiled(dynamic, static):
+        note_trace(f"gd.{name}", static)
         return fun(*_combine(dynamic, static))
 
     @functools.wraps(fun)

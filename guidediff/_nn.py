@@ -24,8 +24,9 @@ float32) and the output is cast back to the dtype of `x`, so networks stay fast 
 label outside `0..C` is a `ValueError`; a traced one (under `jit`/`vmap`) gives NaN
 outputs, negative labels included (they do not wrap around). The class-conditional
 losses (`conditional_dsm_loss`, `noisy_classifier_loss`, which take `num_classes`)
-check their labels, also traced ones (`guidediff._losses.check_labels`); `dsm_loss`
-passes labels to the model as they are.
+check their labels, also traced ones (`guidediff._losses.check_labels`);
+`dsm_loss` and `reward_weighted_dsm_loss` check concrete ones against the network's
+`num_classes` and pass traced ones on as they are.
 
 On CPU, initialise conv nets under `jax.jit` (`jax.jit(net.init)(key, t, x, label)`):
 eager, op-by-op initialisation is much slower.

@@ -109,12 +109,13 @@ class Samples(eqx.Module):
     - `num_failed` (property): the number of failed particles.
 
     A failed particle does not stop the others: read `failed`, never an exception.
-    Its values never reach the others', but under `jax.grad` a failed particle
-    makes the gradient of shared leaves (guidance weights, network parameters)
-    NaN even when a loss masks it out: reverse mode multiplies the mask's zero
-    cotangent by the failed particle's NaN partial derivatives (JAX's rule for
-    `jnp.where` over NaN). Keep the score finite where the particles go, or check
-    `failed` and discard that gradient.
+    Its values never reach the others', but under `jax.grad` a particle whose
+    values went non-finite inside the solve makes the gradient of shared leaves
+    (guidance weights, network parameters) NaN even when a loss masks it out:
+    reverse mode multiplies the mask's zero cotangent by its NaN partial
+    derivatives (JAX's rule for `jnp.where` over NaN). (A particle failed by the
+    solver's result code with finite values does not.) Keep the score finite
+    where the particles go, or check `failed` and discard that gradient.
 
     !!! example
 

@@ -451,7 +451,7 @@ def smc_sample(
     static = (num_particles, shape, dtype, use_twist, resampling, sharding)
     wdt = _time_dtype(dtype)  # the weights: at least float32
     numbers = tuple(jnp.asarray(v, wdt) for v in (ess_threshold, twist, twist_floor))
-    return _smc_jit(
+    return _smc_sample_jit(
         key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
     )
 
@@ -502,7 +502,7 @@ _ONE_EVALUATION = (ExponentialIntegrator, SDEDPMSolverPP, dfx.Euler)
 
 
 @filter_jit
-def _smc_jit(
+def _smc_sample_jit(
     key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
 ):
     n, shape, dtype, use_twist, scheme, sharding = static

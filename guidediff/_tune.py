@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
-from ._jit import _combine, _partition, is_real_scalar
+from ._jit import _combine, _partition, is_real_scalar, note_trace
 from ._sample import (
     _args_as_arrays,
     _check_sde,
@@ -207,6 +207,7 @@ def _compiled_step(*args):
     if compiled is not None:
         _STEPS.move_to_end(memo)
         return compiled, 0.0
+    note_trace("the tuner", static)
     start = time.perf_counter()
     step = jax.jit(lambda dynamic: _step(*_combine(dynamic, static)))
     compiled = step.lower(dynamic).compile()
@@ -222,10 +223,13 @@ def _check_optimizer(optimizer, learning_rate) -> optax.GradientTransformation:
     """`optimizer`, or `optax.adam(learning_rate)` for None."""
     if optimizer is None:
         return _default_optimizer(_check_learning_rate(learning_rate))
-    if not isinstance(optimizer, optax.GradientTransformation):
+    if not (
+        callable(getattr(optimizer, "init", None))
+        and callable(getattr(optimizer, "update", None))
+    ):
         raise TypeError(
-            "optimizer must be an optax.GradientTransformation (e.g. "
-            f"optax.adam(1e-2), optax.lbfgs()), got {optimizer!r}"
+            "optimizer must be an optax optimiser, with init and update (e.g. "
+            f"optax.adam(1e-2), optax.lbfgs(), optax.MultiSteps), got {optimizer!r}"
         )
     return optimizer
 

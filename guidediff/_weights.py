@@ -15,7 +15,6 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Scalar, Time
-from ._jit import warn_if_retraced
 
 
 class Constant(eqx.Module):
@@ -203,7 +202,6 @@ def as_weight(weight: Weight) -> Callable[[Time], Scalar]:
         return weight
     if callable(weight):
         if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(weight)):
-            warn_if_retraced(weight, "a guidance weight schedule")
             return _Schedule(weight)
         return _PytreeSchedule(weight)
     return Constant(weight)
@@ -225,7 +223,6 @@ def as_callable_leaf(fn: Callable) -> Callable:
     static field, so the guided score stays a valid argument of `jax.jit` (a plain
     function is not an array leaf)."""
     if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(fn)):
-        warn_if_retraced(fn, "a guidance function (a reward or log-likelihood)")
         return _StaticFn(fn)
     return fn
 

@@ -375,6 +375,7 @@ def test_guidance_sde_and_tuner_inputs():
     # told to "reduce it to a scalar"
     with pytest.raises(TypeError, match="optimizer must be an optax"):
         tune(optimizer="adam")
+    tune(optimizer=optax.MultiSteps(optax.sgd(0.1), 2))  # not a GradientTransformation
     with pytest.raises(ValueError, match="got '8'"):
         tune(num_knots="8")
     # what sample checks of its concrete inputs, the tuners check too (inside

@@ -327,25 +327,43 @@ def test_eager_sample_does_not_retrace_the_score():
     assert len(traces) == first
 
 
-def test_a_schedule_closing_over_a_grad_tracer_warns_when_built_again():
-    """A plain-function schedule over the value being differentiated, built anew in
-    each call of an eager `jax.grad`, compiled the sampler again on every call
-    (seconds each) without a word: the second build warns."""
+def test_a_new_function_per_call_that_recompiles_warns():
+    """A plain-function schedule over the value an eager jax.grad differentiates,
+    built anew in each call, compiled the sampler again on every call (seconds
+    each) without a word; so did a new SMC potential per call. The second compile
+    for new functions of the same code warns. Reusing a function object, building
+    several from one factory within one call, and jax.jit do not."""
+    sde = gd.VPSDE()
+    s = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)
+    ts = gd.uniform_grid(1.0, 1e-3, 3)
 
-    def weight_at(a):
-        return gd.as_weight(lambda t: a * (1 - t))(0.5)
-
-    def reward_at(a):
-        return gd.classifier_guidance(lambda t, x, y: a * x[0]).log_likelihood(
-            0.5, jnp.ones(2), None
+    def objective(a):
+        w = lambda t: a * (1 - t)
+        # the same object twice, and two functions from one code in one call
+        g = gd.chain(
+            gd.reward_guidance(s, w),
+            gd.classifier_guidance(lambda t, x, y: a * x[0], w),
         )
+        return gd.sample(
+            jr.key(0), sde, gd.guide(s, g), (2,), num_particles=2, ts=ts
+        ).ys.sum()
 
-    for f in (weight_at, reward_at):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            jax.grad(f)(1.0)  # the first build compiles once anyway
-            f(1.0)  # no tracer
-            jax.jit(jax.grad(f))(1.0)  # traced once per compile of the outer jit
-            jax.jit(jax.grad(f))(2.0)
-        with pytest.warns(UserWarning, match="compiles the sampler again"):
-            jax.grad(f)(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.grad(objective)(1.0)  # the first compile
+        step = jax.jit(jax.grad(objective))
+        step(1.0), step(2.0)  # traced once: the second compile
+    with pytest.warns(UserWarning, match="gd.sample is compiling again") as record:
+        jax.grad(objective)(2.0)
+    assert record[0].filename == __file__  # points at the user's line
+
+    def smc(seed):
+        return gd.smc_sample(jr.key(seed), sde, s, (2,), lambda x: -jnp.sum(x**2),
+                             num_particles=2, ts=ts)  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smc(0)
+        smc(1)  # a second compile may be a first one under jax.jit
+    with pytest.warns(UserWarning, match="gd.smc_sample is compiling again"):
+        smc(2)

@@ -231,6 +231,8 @@ def test_failed_and_zero_weight_particles():
     np.testing.assert_allclose(np.exp(out.log_normalizer), bad.mean(), rtol=1e-12)
 
 
+# one program per constant c, on purpose (each c is compiled in)
+@pytest.mark.filterwarnings("ignore:gd.smc_sample is compiling again")
 def test_a_huge_finite_log_potential_acts_as_zero():
     """A hard constraint written with a large finite log r = c (not -inf): once
     e^c is 0 the estimate must not depend on c. Accumulating log w += log h_k -
@@ -491,8 +493,10 @@ def test_smc_threshold_and_labels_do_not_recompile(monkeypatch):
     from guidediff import _smc
     from guidediff._jit import filter_jit
 
-    counted = eqx.debug.assert_max_traces(_smc._smc_jit.__wrapped__, max_traces=1)
-    monkeypatch.setattr(_smc, "_smc_jit", filter_jit(counted))
+    counted = eqx.debug.assert_max_traces(
+        _smc._smc_sample_jit.__wrapped__, max_traces=1
+    )
+    monkeypatch.setattr(_smc, "_smc_sample_jit", filter_jit(counted))
     cond = GMM.conditional_score(SDE)
     kw = dict(num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 5))
     for thr, label, floor in ((0.5, 0, -np.inf), (0.7, 1, -3.0), (0.9, 2, -1)):

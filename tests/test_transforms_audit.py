@@ -183,10 +183,10 @@ def test_smc_twist_is_traced_not_static():
         )
 
     run(0.5)
-    before = _smc._smc_jit._cached._cache_size()
+    before = _smc._smc_sample_jit._cached._cache_size()
     for twist in (1.0, 2.0):
         run(twist)
-    assert _smc._smc_jit._cached._cache_size() == before
+    assert _smc._smc_sample_jit._cached._cache_size() == before
     jitted = jax.jit(lambda tw: run(tw).log_normalizer)(1.0)
     np.testing.assert_allclose(jitted, run(1.0).log_normalizer, rtol=1e-10)
     with pytest.raises(ValueError, match="twist must be finite"):
