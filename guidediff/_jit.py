@@ -74,7 +74,15 @@ def reject_traced(name: str, value, kind: str = "a Python int") -> None:
         )
 
 
-def _code_key(obj, functions: list):
+def _full(cell) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _code_key(obj, functions: list, depth: int = 0):
     """`obj` (the static part of a compiled call) with every plain function
     replaced by its code object (and appended to `functions`), a
     `functools.partial` by its function's code and arguments, recursively through
@@ -83,17 +91,24 @@ def _code_key(obj, functions: list):
     built anew for each call."""
     if isinstance(obj, types.FunctionType):
         functions.append(obj)
-        return ("<code>", obj.__code__)
+        # the functions it wraps (jax.checkpoint(f), a decorator, a factory's
+        # argument): different functions behind one wrapper are not one code
+        inner = [c.cell_contents for c in obj.__closure__ or () if _full(c)]
+        inner = [f for f in inner if isinstance(f, types.FunctionType)]
+        return ("<code>", obj.__code__, tuple(_code_key(f, []) for f in inner))
+    if depth > 64:
+        raise TypeError("too deep (a cycle?)")  # note_trace gives up
+    d = depth + 1
     if isinstance(obj, functools.partial):
         parts = (obj.func, obj.args, obj.keywords)
-        return ("<partial>", *(_code_key(x, functions) for x in parts))
+        return ("<partial>", *(_code_key(x, functions, d) for x in parts))
     if isinstance(obj, jtu.PyTreeDef):
-        children = tuple(_code_key(c, functions) for c in obj.children())
-        return ("<treedef>", _code_key(obj.node_data(), functions), children)
+        children = tuple(_code_key(c, functions, d) for c in obj.children())
+        return ("<treedef>", _code_key(obj.node_data(), functions, d), children)
     if isinstance(obj, tuple | list):
-        return (type(obj), *(_code_key(x, functions) for x in obj))
+        return (type(obj), *(_code_key(x, functions, d) for x in obj))
     if isinstance(obj, dict):
-        return (dict, *((k, _code_key(v, functions)) for k, v in obj.items()))
+        return (dict, *((k, _code_key(v, functions, d)) for k, v in obj.items()))
     return obj
 
 
@@ -112,14 +127,14 @@ def _user_stacklevel() -> int:
     frame, level = sys._getframe(1), 1  # the caller, as warn counts it
     while frame is not None and (
         frame.f_code.co_filename.startswith(_OWN_DIRS)
-        or frame.f_code.co_filename.startswith("<")
+        or frame.f_code.co_filename.startswith("<frozen")
         or "/site-packages/" in frame.f_code.co_filename
     ):
         frame, level = frame.f_back, level + 1
     return level
 
 
-def note_trace(name: str, static) -> None:
+def note_trace(name: str, static, avals=()) -> None:
     """Called while tracing a program for `static`: warn when programs were traced
     twice before for statics that differ from this one only in function objects of
     the same code. A plain function is a static part of the program (as for
@@ -127,21 +142,23 @@ def note_trace(name: str, static) -> None:
     (a weight schedule over the value `jax.grad` differentiates, an SMC potential
     written inline) compiles the program again on every call."""
     functions: list = []
-    try:
-        key = _code_key(static, functions)
-        hash(key)
-    except TypeError:
+    try:  # a diagnostic: whatever goes wrong here, the call goes on
+        # (the shapes too: a new shape is a new program, not a wasted one)
+        key = (_code_key(static, functions), avals)
+        if not functions:
+            return
+        with _TRACED_LOCK:
+            refs, count = _TRACED.pop(key, ((), 0))
+            # identities, not hashes (a dead function's id is reused by the next)
+            if not refs or any(
+                r() is not f for r, f in zip(refs, functions, strict=True)
+            ):
+                count += 1
+            _TRACED[key] = (tuple(map(weakref.ref, functions)), count)
+            while len(_TRACED) > _MAX_TRACED:
+                _TRACED.popitem(last=False)
+    except Exception:
         return
-    if not functions:
-        return  # a new trace of the same program (new shapes or dtypes)
-    with _TRACED_LOCK:
-        refs, count = _TRACED.pop(key, ((), 0))
-        # identities, not hashes (a dead function's id is reused by the next one)
-        if not refs or any(r() is not f for r, f in zip(refs, functions, strict=True)):
-            count += 1
-        _TRACED[key] = (tuple(map(weakref.ref, functions)), count)
-        while len(_TRACED) > _MAX_TRACED:
-            _TRACED.popitem(last=False)
     # the third: a first call and a first call under jax.jit compile twice anyway
     if count >= 3:
         warnings.warn(
@@ -168,7 +185,10 @@ def filter_jit(fun: Callable) -> Callable:
 
     @functools.partial(jax.jit, static_argnums=1)
     def compiled(dynamic, static):
-        note_trace(f"gd.{name}", static)
+        avals = tuple(
+            (x.shape, x.dtype) for x in dynamic if x is not None and hasattr(x, "shape")
+        )
+        note_trace(f"gd.{name}", static, avals)
         return fun(*_combine(dynamic, static))
 
     @functools.wraps(fun)

@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
-from ._jit import _combine, _partition, is_real_scalar, note_trace
+from ._jit import _combine, _partition, is_real_scalar
 from ._sample import (
     _args_as_arrays,
     _check_sde,
@@ -207,7 +207,6 @@ def _compiled_step(*args):
     if compiled is not None:
         _STEPS.move_to_end(memo)
         return compiled, 0.0
-    note_trace("the tuner", static)
     start = time.perf_counter()
     step = jax.jit(lambda dynamic: _step(*_combine(dynamic, static)))
     compiled = step.lower(dynamic).compile()

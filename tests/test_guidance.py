@@ -367,3 +367,39 @@ def test_a_new_function_per_call_that_recompiles_warns():
         smc(1)  # a second compile may be a first one under jax.jit
     with pytest.warns(UserWarning, match="gd.smc_sample is compiling again"):
         smc(2)
+
+
+def test_the_recompile_warning_spares_distinct_functions_and_odd_statics():
+    """(a review of the warning) Three different functions behind one wrapper
+    (jax.checkpoint) are three programs, compiled once each: no warning. A static
+    the code key cannot walk (a cycle) must not break the call."""
+    import functools
+
+    sde = gd.VPSDE()
+    s = gd.Gaussian(jnp.zeros(2), jnp.eye(2)).score(sde)
+    ts = gd.uniform_grid(1.0, 1e-3, 3)
+
+    def run(log_lik):
+        g = gd.guide(s, gd.classifier_guidance(log_lik, 1.0))
+        return gd.sample(jr.key(0), sde, g, (2,), num_particles=2, ts=ts).ys
+
+    wrapped = [
+        jax.checkpoint(f)
+        for f in (
+            lambda t, x, y: -jnp.sum(x**2),
+            lambda t, x, y: -jnp.sum(x),
+            lambda t, x, y: x[0],
+        )
+    ]
+    cyclic = {"scale": 1.0}
+    cyclic["self"] = cyclic
+
+    def scaled(config, t, x, y):
+        return config["scale"] * x[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            for f in wrapped:
+                run(f)
+        run(functools.partial(scaled, cyclic))
