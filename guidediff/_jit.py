@@ -89,16 +89,16 @@ def _code_key(obj, functions: list, depth: int = 0):
     tuples, lists, dicts and tree structures. Two statics with equal code keys
     differ at most in function objects of the same code: a lambda or closure
     built anew for each call."""
+    if depth > 64:
+        raise TypeError("too deep (a cycle?)")  # note_trace gives up
+    d = depth + 1
     if isinstance(obj, types.FunctionType):
         functions.append(obj)
         # the functions it wraps (jax.checkpoint(f), a decorator, a factory's
         # argument): different functions behind one wrapper are not one code
         inner = [c.cell_contents for c in obj.__closure__ or () if _full(c)]
         inner = [f for f in inner if isinstance(f, types.FunctionType)]
-        return ("<code>", obj.__code__, tuple(_code_key(f, []) for f in inner))
-    if depth > 64:
-        raise TypeError("too deep (a cycle?)")  # note_trace gives up
-    d = depth + 1
+        return ("<code>", obj.__code__, tuple(_code_key(f, [], d) for f in inner))
     if isinstance(obj, functools.partial):
         parts = (obj.func, obj.args, obj.keywords)
         return ("<partial>", *(_code_key(x, functions, d) for x in parts))
@@ -117,7 +117,7 @@ _TRACED: collections.OrderedDict = collections.OrderedDict()
 _TRACED_LOCK = threading.Lock()
 _MAX_TRACED = 64
 _OWN_DIRS = tuple(
-    os.path.dirname(m.__file__) + os.sep for m in (jax, jtu, np, functools)
+    os.path.dirname(m.__file__) + os.sep for m in (jax, np, functools)
 ) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 
