@@ -84,11 +84,14 @@ from ._score import (
     AbstractScore as AbstractScore,
     EpsScore as EpsScore,
     ScoreFn as ScoreFn,
+    VScore as VScore,
     X0Score as X0Score,
     denoise as denoise,
     eps_to_score as eps_to_score,
     score_to_eps as score_to_eps,
+    score_to_v as score_to_v,
     score_to_x0 as score_to_x0,
+    v_to_score as v_to_score,
     x0_to_score as x0_to_score,
 )
 from ._sde import (

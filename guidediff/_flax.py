@@ -6,10 +6,10 @@ carried into the rest of guidediff as a pytree (DESIGN.md, decision 2): a
 field, so `jax.grad` reaches the weights, `jit` does not bake them in as constants,
 and swapping in new weights (an EMA copy, a checkpoint) does not recompile.
 `flax_score` then reads the network's output as a score through `EpsScore`,
-`X0Score` or directly:
+`X0Score`, `VScore` or directly:
 
-$$s(t, x) = -\hat\varepsilon(t, x)/\sigma(t), \qquad
-s(t, x) = (\alpha(t)\hat x_0(t, x) - x)/\sigma(t)^2, \qquad s(t, x) = \hat s(t, x).$$
+$$s = -\hat\varepsilon/\sigma, \qquad s = (\alpha\hat x_0 - x)/\sigma^2, \qquad
+s = -\frac{\sigma x + \alpha\hat v}{\sigma(\alpha^2 + \sigma^2)}, \qquad s = \hat s.$$
 """
 
 from collections.abc import Callable
@@ -23,7 +23,7 @@ from jaxtyping import Array, PyTree
 
 from ._custom_types import Args, Time
 from ._sample_checks import register_shape_keyed
-from ._score import AbstractScore, EpsScore, X0Score, check_flax_variables
+from ._score import AbstractScore, EpsScore, VScore, X0Score, check_flax_variables
 from ._sde import AbstractSDE
 
 
@@ -116,7 +116,7 @@ def flax_score(
     module_or_apply_fn: nn.Module | Callable,
     variables: PyTree[Any],
     sde: AbstractSDE,
-    prediction: Literal["eps", "x0", "score"] = "eps",
+    prediction: Literal["eps", "x0", "v", "score"] = "eps",
 ) -> AbstractScore:
     r"""Read a Flax Linen network as a score $s(t, x, \text{args})$ of one particle.
 
@@ -137,9 +137,12 @@ def flax_score(
       wrapper the labels are not checked against the network's `num_classes`.
     - `prediction`: what the network predicts: `"eps"` the noise $\varepsilon$
       ($s = -\hat\varepsilon/\sigma$), `"x0"` the clean data
-      ($s = (\alpha\hat x_0 - x)/\sigma^2$) or `"score"` the score itself.
+      ($s = (\alpha\hat x_0 - x)/\sigma^2$), `"v"` the velocity
+      $v = \alpha\varepsilon - \sigma x_0$ ($s = -(\sigma x + \alpha\hat v) /
+      (\sigma(\alpha^2 + \sigma^2))$) or `"score"` the score itself.
 
-    **Returns:** an `AbstractScore` (an `EpsScore`, `X0Score` or a direct score)
+    **Returns:** an `AbstractScore` (an `EpsScore`, `X0Score`, `VScore` or a direct
+    score)
     whose `model` is a `LinenModel`; `jax.grad` with respect to the variables works
     through it, e.g. `eqx.filter_grad` of any function of the score.
 
@@ -168,6 +171,10 @@ def flax_score(
         return EpsScore(model, sde)
     if prediction == "x0":
         return X0Score(model, sde)
+    if prediction == "v":
+        return VScore(model, sde)
     if prediction == "score":
         return _DirectScore(model)
-    raise ValueError(f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}")
+    raise ValueError(
+        f"prediction must be 'eps', 'x0', 'v' or 'score', got {prediction!r}"
+    )

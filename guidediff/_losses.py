@@ -10,13 +10,15 @@ $$\mathcal L(\theta) = \mathbb E_{t \sim U(t_{\min}, T]}\,\mathbb E_{x_0, \varep
 
 whose minimiser is the true score $\nabla\log p_t$ for any weighting $\lambda > 0$
 ($d$ is the number of elements of one particle). The network may predict
-$\varepsilon$, $x_0$ or the score (see `guidediff._score`); the residual is computed in
+$\varepsilon$, $x_0$, the velocity $v = \alpha\varepsilon - \sigma x_0$ or the score (see
+`guidediff._score`); the residual is computed in
 the prediction's own space and rescaled, so the standard choices are exact:
 
 | `weighting` | $\lambda(t)$ | the loss equals |
 |---|---|---|
 | `"eps"` (default) | $\sigma^2$ | $\tfrac1d\|\hat\varepsilon - \varepsilon\|^2$ (DDPM)|
 | `"x0"` | $\sigma^4/\alpha^2$ | $\tfrac1d\|\hat x_0 - x_0\|^2$ |
+| `"v"` | $\sigma^2(\alpha^2 + \sigma^2)^2/\alpha^2$ | $\tfrac1d\|\hat v - v\|^2$ (Salimans & Ho) |
 | `"score"` | $1$ | $\tfrac1d\|\hat s + \varepsilon/\sigma\|^2$ |
 | `"likelihood"` | $g(t)^2$ | Song et al. (2021)'s likelihood weighting |
 | a callable | `weighting(t)`, finite and $\ge 0$ (checked) | |
@@ -66,9 +68,9 @@ from ._sde import AbstractSDE
 ModelFn: TypeAlias = Callable[[PyTree[Any], Time, Array, Any], Array]
 """`model_fn(params, t, x, label) -> prediction`, for one particle."""
 
-Prediction: TypeAlias = Literal["eps", "x0", "score"]
+Prediction: TypeAlias = Literal["eps", "x0", "v", "score"]
 Weighting: TypeAlias = (
-    Literal["eps", "x0", "score", "likelihood"] | Callable[[Time], Scalar]
+    Literal["eps", "x0", "v", "score", "likelihood"] | Callable[[Time], Scalar]
 )
 
 
@@ -364,12 +366,14 @@ def _lambda(weighting, sde: AbstractSDE, t: Time, alpha, sigma):
         return sigma**2
     if weighting == "x0":
         return sigma**4 / alpha**2
+    if weighting == "v":
+        return sigma**2 * (alpha**2 + sigma**2) ** 2 / alpha**2
     if weighting == "score":
         return jnp.ones_like(sigma)
     if weighting == "likelihood":
         return sde.diffusion(t) ** 2
     raise ValueError(
-        "weighting must be 'eps', 'x0', 'score', 'likelihood' or a callable "
+        "weighting must be 'eps', 'x0', 'v', 'score', 'likelihood' or a callable "
         f"t -> lambda(t), got {weighting!r}"
     )
 
@@ -407,9 +411,9 @@ def dsm_example_loss(
         ```
     """
     check_key(key)
-    if prediction not in ("eps", "x0", "score"):
+    if prediction not in ("eps", "x0", "v", "score"):
         raise ValueError(
-            f"prediction must be 'eps', 'x0' or 'score', got {prediction!r}"
+            f"prediction must be 'eps', 'x0', 'v' or 'score', got {prediction!r}"
         )
     if not isinstance(sde, AbstractSDE):
         raise TypeError(
@@ -441,6 +445,8 @@ def dsm_example_loss(
         residual = out - eps
     elif prediction == "x0":
         residual = out - x0
+    elif prediction == "v":
+        residual = out - (alpha * eps - sigma * x0)
     else:
         residual = out + eps / sigma
     loss = jnp.mean(residual**2)

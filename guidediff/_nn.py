@@ -166,8 +166,8 @@ class MLPScoreNet(nn.Module):
     `apply(variables, t, x, label=None)` flattens one particle `x` (any shape), embeds
     `t` (sinusoidal embedding, then a 2-layer MLP) and, when `num_classes` is set, adds
     a learned class embedding; it runs `len(hidden)` SiLU layers and returns an
-    output shaped like `x` (an $\varepsilon$-, $x_0$- or score prediction, as the
-    loss decides). Each hidden layer is
+    output shaped like `x` (an $\varepsilon$-, $x_0$-, $v$- or score prediction, as
+    the loss decides). Each hidden layer is
     $h \leftarrow \mathrm{SiLU}(W h + b + V c)$ with $c$ the conditioning vector.
 
     **Arguments:**

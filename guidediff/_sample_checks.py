@@ -309,7 +309,7 @@ def _same_sde(a, b) -> bool:
 def _check_guidance_sde(score, sde) -> None:
     """Every SDE the score holds must be the one sampled: an oracle's exact score
     (`gmm.score(sde)`), a network read through an SDE (`EpsScore`, `X0Score`,
-    `flax_score`), a classifier (`gmm.log_classifier(sde)`) or gradient
+    `VScore`, `flax_score`), a classifier (`gmm.log_classifier(sde)`) or gradient
     guidance's denoiser. One built for another SDE gives a wrong score at every
     step (NaN samples or, worse, plausible wrong ones)."""
     from ._sde import AbstractSDE
@@ -367,17 +367,18 @@ def _evaluates_at_step_end(solver) -> bool:
 
 
 def _check_network_end(score, solver, sde, ts) -> None:
-    """A network read as a score (`EpsScore`, `X0Score`, `flax_score`) divides by
+    """A network read as a score (`EpsScore`, `X0Score`, `VScore`, `flax_score`)
+    divides by
     sigma(t), zero at t = 0 for VP SDEs: a grid ending there, with a solver that
     evaluates the score at the step's end, makes every particle infinite (all
     failed, no reason given). Checked only for that combination, so other calls
     pay nothing."""
     from ._grid import check_grid
-    from ._score import EpsScore, X0Score
+    from ._score import EpsScore, VScore, X0Score
 
     if not _evaluates_at_step_end(solver):
         return
-    network = (EpsScore, X0Score)
+    network = (EpsScore, X0Score, VScore)
     found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, network))
     if not any(isinstance(n, network) for n in found):
         return
@@ -391,7 +392,7 @@ def _check_network_end(score, solver, sde, ts) -> None:
     if sigma == 0.0:
         raise ValueError(
             f"the time grid ends at t = {t_end}, where sigma(t) = 0 and a network's "
-            f"score (eps or x0 prediction divided by sigma) is infinite; "
+            f"score (a prediction divided by sigma) is infinite; "
             f"{type(solver).__name__} evaluates the score at each step's end, so "
             "every particle would fail. End the grid at a small t > 0 (e.g. "
             "gd.uniform_grid(sde.T, 1e-3, n)), or use a solver that evaluates at "

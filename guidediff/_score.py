@@ -5,11 +5,13 @@ A score $s(t, x, \text{args}) \approx \nabla_x \log p_t(x \mid \text{args})$ is 
 guidance weights) is a pytree leaf: `jax.grad` reaches it, `jit` does not bake it in
 as a constant, and changing it does not recompile.
 
-Networks often predict the noise $\varepsilon$ or the clean data $x_0$ instead. With
-$x_t = \alpha x_0 + \sigma\varepsilon$ (see `AbstractSDE.marginal`) the three are
+Networks often predict the noise $\varepsilon$, the clean data $x_0$ or the velocity
+$v = \alpha\varepsilon - \sigma x_0$ (Salimans & Ho, 2022) instead. With
+$x_t = \alpha x_0 + \sigma\varepsilon$ (see `AbstractSDE.marginal`) the four are
 related by Tweedie's formula
 
-$$s = -\varepsilon/\sigma = (\alpha\hat x_0 - x)/\sigma^2.$$
+$$s = -\varepsilon/\sigma = (\alpha\hat x_0 - x)/\sigma^2
+= -\frac{\sigma x + \alpha v}{\sigma(\alpha^2 + \sigma^2)}.$$
 """
 
 import abc
@@ -228,6 +230,49 @@ def score_to_x0(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     return ((x + sigma.astype(wd) ** 2 * score) / alpha.astype(wd)).astype(dt)
 
 
+def v_to_score(sde: AbstractSDE, t: Time, x: Array, v: Array) -> Array:
+    r"""$s = -(\sigma x + \alpha\hat v) / (\sigma(\alpha^2 + \sigma^2))$: a velocity
+    prediction $\hat v = \alpha\hat\varepsilon - \sigma\hat x_0$ read as a score.
+
+    From $x = \alpha x_0 + \sigma\varepsilon$:
+    $\varepsilon = (\sigma x + \alpha v)/(\alpha^2 + \sigma^2)$ and
+    $x_0 = (\alpha x - \sigma v)/(\alpha^2 + \sigma^2)$, for any SDE (on a VP SDE
+    $\alpha^2 + \sigma^2 = 1$). See `eps_to_score` for the arguments.
+
+    !!! example
+
+        ```python
+        sde, t = gd.VPSDE(), 0.4
+        x, eps = jnp.array([0.3, -1.0]), jnp.array([0.5, 0.2])
+        alpha, sigma = sde.marginal(t)
+        x0 = (x - sigma * eps) / alpha
+        v = alpha * eps - sigma * x0
+        s = gd.v_to_score(sde, t, x, v)
+        assert jnp.allclose(s, gd.eps_to_score(sde, t, x, eps), atol=1e-5)
+        assert jnp.allclose(gd.score_to_v(sde, t, x, s), v, atol=1e-5)
+        ```
+    """
+    _check_like_x("v_to_score", x, v)
+    alpha, sigma = sde.marginal(t)
+    dt = _float_dtype(x)
+    wd = _wide(dt)
+    alpha, sigma = alpha.astype(wd), sigma.astype(wd)
+    x, v = jnp.asarray(x, wd), jnp.asarray(v, wd)
+    return (-(sigma * x + alpha * v) / (sigma * (alpha**2 + sigma**2))).astype(dt)
+
+
+def score_to_v(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
+    r"""$v = \alpha\varepsilon - \sigma x_0 = -\sigma((\alpha^2 + \sigma^2)s + x)
+    / \alpha$ (see `v_to_score`)."""
+    _check_like_x("score_to_v", x, score)
+    alpha, sigma = sde.marginal(t)
+    dt = _float_dtype(x)
+    wd = _wide(dt)
+    alpha, sigma = alpha.astype(wd), sigma.astype(wd)
+    x, score = jnp.asarray(x, wd), jnp.asarray(score, wd)
+    return (-sigma * ((alpha**2 + sigma**2) * score + x) / alpha).astype(dt)
+
+
 def denoise(
     sde: AbstractSDE, score: AbstractScore, t: Time, x: Array, args: Args = None
 ):
@@ -253,7 +298,7 @@ def denoise(
 
 
 def _check_model(kind: str, model, sde) -> None:
-    """`EpsScore` / `X0Score` arguments: a callable `model(t, x, args)` (not a raw
+    """`EpsScore` / `X0Score` / `VScore` arguments: a callable `model(t, x, args)` (not a raw
     Flax network: `gd.flax_score` wraps those) and a guidediff SDE."""
     if not isinstance(sde, AbstractSDE):
         swapped = " (arguments swapped? the model comes first)"
@@ -333,3 +378,38 @@ class X0Score(AbstractScore):
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return x0_to_score(self.sde, t, x, self.model(t, x, args))
+
+
+class VScore(AbstractScore):
+    r"""A velocity-prediction model $\hat v(t, x, \text{args})$ read as a score.
+
+    $v = \alpha\varepsilon - \sigma x_0$ (Salimans & Ho, 2022; Stable Diffusion 2's
+    `v_prediction`) and
+    $s(t, x) = -(\sigma(t) x + \alpha(t)\hat v(t, x))/(\sigma(t)(\alpha^2 + \sigma^2))$.
+
+    **Arguments:**
+
+    - `model`: `model(t, x, args) -> v_hat` for one particle (for a Flax network
+      use `gd.flax_score(net, variables, sde, prediction="v")`).
+    - `sde`: the SDE whose $\alpha(t), \sigma(t)$ the model was trained with.
+
+    !!! example
+
+        ```python
+        # for X0 ~ N(0, I) under the VP SDE (alpha^2 + sigma^2 = 1), eps = sigma x and
+        # x0 = alpha x are optimal, so v = alpha sigma x - sigma alpha x = 0
+        sde = gd.VPSDE()
+        score = gd.VScore(lambda t, x, args: jnp.zeros_like(x), sde)
+        x = jnp.array([0.5, -1.0])
+        assert jnp.allclose(score(0.3, x, None), -x, atol=1e-5)
+        ```
+    """
+
+    model: Callable
+    sde: AbstractSDE
+
+    def __check_init__(self):
+        _check_model("VScore", self.model, self.sde)
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
+        return v_to_score(self.sde, t, x, self.model(t, x, args))

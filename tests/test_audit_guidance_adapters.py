@@ -56,7 +56,7 @@ class _Net(nn.Module):
 def test_eps_and_x0_scores_check_their_arguments():
     model = gd.ScoreFn(lambda t, x, a: x)
     net = _Net()
-    for cls in (gd.EpsScore, gd.X0Score):
+    for cls in (gd.EpsScore, gd.X0Score, gd.VScore):
         with pytest.raises(TypeError, match="arguments swapped"):
             cls(SDE, model)
         with pytest.raises(TypeError, match="must be a gd.AbstractSDE, got str"):

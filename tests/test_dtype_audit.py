@@ -96,7 +96,8 @@ def test_losses_of_16bit_data_compute_in_float32():
             x = x.astype(half).astype(jnp.float32)  # a no-op on 16-bit input
             s = g.score(sde)(t, x)
             alpha, sigma = sde.marginal(t)
-            out = {"eps": -sigma * s, "x0": (x + sigma**2 * s) / alpha, "score": s}
+            eps, x0 = -sigma * s, (x + sigma**2 * s) / alpha
+            out = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": s}
             return out[prediction].astype(half)
 
         return f
@@ -104,8 +105,8 @@ def test_losses_of_16bit_data_compute_in_float32():
     x0 = g.sample(jr.key(0), 256).astype(jnp.float32)
     for half in (jnp.float16, jnp.bfloat16):
         ref_x0 = x0.astype(half).astype(jnp.float32)
-        for prediction in ("eps", "x0", "score"):
-            for weighting in ("eps", "x0", "score", "likelihood"):
+        for prediction in ("eps", "x0", "v", "score"):
+            for weighting in ("eps", "x0", "v", "score", "likelihood"):
                 kw = dict(weighting=weighting, prediction=prediction)
                 m = model(prediction, half)
                 want = gd.dsm_loss(m, None, jr.key(1), ref_x0, sde, **kw)

@@ -800,7 +800,8 @@ def test_x0_prediction_of_another_shape_is_rejected():
     with pytest.raises(ValueError, match=r"prediction has shape \(1,\), the state"):
         gd.sample(jr.key(0), SDE, bad, (2,), num_particles=2, ts=TS)
     x = jnp.zeros(2)
-    for convert in (gd.eps_to_score, gd.x0_to_score, gd.score_to_x0, gd.score_to_eps):
+    for convert in (gd.eps_to_score, gd.x0_to_score, gd.score_to_x0, gd.score_to_eps,
+                    gd.v_to_score, gd.score_to_v):  # fmt: skip
         with pytest.raises(ValueError, match="must be equal"):
             convert(SDE, 0.5, x, jnp.zeros(1))
 
@@ -814,7 +815,8 @@ def test_network_score_on_a_grid_ending_at_zero_with_heun():
     net = gd.EpsScore(lambda t, x, a: 0.5 * x, SDE)
     guided = gd.guide(net, gd.interval(gd.gradient_guidance(lambda x: -x @ x, 0.1,
                                                             SDE), 0.2, 0.8))  # fmt: skip
-    for score in (net, guided):
+    v_net = gd.VScore(lambda t, x, a: 0.5 * x, SDE)
+    for score in (net, guided, v_net):
         with pytest.raises(ValueError, match=r"sigma\(t\) = 0.*Heun evaluates"):
             gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=ts0,
                       process="ode")  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import guidediff as gd
 from guidediff._losses import (
     check_labels,
     conditional_dsm_loss,
@@ -52,8 +53,13 @@ def score_model(p, t, x, label):
     return -x / _v(p, t)[2]
 
 
+def v_model(p, t, x, label):  # v = alpha eps - sigma x0 (Salimans & Ho)
+    alpha, sigma, _ = _v(p, t)
+    return alpha * eps_model(p, t, x, label) - sigma * x0_model(p, t, x, label)
+
+
 PARAMS = {"s": jnp.asarray(S)}
-MODELS = {"eps": eps_model, "x0": x0_model, "score": score_model}
+MODELS = {"eps": eps_model, "x0": x0_model, "v": v_model, "score": score_model}
 
 
 @pytest.fixture(scope="module")
@@ -85,33 +91,57 @@ def test_dsm_loss_matches_closed_form(x0):
     np.testing.assert_allclose(total, jnp.mean(per), rtol=1e-12)
 
 
-WEIGHTINGS = ["eps", "x0", "score", "likelihood"]
+WEIGHTINGS = ["eps", "x0", "v", "score", "likelihood"]
 
 
-def test_predictions_agree(x0):
-    """Exact eps-, x0- and score-predictors are the same score, so every prediction
-    type gives the same per-example loss under a given weighting."""
-    xs = x0[:2000]
-    keys = jr.split(jr.key(2), xs.shape[0])
+def _check_predictions_agree(models, params, sde, keys, xs, rtol):
+    """Per-example losses of every prediction type equal the eps-prediction's, under
+    every weighting (one compiled program)."""
 
     @jax.jit
     def all_losses(keys, xs):
         out = {}
         for weighting in WEIGHTINGS:
-            for prediction, model in MODELS.items():
-                fn = lambda k, x: dsm_example_loss(
-                    model, PARAMS, k, x, SDE, weighting=weighting, prediction=prediction
+            for prediction, model in models.items():
+                kw = dict(weighting=weighting, prediction=prediction)
+                fn = lambda k, x, model=model, kw=kw: dsm_example_loss(
+                    model, params, k, x, sde, **kw
                 )
                 out[weighting, prediction] = jax.vmap(fn)(keys, xs)
         return out
 
     out = all_losses(keys, xs)
     for weighting in WEIGHTINGS:
-        ref = out[weighting, "eps"]
-        for prediction in ("x0", "score"):
+        for prediction in ("x0", "v", "score"):
             np.testing.assert_allclose(
-                out[weighting, prediction], ref, rtol=1e-9, atol=1e-12
-            )
+                out[weighting, prediction], out[weighting, "eps"], rtol=rtol,
+                atol=1e-12, err_msg=f"{weighting=} {prediction=}",
+            )  # fmt: skip
+
+
+def test_predictions_agree(x0):
+    """Exact eps-, x0-, v- and score-predictors are the same score, so every
+    prediction type gives the same per-example loss under a given weighting."""
+    xs = x0[:2000]
+    keys = jr.split(jr.key(2), xs.shape[0])
+    _check_predictions_agree(MODELS, PARAMS, SDE, keys, xs, rtol=1e-9)
+
+
+def test_predictions_agree_on_a_ve_sde():
+    """The same on a VE SDE (alpha = 1, sigma up to 50), where alpha^2 + sigma^2 != 1
+    enters the v-prediction's target and its weighting; exact predictors read from
+    a Gaussian oracle's score."""
+    sde = gd.VESDE()
+    score = gd.Gaussian(jnp.array([1.0, -0.5]), 0.3).score(sde)
+    convert = {"eps": gd.score_to_eps, "x0": gd.score_to_x0, "v": gd.score_to_v,
+               "score": lambda sde, t, x, s: s}  # fmt: skip
+    models = {
+        k: (lambda p, t, x, c, conv=conv: conv(sde, t, x, score(t, x)))
+        for k, conv in convert.items()
+    }
+    xs = 1.0 + 0.5 * jr.normal(jr.key(4), (500, 2))
+    keys = jr.split(jr.key(5), xs.shape[0])
+    _check_predictions_agree(models, None, sde, keys, xs, rtol=1e-8)
 
 
 def test_callable_weighting(x0):
@@ -381,7 +411,7 @@ def test_loss_argument_errors(x0):
     with pytest.raises(ValueError, match="t_min"):
         dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, t_min=1.0)
     with pytest.raises(ValueError, match="prediction"):
-        dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, prediction="v")
+        dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, prediction="velocity")
     with pytest.raises(ValueError, match="weighting"):
         dsm_loss(eps_model, PARAMS, jr.key(0), xs, SDE, weighting="snr")
     with pytest.raises(ValueError, match="returned shape"):

@@ -9,7 +9,7 @@ import pytest
 
 from guidediff._flax import LinenModel, flax_score
 from guidediff._nn import CNNClassifier, MLPScoreNet, UNet, sinusoidal_embedding
-from guidediff._score import AbstractScore, EpsScore, X0Score
+from guidediff._score import AbstractScore, EpsScore, VScore, X0Score
 from guidediff._sde import VPSDE
 
 
@@ -229,11 +229,16 @@ def test_flax_score_parametrisations(mlp):
     np.testing.assert_allclose(
         x0_score(t, x, 2), (alpha * out - x) / sigma**2, rtol=1e-12
     )
+    v_score = flax_score(net, variables, sde, prediction="v")
+    assert isinstance(v_score, VScore)
+    np.testing.assert_allclose(  # alpha^2 + sigma^2 = 1 on the VP SDE
+        v_score(t, x, 2), -(sigma * x + alpha * out) / sigma, rtol=1e-12
+    )
     direct = flax_score(net, variables, sde, prediction="score")
     assert isinstance(direct, AbstractScore)
     np.testing.assert_array_equal(direct(t, x, 2), out)
-    with pytest.raises(ValueError, match="prediction"):
-        flax_score(net, variables, sde, prediction="v")
+    with pytest.raises(ValueError, match="prediction must be 'eps', 'x0', 'v' or"):
+        flax_score(net, variables, sde, prediction="velocity")
 
 
 def test_flax_score_grad_wrt_variables(mlp):
