@@ -218,10 +218,13 @@ def _compiled_step(*args):
     return compiled, compile_s
 
 
-def _check_optimizer(optimizer, learning_rate) -> optax.GradientTransformation:
-    """`optimizer`, or `optax.adam(learning_rate)` for None."""
+def _check_optimizer(
+    optimizer, learning_rate
+) -> tuple[optax.GradientTransformation, float | None]:
+    """`(optimizer, None)`, or for None the default Adam and the learning rate to
+    put in its state (see `_default_optimizer`)."""
     if optimizer is None:
-        return _default_optimizer(_check_learning_rate(learning_rate))
+        return _default_optimizer(), _check_learning_rate(learning_rate)
     if not (
         callable(getattr(optimizer, "init", None))
         and callable(getattr(optimizer, "update", None))
@@ -230,14 +233,16 @@ def _check_optimizer(optimizer, learning_rate) -> optax.GradientTransformation:
             "optimizer must be an optax optimiser, with init and update (e.g. "
             f"optax.adam(1e-2), optax.lbfgs(), optax.MultiSteps), got {optimizer!r}"
         )
-    return optimizer
+    return optimizer, None
 
 
-@functools.lru_cache(maxsize=16)
-def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    """`optax.adam(learning_rate)`, one object per rate, so that a repeated call
-    with the same rate reuses its compiled step."""
-    return optax.adam(learning_rate)
+@functools.cache
+def _default_optimizer() -> optax.GradientTransformation:
+    """Adam with its learning rate in its state (`optax.inject_hyperparams`): one
+    object, so that every call of a learning-rate sweep reuses one compiled step
+    (`optax.adam(rate)` bakes the rate into its update: one compile per rate).
+    `_optimise` sets the rate in the state; the updates are `optax.adam(rate)`'s."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
 
 
 def _strong(tree):
@@ -255,7 +260,9 @@ def _strong(tree):
     return jax.tree.map(strong, tree)
 
 
-def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts):
+def _optimise(
+    loss, params, optimizer, num_iters, key, fixed_noise, project, ts, learning_rate
+):
     """Run `num_iters` compiled optax steps of `loss(params, key, ts) -> (loss, aux)`.
 
     `loss` and `project` are pytrees (`eqx.Module`s): their arrays are arguments of
@@ -263,9 +270,13 @@ def _optimise(loss, params, optimizer, num_iters, key, fixed_noise, project, ts)
     an argument too, not a constant closed over (XLA:GPU in jax 0.11 failed to
     compile some sampler gradients whose grid was a constant). Returns the
     parameters, the curve, and the compile time (excluded from the curve's
-    `time_s`; 0 when a compiled step is reused)."""
+    `time_s`; 0 when a compiled step is reused). A `learning_rate` (not None) goes
+    into the state of the default optimiser (in the dtype optax chose for it)."""
     params = _strong(params)
     opt_state = optimizer.init(params)
+    if learning_rate is not None:
+        rate = opt_state.hyperparams["learning_rate"]
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, rate.dtype)
     step, compile_s = _compiled_step(
         loss, project, optimizer, params, opt_state, key, ts
     )
@@ -362,7 +373,8 @@ def tune_guidance(
       an initial `PiecewiseLinear` (its knot times are kept).
     - `lam`, `penalty`: the penalty weight and `penalty(y, y_ref) -> scalar`.
     - `num_iters`, `num_particles`: optimiser steps, particles per step.
-    - `learning_rate`, `optimizer`: `optax.adam(learning_rate)` by default; any
+    - `learning_rate`, `optimizer`: `optax.adam(learning_rate)` by default (the
+      rate is an array in its state: a sweep over rates compiles once); any
       optax transformation, line searches included (`optax.lbfgs()`: its `update`
       receives `value`, `grad` and `value_fn`, the objective at the step's noise;
       with `fixed_noise=True` that is one deterministic function to minimise).
@@ -424,7 +436,7 @@ def tune_guidance(
         sde, guided, reward, penalty, jnp.asarray(lam, dtype), schedule0.times,
         zero, shape, _without_ts(kw),
     )  # fmt: skip
-    optimizer = _check_optimizer(optimizer, learning_rate)
+    optimizer, rate = _check_optimizer(optimizer, learning_rate)
     if bounds is None:
         project = _Project()
     else:
@@ -440,8 +452,9 @@ def tune_guidance(
             )
         project = _Project(jnp.asarray(lo, dtype), jnp.asarray(hi, dtype))
     values, curve, compile_s = _optimise(
-        loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts
-    )
+        loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts,
+        rate,
+    )  # fmt: skip
     return TuneResult(PiecewiseLinear(schedule0.times, values), curve, compile_s)
 
 
@@ -637,10 +650,11 @@ def finetune_through_sampler(
         sde, make_score, reward, penalty, jnp.asarray(lam, dtype), bool(lam),
         params if lam else None, shape, _without_ts(kw),
     )  # fmt: skip
-    optimizer = _check_optimizer(optimizer, learning_rate)
+    optimizer, rate = _check_optimizer(optimizer, learning_rate)
     params, curve, compile_s = _optimise(
-        loss, params, optimizer, num_iters, key, fixed_noise, _Project(), kw["ts"]
-    )
+        loss, params, optimizer, num_iters, key, fixed_noise, _Project(), kw["ts"],
+        rate,
+    )  # fmt: skip
     return FinetuneResult(params, curve, compile_s)
 
 

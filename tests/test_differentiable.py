@@ -499,6 +499,16 @@ def test_tune_and_finetune_reuse_their_compiled_step():
     same = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), num_iters=2,
                          bounds=(0.0, 1.0), **kw)  # fmt: skip
     np.testing.assert_array_equal(same.schedule.values, first.schedule.values)
+    # a learning-rate sweep reuses it too (the default Adam keeps its rate in its
+    # state; optax.adam(rate) bakes it in), and steps as optax.adam(rate) does
+    rate = dict(num_iters=2, bounds=(0.0, 1.0), learning_rate=0.2)
+    swept = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), **rate, **kw)
+    assert swept.compile_s == 0.0 and len(_tune._STEPS) == compiled
+    rate["optimizer"] = optax.adam(0.2)
+    explicit = tune_guidance(jr.key(0), sde, guided, REWARD, (2,), **rate, **kw)
+    np.testing.assert_allclose(swept.schedule.values, explicit.schedule.values,
+                               rtol=1e-12)  # fmt: skip
+    assert not np.allclose(swept.schedule.values, first.schedule.values)
 
     make = lambda params: Corrected(GMM.score(sde), LinenModel(params, NET))
     params = NET.init(jr.key(1), 0.5, jnp.zeros(2))
