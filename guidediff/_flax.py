@@ -23,11 +23,21 @@ from jaxtyping import Array, PyTree
 
 from ._custom_types import Args, Time
 from ._sample_checks import register_shape_keyed
-from ._score import AbstractScore, EpsScore, VScore, X0Score, check_flax_variables
+from ._score import (
+    _NNX_HINT,
+    AbstractScore,
+    EpsScore,
+    VScore,
+    X0Score,
+    _is_nnx_module,
+    check_flax_variables,
+)
 from ._sde import AbstractSDE
 
 
 def _apply_fn(module_or_apply_fn: nn.Module | Callable) -> Callable:
+    if _is_nnx_module(module_or_apply_fn):
+        raise TypeError(f"LinenModel is for Flax Linen networks; {_NNX_HINT}")
     if isinstance(module_or_apply_fn, nn.Module):
         return module_or_apply_fn.apply
     if callable(module_or_apply_fn):
@@ -118,15 +128,19 @@ def flax_score(
     sde: AbstractSDE,
     prediction: Literal["eps", "x0", "v", "score"] = "eps",
 ) -> AbstractScore:
-    r"""Read a Flax Linen network as a score $s(t, x, \text{args})$ of one particle.
+    r"""Read a Flax network as a score $s(t, x, \text{args})$ of one particle.
 
     **Arguments:**
 
     - `module_or_apply_fn`: a `flax.linen.Module` whose `__call__(t, x, args)` takes
       one particle (such as `gd.MLPScoreNet` or `gd.UNet`, whose `args` is the class
-      label), or an apply function `apply(variables, t, x, args)`.
-    - `variables`: the trained variables, the whole dict from `net.init(...)`
-      (`{'params': ...}`, not `variables['params']`; e.g. `fit(...).ema_params`).
+      label), or an apply function `apply(variables, t, x, args)`; or a
+      `flax.nnx.Module` with `__call__(t, x, args)` (in evaluation mode,
+      `model.eval()`), which holds its parameters: a pytree whose arrays are
+      leaves, so `jit` does not bake them in and `jax.grad` reaches them.
+    - `variables`: for a Linen network the trained variables, the whole dict from
+      `net.init(...)` (`{'params': ...}`, not `variables['params']`; e.g.
+      `fit(...).ema_params`); `None` for an NNX module.
     - `sde`: the forward SDE the network was trained for (gives $\alpha, \sigma$).
       The network gets the SDE's continuous time $t \in (0, T]$. A network
       trained on DDPM's integer steps $n = 0, \dots, N - 1$ (linear betas from
@@ -135,16 +149,26 @@ def flax_score(
       $N = 1000$; score_sde's $(N - 1)\,t$ is 40 % off at $t = 10^{-3}$): pass
       `lambda v, t, x, a: net.apply(v, N * t - 1, x, a)`. Through such a
       wrapper the labels are not checked against the network's `num_classes`.
+      A VE network from score_sde was trained with the noise level
+      $\bar\sigma(t)$, not `gd.VESDE`'s exact $\sigma(t)$ (see `gd.VESDE`).
     - `prediction`: what the network predicts: `"eps"` the noise $\varepsilon$
       ($s = -\hat\varepsilon/\sigma$), `"x0"` the clean data
       ($s = (\alpha\hat x_0 - x)/\sigma^2$), `"v"` the velocity
       $v = \alpha\varepsilon - \sigma x_0$ ($s = -(\sigma x + \alpha\hat v) /
       (\sigma(\alpha^2 + \sigma^2))$) or `"score"` the score itself.
 
+    The network sees ONE particle, without a batch axis (`gd.sample` vmaps it). Most
+    networks trained elsewhere are written for a batch (`x` of shape `(B, ...)`,
+    `t` of shape `(B,)`): give them a batch of one,
+    `lambda v, t, x, a: net.apply(v, t[None], x[None], a)[0]` (the label `a[None]`
+    too if it is per example). Called without the batch axis such a network may
+    still return the right shape and a wrong value (a `GroupNorm` then normalises
+    over an image axis), which no check can detect.
+
     **Returns:** an `AbstractScore` (an `EpsScore`, `X0Score`, `VScore` or a direct
-    score)
-    whose `model` is a `LinenModel`; `jax.grad` with respect to the variables works
-    through it, e.g. `eqx.filter_grad` of any function of the score.
+    score) whose `model` is a `LinenModel` (or the NNX module); `jax.grad` with
+    respect to the variables works through it, e.g. `eqx.filter_grad` of any
+    function of the score.
 
     !!! example
 
@@ -166,7 +190,21 @@ def flax_score(
             "variables is a gd.FitResult: pass its trained variables, e.g. "
             "result.ema_params (or result.params)"
         )
-    model = LinenModel(variables, module_or_apply_fn)
+    if _is_nnx_module(module_or_apply_fn):
+        if variables is not None:
+            raise TypeError(
+                f"{type(module_or_apply_fn).__name__} is a Flax NNX network, which "
+                "holds its own parameters: pass variables=None, "
+                "gd.flax_score(model, None, sde, prediction=...)"
+            )
+        model = module_or_apply_fn  # a pytree: its arrays are leaves
+    elif variables is None:
+        raise TypeError(
+            "variables is None: a Flax Linen network needs its variables, the "
+            "whole dict from net.init(...) (or gd.fit(...).ema_params)"
+        )
+    else:
+        model = LinenModel(variables, module_or_apply_fn)
     if prediction == "eps":
         return EpsScore(model, sde)
     if prediction == "x0":

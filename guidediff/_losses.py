@@ -61,7 +61,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 from ._brownian import check_key
 from ._custom_types import Key, Scalar, Time
 from ._jit import is_real_scalar
-from ._score import _is_flax_module, check_flax_variables
+from ._score import _is_flax_module, _is_nnx_module, check_flax_variables
 from ._sde import AbstractSDE
 
 
@@ -283,6 +283,13 @@ def _as_model_fn(model_fn, params=None):
     """`model_fn`, or a Flax module's `apply` (calling the unbound module itself
     fails with Flax's CallCompactUnboundModuleError); with `params`, also checks
     that a Flax network gets its whole variables dict."""
+    if _is_nnx_module(model_fn):
+        raise TypeError(
+            f"{type(model_fn).__name__} is a Flax NNX network; the losses take a "
+            "pure model_fn(params, t, x, label) and its params: split it, "
+            "graphdef, params = nnx.split(model), and pass "
+            "lambda p, t, x, c: nnx.merge(graphdef, p)(t, x, c) with params"
+        )
     if params is not None:
         check_flax_variables(model_fn, params)
     return model_fn.apply if _is_flax_module(model_fn) else model_fn

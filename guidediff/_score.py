@@ -39,13 +39,32 @@ class AbstractScore(eqx.Module):
         """The score at time `t` and state `x`."""
 
 
+def _flax_kind(obj) -> str | None:
+    """`"nnx"` for a `flax.nnx.Module`, `"linen"` for a `flax.linen.Module` (or
+    another Flax `Module`), None otherwise; recognised without importing flax (the
+    core does not: a network can only exist once its user has imported flax)."""
+    for c in type(obj).__mro__:
+        if c.__name__ == "Module" and c.__module__.startswith("flax."):
+            return "nnx" if c.__module__.startswith("flax.nnx") else "linen"
+    return None
+
+
 def _is_flax_module(obj) -> bool:
-    """A `flax.linen.Module`, recognised without importing flax (the core does not:
-    a network can only exist once its user has imported flax)."""
-    return any(
-        c.__name__ == "Module" and c.__module__.startswith("flax.")
-        for c in type(obj).__mro__
-    )
+    """A Flax Linen network: a pure description whose `apply` needs its variables."""
+    return _flax_kind(obj) == "linen"
+
+
+def _is_nnx_module(obj) -> bool:
+    """A Flax NNX network: it holds its parameters and is a pytree (flax >= 0.12),
+    so it is read directly (`gd.EpsScore(model, sde)`), its arrays leaves."""
+    return _flax_kind(obj) == "nnx"
+
+
+_NNX_HINT = (
+    "a Flax NNX network holds its parameters: read its prediction with "
+    "gd.flax_score(model, None, sde, prediction=...) or gd.EpsScore(model, sde) "
+    "(X0Score, VScore), passing the module itself"
+)
 
 
 def check_flax_variables(fn, variables) -> None:
@@ -81,10 +100,12 @@ def _network_hint(obj) -> str | None:
     `LinenModel`, whose output is a network's prediction (eps by default), not a
     score; None otherwise."""
     owner = getattr(obj, "__self__", None)
+    if _is_nnx_module(obj) or _is_nnx_module(owner):
+        return f"{_NNX_HINT}, not a score"
     if _is_flax_module(obj) or _is_linen_model(obj) or _is_flax_module(owner):
         return (
-            "a Flax network (or LinenModel) predicts eps (or x0), it is not a score: "
-            "read it with gd.flax_score(net, variables, sde, prediction=...)"
+            "a Flax network (or LinenModel) predicts eps (or x0, v), it is not a "
+            "score: read it with gd.flax_score(net, variables, sde, prediction=...)"
         )
     return None
 
@@ -105,6 +126,17 @@ def check_score(score, what: str = "score") -> None:
     raise TypeError(
         f"{what} must be an AbstractScore (got {type(score).__name__}); {hint}"
     )
+
+
+def _check_score_fn(fn):
+    """`ScoreFn`'s function, checked before equinox stores it as a static field (an
+    NNX network, a pytree of arrays, would also draw equinox's warning there)."""
+    hint = _network_hint(fn)
+    if hint is not None:
+        raise TypeError(f"gd.ScoreFn got {type(fn).__name__}: {hint}")
+    if not callable(fn):
+        raise TypeError(f"gd.ScoreFn needs a callable, got {type(fn).__name__}")
+    return fn
 
 
 class ScoreFn(AbstractScore):
@@ -132,16 +164,7 @@ class ScoreFn(AbstractScore):
         ```
     """
 
-    fn: Callable = eqx.field(static=True)
-
-    def __check_init__(self):
-        hint = _network_hint(self.fn)
-        if hint is not None:
-            raise TypeError(f"gd.ScoreFn got {type(self.fn).__name__}: {hint}")
-        if not callable(self.fn):
-            raise TypeError(
-                f"gd.ScoreFn needs a callable, got {type(self.fn).__name__}"
-            )
+    fn: Callable = eqx.field(static=True, converter=lambda fn: _check_score_fn(fn))
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         return self.fn(t, x, args)
@@ -298,8 +321,10 @@ def denoise(
 
 
 def _check_model(kind: str, model, sde) -> None:
-    """`EpsScore` / `X0Score` / `VScore` arguments: a callable `model(t, x, args)` (not a raw
-    Flax network: `gd.flax_score` wraps those) and a guidediff SDE."""
+    """`EpsScore` / `X0Score` / `VScore` arguments: a callable `model(t, x, args)` (not a
+    Linen network, which needs its variables: `gd.flax_score` wraps those; an NNX
+    network itself, not its bound method, whose parameters would be constants) and a
+    guidediff SDE."""
     if not isinstance(sde, AbstractSDE):
         swapped = " (arguments swapped? the model comes first)"
         raise TypeError(
@@ -308,6 +333,12 @@ def _check_model(kind: str, model, sde) -> None:
             + (swapped if isinstance(model, AbstractSDE) else "")
         )
     owner = getattr(model, "__self__", None)
+    if _is_nnx_module(owner):
+        raise TypeError(
+            f"gd.{kind} got a method of the Flax NNX network {type(owner).__name__}: "
+            f"pass the module itself, gd.{kind}(model, sde) (a pytree: jax.grad and "
+            "jit see its parameters; a bound method would hold them as constants)"
+        )
     if _is_flax_module(model) or _is_flax_module(owner):
         raise TypeError(
             f"gd.{kind} got a Flax network "
@@ -327,9 +358,9 @@ class EpsScore(AbstractScore):
 
     **Arguments:**
 
-    - `model`: `model(t, x, args) -> eps_hat` for one particle (a pure function or
-      an `eqx.Module`, whose array fields `jax.grad` reaches; for a Flax network
-      use `gd.flax_score(net, variables, sde, prediction="eps")`).
+    - `model`: `model(t, x, args) -> eps_hat` for one particle (a pure function, or
+      an `eqx.Module` or a Flax NNX module, whose arrays `jax.grad` reaches; for a
+      Flax Linen network use `gd.flax_score(net, variables, sde, prediction="eps")`).
     - `sde`: the SDE whose $\sigma(t)$ the model was trained with.
 
     !!! example

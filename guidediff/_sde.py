@@ -403,6 +403,15 @@ class VESDE(AbstractSDE):
     $g(t)^2 = 2\log(\sigma_{\max}/\sigma_{\min})\,\bar\sigma(t)^2$. The prior is
     $\mathcal N(0, \sigma(T)^2 I)$.
 
+    score_sde (Song et al.) trains and samples VE networks with the noise level
+    $\bar\sigma(t)$ in place of $\sigma(t)$ (7.7x larger at $t = 10^{-3}$ with the
+    defaults; the two agree where $\bar\sigma \gg \sigma_{\min}$). Such a
+    network's output at its time $t'$ belongs to the noise level
+    $\bar\sigma(t')$: here, at time $t$, query it at the $t'$ with
+    $\bar\sigma(t') = \sigma(t)$, i.e.
+    $t' = \log(\sigma(t)/\sigma_{\min}) / \log(\sigma_{\max}/\sigma_{\min})$
+    (below 0 near $t = 0$, where $\sigma(t) < \sigma_{\min}$).
+
     **Arguments:**
 
     - `sigma_min`, `sigma_max`: finite, with $0 < \sigma_{\min} < \sigma_{\max}$.

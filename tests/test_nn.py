@@ -401,3 +401,91 @@ def test_unet_wiring():
         lambda p, a: jnp.zeros_like(a) if "Conv_1" in jax.tree_util.keystr(p) else a, bv
     )
     np.testing.assert_allclose(block.apply(bv, h, jnp.ones(8)), h, atol=1e-6)
+
+
+def test_flax_nnx_network_reads_as_a_score():
+    """A Flax NNX network holds its parameters and is a pytree: `flax_score(model,
+    None, sde)` and `EpsScore(model, sde)` (X0Score, VScore) read it, `jax.grad`
+    reaches its parameters, and sampling it twice compiles once. They were refused
+    ("needs its variables"), and `flax_score` then failed inside the call."""
+    from flax import nnx
+
+    import guidediff as gd
+    from guidediff._sample import _sample_jit
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, t, x, args):
+            return self.lin(x) + t
+
+    sde = VPSDE()
+    model = Net(nnx.Rngs(0))
+    t, x = 0.4, jnp.array([0.5, -1.0])
+    alpha, sigma = sde.marginal(t)
+    out = model(t, x, None)
+    for prediction, cls, want in (
+        ("eps", EpsScore, -out / sigma),
+        ("x0", X0Score, (alpha * out - x) / sigma**2),
+        ("v", VScore, -(sigma * x + alpha * out) / sigma),
+    ):
+        score = flax_score(model, None, sde, prediction=prediction)
+        assert isinstance(score, cls) and score.model is model
+        np.testing.assert_allclose(score(t, x, None), want, rtol=1e-12)
+        np.testing.assert_allclose(cls(model, sde)(t, x, None), want, rtol=1e-12)
+    direct = flax_score(model, None, sde, prediction="score")
+    np.testing.assert_array_equal(direct(t, x, None), out)
+    # d sum(s) / dW = -(1 / sigma) 1 x^T for s = -(W x + b + t) / sigma (nnx: x @ W)
+    score = flax_score(model, None, sde)
+    grads = eqx.filter_grad(lambda s: jnp.sum(s(t, x, None)))(score)
+    np.testing.assert_allclose(
+        grads.model.lin.kernel[...], -np.outer(x, np.ones(2)) / sigma, rtol=1e-6
+    )  # float32 parameters
+    kw = dict(num_particles=4, ts=gd.uniform_grid(1.0, 1e-3, 4))
+    first = gd.sample(jr.key(0), sde, score, (2,), **kw)
+    before = _sample_jit._cached._cache_size()
+    again = gd.sample(jr.key(0), sde, flax_score(model, None, sde), (2,), **kw)
+    assert _sample_jit._cached._cache_size() == before
+    np.testing.assert_array_equal(again.ys, first.ys)
+    assert not first.failed.any()
+
+
+def test_flax_nnx_network_mistakes_get_the_recipe():
+    from flax import nnx
+
+    import guidediff as gd
+    from guidediff._losses import dsm_loss
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, t, x, args):
+            return self.lin(x)
+
+    sde, model = VPSDE(), Net(nnx.Rngs(0))
+    with pytest.raises(TypeError, match="holds its own parameters: pass variables"):
+        flax_score(model, nnx.state(model), sde)
+    with pytest.raises(TypeError, match="pass the module itself"):
+        EpsScore(model.__call__, sde)
+    for bad in (
+        lambda: gd.ScoreFn(model),
+        lambda: gd.guide(model, gd.cfg(1.0, null_args=0)),
+        lambda: gd.sample(jr.key(0), sde, model, (2,)),
+    ):
+        with pytest.raises(TypeError, match="Flax NNX network holds its parameters"):
+            bad()
+    with pytest.raises(TypeError, match="LinenModel is for Flax Linen"):
+        LinenModel({}, model)
+    x0 = jnp.ones((4, 2))
+    with pytest.raises(TypeError, match="nnx.split"):
+        dsm_loss(model, None, jr.key(0), x0, sde)
+    # the recipe the message gives works, and its gradient reaches the parameters
+    graphdef, params = nnx.split(model)
+    fn = lambda p, t, x, c: nnx.merge(graphdef, p)(t, x, c)
+    grads = jax.grad(lambda p: dsm_loss(fn, p, jr.key(0), x0, sde))(params)
+    assert np.all(np.isfinite(grads["lin"]["kernel"][...]))
+    # a Linen network without its variables
+    with pytest.raises(TypeError, match="variables is None"):
+        flax_score(MLPScoreNet(), None, sde)
