@@ -133,6 +133,8 @@ _LAZY = {
     "count_params": "._nn",
     "LinenModel": "._flax",
     "flax_score": "._flax",
+    "flax_classifier": "._flax",
+    "FlaxClassifier": "._flax",
     "fit": "._train",
     "FitResult": "._train",
     "load_checkpoint": "._train",

@@ -18,10 +18,12 @@ from typing import Any, Literal
 import equinox as eqx
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, PyTree
+from jaxtyping import Array, Float, PyTree
 
-from ._custom_types import Args, Time
+from ._custom_types import Args, Scalar, Time
+from ._jit import is_real_scalar
 from ._sample_checks import register_shape_keyed
 from ._score import (
     _NNX_HINT,
@@ -216,3 +218,135 @@ def flax_score(
     raise ValueError(
         f"prediction must be 'eps', 'x0', 'v' or 'score', got {prediction!r}"
     )
+
+
+class _LinenLogits(eqx.Module):
+    """A Linen classifier as a pytree: `logits(t, x) = apply_fn(variables, t, x)`."""
+
+    variables: PyTree[Any]
+    apply_fn: Callable = eqx.field(static=True)
+
+    def __call__(self, t: Time, x: Array) -> Array:
+        return self.apply_fn(self.variables, t, x)
+
+
+register_shape_keyed(_LinenLogits)
+
+
+class FlaxClassifier(eqx.Module):
+    r"""A classifier's logits $f(t, x)$ read as
+    $\log p_t(c \mid x) = \operatorname{log\,softmax}(f(t, x)/\tau)_c$ for ONE
+    particle, with the class $c$ in `args`: the `log_likelihood` of
+    `gd.classifier_guidance`. Built by `gd.flax_classifier`."""
+
+    logits: Callable  # (t, x) -> (num_classes,) logits: a pytree
+    temperature: Float[Array, ""]
+
+    def __call__(self, t: Time, x: Array, args: Args = None) -> Scalar:
+        logits = self.logits(t, x)
+        if jnp.ndim(logits) != 1:
+            raise ValueError(
+                f"the classifier returned shape {jnp.shape(logits)} for one particle "
+                f"of shape {jnp.shape(x)}; expected (num_classes,) logits (for a "
+                "network written for a batch: lambda v, t, x: net.apply(v, t[None], "
+                "x[None])[0])"
+            )
+        label = _class_label(args, logits.shape[0])
+        logp = jax.nn.log_softmax(logits / self.temperature.astype(logits.dtype))
+        # a traced label out of range gives NaN (the particle fails), never a clamp
+        ok = (label >= 0) & (label < logits.shape[0])
+        return jnp.where(ok, logp[jnp.clip(label, 0, logits.shape[0] - 1)], jnp.nan)
+
+
+def _class_label(args, num_classes: int) -> Array:
+    """`args` as one integer class label in `0..num_classes - 1` (checked when
+    concrete)."""
+    if args is None:
+        raise TypeError(
+            "the classifier's log p_t(c | x) needs the class c: give it as the "
+            "sampler's args (e.g. gd.sample(..., args=3))"
+        )
+    label = jnp.asarray(args)
+    if label.ndim != 0 or not jnp.issubdtype(label.dtype, jnp.integer):
+        raise TypeError(
+            "the classifier's args must be one integer class label, got "
+            f"{label.dtype}{list(label.shape)}"
+        )
+    if not isinstance(label, jax.core.Tracer) and not 0 <= int(label) < num_classes:
+        raise ValueError(
+            f"unknown class label {int(label)}: the classifier has {num_classes} "
+            f"classes, 0..{num_classes - 1}"
+        )
+    return label
+
+
+def flax_classifier(
+    module_or_apply_fn: nn.Module | Callable,
+    variables: PyTree[Any],
+    *,
+    temperature: float | Array = 1.0,
+) -> FlaxClassifier:
+    r"""Read a Flax classifier as the log-likelihood of classifier guidance,
+
+    $$\log p_t(c \mid x) = \operatorname{log\,softmax}\big(f(t, x)/\tau\big)_c,$$
+
+    where $f(t, x)$ are the network's logits for ONE particle and the class $c$ is
+    the sampler's `args` (an integer, checked against the number of logits).
+
+    **Arguments:**
+
+    - `module_or_apply_fn`: a `flax.linen.Module` with `__call__(t, x)` returning
+      `(num_classes,)` logits (such as `gd.CNNClassifier(time_conditioned=True)`,
+      trained with `gd.noisy_classifier_loss`), or `apply(variables, t, x)`; or a
+      `flax.nnx.Module` with `__call__(t, x)` (in evaluation mode).
+    - `variables`: the Linen network's whole variables dict; `None` for NNX.
+    - `temperature`: $\tau > 0$ (an array leaf; default 1). Guidance with weight
+      $w$ and temperature $\tau$ adds $(w/\tau)\nabla_x f_c$ minus the softmax mean.
+
+    **Returns:** a `FlaxClassifier`, for `gd.classifier_guidance`; `jax.grad`
+    reaches the variables through it.
+
+    !!! example
+
+        ```python
+        import flax.linen as nn
+
+        class Logits(nn.Module):  # a noisy classifier: (t, x) -> (2,) logits
+            @nn.compact
+            def __call__(self, t, x):
+                return nn.Dense(2)(jnp.append(x, t))
+
+        sde, clf = gd.VPSDE(), Logits()
+        variables = clf.init(jr.key(0), 0.5, jnp.zeros(2))
+        log_p = gd.flax_classifier(clf, variables)
+        x = jnp.array([0.5, -0.2])
+        p = jnp.exp(jnp.stack([log_p(0.3, x, c) for c in (0, 1)]))
+        assert jnp.allclose(p.sum(), 1.0, atol=1e-5)
+        s = gd.Gaussian(jnp.zeros(2), 1.0).score(sde)
+        guided = gd.guide(s, gd.classifier_guidance(log_p, 2.0))
+        out = gd.sample(jr.key(1), sde, guided, (2,), num_particles=4, args=1,
+                        ts=gd.uniform_grid(1.0, 1e-3, 10))
+        ```
+    """
+    if _is_nnx_module(module_or_apply_fn):
+        if variables is not None:
+            raise TypeError(
+                f"{type(module_or_apply_fn).__name__} is a Flax NNX network, which "
+                "holds its own parameters: pass variables=None"
+            )
+        logits = module_or_apply_fn
+    elif variables is None:
+        raise TypeError(
+            "variables is None: a Flax Linen classifier needs its variables, the "
+            "whole dict from net.init(...)"
+        )
+    else:
+        check_flax_variables(module_or_apply_fn, variables)
+        logits = _LinenLogits(variables, _apply_fn(module_or_apply_fn))
+    if not is_real_scalar(temperature):
+        raise TypeError(f"temperature must be a real number, got {temperature!r}")
+    if not isinstance(temperature, jax.core.Tracer):
+        tau = float(temperature)
+        if not (np.isfinite(tau) and tau > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {tau}")
+    return FlaxClassifier(logits, jnp.asarray(temperature, float))

@@ -110,6 +110,20 @@ def _network_hint(obj) -> str | None:
     return None
 
 
+def check_not_linen(fn, what: str, fix: str) -> None:
+    """A `TypeError` naming `fix` when `fn` is a Flax Linen network, its bound
+    method, or a `LinenModel`, where a plain function of another signature is
+    expected (a classifier's log-likelihood, a reward): the network needs its
+    variables and returns its own output (logits, a prediction)."""
+    owner = getattr(fn, "__self__", None)
+    if _is_flax_module(fn) or _is_flax_module(owner) or _is_linen_model(fn):
+        net = owner if _is_flax_module(owner) else fn
+        raise TypeError(
+            f"{what} got the Flax Linen network {type(net).__name__} (or its "
+            f"apply), which needs its variables and returns its own output; {fix}"
+        )
+
+
 def check_score(score, what: str = "score") -> None:
     """A `TypeError` with the fix when `score` is not an `AbstractScore`: an oracle's
     uncalled `.score` method, a Flax network, or a plain function."""

@@ -1,6 +1,7 @@
 """Networks (guidediff._nn) and the Flax adapter (guidediff._flax)."""
 
 import equinox as eqx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -489,3 +490,97 @@ def test_flax_nnx_network_mistakes_get_the_recipe():
     # a Linen network without its variables
     with pytest.raises(TypeError, match="variables is None"):
         flax_score(MLPScoreNet(), None, sde)
+
+
+_GMM = None  # the mixture behind _ExactLogits (a global: Linen fields are hashed)
+
+
+class _ExactLogits(nn.Module):
+    """The exact noisy classifier's log-probabilities as logits (no parameters)."""
+
+    @nn.compact
+    def __call__(self, t, x):
+        gmm, sde = _GMM
+        return jnp.stack([gmm.log_classifier_t(sde, t, x, c) for c in range(3)])
+
+
+def test_flax_classifier_with_the_exact_logits_gives_the_conditional_score():
+    """Bayes: the unconditional score plus the gradient of log p_t(c | x) read by
+    `gd.flax_classifier` from exact logits is the conditional score; with a
+    temperature, the log-softmax of logits / tau."""
+    global _GMM
+    import guidediff as gd
+
+    sde = VPSDE()
+    gmm = gd.GaussianMixture([0.3, 0.3, 0.4], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]],
+                             [0.5, 0.3, 0.4], labels=[0, 1, 2])  # fmt: skip
+    _GMM = (gmm, sde)
+    clf = _ExactLogits()
+    log_p = gd.flax_classifier(clf, {})
+    guided = gd.guide(gmm.score(sde), gd.classifier_guidance(log_p, 1.0))
+    cond = gmm.conditional_score(sde)
+    xs = jr.normal(jr.key(0), (5, 2)) * 2
+    for t in (0.1, 0.5, 0.9):
+        for c in range(3):
+            np.testing.assert_allclose(
+                jax.vmap(lambda x: guided(t, x, c))(xs),
+                jax.vmap(lambda x: cond(t, x, c))(xs), rtol=1e-9, atol=1e-9,
+            )  # fmt: skip
+    hot = gd.flax_classifier(clf, {}, temperature=2.0)
+    x = xs[0]
+    want = jax.nn.log_softmax(clf.apply({}, 0.5, x) / 2.0)
+    for c in range(3):
+        np.testing.assert_allclose(hot(0.5, x, c), want[c], rtol=1e-12)
+    # a traced label out of range is NaN (the particle fails), never clamped
+    assert np.isnan(jax.jit(lambda c: log_p(0.5, x, c))(3))
+    assert np.isnan(jax.jit(lambda c: log_p(0.5, x, c))(-1))
+    np.testing.assert_allclose(jax.jit(lambda c: log_p(0.5, x, c))(2), log_p(0.5, x, 2))
+
+
+def test_flax_classifier_checks_and_network_mistakes(mlp):
+    from flax import nnx
+
+    import guidediff as gd
+
+    clf = CNNClassifier(num_classes=3, features=(4,))
+    variables = {"params": {}}  # not run: the checks come first
+    with pytest.raises(TypeError, match="variables is None"):
+        gd.flax_classifier(clf, None)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            gd.flax_classifier(clf, variables, temperature=bad)
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        gd.flax_classifier(clf, variables, temperature="2")
+
+    class Lin(nnx.Module):  # logits from an NNX network
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 3, rngs=rngs)
+
+        def __call__(self, t, x):
+            return self.lin(x) * (1 + t)
+
+    lin = Lin(nnx.Rngs(0))
+    with pytest.raises(TypeError, match="pass variables=None"):
+        gd.flax_classifier(lin, nnx.state(lin))
+    log_p = gd.flax_classifier(lin, None)
+    x = jnp.array([0.5, -1.0])
+    want = jax.nn.log_softmax(lin(0.3, x))
+    np.testing.assert_allclose(log_p(0.3, x, 1), want[1], rtol=1e-6)
+    grads = eqx.filter_grad(lambda f: f(0.3, x, 1))(log_p)
+    assert np.any(grads.logits.lin.kernel[...] != 0)
+    with pytest.raises(ValueError, match="unknown class label 3"):
+        log_p(0.3, x, 3)
+    with pytest.raises(TypeError, match="one integer class label, got float"):
+        log_p(0.3, x, 1.0)
+    with pytest.raises(TypeError, match="needs the class c"):
+        log_p(0.3, x, None)
+    batched = gd.flax_classifier(lambda v, t, x: lin(t, x)[None], {})
+    with pytest.raises(ValueError, match=r"returned shape \(1, 3\)"):
+        batched(0.3, x, 1)
+    # a Linen network where a log-likelihood or a reward function is expected
+    net, nv = mlp
+    for bad in (net, net.apply, LinenModel(nv, net)):
+        with pytest.raises(TypeError, match="gd.flax_classifier"):
+            gd.classifier_guidance(bad, 1.0)
+        with pytest.raises(TypeError, match="reward as a function of one particle"):
+            gd.gradient_guidance(bad, 1.0, VPSDE())

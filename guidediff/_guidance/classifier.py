@@ -6,6 +6,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 
+from .._score import check_not_linen
 from .._weights import Weight, as_callable_leaf, as_weight
 from .base import AbstractGuidance
 
@@ -47,7 +48,9 @@ def classifier_guidance(
     - `log_likelihood`: `log_likelihood(t, x, args) -> scalar`, differentiable in
       `x`; it gets the guided score's `args` (e.g. the label $y$). Pass an
       `eqx.Module` (or a `jax.tree_util.Partial`) to keep its parameters visible to
-      `jax.grad`; a plain function is held as a static field. Passing the builder
+      `jax.grad`; a plain function is held as a static field. A trained Flax
+      classifier returning logits (Linen or NNX, e.g. `gd.CNNClassifier` trained
+      with `gd.noisy_classifier_loss`) is read by `gd.flax_classifier`. Passing the builder
       method `gmm.log_classifier` itself, uncalled, is a `TypeError`.
     - `weight`: $w$, a number, an array or a schedule $t \mapsto w(t)$; stored as
       an array leaf (see `gd.as_weight`). Default 1.
@@ -76,6 +79,12 @@ def classifier_guidance(
             "classifier_guidance needs a callable log_likelihood(t, x, args) -> "
             f"scalar, got {type(log_likelihood).__name__}"
         )
+    check_not_linen(
+        log_likelihood,
+        "classifier_guidance",
+        "a classifier returning logits is read as log p_t(c | x) by "
+        "gd.flax_classifier(net, variables)",
+    )
     owner = getattr(log_likelihood, "__self__", None)
     if owner is not None and _takes_only_sde(log_likelihood):
         name = f"{type(owner).__name__}.{log_likelihood.__name__}"

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 
-from .._score import score_to_x0
+from .._score import check_not_linen, score_to_x0
 from .._sde import AbstractSDE
 from .._weights import Weight, as_callable_leaf, as_weight
 from .base import AbstractGuidance
@@ -91,6 +91,12 @@ def gradient_guidance(
     """
     if not callable(reward):
         raise TypeError("gradient_guidance needs a callable reward(x0) -> scalar")
+    check_not_linen(
+        reward,
+        "gradient_guidance",
+        "write the reward as a function of one particle, reward(x0) -> scalar, "
+        "e.g. jax.tree_util.Partial(lambda v, x0: net.apply(v, x0)[0], variables)",
+    )
     if not isinstance(sde, AbstractSDE):
         raise TypeError(f"sde must be a gd.AbstractSDE, got {type(sde).__name__}")
     return GradientGuidance(as_callable_leaf(reward), as_weight(weight), sde)
