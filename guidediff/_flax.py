@@ -12,10 +12,11 @@ $$s = -\hat\varepsilon/\sigma, \qquad s = (\alpha\hat x_0 - x)/\sigma^2, \qquad
 s = -\frac{\sigma x + \alpha\hat v}{\sigma(\alpha^2 + \sigma^2)}, \qquad s = \hat s.$$
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,25 @@ class LinenModel(eqx.Module):
 
     def __call__(self, t: Time, x: Array, args: Args = None) -> Array:
         _check_label(getattr(self.apply_fn, "__self__", None), args)
-        return self.apply_fn(self.variables, t, x, args)
+        try:
+            return self.apply_fn(self.variables, t, x, args)
+        except flax.errors.ScopeCollectionNotFound as e:
+            _missing_params(self.variables, e)
+            raise
+
+
+def _missing_params(variables, error) -> None:
+    """A clear `TypeError` for Flax's "collection 'params' is empty" when the
+    variables hold no `params` collection: `variables['params']` given in place of
+    the whole dict (the check at construction sees it only for Flax's automatic
+    submodule names, `Dense_0`; named submodules, `time_embed`, reach here)."""
+    if isinstance(variables, Mapping) and "params" not in variables:
+        keys = list(variables)[:4]
+        raise TypeError(
+            f"the Flax network's variables have no 'params' collection (top-level "
+            f"keys: {keys}): pass the whole dict from net.init(...), "
+            "{'params': ...}, not variables['params']"
+        ) from error
 
 
 def _check_label(module, args) -> None:
@@ -227,7 +246,11 @@ class _LinenLogits(eqx.Module):
     apply_fn: Callable = eqx.field(static=True)
 
     def __call__(self, t: Time, x: Array) -> Array:
-        return self.apply_fn(self.variables, t, x)
+        try:
+            return self.apply_fn(self.variables, t, x)
+        except flax.errors.ScopeCollectionNotFound as e:
+            _missing_params(self.variables, e)
+            raise
 
 
 register_shape_keyed(_LinenLogits)

@@ -584,3 +584,29 @@ def test_flax_classifier_checks_and_network_mistakes(mlp):
             gd.classifier_guidance(bad, 1.0)
         with pytest.raises(TypeError, match="reward as a function of one particle"):
             gd.gradient_guidance(bad, 1.0, VPSDE())
+
+
+class _NamedNet(nn.Module):  # submodules with explicit names (not Dense_0)
+    def setup(self):
+        self.time_embed = nn.Dense(4)
+        self.out = nn.Dense(2)
+
+    def __call__(self, t, x, label=None):
+        return self.out(jnp.concatenate([x, self.time_embed(jnp.atleast_1d(t))]))
+
+
+def test_params_alone_of_a_network_with_named_submodules_get_the_fix():
+    """`variables['params']` of a network whose submodules have names of their own
+    passed the construction check (it knows Flax's automatic names) and failed with
+    Flax's ScopeCollectionNotFound when called; the call now says what to pass."""
+    import guidediff as gd
+
+    net, sde = _NamedNet(), VPSDE()
+    variables = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    score = flax_score(net, variables["params"], sde)
+    with pytest.raises(TypeError, match="no 'params' collection.*time_embed"):
+        score(0.5, jnp.zeros(2))
+    with pytest.raises(ValueError, match="not variables\\['params'\\]"):
+        gd.sample(jr.key(0), sde, score, (2,), num_particles=2,
+                  ts=gd.uniform_grid(1.0, 1e-3, 3))  # fmt: skip
+    flax_score(net, variables, sde)(0.5, jnp.zeros(2))  # the whole dict works
