@@ -145,12 +145,16 @@ def test_permutation_test_counts_ties_and_keeps_its_level():
     Pr(p <= 0.05) above 0.05 under H0."""
     keys = jr.split(jr.key(0), 200)
 
-    def p_value(k):
+    def p_value(k, dtype):
         kx, ky, kt = jr.split(k, 3)
-        x, y = jr.normal(kx, (3, 2)), jr.normal(ky, (3, 2))
+        x, y = jr.normal(kx, (3, 2), dtype), jr.normal(ky, (3, 2), dtype)
         return gd.two_sample_test(x, y, key=kt, num_permutations=999)[1]
 
-    p = np.asarray(jax.vmap(p_value)(keys))
+    # float32 too: its mirror ties are found by comparing splits, not within a
+    # tolerance of the statistics (now a few ulps)
+    p = np.concatenate(
+        [jax.vmap(p_value, (0, None))(keys, dt) for dt in (jnp.float64, jnp.float32)]
+    )
     # Each p estimates a permutation p-value >= 0.1 with 999 draws: p <= 0.05
     # needs at most 49 of 999 draws to tie or exceed where 99.9 are expected
     # (binomial tail binom.cdf(49, 999, 0.1) = 3e-9 per run; about 20 runs sit at
@@ -158,6 +162,28 @@ def test_permutation_test_counts_ties_and_keeps_its_level():
     # 4e-3 per run: about 7 % of seeds failed.) With ties dropped, p-values of
     # 0.05 are common.
     assert np.mean(p <= 0.05) == 0.0
+
+
+def test_float32_permutation_test_gives_the_float64_p_value():
+    """In float32 the tie window was 100 ulps of the statistic's terms, where its
+    rounding is under one: permutations well below the observed statistic counted
+    as ties (their spread shrinks like 1/n), inflating p (0.47 for an exact 0.40 at
+    n = m = 3000). With the same permutations (the same key), the float32 counts
+    now match the float64 ones to a few permutations whose statistics lie within
+    float32 rounding of the observed one; the 100-ulp window gave 12 here."""
+    flips = 0
+    for seed in (0, 1):
+        kx, ky, kt = jr.split(jr.key(seed), 3)
+        x, y = jr.normal(kx, (1000, 2)), jr.normal(ky, (1000, 2))
+        for statistic in ("energy", "mmd"):
+            kw = dict(key=kt, num_permutations=200, statistic=statistic)
+            p32 = gd.two_sample_test(
+                x.astype(jnp.float32), y.astype(jnp.float32), **kw
+            )[1]
+            p64 = gd.two_sample_test(x, y, **kw)[1]
+            assert p32.dtype == jnp.float32 and p64.dtype == jnp.float64
+            flips += abs(round(float(p32) * 201) - round(float(p64) * 201))
+    assert flips <= 4
 
 
 def test_mean_stderr_of_float16_does_not_overflow():
