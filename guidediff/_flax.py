@@ -34,15 +34,44 @@ from ._score import (
     X0Score,
     _is_nnx_module,
     check_flax_variables,
+    check_nnx_pytree,
 )
 from ._sde import AbstractSDE
+
+
+class _Apply:
+    """`module.apply`, compared and hashed by the module's value: a bound method
+    compares by its instance's identity, so an equal module built anew (a network
+    defined inside a loop) compiled `gd.sample` again. `__self__` is the module, as
+    for the bound method."""
+
+    __slots__ = ("__self__",)
+    __name__ = "apply"
+
+    def __init__(self, module: nn.Module):
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return self.__self__.apply(*args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Apply) and self.__self__ == other.__self__
+
+    def __hash__(self) -> int:
+        return hash((_Apply, self.__self__))
+
+    def __repr__(self) -> str:
+        return f"{self.__self__!r}.apply"
 
 
 def _apply_fn(module_or_apply_fn: nn.Module | Callable) -> Callable:
     if _is_nnx_module(module_or_apply_fn):
         raise TypeError(f"LinenModel is for Flax Linen networks; {_NNX_HINT}")
     if isinstance(module_or_apply_fn, nn.Module):
-        return module_or_apply_fn.apply
+        return _Apply(module_or_apply_fn)
+    owner = getattr(module_or_apply_fn, "__self__", None)
+    if isinstance(owner, nn.Module) and module_or_apply_fn == owner.apply:
+        return _Apply(owner)  # net.apply given: the same, compared by value
     if callable(module_or_apply_fn):
         return module_or_apply_fn
     raise TypeError(
@@ -181,8 +210,8 @@ def flax_score(
     The network sees ONE particle, without a batch axis (`gd.sample` vmaps it). Most
     networks trained elsewhere are written for a batch (`x` of shape `(B, ...)`,
     `t` of shape `(B,)`): give them a batch of one,
-    `lambda v, t, x, a: net.apply(v, t[None], x[None], a)[0]` (the label `a[None]`
-    too if it is per example). Called without the batch axis such a network may
+    `lambda v, t, x, a: net.apply(v, jnp.reshape(t, (1,)), x[None], a)[0]` (the
+    label `jnp.reshape(a, (1,))` too if it is per example). Called without the batch axis such a network may
     still return the right shape and a wrong value (a `GroupNorm` then normalises
     over an image axis), which no check can detect.
 
@@ -218,6 +247,7 @@ def flax_score(
                 "holds its own parameters: pass variables=None, "
                 "gd.flax_score(model, None, sde, prediction=...)"
             )
+        check_nnx_pytree(module_or_apply_fn, "gd.flax_score")
         model = module_or_apply_fn  # a pytree: its arrays are leaves
     elif variables is None:
         raise TypeError(
@@ -271,14 +301,17 @@ class FlaxClassifier(eqx.Module):
             raise ValueError(
                 f"the classifier returned shape {jnp.shape(logits)} for one particle "
                 f"of shape {jnp.shape(x)}; expected (num_classes,) logits (for a "
-                "network written for a batch: lambda v, t, x: net.apply(v, t[None], "
-                "x[None])[0])"
+                "network written for a batch: lambda v, t, x: net.apply(v, "
+                "jnp.reshape(t, (1,)), x[None])[0])"
             )
         label = _class_label(args, logits.shape[0])
         logp = jax.nn.log_softmax(logits / self.temperature.astype(logits.dtype))
-        # a traced label out of range gives NaN (the particle fails), never a clamp
+        # A traced label out of range gives NaN, never a clamped index, in the value
+        # and in its gradient (classifier guidance uses the gradient alone; a
+        # jnp.where would pass it a zero gradient: unguided particles, not failed).
         ok = (label >= 0) & (label < logits.shape[0])
-        return jnp.where(ok, logp[jnp.clip(label, 0, logits.shape[0] - 1)], jnp.nan)
+        nan_unless_ok = jnp.where(ok, 1.0, jnp.nan).astype(logp.dtype)
+        return logp[jnp.clip(label, 0, logits.shape[0] - 1)] * nan_unless_ok
 
 
 def _class_label(args, num_classes: int) -> Array:
@@ -357,6 +390,7 @@ def flax_classifier(
                 f"{type(module_or_apply_fn).__name__} is a Flax NNX network, which "
                 "holds its own parameters: pass variables=None"
             )
+        check_nnx_pytree(module_or_apply_fn, "gd.flax_classifier")
         logits = module_or_apply_fn
     elif variables is None:
         raise TypeError(

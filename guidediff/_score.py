@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 
 import equinox as eqx
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array
 
 from ._custom_types import Args, Time
@@ -58,6 +59,20 @@ def _is_nnx_module(obj) -> bool:
     """A Flax NNX network: it holds its parameters and is a pytree (flax >= 0.12),
     so it is read directly (`gd.EpsScore(model, sde)`), its arrays leaves."""
     return _flax_kind(obj) == "nnx"
+
+
+def check_nnx_pytree(model, what: str) -> None:
+    """A `TypeError` for an NNX network declared `pytree=False`: JAX sees it as one
+    leaf, so `jax.grad` would not reach its parameters, `jit` would bake them in as
+    constants and compile again for each new instance."""
+    if _is_nnx_module(model) and jtu.treedef_is_leaf(jtu.tree_structure(model)):
+        raise TypeError(
+            f"{what}: the Flax NNX network {type(model).__name__} is not a pytree "
+            "(declared with pytree=False), so its parameters would be constants of "
+            "the compiled sampler; split it, graphdef, state = nnx.split(model), "
+            "and read gd.flax_score(lambda s, t, x, a: nnx.merge(graphdef, s)(t, x, "
+            "a), state, sde, prediction=...)"
+        )
 
 
 _NNX_HINT = (
@@ -111,16 +126,25 @@ def _network_hint(obj) -> str | None:
 
 
 def check_not_linen(fn, what: str, fix: str) -> None:
-    """A `TypeError` naming `fix` when `fn` is a Flax Linen network, its bound
-    method, or a `LinenModel`, where a plain function of another signature is
-    expected (a classifier's log-likelihood, a reward): the network needs its
-    variables and returns its own output (logits, a prediction)."""
+    """A `TypeError` naming `fix` when `fn` is an unbound Flax Linen network (calling
+    it fails) or a network's `apply` (it takes the variables first), where a plain
+    function of another signature is expected (a classifier's log-likelihood, a
+    reward). A bound network (`net.bind(variables)`), its methods and a
+    `gd.LinenModel` hold their variables and pass."""
     owner = getattr(fn, "__self__", None)
-    if _is_flax_module(fn) or _is_flax_module(owner) or _is_linen_model(fn):
-        net = owner if _is_flax_module(owner) else fn
+    if _is_flax_module(fn):
+        net, unbound = fn, getattr(fn, "scope", None) is None
+    elif _is_flax_module(owner):
+        net = owner
+        unbound = getattr(owner, "scope", None) is None or (
+            getattr(fn, "__name__", "") == "apply"
+        )
+    else:
+        return
+    if unbound:
         raise TypeError(
-            f"{what} got the Flax Linen network {type(net).__name__} (or its "
-            f"apply), which needs its variables and returns its own output; {fix}"
+            f"{what} got the Flax Linen network {type(net).__name__} (unbound, or "
+            f"its apply), which needs its variables; {fix}"
         )
 
 
@@ -363,6 +387,7 @@ def _check_model(kind: str, model, sde) -> None:
         raise TypeError(
             f"gd.{kind} needs a callable model(t, x, args), got {type(model).__name__}"
         )
+    check_nnx_pytree(model, f"gd.{kind}")
 
 
 class EpsScore(AbstractScore):

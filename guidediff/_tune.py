@@ -241,7 +241,8 @@ def _default_optimizer() -> optax.GradientTransformation:
     """Adam with its learning rate in its state (`optax.inject_hyperparams`): one
     object, so that every call of a learning-rate sweep reuses one compiled step
     (`optax.adam(rate)` bakes the rate into its update: one compile per rate).
-    `_optimise` sets the rate in the state; the updates are `optax.adam(rate)`'s."""
+    `_optimise` sets the rate in the state; the updates are `optax.adam(rate)`'s
+    (to rounding: the rate is an array in float32, not a constant folded in)."""
     return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
 
 

@@ -531,10 +531,18 @@ def test_flax_classifier_with_the_exact_logits_gives_the_conditional_score():
     want = jax.nn.log_softmax(clf.apply({}, 0.5, x) / 2.0)
     for c in range(3):
         np.testing.assert_allclose(hot(0.5, x, c), want[c], rtol=1e-12)
-    # a traced label out of range is NaN (the particle fails), never clamped
-    assert np.isnan(jax.jit(lambda c: log_p(0.5, x, c))(3))
-    assert np.isnan(jax.jit(lambda c: log_p(0.5, x, c))(-1))
+    # a traced label out of range is NaN (the particle fails), never clamped: the
+    # value and its gradient, the only part classifier guidance uses (a jnp.where
+    # gave it a zero gradient: unguided samples, none failed)
+    grad = jax.jit(jax.grad(lambda x, c: log_p(0.5, x, c)))
+    for c in (3, -1):
+        assert np.isnan(jax.jit(lambda c: log_p(0.5, x, c))(c))
+        assert np.all(np.isnan(grad(x, c)))
     np.testing.assert_allclose(jax.jit(lambda c: log_p(0.5, x, c))(2), log_p(0.5, x, 2))
+    np.testing.assert_allclose(grad(x, 2), jax.grad(lambda x: log_p(0.5, x, 2))(x))
+    out = gd.sample(jr.key(0), sde, guided, (2,), num_particles=3, args=3,
+                    ts=gd.uniform_grid(1.0, 1e-3, 3))  # fmt: skip
+    assert out.failed.all()
 
 
 def test_flax_classifier_checks_and_network_mistakes(mlp):
@@ -577,13 +585,17 @@ def test_flax_classifier_checks_and_network_mistakes(mlp):
     batched = gd.flax_classifier(lambda v, t, x: lin(t, x)[None], {})
     with pytest.raises(ValueError, match=r"returned shape \(1, 3\)"):
         batched(0.3, x, 1)
-    # a Linen network where a log-likelihood or a reward function is expected
+    # a Linen network without its variables where a log-likelihood or a reward
+    # function is expected; one that holds them (bound, or a LinenModel) passes
     net, nv = mlp
-    for bad in (net, net.apply, LinenModel(nv, net)):
+    for bad in (net, net.apply, net.__call__):
         with pytest.raises(TypeError, match="gd.flax_classifier"):
             gd.classifier_guidance(bad, 1.0)
         with pytest.raises(TypeError, match="reward as a function of one particle"):
             gd.gradient_guidance(bad, 1.0, VPSDE())
+    for good in (net.bind(nv), LinenModel(nv, net)):
+        gd.classifier_guidance(good, 1.0)
+        gd.gradient_guidance(good, 1.0, VPSDE())
 
 
 class _NamedNet(nn.Module):  # submodules with explicit names (not Dense_0)
@@ -610,3 +622,70 @@ def test_params_alone_of_a_network_with_named_submodules_get_the_fix():
         gd.sample(jr.key(0), sde, score, (2,), num_particles=2,
                   ts=gd.uniform_grid(1.0, 1e-3, 3))  # fmt: skip
     flax_score(net, variables, sde)(0.5, jnp.zeros(2))  # the whole dict works
+
+
+class _TinyLogits(nn.Module):
+    @nn.compact
+    def __call__(self, t, x):
+        return nn.Dense(2)(jnp.append(x, t))
+
+
+class _Batched(nn.Module):  # written for a batch: x (B, d), t (B,)
+    @nn.compact
+    def __call__(self, t, x, label=None):
+        h = jnp.concatenate([x, t[:, None]], axis=1)
+        return nn.Dense(x.shape[1])(h)
+
+
+def test_an_equal_linen_network_built_anew_does_not_compile_again():
+    """`flax_score` / `flax_classifier` held `net.apply`, a bound method, which
+    compares by the module's identity: an equal network built anew per call (a
+    module defined inside a loop) compiled `gd.sample` again every call. The
+    docstring's recipe for a network written for a batch works with a Python
+    float time too (`t[None]` did not)."""
+    import guidediff as gd
+    from guidediff._sample import _sample_jit
+
+    sde = VPSDE()
+    variables = _Batched().init(jr.key(0), jnp.zeros(1), jnp.zeros((1, 2)))
+    recipe = lambda v, t, x, a: _Batched().apply(v, jnp.reshape(t, (1,)), x[None])[0]
+    score = flax_score(recipe, variables, sde)
+    x = jnp.array([0.5, -1.0])
+    want = -_Batched().apply(variables, jnp.full((1,), 0.3), x[None])[0]
+    np.testing.assert_allclose(score(0.3, x), want / sde.marginal(0.3)[1])
+
+    clf_vars = _TinyLogits().init(jr.key(1), 0.5, jnp.zeros(2))
+    kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 3), args=1)
+    sizes = []
+    for _ in range(3):
+        net = MLPScoreNet(hidden=(8,), time_embed_dim=4)  # equal, built anew
+        s = flax_score(net, net.init(jr.key(0), 0.5, jnp.zeros(2)), sde)
+        clf = gd.flax_classifier(_TinyLogits(), clf_vars)  # built anew
+        guided = gd.guide(s, gd.classifier_guidance(clf, 1.0))
+        gd.sample(jr.key(0), sde, guided, (2,), **kw)
+        sizes.append(_sample_jit._cached._cache_size())
+    assert sizes[1:] == sizes[:1] * 2
+
+
+def test_an_nnx_network_that_is_not_a_pytree_is_refused():
+    """`nnx.Module` subclasses declared `pytree=False` are one leaf for JAX: read
+    directly, jax.grad missed their parameters and each instance compiled anew."""
+    from flax import nnx
+
+    import guidediff as gd
+
+    class Net(nnx.Module, pytree=False):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, t, x, args=None):
+            return self.lin(x)
+
+    model, sde = Net(nnx.Rngs(0)), VPSDE()
+    for build in (
+        lambda: flax_score(model, None, sde),
+        lambda: EpsScore(model, sde),
+        lambda: gd.flax_classifier(model, None),
+    ):
+        with pytest.raises(TypeError, match="not a pytree .*nnx.split"):
+            build()
