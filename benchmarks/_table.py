@@ -404,6 +404,14 @@ def gpu_table(results_dir: str | Path) -> str:
         rows.extend(BUILDERS[res["benchmark"]](res, name))
     ran = "; ".join(f"{c} ({', '.join(names)})" for c, names in commits.items())
     rows += ["", f"Device: {device}. guidediff commit: {ran}."]
+    stack = {}
+    for _, res in files:
+        for pkg in ("jax", "diffrax", "equinox", "flax"):
+            stack.setdefault(pkg, set()).add((res.get("versions") or {}).get(pkg, "?"))
+    days = sorted({str(res.get("timestamp_utc", "?"))[:10] for _, res in files})
+    if files:
+        versions = ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in stack.items())
+        rows += [f"Versions: {versions}. Run on {', '.join(days)} (UTC)."]
     return "\n".join(rows)
 
 

@@ -4,8 +4,9 @@ r"""One `diffrax.diffeqsolve` over all particles at once, on a fixed grid.
 batched state `(P, *shape)` instead of `vmap`-ing `diffeqsolve` over particles. On a
 `StepTo` grid every particle takes the same steps, so the samples are the same; but
 diffrax's adjoint is then not run under `vmap`, so reverse mode keeps ONE cotangent of
-what the score closes over (e.g. network parameters), not one per particle (which
-took 9.4 GiB for a 64-D MLP at 4,096 particles). Adaptive step sizes keep the
+what the score closes over (e.g. network parameters), not one per particle (4 bytes
+x parameters x particles: gigabytes for the benchmarks' 64-D MLP at 4,096
+particles, `compiled_memory` in `benchmarks/results/grad_cost_gpu.json`). Adaptive step sizes keep the
 per-particle `vmap`, so that each particle has its own steps, and so do solvers
 whose step couples the state's entries (implicit solvers' Newton solves and
 Milstein's Jacobian would span the whole batch): see `_per_particle_steps`.

@@ -148,7 +148,7 @@ def _as_array(t):
 @eqx.filter_jit
 def _logsnr_times(sde: AbstractSDE, t_start, t_end, num_steps: int) -> Array:
     """The bisection of `logsnr_grid`, compiled once per SDE and `num_steps` (run
-    eagerly, its loop's new closures compiled at every call: 0.1-0.3 s each)."""
+    eagerly, its loop's new closures compiled at every call)."""
     lam = jnp.linspace(sde.log_snr(t_start), sde.log_snr(t_end), num_steps + 1)
 
     def invert(target):

@@ -160,8 +160,8 @@ def reciprocal_prob(probs: Float[ArrayLike, "n ..."]) -> tuple[Array, Array]:
     $\mathbb E[R] = 1/p(c)$, and Corollary 1 says guidance can only lower it.
     $1/p$ is heavy-tailed: its variance is dominated by rare samples far from class
     $c$, so the *sample* standard error returned here can underestimate the true
-    one by a large factor at a few thousand samples (for the 1-D mixture of the
-    tests, 0.07 against an exact 0.21 at n = 4000). Where the law is known, compute
+    one by a large factor at a few thousand samples (`tests/helpers.py` computes the
+    exact one for the tests' mixtures). Where the law is known, compute
     the exact variance, $\mathbb E[1/p^2] = \int p(x)^2 / (p(c)^2 p(x\mid c))\,dx$
     for unguided samples, and use many samples.
 

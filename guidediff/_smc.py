@@ -132,8 +132,8 @@ class SMCSamples(eqx.Module):
     Averages with `weights` are self-normalised and biased at finite $P$. With
     heavy-tailed weights (the default twist and a moderately sharp reward) the
     bias can shrink much more slowly than $1/P$: a bump of width 0.5 on the
-    README's mixture left weighted means 0.1-0.17 off (6-8 standard errors) from
-    $P = 512$ to $P = 32768$. Check a weighted average against `twist=0` or
+    README's mixture left weighted means many standard errors off over a 64-fold
+    range of $P$. Check a weighted average against `twist=0` or
     another `ess_threshold` before trusting it. A NaN or
     $+\infty$ potential (at the end, or at any intermediate $\hat x_0$ when
     `twist > 0`) fails the particle for good: `jnp.log` of a negative number drops
@@ -202,7 +202,7 @@ def resample_indices(
     $W$ is computed in JAX's default float (float64 with `jax_enable_x64`, else
     float32). In float32 its resolution near 1 is $2^{-24}$: from about $2^{18}$
     particles a systematic count can miss $\lfloor n w_i \rfloor$ /
-    $\lceil n w_i \rceil$ by one (about ten slots per draw at $2^{20}$), and more
+    $\lceil n w_i \rceil$ by one (in a few slots per draw), and more
     than $2^{24}$ particles cannot be resampled (an error; enable x64).
 
     Concrete log-weights with a NaN or $+\infty$, or none finite, raise
@@ -307,8 +307,8 @@ def smc_sample(
     $q$ is the law of the discretised sampler on `ts` (what `gd.sample` draws with
     the same solver and grid), not the exact data law $p$: on a coarse grid
     compare with importance sampling of `gd.sample` draws on the same grid, and
-    with an exact tilt `gmm.tilt(r)` only on fine grids (100 uniform steps gave a
-    variance 3 % low, visible at a few thousand particles).
+    with an exact tilt `gmm.tilt(r)` only on fine grids (100 uniform steps leave a
+    variance a few percent low, visible at a few thousand particles).
 
     `jax.grad` through resampling: each resampled copy carries its ancestor's
     log-weight as a zero-valued stop-gradient term (Scibior & Wood 2021), so the
@@ -339,7 +339,7 @@ def smc_sample(
       a `twist_floor`. The twist evaluates $r$ at Tweedie's $\hat x_0$, which at
       high noise is shrunk towards the data mean: for a reward much narrower than
       the data's spread (a bump of width 0.1 on unit-scale data) $\log\hat Z$ can
-      be tens of nats low while the final ESS looks healthy. For sharp rewards
+      be far too low while the final ESS looks healthy. For sharp rewards
       start with `twist=0` or a guided `proposal`, and compare $\log\hat Z$
       across settings.
     - `twist_floor`: $f$, a lower bound on each intermediate $\log h_k$ (default

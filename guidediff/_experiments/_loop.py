@@ -2,8 +2,9 @@
 convolutional networks of `cfg-digits`.
 
 `guidediff._train.fit` runs many steps per dispatch inside a `lax.scan`; on XLA:CPU
-convolution gradients inside a while loop run 30-70x slower than the same step
-jitted on its own, so a U-Net step takes ~1 s instead of ~30 ms. This loop keeps
+convolution gradients inside a while loop run far slower (more than an order of
+magnitude, measured when this loop was written) than the same step jitted on its
+own. This loop keeps
 each step a separate jitted call (a few microseconds of dispatch on a GPU). Small
 MLPs train with `fit`, which is not affected; `fit(..., steps_per_dispatch=1)` now
 also runs each step with no loop around it; cfg-digits keeps this loop, so its

@@ -45,7 +45,7 @@ from ._common import (
 
 # The model error allowed to the learned sampler at w = 1: its mean reward may miss
 # the exact tilt's E_{p^r}[r] by this share of the exact gain E_{p^r}[r] - E_p[r]
-# (plus AGREE_SE standard errors). Full runs reach 0.99+; quick runs 0.97-1.04.
+# (plus AGREE_SE standard errors).
 LEARNED_GAIN_TOL = 0.1
 # Two-sided agreement claims (a value equals its exact counterpart) allow this many
 # standard errors: 4 (a spurious False once in 16000 per claim; 3 would be 1 in 370)

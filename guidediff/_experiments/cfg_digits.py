@@ -8,7 +8,7 @@ $p_\theta(c \mid x) \propto p(c)\,p_\theta(x \mid c)$. The classifier approximat
 it after temperature calibration on a separate set of the model's *unguided*
 samples labelled by their conditioning class (fitting the temperature on real
 held-out digits instead makes the classifier sharper, and its probabilities of
-imperfect generated digits then reach $10^{-10}$, so $1/p$ is dominated by a few
+imperfect generated digits then become tiny, so $1/p$ is dominated by a few
 samples). For each guidance weight $w$ and each class
 $c = 0..9$ the CFG sampler draws the same number of particles with the same noise for
 every $w$ (as the paper's "20 trials for each of the 1000 categories"), and the run

@@ -93,8 +93,8 @@ def reciprocal_prob_sd(gmm: GaussianMixture, label: int) -> float:
     r"""The exact standard deviation of $1/p(c\mid X)$ for $X \sim p(\cdot\mid c)$,
     by quadrature on a grid (1-D or 2-D): $E[1/p] = 1/p(c)$ and
     $E[1/p^2] = \int p(x\mid c)/p(c\mid x)^2\,dx$. $1/p$ is heavy-tailed, so the
-    sample standard deviation of a run underestimates it (about 2x at 2,000
-    particles here); the unguided mean is compared with $1/p(c)$ on this one."""
+    sample standard deviation of a run underestimates it (by a large factor at a few
+    thousand particles here); the unguided mean is compared with $1/p(c)$ on this one."""
     if gmm.dim > 2:
         raise ValueError("reciprocal_prob_sd integrates 1-D and 2-D mixtures")
     means, sd = np.asarray(gmm.means), np.sqrt(np.asarray(gmm.covs).max())

@@ -52,8 +52,8 @@ def gradient_guidance(
     $\hat x_0$ is $(I + \sigma^2 \nabla_x s)/\alpha$, where $\alpha(T)$ is
     small (0.0066 for `gd.VPSDE()`). For the exact score the two terms cancel; a
     network's score cancels them only approximately, and the remainder is divided
-    by $\alpha$ (a 2-D network trained for seconds gave guidance terms of ~100 at
-    $t = 1$ and samples of 1e16, not flagged as failed: they are finite). Switch the
+    by $\alpha$ (a briefly trained 2-D network gave huge guidance terms at $t = 1$
+    and huge samples, not flagged as failed: they are finite). Switch the
     guidance off at high noise, e.g. `gd.interval(gd.gradient_guidance(R, w, sde),
     0.0, 0.7)`, or use a weight schedule that vanishes as $\alpha \to 0$, as DPS
     implementations do.
