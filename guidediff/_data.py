@@ -52,8 +52,9 @@ def swiss_roll(
     r"""`n` points of the 2-D Swiss roll.
 
     The $(x, z)$ coordinates of `sklearn.datasets.make_swiss_roll(n, noise=noise)`
-    (the spiral; the $y$ axis is the roll's length), divided by 7 so each coordinate
-    has standard deviation about 0.95, then multiplied by `scale`. `noise` is the
+    (the spiral; the $y$ axis is the roll's length), divided by 7 so the coordinates
+    have standard deviations near 1 (about 0.95 and 0.99), then multiplied by
+    `scale`. `noise` is the
     standard deviation of sklearn's Gaussian noise, in sklearn's units (before
     rescaling). Deterministic given `key_or_seed`, a JAX key or an integer seed.
 

@@ -609,6 +609,8 @@ def test_swiss_roll():
     kurt = np.mean(xc**4, axis=0) / np.mean(xc**2, axis=0) ** 2
     se = exact * np.sqrt((kurt - 1) / (4 * xn.shape[0]))
     np.testing.assert_array_less(np.abs(xn.std(axis=0) - exact), 4 * se)
+    noiseless = np.sqrt([np.var(t * np.cos(t)), np.var(t * np.sin(t))]) / 7
+    np.testing.assert_allclose(noiseless, [0.95, 0.99], atol=0.005)  # the docstring's
     np.testing.assert_array_equal(x, swiss_roll(0, 2000, noise=0.2))
     assert not np.array_equal(x, swiss_roll(1, 2000, noise=0.2))
     y = swiss_roll(jr.key(0), 10, scale=2.0)

@@ -69,7 +69,9 @@ def reward_guidance(
         half = gd.guide(s, gd.reward_guidance(s_r, 0.5))
         assert jnp.allclose(half(t, x), 0.5 * (s(t, x) + s_r(t, x)), atol=1e-5)
 
-        # E[r(Y^w)] rises with w: E_p[r] = 0.18 at w = 0, E_{p^r}[r] = 0.51 at w = 1
+        # E[r(Y^w)] rises with w, from E_p[r] at w = 0 towards E_{p^r}[r] at w = 1
+        e_p, e_pr = reward.expectation(gmm), reward.expectation(gmm.tilt(reward))
+        assert jnp.allclose(jnp.array([e_p, e_pr]), jnp.array([0.18, 0.51]), atol=0.01)
         ts = gd.uniform_grid(sde.T, 1e-3, 20)
 
         def mean_reward(w):  # 64 particles, shared noise
