@@ -140,9 +140,14 @@ def logsnr_grid(
 
 
 def _as_array(t):
-    # Python numbers become (weakly typed) arrays: `filter_jit` would hold them as
-    # static values, and every new end would compile anew
-    return t if isinstance(t, jax.Array) else jnp.asarray(t)
+    # Ends become strongly typed arrays (`filter_jit` would hold Python numbers as
+    # static values: every new end compiled anew), of the end's own floating dtype
+    # (canonical: np.float64 is float32 without x64) or the default float: a weakly
+    # typed 1.0, an int 1 and np.float64(1.0) keyed one program each
+    dt = getattr(t, "dtype", None)
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        dt = jnp.result_type(float)
+    return jnp.asarray(t, jax.dtypes.canonicalize_dtype(dt))
 
 
 @eqx.filter_jit

@@ -579,10 +579,20 @@ def sliced_wasserstein(
         ```
     """
     check_key(key)
-    if num_projections < 1:
-        raise ValueError(f"num_projections must be >= 1, got {num_projections}.")
+    num_projections = _static_count("num_projections", num_projections)
     _check_finite("sliced_wasserstein", x=x, y=y)
     return _sliced_wasserstein(x, y, key, num_projections)
+
+
+def _static_count(name: str, value) -> int:
+    """A count that shapes the compiled program, as a Python int: NumPy's `200` and
+    Python's `200` hash alike but not as static arguments of `jax.jit` (their
+    types differ), which compiled the program again."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return int(value)
 
 
 # ---------------------------------------------------------------------------------
@@ -685,8 +695,7 @@ def two_sample_test(
     check_key(key)
     if statistic not in ("energy", "mmd"):
         raise ValueError(f"statistic must be 'energy' or 'mmd', got {statistic!r}.")
-    if num_permutations < 1:
-        raise ValueError(f"num_permutations must be >= 1, got {num_permutations}.")
+    num_permutations = _static_count("num_permutations", num_permutations)
     _check_bandwidth(bandwidth)
     _check_finite("two_sample_test", x=x, y=y)
     return _two_sample_test(x, y, key, bandwidth, statistic, num_permutations)

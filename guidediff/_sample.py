@@ -237,13 +237,26 @@ def _safe_grid(sde: AbstractSDE, ts, ok) -> Array:
 
 
 def _args_as_arrays(args):
-    """Numbers in args become array leaves, so a new label does not recompile."""
-    return jtu.tree_map(
-        lambda a: (
-            jnp.asarray(a) if isinstance(a, int | float | bool | np.ndarray) else a
-        ),
-        args,
-    )
+    """Numbers in args become array leaves, so a new label does not recompile.
+
+    Integers and bools (Python or NumPy) become strongly typed arrays of JAX's
+    canonical dtype (int32 without x64), whatever their spelling: `1`,
+    `np.int64(1)` and `jnp.array(1, jnp.int32)` are one program (a weakly typed
+    `1` and a NumPy scalar, left static, compiled one each). Python floats stay
+    weakly typed, as JAX's own arguments do (they must not promote a 16-bit
+    state); NumPy floats are strong, as in JAX."""
+
+    def leaf(a):
+        if isinstance(a, bool | int | np.bool_ | np.integer) or (
+            isinstance(a, np.ndarray) and a.dtype.kind in "biu"
+        ):
+            dtype = jax.dtypes.canonicalize_dtype(np.result_type(a))
+            return jnp.asarray(a, dtype)
+        if isinstance(a, float | np.ndarray | np.generic):
+            return jnp.asarray(a)
+        return a
+
+    return jtu.tree_map(leaf, args)
 
 
 def _split_particle_key(key: Key) -> tuple[Key, Key]:
@@ -735,8 +748,8 @@ def sample(
                 f"max_steps={max_steps} is fewer than the grid's {ts.shape[0] - 1} "
                 "steps: diffeqsolve would stop early and fail every particle"
             )
+    tol = _check_static_float("brownian_tol", brownian_tol)
     if process == "sde" and brownian == "tree":
-        tol = _check_static_float("brownian_tol", brownian_tol)
         if not (math.isfinite(tol) and tol > 0):
             raise ValueError(f"brownian_tol must be finite and positive, got {tol}")
     if isinstance(adjoint, dfx.BacksolveAdjoint) and (
@@ -782,10 +795,13 @@ def sample(
         driver,
         save_every if save_trajectory else 0,
         bool(denoise),
-        max_steps,
+        # what the program does not use is left out of its cache key (a new
+        # max_steps for the scan driver, or a tolerance of a tree that is not
+        # drawn, compiled again for the same program)
+        max_steps if driver == "diffeqsolve" else None,
         checkpoint,
-        _check_static_float("brownian_tol", brownian_tol),
-        brownian,
+        tol if process == "sde" and brownian == "tree" else None,
+        brownian if process == "sde" else None,
         truncate,
         single,
         bool(save_trajectory),

@@ -403,3 +403,47 @@ def test_the_recompile_warning_spares_distinct_functions_and_odd_statics():
             for f in wrapped:
                 run(f)
         run(functools.partial(scaled, cyclic))
+
+
+def test_equal_values_in_other_spellings_do_not_compile_again():
+    """From a recompile audit: the same label spelled 1, np.int64(1), np.array(1) or
+    a strong array; arguments the program does not use (max_steps of the scan
+    driver, the tolerance of a tree that is not drawn, the noise of the ODE); a
+    count given as a NumPy int; grid ends spelled 1.0, 1 or np.float64(1.0): each
+    compiled the same program again (seconds per call)."""
+    from guidediff import _grid, _metrics
+
+    ts = jnp.linspace(1.0, 1e-3, 4)
+    guided = gd.guide(COND, gd.cfg(1.0, null_args=3))
+    run = lambda **kw: gd.sample(jr.key(0), SDE, guided, (2,), num_particles=2, ts=ts,
+                                 **kw).ys  # fmt: skip
+    first = run(args=1)
+    before = _sample_jit._cached._cache_size()
+    for label in (0, np.int64(1), np.array(1), jnp.asarray(1, jnp.result_type(int))):
+        run(args=label)
+    for kw in (dict(max_steps=99), dict(brownian_tol=1e-4)):
+        np.testing.assert_array_equal(run(args=1, **kw), first)
+    assert _sample_jit._cached._cache_size() == before
+    ode = run(args=1, process="ode")
+    before = _sample_jit._cached._cache_size()
+    for kw in (dict(brownian="tree"), dict(brownian="tree", brownian_tol=0.01)):
+        np.testing.assert_array_equal(run(args=1, process="ode", **kw), ode)
+    assert _sample_jit._cached._cache_size() == before
+
+    x = jr.normal(jr.key(1), (6, 2))
+    gd.two_sample_test(x, x + 1, key=jr.key(2), num_permutations=20)
+    gd.sliced_wasserstein(x, x + 1, key=jr.key(2), num_projections=8)
+    counts = (_metrics._two_sample_test._cache_size(),
+              _metrics._sliced_wasserstein._cache_size())  # fmt: skip
+    gd.two_sample_test(x, x + 1, key=jr.key(2), num_permutations=np.int64(20))
+    gd.sliced_wasserstein(x, x + 1, key=jr.key(2), num_projections=np.int32(8))
+    assert (_metrics._two_sample_test._cache_size(),
+            _metrics._sliced_wasserstein._cache_size()) == counts  # fmt: skip
+    with pytest.raises(TypeError, match="num_permutations must be an int"):
+        gd.two_sample_test(x, x + 1, key=jr.key(2), num_permutations=20.0)
+
+    gd.logsnr_grid(SDE, 1.0, 1e-3, 5)
+    before = _grid._logsnr_times._cached._cache_size()
+    for start in (1, np.float64(1.0), jnp.asarray(1.0)):
+        gd.logsnr_grid(SDE, start, 1e-3, 5)
+    assert _grid._logsnr_times._cached._cache_size() == before
