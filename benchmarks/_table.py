@@ -407,8 +407,9 @@ def gpu_table(results_dir: str | Path) -> str:
     stack = {}
     for _, res in files:
         for pkg in ("jax", "diffrax", "equinox", "flax"):
-            stack.setdefault(pkg, set()).add((res.get("versions") or {}).get(pkg, "?"))
-    days = sorted({str(res.get("timestamp_utc", "?"))[:10] for _, res in files})
+            version = (res.get("versions") or {}).get(pkg) or "?"
+            stack.setdefault(pkg, set()).add(str(version))
+    days = sorted({str(res.get("timestamp_utc") or "?")[:10] for _, res in files})
     if files:
         versions = ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in stack.items())
         rows += [f"Versions: {versions}. Run on {', '.join(days)} (UTC)."]

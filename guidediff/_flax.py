@@ -43,9 +43,10 @@ class _Apply:
     """`module.apply`, compared and hashed by the module's value: a bound method
     compares by its instance's identity, so an equal module built anew (a network
     defined inside a loop) compiled `gd.sample` again. `__self__` is the module, as
-    for the bound method."""
+    for the bound method. A module whose fields cannot be compared or hashed (an
+    array field) falls back to identity, as the bound method did."""
 
-    __slots__ = ("__self__",)
+    __slots__ = ("__self__", "__weakref__")  # jax.jit keeps weak references
     __name__ = "apply"
 
     def __init__(self, module: nn.Module):
@@ -55,10 +56,19 @@ class _Apply:
         return self.__self__.apply(*args, **kwargs)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _Apply) and self.__self__ == other.__self__
+        if not isinstance(other, _Apply):
+            return False
+        a, b = self.__self__, other.__self__
+        try:
+            return a is b or (type(a) is type(b) and bool(a == b))
+        except Exception:  # e.g. an array field: == is elementwise, or raises
+            return False
 
     def __hash__(self) -> int:
-        return hash((_Apply, self.__self__))
+        try:
+            return hash((_Apply, self.__self__))
+        except Exception:  # unhashable fields: equal only to itself (see __eq__)
+            return hash((_Apply, type(self.__self__)))
 
     def __repr__(self) -> str:
         return f"{self.__self__!r}.apply"
@@ -88,8 +98,9 @@ class LinenModel(eqx.Module):
 
     - `variables`: the network's variables (`module.init(...)`), pytree leaves.
     - `apply_fn`: `module.apply`, or any pure `apply_fn(variables, t, x, args)`; a
-      static field (hashed, not traced). Keep one module instance per network so
-      the jit cache is reused.
+      static field (hashed, not traced). A module's `apply` is compared by the
+      module's value, so an equal module built anew reuses the compiled programs
+      (a module with an array field only by identity: keep one instance).
 
     A `flax.linen.Module` may be passed in place of `apply_fn`; its `apply` is used.
 
@@ -247,7 +258,12 @@ def flax_score(
                 "holds its own parameters: pass variables=None, "
                 "gd.flax_score(model, None, sde, prediction=...)"
             )
-        check_nnx_pytree(module_or_apply_fn, "gd.flax_score")
+        check_nnx_pytree(
+            module_or_apply_fn,
+            "gd.flax_score",
+            "gd.flax_score(lambda s, t, x, a: nnx.merge(graphdef, s)(t, x, a), "
+            "state, sde, prediction=...)",
+        )
         model = module_or_apply_fn  # a pytree: its arrays are leaves
     elif variables is None:
         raise TypeError(
@@ -390,7 +406,11 @@ def flax_classifier(
                 f"{type(module_or_apply_fn).__name__} is a Flax NNX network, which "
                 "holds its own parameters: pass variables=None"
             )
-        check_nnx_pytree(module_or_apply_fn, "gd.flax_classifier")
+        check_nnx_pytree(
+            module_or_apply_fn,
+            "gd.flax_classifier",
+            "gd.flax_classifier(lambda s, t, x: nnx.merge(graphdef, s)(t, x), state)",
+        )
         logits = module_or_apply_fn
     elif variables is None:
         raise TypeError(

@@ -61,7 +61,7 @@ def _is_nnx_module(obj) -> bool:
     return _flax_kind(obj) == "nnx"
 
 
-def check_nnx_pytree(model, what: str) -> None:
+def check_nnx_pytree(model, what: str, recipe: str | None = None) -> None:
     """A `TypeError` for an NNX network declared `pytree=False`: JAX sees it as one
     leaf, so `jax.grad` would not reach its parameters, `jit` would bake them in as
     constants and compile again for each new instance."""
@@ -70,8 +70,12 @@ def check_nnx_pytree(model, what: str) -> None:
             f"{what}: the Flax NNX network {type(model).__name__} is not a pytree "
             "(declared with pytree=False), so its parameters would be constants of "
             "the compiled sampler; split it, graphdef, state = nnx.split(model), "
-            "and read gd.flax_score(lambda s, t, x, a: nnx.merge(graphdef, s)(t, x, "
-            "a), state, sde, prediction=...)"
+            "and read "
+            + (
+                recipe
+                or "gd.flax_score(lambda s, t, x, a: nnx.merge(graphdef, s)(t, x, a), "
+                "state, sde, prediction=...)"
+            )
         )
 
 

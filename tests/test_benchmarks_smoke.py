@@ -534,6 +534,7 @@ def test_prose_claims_hold_in_the_committed_result_files():
     variance bias of the three SDE solvers here, on both grids"."""
     results = ROOT / "benchmarks" / "results"
     scan = json.loads((results / "against_scan_gpu.json").read_text())
+    assert {r["unroll"] for r in scan["results"]} == {4}
     ahead = {r["size"]: r["ratios"]["forward_unroll_jit"] for r in scan["results"]}
     assert set(ahead) == {"2d", "64d", "3072d"} and min(ahead.values()) > 1.0, ahead
     # README: the gradient is "an order of magnitude faster than diffrax's

@@ -689,3 +689,76 @@ def test_an_nnx_network_that_is_not_a_pytree_is_refused():
     ):
         with pytest.raises(TypeError, match="not a pytree .*nnx.split"):
             build()
+
+
+class _WithArrayField(nn.Module):  # an array field: == is elementwise, no hash
+    shift: np.ndarray
+
+    @nn.compact
+    def __call__(self, t, x, label=None):
+        return nn.Dense(2)(x) + self.shift
+
+
+def test_linen_network_with_an_array_field_built_anew_and_its_apply_jitted():
+    """The module-value comparison of `net.apply` broke two things that worked with
+    the bound method: a module with an array field, built anew per call, failed in
+    gd.sample's cache lookup (its == is elementwise); and `jax.jit` of the held
+    `apply_fn` failed (no weak references), then crashed the process when retried.
+    Such a module now falls back to identity (each instance compiles, as before)."""
+    import guidediff as gd
+
+    sde = VPSDE()
+    variables = _WithArrayField(np.zeros(2)).init(jr.key(0), 0.5, jnp.zeros(2))
+    kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 3))
+    outs = [
+        gd.sample(
+            jr.key(0),
+            sde,
+            flax_score(_WithArrayField(np.zeros(2)), variables, sde),
+            (2,),
+            **kw,
+        ).ys  # fmt: skip
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    net = MLPScoreNet(hidden=(8,), time_embed_dim=4)
+    score = flax_score(net, net.init(jr.key(0), 0.5, jnp.zeros(2)), sde)
+    apply = score.model.apply_fn
+    for _ in range(2):  # the second jit crashed the interpreter
+        out = jax.jit(apply)(score.model.variables, 0.5, jnp.ones(2), None)
+        np.testing.assert_allclose(
+            out, apply(score.model.variables, 0.5, jnp.ones(2), None)
+        )
+    jax.eval_shape(apply, score.model.variables, 0.5, jnp.ones(2), None)
+
+
+def test_classifier_guidance_names_a_log_likelihood_that_is_not_one_number(mlp):
+    """A bound classifier returning logits (accepted: it holds its variables) failed
+    inside jax.grad ("Gradient only defined for scalar-output functions")."""
+    from flax import nnx
+
+    import guidediff as gd
+
+    class Logits(nn.Module):  # (t, x, c) -> (2,) logits, not log p(c | x)
+        @nn.compact
+        def __call__(self, t, x, c):
+            return nn.Dense(2)(x)
+
+    sde, clf = VPSDE(), Logits()
+    bound = clf.bind(clf.init(jr.key(1), 0.5, jnp.zeros(2), 0))
+    guided = gd.guide(gd.Gaussian(jnp.zeros(2), 1.0).score(sde),
+                      gd.classifier_guidance(bound, 1.0))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"one number .* got shape \(2,\).*flax_classifier"
+    ):
+        guided(0.5, jnp.ones(2), 1)
+
+    class NotPytree(nnx.Module, pytree=False):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, t, x):
+            return self.lin(x)
+
+    with pytest.raises(TypeError, match=r"read gd.flax_classifier\(lambda s, t, x:"):
+        gd.flax_classifier(NotPytree(nnx.Rngs(0)), None)

@@ -26,6 +26,13 @@ class ClassifierGuidance(AbstractGuidance):
 
     def apply(self, score, t, x, args):
         s = score(t, x, args)
+        out = jax.eval_shape(self.log_likelihood, t, x, args)  # no computation
+        if out.shape != ():
+            raise ValueError(
+                "classifier_guidance's log_likelihood must return one number "
+                f"log p_t(y | x) for one particle, got shape {out.shape}; a "
+                "classifier returning logits is read by gd.flax_classifier"
+            )
         grad = jax.grad(lambda x_: self.log_likelihood(t, x_, args))(x)
         return s + self.weight(t).astype(s.dtype) * grad.astype(s.dtype)
 
