@@ -242,7 +242,8 @@ def _args_as_arrays(args):
     Integers and bools (Python or NumPy) become strongly typed arrays of JAX's
     canonical dtype (int32 without x64), whatever their spelling: `1`,
     `np.int64(1)` and `jnp.array(1, jnp.int32)` are one program (a weakly typed
-    `1` and a NumPy scalar, left static, compiled one each). Python floats stay
+    `1` and a NumPy scalar, left static, compiled one each; a weakly typed integer
+    array, `jnp.asarray(1)`, is made strong too). Python floats stay
     weakly typed, as JAX's own arguments do (they must not promote a 16-bit
     state); NumPy floats are strong, as in JAX."""
 
@@ -254,6 +255,12 @@ def _args_as_arrays(args):
             return jnp.asarray(a, dtype)
         if isinstance(a, float | np.ndarray | np.generic):
             return jnp.asarray(a)
+        if (
+            isinstance(a, jax.Array)
+            and getattr(a, "weak_type", False)
+            and a.dtype.kind in "biu"
+        ):  # jnp.asarray(1): the same label as 1
+            return jax.lax.convert_element_type(a, a.dtype)
         return a
 
     return jtu.tree_map(leaf, args)

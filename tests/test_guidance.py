@@ -419,7 +419,7 @@ def test_equal_values_in_other_spellings_do_not_compile_again():
                                  **kw).ys  # fmt: skip
     first = run(args=1)
     before = _sample_jit._cached._cache_size()
-    for label in (0, np.int64(1), np.array(1), jnp.asarray(1, jnp.result_type(int))):
+    for label in (0, np.int64(1), np.array(1), jnp.asarray(1), jnp.asarray(0, int)):
         run(args=label)
     for kw in (dict(max_steps=99), dict(brownian_tol=1e-4)):
         np.testing.assert_array_equal(run(args=1, **kw), first)
