@@ -59,9 +59,12 @@ class _Apply:
         if not isinstance(other, _Apply):
             return False
         a, b = self.__self__, other.__self__
-        try:
-            return a is b or (type(a) is type(b) and bool(a == b))
-        except Exception:  # e.g. an array field: == is elementwise, or raises
+        if a is b:
+            return True
+        try:  # by value only where both hash (so that equal means equal hashes)
+            hash(a), hash(b)
+            return type(a) is type(b) and bool(a == b)
+        except Exception:  # an array or list field: by identity, as a bound method
             return False
 
     def __hash__(self) -> int:

@@ -239,31 +239,21 @@ def _safe_grid(sde: AbstractSDE, ts, ok) -> Array:
 def _args_as_arrays(args):
     """Numbers in args become array leaves, so a new label does not recompile.
 
-    Integers and bools (Python or NumPy) become strongly typed arrays of JAX's
-    canonical dtype (int32 without x64), whatever their spelling: `1`,
-    `np.int64(1)` and `jnp.array(1, jnp.int32)` are one program (a weakly typed
-    `1` and a NumPy scalar, left static, compiled one each; a weakly typed integer
-    array, `jnp.asarray(1)`, is made strong too). Python floats stay
-    weakly typed, as JAX's own arguments do (they must not promote a 16-bit
-    state); NumPy floats are strong, as in JAX."""
-
-    def leaf(a):
-        if isinstance(a, bool | int | np.bool_ | np.integer) or (
-            isinstance(a, np.ndarray) and a.dtype.kind in "biu"
-        ):
-            dtype = jax.dtypes.canonicalize_dtype(np.result_type(a))
-            return jnp.asarray(a, dtype)
-        if isinstance(a, float | np.ndarray | np.generic):
-            return jnp.asarray(a)
-        if (
-            isinstance(a, jax.Array)
-            and getattr(a, "weak_type", False)
-            and a.dtype.kind in "biu"
-        ):  # jnp.asarray(1): the same label as 1
-            return jax.lax.convert_element_type(a, a.dtype)
-        return a
-
-    return jtu.tree_map(leaf, args)
+    As `jax.jit` would see them: Python numbers weakly typed, NumPy scalars and
+    arrays strongly typed in JAX's canonical dtype (`np.int64(1)` is int32 without
+    x64). Converting NumPy scalars here (not only at the compiled call) makes the
+    tuners' cache of compiled steps key them by that dtype (by `int64` it compiled
+    the step again for `np.int64(1)` after `jnp.array(1, jnp.int32)`). The types
+    are not changed otherwise: a weak `1` and a strong int32 differ in how they
+    promote with 16-bit and 8-bit arrays, and the score sees what it was given."""
+    return jtu.tree_map(
+        lambda a: (
+            jnp.asarray(a)
+            if isinstance(a, int | float | bool | np.ndarray | np.generic)
+            else a
+        ),
+        args,
+    )
 
 
 def _split_particle_key(key: Key) -> tuple[Key, Key]:

@@ -419,16 +419,28 @@ def test_equal_values_in_other_spellings_do_not_compile_again():
                                  **kw).ys  # fmt: skip
     first = run(args=1)
     before = _sample_jit._cached._cache_size()
-    for label in (0, np.int64(1), np.array(1), jnp.asarray(1), jnp.asarray(0, int)):
+    for label in (0, jnp.asarray(1)):  # weakly typed, as jax.jit sees them
         run(args=label)
     for kw in (dict(max_steps=99), dict(brownian_tol=1e-4)):
         np.testing.assert_array_equal(run(args=1, **kw), first)
     assert _sample_jit._cached._cache_size() == before
+    # NumPy labels are strongly typed, in JAX's canonical dtype: one more program
+    for label in (np.int64(1), np.array(1), np.int64(0), jnp.asarray(0, int)):
+        run(args=label)
+    assert _sample_jit._cached._cache_size() == before + 1
     ode = run(args=1, process="ode")
     before = _sample_jit._cached._cache_size()
     for kw in (dict(brownian="tree"), dict(brownian="tree", brownian_tol=0.01)):
         np.testing.assert_array_equal(run(args=1, process="ode", **kw), ode)
     assert _sample_jit._cached._cache_size() == before
+
+    # and the types are as jax.jit would see them (a strong label would promote
+    # differently with 16-bit and 8-bit arrays: other samples for the same label)
+    from guidediff._sample import _args_as_arrays
+
+    conv = _args_as_arrays({"a": 1, "b": 0.5, "c": np.int64(1), "d": jnp.asarray(1)})
+    assert conv["a"].weak_type and conv["b"].weak_type and conv["d"].weak_type
+    assert not conv["c"].weak_type and conv["c"].dtype == jnp.result_type(int)
 
     x = jr.normal(jr.key(1), (6, 2))
     gd.two_sample_test(x, x + 1, key=jr.key(2), num_permutations=20)

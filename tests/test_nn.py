@@ -762,3 +762,20 @@ def test_classifier_guidance_names_a_log_likelihood_that_is_not_one_number(mlp):
 
     with pytest.raises(TypeError, match=r"read gd.flax_classifier\(lambda s, t, x:"):
         gd.flax_classifier(NotPytree(nnx.Rngs(0)), None)
+
+
+def test_module_apply_is_equal_only_where_hashes_agree():
+    """`_Apply` compares modules by value only where both hash: a list field (no
+    hash) equal by value to another's, or a 0-d array equal to an int, compared
+    equal with different hashes, and an equal module that computes differently
+    (a float64 array field against a Python float) reused another's program."""
+    from guidediff._flax import _Apply
+
+    a, b = _Apply(_WithArrayField(np.zeros(2))), _Apply(_WithArrayField(np.zeros(2)))
+    assert a == a and a != b and hash(a) == hash(a)
+    m1 = MLPScoreNet(hidden=(8,), time_embed_dim=4)
+    m2 = MLPScoreNet(hidden=(8,), time_embed_dim=4)
+    assert _Apply(m1) == _Apply(m2) and hash(_Apply(m1)) == hash(_Apply(m2))
+    assert _Apply(m1) != _Apply(MLPScoreNet(hidden=(16,), time_embed_dim=4))
+    listed = [_Apply(_WithArrayField([1.0, 2.0])), _Apply(_WithArrayField([1.0, 2.0]))]
+    assert listed[0] != listed[1]  # unhashable: by identity
