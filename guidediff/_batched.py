@@ -19,6 +19,7 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from equinox.internal import nondifferentiable
 from jaxtyping import Array
 
@@ -27,18 +28,23 @@ from ._custom_types import Args, Time
 from ._score import AbstractScore
 
 
-def brownian_path(kind: str, shape, ts, key, tol) -> dfx.AbstractBrownianPath:
+def brownian_path(
+    kind: str, shape, ts, key, tol, levy_area: type = dfx.BrownianIncrement
+) -> dfx.AbstractBrownianPath:
     """One particle's Brownian path: `"grid"` (`GridBrownianPath` on `ts`), `"tree"`
     (`diffrax.VirtualBrownianTree` of tolerance `tol` over the grid's range) or
-    `"unsafe"` (`diffrax.UnsafeBrownianPath`)."""
+    `"unsafe"` (`diffrax.UnsafeBrownianPath`), with Levy areas of type `levy_area`
+    (`levy_area_for(solver)`)."""
     if kind == "grid":
-        return GridBrownianPath(shape, ts, key)
+        return GridBrownianPath(shape, ts, key, levy_area)
     if kind == "tree":
         lo, hi = jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1])
         lo, hi = nondifferentiable((lo, hi), msg=_TREE_TIME_GRAD_MSG)
-        tree = dfx.VirtualBrownianTree(lo, hi, tol=tol, shape=shape, key=key)
+        tree = dfx.VirtualBrownianTree(
+            lo, hi, tol=tol, shape=shape, key=key, levy_area=levy_area
+        )
         return _FixedTimeTree(tree)
-    return dfx.UnsafeBrownianPath(shape=shape, key=key)
+    return dfx.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
 
 
 _TREE_TIME_GRAD_MSG = (
@@ -71,7 +77,15 @@ class _FixedTimeTree(dfx.AbstractBrownianPath):
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         t0, t1 = nondifferentiable((t0, t1), msg=_TREE_TIME_GRAD_MSG)
-        return self.tree.evaluate(t0, t1, left=left, use_levy=use_levy)
+        if not use_levy or t1 is None:
+            return self.tree.evaluate(t0, t1, left=left, use_levy=use_levy)
+        # Against the tree's direction: the forward interval's areas negated, as
+        # diffrax.diffeqsolve asks for them in reversed time (the tree's own
+        # reversed query does not give that), so both drivers see the same values
+        lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
+        fwd = self.tree.evaluate(lo, hi, left=left, use_levy=True)
+        sign = jnp.where(t1 < t0, -1, 1)
+        return jtu.tree_map(lambda a: (sign * a).astype(a.dtype), fwd)
 
 
 class BatchedScore(AbstractScore):
@@ -104,7 +118,18 @@ class BatchedBrownianPath(dfx.AbstractBrownianPath):
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         def one(key):
-            path = brownian_path(self.kind, self.shape, self.ts, key, self.tol)
-            return path.evaluate(t0, t1, left=left, use_levy=use_levy)
+            path = brownian_path(
+                self.kind, self.shape, self.ts, key, self.tol, self.levy_area
+            )
+            out = path.evaluate(t0, t1, left=left, use_levy=use_levy)
+            # the areas' dt is one time step, shared (not batched) by the particles
+            return (out.W, getattr(out, "H", None)) if use_levy else out
 
-        return jax.vmap(one)(self.keys)
+        out = jax.vmap(one)(self.keys)
+        if not use_levy:
+            return out
+        w, h = out
+        dt = jnp.asarray(t1 - t0, w.dtype)
+        if h is None:
+            return dfx.BrownianIncrement(dt=dt, W=w)
+        return dfx.SpaceTimeLevyArea(dt=dt, W=w, H=h)

@@ -98,11 +98,12 @@ def threefry_key(key: Key) -> Key:
     return jr.wrap_key_data(h, impl="threefry2x32")
 
 
-def cell_normal(key: Key, k, shape: tuple[int, ...], dtype) -> Array:
+def cell_normal(key: Key, k, shape: tuple[int, ...], dtype, stream: int = 0) -> Array:
     r"""Standard normals for grid cell `k` of the particle with key `key`.
 
     Threefry-2x32 in counter mode: block $j$ hashes the counter $(k, j)$ under the
-    key (`threefry_key(key)`), giving two 32-bit words; float32 values use one word
+    key (`threefry_key(key)`), giving two 32-bit words (`stream=1`, the space-time
+    Levy areas, hashes $(k + 2^{31}, j)$ instead: independent of the increments); float32 values use one word
     each, float64 two (16-bit floats are drawn in float32 and rounded). The words become uniforms on
     $(-1, 1)$ from their top mantissa bits and normals through
     $\sqrt2\,\mathrm{erf}^{-1}$, as `jax.random.normal` does.
@@ -115,9 +116,10 @@ def cell_normal(key: Key, k, shape: tuple[int, ...], dtype) -> Array:
     n = math.prod(shape)
     words = n * (nbits // 32)
     blocks = (words + 1) // 2
+    cell = jnp.asarray(k).astype(jnp.uint32) | jnp.uint32(stream << 31)
     counts = jnp.concatenate(
         [
-            jnp.full((blocks,), k, jnp.uint32),
+            jnp.full((blocks,), cell, jnp.uint32),
             jnp.arange(blocks, dtype=jnp.uint32),
         ]
     )
@@ -149,11 +151,23 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
     `diffrax.StepTo` grid): any other interval gets NaN increments (so its
     particles fail visibly), and point values are an error.
 
+    With `levy_area=diffrax.SpaceTimeLevyArea` (for diffrax's stochastic Runge-Kutta
+    solvers, e.g. `diffrax.ShARK()`) each cell also has its space-time Levy area
+    $H_k = \sqrt{|t_{k+1} - t_k| / 12}\;\eta_k$, $\eta_k \sim \mathcal N(0, I)$
+    independent of $\xi_k$ (`cell_normal(..., stream=1)`), the law of
+    $\frac1h\int (W_u - W_{t_k} - \frac{u - t_k}{h} W_{t_k, t_{k+1}})\,du$. A query
+    against the grid's order returns the cell's `(dt, W, H)` negated, diffrax's
+    convention for reversed time (`diffrax.diffeqsolve` from `t0 > t1` asks for the
+    forward cell and negates it), so both of `gd.sample`'s drivers see the same
+    values.
+
     **Arguments:**
 
     - `shape`: the shape of one particle's state (a tuple or `jax.ShapeDtypeStruct`).
     - `ts`: the grid, increasing or decreasing.
     - `key`: the particle's key.
+    - `levy_area`: `diffrax.BrownianIncrement` (default) or
+      `diffrax.SpaceTimeLevyArea`.
 
     See `gd.reverse_sde` for an example with `diffrax.diffeqsolve`.
     """
@@ -163,7 +177,14 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
     key: Key
     levy_area: type = eqx.field(static=True, default=dfx.BrownianIncrement)
 
-    def __init__(self, shape, ts: ArrayLike, key: Key):
+    def __init__(
+        self, shape, ts: ArrayLike, key: Key, levy_area: type = dfx.BrownianIncrement
+    ):
+        if levy_area not in (dfx.BrownianIncrement, dfx.SpaceTimeLevyArea):
+            raise ValueError(
+                "GridBrownianPath's levy_area must be diffrax.BrownianIncrement or "
+                f"diffrax.SpaceTimeLevyArea, got {levy_area!r}"
+            )
         if not isinstance(shape, jax.ShapeDtypeStruct):
             shape = jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(float))
         self.shape = shape
@@ -172,7 +193,7 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
             raise ValueError("GridBrownianPath needs a 1-D grid of at least 2 times")
         self.grid = jnp.sort(ts)
         self.key = key
-        self.levy_area = dfx.BrownianIncrement
+        self.levy_area = levy_area
 
     @property
     def t0(self):
@@ -192,10 +213,19 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
         scale = jnp.sign(dt).astype(gen) * jnp.sqrt(jnp.abs(dt)).astype(gen)
         return (scale * xi).astype(dtype)
 
+    def cell_area(self, k, dt) -> Array | None:
+        r"""$\operatorname{sign}(dt)\sqrt{|dt|/12}\,\eta_k$: the space-time Levy area
+        of cell `k` (signed as the increment is), or `None` without one."""
+        if self.levy_area is not dfx.SpaceTimeLevyArea:
+            return None
+        dtype = self.shape.dtype
+        gen = jnp.promote_types(dtype, jnp.float32)
+        eta = cell_normal(self.key, k, self.shape.shape, gen, stream=1)
+        scale = jnp.sign(dt).astype(gen) * jnp.sqrt(jnp.abs(dt) / 12).astype(gen)
+        return (scale * eta).astype(dtype)
+
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         del left
-        if use_levy:
-            raise ValueError("GridBrownianPath provides no Levy area: use Ito solvers")
         if t1 is None:
             raise ValueError(
                 "GridBrownianPath gives increments over grid cells only; "
@@ -211,7 +241,38 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
         # NaN checks). A raising runtime check (eqx.error_if) would cost a
         # device-to-host sync per step on GPUs.
         bad = jnp.abs((hi - lo) - cell) > 1e-6 * jnp.maximum(cell, 1e-12) + 1e-12
-        return jnp.where(bad, jnp.nan, inc)
+        inc = jnp.where(bad, jnp.nan, inc)
+        if not use_levy:
+            return inc
+        area = self.cell_area(k, t1 - t0)
+        return _levy(
+            t1 - t0, inc, None if area is None else jnp.where(bad, jnp.nan, area)
+        )
+
+
+def levy_area_for(solver) -> type:
+    """The Brownian increment object `solver` needs: `diffrax.SpaceTimeLevyArea`
+    for diffrax's stochastic Runge-Kutta solvers (their `minimal_levy_area`),
+    else `diffrax.BrownianIncrement`. Space-time-time areas are refused."""
+    need = getattr(solver, "minimal_levy_area", dfx.BrownianIncrement)
+    if issubclass(need, dfx.AbstractSpaceTimeTimeLevyArea):
+        raise ValueError(
+            f"{type(solver).__name__} needs space-time-time Levy areas, which "
+            "gd.sample's Brownian paths do not provide; solvers that need space-time "
+            "Levy areas (diffrax.ShARK, SEA, SRA1, SPaRK, GeneralShARK, SlowRK) work"
+        )
+    if issubclass(need, dfx.AbstractSpaceTimeLevyArea):
+        return dfx.SpaceTimeLevyArea
+    return dfx.BrownianIncrement
+
+
+def _levy(dt, w, h):
+    """diffrax's increment object: `BrownianIncrement(dt, W)` without an area `h`,
+    else `SpaceTimeLevyArea(dt, W, H)`."""
+    dt = jnp.asarray(dt, w.dtype)
+    if h is None:
+        return dfx.BrownianIncrement(dt=dt, W=w)
+    return dfx.SpaceTimeLevyArea(dt=dt, W=w, H=h)
 
 
 class _StepIncrement(dfx.AbstractBrownianPath):
@@ -229,6 +290,7 @@ class _StepIncrement(dfx.AbstractBrownianPath):
     increment: Array
     step_t0: Array
     step_t1: Array
+    area: Array | None = None
     levy_area: type = eqx.field(static=True, default=dfx.BrownianIncrement)
 
     @property
@@ -241,12 +303,14 @@ class _StepIncrement(dfx.AbstractBrownianPath):
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         del left
-        if use_levy:
-            raise ValueError("no Levy area on a grid Brownian path: use Ito solvers")
         if t1 is None:
             raise ValueError(
                 "the grid Brownian path gives increments over grid cells only; "
                 "use diffrax.VirtualBrownianTree for point values (dense output)"
             )
         same = (t0 == self.step_t0) & (t1 == self.step_t1)
-        return jnp.where(same, self.increment, jnp.nan)
+        inc = jnp.where(same, self.increment, jnp.nan)
+        if not use_levy:
+            return inc
+        area = None if self.area is None else jnp.where(same, self.area, jnp.nan)
+        return _levy(t1 - t0, inc, area)

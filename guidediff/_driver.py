@@ -160,9 +160,9 @@ def _scan_solve(
         step_terms = terms
         if path is not None:
             inc = path.cell_increment(cell, t1 - t0)
-            step_terms = eqx.tree_at(
-                lambda tm: tm.terms[1].path, terms, _StepIncrement(inc, t0, t1)
-            )
+            area = path.cell_area(cell, t1 - t0)
+            one_step = _StepIncrement(inc, t0, t1, area, path.levy_area)
+            step_terms = eqx.tree_at(lambda tm: tm.terms[1].path, terms, one_step)
         y1, _, _, state1, res = solver.step(step_terms, t0, t1, y, args, state, False)
         y1, state1 = _like((y1, state1), (y, state))
         result = _first_failure(result, res)

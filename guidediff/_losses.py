@@ -47,6 +47,7 @@ such as a Flax module's `apply` (`label` is `None` for unconditional networks); 
 Flax module itself may be passed, and its `apply` is used.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
@@ -129,13 +130,17 @@ def check_labels(
 
 
 def reward_weights(
-    rewards: Float[ArrayLike, " n"], *, temperature: float | None = None
+    rewards: Float[ArrayLike, " n"],
+    *,
+    temperature: float | None = None,
+    reward_mean: float | None = None,
 ) -> Float[Array, " n"]:
     r"""Per-example weights with mean one, from rewards (PAPER.md 4.1).
 
     - `temperature=None`: plain rewards $r_i \ge 0$, $w_i = r_i / \bar r$ with
       $\bar r = \frac1n\sum_j r_j$. Minimising $\frac1n\sum_i w_i\ell_i$ is
-      denoising score matching for the tilted law $p^r \propto p\,r$. It is
+      denoising score matching for the tilted law $p^r \propto p\,r$ as
+      $n \to \infty$; for a finite batch see `reward_mean` below. It is
       computed as $v_i / \bar v$ with $v_i = r_i\,2^{-e}$ (the same $w_i$), $2^e$
       the power of two just above $\max_j r_j$, so the mean cannot overflow, even
       for rewards near the dtype's largest value. Subnormal rewards (below
@@ -144,6 +149,18 @@ def reward_weights(
       rewards $R_i$, normalised in log space,
       $w_i = n\exp(R_i/\alpha - \operatorname{logsumexp}_j R_j/\alpha)$, which never
       overflows.
+    - `reward_mean=m`: the data law's mean reward $m = E_p[r(X_0)]$ (of
+      $\exp(R/\alpha)$ with a temperature), known or estimated once over the
+      whole dataset: $w_i = r_i / m$ (computed as $\exp(R_i/\alpha - \log m)$
+      with a temperature), whose batch mean is one only on average. The batch
+      mean's normalisation is not a constant: it weights each example by
+      $r\,E[n / (r + S_{n-1})]$ ($S_{n-1}$ the other rewards' sum), which is not
+      proportional to $r$, so its minimiser tilts $p$ by slightly less than $r$
+      (a bias of order $\operatorname{Var}[r] / (n\,E[r]^2)$: with two examples
+      and rewards 1 or 3 equally likely, the law the loss learns puts 0.625 on
+      the examples of reward 3, where $p^r$ puts 0.75). With a fixed $m$ the
+      minimiser is the score of $p^r$ at any batch size. An all-zero minibatch is
+      then allowed (its loss is zero).
 
     Negative, NaN or infinite rewards, or plain rewards that are all zero, raise a
     `ValueError` when concrete and an `equinox.error_if` error at run time under `jit`.
@@ -171,20 +188,10 @@ def reward_weights(
     n = rewards.shape[0]
     if n == 0:
         raise ValueError("rewards is empty: need at least one reward")
+    if reward_mean is not None:
+        return _weights_over_mean(rewards, temperature, reward_mean)
     if temperature is not None:
-        if not is_real_scalar(temperature):
-            raise TypeError(f"temperature must be a real number, got {temperature!r}")
-        if _is_concrete(temperature):
-            tiny = float(jnp.finfo(rewards.dtype).tiny)
-            if not float(temperature) >= tiny:  # a subnormal one is flushed to 0
-                raise ValueError(
-                    f"temperature must be positive (at least {tiny:.3g} in "
-                    f"{rewards.dtype}), got {temperature}"
-                )
-        else:  # a traced one (e.g. swept under jit): negative would flip the tilt
-            rewards = eqx.error_if(
-                rewards, ~(temperature > 0), "temperature must be positive"
-            )
+        rewards = _check_temperature(rewards, temperature)
         if _is_concrete(rewards):
             rv = np.asarray(rewards)
             if not np.all(np.isfinite(rv)):
@@ -648,6 +655,61 @@ def conditional_dsm_loss(
     return jnp.mean(per)
 
 
+def _check_temperature(rewards, temperature):
+    """A positive real temperature (checked on the host when concrete; at run time,
+    on `rewards`, when traced)."""
+    if not is_real_scalar(temperature):
+        raise TypeError(f"temperature must be a real number, got {temperature!r}")
+    if _is_concrete(temperature):
+        tiny = float(jnp.finfo(rewards.dtype).tiny)
+        if not float(temperature) >= tiny:  # a subnormal one is flushed to 0
+            raise ValueError(
+                f"temperature must be positive (at least {tiny:.3g} in "
+                f"{rewards.dtype}), got {temperature}"
+            )
+        return rewards
+    # a traced one (e.g. swept under jit): negative would flip the tilt
+    return eqx.error_if(rewards, ~(temperature > 0), "temperature must be positive")
+
+
+def _check_rewards(rewards, temperature):
+    """With a given mean reward: finite rewards, non-negative without a
+    temperature, a positive temperature."""
+    if temperature is not None:
+        rewards = _check_temperature(rewards, temperature)
+    bad = ~jnp.isfinite(rewards)
+    if temperature is None:
+        bad = bad | (rewards < 0)
+    if _is_concrete(rewards):
+        if np.any(np.asarray(bad)):
+            raise ValueError(
+                "rewards must be finite"
+                + ("" if temperature is not None else " and non-negative")
+            )
+        return rewards
+    return eqx.error_if(rewards, jnp.any(bad), "rewards must be finite (and >= 0)")
+
+
+def _weights_over_mean(rewards, temperature, reward_mean):
+    """$w_i = r_i / m$ for a given mean reward $m$ (see `reward_weights`)."""
+    if not is_real_scalar(reward_mean):
+        raise TypeError(f"reward_mean must be a real number, got {reward_mean!r}")
+    m = jnp.asarray(reward_mean, rewards.dtype)
+    if _is_concrete(reward_mean):
+        if not (math.isfinite(float(reward_mean)) and float(reward_mean) > 0):
+            raise ValueError(
+                f"reward_mean must be finite and positive, got {reward_mean}"
+            )
+    else:
+        m = eqx.error_if(
+            m, ~(jnp.isfinite(m) & (m > 0)), "reward_mean must be finite and positive"
+        )
+    rewards = _check_rewards(rewards, temperature)
+    if temperature is not None:
+        return jnp.exp(rewards / temperature - jnp.log(m))
+    return rewards / m
+
+
 def reward_weighted_dsm_loss(
     model_fn: ModelFn,
     params: PyTree[Any],
@@ -657,6 +719,7 @@ def reward_weighted_dsm_loss(
     sde: AbstractSDE,
     *,
     temperature: float | None = None,
+    reward_mean: float | None = None,
     weighting: Weighting = "eps",
     t_min: float = 1e-3,
     labels: Int[ArrayLike, " n"] | None = None,
@@ -670,9 +733,11 @@ def reward_weighted_dsm_loss(
     with $\ell_i$ the per-example DSM loss (`dsm_example_loss`). Because
     $E_p[r(X_0)f(X_0)] = E_p[r]\,E_{p^r}[f]$, its minimiser is the score of the tilted
     law $p^r \propto p\,r$: the network learns $\hat s^r$ from $(x_0, r(x_0))$ pairs
-    alone, with no trajectories and no reward gradients. Normalising by the batch mean
-    only rescales the loss (it is a self-normalised estimate, unbiased as
-    $n \to \infty$).
+    alone, with no trajectories and no reward gradients. Normalising by the batch
+    mean is a self-normalised estimate: its minimiser is the score of $p^r$ as
+    $n \to \infty$, and slightly less tilted for a finite batch (a bias of order
+    $\operatorname{Var}[r] / (n\,E[r]^2)$, see `reward_weights`); pass
+    `reward_mean` $= E_p[r]$ for the exact tilt at any batch size.
 
     **Arguments:**
 
@@ -680,6 +745,9 @@ def reward_weighted_dsm_loss(
       example (vmapped here). With `temperature=alpha` they are signed rewards $R$
       and the tilt is $\exp(R/\alpha)$, normalised in log space (see
       `reward_weights`).
+    - `reward_mean`: the data law's mean reward $E_p[r(X_0)]$ (of
+      $\exp(R/\alpha)$ with a temperature): weights $r_i / E_p[r]$ instead of
+      $r_i / \bar r$ (see `reward_weights`).
     - the other arguments as in `dsm_loss`.
 
     Negative, NaN or all-zero rewards raise a `ValueError` (under `jit`, an
@@ -709,7 +777,7 @@ def reward_weighted_dsm_loss(
     if labels is not None:
         labels = _label_array(labels, model_fn)
         _check_batch(x0, "labels", labels)
-    w = reward_weights(rewards, temperature=temperature)
+    w = reward_weights(rewards, temperature=temperature, reward_mean=reward_mean)
     per = _per_example(
         model_fn, params, key, x0, sde, labels, weighting, t_min, prediction
     )

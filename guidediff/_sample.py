@@ -62,7 +62,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._batched import BatchedBrownianPath, BatchedScore, brownian_path
-from ._brownian import check_key, threefry_key
+from ._brownian import check_key, levy_area_for, threefry_key
 from ._custom_types import Args, Key
 from ._driver import _solve
 from ._grid import check_grid, uniform_grid
@@ -105,7 +105,9 @@ class Samples(eqx.Module):
     - `failed`: per-particle flag: the solver failed (`result`) or the sample is
       not finite. A failed particle's `ys` are NaN (the metrics reject them),
       whatever state the solver stopped in.
-    - `num_steps`: solver steps taken per particle.
+    - `num_steps`: solver steps per particle: the grid's steps on a fixed grid;
+      with an adaptive controller, diffrax's count of steps tried (accepted and
+      rejected).
     - `num_failed` (property): the number of failed particles.
 
     A failed particle does not stop the others: read `failed`, never an exception.
@@ -114,8 +116,14 @@ class Samples(eqx.Module):
     (guidance weights, network parameters) NaN even when a loss masks it out:
     reverse mode multiplies the mask's zero cotangent by its NaN partial
     derivatives (JAX's rule for `jnp.where` over NaN). (A particle failed by the
-    solver's result code with finite values does not.) Keep the score finite
-    where the particles go, or check `failed` and discard that gradient.
+    solver's result code with finite values does not: reverse mode drops its
+    contribution, as `ys`'s NaN is a constant put in after the solve, so even with
+    every particle failed `jax.grad` returns a finite gradient (zero) of a NaN
+    value, while forward mode (`jax.jvp`, `jax.jacfwd`) gives NaN, a loss such as
+    `mean(ys**2)` multiplying the NaN values by their zero tangents.) Keep the
+    score finite where the particles go, and check `failed` (or `num_failed`)
+    before using a gradient, as `gd.tune_guidance` and
+    `gd.finetune_through_sampler` do.
 
     !!! example
 
@@ -337,10 +345,11 @@ def _sample_core(
         score = BatchedScore(score)
     if process == "sde":
         struct = jax.ShapeDtypeStruct(shape, dtype)
+        levy = levy_area_for(solver)
         if batched:
-            bm = BatchedBrownianPath(brownian, struct, ts, k_bm, bm_tol)
+            bm = BatchedBrownianPath(brownian, struct, ts, k_bm, bm_tol, levy)
         else:
-            bm = brownian_path(brownian, struct, ts, k_bm, bm_tol)
+            bm = brownian_path(brownian, struct, ts, k_bm, bm_tol, levy)
         terms = reverse_sde(sde, score, bm)
     else:
         terms = probability_flow(sde, score)
@@ -593,7 +602,11 @@ def sample(
       `stepsize_controller` (which needs an error estimate), for the SDE too.
       For few steps use the multistep `SDEDPMSolverPP(sde)` / `DPMSolverPP(sde)`
       on a `logsnr_grid`; benchmarks/work_precision.py compares the solvers'
-      error per step on both kinds of grid.
+      error per step on both kinds of grid. diffrax's stochastic Runge-Kutta
+      solvers for additive noise (`diffrax.ShARK()`, `SRA1()`, `SEA()`, ...) run
+      on the `"scan"` driver (fixed grids), whose Brownian paths then also give
+      each cell's space-time Levy area; inside `diffrax.diffeqsolve` they are
+      wrong backwards in time (diffrax issue #598), so `"diffeqsolve"` refuses them.
     - `driver`: `"scan"` (fixed grid, default) or `"diffeqsolve"` (default when a
       `stepsize_controller` is given).
     - `stepsize_controller`: e.g. `diffrax.PIDController(rtol, atol)` for adaptive
@@ -729,6 +742,13 @@ def sample(
             f"adjoint must be a diffrax adjoint (e.g. diffrax.RecursiveCheckpointAdjoint"
             f"()), got {adjoint!r}"
         )
+    if isinstance(adjoint, dfx.ImplicitAdjoint):
+        raise ValueError(
+            "adjoint=diffrax.ImplicitAdjoint() differentiates a steady state (the "
+            "implicit function theorem at the solve's end), which a sampler never "
+            "reaches: its gradient would be zero. Use RecursiveCheckpointAdjoint "
+            "(default), ForwardMode(), or BacksolveAdjoint() for the adaptive ODE"
+        )
     if adjoint is not None and driver == "scan":
         raise ValueError(
             "adjoint= applies to driver='diffeqsolve'; the 'scan' driver's reverse "
@@ -768,7 +788,7 @@ def sample(
     if solver is None:
         sde_default = dfx.Heun() if adaptive else _default_sde_solver(sde)
         solver = sde_default if process == "sde" else dfx.Heun()
-    _check_solver(solver, process, stepsize_controller, sde)
+    _check_solver(solver, process, stepsize_controller, sde, driver)
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)

@@ -62,7 +62,13 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._brownian import GridBrownianPath, _StepIncrement, check_key, threefry_key
+from ._brownian import (
+    GridBrownianPath,
+    _StepIncrement,
+    check_key,
+    levy_area_for,
+    threefry_key,
+)
 from ._custom_types import Args, Key
 from ._driver import _like
 from ._grid import uniform_grid
@@ -535,8 +541,12 @@ def _smc_sample_jit(
     cells = jnp.where(ts[0] > ts[-1], num_steps - 1 - steps, steps)
     frozen = isinstance(solver, _ONE_EVALUATION)
 
-    def terms_with(s, inc, t0, t1):
-        return reverse_sde(sde, s, _StepIncrement(inc, t0, t1))
+    # diffrax's stochastic Runge-Kutta solvers (e.g. ShARK) also need each cell's
+    # space-time Levy area
+    levy = levy_area_for(solver)
+
+    def terms_with(s, inc, t0, t1, area=None):
+        return reverse_sde(sde, s, _StepIncrement(inc, t0, t1, area, levy))
 
     def log_h(t, x, s):
         """The twist at (t, x) from the score value s there, and whether x failed."""
@@ -555,16 +565,16 @@ def _smc_sample_jit(
             lh = jnp.maximum(lh, floor)
         return lh, _failed(x, lh)
 
-    def step_exact(s, inc, x, state, t0, t1):
+    def step_exact(s, inc, x, state, t0, t1, area=None):
         """The solver's step, and whether it failed (diffrax's result code: e.g.
         an implicit solver's root finder not converging, with finite values)."""
         x1, _, _, state1, result = solver.step(
-            terms_with(s, inc, t0, t1), t0, t1, x, args, state, False
+            terms_with(s, inc, t0, t1, area), t0, t1, x, args, state, False
         )
         return x1, state1, result != dfx.RESULTS.successful
 
-    def move(s, inc, x, state, t0, t1):
-        x1, state1, bad = step_exact(s, inc, x, state, t0, t1)
+    def move(s, inc, x, state, t0, t1, area=None):
+        x1, state1, bad = step_exact(s, inc, x, state, t0, t1, area)
         return (*_like((x1, state1), (x, state)), bad)
 
     def evaluate(x, t0):
@@ -574,12 +584,14 @@ def _smc_sample_jit(
         return (s, sq), log_h(t0, x, s)
 
     def move_one(kb, x, state, s, sq, t0, t1, cell):
-        inc = GridBrownianPath(struct, ts, kb).cell_increment(cell, t1 - t0)
+        path = GridBrownianPath(struct, ts, kb, levy)
+        inc = path.cell_increment(cell, t1 - t0)
         # A failed step (`bad`) makes the move's log density ratio NaN, which
         # `reweight` counts as a failure of the particle it reached.
         if proposal is None:
+            area = path.cell_area(cell, t1 - t0)
             x1, state1, bad = move(
-                _FrozenScore(s) if frozen else score, inc, x, state, t0, t1
+                _FrozenScore(s) if frozen else score, inc, x, state, t0, t1, area
             )
             return x1, state1, jnp.where(bad, jnp.nan, jnp.zeros((), wdt))
         # x1 = m_q + c * inc; the base kernel has mean m_p and the same

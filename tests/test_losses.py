@@ -7,6 +7,8 @@ $\\hat x_0 = \\alpha s^2 x / v$, $s_t(x) = -x / v$, and the irreducible
 $\\varepsilon$-loss is $E\\|\\hat\\varepsilon - \\varepsilon\\|^2/d = \\alpha^2 s^2 / v$.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -262,6 +264,38 @@ def test_reward_weights():
     np.testing.assert_allclose(
         jnp.mean(reward_weights(jr.uniform(jr.key(0), (7,)))), 1.0
     )
+
+
+def test_reward_mean_removes_the_finite_batch_bias_of_the_weights():
+    """Two examples, rewards 1 or 3 equally likely: the expected weight an example
+    of reward r gets, by exact enumeration of the four batches. p^r puts
+    3 / (1 + 3) = 0.75 on reward 3; batch-mean weights put 0.625 there (their
+    normaliser depends on the other example), weights r / E[r] exactly 0.75."""
+
+    def mass_on_three(**kw):
+        per = {1.0: 0.0, 3.0: 0.0}
+        for batch in itertools.product([1.0, 3.0], repeat=2):
+            w = np.asarray(reward_weights(jnp.array(batch), **kw))
+            for r, wi in zip(batch, w, strict=True):
+                per[r] += wi
+        return per[3.0] / (per[1.0] + per[3.0])
+
+    np.testing.assert_allclose(mass_on_three(), 0.625, rtol=1e-12)
+    np.testing.assert_allclose(mass_on_three(reward_mean=2.0), 0.75, rtol=1e-12)
+    # an exponential tilt: exp(R / alpha) / E[exp(R / alpha)], in log space
+    m = float(np.mean(np.exp([-2.0, 2.0])))
+    w = reward_weights(jnp.array([-1.0, 1.0]), temperature=0.5, reward_mean=m)
+    np.testing.assert_allclose(w, np.exp([-2.0, 2.0]) / m, rtol=1e-12)
+    # an all-zero batch is a zero loss, not an error, with a known mean
+    np.testing.assert_array_equal(reward_weights(jnp.zeros(2), reward_mean=2.0), 0)
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="reward_mean must be finite and positive"):
+            reward_weights(jnp.ones(2), reward_mean=bad)
+    with pytest.raises(ValueError, match="non-negative"):
+        reward_weights(jnp.array([-1.0, 1.0]), reward_mean=1.0)
+    with pytest.raises(Exception, match="reward_mean must be finite and positive"):
+        f = jax.jit(lambda m: reward_weights(jnp.ones(2), reward_mean=m))
+        f(-1.0).block_until_ready()
 
 
 @pytest.mark.parametrize(

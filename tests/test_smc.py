@@ -134,15 +134,19 @@ def test_no_resampling_is_gd_sample_with_importance_weights():
     """ess_threshold=0: the particles are gd.sample's (slot i uses fold_in(key, i)),
     and the twisted increments telescope to log r of the final particle."""
     kw = dict(num_particles=8, ts=gd.uniform_grid(1.0, 1e-3, 20))
-    for solver in (None, gd.SDEDPMSolverPP(SDE)):
+    # ShARK: SMC draws the space-time Levy areas gd.sample's path does
+    for solver in (None, gd.SDEDPMSolverPP(SDE), dfx.ShARK()):
         out = gd.smc_sample(
             jr.key(3), SDE, GMM.score(SDE), (2,), REWARD.log, ess_threshold=0.0,
             solver=solver, **kw,
         )  # fmt: skip
         ref = gd.sample(jr.key(3), SDE, GMM.score(SDE), (2,), solver=solver, **kw).ys
         # the same arithmetic in two programs: XLA:CPU may fuse (and round) them
-        # differently by an ulp (a change elsewhere in SMC's step did)
-        np.testing.assert_array_max_ulp(out.ys, ref, maxulp=8)
+        # differently by an ulp (a change elsewhere in SMC's step did); ShARK's
+        # three stages per step leave more room (16 ulp seen over 20 steps;
+        # other noise would differ by O(1))
+        maxulp = 32 if isinstance(solver, dfx.ShARK) else 8
+        np.testing.assert_array_max_ulp(out.ys, ref, maxulp=maxulp)
         np.testing.assert_allclose(
             out.log_weights, jax.vmap(REWARD.log)(ref), rtol=1e-10, atol=1e-10
         )
