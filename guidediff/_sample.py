@@ -88,6 +88,7 @@ from ._sample_checks import (
     _checkpoint_mode,
     _leading_axis_sharding,
     _output_sharding,
+    _saveat_flags,
 )
 from ._score import AbstractScore, check_score, score_to_x0
 from ._sde import AbstractSDE
@@ -558,6 +559,7 @@ def sample(
     stepsize_controller: dfx.AbstractStepSizeController | None = None,
     save_trajectory: bool = False,
     save_every: int = 1,
+    saveat: dfx.SaveAt | None = None,
     denoise: bool = False,
     adjoint: dfx.AbstractAdjoint | None = None,
     checkpoint: bool | Literal["sqrt", "chunk", "step"] = True,
@@ -625,6 +627,13 @@ def sample(
     - `save_every`: with `save_trajectory`, save every k-th grid time only,
       `ts[::k]` (k must divide the number of steps): `ys` holds
       `(len(ts) - 1) / k + 1` states per particle instead of `len(ts)`.
+    - `saveat`: the same choice in diffrax's words, instead of the two above:
+      a `diffrax.SaveAt` saving the grid times `ts[::k]` (e.g.
+      `SaveAt(t0=True, steps=True)`, `SaveAt(ts=ts[::k])`, or
+      `SaveAt(t0=True, t1=True)` for the ends) or `SaveAt(t1=True)` (the final
+      state, the default). Particles stay the leading axis of `ys`. Other times,
+      `fn=`, nested `SubSaveAt`s and dense output are errors: for those drive
+      `diffrax.diffeqsolve` with `gd.reverse_sde` / `gd.probability_flow`.
     - `denoise`: replace the final state by Tweedie's $\hat x_0$ at `ts[-1]`.
     - `adjoint`: diffrax adjoint for the `"diffeqsolve"` driver (default
       `RecursiveCheckpointAdjoint()`, reverse mode only; `ForwardMode()` for
@@ -781,6 +790,10 @@ def sample(
         unsafe = process == "sde" and brownian == "unsafe"
         adjoint = _FORWARD_MODE if unsafe else _DEFAULT_ADJOINT
     truncate = _check_truncate(truncate_backprop, stepsize_controller)
+    if saveat is not None:
+        save_trajectory, save_every = _saveat_flags(
+            saveat, ts, save_trajectory, save_every
+        )
     save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
     checkpoint = _checkpoint_mode(checkpoint, driver)
     unroll = _check_unroll(unroll, driver)

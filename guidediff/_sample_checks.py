@@ -504,6 +504,75 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
         )
 
 
+def _saveat_flags(saveat, ts, save_trajectory, save_every) -> tuple[bool, int]:
+    """`(save_trajectory, save_every)` for a `diffrax.SaveAt`: the times it saves
+    must be the grid's `ts[::k]` (k dividing the number of steps), in order, or
+    the final time alone. Everything else is a clear error."""
+    if not isinstance(saveat, dfx.SaveAt):
+        raise TypeError(f"saveat must be a diffrax.SaveAt, got {saveat!r}")
+    one = isinstance(save_every, int | np.integer) and not isinstance(save_every, bool)
+    if save_trajectory or not (one and save_every == 1):
+        raise ValueError(
+            "pass either saveat= or save_trajectory= / save_every=, not both"
+        )
+    extras = [
+        name
+        for name in ("dense", "solver_state", "controller_state", "made_jump")
+        if getattr(saveat, name)
+    ]
+    if extras:
+        raise ValueError(
+            f"gd.sample's saveat saves particle states only; {extras} are not "
+            "supported (diffrax.diffeqsolve with gd.reverse_sde / "
+            "gd.probability_flow gives them)"
+        )
+    sub = saveat.subs
+    if not isinstance(sub, dfx.SubSaveAt):
+        raise ValueError(
+            "gd.sample's saveat takes one set of times (no nested SubSaveAt)"
+        )
+    from diffrax._saveat import save_y
+
+    if sub.fn is not save_y:
+        raise ValueError(
+            "gd.sample's saveat saves the states themselves (no fn=): apply the "
+            "function to Samples.ys afterwards"
+        )
+    n = ts.shape[0] - 1
+    if sub.t1 and not sub.t0 and sub.ts is None and not sub.steps:
+        return False, 1  # the final state only: ys without a time axis
+    idx = [0] if sub.t0 else []
+    if sub.ts is not None:
+        reject_traced("saveat.ts", sub.ts)
+        if isinstance(ts, jax.core.Tracer):
+            raise ValueError(
+                "saveat=SaveAt(ts=...) needs a concrete grid (ts= is traced here) "
+                "to find its times in; use save_trajectory=True, save_every=k"
+            )
+        grid = np.asarray(ts)
+        want = np.asarray(sub.ts, dtype=grid.dtype).reshape(-1)
+        pos = [np.flatnonzero(grid == t) for t in want]
+        if any(p.size == 0 for p in pos):
+            raise ValueError(
+                "saveat ts must be times of the sampling grid (ts[::k]); "
+                f"{want[[p.size == 0 for p in pos]].tolist()} are not grid times"
+            )
+        idx += [int(p[0]) for p in pos]
+    if sub.steps:
+        idx += list(range(int(sub.steps), n + 1, int(sub.steps)))
+    if sub.t1:
+        idx.append(n)
+    for k in range(1, n + 1):
+        if n % k == 0 and idx == list(range(0, n + 1, k)):
+            return True, k
+    raise ValueError(
+        "gd.sample's saveat must save the grid's ts[::k] for a k dividing the "
+        f"number of steps ({n}), starting at ts[0] and ending at ts[-1] (e.g. "
+        "SaveAt(t0=True, steps=True), SaveAt(ts=ts[::k])), or the final time alone "
+        f"(SaveAt(t1=True)); got grid indices {idx}"
+    )
+
+
 def _check_save_every(save_every, save_trajectory, ts, truncate) -> int:
     reject_traced("save_every", save_every)
     if isinstance(save_every, bool) or not isinstance(save_every, int | np.integer):

@@ -133,3 +133,44 @@ def test_denoise_at_sigma_zero_is_the_identity():
     last = gd.sample(jr.key(0), sde, net, (2,), ts=ts1, y0=y0).ys
     expect = jax.vmap(lambda x: gd.denoise(sde, net, ts1[-1], x))(last)
     np.testing.assert_allclose(out.ys, expect, rtol=1e-6)
+
+
+def test_saveat_is_save_trajectory_in_diffrax_words():
+    """DESIGN.md names saveat among gd.sample's arguments: a diffrax.SaveAt of the
+    grid's ts[::k] is save_trajectory=True, save_every=k (the same arrays), and
+    SaveAt(t1=True) the default; what it cannot express is a clear error."""
+    sde = gd.VPSDE()
+    score = gd.Gaussian(jnp.array([2.0]), 0.25 * jnp.eye(1)).score(sde)
+    ts = gd.uniform_grid(1.0, 1e-3, 8)
+
+    def run(**kw):
+        return gd.sample(jr.key(0), sde, score, (1,), num_particles=3, ts=ts, **kw)
+
+    pairs = [
+        (dict(saveat=dfx.SaveAt(t1=True)), dict()),
+        (dict(saveat=dfx.SaveAt(t0=True, steps=True)), dict(save_trajectory=True)),
+        (
+            dict(saveat=dfx.SaveAt(t0=True, ts=ts[4:5], t1=True)),
+            dict(save_trajectory=True, save_every=4),
+        ),
+    ]
+    for a, b in pairs:
+        out_a, out_b = run(**a), run(**b)
+        np.testing.assert_array_equal(out_a.ys, out_b.ys)
+        np.testing.assert_array_equal(out_a.ts, out_b.ts)
+    bad = [
+        (dfx.SaveAt(steps=True), "ts\\[::k\\]"),  # no initial state
+        (dfx.SaveAt(ts=ts[1:]), "ts\\[::k\\]"),
+        (dfx.SaveAt(ts=ts[::3]), "ts\\[::k\\]"),  # 3 does not divide 8 steps
+        (dfx.SaveAt(ts=jnp.array([0.5])), "not grid times"),
+        (dfx.SaveAt(dense=True), "dense"),
+        (dfx.SaveAt(t1=True, fn=lambda t, y, args: y), "fn="),
+        (dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True)]), "SubSaveAt"),
+    ]
+    for saveat, match in bad:
+        with pytest.raises(ValueError, match=match):
+            run(saveat=saveat)
+    with pytest.raises(ValueError, match="not both"):
+        run(saveat=dfx.SaveAt(t1=True), save_trajectory=True)
+    with pytest.raises(TypeError, match="diffrax.SaveAt"):
+        run(saveat="t1")
