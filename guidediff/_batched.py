@@ -40,10 +40,16 @@ def brownian_path(
     if kind == "tree":
         lo, hi = jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1])
         lo, hi = nondifferentiable((lo, hi), msg=_TREE_TIME_GRAD_MSG)
+        out_dtype = None
+        if levy_area is not dfx.BrownianIncrement and shape.dtype.itemsize < 4:
+            # diffrax's space-time tree is NaN in float16: drawn in float32 and
+            # rounded, as the grid path draws 16-bit values
+            out_dtype = shape.dtype
+            shape = jax.ShapeDtypeStruct(shape.shape, jnp.float32)
         tree = dfx.VirtualBrownianTree(
             lo, hi, tol=tol, shape=shape, key=key, levy_area=levy_area
         )
-        return _FixedTimeTree(tree)
+        return _FixedTimeTree(tree, out_dtype)
     return dfx.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
 
 
@@ -62,6 +68,7 @@ class _FixedTimeTree(dfx.AbstractBrownianPath):
     error names its internal argument `t0` only)."""
 
     tree: dfx.VirtualBrownianTree
+    dtype: object = eqx.field(static=True, default=None)  # rounded to it if set
 
     @property
     def t0(self):
@@ -78,14 +85,19 @@ class _FixedTimeTree(dfx.AbstractBrownianPath):
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         t0, t1 = nondifferentiable((t0, t1), msg=_TREE_TIME_GRAD_MSG)
         if not use_levy or t1 is None:
-            return self.tree.evaluate(t0, t1, left=left, use_levy=use_levy)
+            return self._round(self.tree.evaluate(t0, t1, left=left, use_levy=use_levy))
         # Against the tree's direction: the forward interval's areas negated, as
         # diffrax.diffeqsolve asks for them in reversed time (the tree's own
         # reversed query does not give that), so both drivers see the same values
         lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
         fwd = self.tree.evaluate(lo, hi, left=left, use_levy=True)
         sign = jnp.where(t1 < t0, -1, 1)
-        return jtu.tree_map(lambda a: (sign * a).astype(a.dtype), fwd)
+        return self._round(jtu.tree_map(lambda a: (sign * a).astype(a.dtype), fwd))
+
+    def _round(self, out):
+        if self.dtype is None:
+            return out
+        return jtu.tree_map(lambda a: a.astype(self.dtype), out)
 
 
 class BatchedScore(AbstractScore):

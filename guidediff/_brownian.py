@@ -254,6 +254,8 @@ def levy_area_for(solver) -> type:
     """The Brownian increment object `solver` needs: `diffrax.SpaceTimeLevyArea`
     for diffrax's stochastic Runge-Kutta solvers (their `minimal_levy_area`),
     else `diffrax.BrownianIncrement`. Space-time-time areas are refused."""
+    while isinstance(solver, dfx.HalfSolver):  # it does not forward the attribute
+        solver = solver.solver
     need = getattr(solver, "minimal_levy_area", dfx.BrownianIncrement)
     if issubclass(need, dfx.AbstractSpaceTimeTimeLevyArea):
         raise ValueError(

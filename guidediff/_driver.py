@@ -120,10 +120,13 @@ def _differentiable_stages(solver):
     `custom_vjp` ("checkpointed"), which forward mode (`jax.jvp`) cannot enter, and
     "lax" (diffrax's choice under ForwardMode) cannot be reverse-differentiated. The
     scan driver does not know which mode a caller will use: "bounded" supports
-    both (the driver checkpoints whole steps itself)."""
+    both (the driver checkpoints whole steps itself). Stochastic Runge-Kutta
+    solvers pass `scan_kind` to `equinox.internal.scan`, whose "bounded" kind is
+    reverse mode only and whose "lax" kind (`lax.scan`) supports both."""
     if getattr(solver, "scan_kind", "lax") is None:
+        kind = "lax" if isinstance(solver, dfx.AbstractSRK) else "bounded"
         return eqx.tree_at(
-            lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None
+            lambda s: s.scan_kind, solver, kind, is_leaf=lambda x: x is None
         )
     return solver
 

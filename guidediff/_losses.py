@@ -691,23 +691,30 @@ def _check_rewards(rewards, temperature):
 
 
 def _weights_over_mean(rewards, temperature, reward_mean):
-    """$w_i = r_i / m$ for a given mean reward $m$ (see `reward_weights`)."""
+    r"""$w_i = r_i / m$ for a given mean reward $m$ (see `reward_weights`). A
+    concrete $m$ is split on the host (its logarithm, or its mantissa and binary
+    exponent), never rounded to the rewards' dtype first: the mean of
+    $\exp(R/\alpha)$ is often beyond float32's range while the weights are not."""
     if not is_real_scalar(reward_mean):
         raise TypeError(f"reward_mean must be a real number, got {reward_mean!r}")
-    m = jnp.asarray(reward_mean, rewards.dtype)
     if _is_concrete(reward_mean):
-        if not (math.isfinite(float(reward_mean)) and float(reward_mean) > 0):
-            raise ValueError(
-                f"reward_mean must be finite and positive, got {reward_mean}"
-            )
+        m = float(reward_mean)
+        if not (math.isfinite(m) and m > 0):
+            raise ValueError(f"reward_mean must be finite and positive, got {m}")
+        log_m = math.log(m)
+        mant, expo = math.frexp(m)
     else:
+        m = jnp.asarray(reward_mean)
         m = eqx.error_if(
             m, ~(jnp.isfinite(m) & (m > 0)), "reward_mean must be finite and positive"
         )
+        log_m = jnp.log(m).astype(rewards.dtype)
+        mant, expo = jnp.frexp(m)
     rewards = _check_rewards(rewards, temperature)
     if temperature is not None:
-        return jnp.exp(rewards / temperature - jnp.log(m))
-    return rewards / m
+        return jnp.exp(rewards / temperature - log_m)
+    # r / m = (r / mant) 2^-expo: no overflow or flush of m itself
+    return jnp.ldexp(rewards / jnp.asarray(mant, rewards.dtype), -jnp.asarray(expo))
 
 
 def reward_weighted_dsm_loss(

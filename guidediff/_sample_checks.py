@@ -437,9 +437,10 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
         # (drift, diffusion) pair; the probability-flow ODE is one drift term
         if process != "sde":
             raise ValueError(
-                f"{name} is a diffrax SDE solver (it steps a drift and a diffusion "
-                "term); the probability-flow ODE (process='ode') needs an ODE solver, "
-                "e.g. diffrax.Heun(), diffrax.Tsit5(), gd.DDIM or gd.DPMSolverPP"
+                f"{name} steps a pair of terms (an SDE's drift and diffusion, or an "
+                "IMEX split); the probability-flow ODE (process='ode') is one drift "
+                "term and needs an ODE solver, e.g. diffrax.Heun(), diffrax.Tsit5(), "
+                "gd.DDIM or gd.DPMSolverPP"
             )
         parts = typing.get_args(typing.get_args(structure)[0])
         langevin = (

@@ -286,6 +286,18 @@ def test_reward_mean_removes_the_finite_batch_bias_of_the_weights():
     m = float(np.mean(np.exp([-2.0, 2.0])))
     w = reward_weights(jnp.array([-1.0, 1.0]), temperature=0.5, reward_mean=m)
     np.testing.assert_allclose(w, np.exp([-2.0, 2.0]) / m, rtol=1e-12)
+    # a mean beyond the rewards' dtype (float32 here), as E[exp(R / alpha)] often
+    # is: split on the host, not rounded to inf or 0 first (weights 0 / inf were
+    # returned)
+    for shift in (90.0, -110.0):
+        big = np.array([0.0, 10.0, 5.0]) + shift
+        m = float(np.mean(np.exp(big)))
+        w = reward_weights(
+            jnp.asarray(big, jnp.float32), temperature=1.0, reward_mean=m
+        )
+        np.testing.assert_allclose(w, np.exp(big) / m, rtol=1e-5)
+    w = reward_weights(jnp.array([1e30, 3e30], jnp.float32), reward_mean=2e45)
+    np.testing.assert_allclose(w, [5e-16, 1.5e-15], rtol=1e-6)
     # an all-zero batch is a zero loss, not an error, with a known mean
     np.testing.assert_array_equal(reward_weights(jnp.zeros(2), reward_mean=2.0), 0)
     for bad in (0.0, -1.0, np.inf, np.nan):

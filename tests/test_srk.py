@@ -99,8 +99,8 @@ def test_diffeqsolve_refuses_srk_solvers(kw):
 @pytest.mark.parametrize(
     "solver, kw, match",
     [
-        (dfx.EulerHeun(), dict(process="ode"), "SDE solver"),
-        (dfx.ShARK(), dict(process="ode"), "SDE solver"),
+        (dfx.EulerHeun(), dict(process="ode"), "pair of terms"),
+        (dfx.ShARK(), dict(process="ode"), "pair of terms"),
         (dfx.ALIGN(0.1), dict(), "Langevin"),
         (dfx.Tsit5(), dict(process="ode", adjoint=dfx.ImplicitAdjoint(),
                            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3)),
@@ -115,3 +115,28 @@ def test_solvers_and_adjoints_of_the_wrong_kind_are_clear_errors(solver, kw, mat
     with pytest.raises(ValueError, match=match):
         gd.sample(jr.key(0), SDE, SCORE, (1,), num_particles=2, ts=TS,
                   solver=solver, **kw)  # fmt: skip
+
+
+def test_srk_forward_mode_and_16_bit_trees():
+    """From a review: forward mode through ShARK failed on the scan driver (its
+    stages ran as a custom_vjp scan, reverse mode only), and float16 particles on a
+    tree path failed every particle (diffrax's space-time tree is NaN in float16;
+    it is drawn in float32 now); a HalfSolver hid the solver's Levy area from the
+    checks (diffrax's internal errors instead of the #598 refusal)."""
+    ts = gd.uniform_grid(SDE.T, 1e-3, 10)
+
+    def loss(m):
+        score = gd.Gaussian(jnp.array([m]), VAR * jnp.eye(1)).score(SDE)
+        ys = gd.sample(jr.key(3), SDE, score, (1,), num_particles=3, ts=ts,
+                       solver=dfx.ShARK()).ys  # fmt: skip
+        return jnp.sum(ys**2)
+
+    _, tangent = jax.jvp(loss, (1.3,), (1.0,))
+    np.testing.assert_allclose(tangent, jax.grad(loss)(1.3), rtol=1e-5)
+    out = gd.sample(jr.key(0), SDE, SCORE, (1,), num_particles=64, ts=ts,
+                    solver=dfx.ShARK(), dtype=jnp.float16, brownian="tree")  # fmt: skip
+    assert int(out.num_failed) == 0 and out.ys.dtype == jnp.float16
+    with pytest.raises(ValueError, match="#598"):
+        gd.sample(jr.key(0), SDE, SCORE, (1,), num_particles=2, ts=ts,
+                  solver=dfx.HalfSolver(dfx.ShARK()),
+                  stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3))  # fmt: skip
