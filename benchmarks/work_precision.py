@@ -11,13 +11,13 @@ every particle started from the exact time-T marginal.
   error is the RMS distance of the particles to the exact flow map (which keeps each
   standardised coordinate fixed), over the RMS data scale. Deterministic.
 - SDE solvers (`diffrax.Euler` i.e. Euler-Maruyama, `gd.ExponentialIntegrator`,
-  `gd.SDEDPMSolverPP`): the error is the relative error of the sample variance
+  `gd.SDEDPMSolverPP`, `diffrax.ShARK`): the error is the relative error of the sample variance
   against the exact time-1e-3 marginal's, averaged over the coordinates (a
   solver's variance bias has the same sign in every coordinate), with its
   Monte-Carlo standard error `mc_se` = sqrt(2 / (particles * d)): below a few
   `mc_se` the number is noise.
 
-`nfe` counts score evaluations per particle (Heun: 2 per step). Each row is timed
+`nfe` counts score evaluations per particle (Heun and ShARK: 2 per step). Each row is timed
 (`gd.sample` inside `jax.jit`); `at_tolerance` gives, per solver and grid, the
 fewest steps on the list whose error is under `--tol`, and its run time.
 
@@ -53,6 +53,9 @@ def _solvers(process: str) -> dict:
         "euler_maruyama": (dfx.Euler(), 1),
         "exponential_integrator": (gd.ExponentialIntegrator(SDE), 1),
         "sde_dpm_solver_pp_2m": (gd.SDEDPMSolverPP(SDE), 1),
+        # diffrax's stochastic Runge-Kutta for additive noise: two evaluations a
+        # step, space-time Levy areas from the grid path
+        "shark": (dfx.ShARK(), 2),
     }
 
 
