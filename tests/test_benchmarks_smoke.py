@@ -531,7 +531,8 @@ def test_prose_claims_hold_in_the_committed_result_files():
     against the files (a re-run that changes them fails here, not silently):
     README "K = 4 put guidediff ahead of the plain hand-written loop at every
     benchmark size"; benchmarks/README "the exponential integrator shows the largest
-    variance bias of the three SDE solvers here, on both grids"."""
+    variance bias of the four SDE solvers here, on both grids" and ShARK's fewest
+    score evaluations to the tolerance."""
     results = ROOT / "benchmarks" / "results"
     scan = json.loads((results / "against_scan_gpu.json").read_text())
     assert {r["unroll"] for r in scan["results"]} == {4}
@@ -554,5 +555,16 @@ def test_prose_claims_hold_in_the_committed_result_files():
             if x["process"] == "sde" and x["grid"] == grid:
                 if x["steps"] == max(wp["steps_list"]):
                     largest[x["solver"]] = x["error"]
-        assert len(largest) == 3
+        assert len(largest) == 4
         assert max(largest, key=largest.get) == "exponential_integrator", largest
+        # "ShARK reaches the tolerance with the fewest score evaluations of the SDE
+        # solvers on both grids, level with SDEDPMSolverPP on the log-SNR grid"
+        nfe = {
+            key.split("/")[1]: row["nfe"]
+            for key, row in wp["at_tolerance"].items()
+            if key.startswith("sde/") and key.endswith("/" + grid)
+        }
+        assert nfe["shark"] == min(nfe.values()), (grid, nfe)
+        tied = {k for k, v in nfe.items() if v == nfe["shark"]}
+        want = {"shark", "sde_dpm_solver_pp_2m"} if grid == "logsnr" else {"shark"}
+        assert tied == want, (grid, nfe)
