@@ -123,6 +123,9 @@ def _differentiable_stages(solver):
     both (the driver checkpoints whole steps itself). Stochastic Runge-Kutta
     solvers pass `scan_kind` to `equinox.internal.scan`, whose "bounded" kind is
     reverse mode only and whose "lax" kind (`lax.scan`) supports both."""
+    if isinstance(solver, dfx.HalfSolver):  # the wrapped solver's stages
+        inner = _differentiable_stages(solver.solver)
+        return eqx.tree_at(lambda s: s.solver, solver, inner)
     if getattr(solver, "scan_kind", "lax") is None:
         kind = "lax" if isinstance(solver, dfx.AbstractSRK) else "bounded"
         return eqx.tree_at(

@@ -677,16 +677,18 @@ def _check_rewards(rewards, temperature):
     temperature, a positive temperature."""
     if temperature is not None:
         rewards = _check_temperature(rewards, temperature)
-    bad = ~jnp.isfinite(rewards)
-    if temperature is None:
-        bad = bad | (rewards < 0)
-    if _is_concrete(rewards):
-        if np.any(np.asarray(bad)):
+    if _is_concrete(rewards):  # NumPy: jnp ops on constants are staged under jit
+        rv = np.asarray(rewards)
+        bad = ~np.isfinite(rv) | ((rv < 0) if temperature is None else False)
+        if np.any(bad):
             raise ValueError(
                 "rewards must be finite"
                 + ("" if temperature is not None else " and non-negative")
             )
         return rewards
+    bad = ~jnp.isfinite(rewards)
+    if temperature is None:
+        bad = bad | (rewards < 0)
     return eqx.error_if(rewards, jnp.any(bad), "rewards must be finite (and >= 0)")
 
 
@@ -708,13 +710,19 @@ def _weights_over_mean(rewards, temperature, reward_mean):
         m = eqx.error_if(
             m, ~(jnp.isfinite(m) & (m > 0)), "reward_mean must be finite and positive"
         )
-        log_m = jnp.log(m).astype(rewards.dtype)
+        # the log in at least the rewards' precision (a 16-bit one kept 11 bits)
+        log_m = jnp.log(m.astype(jnp.promote_types(m.dtype, rewards.dtype)))
+        log_m = log_m.astype(rewards.dtype)
         mant, expo = jnp.frexp(m)
     rewards = _check_rewards(rewards, temperature)
     if temperature is not None:
         return jnp.exp(rewards / temperature - log_m)
-    # r / m = (r / mant) 2^-expo: no overflow or flush of m itself
-    return jnp.ldexp(rewards / jnp.asarray(mant, rewards.dtype), -jnp.asarray(expo))
+    # r / m = (r / mant) 2^-expo, with m's mantissa and exponent: no overflow or
+    # flush of m itself. A positive exponent is applied first (r / mant alone
+    # doubles r near the dtype's largest value), a negative one last.
+    mant, expo = jnp.asarray(mant, rewards.dtype), jnp.asarray(expo)
+    first = jnp.ldexp(rewards, -jnp.maximum(expo, 0)) / mant
+    return jnp.ldexp(first, -jnp.minimum(expo, 0))
 
 
 def reward_weighted_dsm_loss(

@@ -792,7 +792,7 @@ def sample(
     truncate = _check_truncate(truncate_backprop, stepsize_controller)
     if saveat is not None:
         save_trajectory, save_every = _saveat_flags(
-            saveat, ts, save_trajectory, save_every
+            saveat, ts, save_trajectory, save_every, stepsize_controller is not None
         )
     save_every = _check_save_every(save_every, save_trajectory, ts, truncate)
     checkpoint = _checkpoint_mode(checkpoint, driver)

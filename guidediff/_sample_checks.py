@@ -505,7 +505,9 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
         )
 
 
-def _saveat_flags(saveat, ts, save_trajectory, save_every) -> tuple[bool, int]:
+def _saveat_flags(
+    saveat, ts, save_trajectory, save_every, adaptive: bool = False
+) -> tuple[bool, int]:
     """`(save_trajectory, save_every)` for a `diffrax.SaveAt`: the times it saves
     must be the grid's `ts[::k]` (k dividing the number of steps), in order, or
     the final time alone. Everything else is a clear error."""
@@ -542,16 +544,34 @@ def _saveat_flags(saveat, ts, save_trajectory, save_every) -> tuple[bool, int]:
     n = ts.shape[0] - 1
     if sub.t1 and not sub.t0 and sub.ts is None and not sub.steps:
         return False, 1  # the final state only: ys without a time axis
+    if sub.steps and adaptive:
+        raise ValueError(
+            "SaveAt(steps=...) saves diffrax's accepted steps, which an adaptive "
+            "stepsize_controller chooses; gd.sample saves at times of ts only: use "
+            "SaveAt(ts=ts[::k]) (or save_trajectory=True)"
+        )
     idx = [0] if sub.t0 else []
     if sub.ts is not None:
-        reject_traced("saveat.ts", sub.ts)
+        if isinstance(sub.ts, jax.core.Tracer):
+            raise TypeError(
+                "saveat's ts is traced (a SaveAt built inside jax.jit from the grid, "
+                "e.g. SaveAt(ts=ts[::k])): gd.sample needs the saved times before "
+                "compiling. Build the SaveAt outside the jitted function, or use "
+                "SaveAt(t0=True, steps=k), which needs no times"
+            )
         if isinstance(ts, jax.core.Tracer):
             raise ValueError(
                 "saveat=SaveAt(ts=...) needs a concrete grid (ts= is traced here) "
                 "to find its times in; use save_trajectory=True, save_every=k"
             )
         grid = np.asarray(ts)
-        want = np.asarray(sub.ts, dtype=grid.dtype).reshape(-1)
+        want = np.asarray(sub.ts).reshape(-1)
+        if not np.issubdtype(want.dtype, np.floating):
+            want = want.astype(grid.dtype)
+        # compared in the narrower of the two dtypes: ts[::k] cast to float32 are
+        # the float64 grid's times
+        common = min(grid.dtype, want.dtype, key=lambda d: np.dtype(d).itemsize)
+        grid, want = grid.astype(common), want.astype(common)
         pos = [np.flatnonzero(grid == t) for t in want]
         if any(p.size == 0 for p in pos):
             raise ValueError(
@@ -593,7 +613,10 @@ def _check_save_every(save_every, save_trajectory, ts, truncate) -> int:
             f"so that ts[::{save_every}] ends at ts[-1]"
         )
     if truncate is not None:
-        raise ValueError("save_every > 1 and truncate_backprop cannot be combined")
+        raise ValueError(
+            "save_every > 1 (or a saveat= of ts[::k], k > 1) and truncate_backprop "
+            "cannot be combined"
+        )
     return int(save_every)
 
 

@@ -172,5 +172,17 @@ def test_saveat_is_save_trajectory_in_diffrax_words():
             run(saveat=saveat)
     with pytest.raises(ValueError, match="not both"):
         run(saveat=dfx.SaveAt(t1=True), save_trajectory=True)
+    # from a review: steps= under an adaptive controller would have saved the
+    # grid's times, not diffrax's steps; a SaveAt built under jit from the grid
+    # got the message for static ints
+    pid = dfx.PIDController(rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="adaptive"):
+        run(saveat=dfx.SaveAt(t0=True, steps=True), stepsize_controller=pid,
+            process="ode")  # fmt: skip
+    with pytest.raises(TypeError, match="Build the SaveAt outside"):
+        jax.jit(lambda t: run(saveat=dfx.SaveAt(ts=t[::4])).ys)(ts)
+    # the grid's times in another (narrower) dtype are still the grid's
+    out = run(saveat=dfx.SaveAt(ts=ts[::4].astype(jnp.float32)), dtype=jnp.float64)
+    assert out.ys.shape == (3, 3, 1)
     with pytest.raises(TypeError, match="diffrax.SaveAt"):
         run(saveat="t1")

@@ -298,6 +298,19 @@ def test_reward_mean_removes_the_finite_batch_bias_of_the_weights():
         np.testing.assert_allclose(w, np.exp(big) / m, rtol=1e-5)
     w = reward_weights(jnp.array([1e30, 3e30], jnp.float32), reward_mean=2e45)
     np.testing.assert_allclose(w, [5e-16, 1.5e-15], rtol=1e-6)
+    # rewards near float32's largest value (r / mant alone overflowed to inf)
+    r = jnp.array([3e38, 1.0, 2.0], jnp.float32)
+    np.testing.assert_allclose(reward_weights(r, reward_mean=1.5), [2e38, 2 / 3, 4 / 3],
+                               rtol=1e-6)  # fmt: skip
+    # rewards closed over (concrete) under jit: checked with NumPy, not staged
+    f = jax.jit(lambda m: reward_weights(jnp.array([1.0, 3.0]), reward_mean=m))
+    np.testing.assert_allclose(f(2.0), [0.5, 1.5])
+    # a traced 16-bit mean: its log in the rewards' precision (float16's kept 11
+    # bits: weights 0.15 % off)
+    m16 = jnp.float16(1000.0)
+    g = jax.jit(lambda m: reward_weights(jnp.array([0.5, 1.0]), temperature=0.5,
+                                         reward_mean=m))  # fmt: skip
+    np.testing.assert_allclose(g(m16), np.exp([1.0, 2.0]) / 1000.0, rtol=1e-6)
     # an all-zero batch is a zero loss, not an error, with a known mean
     np.testing.assert_array_equal(reward_weights(jnp.zeros(2), reward_mean=2.0), 0)
     for bad in (0.0, -1.0, np.inf, np.nan):

@@ -133,6 +133,14 @@ def test_srk_forward_mode_and_16_bit_trees():
 
     _, tangent = jax.jvp(loss, (1.3,), (1.0,))
     np.testing.assert_allclose(tangent, jax.grad(loss)(1.3), rtol=1e-5)
+
+    def half(m):  # a HalfSolver's inner Runge-Kutta stages: both modes too
+        score = gd.Gaussian(jnp.array([m]), VAR * jnp.eye(1)).score(SDE)
+        return gd.sample(jr.key(0), SDE, score, (1,), num_particles=2, ts=ts,
+                         process="ode", solver=dfx.HalfSolver(dfx.Heun())).ys.sum()  # fmt: skip
+
+    _, tangent = jax.jvp(half, (1.3,), (1.0,))
+    np.testing.assert_allclose(tangent, jax.grad(half)(1.3), rtol=1e-5)
     out = gd.sample(jr.key(0), SDE, SCORE, (1,), num_particles=64, ts=ts,
                     solver=dfx.ShARK(), dtype=jnp.float16, brownian="tree")  # fmt: skip
     assert int(out.num_failed) == 0 and out.ys.dtype == jnp.float16
