@@ -123,12 +123,20 @@ def logsnr_grid(
             )
         sde.check_time(lo_hi[0])  # e.g. t_start = 1 beyond a cosine SDE's T
         sde.check_time(lo_hi[1])
+        # on the host (NumPy): jnp ops on constants are staged under jit
+        start = np.asarray(lo_hi[0], _end_dtype(t_start))
+        _check_below_one(sde, float(start), start.dtype)
         ends = [sde.log_snr(t) for t in lo_hi]
         if any(isinstance(e, jax.core.Tracer) for e in ends):
             ends = None  # a traced SDE (jit/grad/vmap over its parameters)
         else:
             ends = np.asarray(ends, np.float64)
-        if ends is not None and not np.all(np.isfinite(ends)):
+        if ends is not None and not np.isfinite(ends[0]):
+            raise ValueError(
+                f"the log-SNR is not finite at t_start = {lo_hi[0]} ({ends[0]}; e.g. a "
+                "T that rounds to 1, where alpha = 0): start the grid below that"
+            )
+        if ends is not None and not np.isfinite(ends[1]):
             raise ValueError(
                 f"the log-SNR is not finite at the grid's ends ({ends[0]}, {ends[1]}; "
                 "t_end = 0 has sigma = 0): end the grid at a small t_end > 0"
@@ -144,10 +152,15 @@ def _as_array(t):
     # static values: every new end compiled anew), of the end's own floating dtype
     # (canonical: np.float64 is float32 without x64) or the default float: a weakly
     # typed 1.0, an int 1 and np.float64(1.0) keyed one program each
+    return jnp.asarray(t, _end_dtype(t))
+
+
+def _end_dtype(t):
+    """The dtype `_as_array` gives the end `t`."""
     dt = getattr(t, "dtype", None)
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
         dt = jnp.result_type(float)
-    return jnp.asarray(t, jax.dtypes.canonicalize_dtype(dt))
+    return jax.dtypes.canonicalize_dtype(dt)
 
 
 @eqx.filter_jit
@@ -248,6 +261,19 @@ def _check_grid_shape(shape: tuple) -> None:
 _CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T, last time): checked grids
 
 
+def _check_below_one(sde: AbstractSDE, t0, dtype) -> None:
+    """A clear error where a schedule singular at t = 1 would start at 1: `T < 1`
+    itself, but rounded to the grid's dtype (`T = 1 - 1e-8` in float32)."""
+    schedule = getattr(sde, "schedule", None)
+    if getattr(schedule, "singular_at_one", False) and t0 >= 1:
+        raise ValueError(
+            f"the time grid starts at t = 1 in {dtype} (sde.T = {sde.T} rounds to 1 "
+            f"there), where {type(schedule).__name__} is singular (alpha = 0, beta = "
+            "inf): use a T that float32 resolves below 1, e.g. the default "
+            f"{schedule.default_T}"
+        )
+
+
 def check_grid(sde: AbstractSDE, ts) -> float | None:
     """Clear errors for a grid that is not strictly decreasing from the noise end
     towards the data, or that leaves the SDE's time range `[0, T]`.
@@ -290,6 +316,7 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
             f"the time grid [{arr[0]}, ..., {arr[-1]}] leaves the SDE's range "
             f"[0, {'T' if T is None else T}]"
         )
+    _check_below_one(sde, arr[0], arr.dtype)
     if memo_key is not None:
         if len(_CHECKED_GRIDS) >= 64:
             _CHECKED_GRIDS.clear()

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 import pytest
 
@@ -193,3 +194,38 @@ def test_gradient_through_a_grid_ending_at_zero_matches_finite_differences(kw):
     fd = (f(15.0 + 1e-5) - f(15.0 - 1e-5)) / 2e-5
     assert np.isfinite(grad)
     np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+def test_float32_ends_of_the_schedules():
+    """From an audit of the schedules' ends in float32 (x64 off, JAX's default):
+    VESDE's sigma squared sigma_min (0 below 1e-19: sigma = 0 everywhere) and raised
+    r to 2t (inf above r = 1.8e19); the cosine schedule took cos/tan of an angle
+    close to pi/2 (375 ulp of alpha and beta at the default T, 3 % at 1 - 1e-6);
+    a T that rounds to 1 in float32 gave every particle NaN. References in float64
+    from the closed forms."""
+    import math
+
+    with jax.enable_x64(False):
+        for smin, smax in [(1e-19, 1.0), (1e-10, 1e10), (0.01, 50.0)]:
+            sde = gd.VESDE(sigma_min=smin, sigma_max=smax)
+            ref = smin * math.sqrt(math.expm1(2 * 0.5 * math.log(smax / smin)))
+            np.testing.assert_allclose(sde.marginal(0.5)[1], ref, rtol=1e-6)
+            np.testing.assert_allclose(sde.prior_std(), smax * math.sqrt(
+                -math.expm1(-2 * math.log(smax / smin))), rtol=1e-6)  # fmt: skip
+        s = 0.008
+        for T in (1 - 1e-3, 1 - 1e-4, 1 - 1e-6):
+            sde = gd.VPSDE(gd.CosineSchedule(), T=T)
+            t = jnp.float32(T)
+            b = 0.5 * math.pi * (1 - float(t)) / (1 + s)  # 1 - t exact in float32
+            alpha = math.sin(b) / math.cos(0.5 * math.pi * s / (1 + s))
+            np.testing.assert_allclose(sde.marginal(t)[0], alpha, rtol=1e-6)
+            beta = math.pi / (1 + s) / math.tan(b)
+            np.testing.assert_allclose(sde.schedule.beta(t), beta, rtol=1e-6)
+        for schedule in (gd.OneMinusT(), gd.CosineSchedule()):
+            sde = gd.VPSDE(schedule, T=1 - 1e-8)  # fine in float64
+            score = gd.Gaussian(jnp.array([1.5]), 0.01).score(sde)
+            with pytest.raises(ValueError, match="rounds to 1"):
+                gd.sample(jr.key(0), sde, score, (1,), num_particles=2,
+                          ts=gd.uniform_grid(sde.T, 1e-3, 10))  # fmt: skip
+            with pytest.raises(ValueError, match="rounds to 1"):  # not t_end's fault
+                gd.logsnr_grid(sde, sde.T, 1e-3, 10)
