@@ -290,10 +290,14 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
             T = float(sde.T)
         except (TypeError, jax.errors.ConcretizationTypeError):
             T = None
+        # keyed by T and whether the schedule is singular at 1 (`_check_below_one`:
+        # a grid that passed for LinearBeta at T must be checked for a cosine SDE)
+        singular = getattr(getattr(sde, "schedule", None), "singular_at_one", False)
         hit = _CHECKED_GRIDS.get(id(ts))
-        if hit is not None and hit[0]() is ts and hit[1] == T and T is not None:
+        key = (T, bool(singular))
+        if hit is not None and hit[0]() is ts and hit[1] == key and T is not None:
             return hit[2]
-        memo_key = T
+        memo_key = key
     try:
         arr = np.asarray(ts)
     except (TypeError, jax.errors.TracerArrayConversionError):

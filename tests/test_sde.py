@@ -221,8 +221,26 @@ def test_float32_ends_of_the_schedules():
             np.testing.assert_allclose(sde.marginal(t)[0], alpha, rtol=1e-6)
             beta = math.pi / (1 + s) / math.tan(b)
             np.testing.assert_allclose(sde.schedule.beta(t), beta, rtol=1e-6)
+        # and near t = 0, where the co-angle would be the ill-conditioned one
+        # (97 ulp of beta at t = 0.00335 from a review of the first fix)
+        cosine = gd.CosineSchedule()
+        for t in (0.0, 0.00335, 0.01, 0.3):
+            t32 = np.float32(t)
+            beta = (
+                math.pi / (1 + s) * math.tan(0.5 * math.pi * (float(t32) + s) / (1 + s))
+            )
+            np.testing.assert_allclose(cosine.beta(t32), beta, rtol=1e-6)
+        # a grid that passed for LinearBeta at the same T is checked again for a
+        # singular schedule (check_grid's memo was keyed by T alone)
+        grid = gd.uniform_grid(1 - 1e-8, 1e-3, 10)
+        plain = gd.VPSDE(gd.LinearBeta(), T=1 - 1e-8)
+        gd.sample(jr.key(0), plain, gd.Gaussian(jnp.array([1.5]), 0.01).score(plain),
+                  (1,), num_particles=2, ts=grid)  # fmt: skip
         for schedule in (gd.OneMinusT(), gd.CosineSchedule()):
             sde = gd.VPSDE(schedule, T=1 - 1e-8)  # fine in float64
+            score = gd.Gaussian(jnp.array([1.5]), 0.01).score(sde)
+            with pytest.raises(ValueError, match="rounds to 1"):
+                gd.sample(jr.key(0), sde, score, (1,), num_particles=2, ts=grid)
             score = gd.Gaussian(jnp.array([1.5]), 0.01).score(sde)
             with pytest.raises(ValueError, match="rounds to 1"):
                 gd.sample(jr.key(0), sde, score, (1,), num_particles=2,
