@@ -7,9 +7,10 @@ SDE / probability-flow ODE from T = 1 to 1e-3 on grids uniform in log-SNR
 (`gd.logsnr_grid`) and uniform in time (`gd.uniform_grid`, `gd.sample`'s default),
 every particle started from the exact time-T marginal.
 
-- ODE solvers (`diffrax.Euler`, `diffrax.Heun`, `gd.DDIM`, `gd.DPMSolverPP`): the
-  error is the RMS distance of the particles to the exact flow map (which keeps each
-  standardised coordinate fixed), over the RMS data scale. Deterministic.
+- ODE solvers (`diffrax.Euler`, `diffrax.Heun`, `gd.DDIM`, `gd.DPMSolverPP`,
+  `gd.UniPC`): the error is the RMS distance of the particles to the exact flow map
+  (which keeps each standardised coordinate fixed), over the RMS data scale.
+  Deterministic.
 - SDE solvers (`diffrax.Euler` i.e. Euler-Maruyama, `gd.ExponentialIntegrator`,
   `gd.SDEDPMSolverPP`, `diffrax.ShARK`): the error is the relative error of the sample variance
   against the exact time-1e-3 marginal's, averaged over the coordinates (a
@@ -48,6 +49,7 @@ def _solvers(process: str) -> dict:
             "heun": (dfx.Heun(), 2),
             "ddim": (gd.DDIM(SDE), 1),
             "dpm_solver_pp_2m": (gd.DPMSolverPP(SDE), 1),
+            "unipc": (gd.UniPC(SDE), 1),
         }
     return {
         "euler_maruyama": (dfx.Euler(), 1),

@@ -113,6 +113,7 @@ from ._solver import (
     DPMSolverPP as DPMSolverPP,
     ExponentialIntegrator as ExponentialIntegrator,
     SDEDPMSolverPP as SDEDPMSolverPP,
+    UniPC as UniPC,
 )
 from ._weights import (
     Constant as Constant,

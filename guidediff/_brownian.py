@@ -159,7 +159,10 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
     against the grid's order returns the cell's `(dt, W, H)` negated, diffrax's
     convention for reversed time (`diffrax.diffeqsolve` from `t0 > t1` asks for the
     forward cell and negates it), so both of `gd.sample`'s drivers see the same
-    values.
+    values. Run such solvers through `gd.sample` (its `"scan"` driver): inside
+    `diffrax.diffeqsolve` from `t0 > t1` diffrax's SRK steps are wrong (diffrax
+    issue #598, in 0.7.2: a sample standard deviation of about 840 for 0.5), with
+    this path or diffrax's own.
 
     **Arguments:**
 

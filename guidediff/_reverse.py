@@ -87,7 +87,10 @@ def reverse_sde(
       shape (`gd.GridBrownianPath` on a fixed grid, `diffrax.VirtualBrownianTree`
       for adaptive steps).
 
-    `gd.sample` builds these terms; use them directly to drive diffrax yourself:
+    `gd.sample` builds these terms; use them directly to drive diffrax yourself
+    (with Euler-type or Runge-Kutta solvers: diffrax's stochastic Runge-Kutta
+    solvers, `diffrax.ShARK()` and the like, are wrong backwards in time inside
+    `diffrax.diffeqsolve`, diffrax issue #598; `gd.sample` runs them correctly):
 
     !!! example
 

@@ -157,11 +157,45 @@ def _prior_draw(sde: AbstractSDE, key: Key, shape, dtype) -> Array:
     return sde.prior_sample(key, shape, gen).astype(dtype)
 
 
+# SDE classes of users whose methods were seen to return JAX arrays
+_CHECKED_SDE_TYPES: set[type] = set()
+
+
 def _check_sde(sde) -> None:
     if not isinstance(sde, AbstractSDE):
         raise TypeError(
             f"sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got {type(sde).__name__}"
         )
+    name = type(sde).__name__
+    if isinstance(sde.T, jax.core.Tracer):
+        raise TypeError(
+            f"{name}.T is traced (the SDE passed through jax.jit with T an ordinary "
+            "field); grids and time checks need it on the host: declare it static, "
+            "T: float = eqx.field(static=True, default=1.0), as guidediff's SDEs do"
+        )
+    cls = type(sde)
+    if cls in _CHECKED_SDE_TYPES or cls.__module__.startswith("guidediff."):
+        return
+    # once per class of a user's: methods returning Python numbers fail deep in
+    # the solvers (a float has no .astype)
+    t = jnp.asarray(sde.T, jnp.result_type(float))
+    for method, out in (
+        ("drift_coeff", sde.drift_coeff(t)),
+        ("diffusion", sde.diffusion(t)),
+        ("marginal", sde.marginal(t)),
+        ("prior_std", sde.prior_std()),
+    ):
+        leaves = tuple(out) if isinstance(out, tuple | list) else (out,)
+        if method == "marginal" and len(leaves) != 2:
+            raise TypeError(f"{name}.marginal must return (alpha(t), sigma(t))")
+        for leaf in leaves:
+            if not isinstance(leaf, jax.Array):
+                raise TypeError(
+                    f"{name}.{method} returned a {type(leaf).__name__}; an SDE's "
+                    "methods return JAX arrays (e.g. jnp.zeros_like(t) for a zero "
+                    "drift, jnp.asarray(1.0) for a constant)"
+                )
+    _CHECKED_SDE_TYPES.add(cls)
 
 
 def _time_dtype(dtype) -> jnp.dtype:
@@ -603,7 +637,7 @@ def sample(
       sampler) for the SDE, `diffrax.Heun()` for the ODE and, with an adaptive
       `stepsize_controller` (which needs an error estimate), for the SDE too.
       For few steps use the multistep `SDEDPMSolverPP(sde)` / `DPMSolverPP(sde)`
-      on a `logsnr_grid`; benchmarks/work_precision.py compares the solvers'
+      or `UniPC(sde)` on a `logsnr_grid`; benchmarks/work_precision.py compares the solvers'
       error per step on both kinds of grid. diffrax's stochastic Runge-Kutta
       solvers for additive noise (`diffrax.ShARK()`, `SRA1()`, `SEA()`, ...) run
       on the `"scan"` driver (fixed grids), whose Brownian paths then also give
@@ -664,7 +698,13 @@ def sample(
       devices, e.g. `NamedSharding(mesh, PartitionSpec("p"))` shards the particle
       axis (the number of particles must split evenly over its devices); a spec
       such as `PartitionSpec("p", "q")` also splits each particle's first axis
-      (a saved trajectory keeps its save axis replicated).
+      (a saved trajectory keeps its save axis replicated). Each particle keeps its
+      noise and prior draw, so its sample does not depend on the device count up
+      to float rounding: XLA may compile the partitioned program with other
+      algebraic rewrites (seen on forced CPU devices: a mixture oracle's division
+      by a variance shared by all particles became a multiplication by its
+      reciprocal, a few float32 ulps per step; tests/test_sharding.py checks which
+      cases are bit-identical).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and

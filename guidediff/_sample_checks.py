@@ -183,6 +183,14 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
                 f"calling the score with gd.cfg's null_args={null!r} (the "
                 f"unconditional call) failed: {e}"
             ) from e
+    if _first_is_cfg(score) and _ignores_args(base, ts[0], x, args):
+        raise ValueError(
+            f"gd.cfg(null_args=...) guides a score that ignores its args "
+            f"({type(base).__name__}): its conditional and unconditional calls are "
+            "equal, so the guidance would be a silent no-op. Guide a class-"
+            "conditional score (e.g. gmm.conditional_score(sde), not gmm.score(sde), "
+            "or a network that takes the label)"
+        )
     try:
         if base is not score:
             eqx.filter_eval_shape(lambda t, x_: base(t, x_, args), ts[0], x)
@@ -210,6 +218,53 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
             "score must return x's dtype (the sampler's state would change type "
             f"between steps); cast its output (e.g. `.astype(x.dtype)`){alt}"
         )
+
+
+def _first_is_cfg(score) -> bool:
+    """Whether the guidance applied first to the innermost (unguided) score is
+    `gd.cfg` with `null_args` (inside a `chain` or an `interval`): it then calls
+    that score with the args and with the null args."""
+    from ._guidance.base import Chain
+    from ._guidance.cfg import ClassifierFree
+    from ._guidance.interval import Interval
+
+    while isinstance(score, Guided) and isinstance(score.score, Guided):
+        score = score.score
+    if not isinstance(score, Guided):
+        return False
+    g = score.guidance
+    while True:
+        if isinstance(g, Chain) and g.guidances:
+            g = g.guidances[0]
+        elif isinstance(g, Interval):
+            g = g.guidance
+        else:
+            return isinstance(g, ClassifierFree) and g.null_args is not None
+
+
+def _ignores_args(score, t, x, args) -> bool:
+    """Whether `score(t, x, args)` provably does not read the array values of
+    `args`: traced with them as inputs, no operation uses them. Inconclusive
+    cases (no array in args, a score that needs concrete args) count as reading
+    them."""
+    as_arrays = jtu.tree_map(
+        lambda a: jnp.asarray(a) if isinstance(a, int | float | np.ndarray) else a,
+        args,
+    )
+    dynamic, static = eqx.partition(as_arrays, eqx.is_array)
+    n = len(jtu.tree_leaves(dynamic))
+    if n == 0:
+        return False
+    try:
+        closed = jax.make_jaxpr(lambda d, x_: score(t, x_, eqx.combine(d, static)))(
+            dynamic, x
+        )
+    except Exception:
+        return False
+    jaxpr = closed.jaxpr
+    inputs = {id(v) for v in jaxpr.invars[:n]}
+    used = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+    return not any(id(v) in inputs for v in used)
 
 
 def _per_particle_args_hint(args) -> str:
@@ -328,9 +383,10 @@ def _check_guidance_sde(score, sde) -> None:
 
 
 def _check_intervals(score, ts) -> None:
-    """A `gd.interval` whose (concrete) bounds miss the sampled times altogether
-    never switches its guidance on: a warning, not a silent no-op (the usual cause
-    is bounds given as integer timesteps, 200..800, or as fractions of the steps;
+    """A `gd.interval` whose (concrete) bounds miss the sampled times altogether,
+    or fall between two grid times, never switches its guidance on at a grid time:
+    a warning, not a silent no-op (the usual cause of the first is bounds given as
+    integer timesteps, 200..800, or as fractions of the steps;
     not an error, since a guided score reused for a segment of the time range, e.g.
     the first part of a split run, may legitimately miss an interval)."""
     from ._guidance.interval import Interval
@@ -354,6 +410,20 @@ def _check_intervals(score, ts) -> None:
                 f"[{lo_t:g}, {hi_t:g}] altogether: its guidance never applies. The "
                 "bounds are times of the SDE (from 0, data, to T, noise), not step "
                 "indices or fractions of the steps",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif not np.any((grid >= lo) & (grid <= hi)):
+            inside = np.sort(grid)
+            above = inside[np.searchsorted(inside, hi)]
+            below = inside[np.searchsorted(inside, lo) - 1]
+            warnings.warn(
+                f"gd.interval's bounds [{lo:g}, {hi:g}] lie between two sampled times "
+                f"({below:g} and {above:g}): no grid time is inside, so guidediff's "
+                "solvers and diffrax's Euler and Heun (which evaluate the score at "
+                "grid times) never apply its guidance, and a Runge-Kutta solver only "
+                "at the stages that fall inside. Widen the interval or refine the "
+                "grid",
                 UserWarning,
                 stacklevel=3,
             )
@@ -398,7 +468,7 @@ def _check_network_end(score, solver, sde, ts) -> None:
             f"{type(solver).__name__} evaluates the score at each step's end, so "
             "every particle would fail. End the grid at a small t > 0 (e.g. "
             "gd.uniform_grid(sde.T, 1e-3, n)), or use a solver that evaluates at "
-            "step starts only (diffrax.Euler, gd.DDIM, gd.DPMSolverPP, "
+            "step starts only (diffrax.Euler, gd.DDIM, gd.DPMSolverPP, gd.UniPC, "
             "gd.ExponentialIntegrator, gd.SDEDPMSolverPP)"
         )
 
@@ -423,7 +493,7 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
     if isinstance(solver, ExponentialIntegrator | SDEDPMSolverPP) and process != "sde":
         raise ValueError(
             f"{name} steps the reverse SDE (process='sde'); for the probability-flow "
-            "ODE use gd.DDIM, gd.DPMSolverPP or a diffrax ODE solver"
+            "ODE use gd.DDIM, gd.DPMSolverPP, gd.UniPC or a diffrax ODE solver"
         )
     if isinstance(solver, DDIM) and process != "ode":
         raise ValueError(

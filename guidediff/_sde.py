@@ -271,7 +271,14 @@ class AbstractSDE(eqx.Module):
     r"""A forward SDE $dX = f(t)X\,dt + g(t)\,dW$ with Gaussian marginals.
 
     Subclasses give `drift_coeff` $f(t)$, `diffusion` $g(t)$, `marginal`
-    $(\alpha(t), \sigma(t))$ and `prior_std`; everything else follows.
+    $(\alpha(t), \sigma(t))$ and `prior_std`; everything else follows. Each returns
+    JAX arrays (`jnp.zeros_like(t)` for a zero drift, not `0.0`). Declare `T` static,
+    `T: float = eqx.field(static=True, default=1.0)` (grids and time checks read it
+    on the host, also when the SDE passes through `jax.jit`), and numeric
+    parameters as array fields, e.g. `b: jax.Array = eqx.field(converter=jnp.asarray)`:
+    a Python float field is a static part of the compiled sampler (each new value
+    compiles it again) and `jax.grad` does not reach it. For a VP SDE with its own
+    noise schedule, subclass `gd.AbstractVPSchedule` and pass it to `gd.VPSDE`.
     """
 
     T: AbstractVar[float]

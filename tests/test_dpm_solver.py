@@ -1,4 +1,4 @@
-r"""DDIM and DPM-Solver++(2M) against the closed-form probability-flow map.
+r"""DDIM, DPM-Solver++(2M) and UniPC against the closed-form probability-flow map.
 
 For Gaussian data $N(\mu, \mathrm{diag}(c))$ the time-$t$ marginal is
 $N(\alpha_t\mu, \mathrm{diag}(s_t^2))$ with $s_t^2 = \alpha_t^2 c + \sigma_t^2$, and
@@ -61,16 +61,22 @@ VE = gd.VESDE(sigma_max=20.0)
 
 
 @pytest.mark.parametrize(
-    "cls, order, sde",
-    [(gd.DDIM, 1, SDE), (gd.DPMSolverPP, 2, SDE), (gd.DPMSolverPP, 2, VE)],
-    ids=["ddim-vp", "dpm-vp", "dpm-ve"],
+    "solver, order, sde",
+    [
+        (gd.DDIM(SDE), 1, SDE),
+        (gd.DPMSolverPP(SDE), 2, SDE),
+        (gd.DPMSolverPP(VE), 2, VE),
+        (gd.UniPC(SDE), 3, SDE),
+        (gd.UniPC(VE, "bh1"), 3, VE),
+    ],
+    ids=["ddim-vp", "dpm-vp", "dpm-ve", "unipc-vp", "unipc-bh1-ve"],
 )
-def test_convergence_order_against_the_exact_flow(cls, order, sde):
-    errs = np.array([_error(cls(sde), n, sde) for n in (16, 32, 64)])
+def test_convergence_order_against_the_exact_flow(solver, order, sde):
+    errs = np.array([_error(solver, n, sde) for n in (16, 32, 64)])
     observed = np.log2(errs[:-1] / errs[1:])
     assert np.all(errs[1:] < errs[:-1])
     assert abs(observed[-1] - order) < 0.2, observed
-    assert cls(sde).order(None) == order
+    assert solver.order(None) == order
 
 
 def test_second_order_beats_first_order_and_heun_per_score_evaluation():
@@ -79,16 +85,28 @@ def test_second_order_beats_first_order_and_heun_per_score_evaluation():
     dpm = _error(gd.DPMSolverPP(SDE), 32)
     assert dpm < 0.25 * _error(gd.DDIM(SDE), 32)
     assert dpm < _error(dfx.Heun(), 16)
+    # UniPC's corrector reuses the same evaluations: third order at the same cost
+    assert _error(gd.UniPC(SDE), 32) < 0.5 * dpm
 
 
-@pytest.mark.parametrize("cls", [gd.DDIM, gd.DPMSolverPP])
+def test_unipc_variant_is_checked():
+    with pytest.raises(ValueError, match="'bh1' or 'bh2'"):
+        gd.UniPC(SDE, "bh3")
+
+
+@pytest.mark.parametrize("cls", [gd.DDIM, gd.DPMSolverPP, gd.UniPC])
 def test_both_drivers_give_the_same_samples(cls):
     scan = _sample(cls(SDE), 12, driver="scan")
     solve = _sample(cls(SDE), 12, driver="diffeqsolve")
     np.testing.assert_allclose(solve, scan, rtol=1e-12, atol=1e-12)
 
 
-def test_forward_in_time_inverts_the_flow():
+@pytest.mark.parametrize(
+    "solver, order",
+    [(gd.DPMSolverPP(SDE), 2), (gd.UniPC(SDE), 3)],
+    ids=["dpm", "unipc"],
+)
+def test_forward_in_time_inverts_the_flow(solver, order):
     """Integrated from EPS up to T (diffrax's forward direction, no time flip), the
     solver maps the exact data-end points onto the exact prior-end points."""
     term = gd.probability_flow(SDE, DATA.score(SDE))
@@ -100,7 +118,7 @@ def test_forward_in_time_inverts_the_flow():
         def solve(y):
             sol = dfx.diffeqsolve(
                 term,
-                gd.DPMSolverPP(SDE),
+                solver,
                 ts[0],
                 ts[-1],
                 None,
@@ -113,17 +131,24 @@ def test_forward_in_time_inverts_the_flow():
         return float(jnp.max(jnp.abs(jax.vmap(solve)(y_eps) - Y_T)))
 
     e16, e64 = error(16), error(64)
-    assert e64 < e16 / 8  # second order: /16 in the limit
+    assert e64 < e16 / 2 ** (2 * order - 1)  # order p: / 4^p in the limit
 
 
-@pytest.mark.parametrize("process", ["ode", "sde"])
-def test_gradient_matches_finite_differences(process):
+@pytest.mark.parametrize(
+    "process, solver",
+    [
+        ("ode", gd.DPMSolverPP(SDE)),
+        ("sde", gd.SDEDPMSolverPP(SDE)),
+        ("ode", gd.UniPC(SDE)),
+    ],
+    ids=["dpm", "sde-dpm", "unipc"],
+)
+def test_gradient_matches_finite_differences(process, solver):
     """d/d mu of the mean square of the samples, through the multistep solver state
     (and, for the SDE, the grid Brownian path)."""
 
     def f(mu):
         data = gd.Gaussian(mu, jnp.diag(C))
-        solver = gd.DPMSolverPP(SDE) if process == "ode" else gd.SDEDPMSolverPP(SDE)
         ys = gd.sample(
             jr.key(0),
             SDE,
@@ -301,7 +326,11 @@ def test_sde_2m_both_drivers_give_the_same_samples():
 
 @pytest.mark.parametrize(
     "process, cls, driver",
-    [("ode", gd.DPMSolverPP, "scan"), ("sde", gd.SDEDPMSolverPP, "diffeqsolve")],
+    [
+        ("ode", gd.DPMSolverPP, "scan"),
+        ("sde", gd.SDEDPMSolverPP, "diffeqsolve"),
+        ("ode", gd.UniPC, "scan"),
+    ],
 )
 def test_truncated_backprop_keeps_the_multistep_samples(process, cls, driver):
     """DRaFT-K splits the solve in two; the second part starts from the first's
@@ -332,6 +361,7 @@ def test_multistep_solvers_step_to_time_zero():
     for process, solver in (
         ("ode", gd.DPMSolverPP(SDE)),
         ("sde", gd.SDEDPMSolverPP(SDE)),
+        ("ode", gd.UniPC(SDE)),
     ):
         out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=4, ts=ts,
                         process=process, solver=solver)  # fmt: skip
@@ -354,6 +384,7 @@ def test_multistep_float32_particles_under_x64_with_diffeqsolve():
     for solver, process in (
         (gd.DPMSolverPP(sde), "ode"),
         (gd.SDEDPMSolverPP(sde), "sde"),
+        (gd.UniPC(sde), "ode"),
     ):
         a, b = (
             gd.sample(

@@ -778,7 +778,7 @@ def test_structured_args_and_image_shapes_get_clear_errors():
         gd.dsm_loss(model, None, jr.key(0), x0, SDE, labels={"scale": jnp.ones(6)})
     assert np.isfinite(gd.dsm_loss(model, None, jr.key(0), x0, SDE, labels=[0] * 6))
     # batched CFG stacks args: a string leaf names the batched=False way out
-    s = gd.ScoreFn(lambda t, x, a: -x)
+    s = gd.ScoreFn(lambda t, x, a: -x / (1.0 + 0.1 * a["label"]))
     cond, null = {"label": 1, "prompt": "a cat"}, {"label": 3, "prompt": "a cat"}
     kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 3), args=cond)
     with pytest.raises(ValueError, match=r"batched=False\) for args"):
@@ -1007,3 +1007,64 @@ def test_an_array_of_weights_points_to_vmap():
     weight sweep is a vmap over a scalar weight."""
     with pytest.raises(ValueError, match=r"shape \(2,\).*jax.vmap over a scalar"):
         gd.cfg(jnp.array([0.5, 1.0]), null_args=GMM.null_label)
+
+
+def test_cfg_on_a_score_that_ignores_its_args():
+    """From a conformance audit: gd.cfg(null_args=...) applied first to a score that
+    ignores args (gmm.score instead of gmm.conditional_score, a plain function of
+    (t, x)) had equal conditional and unconditional calls: unguided samples, no
+    error. Guidance after an args-reading one (classifier guidance) is not
+    refused: the score CFG sees then reads the label."""
+    from guidediff._sample_checks import _first_is_cfg, _ignores_args
+
+    uncond, cfg = GMM.score(SDE), gd.cfg(3.0, null_args=GMM.null_label)
+    reward = gd.reward_guidance(uncond, 0.5)
+    kw = dict(num_particles=2, ts=TS, args=1)
+    for g in (cfg, gd.chain(cfg, reward), gd.interval(cfg, 0.2, 0.8)):
+        with pytest.raises(ValueError, match="ignores its args .MixtureScore"):
+            gd.sample(jr.key(0), SDE, gd.guide(uncond, g), (2,), **kw)
+    plain = gd.ScoreFn(lambda t, x, a: -x)
+    with pytest.raises(ValueError, match="ignores its args .ScoreFn"):
+        gd.sample(jr.key(0), SDE, gd.guide(plain, gd.cfg(1.0, null_args={"c": 0.0})),
+                  (2,), num_particles=2, ts=TS, args={"c": 1.0})  # fmt: skip
+    after = gd.chain(gd.classifier_guidance(GMM.log_classifier(SDE)), cfg)
+    assert not _first_is_cfg(gd.guide(uncond, after))
+    x = jax.ShapeDtypeStruct((2,), jnp.float64)
+    assert not _ignores_args(GMM.conditional_score(SDE), 0.5, x, 1)
+    assert not _ignores_args(
+        gd.ScoreFn(lambda t, x, a: -x + a["c"]), 0.5, x, {"c": 1.0}
+    )
+    assert _ignores_args(uncond, 0.5, x, np.int32(1))
+
+
+def test_user_sdes_get_clear_errors():
+    """From an extensibility audit: an SDE whose methods return Python numbers
+    failed deep in the solvers (a float has no .astype); one whose T is an ordinary
+    field failed with a ConcretizationTypeError under jax.jit."""
+
+    class FloatDrift(gd.AbstractSDE):
+        T: float = 1.0
+
+        def drift_coeff(self, t):
+            return 0.0
+
+        def diffusion(self, t):
+            return jnp.sqrt(2.0) * jnp.ones_like(t)
+
+        def marginal(self, t):
+            return jnp.ones_like(t), jnp.sqrt(2.0 * t)
+
+        def prior_std(self):
+            return jnp.sqrt(2.0)
+
+    score = gd.ScoreFn(lambda t, x, a: -x)
+    with pytest.raises(TypeError, match="FloatDrift.drift_coeff returned a float"):
+        gd.sample(jr.key(0), FloatDrift(), score, (2,), num_particles=2, ts=TS)
+
+    class TracedT(FloatDrift):
+        def drift_coeff(self, t):
+            return jnp.zeros_like(t)
+
+    with pytest.raises(TypeError, match="TracedT.T is traced"):
+        jax.jit(lambda sde: gd.sample(jr.key(0), sde, score, (2,), num_particles=2,
+                                      ts=TS).ys)(TracedT())  # fmt: skip

@@ -155,9 +155,9 @@ def test_interval_ends_are_inclusive():
 
 
 def test_an_interval_that_misses_the_grid_warns():
-    """Bounds outside the sampled times (e.g. integer timesteps) made the guidance
-    a silent no-op; `sample` and `smc_sample` now warn. Bounds that meet the grid,
-    or traced ones, do not."""
+    """Bounds outside the sampled times (e.g. integer timesteps), or between two of
+    them, made the guidance a silent no-op; `sample` and `smc_sample` now warn.
+    Bounds that meet the grid, or traced ones, do not."""
     import warnings
 
     g = gd.cfg(1.5, null_args=3)
@@ -169,9 +169,14 @@ def test_an_interval_that_misses_the_grid_warns():
             gd.sample(jr.key(0), SDE, missed, (2,), **kw)
         with pytest.warns(UserWarning, match="miss the sampled times"):
             gd.smc_sample(jr.key(0), SDE, missed, (2,), lambda x: jnp.sum(x), **kw)
+    # inside the grid's range, between two of its times (an audit: no warning)
+    between = gd.guide(COND, gd.interval(g, 0.4, 0.6))
+    with pytest.warns(UserWarning, match=r"between two sampled times \(0.33"):
+        gd.sample(jr.key(0), SDE, between, (2,), **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for lo, hi in ((0.9, 2.0), (0.0, 1e-3)):  # overlapping, touching the end
+        # overlapping, touching the end, holding one grid time (2/3)
+        for lo, hi in ((0.9, 2.0), (0.0, 1e-3), (0.6, 0.7)):
             for dtype in (None, jnp.float32):  # float64 bounds, a float32 grid
                 gd.sample(jr.key(0), SDE, gd.guide(COND, gd.interval(g, lo, hi)),
                           (2,), dtype=dtype, **kw)  # fmt: skip
