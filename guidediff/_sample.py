@@ -845,7 +845,7 @@ def sample(
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts)
+    _check_intervals(score, ts, solver, adaptive)
     args = _args_as_arrays(args)
 
     if y0 is not None:

@@ -382,7 +382,7 @@ def _check_guidance_sde(score, sde) -> None:
             )
 
 
-def _check_intervals(score, ts) -> None:
+def _check_intervals(score, ts, solver, adaptive: bool = False) -> None:
     """A `gd.interval` whose (concrete) bounds miss the sampled times altogether,
     or fall between two grid times, never switches its guidance on at a grid time:
     a warning, not a silent no-op (the usual cause of the first is bounds given as
@@ -397,6 +397,11 @@ def _check_intervals(score, ts) -> None:
         return
     grid = np.asarray(ts)  # a jax array keeps its host copy: read once
     lo_t, hi_t = float(grid.min()), float(grid.max())
+    # whether the score is evaluated at grid times only: fixed steps, and no
+    # Runge-Kutta stage strictly inside a step (Tsit5's, ShARK's)
+    c = getattr(getattr(solver, "tableau", None), "c", None)
+    inner = c is not None and bool(np.any((np.asarray(c) > 0) & (np.asarray(c) < 1)))
+    at_grid_times = not adaptive and not inner
     for g in found:
         if isinstance(g.t_lo, jax.core.Tracer) or isinstance(g.t_hi, jax.core.Tracer):
             continue
@@ -413,16 +418,15 @@ def _check_intervals(score, ts) -> None:
                 UserWarning,
                 stacklevel=3,
             )
-        elif not np.any((grid >= lo) & (grid <= hi)):
+        elif at_grid_times and not np.any((grid >= lo) & (grid <= hi)):
             inside = np.sort(grid)
             above = inside[np.searchsorted(inside, hi)]
             below = inside[np.searchsorted(inside, lo) - 1]
             warnings.warn(
                 f"gd.interval's bounds [{lo:g}, {hi:g}] lie between two sampled times "
-                f"({below:g} and {above:g}): no grid time is inside, so guidediff's "
-                "solvers and diffrax's Euler and Heun (which evaluate the score at "
-                "grid times) never apply its guidance, and a Runge-Kutta solver only "
-                "at the stages that fall inside. Widen the interval or refine the "
+                f"({below:g} and {above:g}): no grid time is inside, and the solver "
+                f"({type(solver).__name__}) evaluates the score at grid times only, "
+                "so its guidance never applies. Widen the interval or refine the "
                 "grid",
                 UserWarning,
                 stacklevel=3,

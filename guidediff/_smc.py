@@ -436,7 +436,7 @@ def smc_sample(
             f"{getattr(probe, 'dtype', '')}"
         )
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts)
+    _check_intervals(score, ts, solver)
     _check_network_end(score, solver, sde, ts)
     if proposal is not None:
         check_score(proposal, "proposal")
@@ -448,7 +448,7 @@ def smc_sample(
             )
         _check_score_shape(proposal, ts, shape, dtype, args)
         _check_guidance_sde(proposal, sde)
-        _check_intervals(proposal, ts)
+        _check_intervals(proposal, ts, solver)
     args = _args_as_arrays(args)  # a new label does not recompile
     # Only twist == 0 (no twist: not even 0 * log r, which is NaN where r = 0)
     # selects code; any other value is traced, so a new one does not recompile.

@@ -563,7 +563,7 @@ def _check_sampled_score(score, sde, shape, dtype, args, kw) -> None:
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts)
+    _check_intervals(score, ts, solver)
 
 
 def finetune_through_sampler(

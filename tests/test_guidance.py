@@ -175,6 +175,13 @@ def test_an_interval_that_misses_the_grid_warns():
         gd.sample(jr.key(0), SDE, between, (2,), **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # unless the solver evaluates between grid times: stages inside a step
+        # (Tsit5, ShARK) or adaptive steps
+        from guidediff._sample_checks import _check_intervals
+
+        _check_intervals(between, ts, dfx.Tsit5())
+        _check_intervals(between, ts, dfx.ShARK())
+        _check_intervals(between, ts, dfx.Heun(), adaptive=True)
         # overlapping, touching the end, holding one grid time (2/3)
         for lo, hi in ((0.9, 2.0), (0.0, 1e-3), (0.6, 0.7)):
             for dtype in (None, jnp.float32):  # float64 bounds, a float32 grid
