@@ -568,3 +568,21 @@ def test_prose_claims_hold_in_the_committed_result_files():
         tied = {k for k, v in nfe.items() if v == nfe["shark"]}
         want = {"shark", "sde_dpm_solver_pp_2m"} if grid == "logsnr" else {"shark"}
         assert tied == want, (grid, nfe)
+        # "UniPC reaches the tolerance in no more steps than DPMSolverPP on either
+        # grid, and has the smallest error of the ODE solvers with one score
+        # evaluation a step at the largest step count"
+        ode = {
+            key.split("/")[1]: row["nfe"]
+            for key, row in wp["at_tolerance"].items()
+            if key.startswith("ode/") and key.endswith("/" + grid)
+        }
+        assert ode["unipc"] <= ode["dpm_solver_pp_2m"], (grid, ode)
+        last = {
+            x["solver"]: x["error"]
+            for x in wp["results"]
+            if x["process"] == "ode"
+            and x["grid"] == grid
+            and x["steps"] == max(wp["steps_list"])
+            and x["solver"] != "heun"
+        }
+        assert len(last) == 4 and min(last, key=last.get) == "unipc", (grid, last)
