@@ -189,7 +189,7 @@ def _check_sde(sde) -> None:
         if method == "marginal" and len(leaves) != 2:
             raise TypeError(f"{name}.marginal must return (alpha(t), sigma(t))")
         for leaf in leaves:
-            if not isinstance(leaf, jax.Array):
+            if not isinstance(leaf, jax.Array | np.ndarray | np.generic):
                 raise TypeError(
                     f"{name}.{method} returned a {type(leaf).__name__}; an SDE's "
                     "methods return JAX arrays (e.g. jnp.zeros_like(t) for a zero "
@@ -845,7 +845,7 @@ def sample(
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts, solver, adaptive)
+    _check_intervals(score, ts, solver, adaptive, denoise)
     args = _args_as_arrays(args)
 
     if y0 is not None:

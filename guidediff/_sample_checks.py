@@ -243,17 +243,19 @@ def _first_is_cfg(score) -> bool:
 
 
 def _ignores_args(score, t, x, args) -> bool:
-    """Whether `score(t, x, args)` provably does not read the array values of
-    `args`: traced with them as inputs, no operation uses them. Inconclusive
-    cases (no array in args, a score that needs concrete args) count as reading
-    them."""
+    """Whether `score(t, x, args)` provably does not read `args`: traced with its
+    arrays (and numbers) as inputs, no operation uses them. Inconclusive cases
+    (other leaves in args, no array, a score that needs concrete args) count as
+    reading them."""
     as_arrays = jtu.tree_map(
         lambda a: jnp.asarray(a) if isinstance(a, int | float | np.ndarray) else a,
         args,
     )
     dynamic, static = eqx.partition(as_arrays, eqx.is_array)
     n = len(jtu.tree_leaves(dynamic))
-    if n == 0:
+    if n == 0 or jtu.tree_leaves(static):
+        # a score may read a non-array leaf (a prompt string) in Python, which
+        # leaves no trace in the program
         return False
     try:
         closed = jax.make_jaxpr(lambda d, x_: score(t, x_, eqx.combine(d, static)))(
@@ -382,11 +384,38 @@ def _check_guidance_sde(score, sde) -> None:
             )
 
 
-def _check_intervals(score, ts, solver, adaptive: bool = False) -> None:
+def _score_times(solver, grid, adaptive: bool, denoise: bool):
+    """The grid times at which `solver` evaluates the score on a fixed grid (in
+    sampling order), or `None` where that is not known: adaptive steps, wrapped or
+    unknown solvers, Runge-Kutta stages inside a step (Tsit5's, ShARK's). Step-start
+    solvers (guidediff's, Euler, EulerHeun) never evaluate at the last time, unless
+    `denoise` evaluates there."""
+    from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
+
+    if adaptive or isinstance(solver, dfx.AbstractWrappedSolver):
+        # (a HalfSolver also passes isinstance checks for the solver it wraps)
+        return None
+    step_start = (ExponentialIntegrator, SDEDPMSolverPP, DDIM, dfx.Euler, dfx.EulerHeun)
+    if isinstance(solver, step_start):
+        return grid if denoise else grid[:-1]
+    c = getattr(getattr(solver, "tableau", None), "c", None)
+    if isinstance(solver, dfx.ReversibleHeun) or (
+        isinstance(solver, dfx.AbstractERK)
+        and c is not None
+        and bool(np.all((np.asarray(c) == 0) | (np.asarray(c) == 1)))
+    ):
+        return grid  # Heun: stages at the step's ends
+    return None
+
+
+def _check_intervals(
+    score, ts, solver, adaptive: bool = False, denoise: bool = False
+) -> None:
     """A `gd.interval` whose (concrete) bounds miss the sampled times altogether,
-    or fall between two grid times, never switches its guidance on at a grid time:
-    a warning, not a silent no-op (the usual cause of the first is bounds given as
-    integer timesteps, 200..800, or as fractions of the steps;
+    or hold none of the times at which the solver evaluates the score, never
+    switches its guidance on: a warning, not a silent no-op (the usual cause of
+    the first is bounds given as integer timesteps, 200..800, or as fractions of
+    the steps;
     not an error, since a guided score reused for a segment of the time range, e.g.
     the first part of a split run, may legitimately miss an interval)."""
     from ._guidance.interval import Interval
@@ -397,11 +426,7 @@ def _check_intervals(score, ts, solver, adaptive: bool = False) -> None:
         return
     grid = np.asarray(ts)  # a jax array keeps its host copy: read once
     lo_t, hi_t = float(grid.min()), float(grid.max())
-    # whether the score is evaluated at grid times only: fixed steps, and no
-    # Runge-Kutta stage strictly inside a step (Tsit5's, ShARK's)
-    c = getattr(getattr(solver, "tableau", None), "c", None)
-    inner = c is not None and bool(np.any((np.asarray(c) > 0) & (np.asarray(c) < 1)))
-    at_grid_times = not adaptive and not inner
+    times = _score_times(solver, grid, adaptive, denoise)
     for g in found:
         if isinstance(g.t_lo, jax.core.Tracer) or isinstance(g.t_hi, jax.core.Tracer):
             continue
@@ -418,16 +443,15 @@ def _check_intervals(score, ts, solver, adaptive: bool = False) -> None:
                 UserWarning,
                 stacklevel=3,
             )
-        elif at_grid_times and not np.any((grid >= lo) & (grid <= hi)):
-            inside = np.sort(grid)
-            above = inside[np.searchsorted(inside, hi)]
-            below = inside[np.searchsorted(inside, lo) - 1]
+        elif times is not None and not np.any((times >= lo) & (times <= hi)):
+            which = "grid times" if times.size == grid.size else "step starts"
             warnings.warn(
-                f"gd.interval's bounds [{lo:g}, {hi:g}] lie between two sampled times "
-                f"({below:g} and {above:g}): no grid time is inside, and the solver "
-                f"({type(solver).__name__}) evaluates the score at grid times only, "
-                "so its guidance never applies. Widen the interval or refine the "
-                "grid",
+                f"gd.interval's bounds [{lo:g}, {hi:g}] hold none of the times at "
+                f"which {type(solver).__name__} evaluates the score (the {which}, "
+                f"from {float(times.min()):g} to {float(times.max()):g}; the grid "
+                "is "
+                f"{np.array2string(grid, precision=4, threshold=8)}), so its "
+                "guidance never applies. Widen the interval or refine the grid",
                 UserWarning,
                 stacklevel=3,
             )

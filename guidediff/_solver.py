@@ -349,13 +349,14 @@ def _phi_ratios(z, bh2: bool):
     small = jnp.abs(z) < 1
     zs = jnp.where(small, z, 1.0)  # each branch finite where it is not taken
     zl = jnp.where(small, 1.0, z)
-    # series: phi_k(z) = sum_j z^j / (j + k)!, 14 terms (1/17! < 3e-15)
+    # series: phi_k(z) = sum_j z^j / (j + k)!, 17 terms (the first omitted term of
+    # phi_1 is below 1/18! < 2e-16 for |z| < 1)
     fact = [1.0]
-    for j in range(1, 18):
+    for j in range(1, 21):
         fact.append(fact[-1] * j)
-    phi1_s = sum(zs**j / fact[j + 1] for j in range(15))
-    phi2_s = sum(zs**j / fact[j + 2] for j in range(15))
-    phi3_s = sum(zs**j / fact[j + 3] for j in range(15))
+    phi1_s = sum(zs**j / fact[j + 1] for j in range(17))
+    phi2_s = sum(zs**j / fact[j + 2] for j in range(17))
+    phi3_s = sum(zs**j / fact[j + 3] for j in range(17))
     phi1_l = jnp.expm1(zl) / zl
     phi2_l = (phi1_l - 1) / zl
     phi3_l = (phi2_l - 0.5) / zl

@@ -1035,6 +1035,9 @@ def test_cfg_on_a_score_that_ignores_its_args():
         gd.ScoreFn(lambda t, x, a: -x + a["c"]), 0.5, x, {"c": 1.0}
     )
     assert _ignores_args(uncond, 0.5, x, np.int32(1))
+    # a score may read a non-array leaf in Python (a review): not concluded
+    prompt = gd.ScoreFn(lambda t, x, a: -x + (1.0 if a["prompt"] == "cat" else 0.0))
+    assert not _ignores_args(prompt, 0.5, x, {"prompt": "cat", "w": jnp.ones(2)})
 
 
 def test_user_sdes_get_clear_errors():
@@ -1060,6 +1063,17 @@ def test_user_sdes_get_clear_errors():
     score = gd.ScoreFn(lambda t, x, a: -x)
     with pytest.raises(TypeError, match="FloatDrift.drift_coeff returned a float"):
         gd.sample(jr.key(0), FloatDrift(), score, (2,), num_particles=2, ts=TS)
+
+    class NumpyStd(FloatDrift):  # NumPy scalars have .astype: accepted (a review)
+        def drift_coeff(self, t):
+            return jnp.zeros_like(t)
+
+        def prior_std(self):
+            return np.sqrt(2.0)
+
+    from guidediff._sample import _check_sde
+
+    _check_sde(NumpyStd())
 
     class TracedT(FloatDrift):
         def drift_coeff(self, t):

@@ -169,21 +169,32 @@ def test_an_interval_that_misses_the_grid_warns():
             gd.sample(jr.key(0), SDE, missed, (2,), **kw)
         with pytest.warns(UserWarning, match="miss the sampled times"):
             gd.smc_sample(jr.key(0), SDE, missed, (2,), lambda x: jnp.sum(x), **kw)
-    # inside the grid's range, between two of its times (an audit: no warning)
-    between = gd.guide(COND, gd.interval(g, 0.4, 0.6))
-    with pytest.warns(UserWarning, match=r"between two sampled times \(0.33"):
-        gd.sample(jr.key(0), SDE, between, (2,), **kw)
+    # inside the grid's range but holding none of the times the solver evaluates
+    # the score at (audits: no warning): between two grid times, or only the last
+    # time for a step-start solver (the default exponential integrator)
+    from guidediff._sample_checks import _check_intervals
+
+    end = gd.guide(COND, gd.interval(g, 0.0, 2e-3))
+    for lo, hi in ((0.4, 0.6), (0.0, 2e-3)):
+        missed = gd.guide(COND, gd.interval(g, lo, hi))
+        with pytest.warns(UserWarning, match=r"step starts, from 0.33"):
+            gd.sample(jr.key(0), SDE, missed, (2,), **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        # unless the solver evaluates between grid times: stages inside a step
-        # (Tsit5, ShARK) or adaptive steps
-        from guidediff._sample_checks import _check_intervals
-
-        _check_intervals(between, ts, dfx.Tsit5())
-        _check_intervals(between, ts, dfx.ShARK())
+        between = gd.guide(COND, gd.interval(g, 0.4, 0.6))
+        # unless the solver may evaluate between grid times: stages inside a step
+        # (Tsit5, ShARK), a wrapped solver, adaptive steps; or at the end
+        for solver in (dfx.Tsit5(), dfx.ShARK(), dfx.HalfSolver(dfx.Euler())):
+            _check_intervals(between, ts, solver)
         _check_intervals(between, ts, dfx.Heun(), adaptive=True)
-        # overlapping, touching the end, holding one grid time (2/3)
-        for lo, hi in ((0.9, 2.0), (0.0, 1e-3), (0.6, 0.7)):
+        _check_intervals(end, ts, dfx.Heun())  # its second stage is at the end
+        _check_intervals(end, ts, gd.DDIM(SDE), denoise=True)
+        # float64 bounds touching the end of a float32 grid, with Heun
+        for dtype in (jnp.float64, jnp.float32):
+            _check_intervals(gd.guide(COND, gd.interval(g, 0.0, 1e-3)),
+                             ts.astype(dtype), dfx.Heun())  # fmt: skip
+        # overlapping, holding one grid time (2/3)
+        for lo, hi in ((0.9, 2.0), (0.6, 0.7)):
             for dtype in (None, jnp.float32):  # float64 bounds, a float32 grid
                 gd.sample(jr.key(0), SDE, gd.guide(COND, gd.interval(g, lo, hi)),
                           (2,), dtype=dtype, **kw)  # fmt: skip
