@@ -253,13 +253,19 @@ class GridBrownianPath(dfx.AbstractBrownianPath):
         )
 
 
+def unwrap_solver(solver):
+    """The solver inside diffrax's wrappers (`diffrax.HalfSolver`), which forward
+    `isinstance` checks to it (a diffrax metaclass) but not its attributes."""
+    while isinstance(solver, dfx.AbstractWrappedSolver):
+        solver = solver.solver
+    return solver
+
+
 def levy_area_for(solver) -> type:
     """The Brownian increment object `solver` needs: `diffrax.SpaceTimeLevyArea`
     for diffrax's stochastic Runge-Kutta solvers (their `minimal_levy_area`),
     else `diffrax.BrownianIncrement`. Space-time-time areas are refused."""
-    while isinstance(solver, dfx.HalfSolver):  # it does not forward the attribute
-        solver = solver.solver
-    need = getattr(solver, "minimal_levy_area", dfx.BrownianIncrement)
+    need = getattr(unwrap_solver(solver), "minimal_levy_area", dfx.BrownianIncrement)
     if issubclass(need, dfx.AbstractSpaceTimeTimeLevyArea):
         raise ValueError(
             f"{type(solver).__name__} needs space-time-time Levy areas, which "

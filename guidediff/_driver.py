@@ -18,7 +18,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._brownian import GridBrownianPath, _StepIncrement
+from ._brownian import GridBrownianPath, _StepIncrement, unwrap_solver
 from ._reverse import AdditiveNoiseTerm
 
 
@@ -297,7 +297,7 @@ def _solve(
     ys_a, res_a, n_a, state_a = run(*head, want_state=True)
     y_mid = lax.stop_gradient(ys_a[-1] if save_every else ys_a)
     state_mid = _stop_gradient(state_a)
-    if getattr(getattr(solver, "tableau", None), "fsal", False):
+    if getattr(getattr(unwrap_solver(solver), "tableau", None), "fsal", False):
         # An FSAL Runge-Kutta state holds f(t_cut, y_cut), a value of the tail's own
         # first step: rebuilt there (same value) so its parameter gradient counts.
         state_mid = None

@@ -74,6 +74,7 @@ from ._sample_checks import (
     _check_dtype,
     _check_flag,
     _check_guidance_sde,
+    _check_half_steps,
     _check_intervals,
     _check_network_end,
     _check_save_every,
@@ -842,10 +843,11 @@ def sample(
         sde_default = dfx.Heun() if adaptive else _default_sde_solver(sde)
         solver = sde_default if process == "sde" else dfx.Heun()
     _check_solver(solver, process, stepsize_controller, sde, driver)
+    _check_half_steps(solver, process, brownian)
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts, solver, adaptive, denoise)
+    _check_intervals(score, ts, solver, adaptive, denoise, sde)
     args = _args_as_arrays(args)
 
     if y0 is not None:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._brownian import levy_area_for
+from ._brownian import levy_area_for, unwrap_solver
 from ._guidance.base import Guided
 from ._jit import is_real_scalar, reject_traced
 
@@ -183,7 +183,8 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
                 f"calling the score with gd.cfg's null_args={null!r} (the "
                 f"unconditional call) failed: {e}"
             ) from e
-    if _first_is_cfg(score) and _ignores_args(base, ts[0], x, args):
+    first = _first_cfg(score)
+    if first is not None and _ignores_args(base, ts[0], x, args, first.null_args):
         raise ValueError(
             f"gd.cfg(null_args=...) guides a score that ignores its args "
             f"({type(base).__name__}): its conditional and unconditional calls are "
@@ -220,10 +221,10 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
         )
 
 
-def _first_is_cfg(score) -> bool:
-    """Whether the guidance applied first to the innermost (unguided) score is
-    `gd.cfg` with `null_args` (inside a `chain` or an `interval`): it then calls
-    that score with the args and with the null args."""
+def _first_cfg(score):
+    """The guidance applied first to the innermost (unguided) score if it is
+    `gd.cfg` with `null_args` (inside a `chain` or an `interval`), else `None`: it
+    calls that score with the args and with the null args."""
     from ._guidance.base import Chain
     from ._guidance.cfg import ClassifierFree
     from ._guidance.interval import Interval
@@ -231,7 +232,7 @@ def _first_is_cfg(score) -> bool:
     while isinstance(score, Guided) and isinstance(score.score, Guided):
         score = score.score
     if not isinstance(score, Guided):
-        return False
+        return None
     g = score.guidance
     while True:
         if isinstance(g, Chain) and g.guidances:
@@ -239,23 +240,46 @@ def _first_is_cfg(score) -> bool:
         elif isinstance(g, Interval):
             g = g.guidance
         else:
-            return isinstance(g, ClassifierFree) and g.null_args is not None
+            cfg = isinstance(g, ClassifierFree) and g.null_args is not None
+            return g if cfg else None
 
 
-def _ignores_args(score, t, x, args) -> bool:
-    """Whether `score(t, x, args)` provably does not read `args`: traced with its
-    arrays (and numbers) as inputs, no operation uses them. Inconclusive cases
-    (other leaves in args, no array, a score that needs concrete args) count as
-    reading them."""
+def _split_args(args):
+    """`args` as (arrays, the rest): numbers count as arrays."""
     as_arrays = jtu.tree_map(
         lambda a: jnp.asarray(a) if isinstance(a, int | float | np.ndarray) else a,
         args,
     )
-    dynamic, static = eqx.partition(as_arrays, eqx.is_array)
+    return eqx.partition(as_arrays, eqx.is_array)
+
+
+def _same_static(a, b) -> bool:
+    """Whether two non-array parts are equal: tree structure (static fields
+    included) and leaves."""
+    try:
+        la, ta = jtu.tree_flatten(a)
+        lb, tb = jtu.tree_flatten(b)
+        same = zip(la, lb, strict=True)
+        return ta == tb and all(x is y or bool(x == y) for x, y in same)
+    except Exception:
+        return False
+
+
+def _ignores_args(score, t, x, args, null_args=None) -> bool:
+    """Whether `score(t, x, args)` and `score(t, x, null_args)` are provably equal:
+    their non-array parts (static fields, strings) are equal, and traced with the
+    arrays (and numbers) of `args` as inputs, no operation uses them. Inconclusive
+    cases (non-array parts that differ, or any without `null_args`; no array; a
+    score that needs concrete args) count as reading them."""
+    dynamic, static = _split_args(args)
     n = len(jtu.tree_leaves(dynamic))
-    if n == 0 or jtu.tree_leaves(static):
-        # a score may read a non-array leaf (a prompt string) in Python, which
+    if null_args is None:
+        # a score may read a non-array part (a prompt string) in Python, which
         # leaves no trace in the program
+        plain = not jtu.tree_leaves(static)
+    else:
+        plain = _same_static(static, _split_args(null_args)[1])
+    if n == 0 or not plain:
         return False
     try:
         closed = jax.make_jaxpr(lambda d, x_: score(t, x_, eqx.combine(d, static)))(
@@ -282,6 +306,23 @@ def _per_particle_args_hint(args) -> str:
             "jax.vmap(lambda c: gd.sample(..., args=c))(labels)"
         )
     return ""
+
+
+def _check_half_steps(solver, process, brownian) -> None:
+    """A wrapped solver (`diffrax.HalfSolver`) steps each grid cell in two halves,
+    whose noise a grid Brownian path does not have (one draw per cell: NaN, every
+    particle failed)."""
+    if (
+        process == "sde"
+        and brownian == "grid"
+        and isinstance(solver, dfx.AbstractWrappedSolver)
+    ):
+        raise ValueError(
+            f"{type(solver).__name__} takes half steps, and a grid Brownian path "
+            "has one increment per grid cell: use it for adaptive steps (a "
+            "stepsize_controller, brownian='tree'), or pass brownian='tree', or the "
+            "solver it wraps"
+        )
 
 
 def _check_brownian(brownian, process, driver, controller, adjoint) -> str:
@@ -409,7 +450,7 @@ def _score_times(solver, grid, adaptive: bool, denoise: bool):
 
 
 def _check_intervals(
-    score, ts, solver, adaptive: bool = False, denoise: bool = False
+    score, ts, solver, adaptive: bool = False, denoise: bool = False, sde=None
 ) -> None:
     """A `gd.interval` whose (concrete) bounds miss the sampled times altogether,
     or hold none of the times at which the solver evaluates the score, never
@@ -426,6 +467,9 @@ def _check_intervals(
         return
     grid = np.asarray(ts)  # a jax array keeps its host copy: read once
     lo_t, hi_t = float(grid.min()), float(grid.max())
+    if denoise and sde is not None:
+        # the final Tweedie step is skipped where sigma = 0 (the identity there)
+        denoise = float(np.asarray(sde.marginal(jnp.asarray(grid[-1]))[1])) != 0
     times = _score_times(solver, grid, adaptive, denoise)
     for g in found:
         if isinstance(g.t_lo, jax.core.Tracer) or isinstance(g.t_hi, jax.core.Tracer):
@@ -461,7 +505,10 @@ def _evaluates_at_step_end(solver) -> bool:
     """Whether `solver` evaluates the vector field at its step's end time: an
     explicit Runge-Kutta tableau with a stage at c = 1 (Heun, the default ODE
     solver; Bosh3, Tsit5, Dopri5). Euler-type and guidediff's solvers evaluate at
-    the step's start only."""
+    the step's start only; ReversibleHeun at both ends."""
+    solver = unwrap_solver(solver)
+    if isinstance(solver, dfx.ReversibleHeun):
+        return True
     c = getattr(getattr(solver, "tableau", None), "c", None)
     return c is not None and bool(np.any(np.asarray(c) == 1.0))
 
@@ -512,7 +559,7 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
             f"solver must be a diffrax.AbstractSolver, got {type(solver).__name__}"
         )
     name = type(solver).__name__
-    solver_sde = getattr(solver, "sde", None)
+    solver_sde = getattr(unwrap_solver(solver), "sde", None)
     if sde is not None and solver_sde is not None and not _same_sde(solver_sde, sde):
         raise ValueError(
             f"{name} was built for a different SDE (type or parameters) than the "
@@ -566,13 +613,27 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
                 "for adaptive steps"
             )
     fixed_grid_only = DDIM | SDEDPMSolverPP  # DPMSolverPP is a DDIM
-    if isinstance(solver, fixed_grid_only) and not (
+    inner = unwrap_solver(solver)
+    if isinstance(inner, fixed_grid_only) and not (
         controller is None or isinstance(controller, dfx.StepTo)
     ):
-        raise ValueError(
-            f"{name} has no error estimate and runs on fixed grids only: pass "
-            "ts (and no adaptive stepsize_controller)"
-        )
+        # diffrax.HalfSolver gives the probability-flow solvers an error estimate
+        # (a rejected step keeps the previous state, so the multistep ones work:
+        # their error follows the tolerance); SDEDPMSolverPP failed particles so
+        if isinstance(solver, dfx.HalfSolver) and isinstance(inner, DDIM):
+            pass
+        elif isinstance(inner, DDIM):
+            raise ValueError(
+                f"{name} has no error estimate and runs on fixed grids only: pass "
+                f"ts (and no adaptive stepsize_controller), or wrap it, "
+                f"diffrax.HalfSolver(gd.{type(inner).__name__}(sde)), for adaptive "
+                "steps"
+            )
+        else:
+            raise ValueError(
+                f"{name} runs on fixed grids only: pass ts (and no adaptive "
+                "stepsize_controller)"
+            )
     if isinstance(controller, dfx.ConstantStepSize):
         raise ValueError(
             "stepsize_controller=diffrax.ConstantStepSize() needs a dt0, which "

@@ -89,6 +89,7 @@ from ._sample_checks import (
     _check_count,
     _check_dtype,
     _check_guidance_sde,
+    _check_half_steps,
     _check_intervals,
     _check_network_end,
     _check_score_shape,
@@ -420,6 +421,7 @@ def smc_sample(
     if solver is None:
         solver = _default_sde_solver(sde)
     _check_solver(solver, "sde", None, sde)
+    _check_half_steps(solver, "sde", "grid")  # its noise is a grid path
     _check_score_shape(score, ts, shape, dtype, args)
     try:
         probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))

@@ -310,8 +310,11 @@ class DPMSolverPP(DDIM):
 
     with the previous step's prediction carried in the solver state; the first step
     is a `DDIM` step. One score evaluation per step; global error $O(h^2)$ (on a
-    grid uniform in log-SNR, `gd.logsnr_grid`). Fixed grids only (`StepTo` or the
-    scan driver): a rejected adaptive step would leave a stale prediction. Use a
+    grid uniform in log-SNR, `gd.logsnr_grid`). It has no error estimate: fixed
+    grids (`StepTo` or the scan driver), or adaptive steps inside
+    `diffrax.HalfSolver`, whose two half steps give one (a rejected step keeps the
+    previous state, so the carried prediction stays that of the last accepted
+    step; a test checks UniPC's error against the tolerance). Use a
     grid whose log-SNR steps change gradually: on a uniform grid ending at a tiny
     $t$ the last step's $h$ is many times the previous one's ($r$ small), and the
     correction $(\hat x_0(t) - \hat x_0(t_{\rm prev}))/(2r)$ is amplified (with
@@ -408,9 +411,9 @@ class UniPC(DDIM):
     uniform in log-SNR, `gd.logsnr_grid`). The returned particles (and a saved
     trajectory) are the predictions $\tilde x$: the last one is not corrected,
     which would cost one more evaluation. For `probability_flow` terms
-    (`gd.sample(..., process="ode")`), fixed grids only, either driver, in either
-    time direction. Same caveat as `DPMSolverPP` on grids whose log-SNR steps
-    change abruptly.
+    (`gd.sample(..., process="ode")`), either driver, in either time direction;
+    fixed grids, or adaptive steps inside `diffrax.HalfSolver`, as `DPMSolverPP`.
+    Same caveat as `DPMSolverPP` on grids whose log-SNR steps change abruptly.
 
     **Arguments:**
 

@@ -3,6 +3,7 @@
 import warnings
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -1015,7 +1016,7 @@ def test_cfg_on_a_score_that_ignores_its_args():
     (t, x)) had equal conditional and unconditional calls: unguided samples, no
     error. Guidance after an args-reading one (classifier guidance) is not
     refused: the score CFG sees then reads the label."""
-    from guidediff._sample_checks import _first_is_cfg, _ignores_args
+    from guidediff._sample_checks import _first_cfg, _ignores_args
 
     uncond, cfg = GMM.score(SDE), gd.cfg(3.0, null_args=GMM.null_label)
     reward = gd.reward_guidance(uncond, 0.5)
@@ -1028,7 +1029,7 @@ def test_cfg_on_a_score_that_ignores_its_args():
         gd.sample(jr.key(0), SDE, gd.guide(plain, gd.cfg(1.0, null_args={"c": 0.0})),
                   (2,), num_particles=2, ts=TS, args={"c": 1.0})  # fmt: skip
     after = gd.chain(gd.classifier_guidance(GMM.log_classifier(SDE)), cfg)
-    assert not _first_is_cfg(gd.guide(uncond, after))
+    assert _first_cfg(gd.guide(uncond, after)) is None
     x = jax.ShapeDtypeStruct((2,), jnp.float64)
     assert not _ignores_args(GMM.conditional_score(SDE), 0.5, x, 1)
     assert not _ignores_args(
@@ -1037,7 +1038,19 @@ def test_cfg_on_a_score_that_ignores_its_args():
     assert _ignores_args(uncond, 0.5, x, np.int32(1))
     # a score may read a non-array leaf in Python (a review): not concluded
     prompt = gd.ScoreFn(lambda t, x, a: -x + (1.0 if a["prompt"] == "cat" else 0.0))
-    assert not _ignores_args(prompt, 0.5, x, {"prompt": "cat", "w": jnp.ones(2)})
+    cat, w = {"prompt": "cat", "w": jnp.ones(2)}, jnp.zeros(2)
+    assert not _ignores_args(prompt, 0.5, x, cat)
+    assert not _ignores_args(prompt, 0.5, x, cat, {"prompt": "", "w": w})
+    assert _ignores_args(prompt, 0.5, x, cat, {"prompt": "cat", "w": w})
+
+    class Prompt(eqx.Module):  # a static field: in the tree structure, not a leaf
+        text: str = eqx.field(static=True)
+        w: jax.Array
+
+    means = {"cat": jnp.array([2.0, 0.0]), "": jnp.zeros(2)}
+    by_text = gd.ScoreFn(lambda t, x, a: means[a.text] - x)
+    null = Prompt("", jnp.ones(()))
+    assert not _ignores_args(by_text, 0.5, x, Prompt("cat", jnp.ones(())), null)
 
 
 def test_user_sdes_get_clear_errors():

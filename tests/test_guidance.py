@@ -188,7 +188,11 @@ def test_an_interval_that_misses_the_grid_warns():
             _check_intervals(between, ts, solver)
         _check_intervals(between, ts, dfx.Heun(), adaptive=True)
         _check_intervals(end, ts, dfx.Heun())  # its second stage is at the end
-        _check_intervals(end, ts, gd.DDIM(SDE), denoise=True)
+        _check_intervals(end, ts, gd.DDIM(SDE), denoise=True, sde=SDE)
+    # ... but the final Tweedie step is skipped where sigma = 0 (a review)
+    with pytest.warns(UserWarning, match="hold none of the times"):
+        to_zero = gd.uniform_grid(1.0, 0.0, 3)
+        _check_intervals(end, to_zero, gd.DDIM(SDE), denoise=True, sde=SDE)
         # float64 bounds touching the end of a float32 grid, with Heun
         for dtype in (jnp.float64, jnp.float32):
             _check_intervals(gd.guide(COND, gd.interval(g, 0.0, 1e-3)),
