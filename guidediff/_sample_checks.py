@@ -149,6 +149,8 @@ def _concrete(a):
     under x64, or a strong float32 next to bfloat16 particles, and promote x)."""
     if not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer):
         return a
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return a  # NumPy has no key dtype
     if getattr(a, "weak_type", False):
         return a.item() if a.ndim == 0 else a
     return np.asarray(a)
@@ -244,21 +246,35 @@ def _first_cfg(score):
             return g if cfg else None
 
 
-def _split_args(args):
-    """`args` as (arrays, the rest): numbers count as arrays."""
-    as_arrays = jtu.tree_map(
+def _split_args_arrays(args):
+    """`args` with numbers and NumPy arrays as jax arrays."""
+    return jtu.tree_map(
         lambda a: jnp.asarray(a) if isinstance(a, int | float | np.ndarray) else a,
         args,
     )
-    return eqx.partition(as_arrays, eqx.is_array)
+
+
+def _split_args(args):
+    """`args` as (arrays, the rest): numbers count as arrays."""
+    return eqx.partition(_split_args_arrays(args), eqx.is_array)
+
+
+def _skeleton(args):
+    """`args` with each array (or number) replaced by its shape and dtype: what
+    Python code can read of it without its values."""
+    return jtu.tree_map(
+        lambda a: ("<array>", a.shape, a.dtype) if eqx.is_array(a) else a,
+        _split_args_arrays(args),
+    )
 
 
 def _same_static(a, b) -> bool:
-    """Whether two non-array parts are equal: tree structure (static fields
-    included) and leaves."""
+    """Whether two `args` agree in everything but their arrays' values: tree
+    structure (static fields included), other leaves, arrays' shapes and dtypes
+    (an array and a `None` differ)."""
     try:
-        la, ta = jtu.tree_flatten(a)
-        lb, tb = jtu.tree_flatten(b)
+        la, ta = jtu.tree_flatten(_skeleton(a))
+        lb, tb = jtu.tree_flatten(_skeleton(b))
         same = zip(la, lb, strict=True)
         return ta == tb and all(x is y or bool(x == y) for x, y in same)
     except Exception:
@@ -278,7 +294,7 @@ def _ignores_args(score, t, x, args, null_args=None) -> bool:
         # leaves no trace in the program
         plain = not jtu.tree_leaves(static)
     else:
-        plain = _same_static(static, _split_args(null_args)[1])
+        plain = _same_static(args, null_args)
     if n == 0 or not plain:
         return False
     try:
@@ -322,6 +338,34 @@ def _check_half_steps(solver, process, brownian) -> None:
             "has one increment per grid cell: use it for adaptive steps (a "
             "stepsize_controller, brownian='tree'), or pass brownian='tree', or the "
             "solver it wraps"
+        )
+
+
+def _check_adaptive_solver(solver, adaptive: bool, adjoint, saves: bool) -> None:
+    """Adaptive steps with guidediff's probability-flow solvers (inside
+    `diffrax.HalfSolver`): `BacksolveAdjoint` steps its tuple-valued adjoint ODE
+    with the same solver, which reads a score back from an array state; and a
+    HalfSolver's dense output is its full step's, not the two half steps it keeps
+    (diffrax), so states saved by interpolation are off."""
+    from ._solver import DDIM
+
+    if not adaptive:
+        return
+    name = type(solver).__name__
+    if isinstance(adjoint, dfx.BacksolveAdjoint) and isinstance(
+        unwrap_solver(solver), DDIM
+    ):
+        raise ValueError(
+            f"adjoint=BacksolveAdjoint() steps the adjoint ODE with the solver, and "
+            f"{type(unwrap_solver(solver)).__name__} steps probability-flow terms "
+            "only: use RecursiveCheckpointAdjoint (the default) or ForwardMode()"
+        )
+    if saves and isinstance(solver, dfx.AbstractWrappedSolver):
+        raise ValueError(
+            f"{name}'s dense output under adaptive steps is its full step's, not the "
+            "two half steps it keeps (diffrax), so saved states would be off (the "
+            "last one too): sample without save_trajectory / save_every / saveat, "
+            "or on a fixed grid"
         )
 
 

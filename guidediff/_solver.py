@@ -57,7 +57,14 @@ def _sde_times(term, t0, t1):
     (the signed step in the SDE's time), also when `diffeqsolve` has flipped time to
     integrate backwards (the control then has the opposite sign to `t1 - t0`)."""
     dt = term.contr(t0, t1)
-    direction = jnp.where(dt * (t1 - t0) < 0, -1, 1)
+    # diffeqsolve's direction wrapper says it; its sign test on dt fails for the
+    # zero-length steps a finished particle takes inside a vmapped adaptive loop
+    # (times -t then read as SDE times: NaN marginals, NaN gradients)
+    wrapped, direction = False, 1
+    while isinstance(term, WrapTerm):
+        wrapped, direction, term = True, direction * term.direction, term.term
+    if not wrapped:
+        direction = jnp.where(dt * (t1 - t0) < 0, -1, 1)
     return t0 * direction, t1 * direction, dt
 
 
@@ -174,10 +181,14 @@ class ExponentialIntegrator(_ReverseSDESolver):
         a_ab = (alpha_a / alpha_b).astype(dtype)
         var_ab = (sigma_a**2 - (alpha_a / alpha_b) ** 2 * sigma_b**2).astype(dtype)
         mean = (y + var_ab * score) / a_ab
+        # a zero-length step (a finished particle's, inside a vmapped adaptive
+        # loop) is the identity, with finite values in the branch not taken
+        zero = dt == 0
+        var_ab = jnp.where(zero, 1.0, var_ab)
         std = jnp.sqrt(jnp.maximum(var_ab, 0.0)) * (sigma_b / sigma_a).astype(dtype)
         dw = noise_term.contr(t0, t1).astype(dtype)
-        xi = dw / jnp.sqrt(jnp.abs(dt)).astype(dtype)
-        y1 = (mean + std * xi).astype(y0.dtype)
+        xi = dw / jnp.sqrt(jnp.abs(jnp.where(zero, 1.0, dt))).astype(dtype)
+        y1 = jnp.where(zero, y, mean + std * xi).astype(y0.dtype)
         y1 = _nan_if_forward(y1, ta, tb)
         dense_info = dict(y0=y0, y1=y1)
         return y1, None, dense_info, None, dfx.RESULTS.successful
@@ -237,7 +248,9 @@ def _multistep_x0(p: _Prediction, state: _DataPredictionState, multistep: bool):
     # (t = 0: h = inf, r = 0) takes the first-order step ("lower order final"). In
     # both cases r = 1 keeps the unused branch finite (a NaN there would poison
     # gradients through jnp.where).
-    second = state.ready & jnp.isfinite(p.h)
+    # (and zero-length steps, a finished particle's inside a vmapped adaptive loop)
+    second = state.ready & jnp.isfinite(p.h) & (p.h != 0)
+    second = second & (p.log_snr_a != state.log_snr)
     h = jnp.where(second, p.h, 1.0)
     r = jnp.where(second, (p.log_snr_a - state.log_snr) / h, 1.0)
     corrected = p.x0 + (p.x0 - state.x0) / (2 * r).astype(p.x0.dtype)
@@ -476,14 +489,17 @@ class UniPC(DDIM):
         alpha_a, sigma_a = self.sde.marginal(p.ta)
         # -- corrector (from the second step on): re-solve the previous step from
         # its corrected start with the score at this step's start
-        corrects = st.count >= 1
+        # (a zero-length step, a finished particle's inside a vmapped adaptive
+        # loop, neither corrects nor extrapolates: every branch stays finite)
+        corrects = (st.count >= 1) & (p.log_snr_a != st.log_snr)
         hc = jnp.where(corrects, p.log_snr_a - st.log_snr, 1.0)
         zc = -hc
         base = (sigma_a / jnp.where(corrects, st.sigma, 1.0)).astype(dtype) * st.x - (
             alpha_a * jnp.expm1(zc)
         ).astype(dtype) * st.x0
-        second = st.count >= 2
-        r1 = jnp.where(second, (st.log_snr_prev - st.log_snr) / hc, -1.0)
+        r1 = (st.log_snr_prev - st.log_snr) / hc
+        second = corrects & (st.count >= 2) & (r1 != 0) & (r1 != 1)
+        r1 = jnp.where(second, r1, -1.0)
         b1, b2 = _phi_ratios(zc, self.variant == "bh2")
         rho1 = jnp.where(second, (b1 - b2) / (1 - r1), 0.0)
         rho2 = jnp.where(second, b1 - rho1, 0.5)
@@ -494,7 +510,7 @@ class UniPC(DDIM):
         )
         x = jnp.where(corrects, x, y0.astype(dtype))
         # -- predictor UniP-2 (DDIM on the first step and to sigma = 0)
-        pred2 = corrects & jnp.isfinite(p.h)
+        pred2 = corrects & jnp.isfinite(p.h) & (p.h != 0)
         h = jnp.where(pred2, p.h, 1.0)
         r = jnp.where(pred2, (st.log_snr - p.log_snr_a) / h, -1.0)
         y1 = (
@@ -556,16 +572,20 @@ class SDEDPMSolverPP(_ReverseSDESolver):
         drift_term, noise_term = terms.terms
         p = _predict(self.sde, drift_term, t0, t1, y0, args, 1.0)
         d = _multistep_x0(p, solver_state, True)
-        one_minus = -jnp.expm1(-2 * p.h)  # 1 - e^{-2h}
+        zero = p.dt == 0  # a zero-length step: the identity, finite throughout
+        one_minus = -jnp.expm1(-2 * jnp.where(zero, 1.0, p.h))  # 1 - e^{-2h}
         dw = noise_term.contr(t0, t1)
         dtype = d.dtype  # the working dtype
-        xi = dw.astype(dtype) / jnp.sqrt(jnp.abs(p.dt)).astype(dtype)
+        xi = dw.astype(dtype) / jnp.sqrt(jnp.abs(jnp.where(zero, 1.0, p.dt))).astype(
+            dtype
+        )
         noise_std = p.sigma_b * jnp.sqrt(jnp.maximum(one_minus, 0.0))
         y1 = (
             (p.ratio * jnp.exp(-p.h)).astype(dtype) * y0.astype(dtype)
             + (p.alpha_b * one_minus).astype(dtype) * d
             + noise_std.astype(dtype) * xi
-        ).astype(y0.dtype)
+        )
+        y1 = jnp.where(zero, y0.astype(dtype), y1).astype(y0.dtype)
         y1 = _nan_if_forward(y1, p.ta, p.tb)
         state = _DataPredictionState(
             p.x0, p.log_snr_a.astype(solver_state.log_snr.dtype), jnp.asarray(True)

@@ -1051,6 +1051,16 @@ def test_cfg_on_a_score_that_ignores_its_args():
     by_text = gd.ScoreFn(lambda t, x, a: means[a.text] - x)
     null = Prompt("", jnp.ones(()))
     assert not _ignores_args(by_text, 0.5, x, Prompt("cat", jnp.ones(())), null)
+    # what Python reads of arrays without their values: None or not, shapes
+    masked = gd.ScoreFn(lambda t, x, a: -x + (a["mask"] is not None))
+    assert not _ignores_args(masked, 0.5, x, {"mask": jnp.ones(2)}, {"mask": None})
+    sized = gd.ScoreFn(lambda t, x, a: -x + a.shape[0])
+    assert not _ignores_args(sized, 0.5, x, jnp.zeros(3), jnp.zeros(1))
+    # typed keys as args reach the score's concrete check (NumPy has no key dtype)
+    from guidediff._sample_checks import _concrete
+
+    key = jr.key(1)
+    assert _concrete(key) is key
 
 
 def test_user_sdes_get_clear_errors():
