@@ -845,7 +845,7 @@ def sample(
         solver = sde_default if process == "sde" else dfx.Heun()
     _check_solver(solver, process, stepsize_controller, sde, driver)
     _check_half_steps(solver, process, brownian)
-    _check_adaptive_solver(solver, adaptive, adjoint, bool(save_trajectory))
+    _check_adaptive_solver(solver, adaptive, adjoint, bool(save_trajectory), driver)
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)

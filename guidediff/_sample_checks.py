@@ -341,7 +341,9 @@ def _check_half_steps(solver, process, brownian) -> None:
         )
 
 
-def _check_adaptive_solver(solver, adaptive: bool, adjoint, saves: bool) -> None:
+def _check_adaptive_solver(
+    solver, adaptive: bool, adjoint, saves: bool, driver: str
+) -> None:
     """Adaptive steps with guidediff's probability-flow solvers (inside
     `diffrax.HalfSolver`): `BacksolveAdjoint` steps its tuple-valued adjoint ODE
     with the same solver, which reads a score back from an array state; and a
@@ -349,9 +351,21 @@ def _check_adaptive_solver(solver, adaptive: bool, adjoint, saves: bool) -> None
     (diffrax), so states saved by interpolation are off."""
     from ._solver import DDIM
 
+    name = type(solver).__name__
+    if (
+        saves
+        and driver == "diffeqsolve"
+        and isinstance(solver, dfx.AbstractWrappedSolver)
+    ):
+        # diffeqsolve saves by interpolation also on a fixed grid
+        raise ValueError(
+            f"{name}'s dense output is its full step's, not the two half steps it "
+            "keeps (diffrax), so states that diffeqsolve saves would be off (the "
+            "last one too): sample without save_trajectory / save_every / saveat, "
+            "or with driver='scan' on a fixed grid"
+        )
     if not adaptive:
         return
-    name = type(solver).__name__
     if isinstance(adjoint, dfx.BacksolveAdjoint) and isinstance(
         unwrap_solver(solver), DDIM
     ):
@@ -359,13 +373,6 @@ def _check_adaptive_solver(solver, adaptive: bool, adjoint, saves: bool) -> None
             f"adjoint=BacksolveAdjoint() steps the adjoint ODE with the solver, and "
             f"{type(unwrap_solver(solver)).__name__} steps probability-flow terms "
             "only: use RecursiveCheckpointAdjoint (the default) or ForwardMode()"
-        )
-    if saves and isinstance(solver, dfx.AbstractWrappedSolver):
-        raise ValueError(
-            f"{name}'s dense output under adaptive steps is its full step's, not the "
-            "two half steps it keeps (diffrax), so saved states would be off (the "
-            "last one too): sample without save_trajectory / save_every / saveat, "
-            "or on a fixed grid"
         )
 
 

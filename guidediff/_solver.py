@@ -34,6 +34,7 @@ from typing import ClassVar, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from diffrax._local_interpolation import LocalLinearInterpolation
@@ -57,14 +58,15 @@ def _sde_times(term, t0, t1):
     (the signed step in the SDE's time), also when `diffeqsolve` has flipped time to
     integrate backwards (the control then has the opposite sign to `t1 - t0`)."""
     dt = term.contr(t0, t1)
-    # diffeqsolve's direction wrapper says it; its sign test on dt fails for the
-    # zero-length steps a finished particle takes inside a vmapped adaptive loop
-    # (times -t then read as SDE times: NaN marginals, NaN gradients)
-    wrapped, direction = False, 1
-    while isinstance(term, WrapTerm):
-        wrapped, direction, term = True, direction * term.direction, term.term
-    if not wrapped:
-        direction = jnp.where(dt * (t1 - t0) < 0, -1, 1)
+    # The sign of the control against the step; for the zero-length steps a
+    # finished particle takes inside a vmapped adaptive loop (dt = 0: the test
+    # says +1, and times -t read as SDE times gave NaN marginals and gradients)
+    # diffeqsolve's direction wrapper says it instead
+    wrap = 1
+    inner = term
+    while isinstance(inner, WrapTerm):
+        wrap, inner = wrap * inner.direction, inner.term
+    direction = jnp.where(dt == 0, wrap, jnp.where(dt * (t1 - t0) < 0, -1, 1))
     return t0 * direction, t1 * direction, dt
 
 
@@ -239,6 +241,13 @@ def _predict(sde, drift_term, t0, t1, y0, args, score_scale) -> _Prediction:
     return _Prediction(ta, tb, dt, x0, ratio, alpha_b, sigma_b, lam_a, lam_b - lam_a)
 
 
+def _keep_if_zero(dt, old, new):
+    """A multistep solver's state after a zero-length step (a finished particle's
+    inside a vmapped adaptive loop): the previous one, so the history stays that
+    of the last real step."""
+    return jax.tree.map(lambda a, b: jnp.where(dt == 0, a, b), old, new)
+
+
 def _multistep_x0(p: _Prediction, state: _DataPredictionState, multistep: bool):
     r"""$D$: $\hat x_0$, or with `multistep` its 2M extrapolation from the previous
     step's prediction, $\hat x_0 + (\hat x_0 - \hat x_0^{\rm prev})/(2r)$."""
@@ -306,6 +315,7 @@ class DDIM(dfx.AbstractSolver):
             state = _DataPredictionState(
                 p.x0, p.log_snr_a.astype(solver_state.log_snr.dtype), jnp.asarray(True)
             )
+            state = _keep_if_zero(p.dt, solver_state, state)
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful
 
     def func(self, terms, t0, y0, args):
@@ -491,7 +501,8 @@ class UniPC(DDIM):
         # its corrected start with the score at this step's start
         # (a zero-length step, a finished particle's inside a vmapped adaptive
         # loop, neither corrects nor extrapolates: every branch stays finite)
-        corrects = (st.count >= 1) & (p.log_snr_a != st.log_snr)
+        zero = p.dt == 0
+        corrects = (st.count >= 1) & (p.log_snr_a != st.log_snr) & ~zero
         hc = jnp.where(corrects, p.log_snr_a - st.log_snr, 1.0)
         zc = -hc
         base = (sigma_a / jnp.where(corrects, st.sigma, 1.0)).astype(dtype) * st.x - (
@@ -530,6 +541,9 @@ class UniPC(DDIM):
             sigma_a.astype(tdtype),
             jnp.minimum(st.count + 1, 2),
         )
+        # a zero-length step is the identity and leaves the history as it was
+        y1 = jnp.where(zero, y0, y1)
+        state = _keep_if_zero(p.dt, st, state)
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful
 
 
@@ -590,4 +604,5 @@ class SDEDPMSolverPP(_ReverseSDESolver):
         state = _DataPredictionState(
             p.x0, p.log_snr_a.astype(solver_state.log_snr.dtype), jnp.asarray(True)
         )
+        state = _keep_if_zero(p.dt, solver_state, state)
         return y1, None, dict(y0=y0, y1=y1), state, dfx.RESULTS.successful

@@ -100,8 +100,12 @@ def test_wrapped_solvers_are_checked_as_the_solver_they_wrap():
     # steps a tuple-valued adjoint ODE with the solver (an AttributeError)
     half = dict(num_particles=2, ts=ends, process="ode",
                 solver=dfx.HalfSolver(gd.DPMSolverPP(SDE)), stepsize_controller=pid)  # fmt: skip
-    with pytest.raises(ValueError, match="dense output under adaptive steps"):
+    with pytest.raises(ValueError, match="dense output is its full step's"):
         gd.sample(KEY, SDE, score, (2,), save_trajectory=True, **half)
+    fixed = dict(half, ts=gd.logsnr_grid(SDE, 1.0, 1e-3, 4), stepsize_controller=None)
+    with pytest.raises(ValueError, match="dense output is its full step's"):
+        gd.sample(KEY, SDE, score, (2,), save_trajectory=True, driver="diffeqsolve",
+                  **fixed)  # fmt: skip
     with pytest.raises(ValueError, match="BacksolveAdjoint.*probability-flow terms"):
         gd.sample(KEY, SDE, score, (2,), adjoint=dfx.BacksolveAdjoint(), **half)
 
