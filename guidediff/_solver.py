@@ -61,12 +61,11 @@ def _sde_times(term, t0, t1):
     # The sign of the control against the step; for the zero-length steps a
     # finished particle takes inside a vmapped adaptive loop (dt = 0: the test
     # says +1, and times -t read as SDE times gave NaN marginals and gradients)
-    # diffeqsolve's direction wrapper says it instead
-    wrap = 1
-    inner = term
-    while isinstance(inner, WrapTerm):
-        wrap, inner = wrap * inner.direction, inner.term
-    direction = jnp.where(dt == 0, wrap, jnp.where(dt * (t1 - t0) < 0, -1, 1))
+    # the sign of the time itself, as SDE times are never negative (diffeqsolve's
+    # wrapper and a user's term in flipped time both run at -t)
+    direction = jnp.where(
+        dt == 0, jnp.where(t0 < 0, -1, 1), jnp.where(dt * (t1 - t0) < 0, -1, 1)
+    )
     return t0 * direction, t1 * direction, dt
 
 

@@ -470,6 +470,12 @@ def test_zero_length_steps_and_terms_in_flipped_time(solver):
         def prod(self, vf, control):
             return self.term.prod(vf, control)
 
+    # its zero-length step at -t too (NaN when read at the SDE time -t)
+    flipped = Flip(term)
+    state = solver.init(flipped, -0.5, -EPS, Y_T[0], None)
+    y, _, _, state, _ = solver.step(flipped, -0.5, -0.1, Y_T[0], None, state, False)
+    y_same = solver.step(flipped, -EPS, -EPS, y, None, state, False)[0]
+    np.testing.assert_array_equal(y_same, y)
     ts = -gd.logsnr_grid(SDE, SDE.T, EPS, 40)
     y0 = Y_T[:2] * SDE.prior_std()
     ys = jax.vmap(
