@@ -150,6 +150,10 @@ _LAZY = {
 }
 
 
+# Every public name, the lazy ones included (`from guidediff import *` loads them).
+__all__ = sorted([name for name in globals() if not name.startswith("_")] + list(_LAZY))
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib

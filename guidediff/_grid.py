@@ -40,7 +40,9 @@ def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, "
     _check_steps(num_steps)
     _check_ends("uniform_grid", t_start, t_end)
     ts = jnp.linspace(t_start, t_end, num_steps + 1)
-    _check_decreasing("uniform_grid", ts, num_steps)
+    ends = _end_values("uniform_grid", t_start, t_end)
+    gap = None if ends is None else (ends[0] - ends[1]) / num_steps
+    _check_decreasing("uniform_grid", ts, num_steps, ends, gap)
     return ts
 
 
@@ -72,7 +74,10 @@ def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array,
     # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
     # which `sample` rejects as leaving the SDE's range)
     ts = ts.at[0].set(t_start).at[-1].set(t_end)
-    _check_decreasing("quadratic_grid", ts, num_steps)
+    ends = _end_values("quadratic_grid", t_start, t_end)
+    # the narrowest gap is the last: (t_start - t_end) / N^2
+    gap = None if ends is None else (ends[0] - ends[1]) / num_steps**2
+    _check_decreasing("quadratic_grid", ts, num_steps, ends, gap)
     return ts
 
 
@@ -210,11 +215,25 @@ def _end_values(name: str, t_start, t_end) -> tuple[float, float] | None:
     return None if None in values else (values[0], values[1])
 
 
-def _check_decreasing(name: str, ts, num_steps: int) -> None:
+def _check_decreasing(
+    name: str, ts, num_steps: int, ends=None, gap: float | None = None
+) -> None:
     """A concrete grid must be strictly decreasing: ends too close for the dtype
-    (or for float64) round neighbouring times together."""
+    (or for float64) round neighbouring times together.
+
+    With the ends as Python floats and `gap`, the exact grid's narrowest spacing,
+    decided on the host when `gap` is many times the dtype's resolution at the
+    ends (rounding each time by a few ulps cannot close it): the grid is not read
+    back. Reading a new device array waits for all the work queued before it (in a
+    loop, the previous call's samples). Otherwise the grid is read and checked.
+    Either way the grid is remembered as checked (`check_grid` does not read it)."""
     if isinstance(ts, jax.core.Tracer):
         return
+    if ends is not None and gap is not None:
+        eps = float(jnp.finfo(ts.dtype).eps)
+        if gap > 16 * eps * max(abs(ends[0]), abs(ends[1])):
+            remember_grid(ts, *(np.asarray(e, ts.dtype)[()] for e in ends))
+            return
     arr = np.asarray(ts)
     if not np.all(np.diff(arr) < 0):
         bad = int(np.argmax(np.diff(arr) >= 0))
@@ -224,6 +243,7 @@ def _check_decreasing(name: str, ts, num_steps: int) -> None:
             "the ends are too close for this many steps in this dtype; use fewer "
             "steps, ends further apart or a wider dtype"
         )
+    remember_grid(ts, arr[0], arr[-1])
 
 
 def _check_ends(name: str, t_start, t_end) -> None:
@@ -258,7 +278,42 @@ def _check_grid_shape(shape: tuple) -> None:
         )
 
 
-_CHECKED_GRIDS: dict = {}  # id(ts) -> (weakref to ts, T, last time): checked grids
+# Grids known to be valid, by identity while they live: id -> (weakref, first time,
+# last time, the times on the host or None). The grid constructors above remember what they made (checked on the
+# host where they can), and `check_grid` what it read: a grid is read back at most
+# once, and a grid made per call (`ts=None`, or `uniform_grid` inline) not at all.
+_GRID_FACTS: dict = {}
+_MAX_GRID_FACTS = 64
+
+
+def remember_grid(ts, first: np.generic, last: np.generic, host=None) -> None:
+    if not isinstance(ts, jax.Array):
+        return
+    if len(_GRID_FACTS) >= _MAX_GRID_FACTS:  # drop the dead, then the oldest
+        for key in [k for k, v in _GRID_FACTS.items() if v[0]() is None]:
+            del _GRID_FACTS[key]
+        while len(_GRID_FACTS) >= _MAX_GRID_FACTS:
+            del _GRID_FACTS[next(iter(_GRID_FACTS))]
+    _GRID_FACTS[id(ts)] = (weakref.ref(ts), first, last, host)
+
+
+def grid_ends(ts) -> tuple[np.generic, np.generic] | None:
+    """The first and last times (NumPy scalars of the grid's dtype) of a grid known
+    to be valid (made by a constructor here or read by `check_grid`), without
+    reading it; None if unknown."""
+    hit = _GRID_FACTS.get(id(ts))
+    if hit is not None and hit[0]() is ts:
+        return hit[1], hit[2]
+    return None
+
+
+def grid_values(ts) -> np.ndarray:
+    """A concrete grid's times on the host: the copy remembered with a grid made
+    from host values (a NumPy grid given to `sample`), else read from the array."""
+    hit = _GRID_FACTS.get(id(ts))
+    if hit is not None and hit[0]() is ts and hit[3] is not None:
+        return hit[3]
+    return np.asarray(ts)
 
 
 def _check_below_one(sde: AbstractSDE, t0, dtype) -> None:
@@ -278,26 +333,19 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
     """Clear errors for a grid that is not strictly decreasing from the noise end
     towards the data, or that leaves the SDE's time range `[0, T]`.
 
-    Returns the grid's last time (None for a traced grid). A device array that
-    passed is remembered (by identity, while it lives), so calling `sample` again
-    with the same grid costs no device-to-host copy."""
+    Returns the grid's last time (None for a traced grid). A device array is read
+    at most once: one that passed, or that a grid constructor made, is remembered
+    (by identity, while it lives), and only its ends are checked against this SDE.
+    Reading a new device array waits for all the work queued before it."""
     if isinstance(ts, jax.core.Tracer):
         _check_grid_shape(ts.shape)  # its shape is known when traced
         return None  # its values: checked by the caller's own tests
-    memo_key = None
     if isinstance(ts, jax.Array):
-        try:
-            T = float(sde.T)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            T = None
-        # keyed by T and whether the schedule is singular at 1 (`_check_below_one`:
-        # a grid that passed for LinearBeta at T must be checked for a cosine SDE)
-        singular = getattr(getattr(sde, "schedule", None), "singular_at_one", False)
-        hit = _CHECKED_GRIDS.get(id(ts))
-        key = (T, bool(singular))
-        if hit is not None and hit[0]() is ts and hit[1] == key and T is not None:
-            return hit[2]
-        memo_key = key
+        ends = grid_ends(ts)
+        if ends is not None:
+            _check_grid_shape(ts.shape)
+            _check_in_range(sde, *ends, ts.dtype)
+            return float(ends[1])
     try:
         arr = np.asarray(ts)
     except (TypeError, jax.errors.TracerArrayConversionError):
@@ -311,18 +359,21 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
             "the time grid must be strictly decreasing (from the noise end T to the data "
             f"end), but ts[{bad}]={arr[bad]} <= ts[{bad + 1}]={arr[bad + 1]}"
         )
+    _check_in_range(sde, arr[0], arr[-1], arr.dtype)
+    remember_grid(ts, arr[0], arr[-1])
+    return float(arr[-1])
+
+
+def _check_in_range(sde: AbstractSDE, first, last, dtype) -> None:
+    """A valid grid's ends within the SDE's time range `[0, T]` (and below a
+    singular schedule's 1)."""
     try:
         T = float(sde.T)
     except (TypeError, jax.errors.ConcretizationTypeError):
         T = None  # a traced T (a custom SDE under jit): its end is checked on device
-    if arr[-1] < 0 or (T is not None and arr[0] > T * (1 + 1e-12)):
+    if last < 0 or (T is not None and first > T * (1 + 1e-12)):
         raise ValueError(
-            f"the time grid [{arr[0]}, ..., {arr[-1]}] leaves the SDE's range "
+            f"the time grid [{first}, ..., {last}] leaves the SDE's range "
             f"[0, {'T' if T is None else T}]"
         )
-    _check_below_one(sde, arr[0], arr.dtype)
-    if memo_key is not None:
-        if len(_CHECKED_GRIDS) >= 64:
-            _CHECKED_GRIDS.clear()
-        _CHECKED_GRIDS[id(ts)] = (weakref.ref(ts), memo_key, float(arr[-1]))
-    return float(arr[-1])
+    _check_below_one(sde, first, dtype)

@@ -65,7 +65,7 @@ from ._batched import BatchedBrownianPath, BatchedScore, brownian_path
 from ._brownian import check_key, levy_area_for, threefry_key
 from ._custom_types import Args, Key
 from ._driver import _solve
-from ._grid import check_grid, uniform_grid
+from ._grid import check_grid, grid_ends, remember_grid, uniform_grid
 from ._jit import filter_jit
 from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
@@ -219,13 +219,31 @@ def _grid_in_dtype(
     the particles start from the prior) the grid must start at `sde.T`."""
     # (a jax array as it is: jnp.asarray and a same-dtype astype cost host time on
     # every direct call)
-    given = ts if isinstance(ts, jax.Array) else jnp.asarray(ts)
-    check_grid(sde, given)
+    host = None  # the grid's values on the host, where it came from there
+    if isinstance(ts, jax.Array):
+        given = ts
+        check_grid(sde, given)
+    else:
+        given = jnp.asarray(ts)
+        if isinstance(given, jax.core.Tracer):  # a list holding traced times
+            check_grid(sde, given)
+        else:
+            # checked on the host, in the dtype jnp.asarray gave it (it rounds on
+            # the host, as NumPy does): reading the new device array back would
+            # wait for all the work queued before it
+            host = np.asarray(ts).astype(given.dtype)
+            check_grid(sde, host)
+            remember_grid(given, host[0], host[-1], host)
     tdtype = _time_dtype(dtype)
     ts = given if given.dtype == tdtype else given.astype(tdtype)
     if ts.dtype != given.dtype:
         try:
-            check_grid(sde, ts)
+            if host is not None:
+                host = host.astype(tdtype)
+                check_grid(sde, host)
+                remember_grid(ts, host[0], host[-1], host)
+            else:
+                check_grid(sde, ts)
         except ValueError as e:
             raise ValueError(
                 f"the time grid is valid, but not once rounded to {ts.dtype} (the "
@@ -233,7 +251,9 @@ def _grid_in_dtype(
                 "dtype"
             ) from None
     if start_at_T and not isinstance(ts, jax.core.Tracer):
-        T, t0 = float(sde.T), float(np.asarray(ts)[0])  # host values: no tracing
+        ends = grid_ends(ts)  # host values: no tracing, no read back
+        t0 = float(ends[0] if ends is not None else np.asarray(ts)[0])
+        T = float(sde.T)
         if abs(t0 - T) > 1e-6 * max(T, 1.0):
             fix = ", or pass y0 (e.g. an SDEdit start)" if takes_y0 else ""
             raise ValueError(

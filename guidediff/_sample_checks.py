@@ -15,6 +15,7 @@ import numpy as np
 from ._brownian import levy_area_for, unwrap_solver
 from ._guidance.base import Guided
 from ._jit import is_real_scalar, reject_traced
+from ._weights import Constant, PiecewiseLinear
 
 
 # The memo of checked scores, in two levels, each least recently used first:
@@ -29,11 +30,13 @@ _MAX_VALUES = 256
 _SMALL = 64  # float arrays up to this size are keyed by value
 
 # Pytree node types whose array leaves are keyed by shape and dtype alone: network
-# parameters, which no score inspects in Python (the Flax adapter registers
-# `LinenModel`). New parameters of the same shapes (an EMA snapshot, a checkpoint,
-# each evaluation in a training loop) then reuse the check instead of re-tracing
-# the network, and reading them costs no device-to-host copy.
-_SHAPE_KEYED: list[type] = []
+# parameters and guidance weights, which no score inspects in Python (the Flax
+# adapter registers `LinenModel`; weights check their values when made). New
+# parameters of the same shapes (an EMA snapshot, a checkpoint, each evaluation in a
+# training loop) and new weights (a sweep over w) then reuse the check instead of
+# re-tracing the score, and reading them costs no device-to-host copy (which waits
+# for the work queued before it: a sweep's previous samples).
+_SHAPE_KEYED: list[type] = [Constant, PiecewiseLinear]
 
 
 def register_shape_keyed(cls: type) -> None:
@@ -69,12 +72,12 @@ def _signature(score, shape, dtype, args):
 
     The check runs the score on its concrete leaves, and a score may check their
     values (a mixture rejects a class whose components all weigh zero), so values
-    are part of the key: integer arrays (labels) and small float arrays (weights)
-    by value (a jax array converts to numpy once and caches it); larger jax arrays
+    are part of the key: integer arrays (labels) and small float arrays by value
+    (a jax array converts to numpy once and caches it); larger jax arrays
     (network parameters) by identity, held by weak reference; larger numpy arrays
     (mutable in place) are not cached. Python scalars are keyed with their type
-    (1, 1.0 and True hash alike). Network parameters (`_SHAPE_KEYED` nodes) are
-    keyed by shape and dtype."""
+    (1, 1.0 and True hash alike). Network parameters and guidance weights
+    (`_SHAPE_KEYED` nodes) are keyed by shape and dtype."""
     score_leaves, score_def = jtu.tree_flatten(score, is_leaf=_is_shape_keyed)
     args_leaves, args_def = jtu.tree_flatten(args)
     sig = []
@@ -109,6 +112,44 @@ def _signature(score, shape, dtype, args):
                 return None, ()
             sig.append((type(leaf), leaf))
     return (score_def, args_def, tuple(sig), shape, np.dtype(dtype)), by_identity
+
+
+# Checked log-potentials (`smc_sample`), least recently used first: their structure
+# with arrays as shapes and dtypes (a potential's values cannot change the shape of
+# what it returns), and the particles' shape and dtype.
+_CHECKED_POTENTIALS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _check_log_potential(log_potential, shape, dtype) -> None:
+    """`log_potential` of one particle is a real scalar: traced once (eval_shape)
+    per structure, so a potential rebuilt per call (`reward.log`, a new bound
+    method each time) is not traced again."""
+    try:
+        key = (_shape_key(log_potential), shape, np.dtype(dtype))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key[0] is not None and key in _CHECKED_POTENTIALS:
+        _CHECKED_POTENTIALS.move_to_end(key)
+        return
+    try:
+        probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
+    except Exception as e:  # re-raised with context: which call failed
+        raise ValueError(
+            f"calling log_potential on one particle of shape {shape} failed: {e}"
+        ) from e
+    if getattr(probe, "shape", None) != () or not jnp.issubdtype(
+        probe.dtype, jnp.floating
+    ):
+        raise ValueError(
+            "log_potential must return a real scalar for one particle, got "
+            f"{getattr(probe, 'shape', type(probe).__name__)} "
+            f"{getattr(probe, 'dtype', '')}"
+        )
+    if key is not None and key[0] is not None:
+        _CHECKED_POTENTIALS[key] = None
+        while len(_CHECKED_POTENTIALS) > _MAX_STRUCTURES:
+            _CHECKED_POTENTIALS.popitem(last=False)
 
 
 def _check_score_shape(score, ts, shape, dtype, args) -> None:
@@ -516,10 +557,13 @@ def _check_intervals(
     found = [g for g in found if isinstance(g, Interval)]
     if not found or isinstance(ts, jax.core.Tracer):
         return
-    grid = np.asarray(ts)  # a jax array keeps its host copy: read once
+    from ._grid import grid_values
+
+    grid = grid_values(ts)  # a NumPy grid's copy, or read once
     lo_t, hi_t = float(grid.min()), float(grid.max())
-    if denoise and sde is not None:
-        # the final Tweedie step is skipped where sigma = 0 (the identity there)
+    if denoise and sde is not None and grid[-1] == 0:
+        # the final Tweedie step is skipped where sigma = 0 (the identity there):
+        # at t = 0 only (VP and VE SDEs), so other grids need no device work
         denoise = float(np.asarray(sde.marginal(jnp.asarray(grid[-1]))[1])) != 0
     times = _score_times(solver, grid, adaptive, denoise)
     for g in found:
@@ -895,11 +939,28 @@ def _check_y0(y0, shape, dtype, num_particles):
 
 def _check_dtype(dtype):
     """The particles' dtype, canonicalised (float64 becomes float32 unless
-    `jax_enable_x64` is on, as JAX's own arrays do); floating point only."""
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    `jax_enable_x64` is on, with a warning, as JAX's own arrays do); floating
+    point only. (Called by the public entry points: the warning names their
+    caller.)"""
+    requested = dtype
+    if dtype is None:
+        dtype = jnp.result_type(float)
+    else:
+        with warnings.catch_warnings():  # JAX's (naming this line): ours below
+            warnings.simplefilter("ignore", UserWarning)
+            dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-    return jax.dtypes.canonicalize_dtype(dtype)
+    canonical = jax.dtypes.canonicalize_dtype(dtype)
+    if requested is not None and canonical != dtype:
+        warnings.warn(
+            f"dtype={dtype} was requested, but 64-bit types need jax_enable_x64: "
+            f"the particles are {canonical}. To sample in {dtype}, run "
+            "jax.config.update('jax_enable_x64', True) at startup",
+            UserWarning,
+            stacklevel=3,
+        )
+    return canonical
 
 
 def _check_count(name: str, value, *, allow_none: bool = False) -> int | None:

@@ -33,6 +33,22 @@ class AbstractScore(eqx.Module):
 
     Subclasses implement `__call__(t, x, args) -> array shaped like x`. Particles are a
     `jax.vmap` over calls, never a batch axis inside.
+
+    A score is an `eqx.Module`, a pytree whose arrays (weights, network
+    parameters) are leaves: pass it as an argument to a jitted function, or jit
+    it with `eqx.filter_jit`. `jax.jit(score)` fails (JAX hashes the function it
+    jits, and arrays are not hashable).
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+
+        sde = gd.VPSDE()
+        score = gd.Gaussian(jnp.zeros(2), 1.0).score(sde)
+        fast = eqx.filter_jit(score)  # or jax.jit(lambda t, x: score(t, x))
+        assert fast(0.5, jnp.ones(2)).shape == (2,)
+        ```
     """
 
     @abc.abstractmethod

@@ -91,6 +91,7 @@ from ._sample_checks import (
     _check_guidance_sde,
     _check_half_steps,
     _check_intervals,
+    _check_log_potential,
     _check_network_end,
     _check_score_shape,
     _check_shape,
@@ -423,20 +424,7 @@ def smc_sample(
     _check_solver(solver, "sde", None, sde)
     _check_half_steps(solver, "sde", "grid")  # its noise is a grid path
     _check_score_shape(score, ts, shape, dtype, args)
-    try:
-        probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
-    except Exception as e:  # re-raised with context: which call failed
-        raise ValueError(
-            f"calling log_potential on one particle of shape {shape} failed: {e}"
-        ) from e
-    if getattr(probe, "shape", None) != () or not jnp.issubdtype(
-        probe.dtype, jnp.floating
-    ):
-        raise ValueError(
-            "log_potential must return a real scalar for one particle, got "
-            f"{getattr(probe, 'shape', type(probe).__name__)} "
-            f"{getattr(probe, 'dtype', '')}"
-        )
+    _check_log_potential(log_potential, shape, dtype)
     _check_guidance_sde(score, sde)
     _check_intervals(score, ts, solver)
     _check_network_end(score, solver, sde, ts)

@@ -47,7 +47,8 @@ class Constant(eqx.Module):
                 "...))(weights)); for a weight that changes with t, use a schedule "
                 "(gd.PiecewiseLinear)"
             )
-        if _is_concrete(self.value) and not np.isfinite(np.asarray(self.value)):
+        host = _host_values(value, self.value.dtype)
+        if host is not None and not np.isfinite(host):
             raise ValueError(f"a guidance weight must be finite, got {value!r}")
 
     def __call__(self, t: Time) -> Scalar:
@@ -101,12 +102,16 @@ class PiecewiseLinear(eqx.Module):
             raise ValueError("times and values must be 1-D arrays of the same length")
         if self.times.shape[0] < 1:
             raise ValueError("a piecewise-linear weight needs at least one knot")
-        for name, a in (("times", self.times), ("values", self.values)):
-            if _is_concrete(a) and not np.all(np.isfinite(np.asarray(a))):
+        host = {
+            "times": _host_values(times, self.times.dtype),
+            "values": _host_values(values, self.values.dtype),
+        }
+        for name, a in host.items():
+            if a is not None and not np.all(np.isfinite(a)):
                 raise ValueError(f"the knots' {name} must be finite, got {a}")
-        if _is_concrete(self.times) and not np.all(np.diff(self.times) > 0):
+        if host["times"] is not None and not np.all(np.diff(host["times"]) > 0):
             raise ValueError(
-                f"the knots must be strictly increasing, got times={self.times}"
+                f"the knots must be strictly increasing, got times={host['times']}"
             )
 
     def __call__(self, t: Time) -> Scalar:
@@ -227,5 +232,13 @@ def as_callable_leaf(fn: Callable) -> Callable:
     return fn
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+def _host_values(a, dtype) -> np.ndarray | None:
+    """A weight's input as stored (rounded to `dtype`), computed on the host for
+    its checks; None if any of it is traced. Read from the input, not from the
+    array made of it: a Python number then costs no device round trip, and reading
+    a new device array waits for all the work queued before it (in a sweep, the
+    previous samples)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(a)):
+        return None
+    with np.errstate(over="ignore"):  # 1e39 in float32: inf, rejected as such
+        return np.asarray(a, np.float64).astype(dtype)

@@ -40,6 +40,13 @@ def test_public_names_resolve():
     for name in DESIGN_NAMES + sorted(gd._LAZY):
         assert getattr(gd, name) is not None, name
     assert set(gd._LAZY) <= set(dir(gd))
+    # __all__ lists them all, the lazily loaded ones too (`from guidediff import *`
+    # gave no Flax network, `fit` or `tune_guidance`), and nothing private
+    assert set(DESIGN_NAMES) | set(gd._LAZY) <= set(gd.__all__)
+    assert not [name for name in gd.__all__ if name.startswith("_")]
+    namespace = {}
+    exec("from guidediff import *", namespace)
+    assert set(gd.__all__) <= set(namespace)
 
 
 def test_core_import_does_not_load_flax():

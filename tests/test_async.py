@@ -12,6 +12,7 @@ import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 import guidediff as gd
 
@@ -136,3 +137,61 @@ def test_the_default_solver_is_built_once_per_sde():
         return jnp.mean(ys.ys)
 
     jax.grad(mean)(20.0)
+
+
+def test_a_sweep_building_weights_and_grids_per_call_does_not_wait():
+    """A loop that builds its guidance weight and grid in each call (as the README
+    writes them) returns while the previous call runs, and traces the score once.
+    Weights and grids checked their values by reading back the device arrays they
+    had just made; the score check keyed a weight by its value (read back, and the
+    score traced again for each new weight); NumPy grids were read back after
+    conversion; `denoise=True` with a `gd.interval` computed sigma(t_end) on the
+    device; `smc_sample` traced a log-potential rebuilt per call (`reward.log`)
+    again, and read back its default grid: each waited for the calls queued
+    before it."""
+    traces = []
+    score = _score()
+    other = gd.ScoreFn(lambda t, x, args: traces.append(1) or -x)
+    reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+    late = gd.interval(gd.reward_guidance(other, 0.5), 0.0, 0.5)
+    sweeps = {
+        "a new float weight, an inline uniform_grid": lambda w: dict(
+            score=gd.guide(score, gd.reward_guidance(other, w)),
+            ts=gd.uniform_grid(1.0, 1e-3, 64),
+        ),
+        "gd.PiecewiseLinear, a NumPy grid, an interval with denoise": lambda w: dict(
+            score=gd.guide(
+                score,
+                gd.chain(
+                    late, gd.reward_guidance(other, gd.PiecewiseLinear([0, 1], [w, 0]))
+                ),
+            ),
+            ts=np.linspace(1.0, 1e-3, 65),
+            denoise=True,
+        ),
+    }
+    for name, build in sweeps.items():
+
+        def call(i, build=build):
+            kw = dict(num_particles=P, solver=dfx.Euler()) | build(0.1 * i)
+            return gd.sample(jr.key(i), SDE, shape=(2,), **kw).ys
+
+        jax.block_until_ready(call(0))
+        traced = len(traces)
+        first = call(1)
+        second = call(2)
+        pending = not first.is_ready()
+        jax.block_until_ready((first, second))
+        assert pending, f"{name}: gd.sample waited for the call before it"
+        assert len(traces) == traced, f"{name}: the score was traced again"
+
+    def smc(i):
+        return gd.smc_sample(jr.key(i), SDE, score, (2,), reward.log,
+                             num_particles=P // 32, solver=dfx.Euler()).ys  # fmt: skip
+
+    jax.block_until_ready(smc(0))
+    first = smc(1)
+    second = smc(2)
+    pending = not first.is_ready()
+    jax.block_until_ready((first, second))
+    assert pending, "gd.smc_sample with ts=None waited for the call before it"

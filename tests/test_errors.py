@@ -300,6 +300,17 @@ def test_bad_weights_and_intervals():
         gd.PiecewiseLinear([0.0, 0.5, 0.5, 1.0], [0.0, 1.0, 3.0, 3.0])
     with pytest.raises(ValueError, match="at least one knot"):
         gd.PiecewiseLinear([], [])
+    # checked as stored (on the host, from the input): in float32, 1e39 is inf and
+    # knots 1e-9 apart are one knot
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # jnp's overflow in cast
+        with pytest.raises(ValueError, match="guidance weight must be finite"):
+            gd.Constant(1e39)
+        with pytest.raises(ValueError, match="knots' values must be finite"):
+            gd.PiecewiseLinear([0.0, 1.0], [0.0, 1e39])
+        with pytest.raises(ValueError, match="strictly increasing"):
+            gd.PiecewiseLinear([1.0, 1.0 + 1e-9], [0.0, 1.0])
+    assert gd.PiecewiseLinear([1.0, 1.0 + 1e-9], [0.0, 1.0]).times.dtype == jnp.float64
     guidance = gd.reward_guidance(GMM.score(SDE), 1.0)
     with pytest.raises(ValueError, match="must not be NaN"):
         gd.interval(guidance, np.nan, 0.5)
@@ -853,6 +864,74 @@ def test_grid_builders_reject_bad_ends_and_repeated_times():
         with pytest.raises(ValueError, match="repeat times"):
             gd.logsnr_grid(gd.VPSDE(), 1.0, 1.0 - 1e-7, 10)
     assert gd.uniform_grid(np.float32(1.0), jnp.asarray(0), 3).shape == (4,)
+
+
+def test_grids_checked_on_the_host_remember_their_true_ends():
+    """uniform_grid and quadratic_grid decide "strictly decreasing" on the host (not
+    reading the new grid back) when its spacing is many ulps wide, and remember
+    the grid's ends for `sample`: the remembered ends are the grid's own, NumPy
+    grids keep their host copy (also once cast for float32 particles), and a
+    remembered grid is still checked against the range of the SDE it meets."""
+    from guidediff._grid import grid_ends, grid_values
+    from guidediff._sample import _grid_in_dtype
+
+    ends32 = (jnp.asarray(1.0, jnp.float32), jnp.asarray(1e-3, jnp.float32))
+    for build in (gd.uniform_grid, gd.quadratic_grid):
+        for a, b, n in [(1.0, 1e-3, 10), (0.999, 1e-5, 500), (*ends32, 64),
+                        (80.0, 0.002, 7), (1.0, 0.0, 3)]:  # fmt: skip
+            ts = build(a, b, n)
+            arr = np.asarray(ts)
+            first, last = grid_ends(ts)
+            assert (first, last) == (arr[0], arr[-1]), (build, a, b, n)
+            assert first.dtype == last.dtype == arr.dtype
+            assert np.all(np.diff(arr) < 0)
+    for dtype in (jnp.float64, jnp.float32):  # float32 particles: a cast copy
+        given = np.linspace(1.0, 1e-3, 9)
+        ts = _grid_in_dtype(SDE, given, dtype, start_at_T=True)
+        host = grid_values(ts)
+        assert isinstance(host, np.ndarray) and host.dtype == ts.dtype
+        np.testing.assert_array_equal(host, np.asarray(ts))
+        assert grid_ends(ts) == (host[0], host[-1])
+        given[:] = 0.5  # the copy is the grid's, not the caller's array
+        np.testing.assert_array_equal(grid_values(ts), np.asarray(ts))
+    beyond = gd.uniform_grid(2.0, 1e-3, 8)  # remembered, but past VPSDE's T = 1
+    assert grid_ends(beyond) is not None
+    score = GMM.score(SDE)
+    with pytest.raises(ValueError, match="leaves the SDE's range"):
+        gd.sample(jr.key(0), SDE, score, (2,), y0=jnp.zeros((1, 2)), ts=beyond)
+    ve = gd.VESDE(T=2.0)
+    assert gd.sample(
+        jr.key(0), ve, gd.Gaussian(jnp.zeros(2), 1.0).score(ve), (2,), ts=beyond
+    ).ys.shape == (2,)
+
+
+def test_float64_particles_without_x64_warn():
+    """dtype=float64 without jax_enable_x64 gives float32 particles, as JAX's own
+    arrays do, and warns as they do (it was silent), naming the caller's line."""
+    score = gd.ScoreFn(lambda t, x, args: -x)
+    with jax.enable_x64(False):
+        sde = gd.VPSDE()  # (module-level objects may hold float64 arrays)
+        kw = dict(num_particles=2, dtype=jnp.float64)
+        grid = dict(ts=gd.uniform_grid(1.0, 1e-3, 2), solver=dfx.Euler())
+        for run in (
+            lambda: gd.initial_noise(jr.key(0), sde, (2,), **kw),
+            lambda: gd.sample(jr.key(0), sde, score, (2,), **grid, **kw).ys,
+            lambda: (
+                gd.smc_sample(
+                    jr.key(0), sde, score, (2,), lambda x: -x @ x, **grid, **kw
+                ).ys
+            ),
+        ):
+            with pytest.warns(UserWarning, match="64-bit types need jax_enable_x64"):
+                ys = run()
+            assert ys.dtype == jnp.float32
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gd.initial_noise(jr.key(0), sde, (2,), dtype=jnp.float64)
+        assert [w.filename for w in caught] == [__file__]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gd.initial_noise(jr.key(0), sde, (2,), dtype=jnp.float32)  # no warning
 
 
 def test_static_arguments_traced_under_jit_say_so():
