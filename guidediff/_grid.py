@@ -1,5 +1,6 @@
 r"""Fixed time grids for sampling, from the noise end $T$ down to $\varepsilon$."""
 
+import math
 import weakref
 
 import equinox as eqx
@@ -229,11 +230,9 @@ def _check_decreasing(
     Either way the grid is remembered as checked (`check_grid` does not read it)."""
     if isinstance(ts, jax.core.Tracer):
         return
-    if ends is not None and gap is not None:
-        eps = float(jnp.finfo(ts.dtype).eps)
-        if gap > 16 * eps * max(abs(ends[0]), abs(ends[1])):
-            remember_grid(ts, *(np.asarray(e, ts.dtype)[()] for e in ends))
-            return
+    if ends is not None and gap is not None and _spacing_resolved(ends, gap, ts.dtype):
+        remember_grid(ts, *(np.asarray(e, ts.dtype)[()] for e in ends))
+        return
     arr = np.asarray(ts)
     if not np.all(np.diff(arr) < 0):
         bad = int(np.argmax(np.diff(arr) >= 0))
@@ -244,6 +243,22 @@ def _check_decreasing(
             "steps, ends further apart or a wider dtype"
         )
     remember_grid(ts, arr[0], arr[-1])
+
+
+def _spacing_resolved(ends, gap: float, dtype) -> bool:
+    """Whether a grid between `ends` (Python floats) whose exact spacing is at least
+    `gap` is certainly strictly decreasing in `dtype`, its ends exactly `ends`
+    rounded to `dtype`: both ends finite there, each 0 or a normal number (CPUs
+    flush subnormal results to zero), and `gap` many times both the resolution at
+    the ends (each time is rounded by a few ulps) and the smallest normal number
+    (every time but a zero end is normal)."""
+    info = jnp.finfo(dtype)
+    eps, tiny = float(info.eps), float(info.tiny)
+    with np.errstate(over="ignore"):  # an end beyond the dtype's range: inf
+        rounded = [float(np.asarray(e, dtype)) for e in ends]
+    if not all(math.isfinite(e) and (e == 0 or abs(e) >= tiny) for e in rounded):
+        return False
+    return gap > 16 * max(eps * max(abs(e) for e in ends), tiny)
 
 
 def _check_ends(name: str, t_start, t_end) -> None:
@@ -287,13 +302,16 @@ _MAX_GRID_FACTS = 64
 
 
 def remember_grid(ts, first: np.generic, last: np.generic, host=None) -> None:
-    if not isinstance(ts, jax.Array):
+    if not isinstance(ts, jax.Array) or isinstance(ts, jax.core.Tracer):
         return
     if len(_GRID_FACTS) >= _MAX_GRID_FACTS:  # drop the dead, then the oldest
         for key in [k for k, v in _GRID_FACTS.items() if v[0]() is None]:
             del _GRID_FACTS[key]
         while len(_GRID_FACTS) >= _MAX_GRID_FACTS:
             del _GRID_FACTS[next(iter(_GRID_FACTS))]
+    if host is not None:
+        host = np.array(host)  # a read-only copy: callers share it
+        host.flags.writeable = False
     _GRID_FACTS[id(ts)] = (weakref.ref(ts), first, last, host)
 
 

@@ -561,10 +561,10 @@ def _check_intervals(
 
     grid = grid_values(ts)  # a NumPy grid's copy, or read once
     lo_t, hi_t = float(grid.min()), float(grid.max())
-    if denoise and sde is not None and grid[-1] == 0:
-        # the final Tweedie step is skipped where sigma = 0 (the identity there):
-        # at t = 0 only (VP and VE SDEs), so other grids need no device work
-        denoise = float(np.asarray(sde.marginal(jnp.asarray(grid[-1]))[1])) != 0
+    if denoise and sde is not None:
+        # the final Tweedie step is skipped where sigma = 0 (the identity there)
+        # (not judged for an SDE with traced parameters: taken as evaluated)
+        denoise = _sigma_vanishes(sde, grid[-1], grid.dtype) is not True
     times = _score_times(solver, grid, adaptive, denoise)
     for g in found:
         if isinstance(g.t_lo, jax.core.Tracer) or isinstance(g.t_hi, jax.core.Tracer):
@@ -608,6 +608,35 @@ def _evaluates_at_step_end(solver) -> bool:
     return c is not None and bool(np.any(np.asarray(c) == 1.0))
 
 
+# sigma(t) = 0 or not, per (SDE, time, dtype), least recently used first: computed
+# on the device once (a read waits for the work queued before it).
+_SIGMA_VANISHES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _sigma_vanishes(sde, t, dtype) -> bool | None:
+    """Whether the marginal's std sigma(t) is 0 in `dtype`: at t = 0, and where it
+    underflows (e.g. `LinearBeta(beta_min=0)` at t = 1e-20 in float32). None for
+    an SDE with traced parameters. Remembered for a hashable SDE (the built-in
+    ones: their parameters are static floats)."""
+    try:
+        key = (sde, float(t), np.dtype(dtype))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _SIGMA_VANISHES:
+        _SIGMA_VANISHES.move_to_end(key)
+        return _SIGMA_VANISHES[key]
+    try:
+        sigma = float(np.asarray(sde.marginal(jnp.asarray(t, dtype))[1]))
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None  # a traced SDE parameter
+    if key is not None:
+        _SIGMA_VANISHES[key] = sigma == 0.0
+        while len(_SIGMA_VANISHES) > _MAX_VALUES:
+            _SIGMA_VANISHES.popitem(last=False)
+    return sigma == 0.0
+
+
 def _check_network_end(score, solver, sde, ts) -> None:
     """A network read as a score (`EpsScore`, `X0Score`, `VScore`, `flax_score`)
     divides by
@@ -625,13 +654,7 @@ def _check_network_end(score, solver, sde, ts) -> None:
     if not any(isinstance(n, network) for n in found):
         return
     t_end = check_grid(sde, ts)  # remembered: no device-to-host copy
-    if t_end != 0.0:  # sigma(t) = 0 at t = 0 only (VP and VE SDEs): no device work
-        return
-    try:
-        sigma = float(sde.marginal(t_end)[1])
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        sigma = None  # a traced SDE parameter
-    if sigma == 0.0:
+    if t_end is not None and _sigma_vanishes(sde, t_end, ts.dtype):
         raise ValueError(
             f"the time grid ends at t = {t_end}, where sigma(t) = 0 and a network's "
             f"score (a prediction divided by sigma) is infinite; "
@@ -942,17 +965,12 @@ def _check_dtype(dtype):
     `jax_enable_x64` is on, with a warning, as JAX's own arrays do); floating
     point only. (Called by the public entry points: the warning names their
     caller.)"""
-    requested = dtype
-    if dtype is None:
-        dtype = jnp.result_type(float)
-    else:
-        with warnings.catch_warnings():  # JAX's (naming this line): ours below
-            warnings.simplefilter("ignore", UserWarning)
-            dtype = jnp.dtype(dtype)
+    default = dtype is None or dtype is float  # Python's float: JAX's default
+    dtype = jnp.result_type(float) if default else jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     canonical = jax.dtypes.canonicalize_dtype(dtype)
-    if requested is not None and canonical != dtype:
+    if not default and canonical != dtype:
         warnings.warn(
             f"dtype={dtype} was requested, but 64-bit types need jax_enable_x64: "
             f"the particles are {canonical}. To sample in {dtype}, run "

@@ -189,9 +189,10 @@ def test_float64_without_x64_draws_float32_normals():
         z32 = cell_normal(jr.key(0), 3, (4000,), jnp.float32)
         assert z64.dtype == jnp.float32
         np.testing.assert_array_equal(z64, z32)
-        y64 = gd.initial_noise(
-            jr.key(0), gd.VPSDE(), (2,), num_particles=3, dtype=jnp.float64
-        )
+        with pytest.warns(UserWarning, match="64-bit types need jax_enable_x64"):
+            y64 = gd.initial_noise(
+                jr.key(0), gd.VPSDE(), (2,), num_particles=3, dtype=jnp.float64
+            )
         assert y64.dtype == jnp.float32
 
 

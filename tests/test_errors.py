@@ -905,6 +905,41 @@ def test_grids_checked_on_the_host_remember_their_true_ends():
     ).ys.shape == (2,)
 
 
+def test_host_grid_checks_fall_back_where_rounding_is_not_relative():
+    """The host-side grid checks read the grid back where the dtype's resolution is
+    not relative to the ends (from a review): ends beyond the dtype's range, or
+    subnormal (flushed to zero on the device), gave non-decreasing grids that were
+    remembered as valid; a float64 NumPy grid ending at a subnormal time, cast for
+    float32 particles, kept its host copy's end 1e-40 while the device's was 0
+    (the network-at-sigma = 0 error was skipped: every particle NaN); and
+    sigma(t_end) was assumed positive for t_end > 0 (it underflows for
+    LinearBeta(beta_min=0) at 1e-20 in float32: the interval warning was lost)."""
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # jnp's overflow in cast
+        for build, ends in [
+            (gd.uniform_grid, (1e39, 0.0)),
+            (gd.uniform_grid, (jnp.float16(2e-6), 0.0)),
+            (gd.uniform_grid, (1e-39, 0.0)),
+            (gd.quadratic_grid, (1e-39, 0.0)),
+        ]:
+            with pytest.raises(ValueError, match="repeat times"):
+                build(*ends, 4 if ends[0] != 2e-6 else 40)
+    vp = gd.VPSDE()
+    eps = gd.EpsScore(lambda t, x, args: x, vp)
+    with pytest.raises(ValueError, match="where sigma.t. = 0 and a network"):
+        gd.sample(jr.key(0), vp, eps, (2,), num_particles=2, process="ode",
+                  ts=np.array([vp.T, 0.5, 1e-40]), solver=dfx.Heun(),
+                  dtype=jnp.float32)  # fmt: skip
+    flat = gd.VPSDE(gd.LinearBeta(beta_min=0.0, beta_max=20.0))
+    score = gd.Gaussian(jnp.zeros(2), 1.0).score(flat)
+    late = gd.interval(gd.reward_guidance(score, 1.0), 0.0, 1e-20)
+    ts = jnp.asarray([1.0, 0.5, 1e-20], jnp.float32)
+    assert float(flat.marginal(ts[-1])[1]) == 0.0
+    with pytest.warns(UserWarning, match="hold none of the times"):
+        gd.sample(jr.key(0), flat, gd.guide(score, late), (2,), num_particles=2,
+                  ts=ts, solver=dfx.Euler(), denoise=True, dtype=jnp.float32)  # fmt: skip
+
+
 def test_float64_particles_without_x64_warn():
     """dtype=float64 without jax_enable_x64 gives float32 particles, as JAX's own
     arrays do, and warns as they do (it was silent), naming the caller's line."""
@@ -931,7 +966,8 @@ def test_float64_particles_without_x64_warn():
         assert [w.filename for w in caught] == [__file__]
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            gd.initial_noise(jr.key(0), sde, (2,), dtype=jnp.float32)  # no warning
+            for fine in (jnp.float32, float, None):  # float: JAX's default float
+                gd.initial_noise(jr.key(0), sde, (2,), dtype=fine)  # no warning
 
 
 def test_static_arguments_traced_under_jit_say_so():
