@@ -41,7 +41,7 @@ def uniform_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array, "
     _check_steps(num_steps)
     _check_ends("uniform_grid", t_start, t_end)
     ts = jnp.linspace(t_start, t_end, num_steps + 1)
-    ends = _end_values("uniform_grid", t_start, t_end)
+    ends = _host_ends("uniform_grid", t_start, t_end)
     gap = None if ends is None else (ends[0] - ends[1]) / num_steps
     _check_decreasing("uniform_grid", ts, num_steps, ends, gap)
     return ts
@@ -75,7 +75,7 @@ def quadratic_grid(t_start: float, t_end: float, num_steps: int) -> Float[Array,
     # the ends exactly (the formula can round t_0 an ulp above t_start = sde.T,
     # which `sample` rejects as leaving the SDE's range)
     ts = ts.at[0].set(t_start).at[-1].set(t_end)
-    ends = _end_values("quadratic_grid", t_start, t_end)
+    ends = _host_ends("quadratic_grid", t_start, t_end)
     # the narrowest gap is the last: (t_start - t_end) / N^2
     gap = None if ends is None else (ends[0] - ends[1]) / num_steps**2
     _check_decreasing("quadratic_grid", ts, num_steps, ends, gap)
@@ -245,13 +245,29 @@ def _check_decreasing(
     remember_grid(ts, arr[0], arr[-1])
 
 
+def _host_ends(name: str, t_start, t_end) -> tuple[float, float] | None:
+    """The ends as Python floats for the host-side checks, None if traced or if
+    an integer end is beyond float64's exact integers (rounded twice then)."""
+    for t in (t_start, t_end):
+        dtype = getattr(t, "dtype", None)
+        integer = isinstance(t, int | np.integer) or (
+            dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+        )
+        if integer and not isinstance(t, jax.core.Tracer) and abs(int(t)) > 2**53:
+            return None
+    return _end_values(name, t_start, t_end)
+
+
 def _spacing_resolved(ends, gap: float, dtype) -> bool:
     """Whether a grid between `ends` (Python floats) whose exact spacing is at least
     `gap` is certainly strictly decreasing in `dtype`, its ends exactly `ends`
-    rounded to `dtype`: both ends finite there, each 0 or a normal number (CPUs
-    flush subnormal results to zero), and `gap` many times both the resolution at
-    the ends (each time is rounded by a few ulps) and the smallest normal number
-    (every time but a zero end is normal)."""
+    rounded to `dtype`: a float32 or float64 grid (a 16-bit one is computed in
+    float32 and rounded twice), both ends finite there, each 0 or a normal number
+    (CPUs flush subnormal results to zero), and `gap` many times both the
+    resolution at the ends (each time is rounded by a few ulps) and the smallest
+    normal number (every time but a zero end is normal)."""
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return False
     info = jnp.finfo(dtype)
     eps, tiny = float(info.eps), float(info.tiny)
     with np.errstate(over="ignore"):  # an end beyond the dtype's range: inf

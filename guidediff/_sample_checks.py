@@ -613,16 +613,37 @@ def _evaluates_at_step_end(solver) -> bool:
 _SIGMA_VANISHES: collections.OrderedDict = collections.OrderedDict()
 
 
+def _value_key(tree):
+    """A hashable key of `tree`'s structure and values: small arrays by value (an
+    SDE's parameters: reading an array that is ready waits for nothing), other
+    leaves by hash; None if a leaf is traced, large or unhashable."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array | np.ndarray | np.generic):
+            if leaf.size > _SMALL:
+                return None
+            weak = bool(getattr(leaf, "weak_type", False))
+            value = tuple(np.asarray(leaf).ravel().tolist())
+            out.append((leaf.shape, np.dtype(leaf.dtype), weak, value))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            out.append((type(leaf), leaf))
+    return treedef, tuple(out)
+
+
 def _sigma_vanishes(sde, t, dtype) -> bool | None:
     """Whether the marginal's std sigma(t) is 0 in `dtype`: at t = 0, and where it
     underflows (e.g. `LinearBeta(beta_min=0)` at t = 1e-20 in float32). None for
-    an SDE with traced parameters. Remembered for a hashable SDE (the built-in
-    ones: their parameters are static floats)."""
-    try:
-        key = (sde, float(t), np.dtype(dtype))
-        hash(key)
-    except TypeError:
-        key = None
+    an SDE with traced parameters. Remembered by the SDE's structure and parameter
+    values, so a repeated call does no device work."""
+    sde_key = _value_key(sde)
+    key = None if sde_key is None else (sde_key, float(t), np.dtype(dtype))
     if key is not None and key in _SIGMA_VANISHES:
         _SIGMA_VANISHES.move_to_end(key)
         return _SIGMA_VANISHES[key]

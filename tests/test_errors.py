@@ -885,6 +885,17 @@ def test_grids_checked_on_the_host_remember_their_true_ends():
             assert (first, last) == (arr[0], arr[-1]), (build, a, b, n)
             assert first.dtype == last.dtype == arr.dtype
             assert np.all(np.diff(arr) < 0)
+    # 16-bit grids are computed in float32 and rounded twice, and an integer end
+    # beyond 2**53 is rounded twice too: remembered as read (from a review)
+    for a, b in [(1 + 2**-11 + 2**-40, jnp.float16(0)),
+                 (1 + 2**-8 + 2**-40, jnp.bfloat16(0)),
+                 (2**60 + 2**36 + 1, jnp.float32(0))]:  # fmt: skip
+        for build in (gd.uniform_grid, gd.quadratic_grid):
+            ts = build(a, b, 4)
+            arr = np.asarray(ts)
+            assert grid_ends(ts) == (arr[0], arr[-1]), (build, a, b)
+    T1 = gd.uniform_grid(1 + 2**-11 + 2**-40, jnp.float16(1e-3), 8)  # rounds to 1
+    assert gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=T1).ys.shape == (2,)
     for dtype in (jnp.float64, jnp.float32):  # float32 particles: a cast copy
         given = np.linspace(1.0, 1e-3, 9)
         ts = _grid_in_dtype(SDE, given, dtype, start_at_T=True)
