@@ -48,21 +48,39 @@ def _is_shape_keyed(node) -> bool:
     return isinstance(node, tuple(_SHAPE_KEYED))
 
 
-def _shape_key(node):
-    """`node`'s structure with its arrays as (shape, dtype, weak type); None if any
-    leaf is traced."""
+def _tree_key(node, values: bool = False):
+    """`(treedef, leaves)`: `node`'s structure with its arrays as (shape, dtype,
+    weak type), plus their values with `values` (arrays of at most `_SMALL`
+    elements: reading one that is ready waits for nothing), other leaves as
+    themselves (a `TypeError` if unhashable). None if a leaf is traced, or too
+    large to key by value."""
     leaves, treedef = jtu.tree_flatten(node)
     out = []
     for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer):
             return None
         if isinstance(leaf, jax.Array | np.ndarray | np.generic):
-            weak = bool(getattr(leaf, "weak_type", False))
-            out.append((leaf.shape, leaf.dtype, weak))
+            key = (
+                leaf.shape,
+                np.dtype(leaf.dtype),
+                bool(getattr(leaf, "weak_type", 0)),
+            )
+            if values:
+                if leaf.size > _SMALL:
+                    return None
+                key += (tuple(np.asarray(leaf).ravel().tolist()),)
+            out.append(key)
         else:
             hash(leaf)
             out.append((type(leaf), leaf))
-    return ("shape-keyed", treedef, tuple(out))
+    return treedef, tuple(out)
+
+
+def _shape_key(node):
+    """`node`'s structure with its arrays as (shape, dtype, weak type); None if any
+    leaf is traced."""
+    key = _tree_key(node)
+    return None if key is None else ("shape-keyed", *key)
 
 
 def _signature(score, shape, dtype, args):
@@ -613,36 +631,15 @@ def _evaluates_at_step_end(solver) -> bool:
 _SIGMA_VANISHES: collections.OrderedDict = collections.OrderedDict()
 
 
-def _value_key(tree):
-    """A hashable key of `tree`'s structure and values: small arrays by value (an
-    SDE's parameters: reading an array that is ready waits for nothing), other
-    leaves by hash; None if a leaf is traced, large or unhashable."""
-    leaves, treedef = jtu.tree_flatten(tree)
-    out = []
-    for leaf in leaves:
-        if isinstance(leaf, jax.core.Tracer):
-            return None
-        if isinstance(leaf, jax.Array | np.ndarray | np.generic):
-            if leaf.size > _SMALL:
-                return None
-            weak = bool(getattr(leaf, "weak_type", False))
-            value = tuple(np.asarray(leaf).ravel().tolist())
-            out.append((leaf.shape, np.dtype(leaf.dtype), weak, value))
-        else:
-            try:
-                hash(leaf)
-            except TypeError:
-                return None
-            out.append((type(leaf), leaf))
-    return treedef, tuple(out)
-
-
 def _sigma_vanishes(sde, t, dtype) -> bool | None:
     """Whether the marginal's std sigma(t) is 0 in `dtype`: at t = 0, and where it
     underflows (e.g. `LinearBeta(beta_min=0)` at t = 1e-20 in float32). None for
     an SDE with traced parameters. Remembered by the SDE's structure and parameter
     values, so a repeated call does no device work."""
-    sde_key = _value_key(sde)
+    try:  # by the SDE's structure and parameter values
+        sde_key = _tree_key(sde, values=True)
+    except TypeError:
+        sde_key = None
     key = None if sde_key is None else (sde_key, float(t), np.dtype(dtype))
     if key is not None and key in _SIGMA_VANISHES:
         _SIGMA_VANISHES.move_to_end(key)
