@@ -247,14 +247,17 @@ def _check_decreasing(
 
 def _host_ends(name: str, t_start, t_end) -> tuple[float, float] | None:
     """The ends as Python floats for the host-side checks, None if traced or if
-    an integer end is beyond float64's exact integers (rounded twice then)."""
+    an integer end is not what JAX computes with: beyond float64's exact integers
+    (rounded twice), or beyond JAX's integer type (int32 without x64: wrapped)."""
     for t in (t_start, t_end):
         dtype = getattr(t, "dtype", None)
         integer = isinstance(t, int | np.integer) or (
             dtype is not None and jnp.issubdtype(dtype, jnp.integer)
         )
-        if integer and not isinstance(t, jax.core.Tracer) and abs(int(t)) > 2**53:
-            return None
+        if integer and not isinstance(t, jax.core.Tracer):
+            info = np.iinfo(jax.dtypes.canonicalize_dtype(dtype or np.int64))
+            if abs(int(t)) > 2**53 or not info.min <= int(t) <= info.max:
+                return None
     return _end_values(name, t_start, t_end)
 
 

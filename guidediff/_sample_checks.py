@@ -60,11 +60,9 @@ def _tree_key(node, values: bool = False):
         if isinstance(leaf, jax.core.Tracer):
             return None
         if isinstance(leaf, jax.Array | np.ndarray | np.generic):
-            key = (
-                leaf.shape,
-                np.dtype(leaf.dtype),
-                bool(getattr(leaf, "weak_type", 0)),
-            )
+            # (leaf.dtype as it is: np.dtype rejects a typed key's key<fry>)
+            weak = bool(getattr(leaf, "weak_type", False))
+            key = (leaf.shape, leaf.dtype, weak)
             if values:
                 if leaf.size > _SMALL:
                     return None

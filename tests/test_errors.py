@@ -894,6 +894,11 @@ def test_grids_checked_on_the_host_remember_their_true_ends():
             ts = build(a, b, 4)
             arr = np.asarray(ts)
             assert grid_ends(ts) == (arr[0], arr[-1]), (build, a, b)
+    with jax.enable_x64(False):  # JAX wraps int64 ends to int32: read as made
+        with pytest.raises(ValueError, match="repeat times"):
+            gd.uniform_grid(np.int64(2**53 - 1), 0.0, 4)  # wraps to -1
+        ts = gd.uniform_grid(np.int64(2**32 + 1), 0.0, 4)  # wraps to 1
+        assert grid_ends(ts) == (1.0, 0.0) == tuple(np.asarray(ts)[[0, -1]])
     T1 = gd.uniform_grid(1 + 2**-11 + 2**-40, jnp.float16(1e-3), 8)  # rounds to 1
     assert gd.sample(jr.key(0), SDE, GMM.score(SDE), (2,), ts=T1).ys.shape == (2,)
     for dtype in (jnp.float64, jnp.float32):  # float32 particles: a cast copy
@@ -949,6 +954,27 @@ def test_host_grid_checks_fall_back_where_rounding_is_not_relative():
     with pytest.warns(UserWarning, match="hold none of the times"):
         gd.sample(jr.key(0), flat, gd.guide(score, late), (2,), num_particles=2,
                   ts=ts, solver=dfx.Euler(), denoise=True, dtype=jnp.float32)  # fmt: skip
+
+
+def test_log_potential_check_is_remembered_with_a_typed_key_inside():
+    """A log-potential rebuilt per call is traced once, also when it holds a typed
+    PRNG key (np.dtype rejects key<fry>: the memo was skipped, from a review)."""
+    import equinox as eqx
+
+    from guidediff._sample_checks import _check_log_potential
+
+    traces = []
+
+    class Potential(eqx.Module):
+        key: jax.Array
+
+        def __call__(self, x):
+            traces.append(1)
+            return -jnp.sum(x**2)
+
+    for i in range(3):
+        _check_log_potential(Potential(jr.key(i)), (2,), jnp.float32)
+    assert len(traces) == 1
 
 
 def test_float64_particles_without_x64_warn():
