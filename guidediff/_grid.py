@@ -255,7 +255,8 @@ def _host_ends(name: str, t_start, t_end) -> tuple[float, float] | None:
             dtype is not None and jnp.issubdtype(dtype, jnp.integer)
         )
         if integer and not isinstance(t, jax.core.Tracer):
-            info = np.iinfo(jax.dtypes.canonicalize_dtype(dtype or np.int64))
+            int_dtype = np.int64 if dtype is None else dtype  # (a dtype is falsy)
+            info = np.iinfo(jax.dtypes.canonicalize_dtype(int_dtype))
             if abs(int(t)) > 2**53 or not info.min <= int(t) <= info.max:
                 return None
     return _end_values(name, t_start, t_end)
