@@ -247,10 +247,20 @@ def _check_decreasing(
 
 def _host_ends(name: str, t_start, t_end) -> tuple[float, float] | None:
     """The ends as Python floats for the host-side checks, None if traced or if
-    an integer end is not what JAX computes with: beyond float64's exact integers
-    (rounded twice), or beyond JAX's integer type (int32 without x64: wrapped)."""
+    an end is not what JAX computes with: an integer beyond float64's exact
+    integers (rounded twice) or beyond JAX's integer type (int32 without x64:
+    wrapped), or a float subnormal in its own dtype (a device cast, say float32 to
+    float64 under x64, flushes it to zero; the host keeps it)."""
     for t in (t_start, t_end):
         dtype = getattr(t, "dtype", None)
+        if (
+            dtype is not None
+            and jnp.issubdtype(dtype, jnp.floating)
+            and not isinstance(t, jax.core.Tracer)
+        ):
+            value = abs(float(t))
+            if 0 < value < float(jnp.finfo(dtype).tiny):
+                return None
         integer = isinstance(t, int | np.integer) or (
             dtype is not None and jnp.issubdtype(dtype, jnp.integer)
         )

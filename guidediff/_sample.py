@@ -240,12 +240,13 @@ def _grid_in_dtype(
     if ts.dtype != given.dtype:
         try:
             if host is not None:
+                # a device cast flushes subnormals (of either dtype: float32's are
+                # normal in float64) to zero, NumPy's does not: such a grid is read
+                # back
+                subnormal = _has_subnormal(host)
                 with np.errstate(over="ignore"):  # 1e39 in float32: inf, rejected
                     host = host.astype(tdtype)
-                # a device cast flushes subnormals to zero, NumPy's does not: such a
-                # grid is read back
-                tiny = float(jnp.finfo(tdtype).tiny)
-                if np.any((host != 0) & (np.abs(host) < tiny)):
+                if subnormal or _has_subnormal(host):
                     host = None
             if host is not None:
                 check_grid(sde, host)
@@ -269,6 +270,12 @@ def _grid_in_dtype(
                 f"sde.T={T}: start the grid at sde.T{fix}"
             )
     return ts
+
+
+def _has_subnormal(a: np.ndarray) -> bool:
+    """Whether `a` holds a non-zero value below its dtype's smallest normal."""
+    tiny = float(jnp.finfo(a.dtype).tiny)
+    return bool(np.any((a != 0) & (np.abs(a) < tiny)))
 
 
 def _grid_ok(sde: AbstractSDE, ts, start_at_T: bool) -> Array:

@@ -18,13 +18,12 @@ from ._jit import is_real_scalar, reject_traced
 from ._weights import Constant, PiecewiseLinear
 
 
-# The memo of checked scores, in two levels, each least recently used first:
-# structure (the score's and args' tree structures, which hold the static fields:
-# closures and what they capture; the shape and dtype) -> values (the leaves' values
-# or identities) -> weakrefs of the identity-keyed leaves. A sweep that builds a new
-# closure per call keeps at most `_MAX_STRUCTURES` alive; a sweep over many labels
-# of one score keeps up to `_MAX_VALUES` of them.
-_CHECKED_SIGNATURES: collections.OrderedDict = collections.OrderedDict()
+# The memos of checked scores and log-potentials (`_CheckMemo`), in two levels, each
+# least recently used first: structure (the tree structures, which hold the static
+# fields: closures and what they capture; the shape and dtype) -> values (the
+# leaves' values or identities) -> weakrefs of the identity-keyed leaves. A sweep
+# that builds a new closure per call keeps at most `_MAX_STRUCTURES` alive; a sweep
+# over many labels of one score keeps up to `_MAX_VALUES` of them.
 _MAX_STRUCTURES = 32
 _MAX_VALUES = 256
 _SMALL = 64  # float arrays up to this size are keyed by value
@@ -93,7 +92,8 @@ def _signature(score, shape, dtype, args):
     (network parameters) by identity, held by weak reference; larger numpy arrays
     (mutable in place) are not cached. Python scalars are keyed with their type
     (1, 1.0 and True hash alike). Network parameters and guidance weights
-    (`_SHAPE_KEYED` nodes) are keyed by shape and dtype."""
+    (`_SHAPE_KEYED` nodes) and typed PRNG keys are keyed by shape and dtype. Used
+    for log-potentials too (`args=None`)."""
     score_leaves, score_def = jtu.tree_flatten(score, is_leaf=_is_shape_keyed)
     args_leaves, args_def = jtu.tree_flatten(args)
     sig = []
@@ -106,6 +106,12 @@ def _signature(score, shape, dtype, args):
             if key is None:
                 return None, ()
             sig.append(key)
+            continue
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(
+            leaf.dtype, jax.dtypes.prng_key
+        ):  # a typed PRNG key: its draws are values no check reads (NumPy has no
+            # key dtype to read it into); keyed by shape
+            sig.append((leaf.shape, leaf.dtype, "key"))
             continue
         if isinstance(leaf, jax.Array | np.ndarray):
             value = None
@@ -130,23 +136,68 @@ def _signature(score, shape, dtype, args):
     return (score_def, args_def, tuple(sig), shape, np.dtype(dtype)), by_identity
 
 
-# Checked log-potentials (`smc_sample`), least recently used first: their structure
-# with arrays as shapes and dtypes (a potential's values cannot change the shape of
-# what it returns), and the particles' shape and dtype.
-_CHECKED_POTENTIALS: collections.OrderedDict = collections.OrderedDict()
+class _CheckMemo:
+    """The signatures (`_signature`) whose check passed, in two levels (see above);
+    a signature of None is never remembered."""
+
+    def __init__(self):
+        self.table: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def _split(sig):
+        first_def, second_def, values, shape, dtype = sig
+        return (first_def, second_def, shape, dtype), values
+
+    def hit(self, sig, by_identity) -> bool:
+        if sig is None:
+            return False
+        structure, values = self._split(sig)
+        known = self.table.get(structure)
+        refs = None if known is None else known.get(values)
+        if refs is None or not all(
+            r() is a for r, a in zip(refs, by_identity, strict=True)
+        ):
+            return False
+        self.table.move_to_end(structure)
+        known.move_to_end(values)
+        return True
+
+    def add(self, sig, by_identity) -> None:
+        if sig is None:
+            return
+        structure, values = self._split(sig)
+        known = self.table.setdefault(structure, collections.OrderedDict())
+        self.table.move_to_end(structure)
+        known[values] = tuple(weakref.ref(a) for a in by_identity)
+        known.move_to_end(values)
+        while len(known) > _MAX_VALUES:
+            known.popitem(last=False)
+        while len(self.table) > _MAX_STRUCTURES:
+            self.table.popitem(last=False)
+
+
+def _hashable_signature(tree, shape, dtype, args):
+    """`_signature`, with `(None, ())` where it is not hashable."""
+    try:
+        sig, by_identity = _signature(tree, shape, dtype, args)
+        hash(sig)
+    except TypeError:
+        return None, ()
+    return sig, by_identity
+
+
+_CHECKED_SCORES = _CheckMemo()
+# Log-potentials (`smc_sample`) are keyed as scores are: a potential may check the
+# values it holds when called (a mixture's log-density rejects an unknown label).
+_CHECKED_POTENTIALS = _CheckMemo()
 
 
 def _check_log_potential(log_potential, shape, dtype) -> None:
     """`log_potential` of one particle is a real scalar: traced once (eval_shape)
-    per structure, so a potential rebuilt per call (`reward.log`, a new bound
-    method each time) is not traced again."""
-    try:
-        key = (_shape_key(log_potential), shape, np.dtype(dtype))
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key[0] is not None and key in _CHECKED_POTENTIALS:
-        _CHECKED_POTENTIALS.move_to_end(key)
+    per signature (`_signature`), so a potential rebuilt per call (`reward.log`, a
+    new bound method each time) is not traced again."""
+    sig, by_identity = _hashable_signature(log_potential, shape, dtype, None)
+    if _CHECKED_POTENTIALS.hit(sig, by_identity):
         return
     try:
         probe = jax.eval_shape(log_potential, jax.ShapeDtypeStruct(shape, dtype))
@@ -162,41 +213,17 @@ def _check_log_potential(log_potential, shape, dtype) -> None:
             f"{getattr(probe, 'shape', type(probe).__name__)} "
             f"{getattr(probe, 'dtype', '')}"
         )
-    if key is not None and key[0] is not None:
-        _CHECKED_POTENTIALS[key] = None
-        while len(_CHECKED_POTENTIALS) > _MAX_STRUCTURES:
-            _CHECKED_POTENTIALS.popitem(last=False)
+    _CHECKED_POTENTIALS.add(sig, by_identity)
 
 
 def _check_score_shape(score, ts, shape, dtype, args) -> None:
     """Trace one score call (eval_shape) and check it returns `shape`; remembered per
     signature, so repeated eager calls of `gd.sample` do not re-trace the score."""
-    try:
-        sig, by_identity = _signature(score, shape, dtype, args)
-        hash(sig)
-    except TypeError:
-        sig, by_identity = None, ()
-    if sig is not None:
-        score_def, args_def, values, shape_, dtype_ = sig
-        structure = (score_def, args_def, shape_, dtype_)
-        known = _CHECKED_SIGNATURES.get(structure)
-        refs = None if known is None else known.get(values)
-        if refs is not None and all(
-            r() is a for r, a in zip(refs, by_identity, strict=True)
-        ):
-            _CHECKED_SIGNATURES.move_to_end(structure)
-            known.move_to_end(values)
-            return
+    sig, by_identity = _hashable_signature(score, shape, dtype, args)
+    if _CHECKED_SCORES.hit(sig, by_identity):
+        return
     _check_score_shape_uncached(score, ts, shape, dtype, args)
-    if sig is not None:
-        known = _CHECKED_SIGNATURES.setdefault(structure, collections.OrderedDict())
-        _CHECKED_SIGNATURES.move_to_end(structure)
-        known[values] = tuple(weakref.ref(a) for a in by_identity)
-        known.move_to_end(values)
-        while len(known) > _MAX_VALUES:
-            known.popitem(last=False)
-        while len(_CHECKED_SIGNATURES) > _MAX_STRUCTURES:
-            _CHECKED_SIGNATURES.popitem(last=False)
+    _CHECKED_SCORES.add(sig, by_identity)
 
 
 def _concrete(a):

@@ -47,7 +47,7 @@ class Constant(eqx.Module):
                 "...))(weights)); for a weight that changes with t, use a schedule "
                 "(gd.PiecewiseLinear)"
             )
-        host = _host_values(value, self.value.dtype)
+        host = _host_values(value, self.value)
         if host is not None and not np.isfinite(host):
             raise ValueError(f"a guidance weight must be finite, got {value!r}")
 
@@ -103,8 +103,8 @@ class PiecewiseLinear(eqx.Module):
         if self.times.shape[0] < 1:
             raise ValueError("a piecewise-linear weight needs at least one knot")
         host = {
-            "times": _host_values(times, self.times.dtype),
-            "values": _host_values(values, self.values.dtype),
+            "times": _host_values(times, self.times),
+            "values": _host_values(values, self.values),
         }
         for name, a in host.items():
             if a is not None and not np.all(np.isfinite(a)):
@@ -232,13 +232,18 @@ def as_callable_leaf(fn: Callable) -> Callable:
     return fn
 
 
-def _host_values(a, dtype) -> np.ndarray | None:
-    """A weight's input as stored (rounded to `dtype`), computed on the host for
-    its checks; None if any of it is traced. Read from the input, not from the
-    array made of it: a Python number then costs no device round trip, and reading
-    a new device array waits for all the work queued before it (in a sweep, the
-    previous samples)."""
+def _host_values(a, stored: Array) -> np.ndarray | None:
+    """A weight's input as stored (`stored`, the array made of it), computed on the
+    host for its checks; None if any of it is traced. Read from the input, not from
+    `stored`: a Python number then costs no device round trip, and reading a new
+    device array waits for all the work queued before it (in a sweep, the previous
+    samples). Values beyond float64's exact integers are read from `stored`: such
+    integers are rounded once or twice depending on how they are given (a NumPy
+    int64 array once, Python ints through float64)."""
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(a)):
         return None
     with np.errstate(over="ignore"):  # 1e39 in float32: inf, rejected as such
-        return np.asarray(a, np.float64).astype(dtype)
+        exact = np.asarray(a, np.float64)
+        if np.any(np.abs(exact) > 2.0**53):
+            return np.asarray(stored)
+        return exact.astype(stored.dtype)

@@ -956,6 +956,52 @@ def test_host_grid_checks_fall_back_where_rounding_is_not_relative():
                   ts=ts, solver=dfx.Euler(), denoise=True, dtype=jnp.float32)  # fmt: skip
 
 
+def test_float32_subnormal_times_widened_to_float64_are_read_back():
+    """Under x64 a device cast of float32 to float64 flushes float32's subnormals to
+    zero, which are normal in float64 (from a fourth review): a float32 subnormal
+    grid end made an increasing float64 grid that was remembered as valid (samples
+    all NaN), and a NumPy float32 grid ending at 1e-40, cast for float64
+    particles, kept 1e-40 on the host where the device had 0 (the
+    network-at-sigma = 0 error was skipped)."""
+    tiny32 = np.float32(1e-40)  # subnormal in float32, normal in float64
+    for build in (gd.uniform_grid, gd.quadratic_grid):
+        with pytest.raises(ValueError, match="repeat times"):
+            build(np.float32(1e-39), np.float64(5e-40), 4)
+    vp = gd.VPSDE()
+    eps = gd.EpsScore(lambda t, x, args: x, vp)
+    kw = dict(num_particles=2, process="ode", solver=dfx.Heun(), dtype=jnp.float64)
+    for ts in (
+        gd.uniform_grid(np.float64(vp.T), tiny32, 4),
+        np.array([vp.T, 0.5, tiny32], np.float32),
+    ):
+        with pytest.raises(ValueError, match="where sigma.t. = 0 and a network"):
+            gd.sample(jr.key(0), vp, eps, (2,), ts=ts, **kw)
+
+
+def test_log_potential_check_keys_labels_by_value():
+    """The log-potential memo keyed arrays by shape (from a fourth review): after a
+    potential holding label 0 passed, the same potential holding an unknown label
+    7 skipped the check (log_normalizer -inf, no error). Labels are keyed by value,
+    as in the score check."""
+    from guidediff._sample_checks import _check_log_potential
+
+    mix = gd.GaussianMixture([0.5, 0.5], [[-1.0], [1.0]], [0.1, 0.1])
+    potential = lambda label: jax.tree_util.Partial(mix.log_prob, label=label)
+    _check_log_potential(potential(jnp.array(0)), (1,), jnp.float32)
+    with pytest.raises(ValueError, match="unknown class label 7"):
+        _check_log_potential(potential(jnp.array(7)), (1,), jnp.float32)
+
+
+def test_piecewise_linear_knots_beyond_exact_integers_are_read_back():
+    """int64 knot times past 2**53 round once to float32 on the device and twice
+    (through float64) on the host: two times that the device merges stayed apart
+    on the host, and a weight with repeated knots was accepted (from a fourth
+    review). Such values are read back."""
+    x, y = 2**60 + 2**37, 2**60 + 3 * 2**36 - 1
+    with jax.enable_x64(False), pytest.raises(ValueError, match="strictly increasing"):
+        gd.PiecewiseLinear(np.array([x, y], np.int64), [0.0, 1.0])
+
+
 def test_log_potential_check_is_remembered_with_a_typed_key_inside():
     """A log-potential rebuilt per call is traced once, also when it holds a typed
     PRNG key (np.dtype rejects key<fry>: the memo was skipped, from a review)."""

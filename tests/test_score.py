@@ -107,7 +107,7 @@ def test_score_check_memo_bounds_closures_and_keeps_label_sweeps():
         def __init__(self):
             self.bias = np.ones(2)
 
-    checks._CHECKED_SIGNATURES.clear()
+    checks._CHECKED_SCORES.table.clear()
     ts = gd.uniform_grid(1.0, 1e-3, 4)
     alive = []
     for _ in range(3 * checks._MAX_STRUCTURES):
