@@ -273,7 +273,10 @@ def _grid_in_dtype(
 
 
 def _has_subnormal(a: np.ndarray) -> bool:
-    """Whether `a` holds a non-zero value below its dtype's smallest normal."""
+    """Whether `a` holds a non-zero value below its dtype's smallest normal (never,
+    for integers)."""
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        return False
     tiny = float(jnp.finfo(a.dtype).tiny)
     return bool(np.any((a != 0) & (np.abs(a) < tiny)))
 

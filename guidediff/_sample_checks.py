@@ -80,7 +80,7 @@ def _shape_key(node):
     return None if key is None else ("shape-keyed", *key)
 
 
-def _signature(score, shape, dtype, args):
+def _signature(score, shape, dtype, args, floats_by_value: bool = True):
     """A hashable summary that determines the shape check's outcome, and the leaves
     it keys by identity. `(None, ())` (do not cache) if anything is traced or
     unhashable. (Computed on every eager `gd.sample` call: kept cheap.)
@@ -92,8 +92,10 @@ def _signature(score, shape, dtype, args):
     (network parameters) by identity, held by weak reference; larger numpy arrays
     (mutable in place) are not cached. Python scalars are keyed with their type
     (1, 1.0 and True hash alike). Network parameters and guidance weights
-    (`_SHAPE_KEYED` nodes) and typed PRNG keys are keyed by shape and dtype. Used
-    for log-potentials too (`args=None`)."""
+    (`_SHAPE_KEYED` nodes) and typed PRNG keys are keyed by shape and dtype, and
+    so are all float arrays without `floats_by_value` (log-potentials: `args=None`;
+    what they hold is rarely checked in Python, and often still being computed, a
+    classifier's parameters in a training loop, whose reading would wait)."""
     score_leaves, score_def = jtu.tree_flatten(score, is_leaf=_is_shape_keyed)
     args_leaves, args_def = jtu.tree_flatten(args)
     sig = []
@@ -118,7 +120,9 @@ def _signature(score, shape, dtype, args):
             integer = getattr(leaf.dtype, "kind", None) in ("i", "u", "b")
             if integer and leaf.size > 4096:
                 return None, ()
-            if integer or leaf.size <= _SMALL:
+            if not (integer or floats_by_value):
+                pass  # keyed by shape and dtype
+            elif integer or leaf.size <= _SMALL:
                 value = tuple(np.asarray(leaf).ravel().tolist())
             elif isinstance(leaf, jax.Array):
                 value = ("id", id(leaf))
@@ -176,10 +180,10 @@ class _CheckMemo:
             self.table.popitem(last=False)
 
 
-def _hashable_signature(tree, shape, dtype, args):
+def _hashable_signature(tree, shape, dtype, args, floats_by_value: bool = True):
     """`_signature`, with `(None, ())` where it is not hashable."""
     try:
-        sig, by_identity = _signature(tree, shape, dtype, args)
+        sig, by_identity = _signature(tree, shape, dtype, args, floats_by_value)
         hash(sig)
     except TypeError:
         return None, ()
@@ -187,16 +191,19 @@ def _hashable_signature(tree, shape, dtype, args):
 
 
 _CHECKED_SCORES = _CheckMemo()
-# Log-potentials (`smc_sample`) are keyed as scores are: a potential may check the
-# values it holds when called (a mixture's log-density rejects an unknown label).
+# Log-potentials (`smc_sample`): integer arrays by value, as for scores (a
+# mixture's log-density rejects an unknown label), float arrays by shape.
 _CHECKED_POTENTIALS = _CheckMemo()
 
 
 def _check_log_potential(log_potential, shape, dtype) -> None:
     """`log_potential` of one particle is a real scalar: traced once (eval_shape)
-    per signature (`_signature`), so a potential rebuilt per call (`reward.log`, a
-    new bound method each time) is not traced again."""
-    sig, by_identity = _hashable_signature(log_potential, shape, dtype, None)
+    per signature (`_signature`, float arrays by shape), so a potential rebuilt per
+    call (`reward.log`, a new bound method each time, or one holding parameters
+    updated in a training loop) is not traced again, nor waited for."""
+    sig, by_identity = _hashable_signature(
+        log_potential, shape, dtype, None, floats_by_value=False
+    )
     if _CHECKED_POTENTIALS.hit(sig, by_identity):
         return
     try:

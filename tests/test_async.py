@@ -9,6 +9,7 @@ CPU backend runs programs holding them synchronously.)
 """
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -185,13 +186,31 @@ def test_a_sweep_building_weights_and_grids_per_call_does_not_wait():
         assert pending, f"{name}: gd.sample waited for the call before it"
         assert len(traces) == traced, f"{name}: the score was traced again"
 
-    def smc(i):
-        return gd.smc_sample(jr.key(i), SDE, score, (2,), reward.log,
-                             num_particles=P // 32, solver=dfx.Euler()).ys  # fmt: skip
+    class Bump(eqx.Module):  # parameters computed on the device in each call
+        center: jax.Array
 
-    jax.block_until_ready(smc(0))
-    first = smc(1)
-    second = smc(2)
-    pending = not first.is_ready()
-    jax.block_until_ready((first, second))
-    assert pending, "gd.smc_sample with ts=None waited for the call before it"
+        def log(self, x):
+            potential_traces.append(1)
+            return -jnp.sum((x - self.center) ** 2)
+
+    potential_traces = []
+    potentials = {
+        "reward.log": lambda i: reward.log,
+        "a potential holding a float array computed per call": lambda i: Bump(
+            jnp.ones(2) * (0.1 * i)
+        ).log,
+    }
+    for name, potential in potentials.items():
+
+        def smc(i, potential=potential):
+            return gd.smc_sample(jr.key(i), SDE, score, (2,), potential(i),
+                                 num_particles=P // 32, solver=dfx.Euler()).ys  # fmt: skip
+
+        jax.block_until_ready(smc(0))
+        traced = len(potential_traces)
+        first = smc(1)
+        second = smc(2)
+        pending = not first.is_ready()
+        jax.block_until_ready((first, second))
+        assert pending, f"gd.smc_sample ({name}) waited for the call before it"
+        assert len(potential_traces) == traced, f"{name}: traced again"
