@@ -69,6 +69,7 @@ from ._grid import check_grid, grid_ends, remember_grid, uniform_grid
 from ._jit import filter_jit
 from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
+    _call_laid_out,
     _check_adaptive_solver,
     _check_brownian,
     _check_count,
@@ -540,6 +541,8 @@ def _sample_jit(key, y0, sde, score, args, ts, solver, adjoint, controller, stat
     keys = _particle_keys(key, num)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, _leading_axis_sharding(sharding))
+        if y0 is not None:
+            y0 = jax.lax.with_sharding_constraint(y0, sharding)
     # A traced grid skipped the Python checks: a bad one fails every particle.
     grid_ok = _grid_ok(sde, ts, y0 is None)
     if driver == "diffeqsolve" and isinstance(ts, jax.core.Tracer):
@@ -744,7 +747,10 @@ def sample(
       algebraic rewrites (seen on forced CPU devices: a mixture oracle's division
       by a variance shared by all particles became a multiplication by its
       reciprocal, a few float32 ulps per step; tests/test_sharding.py checks which
-      cases are bit-identical).
+      cases are bit-identical). With adaptive steps, the accept/reject decisions can
+      amplify such a difference to the solver's tolerance or beyond (an adaptive
+      SDE solve is that sensitive to its tolerances too). Array arguments must be
+      uncommitted or on the sharding's devices.
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and
@@ -896,7 +902,10 @@ def sample(
     if y0 is not None and single:
         y0 = y0[None]
     _check_sharding(sharding, 1 if single else num_particles, shape)
-    if sharding is not None and y0 is not None:
+    if sharding is not None and y0 is not None and not isinstance(y0, jax.core.Tracer):
+        # moved eagerly: a y0 committed to one device would clash with the
+        # program's layout. (Traced, it is laid out inside the program: under an
+        # eager vmap, device_put would shard the vmapped axis.)
         y0 = jax.device_put(y0, sharding)
     static = (
         1 if single else num_particles,
@@ -920,8 +929,11 @@ def sample(
         unroll,
     )
     try:
-        return _sample_jit(
-            key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller, static
+        return _call_laid_out(
+            _sample_jit,
+            sharding,
+            *(key, y0, sde, score, args, ts, solver, adjoint, stepsize_controller),
+            static,
         )
     except TypeError as e:
         # jax.jvp / jacfwd over diffrax's reverse-mode adjoint (a custom_vjp)

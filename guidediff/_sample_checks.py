@@ -1092,13 +1092,46 @@ def _check_sharding(sharding, num: int, shape) -> None:
             "(PartitionSpec('p') shards the particle axis)"
         ) from None
     try:
-        sharding.shard_shape((num, *shape))
         _leading_axis_sharding(sharding).shard_shape((num,))
     except ValueError as e:
         raise ValueError(
             f"{num} particles cannot be split evenly over the devices: use a number "
             f"of particles that the mesh axis divides ({e})"
         ) from None
+    try:
+        sharding.shard_shape((num, *shape))
+    except ValueError as e:
+        raise ValueError(
+            f"the sharding {sharding} splits an axis of each particle's shape "
+            f"{tuple(shape)} unevenly over the devices (axes 1.. of the "
+            f"(num_particles, *shape) = {(num, *shape)} particles): give that axis "
+            f"no mesh axis, or one whose size divides it ({e})"
+        ) from None
+
+
+def _check_committed_arrays(error: ValueError, sharding) -> None:
+    """JAX's error for an argument committed to one device, inside a program laid
+    out over the sharding's devices, named for what the user controls."""
+    if sharding is not None and "incompatible devices" in str(error):
+        raise ValueError(
+            "with sharding=, every array argument (the key, y0, args, and the "
+            "arrays inside the score or potential: guidance weights, labels, "
+            "parameters) must be uncommitted or placed on the sharding's devices "
+            "as a whole; one is committed to a single device (jax.device_put(x, "
+            "device)). Create it without a device, or move it with "
+            "jax.device_put(x, NamedSharding(mesh, PartitionSpec())) (replicated). "
+            f"JAX's message: {error}"
+        ) from error
+
+
+def _call_laid_out(program, sharding, *args):
+    """`program(*args)`, JAX's error for a committed argument named
+    (`_check_committed_arrays`)."""
+    try:
+        return program(*args)
+    except ValueError as e:
+        _check_committed_arrays(e, sharding)
+        raise
 
 
 def _output_sharding(sharding, trajectory: bool):

@@ -86,6 +86,7 @@ from ._sample import (
     _time_dtype,
 )
 from ._sample_checks import (
+    _call_laid_out,
     _check_count,
     _check_dtype,
     _check_guidance_sde,
@@ -447,8 +448,10 @@ def smc_sample(
     static = (num_particles, shape, dtype, use_twist, resampling, sharding)
     wdt = _time_dtype(dtype)  # the weights: at least float32
     numbers = tuple(jnp.asarray(v, wdt) for v in (ess_threshold, twist, twist_floor))
-    return _smc_sample_jit(
-        key, sde, score, proposal, log_potential, args, ts, solver, numbers, static
+    return _call_laid_out(
+        _smc_sample_jit,
+        sharding,
+        *(key, sde, score, proposal, log_potential, args, ts, solver, numbers, static),
     )
 
 

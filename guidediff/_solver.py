@@ -366,8 +366,10 @@ class DPMSolverPP(DDIM):
 
 
 def _phi_ratios(z, bh2: bool):
-    r"""UniC-2's $(b_1, b_2) = (\varphi_2(z), 2\varphi_3(z)) / B$ at $z = -h$, with
-    $B = z$ (`bh2=False`, UniPC's B1(h)) or $B = e^z - 1 = z\varphi_1(z)$ (B2(h)).
+    r"""UniC-2's $(b_1, b_2) = (\varphi_2(z), 2\varphi_3(z))\, z / B$ at $z = -h$
+    (`UniPC`'s $\rho_1 + \rho_2$ and $r_1\rho_1 + \rho_2$), with $B = z$
+    (`bh2=False`, UniPC's B1(h): the ratios are $\varphi_2$, $2\varphi_3$) or
+    $B = e^z - 1 = z\varphi_1(z)$ (B2(h): both divided by $\varphi_1$).
     $\varphi_1(z) = (e^z - 1)/z$, $\varphi_{k+1}(z) = (\varphi_k(z) - 1/k!)/z$: a
     Taylor series below $|z| = 1$ (the recursion cancels there), the recursion
     above (it loses at most a factor 3 there)."""

@@ -38,6 +38,18 @@ CHILD = textwrap.dedent(
             return -x
 
 
+    def errors(calls):
+        # name -> the ValueError's message, or "no error"
+        out = {}
+        for name, call in calls.items():
+            try:
+                call()
+                out[name] = "no error"
+            except ValueError as e:
+                out[name] = str(e)
+        return out
+
+
     assert jax.device_count() == 4, jax.devices()
     sde = gd.VPSDE()
     gmm = gd.GaussianMixture(
@@ -168,13 +180,7 @@ CHILD = textwrap.dedent(
             key, sde, gmm.score(sde), (2,), log_r, sharding=too_long, **smc_kw
         ),
     }
-    out["too_long"] = {}
-    for name, call in calls.items():
-        try:
-            call()
-            out["too_long"][name] = "no error"
-        except ValueError as e:
-            out["too_long"][name] = str(e)
+    out["too_long"] = errors(calls)
     # a checkpoint of sharded parameters restores them sharded (not gathered onto
     # one device), and a typed key in the optimiser state restores at all
     import tempfile
@@ -209,6 +215,36 @@ CHILD = textwrap.dedent(
         )
         placed.append(next(iter(res.params["w"].devices())).id)
     out["tune_placement"] = placed
+    # an eager vmap over y0 (3 sets of particles): the eager device_put laid the
+    # particles' sharding onto the vmapped axis (an error for 3 sets, from a review)
+    y0s = np.stack([np.full((8, 2), v, np.float32) for v in (0.5, -1.0, 2.0)])
+    run = lambda y, shd: gd.sample(key, sde, score, (2,), y0=y, ts=ts[-5:],
+                                   solver=dfx.Euler(), sharding=shd).ys  # fmt: skip
+    try:
+        vmapped = jax.vmap(lambda y: run(y, sharding))(y0s)
+        reference = jax.vmap(lambda y: run(y, None))(y0s)
+        out["eager_vmap_y0"] = {
+            "spec": list(vmapped.sharding.spec),
+            "max_abs_diff": float(np.max(np.abs(np.asarray(vmapped - reference)))),
+        }
+    except Exception as e:
+        out["eager_vmap_y0"] = f"{type(e).__name__}: {e}"
+    # a particle axis that the mesh does not divide: the error names it
+    try:
+        uneven = NamedSharding(Mesh(jax.devices(), ("p",)), PartitionSpec(None, "p"))
+        gd.sample(key, sde, score, (2,), num_particles=8, ts=ts, sharding=uneven)
+        out["uneven_state_axis"] = "no error"
+    except ValueError as e:
+        out["uneven_state_axis"] = str(e)
+    # a guidance weight committed to one device: JAX's error blamed the key
+    w1 = jax.device_put(jnp.asarray(0.5), jax.devices()[0])
+    committed = gd.guide(gmm.score(sde), gd.reward_guidance(gmm.score(sde), w1))
+    short = dict(num_particles=8, ts=gd.uniform_grid(sde.T, 1e-3, 4), sharding=sharding)
+    calls = {
+        "sample": lambda: gd.sample(key, sde, committed, (2,), **short),
+        "smc": lambda: gd.smc_sample(key, sde, committed, (2,), log_r, **short),
+    }
+    out["committed"] = errors(calls)
     try:  # 6 particles do not split over 4 devices: a clear error, not replication
         gd.sample(key, sde, score, (2,), num_particles=6, ts=ts, sharding=sharding)
         out["indivisible"] = "no error"
@@ -332,3 +368,20 @@ def test_a_sharding_of_the_state_axis_is_honoured(sharded_runs):
 def test_a_spec_longer_than_the_particles_rank_is_an_error(sharded_runs):
     for name, msg in sharded_runs["too_long"].items():
         assert "names more axes than the particles have" in msg, (name, msg)
+
+
+def test_an_eager_vmap_over_y0_keeps_the_particle_sharding(sharded_runs):
+    res = sharded_runs["eager_vmap_y0"]
+    assert isinstance(res, dict), res
+    assert res["spec"] == [None, "p"]
+    assert res["max_abs_diff"] < 1e-5
+
+
+def test_an_unevenly_split_particle_axis_is_named(sharded_runs):
+    msg = sharded_runs["uneven_state_axis"]
+    assert "splits an axis of each particle's shape (2,)" in msg, msg
+
+
+def test_an_argument_committed_to_one_device_is_named(sharded_runs):
+    for name, msg in sharded_runs["committed"].items():
+        assert "committed to a single device" in msg, (name, msg)
