@@ -273,6 +273,19 @@ def _grid_in_dtype(
     return ts
 
 
+def _vmapped(x) -> bool:
+    """Whether `x` is traced by `jax.vmap` at some level: a batch tracer in its
+    chain of tracers (`.primal` of a JVP or linearize tracer, `.val` of a batch
+    tracer; a tracer of another kind ends the chain)."""
+    for _ in range(64):
+        if not isinstance(x, jax.core.Tracer):
+            return False
+        if type(x).__name__ == "BatchTracer":
+            return True
+        x = getattr(x, "primal", getattr(x, "val", None))
+    return True
+
+
 def _has_subnormal(a: np.ndarray) -> bool:
     """Whether `a` holds a non-zero value below its dtype's smallest normal (never,
     for integers)."""
@@ -749,8 +762,10 @@ def sample(
       reciprocal, a few float32 ulps per step; tests/test_sharding.py checks which
       cases are bit-identical). With adaptive steps, the accept/reject decisions can
       amplify such a difference to the solver's tolerance or beyond (an adaptive
-      SDE solve is that sensitive to its tolerances too). Array arguments must be
-      uncommitted or on the sharding's devices.
+      SDE solve is that sensitive to its tolerances too). Array arguments must not
+      be committed to other devices than the sharding's (`jax.device_put(x,
+      device)` commits `x`); a concrete or differentiated `y0` is moved, not one
+      batched by `jax.vmap`.
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and
@@ -902,10 +917,11 @@ def sample(
     if y0 is not None and single:
         y0 = y0[None]
     _check_sharding(sharding, 1 if single else num_particles, shape)
-    if sharding is not None and y0 is not None and not isinstance(y0, jax.core.Tracer):
-        # moved eagerly: a y0 committed to one device would clash with the
-        # program's layout. (Traced, it is laid out inside the program: under an
-        # eager vmap, device_put would shard the vmapped axis.)
+    if sharding is not None and y0 is not None and not _vmapped(y0):
+        # moved first: a y0 committed to one device would clash with the program's
+        # layout (also under jax.grad, whose tracer device_put moves). Under
+        # jax.vmap, device_put would shard the vmapped axis: such a y0 is laid out
+        # inside the program only.
         y0 = jax.device_put(y0, sharding)
     static = (
         1 if single else num_particles,

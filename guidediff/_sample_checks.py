@@ -15,6 +15,7 @@ import numpy as np
 from ._brownian import levy_area_for, unwrap_solver
 from ._guidance.base import Guided
 from ._jit import is_real_scalar, reject_traced
+from ._oracle import GaussianMixture
 from ._weights import Constant, PiecewiseLinear
 
 
@@ -36,6 +37,10 @@ _SMALL = 64  # float arrays up to this size are keyed by value
 # re-tracing the score, and reading them costs no device-to-host copy (which waits
 # for the work queued before it: a sweep's previous samples).
 _SHAPE_KEYED: list[type] = [Constant, PiecewiseLinear]
+# Pytree node types whose calls check their float values (a mixture rejects a class
+# whose components all weigh zero): their arrays are keyed as `_signature` keys a
+# score's, by value or identity, also inside a log-potential.
+_VALUE_KEYED: list[type] = [GaussianMixture]
 
 
 def register_shape_keyed(cls: type) -> None:
@@ -95,19 +100,38 @@ def _signature(score, shape, dtype, args, floats_by_value: bool = True):
     (`_SHAPE_KEYED` nodes) and typed PRNG keys are keyed by shape and dtype, and
     so are all float arrays without `floats_by_value` (log-potentials: `args=None`;
     what they hold is rarely checked in Python, and often still being computed, a
-    classifier's parameters in a training loop, whose reading would wait)."""
-    score_leaves, score_def = jtu.tree_flatten(score, is_leaf=_is_shape_keyed)
+    classifier's parameters in a training loop, whose reading would wait), except
+    inside the `_VALUE_KEYED` nodes, whose calls check their float values."""
+    score_leaves, score_def = jtu.tree_flatten(score, is_leaf=_is_keyed_node)
     args_leaves, args_def = jtu.tree_flatten(args)
     sig = []
     by_identity = []
-    for leaf in score_leaves + args_leaves:
+    if not _leaf_keys(score_leaves + args_leaves, floats_by_value, sig, by_identity):
+        return None, ()
+    return (score_def, args_def, tuple(sig), shape, np.dtype(dtype)), by_identity
+
+
+def _is_keyed_node(node) -> bool:
+    return _is_shape_keyed(node) or isinstance(node, tuple(_VALUE_KEYED))
+
+
+def _leaf_keys(leaves, floats_by_value: bool, sig: list, by_identity: list) -> bool:
+    """Appends each leaf's key (`_signature`) to `sig`, and the identity-keyed
+    leaves to `by_identity`; False if one cannot be keyed (do not cache)."""
+    for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer):
-            return None, ()
+            return False
         if _is_shape_keyed(leaf):
             key = _shape_key(leaf)
             if key is None:
-                return None, ()
+                return False
             sig.append(key)
+            continue
+        if isinstance(leaf, tuple(_VALUE_KEYED)):  # its floats by value, always
+            inner, treedef = jtu.tree_flatten(leaf)
+            sig.append(treedef)
+            if not _leaf_keys(inner, True, sig, by_identity):
+                return False
             continue
         if isinstance(leaf, jax.Array) and jnp.issubdtype(
             leaf.dtype, jax.dtypes.prng_key
@@ -119,7 +143,7 @@ def _signature(score, shape, dtype, args, floats_by_value: bool = True):
             value = None
             integer = getattr(leaf.dtype, "kind", None) in ("i", "u", "b")
             if integer and leaf.size > 4096:
-                return None, ()
+                return False
             if not (integer or floats_by_value):
                 pass  # keyed by shape and dtype
             elif integer or leaf.size <= _SMALL:
@@ -128,16 +152,16 @@ def _signature(score, shape, dtype, args, floats_by_value: bool = True):
                 value = ("id", id(leaf))
                 by_identity.append(leaf)
             else:
-                return None, ()
+                return False
             weak = bool(getattr(leaf, "weak_type", False))  # promotes differently
             sig.append((leaf.shape, leaf.dtype, weak, value))
         else:
             try:
                 hash(leaf)
             except TypeError:
-                return None, ()
+                return False
             sig.append((type(leaf), leaf))
-    return (score_def, args_def, tuple(sig), shape, np.dtype(dtype)), by_identity
+    return True
 
 
 class _CheckMemo:
@@ -1117,8 +1141,9 @@ def _check_committed_arrays(error: ValueError, sharding) -> None:
             "with sharding=, every array argument (the key, y0, args, and the "
             "arrays inside the score or potential: guidance weights, labels, "
             "parameters) must be uncommitted or placed on the sharding's devices "
-            "as a whole; one is committed to a single device (jax.device_put(x, "
-            "device)). Create it without a device, or move it with "
+            "as a whole; one is committed elsewhere (jax.device_put(x, device) "
+            "commits x to that device alone). Create it without a device, or move "
+            "it with "
             "jax.device_put(x, NamedSharding(mesh, PartitionSpec())) (replicated). "
             f"JAX's message: {error}"
         ) from error

@@ -996,6 +996,27 @@ def test_log_potential_check_keys_labels_by_value():
     _check_log_potential(potential(jnp.array(0)), (1,), jnp.float32)
     with pytest.raises(ValueError, match="unknown class label 7"):
         _check_log_potential(potential(jnp.array(7)), (1,), jnp.float32)
+    # float arrays are keyed by shape, but not a mixture's: its log-density checks
+    # its weights (a class whose components all weigh zero), from a review
+    import equinox as eqx
+
+    class ClassLogDensity(eqx.Module):  # the mixture is a pytree child here
+        mixture: gd.GaussianMixture
+
+        def __call__(self, x):
+            return self.mixture.log_prob(x, 1)
+
+    labelled = dict(means=[[-1.0], [1.0]], covs=[0.1, 0.1], labels=[0, 1])
+    for weights, ok in (([0.5, 0.5], True), ([1.0, 0.0], False)):
+        mixture = gd.GaussianMixture(weights, **labelled)
+        check = lambda: _check_log_potential(
+            ClassLogDensity(mixture), (1,), jnp.float32
+        )
+        if ok:
+            check()
+        else:
+            with pytest.raises(ValueError, match="class 1 has no component"):
+                check()
 
 
 def test_piecewise_linear_knots_beyond_exact_integers_are_read_back():
