@@ -273,17 +273,19 @@ def _grid_in_dtype(
     return ts
 
 
-def _vmapped(x) -> bool:
-    """Whether `x` is traced by `jax.vmap` at some level: a batch tracer in its
-    chain of tracers (`.primal` of a JVP or linearize tracer, `.val` of a batch
-    tracer; a tracer of another kind ends the chain)."""
-    for _ in range(64):
-        if not isinstance(x, jax.core.Tracer):
-            return False
-        if type(x).__name__ == "BatchTracer":
-            return True
-        x = getattr(x, "primal", getattr(x, "val", None))
-    return True
+def _vmapped(x, depth: int = 0) -> bool:
+    """Whether `x` is traced by `jax.vmap` at some level: a batch tracer anywhere in
+    its tree of tracers (the primal and tangent of a JVP or linearize tracer, as
+    `jax.jacfwd` batches the tangents; the value of a batch tracer). A tracer of
+    another kind (`jax.jit`'s) ends its branch."""
+    if not isinstance(x, jax.core.Tracer) or depth > 32:
+        return False
+    if type(x).__name__ == "BatchTracer":
+        return True
+    return any(
+        _vmapped(getattr(x, name, None), depth + 1)
+        for name in ("primal", "tangent", "val")
+    )
 
 
 def _has_subnormal(a: np.ndarray) -> bool:

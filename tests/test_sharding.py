@@ -238,6 +238,14 @@ CHILD = textwrap.dedent(
         out["grad_committed_y0"] = float(np.max(np.abs(np.asarray(g4 - g1))))
     except ValueError as e:
         out["grad_committed_y0"] = str(e)
+    # jax.jacfwd batches the tangents of a concrete y0 (moving it eagerly laid the
+    # particle sharding onto the tangents' batch axis, from a review)
+    base = np.full((8, 2), 0.5, np.float32)
+    jac_of = lambda shd: jax.jacfwd(lambda c: run(c * base, shd).sum())(1.0)
+    try:
+        out["jacfwd_y0"] = float(np.abs(np.asarray(jac_of(sharding) - jac_of(None))))
+    except ValueError as e:
+        out["jacfwd_y0"] = str(e)
     # a particle axis that the mesh does not divide: the error names it
     try:
         uneven = NamedSharding(Mesh(jax.devices(), ("p",)), PartitionSpec(None, "p"))
@@ -389,6 +397,11 @@ def test_an_eager_vmap_over_y0_keeps_the_particle_sharding(sharded_runs):
 def test_gradient_wrt_a_committed_y0_with_a_sharding(sharded_runs):
     diff = sharded_runs["grad_committed_y0"]
     assert isinstance(diff, float) and diff < 1e-5, diff
+
+
+def test_forward_jacobian_wrt_y0_with_a_sharding(sharded_runs):
+    diff = sharded_runs["jacfwd_y0"]
+    assert isinstance(diff, float) and diff < 1e-4, diff
 
 
 def test_an_unevenly_split_particle_axis_is_named(sharded_runs):
