@@ -273,19 +273,21 @@ def _grid_in_dtype(
     return ts
 
 
-def _vmapped(x, depth: int = 0) -> bool:
-    """Whether `x` is traced by `jax.vmap` at some level: a batch tracer anywhere in
-    its tree of tracers (the primal and tangent of a JVP or linearize tracer, as
-    `jax.jacfwd` batches the tangents; the value of a batch tracer). A tracer of
-    another kind (`jax.jit`'s) ends its branch."""
-    if not isinstance(x, jax.core.Tracer) or depth > 32:
-        return False
-    if type(x).__name__ == "BatchTracer":
-        return True
-    return any(
-        _vmapped(getattr(x, name, None), depth + 1)
-        for name in ("primal", "tangent", "val")
-    )
+def _placed_y0(y0, sharding):
+    """`y0` on the sharding's devices before the program lays it out (a `y0`
+    committed to one device would clash with the program's layout). A concrete
+    `y0` is put in the sharding itself; a traced one (under `jax.grad`,
+    `jax.vmap`, `jax.checkpoint`, ...) replicated over the devices, which splits
+    no axis (`jax.vmap`'s batch axis would take the sharding's first entry), and
+    `_sample_jit`'s constraint lays it out."""
+    if not isinstance(y0, jax.core.Tracer) or len(sharding.device_set) == 1:
+        return jax.device_put(y0, sharding)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        replicated = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec()
+        )
+        return jax.device_put(y0, replicated)
+    return y0
 
 
 def _has_subnormal(a: np.ndarray) -> bool:
@@ -766,8 +768,7 @@ def sample(
       amplify such a difference to the solver's tolerance or beyond (an adaptive
       SDE solve is that sensitive to its tolerances too). Array arguments must not
       be committed to other devices than the sharding's (`jax.device_put(x,
-      device)` commits `x`); a concrete or differentiated `y0` is moved, not one
-      batched by `jax.vmap`.
+      device)` commits `x`); `y0` is moved there (traced, for a `NamedSharding`).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and
@@ -919,12 +920,8 @@ def sample(
     if y0 is not None and single:
         y0 = y0[None]
     _check_sharding(sharding, 1 if single else num_particles, shape)
-    if sharding is not None and y0 is not None and not _vmapped(y0):
-        # moved first: a y0 committed to one device would clash with the program's
-        # layout (also under jax.grad, whose tracer device_put moves). Under
-        # jax.vmap, device_put would shard the vmapped axis: such a y0 is laid out
-        # inside the program only.
-        y0 = jax.device_put(y0, sharding)
+    if sharding is not None and y0 is not None:
+        y0 = _placed_y0(y0, sharding)
     static = (
         1 if single else num_particles,
         sharding,
