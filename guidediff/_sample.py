@@ -768,7 +768,9 @@ def sample(
       amplify such a difference to the solver's tolerance or beyond (an adaptive
       SDE solve is that sensitive to its tolerances too). Array arguments must not
       be committed to other devices than the sharding's (`jax.device_put(x,
-      device)` commits `x`); `y0` is moved there (traced, for a `NamedSharding`).
+      device)` commits `x`); `y0` is moved there (traced, for a `NamedSharding`),
+      except inside the caller's own `jax.jit`, where a committed `y0` cannot be
+      moved: move it before. The mesh's axes must be of type `Auto`.
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and

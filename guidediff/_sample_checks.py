@@ -1106,6 +1106,20 @@ def _check_sharding(sharding, num: int, shape) -> None:
             "sharding must be a jax.sharding.Sharding (e.g. NamedSharding(mesh, "
             f"PartitionSpec('p'))), got {sharding!r}"
         )
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        mesh = sharding.mesh
+        explicit = [
+            name
+            for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+            if kind != jax.sharding.AxisType.Auto
+        ]
+        if explicit:
+            raise ValueError(
+                f"the sharding's mesh has axes {explicit} of a type other than "
+                "Auto; the particles are laid out with "
+                "jax.lax.with_sharding_constraint, which takes Auto axes only: "
+                "make the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)"
+            )
     try:
         sharding.check_compatible_aval((num, *shape))
     except ValueError:

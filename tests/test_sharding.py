@@ -271,6 +271,14 @@ CHILD = textwrap.dedent(
         "smc": lambda: gd.smc_sample(key, sde, committed, (2,), log_r, **short),
     }
     out["committed"] = errors(calls)
+    # a mesh with Explicit axes: with_sharding_constraint takes Auto axes only
+    explicit = jax.make_mesh(
+        (4,), ("p",), axis_types=(jax.sharding.AxisType.Explicit,)
+    )
+    out["explicit"] = errors({
+        "sample": lambda: gd.sample(key, sde, score, (2,), num_particles=8, ts=ts,
+                                    sharding=NamedSharding(explicit, spec)),
+    })  # fmt: skip
     try:  # 6 particles do not split over 4 devices: a clear error, not replication
         gd.sample(key, sde, score, (2,), num_particles=6, ts=ts, sharding=sharding)
         out["indivisible"] = "no error"
@@ -421,3 +429,8 @@ def test_an_unevenly_split_particle_axis_is_named(sharded_runs):
 def test_an_argument_committed_to_one_device_is_named(sharded_runs):
     for name, msg in sharded_runs["committed"].items():
         assert "committed elsewhere" in msg, (name, msg)
+
+
+def test_a_mesh_with_explicit_axes_is_a_clear_error(sharded_runs):
+    msg = sharded_runs["explicit"]["sample"]
+    assert "takes Auto axes only" in msg, msg
