@@ -769,8 +769,11 @@ def sample(
       SDE solve is that sensitive to its tolerances too). Array arguments must not
       be committed to other devices than the sharding's (`jax.device_put(x,
       device)` commits `x`); `y0` is moved there (traced, for a `NamedSharding`),
-      except inside the caller's own `jax.jit`, where a committed `y0` cannot be
-      moved: move it before. The mesh's axes must be of type `Auto`.
+      except when it is a committed argument of the caller's own `jax.jit`, which
+      JAX refuses before the sampler runs: move it before. The spec may name mesh
+      axes of type `Auto` only (`jax.make_mesh(..., axis_types=...)`; other axes of
+      the mesh may be of any type). Not inside `jax.shard_map` (the body already
+      runs per shard).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and
@@ -921,7 +924,7 @@ def sample(
     single = num_particles is None
     if y0 is not None and single:
         y0 = y0[None]
-    _check_sharding(sharding, 1 if single else num_particles, shape)
+    _check_sharding(sharding, 1 if single else num_particles, shape, single)
     if sharding is not None and y0 is not None:
         y0 = _placed_y0(y0, sharding)
     static = (

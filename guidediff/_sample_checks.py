@@ -1097,8 +1097,19 @@ def _check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def _check_sharding(sharding, num: int, shape) -> None:
-    """The particle axis must split evenly over the sharding's devices."""
+def _spec_axis_names(sharding) -> list:
+    """The mesh axis names a NamedSharding's PartitionSpec uses, in order."""
+    names = []
+    for entry in sharding.spec:
+        for name in entry if isinstance(entry, tuple) else (entry,):
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return names
+
+
+def _check_sharding(sharding, num: int, shape, single: bool = False) -> None:
+    """The particle axis must split evenly over the sharding's devices, over mesh
+    axes that jax.lax.with_sharding_constraint accepts (Auto), outside shard_map."""
     if sharding is None:
         return
     if not isinstance(sharding, jax.sharding.Sharding):
@@ -1106,19 +1117,30 @@ def _check_sharding(sharding, num: int, shape) -> None:
             "sharding must be a jax.sharding.Sharding (e.g. NamedSharding(mesh, "
             f"PartitionSpec('p'))), got {sharding!r}"
         )
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:
+        raise ValueError(
+            f"sharding= is not supported inside jax.shard_map (mesh axes {manual} "
+            "are Manual here): the body already runs once per shard, on its own "
+            "particles; drop sharding= there, or call the sampler outside shard_map "
+            "with sharding="
+        )
     if isinstance(sharding, jax.sharding.NamedSharding):
-        mesh = sharding.mesh
-        explicit = [
+        kinds = dict(
+            zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True)
+        )
+        other = [
             name
-            for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-            if kind != jax.sharding.AxisType.Auto
+            for name in _spec_axis_names(sharding)
+            if kinds.get(name, jax.sharding.AxisType.Auto) != jax.sharding.AxisType.Auto
         ]
-        if explicit:
+        if other:
             raise ValueError(
-                f"the sharding's mesh has axes {explicit} of a type other than "
-                "Auto; the particles are laid out with "
-                "jax.lax.with_sharding_constraint, which takes Auto axes only: "
-                "make the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)"
+                f"the sharding's PartitionSpec names mesh axes {other} of a type "
+                "other than Auto; the particles are laid out with "
+                "jax.lax.with_sharding_constraint, whose spec may name Auto axes "
+                "only: make those axes with axis_types=jax.sharding.AxisType.Auto "
+                "(jax.make_mesh(..., axis_types=...)), or leave them out of the spec"
             )
     try:
         sharding.check_compatible_aval((num, *shape))
@@ -1132,6 +1154,12 @@ def _check_sharding(sharding, num: int, shape) -> None:
     try:
         _leading_axis_sharding(sharding).shard_shape((num,))
     except ValueError as e:
+        if single:
+            raise ValueError(
+                "a single particle (num_particles=None) cannot be split over the "
+                "devices: pass num_particles (a number the mesh axis divides), or "
+                f"a sharding that does not split the particle axis ({e})"
+            ) from None
         raise ValueError(
             f"{num} particles cannot be split evenly over the devices: use a number "
             f"of particles that the mesh axis divides ({e})"

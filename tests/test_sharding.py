@@ -278,6 +278,35 @@ CHILD = textwrap.dedent(
     out["explicit"] = errors({
         "sample": lambda: gd.sample(key, sde, score, (2,), num_particles=8, ts=ts,
                                     sharding=NamedSharding(explicit, spec)),
+        "smc": lambda: gd.smc_sample(key, sde, score, (2,), log_r, num_particles=8,
+                                     ts=ts, sharding=NamedSharding(explicit, spec)),
+    })  # fmt: skip
+    # ... but axes the spec does not name may be of any type (refused before)
+    mixed = jax.make_mesh(
+        (2, 2), ("p", "q"),
+        axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit),
+    )  # fmt: skip
+    short_ts = gd.uniform_grid(sde.T, 1e-3, 4)
+    one = gd.sample(key, sde, score, (2,), num_particles=8, ts=short_ts).ys
+    try:
+        two = gd.sample(key, sde, score, (2,), num_particles=8, ts=short_ts,
+                        sharding=NamedSharding(mixed, spec)).ys  # fmt: skip
+        out["mixed"] = float(np.max(np.abs(np.asarray(two) - np.asarray(one))))
+    except ValueError as e:
+        out["mixed"] = str(e)
+    # inside shard_map the mesh axes are Manual: sharding= there is a clear error
+    in_map = jax.jit(
+        jax.shard_map(
+            lambda x: gd.sample(key, sde, score, (2,), num_particles=8, ts=short_ts,
+                                sharding=sharding).ys[:2] + x,
+            mesh=sharding.mesh, in_specs=spec, out_specs=spec,
+        )
+    )  # fmt: skip
+    out["shard_map"] = errors({"sample": lambda: in_map(jnp.zeros((8, 2)))})
+    # one particle (num_particles=None) cannot be split over 4 devices
+    out["single"] = errors({
+        "sample": lambda: gd.sample(key, sde, score, (2,), ts=short_ts,
+                                    sharding=sharding),
     })  # fmt: skip
     try:  # 6 particles do not split over 4 devices: a clear error, not replication
         gd.sample(key, sde, score, (2,), num_particles=6, ts=ts, sharding=sharding)
@@ -431,6 +460,21 @@ def test_an_argument_committed_to_one_device_is_named(sharded_runs):
         assert "committed elsewhere" in msg, (name, msg)
 
 
-def test_a_mesh_with_explicit_axes_is_a_clear_error(sharded_runs):
-    msg = sharded_runs["explicit"]["sample"]
-    assert "takes Auto axes only" in msg, msg
+def test_a_spec_naming_explicit_axes_is_a_clear_error(sharded_runs):
+    for name, msg in sharded_runs["explicit"].items():
+        assert "may name Auto axes only" in msg, (name, msg)
+
+
+def test_explicit_mesh_axes_the_spec_does_not_name_are_accepted(sharded_runs):
+    diff = sharded_runs["mixed"]
+    assert isinstance(diff, float) and diff < 1e-5, diff
+
+
+def test_sharding_inside_shard_map_is_a_clear_error(sharded_runs):
+    msg = sharded_runs["shard_map"]["sample"]
+    assert "not supported inside jax.shard_map" in msg, msg
+
+
+def test_one_particle_with_a_splitting_sharding_is_named(sharded_runs):
+    msg = sharded_runs["single"]["sample"]
+    assert "a single particle (num_particles=None)" in msg, msg
