@@ -316,11 +316,15 @@ def _check_steps(num_steps) -> int:
     return int(num_steps)
 
 
-def _check_grid_shape(shape: tuple) -> None:
+def _check_grid_shape(shape: tuple, dtype=None) -> None:
     if len(shape) != 1 or shape[0] < 2:
         raise ValueError(
             f"the time grid must be 1-D with at least 2 times, got {shape}"
         )
+    if dtype is not None and not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise TypeError(f"the time grid must hold real times, got dtype {dtype}")
 
 
 # Grids known to be valid, by identity while they live: id -> (weakref, first time,
@@ -386,7 +390,7 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
     (by identity, while it lives), and only its ends are checked against this SDE.
     Reading a new device array waits for all the work queued before it."""
     if isinstance(ts, jax.core.Tracer):
-        _check_grid_shape(ts.shape)  # its shape is known when traced
+        _check_grid_shape(ts.shape, ts.dtype)  # known when traced
         return None  # its values: checked by the caller's own tests
     if isinstance(ts, jax.Array):
         ends = grid_ends(ts)
@@ -398,7 +402,7 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
         arr = np.asarray(ts)
     except (TypeError, jax.errors.TracerArrayConversionError):
         return None  # traced: checked by the caller's own tests
-    _check_grid_shape(arr.shape)
+    _check_grid_shape(arr.shape, arr.dtype)
     if not np.all(np.isfinite(arr)):
         raise ValueError("the time grid contains non-finite times")
     if not np.all(np.diff(arr) < 0):

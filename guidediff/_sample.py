@@ -225,7 +225,10 @@ def _grid_in_dtype(
         given = ts
         check_grid(sde, given)
     else:
-        given = jnp.asarray(ts)
+        try:
+            given = jnp.asarray(ts)
+        except TypeError as e:  # strings, objects: JAX's own message names no grid
+            raise TypeError(f"the time grid must hold real times, got {ts!r}") from e
         if isinstance(given, jax.core.Tracer):  # a list holding traced times
             check_grid(sde, given)
         else:

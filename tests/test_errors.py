@@ -184,6 +184,14 @@ def test_grid_checks():
         gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=late)
     y0 = jnp.zeros((2, 2))
     assert gd.sample(jr.key(0), SDE, score, (2,), y0=y0, ts=late).ys.shape == (2, 2)
+    # a grid of booleans or strings is not a grid of times (a bool grid [True,
+    # False] was called not decreasing, a string grid got JAX's own message)
+    bools = ([True, False], np.array([True, False]), jnp.array([True, False]))
+    for bad in (*bools, np.array(["1", "0"])):
+        with pytest.raises(TypeError, match="time grid must hold real times"):
+            gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=bad)
+    with pytest.raises(TypeError, match="time grid must hold real times"):
+        jax.jit(lambda t: gd.sample(jr.key(0), SDE, score, (2,), ts=t).ys)(bools[2])
     # a float64 grid whose times round together in float32 (the tests run with x64)
     close = jnp.array([1.0, 1.0 - 1e-9, 0.5], jnp.float64)
     with pytest.raises(ValueError, match="not once rounded to float32 .*float32 par"):
