@@ -61,7 +61,14 @@ def guidance_norms(
             "guidance_norms needs a guided score, gd.guide(score, guidance); got "
             f"{type(guided).__name__}"
         )
-    ts = jnp.asarray(ts)
+    try:
+        ts = jnp.asarray(ts)
+    except TypeError as e:  # strings, objects: JAX's own message names no ts
+        raise TypeError(f"ts must hold real times, got {ts!r}") from e
+    if not (
+        jnp.issubdtype(ts.dtype, jnp.floating) or jnp.issubdtype(ts.dtype, jnp.integer)
+    ):
+        raise TypeError(f"ts must hold real times, got dtype {ts.dtype}")
     ys = jnp.asarray(ys)
     if ts.ndim != 1:
         raise ValueError(f"ts must be 1-D (the saved times), got shape {ts.shape}")

@@ -234,8 +234,9 @@ def _check_decreasing(
         remember_grid(ts, *(np.asarray(e, ts.dtype)[()] for e in ends))
         return
     arr = np.asarray(ts)
-    if not np.all(np.diff(arr) < 0):
-        bad = int(np.argmax(np.diff(arr) >= 0))
+    # (compared, not differenced: np.diff wraps around for unsigned integers)
+    if not np.all(arr[1:] < arr[:-1]):
+        bad = int(np.argmax(arr[1:] >= arr[:-1]))
         raise ValueError(
             f"{name}: {num_steps} steps from {arr[0]} to {arr[-1]} in {arr.dtype} "
             f"repeat times (ts[{bad}] = {arr[bad]}, ts[{bad + 1}] = {arr[bad + 1]}): "
@@ -405,8 +406,9 @@ def check_grid(sde: AbstractSDE, ts) -> float | None:
     _check_grid_shape(arr.shape, arr.dtype)
     if not np.all(np.isfinite(arr)):
         raise ValueError("the time grid contains non-finite times")
-    if not np.all(np.diff(arr) < 0):
-        bad = int(np.argmax(np.diff(arr) >= 0))
+    # (compared, not differenced: np.diff wraps around for unsigned integers)
+    if not np.all(arr[1:] < arr[:-1]):
+        bad = int(np.argmax(arr[1:] >= arr[:-1]))
         raise ValueError(
             "the time grid must be strictly decreasing (from the noise end T to the data "
             f"end), but ts[{bad}]={arr[bad]} <= ts[{bad + 1}]={arr[bad + 1]}"

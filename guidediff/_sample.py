@@ -305,7 +305,7 @@ def _has_subnormal(a: np.ndarray) -> bool:
 def _grid_ok(sde: AbstractSDE, ts, start_at_T: bool) -> Array:
     """On-device `_grid_in_dtype` for traced grids: False flags every particle."""
     T = jnp.asarray(sde.T, ts.dtype)
-    ok = jnp.all(jnp.diff(ts) < 0) & (ts[-1] >= 0) & (ts[0] <= T * (1 + 1e-6))
+    ok = jnp.all(ts[1:] < ts[:-1]) & (ts[-1] >= 0) & (ts[0] <= T * (1 + 1e-6))
     if start_at_T:
         ok = ok & (jnp.abs(ts[0] - T) <= 1e-6 * jnp.maximum(T, 1.0))
     return ok & jnp.all(jnp.isfinite(ts))
@@ -774,9 +774,11 @@ def sample(
       device)` commits `x`); `y0` is moved there (traced, for a `NamedSharding`),
       except when it is a committed argument of the caller's own `jax.jit`, which
       JAX refuses before the sampler runs: move it before. The spec may name mesh
-      axes of type `Auto` only (`jax.make_mesh(..., axis_types=...)`; other axes of
-      the mesh may be of any type). Not inside `jax.shard_map` (the body already
-      runs per shard).
+      axes of type `Auto` only (`jax.make_mesh(..., axis_types=...)`); a mesh with
+      axes of other types is used inside `with jax.set_mesh(mesh):` (outside it,
+      JAX cannot differentiate the program), and inside a `jax.set_mesh` block the
+      sharding's mesh is that block's. Not inside `jax.shard_map` (the body
+      already runs per shard).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and

@@ -1117,7 +1117,8 @@ def _check_sharding(sharding, num: int, shape, single: bool = False) -> None:
             "sharding must be a jax.sharding.Sharding (e.g. NamedSharding(mesh, "
             f"PartitionSpec('p'))), got {sharding!r}"
         )
-    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    context = jax.sharding.get_abstract_mesh()  # jax.set_mesh's, shard_map's
+    manual = tuple(context.manual_axes)
     if manual:
         raise ValueError(
             f"sharding= is not supported inside jax.shard_map (mesh axes {manual} "
@@ -1126,6 +1127,13 @@ def _check_sharding(sharding, num: int, shape, single: bool = False) -> None:
             "with sharding="
         )
     if isinstance(sharding, jax.sharding.NamedSharding):
+        if not context.empty and context != sharding.mesh.abstract_mesh:
+            raise ValueError(
+                f"the sharding's mesh ({sharding.mesh.abstract_mesh}) is not the "
+                f"mesh set by jax.set_mesh ({context}), and JAX lays out the "
+                "particles over the context's mesh: make the sharding over that "
+                "mesh, or call the sampler outside the jax.set_mesh block"
+            )
         kinds = dict(
             zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True)
         )
@@ -1141,6 +1149,14 @@ def _check_sharding(sharding, num: int, shape, single: bool = False) -> None:
                 "jax.lax.with_sharding_constraint, whose spec may name Auto axes "
                 "only: make those axes with axis_types=jax.sharding.AxisType.Auto "
                 "(jax.make_mesh(..., axis_types=...)), or leave them out of the spec"
+            )
+        auto = jax.sharding.AxisType.Auto
+        if context.empty and any(kind != auto for kind in kinds.values()):
+            raise ValueError(
+                f"the sharding's mesh has axes of a type other than Auto ({kinds}); "
+                "JAX differentiates a program laid out over such a mesh only inside "
+                "its context: call the sampler within `with jax.set_mesh(mesh):`, "
+                "or make every axis Auto (jax.make_mesh(..., axis_types=...))"
             )
     try:
         sharding.check_compatible_aval((num, *shape))

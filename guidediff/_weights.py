@@ -109,7 +109,8 @@ class PiecewiseLinear(eqx.Module):
         for name, a in host.items():
             if a is not None and not np.all(np.isfinite(a)):
                 raise ValueError(f"the knots' {name} must be finite, got {a}")
-        if host["times"] is not None and not np.all(np.diff(host["times"]) > 0):
+        knots = host["times"]  # compared: np.diff wraps around for unsigned ints
+        if knots is not None and not np.all(knots[1:] > knots[:-1]):
             raise ValueError(
                 f"the knots must be strictly increasing, got times={host['times']}"
             )

@@ -192,6 +192,10 @@ def test_grid_checks():
             gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=bad)
     with pytest.raises(TypeError, match="time grid must hold real times"):
         jax.jit(lambda t: gd.sample(jr.key(0), SDE, score, (2,), ts=t).ys)(bools[2])
+    # unsigned integer times are times (np.diff wrapped around: called increasing)
+    for uint in (np.array([1, 0], np.uint8), jnp.array([1, 0], jnp.uint32)):
+        out = gd.sample(jr.key(0), SDE, score, (2,), num_particles=2, ts=uint)
+        assert int(out.num_failed) == 0
     # a float64 grid whose times round together in float32 (the tests run with x64)
     close = jnp.array([1.0, 1.0 - 1e-9, 0.5], jnp.float64)
     with pytest.raises(ValueError, match="not once rounded to float32 .*float32 par"):
