@@ -13,7 +13,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Args
 from ._guidance.base import Guided
-from ._metrics import _safe_sqrt
+from ._metrics import _check_finite, _safe_sqrt
 
 
 def guidance_norms(
@@ -35,7 +35,8 @@ def guidance_norms(
     - `guided`: a guided score, `gd.guide(score, guidance)`.
     - `ts`: the saved times, shape `(T,)` (`Samples.ts` of a trajectory).
     - `ys`: the particles' trajectories, shape `(n, T, *x)` with `n >= 2`
-      (`Samples.ys` with `save_trajectory=True`).
+      (`Samples.ys` with `save_trajectory=True`), finite (concrete ones are
+      checked: drop failed particles first, `out.ys[~out.failed]`).
     - `args`: the score's extra arguments (e.g. the class label), as in `sample`.
 
     **Returns:**
@@ -84,6 +85,7 @@ def guidance_norms(
         )
     if not jnp.issubdtype(ys.dtype, jnp.floating):
         raise TypeError(f"ys must be floating point, got {ys.dtype}")
+    _check_finite("guidance_norms", ys=ys)  # a failed particle: every mean NaN
     particle = jax.ShapeDtypeStruct(ys.shape[2:], ys.dtype)
     out = jax.eval_shape(lambda t, y: guided(t, y, args), ts[0], particle)
     if getattr(out, "shape", None) != particle.shape:

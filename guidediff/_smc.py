@@ -247,7 +247,10 @@ def resample_indices(
             | jnp.any(log_weights == jnp.inf)
         )
         log_weights = eqx.error_if(log_weights, bad, msg)
-    return _resample_indices(key, log_weights, scheme)
+    # keys of other generators are hashed to a Threefry key, as `sample` does: raw
+    # uint32[4] (rbg) data failed in JAX's draws, and rbg keys drew other numbers
+    # under jax.vmap than in a loop
+    return _resample_indices(threefry_key(key), log_weights, scheme)
 
 
 def _resample_indices(key, log_weights, scheme):

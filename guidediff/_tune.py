@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from ._brownian import threefry_key
 from ._custom_types import Args, Key, Scalar
 from ._grid import uniform_grid
 from ._jit import _combine, _partition, is_real_scalar
@@ -46,6 +47,7 @@ from ._sample import (
 )
 from ._sample_checks import (
     _check_count,
+    _check_dtype,
     _check_guidance_sde,
     _check_intervals,
     _check_network_end,
@@ -340,6 +342,7 @@ def tune_guidance(
     process: Literal["sde", "ode"] = "sde",
     solver: dfx.AbstractSolver | None = None,
     truncate_backprop: int | None = None,
+    dtype: Any = None,
 ) -> TuneResult:
     r"""Learn a guidance schedule $w(t)$ by gradient ascent through the sampler.
 
@@ -381,8 +384,10 @@ def tune_guidance(
       with `fixed_noise=True` that is one deterministic function to minimise).
     - `bounds`: `(lo, hi)`: the knot values are clipped into it after each step;
       the initial values must lie inside it.
-    - `ts`, `args`, `process`, `solver`, `truncate_backprop`: passed to `sample`
-      (default grid: 100 uniform steps from `sde.T` to `1e-3`).
+    - `ts`, `args`, `process`, `solver`, `truncate_backprop`, `dtype`: passed to
+      `sample` (default grid: 100 uniform steps from `sde.T` to `1e-3`; default
+      dtype: JAX's default float). The schedule's knots are in JAX's default
+      float, whatever the particles' dtype.
 
     **Returns:** a `TuneResult` `(schedule, curve, compile_s)`.
 
@@ -411,17 +416,20 @@ def tune_guidance(
     _check_lam(lam)
     if not isinstance(init, PiecewiseLinear) and not is_real_scalar(init):
         raise TypeError(f"init must be a number or a gd.PiecewiseLinear, got {init!r}")
-    shape, dtype, kw = _sampler_setup(
-        sde, shape, ts, num_particles, args, process, solver, truncate_backprop
+    key = threefry_key(key)  # as `sample` takes keys (others are hashed)
+    dtype = _check_dtype(dtype)
+    shape, kw = _sampler_setup(
+        sde, shape, ts, num_particles, args, process, solver, truncate_backprop, dtype
     )
     ts = kw["ts"]
+    wdtype = jnp.result_type(float)  # the knots' (as PiecewiseLinear stores them)
     if isinstance(init, PiecewiseLinear):
         schedule0 = init
     else:
-        if int(num_knots) != num_knots or num_knots < 2:
+        if _check_count("num_knots", num_knots) < 2:
             raise ValueError(f"num_knots must be an integer >= 2, got {num_knots!r}")
         times = jnp.linspace(ts[-1], ts[0], int(num_knots))
-        schedule0 = PiecewiseLinear(times, jnp.full(int(num_knots), init, dtype))
+        schedule0 = PiecewiseLinear(times, jnp.full(int(num_knots), init, wdtype))
     x = jax.ShapeDtypeStruct(shape, dtype)
     _check_per_particle(reward, "reward", x)
     _check_per_particle(penalty, "penalty", x, x)
@@ -434,13 +442,15 @@ def tune_guidance(
             )
     _check_sampled_score(guided(schedule0), sde, shape, dtype, args, kw)
     loss = _TuneLoss(
-        sde, guided, reward, penalty, jnp.asarray(lam, dtype), schedule0.times,
+        sde, guided, reward, penalty, jnp.asarray(lam, wdtype), schedule0.times,
         zero, shape, _without_ts(kw),
     )  # fmt: skip
     optimizer, rate = _check_optimizer(optimizer, learning_rate)
     if bounds is None:
         project = _Project()
     else:
+        if not isinstance(bounds, tuple | list) or len(bounds) != 2:
+            raise TypeError(f"bounds must be a pair (lo, hi), got {bounds!r}")
         lo, hi = bounds
         if not float(lo) <= float(hi):
             raise ValueError(f"bounds must be (lo, hi) with lo <= hi, got {bounds}")
@@ -451,7 +461,7 @@ def tune_guidance(
                 "the first step would evaluate the objective there; start inside "
                 "(e.g. `init` within the bounds)"
             )
-        project = _Project(jnp.asarray(lo, dtype), jnp.asarray(hi, dtype))
+        project = _Project(jnp.asarray(lo, wdtype), jnp.asarray(hi, wdtype))
     values, curve, compile_s = _optimise(
         loss, schedule0.values, optimizer, num_iters, key, fixed_noise, project, ts,
         rate,
@@ -523,15 +533,14 @@ class _FinetuneLoss(eqx.Module):
 
 
 def _sampler_setup(
-    sde, shape, ts, num_particles, args, process, solver, truncate_backprop
+    sde, shape, ts, num_particles, args, process, solver, truncate_backprop, dtype
 ):
-    """The particle shape, the float dtype and the keyword arguments of `sample`
+    """The particle shape and the keyword arguments of `sample`
     (default grid: 100 uniform steps from `sde.T` to 1e-3), checked as `sample`
     checks them: the grid reaches `sample` traced (an argument of the compiled
     step), where its Python checks cannot run."""
     _check_sde(sde)
     shape = _check_shape(shape)
-    dtype = jnp.result_type(float)
     num_particles = _check_count("num_particles", num_particles)
     if ts is None:
         ts = uniform_grid(sde.T, 1e-3, 100)
@@ -544,8 +553,9 @@ def _sampler_setup(
         process=process,
         solver=solver,
         truncate_backprop=truncate_backprop,
+        dtype=dtype,
     )
-    return shape, dtype, kw
+    return shape, kw
 
 
 def _check_sampled_score(score, sde, shape, dtype, args, kw) -> None:
@@ -586,6 +596,7 @@ def finetune_through_sampler(
     args: Args = None,
     process: Literal["sde", "ode"] = "sde",
     solver: dfx.AbstractSolver | None = None,
+    dtype: Any = None,
 ) -> FinetuneResult:
     r"""DRaFT: fine-tune a score network by backpropagating a reward through sampling.
 
@@ -612,7 +623,8 @@ def finetune_through_sampler(
     - `reward`: differentiable `r(x) -> scalar` for one particle.
     - `truncate_backprop`: `K` for DRaFT-K, `None` for full backpropagation.
     - `lam`, `penalty`: optional penalty towards the initial model's samples.
-    - the rest as in `tune_guidance` (default grid: 100 uniform steps).
+    - the rest as in `tune_guidance` (default grid: 100 uniform steps; `dtype`:
+      the particles', as for `sample`).
 
     **Returns:** a `FinetuneResult` `(params, curve, compile_s)`.
 
@@ -634,8 +646,10 @@ def finetune_through_sampler(
     """
     _check_count("num_iters", num_iters)
     _check_lam(lam)
-    shape, dtype, kw = _sampler_setup(
-        sde, shape, ts, num_particles, args, process, solver, truncate_backprop
+    key = threefry_key(key)  # as `sample` takes keys (others are hashed)
+    dtype = _check_dtype(dtype)
+    shape, kw = _sampler_setup(
+        sde, shape, ts, num_particles, args, process, solver, truncate_backprop, dtype
     )
     x = jax.ShapeDtypeStruct(shape, dtype)
     _check_per_particle(reward, "reward", x)
@@ -648,7 +662,8 @@ def finetune_through_sampler(
         )
     _check_sampled_score(make_score(params), sde, shape, dtype, args, kw)
     loss = _FinetuneLoss(
-        sde, make_score, reward, penalty, jnp.asarray(lam, dtype), bool(lam),
+        sde, make_score, reward, penalty,
+        jnp.asarray(lam, jnp.result_type(float)), bool(lam),
         params if lam else None, shape, _without_ts(kw),
     )  # fmt: skip
     optimizer, rate = _check_optimizer(optimizer, learning_rate)

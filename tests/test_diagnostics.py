@@ -67,6 +67,9 @@ def test_bad_input():
         gd.guidance_norms(guided, ts, ys[..., :1])
     with pytest.raises(TypeError, match="floating point"):
         gd.guidance_norms(guided, ts, ys.astype(jnp.int32))
+    # a failed (NaN) particle made every mean NaN, silently
+    with pytest.raises(ValueError, match=r"out.ys\[~out.failed\]"):
+        gd.guidance_norms(guided, ts, ys.at[0, 1].set(jnp.nan))
     # times that are not real numbers (a misleading message or JAX's own before)
     for bad in (ts > 0.5, np.asarray(ts).astype(str)):
         with pytest.raises(TypeError, match="ts must hold real times"):

@@ -400,8 +400,13 @@ def test_guidance_sde_and_tuner_inputs():
     with pytest.raises(TypeError, match="optimizer must be an optax"):
         tune(optimizer="adam")
     tune(optimizer=optax.MultiSteps(optax.sgd(0.1), 2))  # not a GradientTransformation
-    with pytest.raises(ValueError, match="got '8'"):
+    with pytest.raises(TypeError, match="got '8'"):
         tune(num_knots="8")
+    # (a consistency audit) a raw int() or unpacking error before
+    with pytest.raises(TypeError, match="num_knots must be a positive int"):
+        tune(num_knots=None)
+    with pytest.raises(TypeError, match="bounds must be a pair"):
+        tune(bounds=(0.0,))
     # what sample checks of its concrete inputs, the tuners check too (inside
     # their compiled step the SDE and grid are traced, and those checks passed)
     with pytest.raises(ValueError, match=held):
@@ -424,6 +429,40 @@ def test_guidance_sde_and_tuner_inputs():
     with pytest.raises(ValueError, match="scalar of dtype bool; return a float"):
         gd.tune_guidance(jr.key(0), SDE, lambda w: gd.guide(s, gd.reward_guidance(s, w)),
                          lambda x: x[0] > 0, (2,), num_iters=1, num_particles=2)  # fmt: skip
+
+
+def test_tuners_take_keys_and_dtypes_as_sample_does():
+    """(A consistency audit.) Raw key data of another generator (rbg's uint32[4])
+    is hashed to a Threefry key, as gd.sample does (JAX's draws refused it after
+    the step had compiled); `dtype=` samples float32 particles under x64 (a
+    float32 score was refused with a hint to pass a dtype the tuners lacked)."""
+    raw = jr.key_data(jr.key(0, impl="rbg"))
+    s = GMM.score(SDE)
+
+    class Float32(gd.AbstractScore):
+        inner: gd.AbstractScore
+
+        def __call__(self, t, x, args=None):
+            return self.inner(t, x, args).astype(jnp.float32)
+
+    reward = gd.GaussianBumpReward([1.0, 1.0], 1.0)
+    kw = dict(num_iters=1, num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 4))
+    guided = lambda w: gd.guide(Float32(s), gd.reward_guidance(s, w))
+    with pytest.raises(ValueError, match="dtype float32"):  # float64 particles
+        gd.tune_guidance(jr.key(0), SDE, guided, reward, (2,), **kw)
+    tuned = gd.tune_guidance(raw, SDE, guided, reward, (2,), dtype=jnp.float32, **kw)
+    assert np.isfinite(tuned.curve[0]["reward"])
+    tuned = gd.finetune_through_sampler(
+        raw, SDE, guided, jnp.asarray(0.5), reward, (2,), dtype=jnp.float32, **kw
+    )
+    assert np.isfinite(tuned.curve[0]["reward"])
+    # the public resampler hashes such keys too: vmap over rbg keys == a loop
+    # (rbg's batching rule draws the whole batch from its first key)
+    assert gd.resample_indices(raw, jnp.zeros(3)).shape == (3,)
+    keys = jax.vmap(lambda i: jr.fold_in(jr.key(0, impl="rbg"), i))(jnp.arange(3))
+    pick = lambda k: gd.resample_indices(k, jnp.zeros(8), "multinomial")
+    looped = jnp.stack([pick(k) for k in keys])
+    np.testing.assert_array_equal(jax.vmap(pick)(keys), looped)
 
 
 def test_tolerance_steps_adjoint_and_conversions():
