@@ -86,9 +86,9 @@ def warm_start(pretrained: PyTree[Any], like: PyTree[Any] | None = None) -> PyTr
         )
         params = net.init(jr.key(0), 0.5, jnp.zeros(2))
         kw = dict(optimizer=optax.adam(1e-3), batch_size=512, key=jr.key(1))
-        base = gd.fit(dsm, params, data, num_steps=500, **kw).ema_params
+        base = gd.fit(dsm, params, data, num_steps=300, **kw).ema_params
         phi0 = gd.warm_start(base, like=params)
-        tuned = gd.fit(reward_loss, phi0, data, num_steps=200, **kw).ema_params
+        tuned = gd.fit(reward_loss, phi0, data, num_steps=100, **kw).ema_params
         ```
     """
     if isinstance(pretrained, FitResult):
@@ -656,7 +656,7 @@ def fit(
         params = net.init(jax.random.key(0), 0.5, jnp.zeros(2))
         loss_fn = lambda p, k, x0: gd.dsm_loss(net.apply, p, k, x0, sde)
         result = gd.fit(loss_fn, params, gd.swiss_roll(0, 10_000),
-                        optimizer=optax.adam(1e-3), num_steps=1000, batch_size=512,
+                        optimizer=optax.adam(1e-3), num_steps=500, batch_size=512,
                         key=jax.random.key(1), steps_per_dispatch=500)
         score = gd.flax_score(net, result.ema_params, sde)
         ```

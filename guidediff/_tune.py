@@ -400,7 +400,7 @@ def tune_guidance(
         s, s_r = gmm.score(sde), gmm.tilt(reward).score(sde)
         result = gd.tune_guidance(
             jr.key(0), sde, lambda w: gd.guide(s, gd.reward_guidance(s_r, w)),
-            reward, (2,), lam=0.05, num_iters=100,
+            reward, (2,), lam=0.05, num_iters=50,
         )
         result.schedule(0.5), result.curve[-1]["reward"]
         gd.save_learning_curve(result.curve, "out/tune")  # out/tune.json, .png
