@@ -1,9 +1,10 @@
 """Smoke tests: every benchmark script runs at a tiny size and writes its JSON.
 
-Each script runs as `python -m benchmarks.NAME --quick --out TMP` (plus flags that
-keep it to a few seconds) in its own process, on the CPU, two at a time, with XLA's
-backend optimisations off (compiling dominates these runs; no timing is checked).
-The tests check the exit status and the JSON's keys, never the timings.
+Each script runs as `benchmarks.NAME.main(["--quick", "--out", TMP, ...])` (plus
+flags that keep it to a few seconds), in three processes (see `GROUPS`), on the CPU,
+two at a time, with XLA's backend optimisations off (compiling dominates these
+runs; no timing is checked). The tests check that each script finished and the
+JSON's keys, never the timings.
 """
 
 import json
@@ -19,7 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Extra flags per script: the smallest run that still exercises every code path.
-# Longest first, so that the two workers finish together.
 RUNS = {
     "peers": ["--sizes", "64d", "--repeats", "1"],
     "grad_cost": ["--steps", "4", "--repeats", "1"],  # --steps N: the list [N]
@@ -49,7 +49,36 @@ TIMING_KEYS = {
 }
 
 
-def _run(name: str, out: Path) -> subprocess.CompletedProcess:
+# The scripts run in three processes (importing jax and guidediff costs each
+# process about 2 s of CPU): `scaling` alone (it forces host devices before jax
+# starts), the others in two groups of about equal length, each script through
+# its `main(argv)` (what `python -m benchmarks.NAME` calls), one failure not
+# stopping the rest of its group.
+GROUPS = (
+    ("peers", "against_scan", "cfg_cost", "smc_cost"),
+    ("grad_cost", "mfu", "work_precision"),
+    ("scaling",),
+)
+
+RUNNER = """
+import json, sys, traceback
+from importlib import import_module
+
+out, names, flags = json.loads(sys.argv[1])
+status = {}
+for name in names:
+    print(f"### {name}", flush=True)
+    try:
+        import_module(f"benchmarks.{name}").main(["--quick", "--out", out, *flags[name]])
+        status[name] = None
+    except BaseException:  # SystemExit from argparse included
+        status[name] = traceback.format_exc()
+print("STATUS" + json.dumps(status))
+"""
+
+
+def _run(names: tuple, out: Path) -> dict:
+    """`{name: (error or None, the group's output)}` for one group of scripts."""
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (
@@ -59,30 +88,44 @@ def _run(name: str, out: Path) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     )
-    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)]
-    return subprocess.run(
-        cmd + RUNS[name],
+    arg = json.dumps([str(out), names, {n: RUNS[n] for n in names}])
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, arg],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
+    log = proc.stdout[-3000:] + proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATUS")]
+    if proc.returncode != 0 or not lines:  # the process itself failed
+        return {name: (f"exit status {proc.returncode}", log) for name in names}
+    status = json.loads(lines[-1][len("STATUS") :])
+    return {name: (status[name], log) for name in names}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = dict(zip(RUNS, pool.map(lambda n: _run(n, out), RUNS), strict=True))
-    return {"out": out, "procs": procs}
+        results = {}
+        for group in pool.map(lambda g: _run(g, out), GROUPS):
+            results.update(group)
+    return {"out": out, "results": results}
+
+
+def test_every_script_is_run():
+    from benchmarks.run_all import SCRIPTS
+
+    assert sorted(n for g in GROUPS for n in g) == sorted(SCRIPTS) == sorted(RUNS)
 
 
 def _load(runs, name: str) -> dict:
-    proc = runs["procs"][name]
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    error, log = runs["results"][name]
+    assert error is None, f"{name} failed:\n{error}\n--- output:\n{log}"
     path = runs["out"] / f"{name}_cpu.json"
-    assert path.exists(), f"{path} not written; stdout: {proc.stdout[-2000:]}"
+    assert path.exists(), f"{path} not written; output: {log}"
     result = json.loads(path.read_text())
     assert COMMON_KEYS <= set(result), COMMON_KEYS - set(result)
     assert result["benchmark"] == name
