@@ -774,10 +774,10 @@ def sample(
       device)` commits `x`); `y0` is moved there (traced, for a `NamedSharding`),
       except when it is a committed argument of the caller's own `jax.jit`, which
       JAX refuses before the sampler runs: move it before. The spec may name mesh
-      axes of type `Auto` only (`jax.make_mesh(..., axis_types=...)`); a mesh with
-      axes of other types is used inside `with jax.set_mesh(mesh):` (outside it,
-      JAX cannot differentiate the program), and inside a `jax.set_mesh` block the
-      sharding's mesh is that block's. Not inside `jax.shard_map` (the body
+      axes of type `Auto` only (`jax.make_mesh(..., axis_types=...)`); with a mesh
+      that has axes of other types, `jax.grad` outside `jax.jit` needs `with
+      jax.set_mesh(mesh):` around it (JAX's own limitation: "cannot reshape
+      array"). Inside a `jax.set_mesh` block the sharding's mesh is that block's. Not inside `jax.shard_map` (the body
       already runs per shard).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles

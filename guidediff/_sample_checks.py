@@ -1150,14 +1150,6 @@ def _check_sharding(sharding, num: int, shape, single: bool = False) -> None:
                 "only: make those axes with axis_types=jax.sharding.AxisType.Auto "
                 "(jax.make_mesh(..., axis_types=...)), or leave them out of the spec"
             )
-        auto = jax.sharding.AxisType.Auto
-        if context.empty and any(kind != auto for kind in kinds.values()):
-            raise ValueError(
-                f"the sharding's mesh has axes of a type other than Auto ({kinds}); "
-                "JAX differentiates a program laid out over such a mesh only inside "
-                "its context: call the sampler within `with jax.set_mesh(mesh):`, "
-                "or make every axis Auto (jax.make_mesh(..., axis_types=...))"
-            )
     try:
         sharding.check_compatible_aval((num, *shape))
     except ValueError:

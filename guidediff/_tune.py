@@ -449,7 +449,7 @@ def tune_guidance(
     if bounds is None:
         project = _Project()
     else:
-        if not isinstance(bounds, tuple | list) or len(bounds) != 2:
+        if np.shape(bounds) != (2,):
             raise TypeError(f"bounds must be a pair (lo, hi), got {bounds!r}")
         lo, hi = bounds
         if not float(lo) <= float(hi):

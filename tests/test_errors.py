@@ -407,6 +407,7 @@ def test_guidance_sde_and_tuner_inputs():
         tune(num_knots=None)
     with pytest.raises(TypeError, match="bounds must be a pair"):
         tune(bounds=(0.0,))
+    tune(bounds=np.array([-1.0, 1.0]))  # an array pair is a pair
     # what sample checks of its concrete inputs, the tuners check too (inside
     # their compiled step the SDE and grid are traced, and those checks passed)
     with pytest.raises(ValueError, match=held):

@@ -309,9 +309,10 @@ CHILD = textwrap.dedent(
         out["mixed"].update(errors({
             "other_mesh": lambda: mean_of(0.5, sharding),
         }))  # fmt: skip
-    out["mixed"].update(errors({
-        "outside_set_mesh": lambda: mean_of(0.5, NamedSharding(mixed, spec)),
-    }))  # fmt: skip
+    # outside it, sampling works (only JAX's eager gradient needs the context)
+    out["mixed"]["forward"] = float(
+        abs(mean_of(0.5, NamedSharding(mixed, spec)) - mean_of(0.5, None))
+    )
     # inside shard_map the mesh axes are Manual: sharding= there is a clear error
     in_map = jax.jit(
         jax.shard_map(
@@ -484,11 +485,11 @@ def test_a_spec_naming_explicit_axes_is_a_clear_error(sharded_runs):
 
 
 def test_explicit_mesh_axes_the_spec_does_not_name_are_accepted(sharded_runs):
-    """Inside `jax.set_mesh(mesh)`, the gradient is the unsharded one; outside it,
-    or with a sharding over another mesh than the context's, a clear error."""
+    """Samples are the unsharded ones; inside `jax.set_mesh(mesh)` so is the
+    gradient; a sharding over another mesh than the context's is a clear error."""
     r = sharded_runs["mixed"]
-    assert isinstance(r["grad"], float) and r["grad"] < 1e-5, r["grad"]
-    assert "within `with jax.set_mesh(mesh):`" in r["outside_set_mesh"], r
+    assert isinstance(r["forward"], float) and r["forward"] < 1e-5, r
+    assert isinstance(r["grad"], float) and r["grad"] < 1e-5, r
     assert "is not the mesh set by jax.set_mesh" in r["other_mesh"], r
 
 
