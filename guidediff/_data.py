@@ -14,6 +14,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from ._brownian import threefry_key
 from ._custom_types import Key
 
 
@@ -33,17 +34,21 @@ def _seed(key_or_seed: Key | int) -> int:
         if not 0 <= key_or_seed < 2**32:
             raise ValueError(f"an int seed must be in [0, 2**32), got {key_or_seed}")
         return int(key_or_seed)
-    dtype = getattr(key_or_seed, "dtype", None)
-    is_key = dtype is not None and (
-        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-        or (dtype == np.uint32 and np.shape(key_or_seed) == (2,))
-    )
-    if not is_key:
+    if isinstance(key_or_seed, jax.core.Tracer):
+        raise TypeError(
+            "the data are drawn by scikit-learn on the host: give a concrete key or "
+            "seed, not a traced one (inside jax.jit, or as gd.fit's data sampler: "
+            "draw the data once and pass the array to fit)"
+        )
+    try:
+        key = threefry_key(key_or_seed)  # other generators' keys hashed
+    except TypeError:
+        dtype = getattr(key_or_seed, "dtype", None)
         raise TypeError(
             "expected a JAX PRNG key (jax.random.key(seed)) or an int seed, got "
             f"{type(key_or_seed).__name__} of dtype {dtype}"
-        )
-    return int(jr.randint(key_or_seed, (), 0, 2**31 - 1))
+        ) from None
+    return int(jr.randint(key, (), 0, 2**31 - 1))
 
 
 def swiss_roll(
@@ -70,6 +75,12 @@ def swiss_roll(
         raise TypeError(f"scale must be a number, got {scale!r}")
     if not (math.isfinite(float(scale)) and scale > 0):
         raise ValueError(f"scale must be finite and positive, got {scale}")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n, the number of points, must be an int >= 1, got {n!r}")
+    if isinstance(noise, bool) or not isinstance(noise, int | float | np.number):
+        raise TypeError(f"noise must be a number, got {noise!r}")
+    if not (math.isfinite(float(noise)) and noise >= 0):
+        raise ValueError(f"noise must be finite and >= 0, got {noise}")
     pts, _ = make_swiss_roll(n, noise=noise, random_state=_seed(key_or_seed))
     pts = pts[:, [0, 2]] / _SWISS_ROLL_SCALE * scale
     return jnp.asarray(pts, jnp.result_type(float))

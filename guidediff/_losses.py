@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from ._brownian import check_key
+from ._brownian import threefry_key
 from ._custom_types import Key, Scalar, Time
 from ._jit import is_real_scalar
 from ._score import _is_flax_module, _is_nnx_module, check_flax_variables
@@ -250,7 +250,8 @@ def _label_array(labels, model_fn) -> Array:
     list or tuple of numbers converts; a dict is structured conditioning). For a
     model with a `num_classes` field, concrete labels are checked against it (the
     null label allowed: labels dropped beforehand); under `vmap` the network's own
-    check cannot see them, and a label past its embedding rows made the loss NaN."""
+    check cannot see them, and a label past its embedding rows made the loss NaN
+    (traced labels too, inside `gd.fit`: an `equinox.error_if`)."""
     num_classes = _check_conditional_model(model_fn)  # else labels are ignored
     if isinstance(labels, dict):
         raise TypeError(
@@ -258,7 +259,7 @@ def _label_array(labels, model_fn) -> Array:
             f"{type(labels).__name__}; for structured conditioning, vmap "
             "gd.dsm_example_loss(..., label=...) over the examples yourself"
         )
-    if isinstance(num_classes, int) and _is_concrete(labels):
+    if isinstance(num_classes, int):  # traced ones: checked when the loss runs
         return check_labels(labels, num_classes)
     return jnp.asarray(labels)
 
@@ -424,7 +425,7 @@ def dsm_example_loss(
         )(keys, x0)  # shape (256,)
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     if prediction not in ("eps", "x0", "v", "score"):
         raise ValueError(
             f"prediction must be 'eps', 'x0', 'v' or 'score', got {prediction!r}"
@@ -543,7 +544,7 @@ def dsm_loss(
         # to train: gd.fit(loss_fn, params, data, optimizer=optax.adam(1e-3), ...)
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     x0 = _check_data(x0, batch=True)
     if labels is not None:
         labels = _label_array(labels, model_fn)
@@ -574,7 +575,7 @@ def drop_labels(
         assert abs(float(null.mean()) - 0.2) < 4 * (0.2 * 0.8 / 10_000) ** 0.5
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     labels = check_labels(labels, num_classes, allow_null=True)
     if _is_concrete(p_uncond) and not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
@@ -639,7 +640,7 @@ def conditional_dsm_loss(
         loss = loss_fn(params, jr.key(1), (x0, labels))  # a scalar
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     _check_slot_order("conditional_dsm_loss", "labels", labels)
     _check_conditional_model(model_fn, num_classes)
     x0 = _check_data(x0, batch=True)
@@ -782,7 +783,7 @@ def reward_weighted_dsm_loss(
         loss = loss_fn(params, jr.key(1), gd.swiss_roll(0, 256))  # a scalar
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     _check_slot_order("reward_weighted_dsm_loss", "rewards", rewards)
     x0 = _check_data(x0, batch=True)
     if callable(rewards):
@@ -850,7 +851,7 @@ def noisy_classifier_loss(
         assert jnp.allclose(loss(jnp.asarray(0.0)), jnp.log(2.0))
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     if sde is not None and not isinstance(sde, AbstractSDE):
         raise TypeError(
             "sde must be a gd.AbstractSDE (e.g. gd.VPSDE()) or None (a clean-data "

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Real
 
-from ._brownian import check_key
+from ._brownian import threefry_key
 from ._custom_types import Key, Scalar
 
 
@@ -578,7 +578,7 @@ def sliced_wasserstein(
         gd.sliced_wasserstein(x, y, key=kp)  # ~ 2.0**2 / 2 = 2
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     num_projections = _static_count("num_projections", num_projections)
     _check_finite("sliced_wasserstein", x=x, y=y)
     return _sliced_wasserstein(x, y, key, num_projections)
@@ -692,7 +692,7 @@ def two_sample_test(
         stat, p = gd.two_sample_test(x, y, key=kt)  # p = 1/201
         ```
     """
-    check_key(key)
+    key = threefry_key(key)  # others hashed: vmap over keys == a loop
     if statistic not in ("energy", "mmd"):
         raise ValueError(f"statistic must be 'energy' or 'mmd', got {statistic!r}.")
     num_permutations = _static_count("num_permutations", num_permutations)

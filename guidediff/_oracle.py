@@ -18,9 +18,22 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from ._brownian import threefry_key
 from ._custom_types import Args, Key, Scalar, Time
 from ._score import AbstractScore
 from ._sde import AbstractSDE
+
+
+def _num_draws(n) -> int:
+    """The number of draws of an oracle's `sample`: a static int >= 0."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(
+            f"n, the number of draws, must be a Python int (static under jax.jit), "
+            f"got {n!r}"
+        )
+    if n < 0:
+        raise ValueError(f"n, the number of draws, must be >= 0, got {n}")
+    return int(n)
 
 
 def _state_dtype(x) -> jnp.dtype:
@@ -498,7 +511,8 @@ class GaussianMixture(eqx.Module):
 
     def sample_with_labels(self, key: Key, n: int) -> tuple[Array, Array]:
         """`n` exact draws and their class labels."""
-        kc, kz = jr.split(key)
+        n = _num_draws(n)
+        kc, kz = jr.split(threefry_key(key))  # others hashed: vmap == a loop
         comp = jr.categorical(kc, self.log_weights, shape=(n,))
         z = jr.normal(kz, (n, self.dim), self.means.dtype)
         scale = self.evecs[comp] * jnp.sqrt(self.evals[comp])[:, None, :]
@@ -731,6 +745,8 @@ class PointCloud(eqx.Module):
         return PointCloudScore(self, sde)
 
     def sample(self, key: Key, n: int) -> Array:
+        n = _num_draws(n)
+        key = threefry_key(key)  # others hashed: vmap over keys == a loop
         idx = jr.categorical(key, self.log_weights, shape=(n,))
         return self.points[idx]
 

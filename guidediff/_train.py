@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from jaxtyping import Array, PyTree
 
-from ._brownian import check_key
+from ._brownian import check_key, threefry_key
 from ._custom_types import Key
 
 
@@ -163,6 +163,15 @@ def _data_mode(data) -> str:
         raise ValueError(f"every data array needs the same leading size, got {n}")
     if n == {0}:
         raise ValueError("data holds no examples: its leading axis has size 0")
+    # a NaN example gave "the loss is not finite at step k" whenever a batch drew it
+    # (one reduction per array, read once: no copy of the data to the host)
+    for path, x in jax.tree_util.tree_leaves_with_path(data):
+        if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+            where = jax.tree_util.keystr(path) or "data"
+            raise ValueError(
+                f"the training data hold non-finite values (NaN or inf) in {where}: "
+                "drop or repair those examples"
+            )
     return "arrays"
 
 
@@ -213,6 +222,21 @@ def _ema_update(ema, params, decay, step):
         return (e + w * (p.astype(e.dtype) - e)).astype(e.dtype)
 
     return jax.tree.map(update, ema, params)
+
+
+def _raise_checked(error: Exception, first: int, last: int) -> None:
+    """An `equinox.error_if` check that failed inside the compiled steps (a class
+    label out of range, a NaN reward) as a `ValueError` with its own message;
+    JAX's runtime error buries it in a callback traceback. Other errors as they
+    are."""
+    tag = "EquinoxRuntimeError: "
+    text = str(error)
+    if tag not in text:
+        raise error
+    message = text.split(tag, 1)[1].split("\n\n", 1)[0].strip()
+    raise ValueError(
+        f"a check inside the loss failed in the steps {first}..{last}: {message}"
+    ) from None
 
 
 @functools.partial(
@@ -442,22 +466,22 @@ def _like_placed(restored, like):
     return jnp.asarray(np.asarray(restored))
 
 
-def _restore(directory, like_state, step: int | None = None):
-    """Restore `(state, meta, step)`; a missing or corrupt checkpoint raises."""
+def _restore(directory, like_state, step: int | None = None, resuming: bool = True):
+    """Restore `(state, meta, step)`; a missing or corrupt checkpoint raises.
+    (`resuming`: called by `fit(resume=True)`, else by `load_checkpoint`.)"""
     path = os.path.abspath(os.fspath(directory))
+    fresh = (
+        "; refusing to start from scratch (pass resume=False for a fresh run)"
+        if resuming
+        else ""
+    )
     if not os.path.isdir(path):
-        raise CheckpointError(
-            f"resume=True but the checkpoint directory {path} does not exist; "
-            "refusing to start from scratch (pass resume=False for a fresh run)"
-        )
+        raise CheckpointError(f"the checkpoint directory {path} does not exist{fresh}")
     mngr = _manager(path, create=False)
     try:
         steps = mngr.all_steps()
         if not steps:
-            raise CheckpointError(
-                f"resume=True but {path} holds no checkpoint; refusing to start from "
-                "scratch (pass resume=False for a fresh run)"
-            )
+            raise CheckpointError(f"{path} holds no checkpoint{fresh}")
         step_dirs = [int(f) for f in os.listdir(path) if f.isdigit()]
         if step is None and max(step_dirs, default=-1) > max(steps):
             raise CheckpointError(
@@ -475,6 +499,18 @@ def _restore(directory, like_state, step: int | None = None):
             )["meta"]
             if meta is None or int(meta["step"]) != step:
                 raise ValueError("its metadata is missing or inconsistent")
+            kept = meta.get("ema_decay") is not None
+            if "ema_decay" in meta and kept != (like_state[2] is not None):
+                arg = "ema_decay" if resuming else "ema"
+                raise CheckpointError(
+                    f"the run in {path} {'kept' if kept else 'did not keep'} an EMA "
+                    f"of the parameters (ema_decay={meta['ema_decay']}): pass "
+                    + (
+                        f"{arg}={'True' if kept else 'False'}"
+                        if not resuming
+                        else f"the run's {arg} to resume it"
+                    )
+                )
             like = _as_tree(like_state, np.zeros((step,), meta["loss_dtype"]))
             tree = mngr.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))
@@ -546,7 +582,7 @@ def load_checkpoint(
     """
     step = _check_count("step", step, 0, optional=True)
     like = (params, optimizer.init(params), _ema_init(params) if ema else None)
-    state, losses, meta, step = _restore(checkpoint_dir, like, step)
+    state, losses, meta, step = _restore(checkpoint_dir, like, step, resuming=False)
     return FitResult(
         params=state[0],
         ema_params=_ema_out(state[2], state[0]),
@@ -785,11 +821,10 @@ def fit(
         }
         _save(mngr, s, state, hist, meta)
 
-    key_arr = jnp.asarray(key)
-    if not jnp.issubdtype(key_arr.dtype, jax.dtypes.prng_key):
-        # raw key data (jr.PRNGKey) as the typed key it stands for: the same
-        # draws, and one compiled chunk for both kinds of key
-        key_arr = jr.wrap_key_data(key_arr)
+    # raw key data (jr.PRNGKey) as the typed Threefry key it stands for (the
+    # same draws, one compiled chunk for both kinds of key); other generators'
+    # keys hashed to one, as gd.sample does
+    key_arr = threefry_key(key)
     decay = jnp.asarray(0.0 if ema_decay is None else ema_decay, jnp.float32)
     bar = tqdm(total=num_steps, initial=step, disable=not progress, desc="fit")
     try:
@@ -814,25 +849,28 @@ def fit(
                         "an epoch or use steps_per_dispatch=1"
                     )
                 batches = jax.tree.map(lambda *b: np.stack(b), *chunk)
-            state, chunk_losses = _run_chunk(
-                state,
-                np.uint32(step),  # no eager device op per chunk
-                key_arr,
-                arrays,
-                batches,
-                decay,
-                loss_dynamic,
-                sampler_dynamic,
-                loss_static=loss_static,
-                optimizer=optimizer,
-                sampler_static=sampler_static,
-                batch_size=batch_size,
-                length=length,
-                unrolled=steps_per_dispatch == 1,
-            )
-            # copies: on a CPU np.asarray is a view that keeps the chunk's device
-            # array alive, one per chunk, for the whole run
-            chunk_losses, chunk_finite = map(np.array, chunk_losses)
+            try:
+                state, chunk_losses = _run_chunk(
+                    state,
+                    np.uint32(step),  # no eager device op per chunk
+                    key_arr,
+                    arrays,
+                    batches,
+                    decay,
+                    loss_dynamic,
+                    sampler_dynamic,
+                    loss_static=loss_static,
+                    optimizer=optimizer,
+                    sampler_static=sampler_static,
+                    batch_size=batch_size,
+                    length=length,
+                    unrolled=steps_per_dispatch == 1,
+                )
+                # copies: on a CPU np.asarray is a view that keeps the chunk's
+                # device array alive, one per chunk, for the whole run
+                chunk_losses, chunk_finite = map(np.array, chunk_losses)
+            except jax.errors.JaxRuntimeError as e:
+                _raise_checked(e, step, step + length - 1)
             losses.append(chunk_losses)
             # the first failure of the chunk: a loss at step k, or the parameters
             # after step k's update (whose NaN gives step k + 1 a NaN loss)

@@ -908,3 +908,70 @@ def test_a_non_finite_gradient_of_a_finite_loss_is_reported():
     with pytest.raises(FloatingPointError, match="not finite after step 0's update"):
         fit(loss, TINY_P0, TINY_DATA, optimizer=TINY_OPT, num_steps=1, batch_size=4,
             key=jr.key(0), progress=False)  # fmt: skip
+
+
+def test_training_side_takes_keys_as_sample_does():
+    """(A consistency audit.) Other generators' keys are hashed to a Threefry key
+    in the losses, metrics, oracles, data and fit, as in gd.sample: raw rbg data
+    (uint32[4]) was refused with JAX's error, and a vmap over typed rbg keys drew
+    other numbers than a loop (rbg's batching rule), silently."""
+    raw = jr.key_data(jr.key(1, impl="rbg"))
+    x0 = swiss_roll(raw, 16)
+    gmm = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    cloud = gd.PointCloud(x0)
+    draws = {
+        "dsm_loss": lambda k: small_loss(SMALL_PARAMS, k, x0),
+        "mixture": lambda k: gmm.sample(k, 3),
+        "cloud": lambda k: cloud.sample(k, 3),
+        "sliced": lambda k: gd.sliced_wasserstein(x0, x0 + 1.0, key=k),
+    }
+    keys = jr.split(jr.key(3, impl="rbg"), 3)
+    for name, draw in draws.items():
+        assert np.all(np.isfinite(draw(raw))), name
+        looped = jnp.stack([draw(k) for k in keys])
+        np.testing.assert_array_equal(jax.vmap(draw)(keys), looped, err_msg=name)
+    fitted = fit(small_loss, SMALL_PARAMS, x0, optimizer=OPT, num_steps=1,
+                 batch_size=8, key=raw, progress=False)  # fmt: skip
+    assert np.isfinite(fitted.losses[0])
+
+
+def test_training_side_errors_name_their_cause(tmp_path):
+    """(A consistency audit.) Causes that got a raw or misleading error before."""
+    net = MLPScoreNet(hidden=(8,), time_embed_dim=4, num_classes=3)
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2), 0)
+    x0, labels = swiss_roll(0, 16), jnp.full(16, 7)
+    # an out-of-range label inside fit (traced there): "the loss is not finite"
+    # for dsm_loss, a CpuCallback traceback for conditional_dsm_loss
+    losses = {
+        "dsm": lambda p, k, b: dsm_loss(net.apply, p, k, b[0], SDE, labels=b[1]),
+        "conditional": lambda p, k, b: conditional_dsm_loss(
+            net.apply, p, k, b[0], b[1], SDE, num_classes=3, p_uncond=0.1
+        ),
+    }
+    for loss in losses.values():
+        with pytest.raises(ValueError, match="class label out of range"):
+            fit(loss, params, (x0, labels), optimizer=OPT, num_steps=1,
+                batch_size=8, key=jr.key(0), progress=False)  # fmt: skip
+    # a NaN example: "the loss is not finite at step k" when a batch drew it
+    with pytest.raises(ValueError, match=r"non-finite values .* in \[0\]"):
+        fit(small_loss, SMALL_PARAMS, (x0.at[3, 1].set(jnp.nan), labels),
+            optimizer=OPT, num_steps=1, batch_size=8, key=jr.key(0),
+            progress=False)  # fmt: skip
+    # load_checkpoint spoke of resume=True, and called a run with an EMA corrupt
+    with pytest.raises(CheckpointError, match="does not exist$"):
+        load_checkpoint(tmp_path / "nope", SMALL_PARAMS, OPT)
+    _fit_small(1, checkpoint_dir=tmp_path / "run")
+    with pytest.raises(CheckpointError, match="kept an EMA .* pass ema=True"):
+        load_checkpoint(tmp_path / "run", SMALL_PARAMS, OPT, ema=False)
+    with pytest.raises(CheckpointError, match="kept an EMA .* ema_decay to resume"):
+        _fit_small(2, checkpoint_dir=tmp_path / "run", resume=True, ema_decay=None)
+    # swiss_roll runs scikit-learn on the host; the oracles' draw counts
+    with pytest.raises(TypeError, match="concrete key or seed"):
+        jax.jit(lambda k: swiss_roll(k, 4))(jr.key(0))
+    for kw in (dict(n=0), dict(n=4, noise=-1.0)):
+        with pytest.raises(ValueError, match="must be"):
+            swiss_roll(0, **kw)
+    gmm = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5])
+    for n, err in ((-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="number of draws"):
+            gmm.sample(jr.key(0), n)
