@@ -132,6 +132,47 @@ class LinenModel(eqx.Module):
         except flax.errors.ScopeCollectionNotFound as e:
             _missing_params(self.variables, e)
             raise
+        except _MISFIT as e:
+            _misfit(e, x)
+
+
+_MISFIT = (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError)
+
+
+def _misfit(error: Exception, x) -> None:
+    """Flax's "expected to generate shape ..." / "could not find parameter" from a
+    network applied to variables that do not fit it, with the usual causes."""
+    raise ValueError(
+        "the variables do not fit this network applied to a particle of shape "
+        f"{jnp.shape(x)}: they were made by another network (other sizes) or for "
+        "another particle shape, or the network was called on a batch (a score "
+        f"takes ONE particle; jax.vmap it over a batch). Flax: {error}"
+    ) from error
+
+
+def _not_a_fit_result(variables) -> None:
+    if hasattr(variables, "ema_params") and hasattr(variables, "opt_state"):
+        raise TypeError(
+            "variables is a gd.FitResult: pass its trained variables, e.g. "
+            "result.ema_params (or result.params)"
+        )
+
+
+def _check_kind(module, wanted: str) -> None:
+    """guidediff's own networks given to the other adapter: a score network's
+    eps read as logits, or a classifier called with a label it does not take."""
+    from ._nn import CNNClassifier, MLPScoreNet, UNet
+
+    if wanted == "classifier" and isinstance(module, MLPScoreNet | UNet):
+        raise TypeError(
+            f"{type(module).__name__} is a score network (its output is a "
+            "prediction, not logits): wrap it with gd.flax_score"
+        )
+    if wanted == "score" and isinstance(module, CNNClassifier):
+        raise TypeError(
+            "CNNClassifier is a classifier (its output is logits): wrap it with "
+            "gd.flax_classifier for gd.classifier_guidance"
+        )
 
 
 def _missing_params(variables, error) -> None:
@@ -249,11 +290,8 @@ def flax_score(
             f"sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got {type(sde).__name__}"
             "; the prediction kind is the fourth argument, prediction="
         )
-    if hasattr(variables, "ema_params") and hasattr(variables, "opt_state"):
-        raise TypeError(
-            "variables is a gd.FitResult: pass its trained variables, e.g. "
-            "result.ema_params (or result.params)"
-        )
+    _not_a_fit_result(variables)
+    _check_kind(module_or_apply_fn, "score")
     if _is_nnx_module(module_or_apply_fn):
         if variables is not None:
             raise TypeError(
@@ -297,6 +335,8 @@ class _LinenLogits(eqx.Module):
     def __call__(self, t: Time, x: Array) -> Array:
         try:
             return self.apply_fn(self.variables, t, x)
+        except _MISFIT as e:
+            _misfit(e, x)
         except flax.errors.ScopeCollectionNotFound as e:
             _missing_params(self.variables, e)
             raise
@@ -403,6 +443,8 @@ def flax_classifier(
                         ts=gd.uniform_grid(1.0, 1e-3, 10))
         ```
     """
+    _not_a_fit_result(variables)
+    _check_kind(module_or_apply_fn, "classifier")
     if _is_nnx_module(module_or_apply_fn):
         if variables is not None:
             raise TypeError(

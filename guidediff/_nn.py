@@ -146,6 +146,10 @@ def _check_config(net: nn.Module, widths: str) -> None:
             raise ValueError(f"{name}: {field} must be >= 1, got {value}")
 
     sizes = getattr(net, widths)
+    if isinstance(sizes, list):  # a tuple: a list makes the module unhashable, and
+        # every network built anew compiled gd.sample again (compared by identity)
+        sizes = tuple(sizes)
+        object.__setattr__(net, widths, sizes)
     if widths == "features" and len(sizes) == 0:
         raise ValueError(f"{name}: features must name at least one level")
     for w in sizes:
@@ -427,4 +431,9 @@ def count_params(variables) -> int:
         assert n == sum(x.size for x in jax.tree_util.tree_leaves(variables))
         ```
     """
-    return sum(x.size for x in jax.tree_util.tree_leaves(variables))
+    if isinstance(variables, nn.Module):
+        raise TypeError(
+            f"count_params takes the variables, not the network: "
+            f"gd.count_params(net.init(...)), got a {type(variables).__name__}"
+        )
+    return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(variables))

@@ -316,7 +316,7 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     except Exception as e:  # re-raised with context: which call failed and why
         raise ValueError(
             f"calling the score on one particle of shape {shape} with args={args!r} "
-            f"failed: {e}" + _per_particle_args_hint(args)
+            f"failed: {e}" + _per_particle_args_hint(args) + _training_mode_hint(e)
         ) from e
     if not hasattr(out, "shape") or tuple(out.shape) != shape:
         got = getattr(out, "shape", type(out).__name__)
@@ -1105,6 +1105,19 @@ def _spec_axis_names(sharding) -> list:
             if isinstance(name, str) and name not in names:
                 names.append(name)
     return names
+
+
+def _training_mode_hint(error: Exception) -> str:
+    """Flax NNX's "Cannot mutate ... from a different trace level": a module in
+    training mode (dropout draws from its RNG state, batch norm updates its
+    statistics) mutates itself inside the sampler's traced program. (By name: the
+    core does not import flax.)"""
+    if type(error).__name__ != "TraceContextError":
+        return ""
+    return (
+        ". An NNX module in training mode (dropout, batch norm) mutates its state "
+        "when called: call model.eval() before sampling with it"
+    )
 
 
 def _check_sharding(sharding, num: int, shape, single: bool = False) -> None:

@@ -238,6 +238,12 @@ def _float_dtype(x) -> jnp.dtype:
 def _check_like_x(fn: str, x, pred) -> None:
     """The prediction must have the state's shape: broadcasting a `(1,)` network
     output over a `(d,)` state would give a plausible, wrong score."""
+    if isinstance(pred, tuple | list | dict):  # e.g. a network's (out, aux)
+        raise TypeError(
+            f"gd.{fn}: the prediction is a {type(pred).__name__}, not an array: a "
+            "network must return one array shaped like the particle (drop auxiliary "
+            "outputs, e.g. with a wrapper returning out[0])"
+        )
     if jnp.shape(pred) != jnp.shape(x):
         raise ValueError(
             f"gd.{fn}: the prediction has shape {jnp.shape(pred)}, the state "
@@ -257,8 +263,9 @@ def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
 
     Arguments: the SDE, the time `t`, the state `x` and the prediction (`eps`,
     `score` or `x0`), each of one particle, of equal shapes (no broadcasting: a
-    `ValueError`); the result has `x`'s shape. It is
-    computed in at least float32 and rounded once to the input's dtype. The four
+    `ValueError`); the result has `x`'s shape and dtype (as for every prediction:
+    a float32 network on float64 particles gives a float64 score). It is computed
+    in at least float32 and rounded once. The four
     conversions invert each other:
 
     !!! example
@@ -276,8 +283,8 @@ def eps_to_score(sde: AbstractSDE, t: Time, x: Array, eps: Array) -> Array:
     """
     _check_like_x("eps_to_score", x, eps)
     _, sigma = sde.marginal(t)
-    dt = _float_dtype(eps)
-    wd = _wide(dt)
+    dt = _float_dtype(x)
+    wd = _wide(jnp.promote_types(dt, _float_dtype(eps)))
     return (-jnp.asarray(eps, wd) / sigma.astype(wd)).astype(dt)
 
 
@@ -285,8 +292,8 @@ def score_to_eps(sde: AbstractSDE, t: Time, x: Array, score: Array) -> Array:
     r"""$\varepsilon = -\sigma(t)\, s$ (see `eps_to_score` for the arguments)."""
     _check_like_x("score_to_eps", x, score)
     _, sigma = sde.marginal(t)
-    dt = _float_dtype(score)
-    wd = _wide(dt)
+    dt = _float_dtype(x)
+    wd = _wide(jnp.promote_types(dt, _float_dtype(score)))
     return (-sigma.astype(wd) * jnp.asarray(score, wd)).astype(dt)
 
 

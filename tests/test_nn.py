@@ -779,3 +779,82 @@ def test_module_apply_is_equal_only_where_hashes_agree():
     assert _Apply(m1) != _Apply(MLPScoreNet(hidden=(16,), time_embed_dim=4))
     listed = [_Apply(_WithArrayField([1.0, 2.0])), _Apply(_WithArrayField([1.0, 2.0]))]
     assert listed[0] != listed[1]  # unhashable: by identity
+
+
+def test_network_adapters_name_their_misuse():
+    """(A networks audit.) Each got a raw Flax / Python error, a silent wrong
+    reading, or a needless recompile before."""
+    import collections
+
+    import guidediff as gd
+
+    sde = VPSDE()
+    ts = gd.uniform_grid(1.0, 1e-3, 4)
+    net = MLPScoreNet(hidden=[8], time_embed_dim=4)  # a list: kept as a tuple
+    assert net.hidden == (8,) and hash(net) == hash(MLPScoreNet((8,), 4))
+    v = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    score = flax_score(net, v, sde)
+    with pytest.raises(ValueError, match="a score takes ONE particle"):
+        score(0.5, jnp.ones((4, 2)))  # a batch
+    other = flax_score(MLPScoreNet(hidden=(16,), time_embed_dim=4), v, sde)
+    with pytest.raises(ValueError, match="made by another network"):
+        gd.sample(jr.key(0), sde, other, (2,), num_particles=2, ts=ts)
+    fake_fit = collections.namedtuple("FitResult", "params ema_params opt_state")
+    with pytest.raises(TypeError, match="gd.FitResult"):
+        gd.flax_classifier(CNNClassifier(num_classes=3), fake_fit(v, v, None))
+    with pytest.raises(TypeError, match="wrap it with gd.flax_score"):
+        gd.flax_classifier(net, v)  # its eps would be read as 2 logits
+    with pytest.raises(TypeError, match="wrap it with gd.flax_classifier"):
+        flax_score(CNNClassifier(num_classes=3), v, sde)
+    assert gd.count_params([1.0, 2.0]) == 2
+    with pytest.raises(TypeError, match="takes the variables, not the network"):
+        gd.count_params(net)
+    # a network returning (out, aux)
+    pair = LinenModel(v, lambda variables, t, x, args: (x, x))
+    with pytest.raises(ValueError, match="prediction is a tuple, not an array"):
+        gd.sample(jr.key(0), sde, EpsScore(pair, sde), (2,), num_particles=2, ts=ts)
+
+
+def test_eps_predictions_take_the_particles_dtype():
+    """Under x64 a float32 network on float64 particles: the eps reading kept the
+    network's float32 (refused by gd.sample), the x0 and v readings gave float64."""
+    import guidediff as gd
+
+    sde = VPSDE()
+    x32 = lambda variables, t, x, args: x.astype(jnp.float32)
+    x = jnp.array([0.3, -0.2])  # float64 (the tests run with x64)
+    for cls in (EpsScore, X0Score, VScore):
+        s = cls(LinenModel({}, x32), sde)
+        assert s(0.5, x).dtype == jnp.float64, cls
+        out = gd.sample(jr.key(0), sde, s, (2,), num_particles=2,
+                        ts=gd.uniform_grid(1.0, 1e-3, 4))  # fmt: skip
+        assert out.ys.dtype == jnp.float64 and int(out.num_failed) == 0, cls
+    assert gd.score_to_eps(sde, 0.5, x, x.astype(jnp.float32)).dtype == jnp.float64
+
+
+def test_an_nnx_module_in_training_mode_is_named():
+    from flax import nnx
+
+    import guidediff as gd
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+        def __call__(self, t, x, args=None):
+            return self.drop(self.lin(x))
+
+    sde, model = VPSDE(), Net(nnx.Rngs(0))
+    kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 4))
+    with pytest.raises(ValueError, match=r"call model.eval\(\)"):
+        gd.sample(jr.key(0), sde, flax_score(model, None, sde), (2,), **kw)
+    model.eval()
+    assert (
+        int(
+            gd.sample(
+                jr.key(0), sde, flax_score(model, None, sde), (2,), **kw
+            ).num_failed
+        )
+        == 0
+    )

@@ -89,8 +89,10 @@ def test_conversions_keep_a_float32_state_float32_under_x64():
         gd.score_to_v,
     ):
         assert convert(sde, t, x, x).dtype == jnp.float32, convert.__name__
-    assert gd.eps_to_score(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float32
-    assert gd.score_to_x0(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float64
+    # an integer state: JAX's default float, for every conversion alike (the eps
+    # conversions took the prediction's dtype, the others the state's)
+    for convert in (gd.eps_to_score, gd.score_to_eps, gd.score_to_x0):
+        assert convert(sde, t, jnp.ones(3, jnp.int32), x).dtype == jnp.float64
 
 
 def test_score_check_memo_bounds_closures_and_keeps_label_sweeps():
