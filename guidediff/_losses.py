@@ -124,8 +124,12 @@ def check_labels(
                 f"valid labels are {valid}"
             )
         return jnp.asarray(labels)  # in range, so the conversion cannot wrap
+    # compared in a wide integer: `labels > hi` in int8 wraps hi = 200 to -56
+    wide = labels.astype(jnp.promote_types(labels.dtype, jnp.int32))
+    if jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
+        wide = labels.astype(jnp.promote_types(labels.dtype, jnp.uint32))
     return eqx.error_if(
-        labels, (labels < 0) | (labels > hi), f"class label out of range: valid {valid}"
+        labels, (wide < 0) | (wide > hi), f"class label out of range: valid {valid}"
     )
 
 

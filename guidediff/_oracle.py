@@ -10,6 +10,7 @@ Tests, experiments and benchmarks lean on these oracles.
 """
 
 import math
+import operator
 
 import equinox as eqx
 import jax
@@ -26,11 +27,14 @@ from ._sde import AbstractSDE
 
 def _num_draws(n) -> int:
     """The number of draws of an oracle's `sample`: a static int >= 0."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+    try:
+        if isinstance(n, bool) or isinstance(n, jax.core.Tracer):
+            raise TypeError
+        n = operator.index(n)  # ints, NumPy and concrete JAX integers
+    except TypeError:
         raise TypeError(
-            f"n, the number of draws, must be a Python int (static under jax.jit), "
-            f"got {n!r}"
-        )
+            f"n, the number of draws, must be an int (static under jax.jit), got {n!r}"
+        ) from None
     if n < 0:
         raise ValueError(f"n, the number of draws, must be >= 0, got {n}")
     return int(n)

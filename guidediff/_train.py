@@ -163,16 +163,22 @@ def _data_mode(data) -> str:
         raise ValueError(f"every data array needs the same leading size, got {n}")
     if n == {0}:
         raise ValueError("data holds no examples: its leading axis has size 0")
-    # a NaN example gave "the loss is not finite at step k" whenever a batch drew it
-    # (one reduction per array, read once: no copy of the data to the host)
-    for path, x in jax.tree_util.tree_leaves_with_path(data):
+    return "arrays"
+
+
+def _check_finite_data(arrays) -> None:
+    """A NaN example gave "the loss is not finite at step k" whenever a batch drew
+    it: named before the first step (one reduction per array on the device, read
+    once). Data with NaN on purpose (padding handled by the loss) can come from a
+    sampler or an iterator, which are not checked."""
+    for path, x in jax.tree_util.tree_leaves_with_path(arrays):
         if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
             where = jax.tree_util.keystr(path) or "data"
             raise ValueError(
                 f"the training data hold non-finite values (NaN or inf) in {where}: "
-                "drop or repair those examples"
+                "drop or repair those examples (or, if the loss handles them, pass "
+                "the data through a sampler function or an iterator)"
             )
-    return "arrays"
 
 
 def _minibatch(arrays, key, batch_size):
@@ -740,6 +746,8 @@ def fit(
     if mode == "arrays" and batch_size is None:
         raise ValueError("array data needs a batch_size")
     arrays = jax.tree.map(jnp.asarray, data) if mode == "arrays" else None
+    if arrays is not None:
+        _check_finite_data(arrays)
     sampler = data if mode == "sampler" else None
     loss_dynamic, loss_static = eqx.partition(loss_fn, eqx.is_array)
     sampler_dynamic, sampler_static = eqx.partition(sampler, eqx.is_array)
@@ -869,7 +877,9 @@ def fit(
                 # copies: on a CPU np.asarray is a view that keeps the chunk's
                 # device array alive, one per chunk, for the whole run
                 chunk_losses, chunk_finite = map(np.array, chunk_losses)
-            except jax.errors.JaxRuntimeError as e:
+            except (jax.errors.JaxRuntimeError, ValueError) as e:
+                # (JAX raises a failed check as a JaxRuntimeError on a program's
+                # first run, as a ValueError once it is cached)
                 _raise_checked(e, step, step + length - 1)
             losses.append(chunk_losses)
             # the first failure of the chunk: a loss at step k, or the parameters

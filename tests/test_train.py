@@ -952,6 +952,18 @@ def test_training_side_errors_name_their_cause(tmp_path):
         with pytest.raises(ValueError, match="class label out of range"):
             fit(loss, params, (x0, labels), optimizer=OPT, num_steps=1,
                 batch_size=8, key=jr.key(0), progress=False)  # fmt: skip
+    # one bad label, drawn after the first chunk: JAX raises a cached program's
+    # failed check as a ValueError (not a JaxRuntimeError), with the traceback
+    one_bad = (jnp.arange(64) % 3).at[40].set(7)
+    with pytest.raises(ValueError, match=r"steps [1-9]\d*\.\.\d+: class label out"):
+        fit(losses["dsm"], params, (swiss_roll(0, 64), one_bad), optimizer=OPT,
+            num_steps=100, batch_size=4, key=jr.key(0), steps_per_dispatch=1,
+            progress=False)  # fmt: skip
+    # narrow label dtypes are compared in a wide type (int8 wrapped hi = 200)
+    int8 = jnp.arange(8, dtype=jnp.int8) % 3
+    np.testing.assert_array_equal(
+        jax.jit(lambda c: gd.check_labels(c, 200))(int8), int8
+    )
     # a NaN example: "the loss is not finite at step k" when a batch drew it
     with pytest.raises(ValueError, match=r"non-finite values .* in \[0\]"):
         fit(small_loss, SMALL_PARAMS, (x0.at[3, 1].set(jnp.nan), labels),
@@ -975,3 +987,4 @@ def test_training_side_errors_name_their_cause(tmp_path):
     for n, err in ((-1, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(err, match="number of draws"):
             gmm.sample(jr.key(0), n)
+    assert gmm.sample(jr.key(0), jnp.asarray(3)).shape == (3, 2)  # a concrete int
