@@ -163,12 +163,18 @@ def _check_kind(module, wanted: str) -> None:
     eps read as logits, or a classifier called with a label it does not take."""
     from ._nn import CNNClassifier, MLPScoreNet, UNet
 
-    if wanted == "classifier" and isinstance(module, MLPScoreNet | UNet):
+    def stock(*classes) -> bool:  # a subclass with its own __call__ is the user's
+        return any(
+            isinstance(module, c) and type(module).__call__ is c.__call__
+            for c in classes
+        )
+
+    if wanted == "classifier" and stock(MLPScoreNet, UNet):
         raise TypeError(
             f"{type(module).__name__} is a score network (its output is a "
             "prediction, not logits): wrap it with gd.flax_score"
         )
-    if wanted == "score" and isinstance(module, CNNClassifier):
+    if wanted == "score" and stock(CNNClassifier):
         raise TypeError(
             "CNNClassifier is a classifier (its output is logits): wrap it with "
             "gd.flax_classifier for gd.classifier_guidance"

@@ -236,8 +236,9 @@ def _raise_checked(error: Exception, first: int, last: int) -> None:
     JAX's runtime error buries it in a callback traceback. Other errors as they
     are."""
     tag = "EquinoxRuntimeError: "
+    footer = "An error occurred during the runtime of your JAX program"
     text = str(error)
-    if tag not in text:
+    if tag not in text or footer not in text:  # not a failed runtime check
         raise error
     message = text.split(tag, 1)[1].split("\n\n", 1)[0].strip()
     raise ValueError(

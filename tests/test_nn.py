@@ -806,6 +806,14 @@ def test_network_adapters_name_their_misuse():
         gd.flax_classifier(net, v)  # its eps would be read as 2 logits
     with pytest.raises(TypeError, match="wrap it with gd.flax_classifier"):
         flax_score(CNNClassifier(num_classes=3), v, sde)
+
+    class Logits(MLPScoreNet):  # a subclass with its own __call__: the user's
+        @nn.compact
+        def __call__(self, t, x, label=None):
+            return nn.Dense(3)(super().__call__(t, x, label))
+
+    logits = Logits(hidden=(8,), time_embed_dim=4)
+    gd.flax_classifier(logits, logits.init(jr.key(0), 0.5, jnp.zeros(2)))
     assert gd.count_params([1.0, 2.0]) == 2
     with pytest.raises(TypeError, match="takes the variables, not the network"):
         gd.count_params(net)
