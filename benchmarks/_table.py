@@ -266,8 +266,15 @@ def _grad_cost(res: dict, file: str) -> list[str]:
             _row(
                 "grad_cost",
                 f"{res['size']}, N = {g['steps'][0]}..{g['steps'][1]}",
-                f"gradient memory ~ N^a ({mode} checkpointing; sublinear: a < 0.75)",
-                f"a = {g['exponent']:.2f}" + (" (sublinear)" if g["sublinear"] else ""),
+                f"gradient memory ~ c + b N^a ({mode} checkpointing; sublinear: "
+                "a < 0.75); growth per extra step in states of all particles",
+                f"a = {g['exponent']:.2f}"
+                + (" (sublinear)" if g["sublinear"] else "")
+                + (
+                    f"; {g['states_per_extra_step']:.3f} states/step"
+                    if "states_per_extra_step" in g
+                    else ""
+                ),
                 file,
             )
         )

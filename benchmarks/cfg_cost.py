@@ -133,8 +133,10 @@ def main(argv=None) -> dict:
     }
     # If the interval's lax.cond really skips the unconditional call outside the
     # interval, its cost is about this fraction of cfg_batched's.
+    # (None when a variant failed: the other figures are still written)
+    over_plain = ratios["cfg_batched_over_plain"]
     expected_interval = (
-        frac_active + (1 - frac_active) * ratios["cfg_batched_over_plain"] ** -1
+        None if over_plain is None else frac_active + (1 - frac_active) * over_plain**-1
     )
     C.print_table(
         [{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"]

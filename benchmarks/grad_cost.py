@@ -26,9 +26,10 @@ their ratio to the forward pass's: the floor under the time ratios.
 
 Memory: XLA's compiled memory analysis (temporary bytes) of every variant's own
 program, on every backend (the allocator's peak is a process-lifetime maximum, not a
-program's, so it is not reported). `memory_growth` fits, per checkpointing mode, the
-exponent a of (gradient temp - forward temp) ~ N^a between the smallest and largest
-N, and calls it sublinear if a < 0.75. Memory-only row (compiled, never run) above
+program's, so it is not reported). `memory_growth` fits, per checkpointing mode,
+(gradient temp - forward temp) ~ c + b N^a over every N (c: the backward pass's
+scratch, independent of N), and calls it sublinear if a < 0.75; it also reports the
+bytes per extra step between the two largest N. Memory-only row (compiled, never run) above
 `--nockpt-max-steps` (200): `gd.sample(..., checkpoint=False)`, which stores every
 step's activations (memory linear in N) and recomputes nothing.
 
@@ -39,6 +40,7 @@ import math
 
 import jax
 import jax.random as jr
+import numpy as np
 
 from . import _common as C, _flops as F, _problems as P
 
@@ -163,31 +165,72 @@ MEMORY_MODES = {
 SUBLINEAR_BELOW = 0.75  # a fitted exponent below this counts as sublinear
 
 
-def memory_growth(rows: list[dict]) -> dict:
-    """Per gradient mode, the exponent a of temp memory ~ N^a between the smallest
-    and the largest N: the log-log slope of the gradient's temp bytes less the
-    forward pass's (the forward's own scratch is a floor independent of the
-    gradient's storage), and whether a < SUBLINEAR_BELOW."""
+def memory_growth(rows: list[dict], state_bytes: int | None = None) -> dict:
+    """Per gradient mode, how the gradient's temp bytes less the forward pass's
+    (the forward's own scratch is a floor independent of the gradient's storage)
+    grow with the number of steps N.
+
+    With three or more N: the exponent a of the least-squares fit c + b N^a (c,
+    b >= 0; a on a grid of 0.01): the constant c takes the backward pass's scratch,
+    which is independent of N and would pull a two-point log-log slope towards 0
+    (a per-step mode, linear by design, read as a = 0.69 with a 90 MiB offset).
+    With two N: the log-log slope between them. Sublinear if a < SUBLINEAR_BELOW.
+    `bytes_per_extra_step`: the growth between the two largest N, per step, and
+    `states_per_extra_step` that over the bytes of one state of all particles
+    (`state_bytes`): storage linear in N keeps at least one state per step. XLA's
+    temporaries of a small program can be non-monotone in N (layouts), which a fit
+    of a small growth can read as a > 1: read the two together."""
     if len(rows) < 2:
         return {}
-    lo, hi = rows[0], rows[-1]
     out = {}
     for mode, name in MEMORY_MODES.items():
-        excess = []
-        for r in (lo, hi):
+        pts = []
+        for r in rows:
             g = _temp(r["compiled_memory"].get(name))
             f = _temp(r["compiled_memory"].get("forward"))
-            excess.append(None if g is None or f is None else max(g - f, 1))
-        if None in excess:
+            if g is not None and f is not None:
+                pts.append((r["steps"], max(g - f, 1)))
+        if len(pts) < 2:
             continue
-        a = math.log(excess[1] / excess[0]) / math.log(hi["steps"] / lo["steps"])
+        n = np.array([p[0] for p in pts], float)
+        y = np.array([p[1] for p in pts], float)
+        if len(pts) == 2:
+            a, fit = math.log(y[1] / y[0]) / math.log(n[1] / n[0]), None
+        else:
+            a, fit = _fit_power(n, y)
         out[mode] = {
             "exponent": a,
             "sublinear": a < SUBLINEAR_BELOW,
-            "steps": [lo["steps"], hi["steps"]],
-            "excess_temp_bytes": excess,
+            "steps": [int(n[0]), int(n[-1])],
+            "excess_temp_bytes": [int(v) for v in y],
+            "fit": fit,
+            "bytes_per_extra_step": float((y[-1] - y[-2]) / (n[-1] - n[-2])),
         }
+        if state_bytes:
+            out[mode]["states_per_extra_step"] = (
+                out[mode]["bytes_per_extra_step"] / state_bytes
+            )
     return out
+
+
+def _fit_power(n: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+    """`(a, {"c", "b", "a", "rms"})` of the least-squares fit y ~ c + b n^a with
+    c, b >= 0, over a grid of exponents a in [0.01, 2]."""
+    best = None
+    for a in np.round(np.arange(0.01, 2.0001, 0.01), 2):
+        x = n**a
+        design = np.stack([np.ones_like(x), x], axis=1)
+        (c, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+        if c < 0:  # the best fit through the origin
+            c, b = 0.0, float(x @ y / (x @ x))
+        if b < 0:
+            continue
+        rms = float(np.sqrt(np.mean((c + b * x - y) ** 2)))
+        if best is None or rms < best[1]["rms"] - 1e-9 * max(1.0, best[1]["rms"]):
+            best = (float(a), {"c": float(c), "b": float(b), "a": float(a), "rms": rms})
+    if best is None:  # shrinking with N: no growth
+        return 0.0, None
+    return best
 
 
 def _temp(mem: dict | None) -> int | None:
@@ -265,9 +308,13 @@ def main(argv=None) -> dict:
             }
         )
     C.print_table(table, list(table[0]))
-    growth = memory_growth(rows)
+    state_bytes = problem.particles * size.dim * 4  # float32 particles
+    growth = memory_growth(rows, state_bytes)
     for mode, g in growth.items():
-        print(f"  memory ~ N^{g['exponent']:.2f} ({mode}), sublinear: {g['sublinear']}")
+        print(
+            f"  memory ~ c + b N^{g['exponent']:.2f} ({mode}), sublinear: "
+            f"{g['sublinear']}; {g['states_per_extra_step']:.3f} states per extra step"
+        )
     C.write_result(
         NAME,
         args,
@@ -287,9 +334,9 @@ def main(argv=None) -> dict:
             "memory_note": (
                 "compiled_memory = XLA memory_analysis of each jitted function "
                 "(temp_size_in_bytes: scratch, residuals included), per program; "
-                "memory_growth: exponent of (gradient temp - forward temp) ~ N^a "
-                f"between the smallest and largest N, sublinear if a < "
-                f"{SUBLINEAR_BELOW}"
+                "memory_growth: (gradient temp - forward temp) ~ c + b N^a fitted "
+                f"over every N (two N: their log-log slope), sublinear if a < "
+                f"{SUBLINEAR_BELOW}; bytes_per_extra_step between the two largest N"
             ),
             "memory_growth": growth,
             "results": rows,

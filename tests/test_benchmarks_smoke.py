@@ -323,6 +323,19 @@ def test_memory_growth_fits_the_exponent():
     assert g["step"]["exponent"] == pytest.approx(1.0) and not g["step"]["sublinear"]
     assert "none" not in g  # not measured: not fitted
     assert memory_growth(rows[:1]) == {}
+    # over five N the fit c + b N^a separates the backward pass's constant scratch
+    # (90 MiB) from the growth: one 1 MiB state per step is linear (the two-point
+    # log-log slope of the totals read it as 0.69, "sublinear")
+    mib, ns = 2**20, (50, 100, 200, 400, 1000)
+    rows = [row(n, 90 * mib + 4 * mib * round(n**0.5), 90 * mib + mib * n) for n in ns]
+    g = memory_growth(rows, state_bytes=mib)
+    assert g["step"]["states_per_extra_step"] == pytest.approx(1.0)
+    assert g["step"]["exponent"] == pytest.approx(1.0, abs=0.02)
+    assert not g["step"]["sublinear"]
+    assert g["step"]["bytes_per_extra_step"] == pytest.approx(mib)
+    assert (
+        g["sqrt"]["exponent"] == pytest.approx(0.5, abs=0.05) and g["sqrt"]["sublinear"]
+    )
 
 
 def test_gpu_table_refuses_files_from_different_devices(tmp_path):
