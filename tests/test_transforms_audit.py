@@ -191,3 +191,21 @@ def test_smc_twist_is_traced_not_static():
     np.testing.assert_allclose(jitted, run(1.0).log_normalizer, rtol=1e-10)
     with pytest.raises(ValueError, match="twist must be finite"):
         run(np.nan)
+
+
+def test_guidance_transforms_name_their_misuse():
+    """(A guidance audit.) JAX's raw errors before: a vector reward in
+    gradient_guidance (classifier_guidance's log-likelihood got a clear one), and
+    batched CFG with null_args of another structure than args."""
+    gmm = gd.GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5],
+                             labels=[0, 1])  # fmt: skip
+    base = gmm.conditional_score(SDE)
+    x = jnp.array([0.3, -0.2])
+    for reward in (lambda x0: -((x0 - 1) ** 2), lambda x0: jnp.sum(x0 > 0)):
+        with pytest.raises(ValueError, match="must return one real number"):
+            gd.guide(base, gd.gradient_guidance(reward, 1.0, SDE))(0.3, x, 1)
+    s = gd.ScoreFn(lambda t, x, a: base(t, x, a["label"]) * a.get("scale", 1.0))
+    guided = gd.guide(s, gd.cfg(1.0, null_args={"label": 2}))
+    kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 4))
+    with pytest.raises(ValueError, match="need the same structure"):
+        gd.sample(jr.key(0), SDE, guided, (2,), args={"label": 1, "scale": 1.0}, **kw)

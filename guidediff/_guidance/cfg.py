@@ -48,6 +48,13 @@ class ClassifierFree(AbstractGuidance):
             # particle vmap this is a single network call on 2N inputs. (An eager
             # call with concrete values takes the two-call path below, where the
             # score's own checks, e.g. of an unknown label, see the values.)
+            if jtu.tree_structure(args) != jtu.tree_structure(self.null_args):
+                raise ValueError(
+                    "batched gd.cfg stacks args and null_args into one call, so they "
+                    f"need the same structure; got args {jtu.tree_structure(args)} "
+                    f"and null_args {jtu.tree_structure(self.null_args)}. Give "
+                    "null_args every entry of args, or use gd.cfg(..., batched=False)"
+                )
             null = jtu.tree_map(_null_like, args, self.null_args)
             both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
             out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 from .._score import check_not_linen, score_to_x0
 from .._sde import AbstractSDE
@@ -27,6 +28,17 @@ class GradientGuidance(AbstractGuidance):
     sde: AbstractSDE
 
     def apply(self, score, t, x, args):
+        out = jax.eval_shape(self.reward, x)  # no computation
+        if getattr(out, "shape", None) != () or not jnp.issubdtype(
+            out.dtype, jnp.floating
+        ):
+            raise ValueError(
+                "gradient_guidance's reward must return one real number R(x0) for "
+                f"one particle, got {getattr(out, 'shape', type(out).__name__)} of "
+                f"dtype {getattr(out, 'dtype', None)} (reduce it, e.g. with jnp.sum, "
+                "and return a float)"
+            )
+
         def objective(x_):
             s_ = score(t, x_, args)
             return self.reward(score_to_x0(self.sde, t, x_, s_)), s_
