@@ -198,3 +198,16 @@ def filter_jit(fun: Callable) -> Callable:
 
     call._cached = compiled  # the jitted function (its `_cache_size()` for tests)
     return call
+
+
+def check_real_scalar(out, what: str, hint: str = "") -> None:
+    """A clear `ValueError` unless `out` (a value or `jax.eval_shape`'s result) is
+    one real floating-point number: `what` names the function that returned it."""
+    dtype = getattr(out, "dtype", None)
+    if getattr(out, "shape", None) != () or not (
+        dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"{what} must return a real scalar (one number) for one particle, got "
+            f"{getattr(out, 'shape', type(out).__name__)} of dtype {dtype}{hint}"
+        )

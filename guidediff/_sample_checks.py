@@ -14,7 +14,7 @@ import numpy as np
 
 from ._brownian import levy_area_for, unwrap_solver
 from ._guidance.base import Guided
-from ._jit import is_real_scalar, reject_traced
+from ._jit import check_real_scalar, is_real_scalar, reject_traced
 from ._oracle import GaussianMixture
 from ._weights import Constant, PiecewiseLinear
 
@@ -236,14 +236,7 @@ def _check_log_potential(log_potential, shape, dtype) -> None:
         raise ValueError(
             f"calling log_potential on one particle of shape {shape} failed: {e}"
         ) from e
-    if getattr(probe, "shape", None) != () or not jnp.issubdtype(
-        probe.dtype, jnp.floating
-    ):
-        raise ValueError(
-            "log_potential must return a real scalar for one particle, got "
-            f"{getattr(probe, 'shape', type(probe).__name__)} "
-            f"{getattr(probe, 'dtype', '')}"
-        )
+    check_real_scalar(probe, "log_potential")
     _CHECKED_POTENTIALS.add(sig, by_identity)
 
 

@@ -202,7 +202,7 @@ def test_guidance_transforms_name_their_misuse():
     base = gmm.conditional_score(SDE)
     x = jnp.array([0.3, -0.2])
     for reward in (lambda x0: -((x0 - 1) ** 2), lambda x0: jnp.sum(x0 > 0)):
-        with pytest.raises(ValueError, match="must return one real number"):
+        with pytest.raises(ValueError, match="must return a real scalar"):
             gd.guide(base, gd.gradient_guidance(reward, 1.0, SDE))(0.3, x, 1)
     s = gd.ScoreFn(lambda t, x, a: base(t, x, a["label"]) * a.get("scale", 1.0))
     guided = gd.guide(s, gd.cfg(1.0, null_args={"label": 2}))

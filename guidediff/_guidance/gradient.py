@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
+from .._jit import check_real_scalar
 from .._score import check_not_linen, score_to_x0
 from .._sde import AbstractSDE
 from .._weights import Weight, as_callable_leaf, as_weight
@@ -28,16 +28,11 @@ class GradientGuidance(AbstractGuidance):
     sde: AbstractSDE
 
     def apply(self, score, t, x, args):
-        out = jax.eval_shape(self.reward, x)  # no computation
-        if getattr(out, "shape", None) != () or not jnp.issubdtype(
-            out.dtype, jnp.floating
-        ):
-            raise ValueError(
-                "gradient_guidance's reward must return one real number R(x0) for "
-                f"one particle, got {getattr(out, 'shape', type(out).__name__)} of "
-                f"dtype {getattr(out, 'dtype', None)} (reduce it, e.g. with jnp.sum, "
-                "and return a float)"
-            )
+        check_real_scalar(
+            jax.eval_shape(self.reward, x),  # no computation
+            "gradient_guidance's reward R(x0)",
+            " (reduce it, e.g. with jnp.sum, and return a float)",
+        )
 
         def objective(x_):
             s_ = score(t, x_, args)
