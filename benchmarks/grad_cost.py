@@ -171,7 +171,8 @@ def memory_growth(rows: list[dict], state_bytes: int | None = None) -> dict:
     grow with the number of steps N.
 
     With three or more N: the exponent a of the least-squares fit c + b N^a (c,
-    b >= 0; a on a grid of 0.01): the constant c takes the backward pass's scratch,
+    b >= 0; a on a grid of 0.01) over the monotone tail (`steps_fitted`: leading N
+    whose excess exceeds a later N's are left out; no growth: a = 0): the constant c takes the backward pass's scratch,
     which is independent of N and would pull a two-point log-log slope towards 0
     (a per-step mode, linear by design, read as a = 0.69 with a 90 MiB offset).
     With two N: the log-log slope between them. Sublinear if a < SUBLINEAR_BELOW.
@@ -192,19 +193,29 @@ def memory_growth(rows: list[dict], state_bytes: int | None = None) -> dict:
                 pts.append((r["steps"], max(g - f, 1)))
         if len(pts) < 2:
             continue
-        n = np.array([p[0] for p in pts], float)
-        y = np.array([p[1] for p in pts], float)
-        if len(pts) == 2:
+        n_all = np.array([p[0] for p in pts], float)
+        y_all = np.array([p[1] for p in pts], float)
+        n, y = n_all, y_all
+        # the monotone tail: a leading N whose excess exceeds a later N's (XLA's
+        # layouts of a small program) would make the fit read a convex curve
+        keep = next(i for i in range(len(y)) if y[i] <= y[i:].min())
+        n, y = n[keep:], y[keep:]
+        if len(n) == 1 or np.ptp(y) <= 1e-6 * y.max():  # no growth
+            a, fit = 0.0, None
+        elif len(n) == 2:
             a, fit = math.log(y[1] / y[0]) / math.log(n[1] / n[0]), None
         else:
             a, fit = _fit_power(n, y)
         out[mode] = {
             "exponent": a,
             "sublinear": a < SUBLINEAR_BELOW,
-            "steps": [int(n[0]), int(n[-1])],
-            "excess_temp_bytes": [int(v) for v in y],
+            "steps": [int(n_all[0]), int(n_all[-1])],
+            "excess_temp_bytes": [int(v) for v in y_all],
             "fit": fit,
-            "bytes_per_extra_step": float((y[-1] - y[-2]) / (n[-1] - n[-2])),
+            "steps_fitted": [int(v) for v in n],
+            "bytes_per_extra_step": (
+                float((y[-1] - y[-2]) / (n[-1] - n[-2])) if len(n) > 1 else 0.0
+            ),
         }
         if state_bytes:
             out[mode]["states_per_extra_step"] = (
@@ -226,7 +237,7 @@ def _fit_power(n: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
         if b < 0:
             continue
         rms = float(np.sqrt(np.mean((c + b * x - y) ** 2)))
-        if best is None or rms < best[1]["rms"] - 1e-9 * max(1.0, best[1]["rms"]):
+        if best is None or rms < best[1]["rms"] - 1e-9 * float(np.abs(y).max()):
             best = (float(a), {"c": float(c), "b": float(b), "a": float(a), "rms": rms})
     if best is None:  # shrinking with N: no growth
         return 0.0, None
@@ -280,7 +291,7 @@ def main(argv=None) -> dict:
     size = P.SIZES[args.size]
     problem = P.make_problem(size, _particles(args), quick=args.quick)
     print(f"{size.name}: {problem.particles} particles, width {problem.width}")
-    rows = [run_steps(problem, n, args) for n in sorted(steps_list)]
+    rows = [run_steps(problem, n, args) for n in sorted(set(steps_list))]
     table = []
     for r in rows:
         t, m = r["timings"], r["compiled_memory"]

@@ -336,6 +336,16 @@ def test_memory_growth_fits_the_exponent():
     assert (
         g["sqrt"]["exponent"] == pytest.approx(0.5, abs=0.05) and g["sqrt"]["sublinear"]
     )
+    # a leading N above a later one (XLA's layouts: the H100 file's sqrt mode at
+    # N = 50) is left out of the fit, which read the rest as convex (a = 1.35)
+    rows[0] = row(50, 90 * mib + 50 * mib, mib * 50)
+    g = memory_growth(rows, state_bytes=mib)
+    assert g["sqrt"]["steps_fitted"] == [100, 200, 400, 1000]
+    assert g["sqrt"]["exponent"] == pytest.approx(0.5, abs=0.05)
+    assert g["sqrt"]["sublinear"]
+    # no growth at all is a = 0 (a random exponent of a fit with b ~ 0 before)
+    flat = [row(n, 10**8, 10**8) for n in ns]
+    assert memory_growth(flat)["sqrt"]["exponent"] == 0.0
 
 
 def test_gpu_table_refuses_files_from_different_devices(tmp_path):

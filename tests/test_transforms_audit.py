@@ -209,3 +209,13 @@ def test_guidance_transforms_name_their_misuse():
     kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 4))
     with pytest.raises(ValueError, match="need the same structure"):
         gd.sample(jr.key(0), SDE, guided, (2,), args={"label": 1, "scale": 1.0}, **kw)
+
+    # ... but null_args may hold an args leaf whole (a list for a one-hot array)
+    def onehot_score(t, x, a):
+        a = jnp.asarray(a)
+        return base(t, x, jnp.argmax(a)) * (1 + a.sum())
+
+    onehot = gd.ScoreFn(onehot_score)
+    guided = gd.guide(onehot, gd.cfg(2.0, null_args=[0.0, 0.0]))
+    out = gd.sample(jr.key(0), SDE, guided, (2,), args=jnp.array([0.0, 1.0]), **kw)
+    assert int(out.num_failed) == 0

@@ -48,14 +48,17 @@ class ClassifierFree(AbstractGuidance):
             # particle vmap this is a single network call on 2N inputs. (An eager
             # call with concrete values takes the two-call path below, where the
             # score's own checks, e.g. of an unknown label, see the values.)
-            if jtu.tree_structure(args) != jtu.tree_structure(self.null_args):
+            try:  # (null_args may hold args' leaves whole: a list for an array)
+                null = jtu.tree_map(_null_like, args, self.null_args)
+            except ValueError as e:
+                if "pytree" not in str(e).lower() and "structure" not in str(e):
+                    raise
                 raise ValueError(
                     "batched gd.cfg stacks args and null_args into one call, so they "
                     f"need the same structure; got args {jtu.tree_structure(args)} "
                     f"and null_args {jtu.tree_structure(self.null_args)}. Give "
                     "null_args every entry of args, or use gd.cfg(..., batched=False)"
-                )
-            null = jtu.tree_map(_null_like, args, self.null_args)
+                ) from None
             both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
             out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)
             cond, uncond = out[0], out[1]
@@ -101,9 +104,11 @@ def _null_like(a, n):
             )
     dtype = jnp.asarray(a).dtype
     shape = jnp.shape(a)
-    if jnp.shape(n) != shape:
+    # (np.shape: a list or tuple held whole as one leaf, which jnp.shape deprecates)
+    n_shape = jnp.shape(n) if isinstance(n, jax.Array) else np.shape(n)
+    if n_shape != shape:
         raise ValueError(
-            f"gd.cfg's null_args has shape {jnp.shape(n)} but the conditional args "
+            f"gd.cfg's null_args has shape {n_shape} but the conditional args "
             f"have shape {shape}: batched CFG stacks them into one call. Give "
             "null_args of the same shape, or use gd.cfg(..., batched=False)"
         )
