@@ -204,6 +204,13 @@ def test_guidance_transforms_name_their_misuse():
     for reward in (lambda x0: -((x0 - 1) ** 2), lambda x0: jnp.sum(x0 > 0)):
         with pytest.raises(ValueError, match="must return a real scalar"):
             gd.guide(base, gd.gradient_guidance(reward, 1.0, SDE))(0.3, x, 1)
+    # the weight forgotten, or after the SDE: "missing argument 'sde'" before
+    R = lambda x0: -jnp.sum(x0**2)
+    for args in ((R, SDE), (R, SDE, 1.0)):
+        with pytest.raises(TypeError, match="takes the weight second"):
+            gd.gradient_guidance(*args)
+    with pytest.raises(TypeError, match="needs the sampled SDE"):
+        gd.gradient_guidance(R, 1.0)
     s = gd.ScoreFn(lambda t, x, a: base(t, x, a["label"]) * a.get("scale", 1.0))
     guided = gd.guide(s, gd.cfg(1.0, null_args={"label": 2}))
     kw = dict(num_particles=2, ts=gd.uniform_grid(1.0, 1e-3, 4))

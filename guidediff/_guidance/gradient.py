@@ -43,7 +43,7 @@ class GradientGuidance(AbstractGuidance):
 
 
 def gradient_guidance(
-    reward: Callable, weight: Weight, sde: AbstractSDE
+    reward: Callable, weight: Weight, sde: AbstractSDE | None = None
 ) -> GradientGuidance:
     r"""Gradient guidance of a differentiable reward through the denoiser (DPS-style):
 
@@ -104,6 +104,14 @@ def gradient_guidance(
         "write the reward as a function of one particle, reward(x0) -> scalar, "
         "e.g. jax.tree_util.Partial(lambda v, x0: net.apply(v, x0)[0], variables)",
     )
+    if isinstance(weight, AbstractSDE):  # (reward, sde) or (reward, sde, weight)
+        raise TypeError(
+            "gradient_guidance(reward, weight, sde) takes the weight second and the "
+            f"SDE third; got the {type(weight).__name__} as the weight"
+        )
     if not isinstance(sde, AbstractSDE):
-        raise TypeError(f"sde must be a gd.AbstractSDE, got {type(sde).__name__}")
+        raise TypeError(
+            "gradient_guidance needs the sampled SDE, a gd.AbstractSDE, as its third "
+            f"argument (its Tweedie denoiser), got {type(sde).__name__}"
+        )
     return GradientGuidance(as_callable_leaf(reward), as_weight(weight), sde)
