@@ -177,7 +177,8 @@ def test_peers(runs):
 def test_cfg_cost(runs):
     r = _load(runs, "cfg_cost")
     variants = ("plain", "plain_2n", "cfg_batched", "cfg_two_calls", "cfg_interval")
-    for v in (*variants, "cfg_interval_quarter", "network_2n"):
+    without_network = [v + "_no_network" for v in variants[2:3] + variants[4:]]
+    for v in (*variants, "cfg_interval_quarter", "network_2n", *without_network):
         _timing(r["forward"][v])
         assert r["forward"][v]["interleaved"]
     assert "cfg_batched_over_plain_2n" in r["ratios"]
@@ -188,6 +189,10 @@ def test_cfg_cost(runs):
         assert 0 < f < 1 and v["network_evals_saved_bound"] == pytest.approx(
             (1 - f) / 2
         )
+        # a share of the network's time: the run time less the no-network twin's
+        # (None only where full CFG timed no slower than its twin, at smoke size)
+        saved = v["measured_network_time_saved"]
+        assert saved is None or saved < 1
     assert r["max_abs_diff_cfg_batched_vs_two_calls"] < 1e-3
 
 
