@@ -11,7 +11,8 @@ $s + w(s^r - s)$ (PAPER.md 2.3) is sampled for several $w$ with shared noise, wi
   warm-started from the base (PAPER.md 4.1: only $(x_0, r(x_0))$ pairs, no
   trajectories).
 
-It reports $E[r(Y^w)]$ against $w$ (PAPER.md 2.4: it rises with $w$ and equals
+It reports $E[r(Y^w)]$ against $w$ (PAPER.md 2.4: it is at least $E_p[r]$ for
+$w \ge 0$, rises with $w$ on this mixture, and equals
 $E_{p^r}[r] = E_p[r^2]/E_p[r]$ at $w = 1$), and at $w = 1$ the energy distance of
 each sampler's output to exact draws from $p^r$ (with the distance between two
 independent exact sample sets as the Monte-Carlo noise floor) and a permutation

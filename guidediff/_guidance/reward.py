@@ -36,8 +36,10 @@ def reward_guidance(
     where $s^r_t$ is the score of the reward-reweighted law $p^r \propto p\,r$
     (exact, e.g. `gmm.tilt(reward).score(sde)`, or trained by reward-weighted
     denoising score matching). $w = 0$ samples $p$, $w = 1$ samples $p^r$ exactly,
-    and $E[r(Y^w)]$ rises with $w \ge 0$ (PAPER.md §2.4); $w < 0$ lowers it (the
-    cost-reduction view).
+    and $E[r(Y^w)] \ge E_p[r]$ for every $w \ge 0$ (PAPER.md §2.4: the gain is $w$
+    times a nonnegative integral along the guided paths, so it is not proven to
+    rise with $w$, though it does in the mixtures tested); $w < 0$ lowers it below
+    $E_p[r]$ (the cost-reduction view).
 
     In a `gd.chain`, $s_t$ is the score guided so far: after `gd.cfg` the term moves
     the CFG-guided score a fraction $w$ towards $s^r$ (at $w = 1$ the CFG is gone).
@@ -69,7 +71,7 @@ def reward_guidance(
         half = gd.guide(s, gd.reward_guidance(s_r, 0.5))
         assert jnp.allclose(half(t, x), 0.5 * (s(t, x) + s_r(t, x)), atol=1e-5)
 
-        # E[r(Y^w)] rises with w, from E_p[r] at w = 0 towards E_{p^r}[r] at w = 1
+        # here E[r(Y^w)] rises with w, from E_p[r] at w = 0 to E_{p^r}[r] at w = 1
         e_p, e_pr = reward.expectation(gmm), reward.expectation(gmm.tilt(reward))
         assert jnp.allclose(jnp.array([e_p, e_pr]), jnp.array([0.18, 0.51]), atol=0.01)
         ts = gd.uniform_grid(sde.T, 1e-3, 20)
