@@ -319,9 +319,15 @@ class _StepIncrement(dfx.AbstractBrownianPath):
                 "the grid Brownian path gives increments over grid cells only; "
                 "use diffrax.VirtualBrownianTree for point values (dense output)"
             )
-        same = (t0 == self.step_t0) & (t1 == self.step_t1)
-        inc = jnp.where(same, self.increment, jnp.nan)
+        if t0 is self.step_t0 and t1 is self.step_t1:
+            # The driver's own step times (the same traced values: diffrax's Euler
+            # passes them through): the interval is the cell by construction, so no
+            # per-step compare-and-select is traced (XLA cannot fold `t == t`).
+            inc, area = self.increment, self.area
+        else:
+            same = (t0 == self.step_t0) & (t1 == self.step_t1)
+            inc = jnp.where(same, self.increment, jnp.nan)
+            area = None if self.area is None else jnp.where(same, self.area, jnp.nan)
         if not use_levy:
             return inc
-        area = None if self.area is None else jnp.where(same, self.area, jnp.nan)
         return _levy(t1 - t0, inc, area)

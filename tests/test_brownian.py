@@ -241,3 +241,52 @@ def test_cell_normal_is_the_documented_construction(dtype):
     got = cell_normal(key, k, (n,), dtype)
     rtol = 1e-12 if wide else 1e-5
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol)
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in its equations."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    yield from _equations(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    yield from _equations(sub)
+
+
+def test_the_scan_driver_traces_no_per_step_cell_check():
+    """The driver hands the solver the step's own times, so the one-step path gives
+    its increment without comparing them (a compare, an `and` and a select per step
+    before: XLA cannot fold `t == t` for floats); another interval is still NaN."""
+    from guidediff._brownian import _StepIncrement
+
+    score = gd.ScoreFn(lambda t, x, args: -x)
+    for solver in [dfx.Euler(), dfx.ShARK()]:
+        jaxpr = jax.make_jaxpr(
+            lambda key, solver=solver: (
+                gd.sample(
+                    key,
+                    gd.VPSDE(),
+                    score,
+                    (2,),
+                    ts=TS[:5],
+                    solver=solver,
+                    checkpoint=False,
+                ).ys
+            )
+        )(jr.key(0))
+        scans = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "scan"]
+        (step,) = [e for e in scans if e.params["length"] == 4]  # the 4 steps
+        body = {e.primitive.name for e in _equations(step.params["jaxpr"].jaxpr)}
+        assert "and" not in body, type(solver).__name__
+        if isinstance(solver, dfx.Euler):
+            assert not {"eq", "select_n"} & body
+    inc = jnp.ones(2)
+    path = _StepIncrement(inc, TS[3], TS[4])
+    np.testing.assert_array_equal(path.evaluate(TS[3], TS[4]), inc)
+    np.testing.assert_array_equal(path.evaluate(jnp.array(TS[3]), TS[4]), inc)
+    half = 0.5 * (TS[3] + TS[4])
+    assert np.all(np.isnan(np.asarray(path.evaluate(TS[3], half))))
