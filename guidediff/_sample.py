@@ -373,6 +373,13 @@ def _particle_keys(key: Key, n: int) -> Array:
     return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(n))
 
 
+_FORWARD_MODE_GRAD_MSG = (
+    "gd.sample(..., driver='diffeqsolve', adjoint=diffrax.ForwardMode()) is "
+    "forward-mode only (jax.jvp / jax.jacfwd) and cannot be reverse-mode "
+    "differentiated (jax.grad / jax.vjp). For jax.grad keep the default adjoint "
+    "(diffrax.RecursiveCheckpointAdjoint()) or use driver='scan', which supports "
+    "both modes."
+)
 _UNSAFE_GRAD_MSG = (
     "gd.sample(..., brownian='unsafe') uses diffrax.UnsafeBrownianPath, which cannot "
     "be reverse-mode differentiated (jax.grad / jax.vjp). To differentiate through "
@@ -468,6 +475,10 @@ def _sample_core(
         ys = jnp.swapaxes(ys, 0, 1)  # (time, P, ...) -> (P, time, ...)
     if process == "sde" and brownian == "unsafe":
         ys = nondifferentiable_backward(ys, msg=_UNSAFE_GRAD_MSG, symbolic=True)
+    elif isinstance(adjoint, dfx.ForwardMode):
+        # diffeqsolve's loop under ForwardMode has no transpose: JAX's own error
+        # (about while loops with dynamic bounds) would name none of this
+        ys = nondifferentiable_backward(ys, msg=_FORWARD_MODE_GRAD_MSG, symbolic=True)
     if denoise:
         t_end = ts[-1]
         last = (slice(None), -1) if batched else (-1,)
@@ -734,8 +745,9 @@ def sample(
     - `denoise`: replace the final state by Tweedie's $\hat x_0$ at `ts[-1]`.
     - `adjoint`: diffrax adjoint for the `"diffeqsolve"` driver (default
       `RecursiveCheckpointAdjoint()`, reverse mode only; `ForwardMode()` for
-      forward mode, `jax.jvp` / `jax.jacfwd`, and with `brownian="unsafe"`). The
-      `"scan"` driver supports both modes with any `checkpoint`.
+      forward mode, `jax.jvp` / `jax.jacfwd`, and with `brownian="unsafe"`; then
+      `jax.grad` is an error naming the fix). The `"scan"` driver supports both
+      modes with any `checkpoint`.
     - `checkpoint`: reverse-mode memory of the `"scan"` driver. `True` (= `"sqrt"`):
       about $2\sqrt N$ stored states for $N$ steps, at the cost of two extra forward
       passes; `"chunk"`: the same chunks with no checkpoint per step, one chunk's
@@ -743,7 +755,10 @@ def sample(
       pass; `"step"`: one `jax.checkpoint` per step, $N$ stored states and one
       extra forward pass (often faster when states are small); `False`: every
       step's internals are stored. With `driver="diffeqsolve"` only the default
-      is accepted (its reverse mode is `adjoint=`).
+      is accepted (its reverse mode is `adjoint=`). Without a gradient every mode
+      gives the same samples; `"sqrt"` and `"chunk"` still run as nested loops
+      (chunks of steps), so sampling that is never differentiated may pass
+      `False`: one loop, a little less per-step overhead where steps are tiny.
     - `unroll`: steps per loop iteration of the `"scan"` driver (`lax.scan`'s
       `unroll`): fewer loop iterations on accelerators, where each costs a kernel
       launch or more, at the price of a longer compile. The same values up to float

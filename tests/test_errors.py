@@ -1,5 +1,6 @@
 """Bad input gets a clear error (one test each)."""
 
+import functools
 import warnings
 
 import diffrax as dfx
@@ -1163,7 +1164,15 @@ def test_forward_mode_through_diffeqsolve_names_the_adjoint():
     y0 = jnp.ones(2)
     with pytest.raises(TypeError, match=r"needs adjoint=diffrax.ForwardMode\(\)"):
         jax.jvp(f, (y0,), (y0,))
-    jax.jvp(lambda y: f(y, adjoint=dfx.ForwardMode()), (y0,), (y0,))
+    forward = functools.partial(f, adjoint=dfx.ForwardMode())
+    _, tangent = jax.jvp(forward, (y0,), (y0,))
+    assert np.all(np.isfinite(tangent))
+    # and reverse mode through ForwardMode names the fix (JAX's message about
+    # while loops with dynamic bounds before)
+    with pytest.raises(RuntimeError, match="forward-mode only.*driver='scan'"):
+        jax.grad(lambda y: forward(y).sum())(y0)
+    # the guard changes nothing else: the forward values are the default adjoint's
+    np.testing.assert_array_equal(forward(y0), f(y0))
 
 
 def test_keys_y0_and_log_weights_checked_before_compiling():
