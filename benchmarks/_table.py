@@ -84,6 +84,17 @@ def _against_scan(res: dict, file: str) -> list[str]:
                 file,
             )
         )
+        if "forward_one_loop_jit" in q:  # files from before it lack it
+            rows.append(
+                _row(
+                    "against_scan",
+                    size,
+                    "forward, jit, checkpoint=False (one loop, no sqrt-N chunks): "
+                    "t_hand / t_guidediff",
+                    _f(q["forward_one_loop_jit"]),
+                    file,
+                )
+            )
         if "forward_unroll_jit" in q:  # files from before `unroll` lack it
             rows.append(
                 _row(

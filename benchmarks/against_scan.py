@@ -17,7 +17,9 @@ the MLP weights (the GMM means at 2-D), `gd.sample(..., checkpoint=True)` under
 `jax.grad` against the hand loop with `jax.checkpoint` on each step. guidediff's
 default checkpointing (`True` = "sqrt") stores O(sqrt N) states and recomputes two
 forward passes; `guidediff_step_ckpt` (`checkpoint="step"`) is the like-for-like
-scheme (N states, one recomputed forward pass).
+scheme (N states, one recomputed forward pass). Without a gradient the default
+still runs nested loops (chunks of about sqrt N steps); `guidediff_jit_one_loop`
+(`checkpoint=False`: one loop) shows what that costs a forward-only run.
 
 `--unroll K` (default 4) adds `guidediff_jit_unroll` (`gd.sample(..., unroll=K)`)
 and `hand_unroll` (the hand loop's `lax.scan(..., unroll=K)`): K steps per loop
@@ -55,6 +57,8 @@ def run_size(size: P.Size, args) -> dict:
         "guidediff_jit": jax.jit(gd_eager),
         "hand": jax.jit(P.hand_sampler(problem)),
         "hand_same_noise": jax.jit(P.hand_sampler(problem, noise="particle")),
+        # forward-only sampling with one loop (no sqrt-N chunks): the same samples
+        "guidediff_jit_one_loop": jax.jit(P.gd_sampler(problem, checkpoint=False)),
     }
     if args.unroll:
         variants["guidediff_jit_unroll"] = jax.jit(
@@ -86,6 +90,9 @@ def run_size(size: P.Size, args) -> dict:
             out["guidediff"], out["hand_same_noise"]
         ),
         "sample_scale": P.max_abs_diff(out["guidediff"], 0.0),
+        "max_abs_diff_one_loop": P.max_abs_diff(
+            out["guidediff_jit_one_loop"], out["guidediff_jit"]
+        ),
         # Rounding differences grow for the few particles near a saddle between
         # mixture modes: the fraction of particles that differ tells them apart.
         "frac_particles_diff_gt_1e-3_same_noise": P.frac_rows_differing(
@@ -97,6 +104,7 @@ def run_size(size: P.Size, args) -> dict:
         "forward_jit": C.ratio(fwd["hand"], fwd["guidediff_jit"]),
         "forward_same_noise": C.ratio(fwd["hand_same_noise"], fwd["guidediff"]),
         "forward_same_noise_jit": C.ratio(fwd["hand_same_noise"], fwd["guidediff_jit"]),
+        "forward_one_loop_jit": C.ratio(fwd["hand"], fwd["guidediff_jit_one_loop"]),
     }
     if args.unroll:
         result["unroll"] = args.unroll

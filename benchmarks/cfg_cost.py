@@ -82,7 +82,9 @@ TIMED_WITHOUT_NETWORK = ("cfg_batched", "cfg_interval", "cfg_interval_quarter")
 
 def _network_time_saved(fwd: dict, name: str) -> float | None:
     """1 - (network time of `name`) / (network time of full batched CFG), where a
-    variant's network time is its run time minus that of its `_no_network` twin."""
+    variant's network time is its run time minus that of its `_no_network` twin.
+    None where a twin timed slower than its variant (noise larger than the network's
+    time, e.g. at a smoke size)."""
     try:
         net = {
             v: fwd[v]["run_s"] - fwd[v + NO_NETWORK]["run_s"]
@@ -90,7 +92,7 @@ def _network_time_saved(fwd: dict, name: str) -> float | None:
         }
     except KeyError:  # a variant failed: its figure is missing, the rest is written
         return None
-    if net["cfg_batched"] <= 0:
+    if net["cfg_batched"] <= 0 or net[name] < 0:  # timing noise above the network
         return None
     return 1 - net[name] / net["cfg_batched"]
 

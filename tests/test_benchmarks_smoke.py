@@ -146,6 +146,8 @@ def test_against_scan(runs):
     r = _load(runs, "against_scan")
     assert [x["size"] for x in r["results"]] == ["64d"]
     for x in r["results"]:
+        # nested loops or one: the same samples (up to XLA's fusion choices)
+        assert x["max_abs_diff_one_loop"] <= 1e-6 * max(1.0, x["sample_scale"])
         for v in ("guidediff", "guidediff_jit", "hand", "hand_same_noise"):
             _timing(x["forward"][v])
         for v in ("guidediff_jit_unroll", "hand_unroll"):
@@ -190,9 +192,9 @@ def test_cfg_cost(runs):
             (1 - f) / 2
         )
         # a share of the network's time: the run time less the no-network twin's
-        # (None only where full CFG timed no slower than its twin, at smoke size)
+        # (None where a twin timed slower than its variant: noise at smoke size)
         saved = v["measured_network_time_saved"]
-        assert saved is None or saved < 1
+        assert saved is None or saved <= 1
     assert r["max_abs_diff_cfg_batched_vs_two_calls"] < 1e-3
 
 

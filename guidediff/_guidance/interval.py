@@ -56,7 +56,11 @@ def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> In
     Python checks trace the score once more for each new pair of bounds; under
     `jax.vmap` over the bounds, once in all). The switch is a
     `lax.cond`, so outside the interval the guidance is not evaluated at all (e.g.
-    CFG's unconditional call is skipped) when all particles share the time.
+    CFG's unconditional call is skipped) when all particles share the time and the
+    bounds. Under `jax.vmap` over the bounds (a sweep of intervals in one program)
+    or over the time, the predicate is batched and JAX turns the `lax.cond` into a
+    select of both branches: the samples are the same, but the guidance is
+    evaluated at every step (loop over the intervals to keep the saving).
 
     Gradients with respect to `t_lo` and `t_hi` are zero almost everywhere: on a
     fixed grid the sampler only sees which grid times (and solver stage times) fall
