@@ -330,7 +330,11 @@ def smc_sample(
     (a test checks it against the gradient without resampling); at finite $P$ it
     carries that estimate's bias (see `SMCSamples`).
     Gradients also flow through the particles' moves (reparametrised), e.g. to a
-    score's parameters.
+    score's parameters: each lineage is differentiated with its noise held fixed,
+    and in noise space $\pi$ is $N(0, I)$ times the lineage's weight, so that
+    gradient is consistent too (the same test checks a mixture's means). When the
+    weights collapse (an ESS of a few particles) the bias at finite $P$ can be
+    large: compare with `ess_threshold=0` on a few keys.
 
     See the module docstring for the weights. **Arguments:**
 
