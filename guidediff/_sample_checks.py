@@ -617,17 +617,45 @@ def _check_intervals(
     the first is bounds given as integer timesteps, 200..800, or as fractions of
     the steps;
     not an error, since a guided score reused for a segment of the time range, e.g.
-    the first part of a split run, may legitimately miss an interval)."""
-    from ._guidance.interval import Interval
+    the first part of a split run, may legitimately miss an interval).
 
-    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, Interval))
+    Likewise a `gd.PiecewiseLinear` weight whose knots all lie on one side of the
+    sampled times (knots given as step indices): it holds its end value there, a
+    constant, though its values vary. (Judged from the copy its constructor checked:
+    the arrays of a schedule made otherwise, e.g. by `jax.tree.map`, are not read
+    back for it.)"""
+    from ._guidance.interval import Interval
+    from ._weights import PiecewiseLinear, knots_on_host
+
+    kinds = (Interval, PiecewiseLinear)
+    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, kinds))
+    schedules = [g for g in found if isinstance(g, PiecewiseLinear)]
     found = [g for g in found if isinstance(g, Interval)]
-    if not found or isinstance(ts, jax.core.Tracer):
+    if not (found or schedules) or isinstance(ts, jax.core.Tracer):
         return
     from ._grid import grid_values
 
     grid = grid_values(ts)  # a NumPy grid's copy, or read once
     lo_t, hi_t = float(grid.min()), float(grid.max())
+    for w in schedules:
+        host = knots_on_host(w)  # not read back: that would wait for queued work
+        if host is None:
+            continue
+        knots, values = host
+        if np.all(values == values[0]):
+            continue  # a constant schedule: nothing is lost
+        side = "after" if knots[0] > hi_t else "before" if knots[-1] < lo_t else None
+        if side is not None:
+            held = values[0] if side == "after" else values[-1]
+            warnings.warn(
+                f"a gd.PiecewiseLinear weight's knots [{knots[0]:g}, .., "
+                f"{knots[-1]:g}] all lie {side} the sampled times "
+                f"[{lo_t:g}, {hi_t:g}]: it is the constant {held:g} there, not the "
+                "schedule its values describe. The knots are times of the SDE "
+                "(from 0, data, to T, noise), not step indices",
+                UserWarning,
+                stacklevel=3,
+            )
     if denoise and sde is not None:
         # the final Tweedie step is skipped where sigma = 0 (the identity there)
         # (not judged for an SDE with traced parameters: taken as evaluated)

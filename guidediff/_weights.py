@@ -5,6 +5,7 @@ static field, so changing it does not recompile and `jax.grad` can differentiate
 respect to it (optax's `inject_hyperparams` idea).
 """
 
+import weakref
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -114,6 +115,8 @@ class PiecewiseLinear(eqx.Module):
             raise ValueError(
                 f"the knots must be strictly increasing, got times={host['times']}"
             )
+        if knots is not None and host["values"] is not None:
+            _remember_knots(self, host["times"], host["values"])
 
     def __call__(self, t: Time) -> Scalar:
         return jnp.interp(t, self.times, self.values)
@@ -231,6 +234,38 @@ def as_callable_leaf(fn: Callable) -> Callable:
     if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(fn)):
         return _StaticFn(fn)
     return fn
+
+
+# Host copies of the knots of schedules made from concrete values (the copies the
+# constructor checked), by the identity of
+# their arrays (while those live): `knots_on_host` gives them to the samplers' checks
+# without reading the device arrays back (which waits for the work queued before).
+_HOST_KNOTS: dict = {}
+_MAX_HOST_KNOTS = 64
+
+
+def _remember_knots(w: PiecewiseLinear, times: np.ndarray, values: np.ndarray):
+    if len(_HOST_KNOTS) >= _MAX_HOST_KNOTS:  # drop the dead, then the oldest
+        for key in [k for k, v in _HOST_KNOTS.items() if v[0]() is None]:
+            del _HOST_KNOTS[key]
+        while len(_HOST_KNOTS) >= _MAX_HOST_KNOTS:
+            del _HOST_KNOTS[next(iter(_HOST_KNOTS))]
+    _HOST_KNOTS[id(w.times)] = (
+        weakref.ref(w.times),
+        weakref.ref(w.values),
+        times,
+        values,
+    )
+
+
+def knots_on_host(w: PiecewiseLinear) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(times, values)` of `w` on the host if its constructor saw concrete values
+    (and its arrays are still the ones made then); None otherwise: not read from
+    the device."""
+    hit = _HOST_KNOTS.get(id(w.times))
+    if hit is None or hit[0]() is not w.times or hit[1]() is not w.values:
+        return None
+    return hit[2], hit[3]
 
 
 def _host_values(a, stored: Array) -> np.ndarray | None:

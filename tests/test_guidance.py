@@ -154,6 +154,37 @@ def test_interval_ends_are_inclusive():
             assert not np.allclose(guided(t, X, LABEL), COND(t, X, LABEL))
 
 
+def test_a_schedule_whose_knots_miss_the_grid_warns():
+    """A `gd.PiecewiseLinear` weight with knots as step indices (100..900) held its
+    first value at every sampled time, silently; knots on one side of the sampled
+    times now warn. Knots meeting the grid, a constant schedule, or traced knots do
+    not."""
+    from guidediff._sample_checks import _check_intervals
+
+    ts = gd.uniform_grid(1.0, 1e-3, 3)
+
+    def guided(knots, values):
+        return gd.guide(COND, gd.cfg(gd.PiecewiseLinear(knots, values), null_args=3))
+
+    steps = guided([100.0, 500.0, 900.0], [0.0, 2.0, 4.0])
+    with pytest.warns(UserWarning, match=r"all lie after .* the constant 0 there"):
+        gd.sample(jr.key(0), SDE, steps, (2,), num_particles=2, ts=ts, args=1)
+    with pytest.warns(UserWarning, match=r"all lie before .* the constant 5 there"):
+        _check_intervals(guided([-3.0, -2.0], [1.0, 5.0]), ts, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_intervals(guided([0.2, 0.8], [1.0, 3.0]), ts, None)
+        _check_intervals(guided([2.0, 3.0], [1.5, 1.5]), ts, None)  # constant
+        _check_intervals(guided([-1.0, 0.5], [0.0, 1.0]), ts, None)  # overlaps
+
+        @jax.jit
+        def traced(knots):
+            _check_intervals(guided(knots, jnp.array([0.0, 1.0])), ts, None)
+            return knots
+
+        traced(jnp.array([5.0, 6.0]))
+
+
 def test_an_interval_that_misses_the_grid_warns():
     """Bounds outside the sampled times (e.g. integer timesteps), or between two of
     them, made the guidance a silent no-op; `sample` and `smc_sample` now warn.
