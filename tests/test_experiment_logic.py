@@ -30,7 +30,7 @@ def test_below_reference():
     )  # last within 3 SE
 
 
-def _cfg_summary(m0_off=0.0, frac=0.8, changes=(0.0, -0.1, -0.3, -0.5)):
+def _cfg_summary(m0_off=0.0, frac=0.8, changes=(0.0, -0.1, -0.3, -0.5), conf_off=0.0):
     """A cfg_sweep summary: theory 3.0 with SE 0.02; the paired changes have SE 0.01
     (the unpaired SEs, 0.2, would not resolve them)."""
     return {
@@ -45,6 +45,9 @@ def _cfg_summary(m0_off=0.0, frac=0.8, changes=(0.0, -0.1, -0.3, -0.5)):
         "frac_improved_stderr": [None, 0.01, 0.01, 0.01],
         "theory_unguided": 3.0,
         "theory_unguided_stderr": 0.02,
+        "unguided_confidence_mean": 0.57 + conf_off,
+        "unguided_confidence_stderr": 0.005,
+        "theory_unguided_confidence": 0.57,
     }
 
 
@@ -64,6 +67,7 @@ def test_cfg_gmm_claims(monkeypatch, tmp_path):
     assert all(good.values()), good
     for summary, broken in (
         (_cfg_summary(m0_off=0.2), "unguided_reciprocal_prob_matches_theory"),  # 10 SE
+        (_cfg_summary(conf_off=0.025), "unguided_confidence_matches_exact"),  # 5 SE
         (_cfg_summary(frac=0.99), "frac_improved_strictly_between_0_and_1"),  # 1 SE
         (_cfg_summary(changes=(0.0,) * 4), "reciprocal_prob_below_unguided_for_w_gt_0"),
     ):

@@ -163,6 +163,14 @@ def test_cfg_gmm(results):
     # the JSON's own claims say the same, with the experiment's quadrature of the
     # exact standard error agreeing with this file's
     np.testing.assert_allclose(res["theory_unguided_stderr"], exact_se, rtol=1e-3)
+    # E[p(c|X)] for three unit-variance classes at (0, 0), (+-2, 0), by this file's
+    # own 1-D reduction: p(c|x) depends on x_1 only
+    xs = np.linspace(-14.0, 14.0, 20_001)
+    logits = np.stack([-0.5 * (xs - m) ** 2 for m in (0.0, -2.0, 2.0)])
+    post = np.exp(logits[0] - np.logaddexp.reduce(logits, axis=0))
+    dens = np.exp(logits[0]) / np.sqrt(2 * np.pi)
+    want = np.sum(dens * post) * (xs[1] - xs[0])
+    np.testing.assert_allclose(res["theory_unguided_confidence"], want, rtol=1e-4)
     assert all(v is True for v in res["claims"].values()), res["claims"]
 
 
@@ -528,6 +536,16 @@ def test_results_readme_prose_claims_hold_in_the_committed_files():
         i = res["w"].index(1.0)
         lo, hi = res["exact_reward_unguided"], res["exact_reward_tilted"]
         assert (res["reward_mean"]["learned"][i] - lo) / (hi - lo) > 0.95, name
+    # cfg-digits: "for every w > 0 E[1/p] sits below the ideal unguided value",
+    # "the run's own unguided estimate is more than ten times that ideal value",
+    # and the decrease from w = 0 is not beyond its standard errors
+    res = load("cfg-digits")
+    m, se, ideal = (res[k] for k in ("reciprocal_prob_mean",
+                                     "reciprocal_prob_stderr", "theory_unguided"))  # fmt: skip
+    assert res["w"][0] == 0.0 and all(
+        mi + 3 * si < ideal for mi, si in zip(m[1:], se[1:], strict=True)
+    )
+    assert m[0] > 10 * ideal and m[0] - m[-1] < 3 * se[0]
     # training-efficiency: "three warm-start points (steps 100, 200 and 900) are
     # null ... the point at step 300 already exceeds the target"
     res = load("training-efficiency")

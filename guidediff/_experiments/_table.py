@@ -15,13 +15,15 @@ START = "<!-- results-table:start -->"
 END = "<!-- results-table:end -->"
 HEADLINE_START = "<!-- headline-table:start -->"
 HEADLINE_END = "<!-- headline-table:end -->"
+# What each experiment stands for (PAPER.md section 6; which figures the papers
+# drew is not known, PAPER.md 8.4)
 PAPER = {
-    "cfg-gmm": "fig. 1",
-    "cfg-digits": "fig. 2 (ImageNet there, 8x8 digits here)",
-    "reward-gmm": "fig. 3",
-    "reward-pointset": "figs. 4-5",
-    "robustness": "robustness to score errors",
-    "training-efficiency": "training efficiency",
+    "cfg-gmm": "[P]'s GMM experiment (6.1)",
+    "cfg-digits": "[P]'s ImageNet experiment (6.1; 8x8 digits here)",
+    "reward-gmm": "[U]'s GMM (6.3)",
+    "reward-pointset": "[U]'s Swiss roll (6.3)",
+    "robustness": "[U]'s robustness to score errors (6.3)",
+    "training-efficiency": "[U]'s training efficiency (6.3)",
 }
 
 
@@ -124,8 +126,9 @@ def _efficiency_headline(res: dict) -> str:
             else f"90 % of the gain after {evals:.2g} network evaluations ({secs:.2g} s)"
         )
         d = m["final_energy_distance_to_tilted"]
-        # the unbiased estimate of a distance near 0 can come out negative
-        dist = f"{d:.2g}" if d >= 0 else f"0 within noise: estimate {d:.2g}"
+        # the unbiased estimate of a distance near 0 can come out negative (no
+        # noise floor is computed for it, so nothing more is said)
+        dist = f"{d:.2g}" if d >= 0 else f"estimate {d:.2g}, below 0 by noise"
         parts.append(
             f"{name}: {reach}, final E[r] = {m['final_reward']:.3f} (energy distance "
             f"to p^r {dist})"

@@ -1,4 +1,5 @@
-r"""`cfg-digits` (the paper's ImageNet figure 2, on scikit-learn's 8x8 digits).
+r"""`cfg-digits` ([P]'s ImageNet experiment, PAPER.md 6.1, on scikit-learn's 8x8
+digits).
 
 A class-conditional U-Net is trained by denoising score matching with label dropout
 (the null label 10 gives the unconditional score), and a separate CNN classifier is

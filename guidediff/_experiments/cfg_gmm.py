@@ -1,4 +1,4 @@
-r"""`cfg-gmm` (paper figure 1): classifier-free guidance on a Gaussian mixture with
+r"""`cfg-gmm` ([P]'s GMM experiment, PAPER.md 6.1): classifier-free guidance on a Gaussian mixture with
 exact scores.
 
 For each guidance weight $w$ (0, then a log grid from 0.01 to 10) the CFG reverse
@@ -89,14 +89,11 @@ def _log_probs(gmm: GaussianMixture, ys: np.ndarray, label: int):
     return lp, lq
 
 
-def reciprocal_prob_sd(gmm: GaussianMixture, label: int) -> float:
-    r"""The exact standard deviation of $1/p(c\mid X)$ for $X \sim p(\cdot\mid c)$,
-    by quadrature on a grid (1-D or 2-D): $E[1/p] = 1/p(c)$ and
-    $E[1/p^2] = \int p(x\mid c)/p(c\mid x)^2\,dx$. $1/p$ is heavy-tailed, so the
-    sample standard deviation of a run underestimates it (by a large factor at a few
-    thousand particles here); the unguided mean is compared with $1/p(c)$ on this one."""
+def _class_quadrature(gmm: GaussianMixture, label: int):
+    r"""$p(x\mid c)$, $\log p(c\mid x)$ and the cell volume on a grid covering the
+    mixture (1-D or 2-D; 12 standard deviations beyond the extreme means)."""
     if gmm.dim > 2:
-        raise ValueError("reciprocal_prob_sd integrates 1-D and 2-D mixtures")
+        raise ValueError("the quadratures here integrate 1-D and 2-D mixtures")
     means, sd = np.asarray(gmm.means), np.sqrt(np.asarray(gmm.covs).max())
     n = 4001 if gmm.dim == 1 else 401
     axes = [
@@ -109,9 +106,28 @@ def reciprocal_prob_sd(gmm: GaussianMixture, label: int) -> float:
     logp = jax.vmap(lambda x: gmm.log_prob_t(None, 0.0, x, label))(xs)
     logc = jax.vmap(lambda x: gmm.log_classifier_t(None, 0.0, x, label))(xs)
     dens = np.exp(np.asarray(logp, np.float64))
-    inv = np.exp(-np.asarray(logc, np.float64))
+    return dens, np.asarray(logc, np.float64), cell
+
+
+def reciprocal_prob_sd(gmm: GaussianMixture, label: int) -> float:
+    r"""The exact standard deviation of $1/p(c\mid X)$ for $X \sim p(\cdot\mid c)$,
+    by quadrature on a grid (1-D or 2-D): $E[1/p] = 1/p(c)$ and
+    $E[1/p^2] = \int p(x\mid c)/p(c\mid x)^2\,dx$. $1/p$ is heavy-tailed, so the
+    sample standard deviation of a run underestimates it (by a large factor at a few
+    thousand particles here); the unguided mean is compared with $1/p(c)$ on this one."""
+    dens, logc, cell = _class_quadrature(gmm, label)
+    inv = np.exp(-logc)
     m1, m2 = np.sum(dens * inv) * cell, np.sum(dens * inv**2) * cell
     return float(np.sqrt(max(m2 - m1**2, 0.0)))
+
+
+def exact_confidence(gmm: GaussianMixture, label: int) -> float:
+    r"""$E[p(c\mid X)]$ for $X \sim p(\cdot\mid c)$, by quadrature: what the
+    unguided sampler's mean classifier probability estimates. $p \in [0, 1]$ is
+    light-tailed, so a sample's own standard error judges it, and a bias of the
+    sampler (e.g. a coarse grid's) that $1/p$'s wide error hides shows here."""
+    dens, logc, cell = _class_quadrature(gmm, label)
+    return float(np.sum(dens * np.exp(logc)) * cell)
 
 
 def cfg_sweep(gmm, sde, weights, *, key, num_particles, num_steps, label=LABEL):
@@ -128,6 +144,7 @@ def cfg_sweep(gmm, sde, weights, *, key, num_particles, num_steps, label=LABEL):
         args=label,
     )
     lp0, lq0 = _log_probs(gmm, samples[0.0], label)
+    conf0, conf0_se = stats(jnp.exp(lp0))
     logodds0 = lp0 - lq0
     recip0 = jnp.exp(-lp0)
     rows = {k: [] for k in ("mean", "se", "frac", "frac_se", "dmean", "dse")}
@@ -165,6 +182,9 @@ def cfg_sweep(gmm, sde, weights, *, key, num_particles, num_steps, label=LABEL):
         "theory_unguided": theory,
         "theory_unguided_stderr": reciprocal_prob_sd(gmm, label)
         / np.sqrt(len(np.asarray(recips[0]))),
+        "unguided_confidence_mean": conf0,
+        "unguided_confidence_stderr": conf0_se,
+        "theory_unguided_confidence": exact_confidence(gmm, label),
     }
     return summary, samples, improved
 
@@ -226,6 +246,17 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
             "unguided_reciprocal_prob_matches_theory": bool(
                 abs(primary["reciprocal_prob_mean"][0] - primary["theory_unguided"])
                 < 4 * primary["theory_unguided_stderr"]
+            ),
+            # ... and its mean p(c|Y^0), light-tailed, is the exact E[p(c|X)]
+            # within 4 of its own standard errors: a sampler bias too small for
+            # the check above (a 200-step grid's is about one standard error at
+            # 2,000 particles) shows here at the full size
+            "unguided_confidence_matches_exact": bool(
+                abs(
+                    primary["unguided_confidence_mean"]
+                    - primary["theory_unguided_confidence"]
+                )
+                < 4 * primary["unguided_confidence_stderr"]
             ),
             "reference_paper_1d_frac_improved_is_1": bool(
                 all(f == 1.0 for f in reference["frac_improved"] if f is not None)

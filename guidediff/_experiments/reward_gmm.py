@@ -1,4 +1,5 @@
-r"""`reward-gmm` (paper figure 3): reward guidance on a 2-D Gaussian mixture.
+r"""`reward-gmm` ([U]'s GMM, PAPER.md 6.3): reward guidance on a 2-D Gaussian
+mixture.
 
 The base law $p$ is a four-component mixture and the reward a Gaussian bump
 $r(x) = \exp(-\|x - a\|^2 / (2 s^2))$, so the reweighted law $p^r \propto p\,r$ is

@@ -1,4 +1,5 @@
-r"""`reward-pointset` (paper figures 4-5): reward guidance on a Swiss roll.
+r"""`reward-pointset` ([U]'s Swiss roll, PAPER.md 6.3): reward guidance on a Swiss
+roll.
 
 The target $p$ is the uniform law over a Swiss-roll-shaped point set (the $(x, z)$
 coordinates of `sklearn.datasets.make_swiss_roll`, rescaled to unit scale,
