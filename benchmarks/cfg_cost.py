@@ -83,17 +83,19 @@ TIMED_WITHOUT_NETWORK = ("cfg_batched", "cfg_interval", "cfg_interval_quarter")
 def _network_time_saved(fwd: dict, name: str) -> float | None:
     """1 - (network time of `name`) / (network time of full batched CFG), where a
     variant's network time is its run time minus that of its `_no_network` twin.
-    None where a twin timed slower than its variant (noise larger than the network's
-    time, e.g. at a smoke size)."""
-    try:
-        net = {
-            v: fwd[v]["run_s"] - fwd[v + NO_NETWORK]["run_s"]
-            for v in (name, "cfg_batched")
-        }
-    except KeyError:  # a variant failed: its figure is missing, the rest is written
-        return None
-    if net["cfg_batched"] <= 0 or net[name] < 0:  # timing noise above the network
-        return None
+
+    None where a variant failed, or where either network time is not above the
+    spread (max - min over the repeats) of its two timings: noise that large makes
+    the difference meaningless (e.g. at a smoke size)."""
+    net = {}
+    for v in (name, "cfg_batched"):
+        a, b = fwd.get(v, {}), fwd.get(v + NO_NETWORK, {})
+        if "run_s" not in a or "run_s" not in b:  # failed: the rest is still written
+            return None
+        spread = (a["run_max_s"] - a["run_min_s"]) + (b["run_max_s"] - b["run_min_s"])
+        net[v] = a["run_s"] - b["run_s"]
+        if net[v] <= spread:
+            return None
     return 1 - net[name] / net["cfg_batched"]
 
 

@@ -377,8 +377,8 @@ _FORWARD_MODE_GRAD_MSG = (
     "gd.sample(..., driver='diffeqsolve', adjoint=diffrax.ForwardMode()) is "
     "forward-mode only (jax.jvp / jax.jacfwd) and cannot be reverse-mode "
     "differentiated (jax.grad / jax.vjp). For jax.grad keep the default adjoint "
-    "(diffrax.RecursiveCheckpointAdjoint()) or use driver='scan', which supports "
-    "both modes."
+    "(diffrax.RecursiveCheckpointAdjoint()), or on a fixed grid use driver='scan', "
+    "which supports both modes."
 )
 _UNSAFE_GRAD_MSG = (
     "gd.sample(..., brownian='unsafe') uses diffrax.UnsafeBrownianPath, which cannot "
