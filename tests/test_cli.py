@@ -36,6 +36,21 @@ def test_demo_small(tmp_path):
         # most samples improve, but not every one: both beyond 4 standard errors
         f, f_se = r["frac_improved"], r["frac_improved_stderr"]
         assert 0.5 < f - 4 * f_se and f + 4 * f_se < 1.0
+        # the change from w = 0 is judged by no less than the unguided mean's exact
+        # standard error (its heavy tail makes the paired sample's understate)
+        assert r["reciprocal_prob_change_stderr"] >= res["theory_unguided_stderr"]
+    # the printed findings are decided from these numbers (at 2,000 particles the
+    # change at w = 0.5 is under 4 standard errors: the finding says so)
+    lowered = all(
+        -r["reciprocal_prob_change_mean"] > 4 * r["reciprocal_prob_change_stderr"]
+        for r in res["rows"][1:]
+    )
+    assert res["findings"] == {
+        "unguided_matches_theory": True,
+        "lowered_at_every_w": lowered,
+        "not_every_sample_improves": True,
+        "most_samples_improve": True,
+    }
 
 
 def test_unwritable_out_dir(tmp_path):
