@@ -7,7 +7,7 @@ import pytest
 
 import guidediff as gd
 from guidediff._experiments._common import monotone_within
-from guidediff._experiments.training_efficiency import _first_reach
+from guidediff._experiments.training_efficiency import _reach_bracket
 
 
 def test_monotone_claims_fail_on_non_finite_values():
@@ -19,12 +19,20 @@ def test_monotone_claims_fail_on_non_finite_values():
     assert monotone_within([2.95, 2.5, 1.95], [0.1, 0.1], 0.1, increasing=False)
 
 
-def test_first_reach_never_steps_over_a_failed_evaluation():
+def test_reach_bracket_never_steps_over_a_failed_evaluation():
+    """The crossing is bracketed by the evaluations around it, read from the raw
+    curve (a centred running mean looked one evaluation ahead before); a failed
+    (NaN) evaluation neither reaches the target nor bounds the crossing."""
     curve = {"step": [0, 1, 2, 3, 4], "reward": [0.0, math.nan, 0.7, 0.7, 0.7]}
-    # the NaN point is not reached; its finite neighbours' running mean is
-    assert _first_reach(curve, "step", 0.6) == 2.0
-    curve["reward"] = [0.0, 0.2, 0.4, 0.7, 0.7]  # finite: the 3-point running mean
-    assert _first_reach(curve, "step", 0.6) == 3.0
+    assert _reach_bracket(curve, "step", 0.6) == (0.0, 2.0)  # widened over the NaN
+    curve["reward"] = [0.0, 0.2, 0.4, 0.7, 0.5]
+    assert _reach_bracket(curve, "step", 0.6) == (2.0, 3.0)
+    curve["reward"] = [0.0, 0.2, 0.65, 0.5, 0.5]  # one point above: it counts
+    assert _reach_bracket(curve, "step", 0.6) == (1.0, 2.0)
+    curve["reward"] = [0.7, 0.2, 0.65, 0.5, 0.5]  # at the start already
+    assert _reach_bracket(curve, "step", 0.6) == (0.0, 0.0)
+    curve["reward"] = [0.0, math.nan, 0.5, 0.5, 0.5]
+    assert _reach_bracket(curve, "step", 0.6) is None
 
 
 @pytest.mark.parametrize("scale", [math.nan, math.inf, 0.0, -1.0])

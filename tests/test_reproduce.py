@@ -323,6 +323,15 @@ def _training_efficiency_structure(res):
         assert np.all(np.diff(m["network_evals"]) > 0), name
         assert np.all(np.diff(m["time_s"]) >= 0), name
         assert np.all(np.isfinite(m["reward"])), name
+    # the crossing of the 90 % target is bracketed by two evaluations (or None)
+    for m in methods.values():
+        for name in ("network_evals", "seconds"):
+            b = m[f"{name}_to_90pct_bracket"]
+            assert b is None or (b[0] <= b[1] == m[f"{name}_to_90pct"])
+    assert np.isfinite(res["energy_distance_floor"])
+    from guidediff._experiments._table import _efficiency_headline
+
+    assert "two exact sample sets" in _efficiency_headline(res)
     # every evaluation's failed particles are counted (and left out of its mean)
     fails = res["eval_failed_particles"]
     dsm = [m for name, m in methods.items() if name.startswith("reweighted DSM")]
@@ -553,3 +562,7 @@ def test_results_readme_prose_claims_hold_in_the_committed_files():
     at = {s: r for s, r in zip(warm["step"], warm["reward"], strict=True)}
     assert {s for s, r in at.items() if r is None} == {100, 200, 900}
     assert at[300] > res["target_90pct"]
+    # "[from scratch] its first evaluation after step 0 (step 100) is already above
+    # the target"
+    scratch = res["methods"]["reweighted DSM, from scratch"]
+    assert scratch["step"][1] == 100 and scratch["reward"][1] > res["target_90pct"]

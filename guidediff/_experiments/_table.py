@@ -118,17 +118,28 @@ def _robustness_headline(res: dict) -> str:
 
 def _efficiency_headline(res: dict) -> str:
     parts = []
+    floor = res.get("energy_distance_floor")  # files from before lack it
     for name, m in res["methods"].items():
         evals, secs = m.get("network_evals_to_90pct"), m.get("seconds_to_90pct")
-        reach = (
-            "never reaches 90 % of the gain"
-            if evals is None
-            else f"90 % of the gain after {evals:.2g} network evaluations ({secs:.2g} s)"
-        )
+        bracket = m.get("network_evals_to_90pct_bracket")
+        if evals is None:
+            reach = "never reaches 90 % of the gain"
+        elif bracket is not None:  # the crossing lies between two evaluations
+            lo, hi = bracket
+            slo, shi = m["seconds_to_90pct_bracket"]
+            reach = (
+                f"90 % of the gain between {lo:.2g} and {hi:.2g} network evaluations "
+                f"({slo:.2g}-{shi:.2g} s)"
+            )
+        else:
+            reach = (
+                f"90 % of the gain after {evals:.2g} network evaluations ({secs:.2g} s)"
+            )
         d = m["final_energy_distance_to_tilted"]
-        # the unbiased estimate of a distance near 0 can come out negative (no
-        # noise floor is computed for it, so nothing more is said)
+        # the unbiased estimate of a distance near 0 can come out negative
         dist = f"{d:.2g}" if d >= 0 else f"estimate {d:.2g}, below 0 by noise"
+        if floor is not None:
+            dist += f"; two exact sample sets: {floor:.2g}"
         parts.append(
             f"{name}: {reach}, final E[r] = {m['final_reward']:.3f} (energy distance "
             f"to p^r {dist})"
