@@ -217,6 +217,12 @@ def _reward_structure(res):
     assert 0 <= res["two_sample_pvalue_w1"]["exact"] <= 1
     assert np.isfinite(res["learned_w1_gain_fraction"])
     assert isinstance(res["claims"]["learned_w1_within_10pct_of_exact_gain"], bool)
+    # the learned scores' relative errors, by time band, for p and for p^r
+    errors = res["learned_score_relative_error"]
+    assert set(errors) == {"base", "reweighted"}
+    for bands in errors.values():
+        assert list(bands) == ["0.05-0.2", "0.2-0.5", "0.5-1"]
+        assert all(np.isfinite(e) and e > 0 for e in bands.values())
     # diverged particles are counted per w, and at most 0.1 % of them dropped
     for kind in ("exact", "learned"):
         f = res["failures"][kind]
@@ -555,6 +561,14 @@ def test_results_readme_prose_claims_hold_in_the_committed_files():
         mi + 3 * si < ideal for mi, si in zip(m[1:], se[1:], strict=True)
     )
     assert m[0] > 10 * ideal and m[0] - m[-1] < 3 * se[0]
+    # reward-*: "on the mixture neither sampler is told apart from p^r (p-values
+    # above 0.3). On the point set both are (p below 0.05 ...): the sampler stops
+    # at t = 1e-3"
+    p_mix = load("reward-gmm")["two_sample_pvalue_w1"]
+    p_set = load("reward-pointset")
+    assert min(p_mix.values()) > 0.3
+    assert max(p_set["two_sample_pvalue_w1"].values()) < 0.05
+    assert p_set["config"]["solver"].endswith("from 1 to 1e-3")
     # training-efficiency: "three warm-start points (steps 100, 200 and 900) are
     # null ... the point at step 300 already exceeds the target"
     res = load("training-efficiency")

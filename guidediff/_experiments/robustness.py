@@ -40,7 +40,7 @@ from .._flax import flax_score
 from .._score import AbstractScore
 from .._sde import VPSDE
 from ._common import Stopwatch, environment, pyplot, save_figure, stats, write_results
-from ._reward import reward_sweep, train_scores
+from ._reward import relative_score_error, reward_sweep, train_scores
 from .reward_gmm import base_mixture, bump_reward, exact_reward_values
 
 
@@ -108,13 +108,7 @@ def perturb(score, sde, key, dim, eps_field=0.0, eps_bias=0.0) -> PerturbedScore
 
 def relative_error(key, sde, law, approx, exact, num: int = 4000) -> float:
     r"""$\sqrt{E\|\hat s - s\|^2 / E\|s\|^2}$, $t \sim U[0.05, 1]$, $x_t \sim$ `law`$_t$."""
-    k0, kt, kz = jr.split(key, 3)
-    x0 = law.sample(k0, num)
-    t = jr.uniform(kt, (num,), minval=0.05, maxval=1.0)
-    xt = jax.vmap(sde.perturb)(t, x0, jr.normal(kz, x0.shape))
-    a = jax.vmap(lambda ti, xi: approx(ti, xi, None))(t, xt)
-    e = jax.vmap(lambda ti, xi: exact(ti, xi, None))(t, xt)
-    return float(jnp.sqrt(jnp.sum((a - e) ** 2) / jnp.sum(e**2)))
+    return relative_score_error(key, sde, law, approx, exact, num)
 
 
 def _gains(samples, reward):
