@@ -30,12 +30,18 @@ def test_below_reference():
     )  # last within 3 SE
 
 
-def _cfg_summary(m0_off=0.0, frac=0.8, changes=(0.0, -0.1, -0.3, -0.5), conf_off=0.0):
+def _cfg_summary(
+    m0_off=0.0,
+    frac=0.8,
+    changes=(0.0, -0.1, -0.3, -0.5),
+    conf_off=0.0,
+    means=(2.9, 2.7, 2.5),
+):
     """A cfg_sweep summary: theory 3.0 with SE 0.02; the paired changes have SE 0.01
     (the unpaired SEs, 0.2, would not resolve them)."""
     return {
         "w": [0.0, 0.1, 1.0, 10.0],
-        "reciprocal_prob_mean": [3.0 + m0_off, 2.9, 2.7, 2.5],
+        "reciprocal_prob_mean": [3.0 + m0_off, *means],
         "reciprocal_prob_stderr": [0.2] * 4,
         "reciprocal_prob_step_stderr": [0.01] * 3,
         "reciprocal_prob_total_stderr": 0.01,
@@ -51,8 +57,8 @@ def _cfg_summary(m0_off=0.0, frac=0.8, changes=(0.0, -0.1, -0.3, -0.5), conf_off
     }
 
 
-def _cfg_claims(monkeypatch, tmp_path, summary):
-    reference = dict(summary, frac_improved=[None, 1.0, 1.0, 1.0])
+def _cfg_claims(monkeypatch, tmp_path, summary, reference_frac=1.0):
+    reference = dict(summary, frac_improved=[None, *[reference_frac] * 3])
     calls = iter([(summary, {}, {}), (reference, {}, {})])
     monkeypatch.setattr(cfg_gmm, "cfg_sweep", lambda *a, **k: next(calls))
     monkeypatch.setattr(cfg_gmm, "_plot_curves", lambda *a, **k: None)
@@ -73,6 +79,14 @@ def test_cfg_gmm_claims(monkeypatch, tmp_path):
     ):
         claims = _cfg_claims(monkeypatch, tmp_path, summary)
         assert [k for k, v in claims.items() if not v] == [broken], claims
+    # a rise between two weights by 20 step SEs (the paired changes from w = 0
+    # all still negative), and one reference sample that did not improve
+    rise = _cfg_claims(monkeypatch, tmp_path, _cfg_summary(means=(2.7, 2.9, 2.5)))
+    assert [k for k, v in rise.items() if not v] == ["reciprocal_prob_decreasing"]
+    ref = _cfg_claims(monkeypatch, tmp_path, _cfg_summary(), reference_frac=0.9995)
+    assert [k for k, v in ref.items() if not v] == [
+        "reference_paper_1d_frac_improved_is_1"
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,9 @@ $c$ = the middle one): $p_t(c\mid x)$ peaks near the class and the guidance drif
 changes sign there, so coupled samples that the unguided sampler leaves near the
 peak can be pushed across it to a lower $p(c\mid x)$. About a fifth of the samples
 get worse at every $w$ while $E[1/p]$ falls, which is the paper's point.
+PAPER.md 6.4's isotropic two-class case (Wu et al.'s setting, $\mu = (\pm 2, 0)$,
+where every sample improves) is not run: it is the same monotone situation as the
+1-D reference, which already shows it.
 """
 
 from pathlib import Path

@@ -245,8 +245,9 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
 
 
 def _robust_up_to(rows) -> float:
-    """The largest relative error (of either score) up to which every row has a
-    gain more than 3 standard errors above 0 at every w > 0."""
+    """The largest relative error (of either score) up to which every row's gain is
+    significant at every w > 0 (`gain_significant`: more than 3 standard errors
+    above 0, and the guided E[r] above the exact unguided E_p[r])."""
     size = lambda r: max(r["relative_error_base"], r["relative_error_reward"])
     best = 0.0
     for row in sorted(rows, key=size):
