@@ -1,6 +1,7 @@
 r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
 
 import collections
+import functools
 import typing
 import warnings
 import weakref
@@ -111,8 +112,19 @@ def _signature(score, shape, dtype, args, floats_by_value: bool = True):
     return (score_def, args_def, tuple(sig), shape, np.dtype(dtype)), by_identity
 
 
+@functools.cache
+def _interval_type() -> type:
+    from ._guidance.interval import Interval  # imported late (import order)
+
+    return Interval
+
+
 def _is_keyed_node(node) -> bool:
-    return _is_shape_keyed(node) or isinstance(node, tuple(_VALUE_KEYED))
+    return (
+        _is_shape_keyed(node)
+        or isinstance(node, tuple(_VALUE_KEYED))
+        or isinstance(node, _interval_type())
+    )
 
 
 def _leaf_keys(leaves, floats_by_value: bool, sig: list, by_identity: list) -> bool:
@@ -126,6 +138,19 @@ def _leaf_keys(leaves, floats_by_value: bool, sig: list, by_identity: list) -> b
             if key is None:
                 return False
             sig.append(key)
+            continue
+        if isinstance(leaf, _interval_type()):
+            # Its bounds by shape and dtype: they never change the check's outcome
+            # (`lax.cond` traces both branches) and `_check_intervals` reads them on
+            # every call; a sweep of intervals does not trace the score again. The
+            # guidance inside is keyed as any other.
+            bounds = _tree_key((leaf.t_lo, leaf.t_hi))
+            if bounds is None:
+                return False
+            inner, treedef = jtu.tree_flatten(leaf.guidance, is_leaf=_is_keyed_node)
+            sig.extend([("interval", *bounds), treedef])
+            if not _leaf_keys(inner, floats_by_value, sig, by_identity):
+                return False
             continue
         if isinstance(leaf, tuple(_VALUE_KEYED)):  # its floats by value, always
             inner, treedef = jtu.tree_flatten(leaf)

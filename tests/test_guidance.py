@@ -154,6 +154,29 @@ def test_interval_ends_are_inclusive():
             assert not np.allclose(guided(t, X, LABEL), COND(t, X, LABEL))
 
 
+def test_a_sweep_of_interval_bounds_traces_the_score_once():
+    """gd.sample's check memo keyed an interval's bounds by value: each new pair
+    traced the score again (never recompiled). Bounds are keyed by shape now (the
+    check's outcome does not depend on them; the miss warning reads them on every
+    call); the guidance inside is still keyed by value."""
+    traces = []
+    traced = gd.ScoreFn(lambda t, x, args: traces.append(1) or COND(t, x, args))
+    ts = gd.uniform_grid(1.0, 1e-3, 4)
+    g = gd.cfg(1.5, null_args=3)
+    outs = []
+    for lo, hi in ((0.2, 0.6), (0.3, 0.9), (0.1, 0.5)):
+        guided = gd.guide(traced, gd.interval(g, lo, hi))
+        outs.append(gd.sample(jr.key(0), SDE, guided, (2,), ts=ts, args=1).ys)
+        if lo == 0.2:
+            first = len(traces)
+    assert len(traces) == first, "a new pair of bounds traced the score again"
+    assert not np.allclose(outs[0], outs[1])  # the bounds did change the samples
+    # the warning about bounds that miss the grid still reads them on every call
+    with pytest.warns(UserWarning, match="miss the sampled times"):
+        gd.sample(jr.key(0), SDE, gd.guide(traced, gd.interval(g, 5.0, 6.0)), (2,),
+                  ts=ts, args=1)  # fmt: skip
+
+
 def test_a_schedule_whose_knots_miss_the_grid_warns():
     """A `gd.PiecewiseLinear` weight with knots as step indices (100..900) held its
     first value at every sampled time, silently; knots on one side of the sampled

@@ -52,9 +52,8 @@ def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> In
     $$\tilde s_t = \begin{cases} G[s]_t & t_{lo} \le t \le t_{hi},\\
     s_t & \text{otherwise.}\end{cases}$$
 
-    The bounds are array leaves: changing them does not recompile (`gd.sample`'s
-    Python checks trace the score once more for each new pair of bounds; under
-    `jax.vmap` over the bounds, once in all). The switch is a
+    The bounds are array leaves: changing them neither recompiles nor traces the
+    score again (a sweep of intervals runs one program). The switch is a
     `lax.cond`, so outside the interval the guidance is not evaluated at all (e.g.
     CFG's unconditional call is skipped) when all particles share the time and the
     bounds. Under `jax.vmap` over the bounds (a sweep of intervals in one program)
