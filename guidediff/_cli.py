@@ -83,7 +83,8 @@ def _reproduce(name: str, out: str | None, *, quick: bool, seed: int) -> int:
     print(f"wrote {out_dir / 'results.json'} ({results['seconds']:.1f} s)")
     claims = results.get("claims", {})
     for claim, value in claims.items():
-        print(f"  {claim}: {value}")
+        shown = "not judged at this size" if value is None else value
+        print(f"  {claim}: {shown}")
     return 0
 
 

@@ -634,7 +634,13 @@ def _score_times(solver, grid, adaptive: bool, denoise: bool):
 
 
 def _check_intervals(
-    score, ts, solver, adaptive: bool = False, denoise: bool = False, sde=None
+    score,
+    ts,
+    solver,
+    adaptive: bool = False,
+    denoise: bool = False,
+    sde=None,
+    stacklevel: int = 3,
 ) -> None:
     """A `gd.interval` whose (concrete) bounds miss the sampled times altogether,
     or hold none of the times at which the solver evaluates the score, never
@@ -656,6 +662,9 @@ def _check_intervals(
     found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, kinds))
     schedules = [g for g in found if isinstance(g, PiecewiseLinear)]
     found = [g for g in found if isinstance(g, Interval)]
+    for g in found:  # schedules inside an interval's guidance too
+        inner = jtu.tree_leaves(g, is_leaf=lambda n: isinstance(n, PiecewiseLinear))
+        schedules += [w for w in inner if isinstance(w, PiecewiseLinear)]
     if not (found or schedules) or isinstance(ts, jax.core.Tracer):
         return
     from ._grid import grid_values
@@ -679,7 +688,7 @@ def _check_intervals(
                 "schedule its values describe. The knots are times of the SDE "
                 "(from 0, data, to T, noise), not step indices",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
     if denoise and sde is not None:
         # the final Tweedie step is skipped where sigma = 0 (the identity there)
@@ -700,7 +709,7 @@ def _check_intervals(
                 "bounds are times of the SDE (from 0, data, to T, noise), not step "
                 "indices or fractions of the steps",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         elif times is not None and not np.any((times >= lo) & (times <= hi)):
             which = "grid times" if times.size == grid.size else "step starts"
@@ -712,7 +721,7 @@ def _check_intervals(
                 f"{np.array2string(grid, precision=4, threshold=8)}), so its "
                 "guidance never applies. Widen the interval or refine the grid",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
 

@@ -573,7 +573,7 @@ def _check_sampled_score(score, sde, shape, dtype, args, kw) -> None:
     _check_score_shape(score, ts, shape, dtype, args)
     _check_network_end(score, solver, sde, ts)
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts, solver)
+    _check_intervals(score, ts, solver, stacklevel=4)  # the tuner's caller
 
 
 def finetune_through_sampler(

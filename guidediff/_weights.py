@@ -246,11 +246,13 @@ _MAX_HOST_KNOTS = 64
 
 def _remember_knots(w: PiecewiseLinear, times: np.ndarray, values: np.ndarray):
     if len(_HOST_KNOTS) >= _MAX_HOST_KNOTS:  # drop the dead, then the oldest
-        for key in [k for k, v in _HOST_KNOTS.items() if v[0]() is None]:
+        dead = [k for k, v in _HOST_KNOTS.items() if v[0]() is None or v[1]() is None]
+        for key in dead:
             del _HOST_KNOTS[key]
         while len(_HOST_KNOTS) >= _MAX_HOST_KNOTS:
             del _HOST_KNOTS[next(iter(_HOST_KNOTS))]
-    _HOST_KNOTS[id(w.times)] = (
+    # keyed by both arrays: schedules may share their times (a tuner's zero schedule)
+    _HOST_KNOTS[id(w.times), id(w.values)] = (
         weakref.ref(w.times),
         weakref.ref(w.values),
         times,
@@ -262,7 +264,7 @@ def knots_on_host(w: PiecewiseLinear) -> tuple[np.ndarray, np.ndarray] | None:
     """`(times, values)` of `w` on the host if its constructor saw concrete values
     (and its arrays are still the ones made then); None otherwise: not read from
     the device."""
-    hit = _HOST_KNOTS.get(id(w.times))
+    hit = _HOST_KNOTS.get((id(w.times), id(w.values)))
     if hit is None or hit[0]() is not w.times or hit[1]() is not w.values:
         return None
     return hit[2], hit[3]

@@ -206,6 +206,24 @@ def test_a_schedule_whose_knots_miss_the_grid_warns():
             return knots
 
         traced(jnp.array([5.0, 6.0]))
+    # (a review) schedules sharing their times array are each judged; a schedule
+    # inside an interval's guidance is judged; from a tuner the warning names the
+    # caller's line
+    steps = gd.PiecewiseLinear([100.0, 900.0], [0.0, 1.0])
+    gd.PiecewiseLinear(steps.times, jnp.zeros(2))  # as tune_guidance makes one
+    cfg_of = lambda w: gd.guide(COND, gd.cfg(w, null_args=3))
+    with pytest.warns(UserWarning, match="all lie after"):
+        _check_intervals(cfg_of(steps), ts, None)
+    inside = gd.guide(COND, gd.interval(gd.cfg(steps, null_args=3), 0.0, 1.0))
+    with pytest.warns(UserWarning, match="all lie after"):
+        _check_intervals(inside, ts, None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="optimizer"):  # after the checks
+            gd.tune_guidance(jr.key(0), SDE, cfg_of, lambda x: x[0], (2,), init=steps,
+                             ts=ts, args=1, optimizer="adam")  # fmt: skip
+    (w,) = [w for w in seen if "all lie after" in str(w.message)]
+    assert w.filename == __file__
 
 
 def test_an_interval_that_misses_the_grid_warns():

@@ -252,9 +252,13 @@ def run(out: Path, *, quick: bool = False, seed: int = 0) -> dict:
             ),
             # ... and its mean p(c|Y^0), light-tailed, is the exact E[p(c|X)]
             # within 4 of its own standard errors: a sampler bias too small for
-            # the check above (a 200-step grid's is about one standard error at
-            # 2,000 particles) shows here at the full size
-            "unguided_confidence_matches_exact": bool(
+            # the check above shows here. Judged at the full size only (None at
+            # --quick): the quick 200-step grid's bias is itself about one
+            # standard error at 2,000 particles, so the claim would fail there
+            # for a few percent of seeds, by the grid and not by guidance
+            "unguided_confidence_matches_exact": None
+            if quick
+            else bool(
                 abs(
                     primary["unguided_confidence_mean"]
                     - primary["theory_unguided_confidence"]
