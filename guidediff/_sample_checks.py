@@ -123,7 +123,7 @@ def _is_keyed_node(node) -> bool:
     return (
         _is_shape_keyed(node)
         or isinstance(node, tuple(_VALUE_KEYED))
-        or isinstance(node, _interval_type())
+        or type(node) is _interval_type()  # a subclass is keyed as any module
     )
 
 
@@ -139,7 +139,7 @@ def _leaf_keys(leaves, floats_by_value: bool, sig: list, by_identity: list) -> b
                 return False
             sig.append(key)
             continue
-        if isinstance(leaf, _interval_type()):
+        if type(leaf) is _interval_type():  # not a subclass: it may read its bounds
             # Its bounds by shape and dtype: they never change the check's outcome
             # (`lax.cond` traces both branches) and `_check_intervals` reads them on
             # every call; a sweep of intervals does not trace the score again. The
@@ -659,12 +659,17 @@ def _check_intervals(
     from ._weights import PiecewiseLinear, knots_on_host
 
     kinds = (Interval, PiecewiseLinear)
-    found = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, kinds))
-    schedules = [g for g in found if isinstance(g, PiecewiseLinear)]
-    found = [g for g in found if isinstance(g, Interval)]
-    for g in found:  # schedules inside an interval's guidance too
-        inner = jtu.tree_leaves(g, is_leaf=lambda n: isinstance(n, PiecewiseLinear))
-        schedules += [w for w in inner if isinstance(w, PiecewiseLinear)]
+    found, schedules = [], []
+
+    def collect(tree):  # intervals and schedules, also inside an interval's guidance
+        for node in jtu.tree_leaves(tree, is_leaf=lambda n: isinstance(n, kinds)):
+            if isinstance(node, Interval):
+                found.append(node)
+                collect(node.guidance)
+            elif isinstance(node, PiecewiseLinear):
+                schedules.append(node)
+
+    collect(score)
     if not (found or schedules) or isinstance(ts, jax.core.Tracer):
         return
     from ._grid import grid_values
@@ -702,6 +707,12 @@ def _check_intervals(
         # 1e-3 is below the float32 grid end it meets there)
         lo = float(np.asarray(g.t_lo).astype(grid.dtype))
         hi = float(np.asarray(g.t_hi).astype(grid.dtype))
+        if not lo <= hi:  # NaN, or reversed: as gd.interval refuses them
+            raise ValueError(
+                f"gd.Interval's bounds must be t_lo <= t_hi and not NaN, got "
+                f"[{lo:g}, {hi:g}] (an Interval built directly, or by gd.interval "
+                "from traced bounds, is checked here)"
+            )
         if hi < lo_t or lo > hi_t:
             warnings.warn(
                 f"gd.interval's bounds [{lo:g}, {hi:g}] miss the sampled times "

@@ -171,10 +171,28 @@ def test_a_sweep_of_interval_bounds_traces_the_score_once():
             first = len(traces)
     assert len(traces) == first, "a new pair of bounds traced the score again"
     assert not np.allclose(outs[0], outs[1])  # the bounds did change the samples
-    # the warning about bounds that miss the grid still reads them on every call
-    with pytest.warns(UserWarning, match="miss the sampled times"):
-        gd.sample(jr.key(0), SDE, gd.guide(traced, gd.interval(g, 5.0, 6.0)), (2,),
-                  ts=ts, args=1)  # fmt: skip
+    # the warning about bounds that miss the grid still reads them on every call,
+    # also of an interval nested in another (a review)
+    for missed in (gd.interval(g, 5.0, 6.0), gd.interval(gd.interval(g, 5.0, 6.0), 0.0, 1.0)):  # fmt: skip
+        with pytest.warns(UserWarning, match="miss the sampled times"):
+            gd.sample(jr.key(0), SDE, gd.guide(traced, missed), (2,), ts=ts, args=1)
+
+    # (a review) a subclass of gd.Interval is not keyed as one: it may read its
+    # bounds, or, as here, return another shape, which the check must see even
+    # after a plain interval passed
+    class Doubled(gd.Interval):
+        def apply(self, score, t, x, args):
+            return jnp.concatenate([score(t, x, args)] * 2)
+
+    lo, hi = (jnp.asarray(v, jnp.result_type(float)) for v in (0.2, 0.6))
+    with pytest.raises(ValueError, match=r"returned shape \(4,\)"):
+        gd.sample(jr.key(0), SDE, gd.guide(traced, Doubled(g, lo, hi)), (2,), ts=ts,
+                  args=1)  # fmt: skip
+    # bounds built without gd.interval's checks: reversed or NaN is an error here
+    for bad in ((hi, lo), (jnp.asarray(jnp.nan), hi)):
+        with pytest.raises(ValueError, match="t_lo <= t_hi and not NaN"):
+            gd.sample(jr.key(0), SDE, gd.guide(traced, gd.Interval(g, *bad)), (2,),
+                      ts=ts, args=1)  # fmt: skip
 
 
 def test_a_schedule_whose_knots_miss_the_grid_warns():
