@@ -1,6 +1,7 @@
 r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
 
 import collections
+import dataclasses
 import functools
 import typing
 import warnings
@@ -665,7 +666,8 @@ def _check_intervals(
         for node in jtu.tree_leaves(tree, is_leaf=lambda n: isinstance(n, kinds)):
             if isinstance(node, Interval):
                 found.append(node)
-                collect(node.guidance)
+                # all its fields (a subclass may hold more than its guidance)
+                collect([getattr(node, f.name) for f in dataclasses.fields(node)])
             elif isinstance(node, PiecewiseLinear):
                 schedules.append(node)
 
@@ -707,7 +709,8 @@ def _check_intervals(
         # 1e-3 is below the float32 grid end it meets there)
         lo = float(np.asarray(g.t_lo).astype(grid.dtype))
         hi = float(np.asarray(g.t_hi).astype(grid.dtype))
-        if not lo <= hi:  # NaN, or reversed: as gd.interval refuses them
+        if type(g) is Interval and not lo <= hi:  # NaN, or reversed, as
+            # gd.interval refuses them (a subclass may give its bounds other meanings)
             raise ValueError(
                 f"gd.Interval's bounds must be t_lo <= t_hi and not NaN, got "
                 f"[{lo:g}, {hi:g}] (an Interval built directly, or by gd.interval "

@@ -159,6 +159,8 @@ def test_a_sweep_of_interval_bounds_traces_the_score_once():
     traced the score again (never recompiled). Bounds are keyed by shape now (the
     check's outcome does not depend on them; the miss warning reads them on every
     call); the guidance inside is still keyed by value."""
+    from guidediff._sample_checks import _check_intervals
+
     traces = []
     traced = gd.ScoreFn(lambda t, x, args: traces.append(1) or COND(t, x, args))
     ts = gd.uniform_grid(1.0, 1e-3, 4)
@@ -188,6 +190,14 @@ def test_a_sweep_of_interval_bounds_traces_the_score_once():
     with pytest.raises(ValueError, match=r"returned shape \(4,\)"):
         gd.sample(jr.key(0), SDE, gd.guide(traced, Doubled(g, lo, hi)), (2,), ts=ts,
                   args=1)  # fmt: skip
+
+    # a schedule in a subclass's own field is still judged (a review)
+    class WithSchedule(gd.Interval):
+        extra: gd.AbstractGuidance
+
+    steps = gd.cfg(gd.PiecewiseLinear([100.0, 900.0], [0.0, 2.0]), null_args=3)
+    with pytest.warns(UserWarning, match="all lie after"):
+        _check_intervals(gd.guide(COND, WithSchedule(g, lo, hi, steps)), ts, None)
     # bounds built without gd.interval's checks: reversed or NaN is an error here
     for bad in ((hi, lo), (jnp.asarray(jnp.nan), hi)):
         with pytest.raises(ValueError, match="t_lo <= t_hi and not NaN"):
