@@ -205,6 +205,19 @@ def test_a_sweep_of_interval_bounds_traces_the_score_once():
                       ts=ts, args=1)  # fmt: skip
 
 
+def test_an_interval_built_directly_takes_python_numbers():
+    """`gd.Interval(g, 0.2, 0.6)` failed at its first call ('float' object has no
+    attribute 'astype'): its bounds become default-float arrays, as gd.interval's."""
+    g = gd.cfg(2.0, null_args=3)
+    direct, built = gd.Interval(g, 0.2, 0.6), gd.interval(g, 0.2, 0.6)
+    assert direct.t_lo.dtype == built.t_lo.dtype == jnp.result_type(float)
+    x = jnp.array([0.3, -0.1])
+    for t in (0.1, 0.4):
+        assert jnp.array_equal(
+            gd.guide(COND, direct)(t, x, 1), gd.guide(COND, built)(t, x, 1)
+        )
+
+
 def test_a_schedule_whose_knots_miss_the_grid_warns():
     """A `gd.PiecewiseLinear` weight with knots as step indices (100..900) held its
     first value at every sampled time, silently; knots on one side of the sampled

@@ -2,6 +2,7 @@ r"""Guidance active on a time interval only."""
 
 import math
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -19,12 +20,13 @@ class Interval(AbstractGuidance):
     **Arguments:**
 
     - `guidance`: the `AbstractGuidance` to switch on and off.
-    - `t_lo`, `t_hi`: the interval's ends, scalar float arrays (leaves).
+    - `t_lo`, `t_hi`: the interval's ends, scalars (leaves; Python or NumPy
+      numbers become arrays of the default float dtype).
     """
 
     guidance: AbstractGuidance
-    t_lo: Float[Array, ""]
-    t_hi: Float[Array, ""]
+    t_lo: Float[Array, ""] = eqx.field(converter=lambda b: _as_bound(b))
+    t_hi: Float[Array, ""] = eqx.field(converter=lambda b: _as_bound(b))
 
     def apply(self, score, t, x, args):
         t = jnp.asarray(t)
@@ -43,6 +45,12 @@ class Interval(AbstractGuidance):
             lambda: self.guidance.apply(score, t, x, args).astype(dtype),
             lambda: score(t, x, args),
         )
+
+
+def _as_bound(b):
+    """A JAX array (a tracer too) as it is, anything else as a default-float array:
+    `apply` compares the bounds in the time's dtype (`.astype`)."""
+    return b if isinstance(b, jax.Array) else jnp.asarray(b, jnp.result_type(float))
 
 
 def interval(guidance: AbstractGuidance, t_lo: ArrayLike, t_hi: ArrayLike) -> Interval:
