@@ -4,7 +4,7 @@ The pipeline, one module per stage: forward SDE (`_sde`) -> score (`_score`, exa
 oracles in `_oracle`) -> guidance (`_guidance`, score -> score, chained) -> reverse
 terms (`_reverse`) -> diffrax solvers (`_solver`) on a grid (`_grid`) with grid
 Brownian noise (`_brownian`), run by the scan / diffeqsolve drivers (`_driver`) ->
-particles (`_sample`) -> metrics (`_metrics`, `_diagnostics`). Training (`_nn`, `_flax`, `_losses`,
+particles (`_sample`; log-likelihoods through the probability flow in `_likelihood`) -> metrics (`_metrics`, `_diagnostics`). Training (`_nn`, `_flax`, `_losses`,
 `_train`, `_data`), differentiable tuning (`_tune`) and the paper's experiments
 (`_experiments`) build on these.
 """
@@ -39,6 +39,10 @@ from ._guidance.interval import Interval as Interval, interval as interval
 from ._guidance.reward import (
     RewardGuidance as RewardGuidance,
     reward_guidance as reward_guidance,
+)
+from ._likelihood import (
+    LogLikelihood as LogLikelihood,
+    log_likelihood as log_likelihood,
 )
 from ._losses import (
     check_labels as check_labels,
