@@ -12,7 +12,6 @@ $(x_t, \int\nabla\cdot v)$ is integrated forward in time, from the data end $t_0
 $T$, by `diffrax.diffeqsolve`.
 """
 
-import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -21,14 +20,26 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
+from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
 
 from ._brownian import check_key, threefry_key
 from ._custom_types import Args
 from ._jit import filter_jit, is_real_scalar
 from ._reverse import ReverseDrift
-from ._sample_checks import _check_guidance_sde, _check_score_shape
+from ._sample import (
+    _args_as_arrays,
+    _check_sde,
+    _grid_in_dtype,
+    _grid_ok,
+    _safe_grid,
+)
+from ._sample_checks import (
+    _check_count,
+    _check_guidance_sde,
+    _check_score_shape,
+    _check_solver,
+)
 from ._score import AbstractScore, check_score
 from ._sde import AbstractSDE
 
@@ -36,14 +47,15 @@ from ._sde import AbstractSDE
 class LogLikelihood(eqx.Module):
     """The output of `log_likelihood`, one entry per particle.
 
-    - `log_prob`: $\\log p_{t_0}(x)$, NaN for a failed particle.
+    - `log_prob`: $\\log p_{t_0}(x)$.
     - `prior_log_prob`: $\\log p_T(x_T)$ under the prior (or `prior_logp`).
     - `delta_log_prob`: $\\int_{t_0}^T \\nabla\\cdot v_t(x_t)\\,dt$ (exact, or the
       Hutchinson estimate).
     - `ys`: the latents $x_T$, `(particles, *shape)`.
     - `result`: per-particle `diffrax.RESULTS`.
-    - `failed`: the solve failed (`result`, e.g. out of `max_steps`) or the value
-      is not finite.
+    - `failed`: the solve failed (`result`, e.g. out of `max_steps`), the point
+      or the value is not finite, or a traced time was out of range. A failed
+      particle's `log_prob`, `prior_log_prob`, `delta_log_prob` and `ys` are NaN.
     - `num_steps`: solver steps per particle (accepted and rejected).
     - `num_failed` (property): the number of failed particles.
     """
@@ -87,22 +99,36 @@ def _divergence_vf(drift: ReverseDrift, exact: bool):
     return vf
 
 
+_FORWARD_MODE_GRAD_MSG = (
+    "gd.log_likelihood(..., adjoint=diffrax.ForwardMode()) is forward-mode only "
+    "(jax.jvp / jax.jacfwd) and cannot be reverse-mode differentiated (jax.grad / "
+    "jax.vjp): for jax.grad keep the default adjoint "
+    "(diffrax.RecursiveCheckpointAdjoint())."
+)
+# built once: constructing an equinox module costs host time on every direct call
+_DEFAULT_CONTROLLER = dfx.PIDController(rtol=1e-5, atol=1e-5)
+_DEFAULT_SOLVER = dfx.Tsit5()
+_DEFAULT_ADJOINT = dfx.RecursiveCheckpointAdjoint()
+
+
 @filter_jit
 def _log_likelihood_jit(
-    xs, probes, sde, score, args, t0, t1, ts, solver, controller, adjoint, static
+    xs, probes, ok, sde, score, args, t0, t1, ts, solver, controller, adjoint, static
 ):
-    exact, max_steps, prior_logp = static
+    exact, max_steps, prior_logp, forward = static
     term = dfx.ODETerm(_divergence_vf(ReverseDrift(sde, score, 0.5), exact))
     controller = dfx.StepTo(ts) if ts is not None else controller
 
     def one(x, probe):
+        # a non-finite point is flagged at once (it would take every step first)
+        finite = jnp.all(jnp.isfinite(x))
         sol = dfx.diffeqsolve(
             term,
             solver,
             t0,
             t1,
             None,
-            (x, jnp.zeros((), x.dtype)),
+            (jnp.where(finite, x, 0), jnp.zeros((), x.dtype)),
             args=(args, probe),
             stepsize_controller=controller,
             adjoint=adjoint,
@@ -112,23 +138,23 @@ def _log_likelihood_jit(
         y1, delta = sol.ys[0][0], sol.ys[1][0]
         prior = (sde.prior_logp if prior_logp is None else prior_logp)(y1)
         prior = jnp.asarray(prior, x.dtype)
-        return y1, delta, prior, sol.result, sol.stats["num_steps"]
+        failed = (sol.result != dfx.RESULTS.successful) | ~finite
+        return y1, delta, prior, sol.result, failed, sol.stats["num_steps"]
 
-    y1, delta, prior, result, nsteps = jax.vmap(one)(xs, probes)
+    y1, delta, prior, result, failed, nsteps = jax.vmap(one)(xs, probes)
     log_prob = prior + delta
-    failed = (result != dfx.RESULTS.successful) | ~jnp.isfinite(log_prob)
-    log_prob = jnp.where(failed, jnp.nan, log_prob)
-    return LogLikelihood(log_prob, prior, delta, y1, result, failed, nsteps)
-
-
-def _concrete_float(name: str, value) -> float | None:
-    """`value` as a Python float, or None when traced; a real scalar either way."""
-    if not is_real_scalar(value):
-        raise TypeError(f"log_likelihood: {name} must be a real scalar, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
+    failed = failed | ~jnp.isfinite(log_prob) | ~ok
+    # a failed particle's values are NaN, wherever its solve stopped (as gd.sample's)
+    log_prob, prior, delta = (
+        jnp.where(failed, jnp.nan, a) for a in (log_prob, prior, delta)
+    )
+    y1 = jnp.where(failed.reshape(failed.shape + (1,) * (y1.ndim - 1)), jnp.nan, y1)
+    out = LogLikelihood(log_prob, prior, delta, y1, result, failed, nsteps)
+    if forward:
+        # diffeqsolve's loop under ForwardMode has no transpose: JAX's own error
+        # (about while loops) would name none of this
+        out = nondifferentiable_backward(out, msg=_FORWARD_MODE_GRAD_MSG, symbolic=True)
+    return out
 
 
 def log_likelihood(
@@ -155,11 +181,13 @@ def log_likelihood(
     where $\pi$ is the prior. With the exact score and $\pi = p_T$ this is the exact
     $\log p_{t_0}(x)$ up to the solver's tolerance; with the default prior
     $\mathcal N(0, \sigma_T^2 I)$ for $p_T$ it is off by the mismatch of the two at
-    $x_T$ (about 0.01 in the example below, where $p_T$'s mean is 0.007). With a learned or guided score
-    it is the exact log-density of the distribution that the probability-flow
-    sampler (`gd.sample(..., process="ode")`, ending at $t_0$) draws from: the
-    model's likelihood (Song et al., 2021). For a guided score that is the guided
-    ODE sampler's density, which need not be a tilt of $p$.
+    $x_T$ (about 0.01 in the example below, where $p_T$'s mean is 0.007). With a
+    learned or guided score it is the log-density of the law that the
+    probability-flow ODE carries the prior to at $t_0$: the model's likelihood
+    (Song et al., 2021), the law that `gd.sample(..., process="ode")` (ending at
+    $t_0$, without `denoise`) draws from in the limit of small steps (its own
+    discrete steps are not the exact flow). For a guided score that is the
+    guided ODE's law, which need not be a tilt of $p$.
 
     **Arguments:**
 
@@ -172,7 +200,9 @@ def log_likelihood(
       $[0, T)$; $T$ is `sde.T`.
     - `ts`: instead of `t0` and adaptive steps, a fixed grid as the samplers take
       it, decreasing from $T$ to $t_0$ (e.g. `gd.uniform_grid(sde.T, 1e-3, n)`),
-      stepped in reverse order (`diffrax.StepTo(ts[::-1])`).
+      stepped in reverse order (`diffrax.StepTo(ts[::-1])`). Checked as
+      `gd.sample` checks it; a traced `t0` or grid is checked on the device
+      (a bad one flags every particle as failed).
     - `divergence`: `"exact"` (the trace of the Jacobian of $v$: one
       Jacobian-vector product per coordinate, for small dimensions) or
       `"hutchinson"`, the unbiased estimate $\varepsilon^\top \partial_x v\,
@@ -184,16 +214,20 @@ def log_likelihood(
       not depend on how many follow.
     - `solver`: a diffrax ODE solver (default `diffrax.Tsit5()`; guidediff's
       sampling solvers integrate the reverse direction and are refused).
-    - `stepsize_controller`: default `diffrax.PIDController(rtol=1e-5,
-      atol=1e-5)`; not with `ts`.
-    - `adjoint`: diffrax's adjoint (default `RecursiveCheckpointAdjoint()`):
-      `jax.grad` reaches `xs` and the score's parameters.
+    - `stepsize_controller`: an adaptive controller, default
+      `diffrax.PIDController(rtol=1e-5, atol=1e-5)`; for fixed steps pass `ts`.
+    - `adjoint`: diffrax's adjoint (default `RecursiveCheckpointAdjoint()`:
+      reverse mode, `jax.grad` reaches `xs` and the score's parameters); forward
+      mode (`jax.jvp`, `jax.jacfwd`) needs `diffrax.ForwardMode()`.
     - `max_steps`: the most steps a particle may take; one that needs more is
       flagged failed.
-    - `prior_logp`: $\log\pi$ of one latent (default `sde.prior_logp`); e.g. the
-      exact $\log p_T$ of an oracle, for a check against its closed form.
+    - `prior_logp`: $\log\pi$ of one latent, a float scalar (default
+      `sde.prior_logp`); e.g. the exact $\log p_T$ of an oracle, for a check
+      against its closed form. A static part of the compiled program: define the
+      function once (a new `lambda` per call compiles again).
 
-    **Returns:** a `LogLikelihood`; divide `-log_prob` by $d\log 2$ for bits per
+    **Returns:** a `LogLikelihood` (a failed particle's values are all NaN, never
+    a plausible number); divide `-log_prob` by $d\log 2$ for bits per
     dimension (of the continuous density: a dequantised image needs its own
     correction).
 
@@ -219,8 +253,8 @@ def log_likelihood(
         ```
     """
     check_score(score)
-    if not isinstance(sde, AbstractSDE):
-        raise TypeError(f"log_likelihood: sde must be an AbstractSDE, got {sde!r}")
+    _check_sde(sde)  # a traced T is refused: the time checks need it on the host
+    T = float(sde.T)
     xs = jnp.asarray(xs)
     if xs.ndim < 1:
         raise ValueError(
@@ -248,16 +282,12 @@ def log_likelihood(
         raise ValueError(
             "log_likelihood: divergence='hutchinson' needs a key for its probes"
         )
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(
-            f"log_likelihood: max_steps must be a positive int, got {max_steps!r}"
-        )
+    max_steps = _check_count("max_steps", max_steps)
     if prior_logp is not None and not callable(prior_logp):
         raise TypeError(
             "log_likelihood: prior_logp must be a function of one latent, got "
             f"{type(prior_logp).__name__}"
         )
-    T = _concrete_float("sde.T", sde.T)
     if ts is not None:
         if t0 is not None:
             raise ValueError(
@@ -265,49 +295,40 @@ def log_likelihood(
             )
         if stepsize_controller is not None:
             raise ValueError(
-                "log_likelihood: ts is the fixed grid diffrax.StepTo(ts); it takes "
-                "no stepsize_controller"
+                "log_likelihood: ts is the fixed grid diffrax.StepTo(ts[::-1]); it "
+                "takes no stepsize_controller"
             )
-        ts = jnp.asarray(ts, dtype)
-        if ts.ndim != 1 or ts.shape[0] < 2:
-            raise ValueError(
-                f"log_likelihood: ts must be a 1-D grid of at least 2 times, got "
-                f"shape {ts.shape}"
-            )
-        if not isinstance(ts, jax.core.Tracer):
-            grid = np.asarray(ts)
-            if not np.all(np.isfinite(grid)) or not np.all(np.diff(grid) < 0):
-                raise ValueError(
-                    "log_likelihood: ts must be finite and strictly decreasing, from "
-                    "sde.T down to the data end t0, as the samplers take it (it is "
-                    "stepped in reverse order)"
-                )
-            if T is not None and (grid[-1] < 0 or not math.isclose(grid[0], T)):
-                raise ValueError(
-                    f"log_likelihood: ts must run from sde.T = {T:g} down to t0 >= 0, "
-                    f"got [{grid[0]:g}, .., {grid[-1]:g}]"
-                )
-        ts = ts[::-1]
+        # the samplers' checks and messages: strictly decreasing from sde.T (to
+        # float32's resolution) down to t0 >= 0; a traced grid on the device
+        ts = _grid_in_dtype(sde, ts, dtype, start_at_T=True, takes_y0=False)
+        ok = _grid_ok(sde, ts, start_at_T=True)
+        ts = _safe_grid(sde, ts, ok)[::-1]
         t0_, t1_ = ts[0], ts[-1]
         controller = None
     else:
         t0 = 1e-3 if t0 is None else t0
-        t0_val = _concrete_float("t0", t0)
-        if t0_val is not None and T is not None and not 0 <= t0_val < T:
+        if not is_real_scalar(t0):
+            raise TypeError(f"log_likelihood: t0 must be a real scalar, got {t0!r}")
+        if not isinstance(t0, jax.core.Tracer) and not 0 <= float(t0) < T:
             raise ValueError(
-                f"log_likelihood: t0 must lie in [0, sde.T) = [0, {T:g}), got {t0_val}"
+                f"log_likelihood: t0 must lie in [0, sde.T) = [0, {T:g}), got {t0}"
             )
-        t0_, t1_ = jnp.asarray(t0, dtype), jnp.asarray(sde.T, dtype)
+        t0_ = jnp.asarray(t0, dtype)
+        ok = (t0_ >= 0) & (t0_ < T)  # a traced t0: flags every particle when bad
+        t0_ = jnp.where(ok, t0_, T / 2)
+        t1_ = jnp.asarray(T, dtype)
         controller = (
-            dfx.PIDController(rtol=1e-5, atol=1e-5)
+            _DEFAULT_CONTROLLER
             if stepsize_controller is None
-            else stepsize_controller
+            else (stepsize_controller)
         )
-    solver = dfx.Tsit5() if solver is None else solver
-    if not isinstance(solver, dfx.AbstractSolver):
-        raise TypeError(
-            f"log_likelihood: solver must be a diffrax solver, got {solver!r}"
-        )
+        if isinstance(controller, dfx.ConstantStepSize | dfx.StepTo):
+            raise ValueError(
+                "log_likelihood: for fixed steps pass the grid as ts= (decreasing "
+                "from sde.T, as the samplers take it, e.g. gd.uniform_grid(sde.T, "
+                f"1e-3, n)), not stepsize_controller={type(controller).__name__}"
+            )
+    solver = _DEFAULT_SOLVER if solver is None else solver
     if type(solver).__module__.startswith("guidediff"):
         raise TypeError(
             f"log_likelihood: {type(solver).__name__} is a sampling solver (reverse "
@@ -315,9 +336,53 @@ def log_likelihood(
             "log-density forward in time: pass a diffrax ODE solver, e.g. "
             "diffrax.Tsit5() or diffrax.Heun()"
         )
-    adjoint = dfx.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+    _check_solver(solver, "ode", controller, sde, "diffeqsolve")
+    if adjoint is None:
+        adjoint = _DEFAULT_ADJOINT
+    elif not isinstance(adjoint, dfx.AbstractAdjoint):
+        raise TypeError(
+            f"log_likelihood: adjoint must be a diffrax adjoint, got {adjoint!r}"
+        )
+    elif isinstance(adjoint, dfx.ImplicitAdjoint):
+        raise ValueError(
+            "log_likelihood: adjoint=diffrax.ImplicitAdjoint() differentiates a "
+            "steady state, which this solve never reaches; use the default "
+            "RecursiveCheckpointAdjoint(), BacksolveAdjoint() or ForwardMode()"
+        )
+    if prior_logp is not None:
+        try:
+            probe = jax.eval_shape(prior_logp, jax.ShapeDtypeStruct(shape, dtype))
+        except Exception as e:
+            raise ValueError(
+                f"log_likelihood: calling prior_logp on one latent of shape {shape} "
+                f"failed: {e}"
+            ) from e
+        if getattr(probe, "shape", None) != () or not jnp.issubdtype(
+            probe.dtype, jnp.floating
+        ):
+            raise ValueError(
+                "log_likelihood: prior_logp must return one real number per latent "
+                f"(a float scalar), got {probe}"
+            )
     _check_guidance_sde(score, sde)
-    _check_score_shape(score, jnp.stack([t0_]), shape, dtype, args)
+    try:
+        _check_score_shape(
+            score,
+            jnp.stack([t0_]),
+            shape,
+            dtype,
+            args,
+            entry="jax.vmap(lambda x, c: gd.log_likelihood(sde, score, x[None], "
+            "args=c).log_prob[0])(xs, labels)",
+        )
+    except ValueError as e:
+        if xs.ndim != 1:
+            raise
+        raise ValueError(
+            f"{e}; log_likelihood read xs of shape {xs.shape} as {xs.shape[0]} "
+            f"particles of shape (): for ONE point of shape {xs.shape}, pass "
+            "xs[None] (xs is (particles, *shape))"
+        ) from e
     num = xs.shape[0]
     if exact:
         probes = jnp.zeros((num, 0), dtype)  # unused: a placeholder with an axis
@@ -326,17 +391,28 @@ def log_likelihood(
         key = threefry_key(key)  # other generators draw a vmapped batch from one key
         keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(num))
         probes = jax.vmap(lambda k: jr.rademacher(k, shape, dtype))(keys)
-    return _log_likelihood_jit(
-        xs,
-        probes,
-        sde,
-        score,
-        args,
-        t0_,
-        t1_,
-        ts,
-        solver,
-        controller,
-        adjoint,
-        (exact, max_steps, prior_logp),
-    )
+    forward = isinstance(adjoint, dfx.ForwardMode)
+    try:
+        return _log_likelihood_jit(
+            xs,
+            probes,
+            ok,
+            sde,
+            score,
+            _args_as_arrays(args),
+            t0_,
+            t1_,
+            ts,
+            solver,
+            controller,
+            adjoint,
+            (exact, max_steps, prior_logp, forward),
+        )
+    except TypeError as e:
+        if forward or "custom_vjp" not in str(e):
+            raise
+        raise TypeError(
+            "log_likelihood: forward-mode differentiation (jax.jvp, jax.jacfwd) "
+            "needs adjoint=diffrax.ForwardMode(); the default adjoint is reverse "
+            f"mode (jax.grad). JAX: {e}"
+        ) from e

@@ -493,7 +493,18 @@ def _per_example(
             prediction=prediction,
         )
 
-    return jax.vmap(one)(keys, x0, labels)
+    try:
+        return jax.vmap(one)(keys, x0, labels)
+    except Exception as e:
+        if x0.ndim != 1:
+            raise
+        # the likely cause: ONE example passed without its batch axis
+        raise ValueError(
+            f"the loss read x0 of shape {x0.shape} as a minibatch of {x0.shape[0]} "
+            f"examples of shape (), and the model failed on them: for ONE example "
+            f"of shape {x0.shape}, pass x0[None] (a minibatch is (n, *x_shape)). "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ r"""Argument checks of `gd.sample`: clear errors before anything is compiled."""
 import collections
 import dataclasses
 import functools
+import sys
 import typing
 import warnings
 import weakref
@@ -16,7 +17,7 @@ import numpy as np
 
 from ._brownian import levy_area_for, unwrap_solver
 from ._guidance.base import Guided
-from ._jit import check_real_scalar, is_real_scalar, reject_traced
+from ._jit import _user_stacklevel, check_real_scalar, is_real_scalar, reject_traced
 from ._oracle import GaussianMixture
 from ._weights import Constant, PiecewiseLinear
 
@@ -266,13 +267,20 @@ def _check_log_potential(log_potential, shape, dtype) -> None:
     _CHECKED_POTENTIALS.add(sig, by_identity)
 
 
-def _check_score_shape(score, ts, shape, dtype, args) -> None:
+# the hint's code for a label per particle, for gd.sample
+_SAMPLE_PER_LABEL = "jax.vmap(lambda c: gd.sample(..., args=c))(labels)"
+
+
+def _check_score_shape(
+    score, ts, shape, dtype, args, entry: str = _SAMPLE_PER_LABEL
+) -> None:
     """Trace one score call (eval_shape) and check it returns `shape`; remembered per
-    signature, so repeated eager calls of `gd.sample` do not re-trace the score."""
+    signature, so repeated eager calls of `gd.sample` do not re-trace the score.
+    `entry` is the hint's code for a label per particle."""
     sig, by_identity = _hashable_signature(score, shape, dtype, args)
     if _CHECKED_SCORES.hit(sig, by_identity):
         return
-    _check_score_shape_uncached(score, ts, shape, dtype, args)
+    _check_score_shape_uncached(score, ts, shape, dtype, args, entry)
     _CHECKED_SCORES.add(sig, by_identity)
 
 
@@ -290,7 +298,9 @@ def _concrete(a):
     return np.asarray(a)
 
 
-def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
+def _check_score_shape_uncached(
+    score, ts, shape, dtype, args, entry: str = _SAMPLE_PER_LABEL
+) -> None:
     x = jax.ShapeDtypeStruct(shape, dtype)
     # Concrete arrays in args are passed as numpy here, so that value checks inside
     # the score (e.g. an unknown class label) run now, with a clear Python error.
@@ -335,7 +345,9 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
     except Exception as e:  # re-raised with context: which call failed and why
         raise ValueError(
             f"calling the score on one particle of shape {shape} with args={args!r} "
-            f"failed: {e}" + _per_particle_args_hint(args) + _training_mode_hint(e)
+            f"failed: {e}"
+            + _per_particle_args_hint(args, entry)
+            + _training_mode_hint(e)
         ) from e
     if not hasattr(out, "shape") or tuple(out.shape) != shape:
         got = getattr(out, "shape", type(out).__name__)
@@ -344,6 +356,7 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
             "must return an array shaped like x (scores are per particle: vmap is "
             "applied by gd.sample)"
         )
+    _warn_null_label(base, args)
     if jnp.issubdtype(dtype, jnp.inexact) and out.dtype != dtype:
         alt = (
             f" or sample with dtype={out.dtype}"
@@ -355,6 +368,36 @@ def _check_score_shape_uncached(score, ts, shape, dtype, args) -> None:
             "score must return x's dtype (the sampler's state would change type "
             f"between steps); cast its output (e.g. `.astype(x.dtype)`){alt}"
         )
+
+
+def _warn_null_label(base, args) -> None:
+    """A class-conditional stock network (`gd.MLPScoreNet` / `gd.UNet` with
+    `num_classes`) reads `args=None` as its null label: unconditional samples,
+    where the exact oracle's conditional score refuses `None`. A user who swapped
+    the oracle for a trained network and kept no `args` would not see it."""
+    if args is not None:
+        return
+    nn = sys.modules.get("guidediff._nn")  # loaded if such a network exists
+    if nn is None:
+        return
+    for node in jtu.tree_leaves(base, is_leaf=lambda n: hasattr(n, "apply_fn")):
+        module = getattr(getattr(node, "apply_fn", None), "__self__", None)
+        num = getattr(module, "num_classes", None)
+        stock = any(
+            isinstance(module, c) and type(module).__call__ is c.__call__
+            for c in (nn.MLPScoreNet, nn.UNet)
+        )
+        if stock and isinstance(num, int) and not isinstance(num, bool):
+            warnings.warn(
+                f"the score's network {type(module).__name__} is class-conditional "
+                f"(num_classes={num}) and got args=None, which it reads as its null "
+                f"label {num}: these are the unconditional score's samples. Pass "
+                f"args=c for class c, or args={num} to ask for the unconditional "
+                "score (no warning)",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+            return
 
 
 def _first_cfg(score):
@@ -443,17 +486,16 @@ def _ignores_args(score, t, x, args, null_args=None) -> bool:
     return not any(id(v) in inputs for v in used)
 
 
-def _per_particle_args_hint(args) -> str:
+def _per_particle_args_hint(args, entry: str = _SAMPLE_PER_LABEL) -> str:
     """For integer arrays in `args` (one label per particle, a common mistake): how
-    to sample several classes."""
+    to sample several classes (`entry`: the code that does it)."""
     if any(
         np.ndim(a) >= 1 and jnp.issubdtype(getattr(a, "dtype", np.float64), jnp.integer)
         for a in jtu.tree_leaves(args)
     ):
         return (
             "; `args` is shared by all particles (e.g. one class label): for a label "
-            "per particle, vmap over the labels, "
-            "jax.vmap(lambda c: gd.sample(..., args=c))(labels)"
+            "per particle, vmap over the labels, " + entry
         )
     return ""
 

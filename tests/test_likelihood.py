@@ -129,7 +129,45 @@ def test_hutchinson_is_unbiased(exact):
 def test_a_failed_particle_is_flagged_not_raised():
     out = gd.log_likelihood(SDE, GMM.score(SDE), XS, t0=T0, max_steps=2)
     assert out.failed.all() and int(out.num_failed) == len(XS)
-    assert np.isnan(out.log_prob).all()
+    # every value NaN, wherever the solve stopped (a review saw finite ys)
+    for a in (out.log_prob, out.prior_log_prob, out.delta_log_prob, out.ys):
+        assert np.isnan(a).all()
+
+
+def test_a_non_finite_point_is_flagged_at_once(exact):
+    """(The same program as the `exact` fixture's.) Its solve starts from 0 instead
+    of taking every step; the other points keep their values."""
+    bad = XS.at[1, 0].set(jnp.nan)
+    out = gd.log_likelihood(
+        SDE, GMM.score(SDE), bad, t0=T0, prior_logp=exact_prior,
+        stepsize_controller=TIGHT,
+    )  # fmt: skip
+    assert out.failed.tolist() == [False, True, False]
+    assert int(out.num_steps[1]) < 4 * int(exact.num_steps.max())
+    np.testing.assert_array_equal(out.log_prob[::2], exact.log_prob[::2])
+
+
+def test_bad_traced_times_flag_every_particle():
+    """Under jit the times are checked on the device (a review saw finite, wrong
+    values with failed=False for t0 > T and for an increasing grid)."""
+    s = GMM.score(SDE)
+    by_t0 = jax.jit(lambda t: gd.log_likelihood(SDE, s, XS, t0=t))
+    assert by_t0(2.0).failed.all() and not by_t0(T0).failed.any()
+    by_ts = jax.jit(lambda ts: gd.log_likelihood(SDE, s, XS, ts=ts))
+    assert by_ts(jnp.linspace(1e-3, 1.0, 6)).failed.all()
+    assert not by_ts(jnp.linspace(1.0, 1e-3, 6)).failed.any()
+
+
+def test_differentiation_modes_name_their_adjoint():
+    s = GMM.score(SDE)
+
+    def total(xs, **kw):
+        return gd.log_likelihood(SDE, s, xs, t0=T0, **kw).log_prob.sum()
+
+    with pytest.raises(Exception, match="forward-mode only"):
+        jax.grad(lambda xs: total(xs, adjoint=dfx.ForwardMode()))(XS)
+    with pytest.raises(TypeError, match=r"adjoint=diffrax.ForwardMode\(\)"):
+        jax.jacfwd(total)(XS)
 
 
 def test_bad_input_is_refused():
@@ -142,18 +180,40 @@ def test_bad_input_is_refused():
         (dict(t0=-0.1), r"\[0, sde.T\)"),
         (dict(t0=0.1, ts=jnp.linspace(1.0, 0.1, 5)), "not both"),
         (dict(ts=jnp.linspace(0.1, 1.0, 5)), "strictly decreasing"),
-        (dict(ts=jnp.linspace(0.9, 0.1, 5)), "from sde.T"),
+        (dict(ts=jnp.linspace(0.9, 0.1, 5)), "start the grid at sde.T"),
+        (dict(stepsize_controller=dfx.StepTo(jnp.linspace(0.1, 1.0, 5))), "as ts="),
         (dict(ts=jnp.linspace(1.0, 0.1, 5), stepsize_controller=TIGHT), "StepTo"),
         (dict(solver=gd.DPMSolverPP(SDE)), "sampling solver"),
-        (dict(max_steps=0), "positive int"),
+        (dict(max_steps=0), "at least 1"),
+        (dict(solver=dfx.Euler()), "no error estimate"),
+        (dict(solver=dfx.EulerHeun()), "pair of terms"),
     ]:
-        with pytest.raises(ValueError if "solver" not in kwargs else TypeError,
-                           match=match):  # fmt: skip
+        refused = TypeError if match == "sampling solver" else ValueError
+        with pytest.raises(refused, match=match):
             gd.log_likelihood(SDE, s, XS, **kwargs)
+    # one 2-D point without the particle axis: read as 2 points of shape ()
+    with pytest.raises(ValueError, match=r"pass xs\[None\]"):
+        gd.log_likelihood(SDE, s, XS[0])
+    # a label per point: the hint shows how, with log_likelihood
+    with pytest.raises(ValueError, match=r"gd\.log_likelihood\(sde, score, x\[None\]"):
+        gd.log_likelihood(
+            SDE, GMM.conditional_score(SDE), XS, args=jnp.array([0, 1, 0])
+        )
     with pytest.raises(ValueError, match="leading particle axis"):
         gd.log_likelihood(SDE, s, jnp.asarray(0.5))
     with pytest.raises(ValueError, match=r"one particle of shape \(3,\)"):
         gd.log_likelihood(SDE, s, jnp.zeros((2, 3)))  # a 2-D score, 3-D points
+    # T = 0.7 is not a float32 number: a grid from it passes the grid checks (the
+    # error raised is the prior's, checked after them)
+    sde7 = gd.VPSDE(T=0.7)
+    with pytest.raises(ValueError, match="one real number per latent"):
+        gd.log_likelihood(sde7, GMM.score(sde7), XS.astype(jnp.float32),
+                          ts=gd.uniform_grid(0.7, 1e-3, 4), prior_logp=lambda y: y)  # fmt: skip
+    for prior in (lambda y: y, lambda y: jnp.sum(y)[None]):  # not one number
+        with pytest.raises(ValueError, match="one real number per latent"):
+            gd.log_likelihood(SDE, s, XS, prior_logp=prior)
+    with pytest.raises(ValueError, match="calling prior_logp"):
+        gd.log_likelihood(SDE, s, XS, prior_logp=lambda y: y @ jnp.ones(3))
     with pytest.raises(TypeError, match="AbstractScore"):
         gd.log_likelihood(SDE, GMM.score, XS)
     with pytest.raises(ValueError, match="differs"):

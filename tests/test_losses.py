@@ -419,6 +419,17 @@ def test_conditional_loss(x0):
     np.testing.assert_allclose(all_null, ref_null, rtol=1e-12)
 
 
+def test_one_example_without_its_batch_axis_names_the_fix():
+    """A walkthrough passed one 2-D example to dsm_loss: it was read as 2 examples of
+    shape () and Flax's ScopeParamShapeError reached the user; the error now says
+    how the loss read x0 and gives the fix (the original error chained)."""
+    net = gd.MLPScoreNet(hidden=(8,))
+    params = net.init(jr.key(0), 0.5, jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"examples of shape \(\).*pass x0\[None\]"):
+        dsm_loss(net.apply, params, jr.key(0), jnp.zeros(2), SDE)
+    assert jnp.isfinite(dsm_loss(net.apply, params, jr.key(0), jnp.zeros((1, 2)), SDE))
+
+
 def test_conditional_loss_bad_labels(x0):
     xs = x0[:4]
     for bad in ([0, 1, 4, 2], [0, -1, 1, 2]):

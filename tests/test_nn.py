@@ -96,6 +96,30 @@ def test_mlp_null_label(mlp):
         net.apply(variables, 0.4, x, jnp.array([0, 1]))
 
 
+def test_a_conditional_network_without_args_warns_at_the_entry_points(mlp):
+    """args=None is the null label for a class-conditional network: unconditional
+    samples where the oracle's conditional score refuses None (a walkthrough found
+    it silent). gd.sample and gd.log_likelihood warn at the user's line; the null
+    label given explicitly, or an unconditional network, does not."""
+    import guidediff as gd
+
+    net, variables = mlp
+    sde = VPSDE()
+    score = flax_score(net, variables, sde)
+    ts = gd.uniform_grid(sde.T, 1e-3, 2)
+    with pytest.warns(UserWarning, match=r"args=None.*args=3 to ask") as rec:
+        none = gd.sample(jr.key(0), sde, score, (2,), num_particles=2, ts=ts)
+    assert rec[0].filename == __file__
+    null = gd.sample(jr.key(0), sde, score, (2,), num_particles=2, ts=ts, args=3)
+    np.testing.assert_array_equal(none.ys, null.ys)  # what the warning says
+    with pytest.warns(UserWarning, match="class-conditional"):  # (once per check:
+        # float32 points are a new signature for the check's memo)
+        gd.log_likelihood(sde, score, jnp.zeros((1, 2), jnp.float32), max_steps=1)
+    plain = MLPScoreNet(hidden=(8,))
+    unconditional = flax_score(plain, plain.init(jr.key(0), 0.5, jnp.zeros(2)), sde)
+    gd.sample(jr.key(0), sde, unconditional, (2,), num_particles=2, ts=ts)
+
+
 def test_mlp_traced_out_of_range_label_is_nan(mlp):
     """Under jit a label outside 0..C gives NaN; negative labels used to wrap
     around (-1 gave the null label's output, -2 class C-1's)."""

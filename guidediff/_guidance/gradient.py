@@ -59,8 +59,10 @@ def gradient_guidance(
     $\hat x_0$ is $(I + \sigma^2 \nabla_x s)/\alpha$, where $\alpha(T)$ is
     small (0.0066 for `gd.VPSDE()`). For the exact score the two terms cancel; a
     network's score cancels them only approximately, and the remainder is divided
-    by $\alpha$ (a briefly trained 2-D network gave huge guidance terms at $t = 1$
-    and huge samples, not flagged as failed: they are finite). Switch the
+    by $\alpha$. With a briefly trained 2-D network and $w = 1$ on the whole time
+    range, the guidance terms near $t = 1$ were so large that most particles
+    overflowed to NaN (flagged as failed) and others ended finite but far off
+    (not flagged: check the samples). Switch the
     guidance off at high noise, e.g. `gd.interval(gd.gradient_guidance(R, w, sde),
     0.0, 0.7)`, or use a weight schedule that vanishes as $\alpha \to 0$, as DPS
     implementations do.
