@@ -86,12 +86,16 @@ def _code_key(obj, functions: list, depth: int = 0):
     """`obj` (the static part of a compiled call) with every plain function
     replaced by its code object (and appended to `functions`), a
     `functools.partial` by its function's code and arguments, recursively through
-    tuples, lists, dicts and tree structures. Two statics with equal code keys
-    differ at most in function objects of the same code: a lambda or closure
-    built anew for each call."""
+    tuples, lists, dicts and tree structures, and every Python float by a
+    placeholder (also appended). Two statics with equal code keys differ at most
+    in function objects of the same code (a lambda or closure built anew for each
+    call) and in the values of Python floats (a float field of a module)."""
     if depth > 64:
         raise TypeError("too deep (a cycle?)")  # note_trace gives up
     d = depth + 1
+    if type(obj) is float:
+        functions.append(obj)
+        return "<float>"
     if isinstance(obj, types.FunctionType):
         functions.append(obj)
         # the functions it wraps (jax.checkpoint(f), a decorator, a factory's
@@ -112,7 +116,8 @@ def _code_key(obj, functions: list, depth: int = 0):
     return obj
 
 
-# code key -> weak references to the function objects last traced with it
+# code key -> (weak references to the function objects and the floats last traced
+# with it, how many times it changed, whether the last change was a float's)
 _TRACED: collections.OrderedDict = collections.OrderedDict()
 _TRACED_LOCK = threading.Lock()
 _MAX_TRACED = 64
@@ -137,30 +142,56 @@ def _user_stacklevel() -> int:
 def note_trace(name: str, static, avals=()) -> None:
     """Called while tracing a program for `static`: warn when programs were traced
     twice before for statics that differ from this one only in function objects of
-    the same code. A plain function is a static part of the program (as for
-    `jax.jit`'s static arguments), so a lambda or closure built anew for each call
-    (a weight schedule over the value `jax.grad` differentiates, an SMC potential
-    written inline) compiles the program again on every call."""
-    functions: list = []
+    the same code, or only in the values of Python floats. A plain function is a
+    static part of the program (as for `jax.jit`'s static arguments), so a lambda
+    or closure built anew for each call (a weight schedule over the value
+    `jax.grad` differentiates, an SMC potential written inline) compiles the
+    program again on every call; so does a new value of a Python float field of a
+    module (a guidance's `k: float`), which is not an array leaf."""
+    found: list = []
     try:  # a diagnostic: whatever goes wrong here, the call goes on
         # (the shapes too: a new shape is a new program, not a wasted one)
-        key = (_code_key(static, functions), avals)
-        if not functions:
+        key = (_code_key(static, found), avals)
+        if not found:
             return
+        functions = [f for f in found if type(f) is not float]
+        # by their bits: NaN is one value, 0.0 and -0.0 two
+        floats = tuple(float.hex(f) for f in found if type(f) is float)
         with _TRACED_LOCK:
-            refs, count = _TRACED.pop(key, ((), 0))
+            refs, values, count, by_float = _TRACED.pop(key, (None, None, 0, False))
             # identities, not hashes (a dead function's id is reused by the next)
-            if not refs or any(
+            new_functions = refs is not None and any(
                 r() is not f for r, f in zip(refs, functions, strict=True)
-            ):
+            )
+            new_floats = values is not None and values != floats
+            if refs is None or new_functions or new_floats:
                 count += 1
-            _TRACED[key] = (tuple(map(weakref.ref, functions)), count)
+                by_float = new_floats and not new_functions
+            _TRACED[key] = (
+                tuple(map(weakref.ref, functions)),
+                floats,
+                count,
+                by_float,
+            )
             while len(_TRACED) > _MAX_TRACED:
                 _TRACED.popitem(last=False)
     except Exception:
         return
     # the third: a first call and a first call under jax.jit compile twice anyway
-    if count >= 3:
+    if count < 3:
+        return
+    if by_float:
+        warnings.warn(
+            f"{name} is compiling again, a third time at least, for new values of a "
+            "Python float in its arguments (a float field of a guidance, score, "
+            "SDE or solver module, e.g. `k: float`, or a float option). A Python "
+            "float is a static part of the compiled program, so each new value "
+            "compiles it again, seconds per call. Make such a number an array "
+            "leaf: `k: jax.Array = eqx.field(converter=jnp.asarray)` in a module, "
+            "or pass jnp.asarray(value)",
+            stacklevel=_user_stacklevel(),
+        )
+    else:
         warnings.warn(
             f"{name} is compiling again, a third time at least, for new function "
             "objects with the same code as before (a lambda or closure built "

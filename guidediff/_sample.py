@@ -699,7 +699,10 @@ def sample(
     - `args`: passed to the score (e.g. a class label); shared by all particles.
     - `ts`: decreasing time grid from the noise end to the data end (default:
       500 uniform steps from `sde.T` to `1e-3`), inside `[0, sde.T]`; without `y0`
-      it starts at `sde.T`, where the prior is the law. It is cast to `dtype`, or
+      it starts at `sde.T`, where the prior $\mathcal N(0, \sigma_T^2 I)$ stands in
+      for the law $p_T$ (for an SDE that has not mixed by $T$, $\alpha(T)$ not
+      small, the mismatch biases the samples, the probability-flow ODE's most:
+      start from draws of $p_T$ with `y0`). It is cast to `dtype`, or
       to float32 for 16-bit particles (a grid whose times round together there is
       an error). A traced grid (under `jit`/`vmap`) is checked on the device
       instead: a bad one flags every particle as failed and its samples are NaN.
@@ -773,8 +776,10 @@ def sample(
       with a `stepsize_controller`) or `"unsafe"` (`diffrax.UnsafeBrownianPath`:
       forward only, `driver="diffeqsolve"` on a fixed grid).
     - `sharding`: the layout of the `(num_particles, *shape)` particles over
-      devices, e.g. `NamedSharding(mesh, PartitionSpec("p"))` shards the particle
-      axis (the number of particles must split evenly over its devices); a spec
+      devices, e.g. `NamedSharding(mesh, PartitionSpec("p"))` with
+      `mesh = jax.sharding.Mesh(np.array(jax.devices()), ("p",))` shards the
+      particle axis (`jax.make_mesh` needs `axis_types=(jax.sharding.AxisType.Auto,)`
+      here: its default axis types are not `Auto`) (the number of particles must split evenly over its devices); a spec
       such as `PartitionSpec("p", "q")` also splits each particle's first axis
       (a saved trajectory keeps its save axis replicated). Each particle keeps its
       noise and prior draw, so its sample does not depend on the device count up

@@ -277,7 +277,8 @@ class AbstractSDE(eqx.Module):
     on the host, also when the SDE passes through `jax.jit`), and numeric
     parameters as array fields, e.g. `b: jax.Array = eqx.field(converter=jnp.asarray)`:
     a Python float field is a static part of the compiled sampler (each new value
-    compiles it again) and `jax.grad` does not reach it. For a VP SDE with its own
+    compiles it again; guidediff warns when this repeats) and `eqx.filter_grad`
+    skips it. For a VP SDE with its own
     noise schedule, subclass `gd.AbstractVPSchedule` and pass it to `gd.VPSDE`.
     """
 

@@ -25,9 +25,9 @@ class AbstractGuidance(eqx.Module):
     A guidance is an `eqx.Module`: its array fields (weights, parameters) are pytree
     leaves, so a new value does not recompile a jitted sampler and `jax.grad`
     reaches them. Declare numeric parameters as arrays (`factor: jax.Array`, or
-    `eqx.field(converter=jnp.asarray)`): a Python float field is a static part of
-    the compiled sampler, so each new value compiles it again and `jax.grad` does
-    not see it. It must be stateless (a solver may evaluate the guided score
+    `eqx.field(converter=jnp.asarray)`): a Python float field is not an array
+    leaf but a static part of the compiled sampler, so each new value compiles it
+    again (guidediff warns when this repeats), and `eqx.filter_grad` skips it. It must be stateless (a solver may evaluate the guided score
     several times per step). Apply it with `gd.guide(score, guidance)`; compose
     guidances with `gd.chain`.
 
