@@ -12,6 +12,7 @@ $(x_t, \int\nabla\cdot v)$ is integrated forward in time, from the data end $t_0
 $T$, by `diffrax.diffeqsolve`.
 """
 
+import typing
 from collections.abc import Callable
 from typing import Literal
 
@@ -23,7 +24,7 @@ import jax.random as jr
 from equinox.internal import nondifferentiable_backward
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
 
-from ._brownian import check_key, threefry_key
+from ._brownian import check_key, threefry_key, unwrap_solver
 from ._custom_types import Args
 from ._jit import filter_jit, is_real_scalar
 from ._reverse import ReverseDrift
@@ -52,7 +53,8 @@ class LogLikelihood(eqx.Module):
     - `delta_log_prob`: $\\int_{t_0}^T \\nabla\\cdot v_t(x_t)\\,dt$ (exact, or the
       Hutchinson estimate).
     - `ys`: the latents $x_T$, `(particles, *shape)`.
-    - `result`: per-particle `diffrax.RESULTS`.
+    - `result`: per-particle `diffrax.RESULTS` of the solve (which may read
+      successful for a particle failed otherwise: read `failed`).
     - `failed`: the solve failed (`result`, e.g. out of `max_steps`), the point
       or the value is not finite, or a traced time was out of range. A failed
       particle's `log_prob`, `prior_log_prob`, `delta_log_prob` and `ys` are NaN.
@@ -155,6 +157,48 @@ def _log_likelihood_jit(
         # (about while loops) would name none of this
         out = nondifferentiable_backward(out, msg=_FORWARD_MODE_GRAD_MSG, symbolic=True)
     return out
+
+
+def _check_likelihood_solver(solver, controller) -> None:
+    """The solver steps the state and its log-density forward in time: a diffrax
+    ODE solver (with an error estimate for adaptive steps)."""
+    if not isinstance(solver, dfx.AbstractSolver):
+        raise TypeError(
+            f"log_likelihood: solver must be a diffrax solver, got {solver!r}"
+        )
+    name = type(solver).__name__
+    if type(unwrap_solver(solver)).__module__.startswith("guidediff"):
+        raise TypeError(
+            f"log_likelihood: {name} is (or wraps) a sampling solver (reverse "
+            "time, the state alone); the likelihood integrates the state and its "
+            "log-density forward in time: pass a diffrax ODE solver, e.g. "
+            "diffrax.Tsit5() (the default) or diffrax.Heun()"
+        )
+    if typing.get_origin(getattr(solver, "term_structure", None)) is dfx.MultiTerm:
+        raise ValueError(
+            f"log_likelihood: {name} steps a pair of terms (an SDE's drift and "
+            "diffusion); the probability-flow ODE is one term: pass a diffrax ODE "
+            "solver, e.g. diffrax.Tsit5() (the default) or diffrax.Heun()"
+        )
+    if controller is not None and not isinstance(solver, dfx.AbstractAdaptiveSolver):
+        raise ValueError(
+            f"log_likelihood: {name} gives no error estimate, so it cannot take the "
+            f"adaptive steps of stepsize_controller={type(controller).__name__}: "
+            "pass a fixed grid as ts= (decreasing from sde.T), or a solver with "
+            "an error estimate, e.g. diffrax.Tsit5() (the default)"
+        )
+
+
+def _score_has_jvp(score, t, shape, dtype, args) -> bool:
+    """Whether the score can be differentiated in forward mode (a JVP) at all: one
+    evaluation at zero (under `jax.eval_shape` a custom_vjp's JVP does not fail).
+    Called only on the error path."""
+    x = jnp.zeros(shape, dtype)
+    try:
+        jax.jvp(lambda z: score(t, z, args), (x,), (x,))
+    except TypeError as e:
+        return "custom_vjp" not in str(e)
+    return True
 
 
 def log_likelihood(
@@ -309,19 +353,21 @@ def log_likelihood(
         t0 = 1e-3 if t0 is None else t0
         if not is_real_scalar(t0):
             raise TypeError(f"log_likelihood: t0 must be a real scalar, got {t0!r}")
-        if not isinstance(t0, jax.core.Tracer) and not 0 <= float(t0) < T:
-            raise ValueError(
-                f"log_likelihood: t0 must lie in [0, sde.T) = [0, {T:g}), got {t0}"
-            )
         t0_ = jnp.asarray(t0, dtype)
-        ok = (t0_ >= 0) & (t0_ < T)  # a traced t0: flags every particle when bad
+        T_ = jnp.asarray(T, dtype)
+        # judged in the points' dtype, where the solve runs: a t0 just below T can
+        # round up to it there
+        if not isinstance(t0_, jax.core.Tracer) and not 0 <= float(t0_) < float(T_):
+            raise ValueError(
+                f"log_likelihood: t0 must lie in [0, sde.T) = [0, {T:g}) in the "
+                f"points' dtype {dtype}, got {t0} (as {dtype}: {float(t0_)})"
+            )
+        ok = (t0_ >= 0) & (t0_ < T_)  # a traced t0: flags every particle when bad
         t0_ = jnp.where(ok, t0_, T / 2)
-        t1_ = jnp.asarray(T, dtype)
-        controller = (
-            _DEFAULT_CONTROLLER
-            if stepsize_controller is None
-            else (stepsize_controller)
-        )
+        t1_ = T_
+        controller = stepsize_controller
+        if controller is None:
+            controller = _DEFAULT_CONTROLLER
         if isinstance(controller, dfx.ConstantStepSize | dfx.StepTo):
             raise ValueError(
                 "log_likelihood: for fixed steps pass the grid as ts= (decreasing "
@@ -329,13 +375,7 @@ def log_likelihood(
                 f"1e-3, n)), not stepsize_controller={type(controller).__name__}"
             )
     solver = _DEFAULT_SOLVER if solver is None else solver
-    if type(solver).__module__.startswith("guidediff"):
-        raise TypeError(
-            f"log_likelihood: {type(solver).__name__} is a sampling solver (reverse "
-            "time, the state alone); the likelihood integrates the state and its "
-            "log-density forward in time: pass a diffrax ODE solver, e.g. "
-            "diffrax.Tsit5() or diffrax.Heun()"
-        )
+    _check_likelihood_solver(solver, controller)
     _check_solver(solver, "ode", controller, sde, "diffeqsolve")
     if adjoint is None:
         adjoint = _DEFAULT_ADJOINT
@@ -411,8 +451,16 @@ def log_likelihood(
     except TypeError as e:
         if forward or "custom_vjp" not in str(e):
             raise
+        if not _score_has_jvp(score, t0_, shape, dtype, args):
+            raise TypeError(
+                "log_likelihood: the divergence differentiates the score in forward "
+                "mode (Jacobian-vector products), and the score holds a "
+                "jax.custom_vjp function, which has none: give it a jax.custom_jvp "
+                f"rule (or none). JAX: {e}"
+            ) from e
         raise TypeError(
             "log_likelihood: forward-mode differentiation (jax.jvp, jax.jacfwd) "
-            "needs adjoint=diffrax.ForwardMode(); the default adjoint is reverse "
-            f"mode (jax.grad). JAX: {e}"
+            "needs adjoint=diffrax.ForwardMode() (forward mode only); "
+            f"adjoint={type(adjoint).__name__}() is reverse mode (jax.grad). "
+            f"JAX: {e}"
         ) from e

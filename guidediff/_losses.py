@@ -496,15 +496,13 @@ def _per_example(
     try:
         return jax.vmap(one)(keys, x0, labels)
     except Exception as e:
-        if x0.ndim != 1:
-            raise
-        # the likely cause: ONE example passed without its batch axis
-        raise ValueError(
-            f"the loss read x0 of shape {x0.shape} as a minibatch of {x0.shape[0]} "
-            f"examples of shape (), and the model failed on them: for ONE example "
-            f"of shape {x0.shape}, pass x0[None] (a minibatch is (n, *x_shape)). "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        if x0.ndim == 1:  # a likely cause: ONE example passed without its batch axis
+            e.add_note(
+                f"(the loss read x0 of shape {x0.shape} as a minibatch of "
+                f"{x0.shape[0]} examples of shape (); if x0 is ONE example of shape "
+                f"{x0.shape}, pass x0[None]: a minibatch is (n, *x_shape))"
+            )
+        raise
 
 
 # ---------------------------------------------------------------------------------

@@ -185,12 +185,27 @@ def test_bad_input_is_refused():
         (dict(ts=jnp.linspace(1.0, 0.1, 5), stepsize_controller=TIGHT), "StepTo"),
         (dict(solver=gd.DPMSolverPP(SDE)), "sampling solver"),
         (dict(max_steps=0), "at least 1"),
-        (dict(solver=dfx.Euler()), "no error estimate"),
+        (dict(solver=dfx.Euler()), "no error estimate.*pass a fixed grid as ts="),
+        (dict(solver=dfx.HalfSolver(gd.DDIM(SDE))), "sampling solver"),
         (dict(solver=dfx.EulerHeun()), "pair of terms"),
     ]:
         refused = TypeError if match == "sampling solver" else ValueError
         with pytest.raises(refused, match=match):
             gd.log_likelihood(SDE, s, XS, **kwargs)
+    # t0 just below T rounds to T in float32 (it failed every particle silently)
+    with pytest.raises(ValueError, match="as float32: 1.0"):
+        gd.log_likelihood(SDE, s, XS.astype(jnp.float32), t0=0.99999999)
+
+    # a score without a JVP: the divergence needs one (the forward-mode hint did
+    # not apply: a review)
+    @jax.custom_vjp
+    def ident(x):
+        return x
+
+    ident.defvjp(lambda x: (x, None), lambda r, g: (g,))
+    no_jvp = gd.ScoreFn(lambda t, x, a: s(t, ident(x), a))
+    with pytest.raises(TypeError, match="holds a jax.custom_vjp"):
+        gd.log_likelihood(SDE, no_jvp, XS)
     # one 2-D point without the particle axis: read as 2 points of shape ()
     with pytest.raises(ValueError, match=r"pass xs\[None\]"):
         gd.log_likelihood(SDE, s, XS[0])

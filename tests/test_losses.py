@@ -421,12 +421,17 @@ def test_conditional_loss(x0):
 
 def test_one_example_without_its_batch_axis_names_the_fix():
     """A walkthrough passed one 2-D example to dsm_loss: it was read as 2 examples of
-    shape () and Flax's ScopeParamShapeError reached the user; the error now says
-    how the loss read x0 and gives the fix (the original error chained)."""
+    shape () and Flax's ScopeParamShapeError reached the user bare; it now carries
+    a note saying how the loss read x0 and the fix (its type kept: a review saw a
+    rewrap turn a model's own TypeError into a ValueError blaming the data)."""
+    import flax
+
     net = gd.MLPScoreNet(hidden=(8,))
     params = net.init(jr.key(0), 0.5, jnp.zeros(2))
-    with pytest.raises(ValueError, match=r"examples of shape \(\).*pass x0\[None\]"):
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=r"pass x0\[None\]"):
         dsm_loss(net.apply, params, jr.key(0), jnp.zeros(2), SDE)
+    with pytest.raises(TypeError, match=r"pass x0\[None\]"):  # a model's own bug
+        dsm_loss(lambda p, t, x, c: p["w"] * x, 1.0, jr.key(0), jnp.ones(4), SDE)
     assert jnp.isfinite(dsm_loss(net.apply, params, jr.key(0), jnp.zeros((1, 2)), SDE))
 
 
