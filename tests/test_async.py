@@ -2,9 +2,11 @@
 
 `equinox.filter_jit` waits for every call to finish; `gd.sample` must not, so a loop
 of calls overlaps host work with the device's. Each call below enqueues a program
-that runs for a large fraction of a second on a CPU (about a million particle-steps),
-so its output cannot be ready when a non-blocking call returns, and is always ready
-when a blocking one does. (Host callbacks cannot stand in for a slow program: the
+of about two million particle-steps (32768 particles, 64 steps), which runs tens of
+times as long as a non-blocking call takes to return (on a CPU, with XLA's default
+flags: 60 ms against 1 ms; the tests' fast-compile flags make it run longer), so its
+output cannot be ready when such a call returns, and is always ready when a
+blocking one does. (Host callbacks cannot stand in for a slow program: the
 CPU backend runs programs holding them synchronously.)
 """
 
@@ -20,7 +22,7 @@ import guidediff as gd
 
 SDE = gd.VPSDE()
 TS = gd.uniform_grid(1.0, 1e-3, 64)
-P = 65536
+P = 32768
 
 
 def _score():
@@ -211,7 +213,7 @@ def test_a_sweep_building_weights_and_grids_per_call_does_not_wait():
 
         def smc(i, potential=potential):
             return gd.smc_sample(jr.key(i), SDE, score, (2,), potential(i),
-                                 num_particles=P // 32, solver=dfx.Euler()).ys  # fmt: skip
+                                 num_particles=P // 16, solver=dfx.Euler()).ys  # fmt: skip
 
         pending, retraced = _overlaps_untraced(smc, potential_traces)
         assert pending, f"gd.smc_sample ({name}) waited for the call before it"
