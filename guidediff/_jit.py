@@ -82,18 +82,27 @@ def _full(cell) -> bool:
     return True
 
 
-def _code_key(obj, functions: list, depth: int = 0):
+class StaticFloat(float):
+    """A float option that fixes the compiled program on purpose (e.g. the
+    Brownian tree's tolerance, which sets its depth): the recompile warning does
+    not count its new values, as it counts those of a module's float field."""
+
+
+def _code_key(obj, functions: list, depth: int = 0, floats: bool = True):
     """`obj` (the static part of a compiled call) with every plain function
     replaced by its code object (and appended to `functions`), a
     `functools.partial` by its function's code and arguments, recursively through
     tuples, lists, dicts and tree structures, and every Python float by a
     placeholder (also appended). Two statics with equal code keys differ at most
     in function objects of the same code (a lambda or closure built anew for each
-    call) and in the values of Python floats (a float field of a module)."""
+    call) and in the values of Python floats that are pytree leaves (a module's
+    float field). Floats in a tree structure's node data (fields declared
+    `eqx.field(static=True)`, such as an SDE's `T`) are static by the user's
+    choice and part of the key; so are `StaticFloat` options."""
     if depth > 64:
         raise TypeError("too deep (a cycle?)")  # note_trace gives up
     d = depth + 1
-    if type(obj) is float:
+    if floats and type(obj) is float:
         functions.append(obj)
         return "<float>"
     if isinstance(obj, types.FunctionType):
@@ -105,22 +114,26 @@ def _code_key(obj, functions: list, depth: int = 0):
         return ("<code>", obj.__code__, tuple(_code_key(f, [], d) for f in inner))
     if isinstance(obj, functools.partial):
         parts = (obj.func, obj.args, obj.keywords)
-        return ("<partial>", *(_code_key(x, functions, d) for x in parts))
+        return ("<partial>", *(_code_key(x, functions, d, floats) for x in parts))
     if isinstance(obj, jtu.PyTreeDef):
-        children = tuple(_code_key(c, functions, d) for c in obj.children())
-        return ("<treedef>", _code_key(obj.node_data(), functions, d), children)
+        children = tuple(_code_key(c, functions, d, floats) for c in obj.children())
+        data = _code_key(obj.node_data(), functions, d, floats=False)
+        return ("<treedef>", data, children)
     if isinstance(obj, tuple | list):
-        return (type(obj), *(_code_key(x, functions, d) for x in obj))
+        return (type(obj), *(_code_key(x, functions, d, floats) for x in obj))
     if isinstance(obj, dict):
-        return (dict, *((k, _code_key(v, functions, d)) for k, v in obj.items()))
+        items = ((k, _code_key(v, functions, d, floats)) for k, v in obj.items())
+        return (dict, *items)
     return obj
 
 
-# code key -> (weak references to the function objects and the floats last traced
-# with it, how many times it changed, whether the last change was a float's)
+# code key -> (weak references to the function objects and the floats traced with
+# it, the last few of each; the number of traces with new functions and with new
+# floats, each counting the first)
 _TRACED: collections.OrderedDict = collections.OrderedDict()
 _TRACED_LOCK = threading.Lock()
 _MAX_TRACED = 64
+_MAX_SEEN = 8  # the function objects and float values remembered per program
 _OWN_DIRS = tuple(
     os.path.dirname(m.__file__) + os.sep for m in (jax, np, functools)
 ) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
@@ -151,47 +164,39 @@ def note_trace(name: str, static, avals=()) -> None:
     found: list = []
     try:  # a diagnostic: whatever goes wrong here, the call goes on
         # (the shapes too: a new shape is a new program, not a wasted one)
-        key = (_code_key(static, found), avals)
+        key = (name, _code_key(static, found), avals)
         if not found:
             return
         functions = [f for f in found if type(f) is not float]
-        # by their bits: NaN is one value, 0.0 and -0.0 two
-        floats = tuple(float.hex(f) for f in found if type(f) is float)
+        # a float by its bits; a NaN by its object (JAX's cache tells NaN objects
+        # apart: nan != nan), so a new NaN per call counts as a new value
+        floats = tuple(
+            float.hex(f) if f == f else ("nan", id(f))
+            for f in found
+            if type(f) is float
+        )
         with _TRACED_LOCK:
-            refs, values, count, by_float = _TRACED.pop(key, (None, None, 0, False))
-            # identities, not hashes (a dead function's id is reused by the next)
-            new_functions = refs is not None and any(
-                r() is not f for r, f in zip(refs, functions, strict=True)
+            seen_fn, seen_floats, n_fn, n_float = _TRACED.pop(key, ((), (), 0, 0))
+            # a kind counts when it is new to this program: not among the function
+            # objects (by identity: a dead function's id is reused by the next) or
+            # the float values traced before (a trace for another reason, e.g. a
+            # transformation, or the other kind's change, does not count for it)
+            new_fn = not any(
+                all(r() is f for r, f in zip(refs, functions, strict=True))
+                for refs in seen_fn
             )
-            new_floats = values is not None and values != floats
-            if refs is None or new_functions or new_floats:
-                count += 1
-                by_float = new_floats and not new_functions
-            _TRACED[key] = (
-                tuple(map(weakref.ref, functions)),
-                floats,
-                count,
-                by_float,
-            )
+            new_floats = floats not in seen_floats
+            n_fn += new_fn
+            n_float += new_floats
+            seen_fn = (*seen_fn, tuple(map(weakref.ref, functions)))[-_MAX_SEEN:]
+            seen_floats = (*seen_floats, floats)[-_MAX_SEEN:]
+            _TRACED[key] = (seen_fn, seen_floats, n_fn, n_float)
             while len(_TRACED) > _MAX_TRACED:
                 _TRACED.popitem(last=False)
     except Exception:
         return
     # the third: a first call and a first call under jax.jit compile twice anyway
-    if count < 3:
-        return
-    if by_float:
-        warnings.warn(
-            f"{name} is compiling again, a third time at least, for new values of a "
-            "Python float in its arguments (a float field of a guidance, score, "
-            "SDE or solver module, e.g. `k: float`, or a float option). A Python "
-            "float is a static part of the compiled program, so each new value "
-            "compiles it again, seconds per call. Make such a number an array "
-            "leaf: `k: jax.Array = eqx.field(converter=jnp.asarray)` in a module, "
-            "or pass jnp.asarray(value)",
-            stacklevel=_user_stacklevel(),
-        )
-    else:
+    if n_fn >= 3:
         warnings.warn(
             f"{name} is compiling again, a third time at least, for new function "
             "objects with the same code as before (a lambda or closure built "
@@ -201,6 +206,17 @@ def note_trace(name: str, static, avals=()) -> None:
             "over can be array leaves instead: gd.PiecewiseLinear for a weight "
             "schedule, or jax.tree_util.Partial(f, a) with f defined once (under "
             "jax.grad, or jax.jit the differentiated function)",
+            stacklevel=_user_stacklevel(),
+        )
+    if n_float >= 3:
+        warnings.warn(
+            f"{name} is compiling again, a third time at least, for new values of a "
+            "Python float in its arguments (a float field of a guidance, score, "
+            "SDE or solver module, e.g. `k: float`). A Python float is a static "
+            "part of the compiled program, so each new value compiles it again, "
+            "seconds per call. Make such a number an array leaf: `k: jax.Array = "
+            "eqx.field(converter=jnp.asarray)` in a module, or pass "
+            "jnp.asarray(value)",
             stacklevel=_user_stacklevel(),
         )
 

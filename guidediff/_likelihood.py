@@ -43,6 +43,7 @@ from ._sample_checks import (
 )
 from ._score import AbstractScore, check_score
 from ._sde import AbstractSDE
+from ._solver import DDIM, _ReverseSDESolver
 
 
 class LogLikelihood(eqx.Module):
@@ -167,7 +168,8 @@ def _check_likelihood_solver(solver, controller) -> None:
             f"log_likelihood: solver must be a diffrax solver, got {solver!r}"
         )
     name = type(solver).__name__
-    if type(unwrap_solver(solver)).__module__.startswith("guidediff"):
+    # (DPMSolverPP and UniPC are DDIMs; SDEDPMSolverPP a _ReverseSDESolver)
+    if isinstance(unwrap_solver(solver), DDIM | _ReverseSDESolver):
         raise TypeError(
             f"log_likelihood: {name} is (or wraps) a sampling solver (reverse "
             "time, the state alone); the likelihood integrates the state and its "
@@ -190,15 +192,30 @@ def _check_likelihood_solver(solver, controller) -> None:
 
 
 def _score_has_jvp(score, t, shape, dtype, args) -> bool:
-    """Whether the score can be differentiated in forward mode (a JVP) at all: one
-    evaluation at zero (under `jax.eval_shape` a custom_vjp's JVP does not fail).
-    Called only on the error path."""
-    x = jnp.zeros(shape, dtype)
+    """Whether the score can be differentiated in forward mode (a JVP): no
+    `jax.custom_vjp` in its program. Read from its jaxpr, not run: under `jax.jit`
+    a JVP is only recorded, so its error would not be raised. Called only on the
+    error path; when the program cannot be read, taken as differentiable."""
+    x = jax.ShapeDtypeStruct(shape, dtype)
     try:
-        jax.jvp(lambda z: score(t, z, args), (x,), (x,))
-    except TypeError as e:
-        return "custom_vjp" not in str(e)
-    return True
+        closed = jax.make_jaxpr(lambda z: score(t, z, args))(x)
+    except Exception:
+        return True
+    return not _holds_custom_vjp(closed.jaxpr)
+
+
+def _holds_custom_vjp(jaxpr, depth: int = 0) -> bool:
+    if depth > 32:
+        return False
+    for eqn in jaxpr.eqns:
+        if "custom_vjp" in eqn.primitive.name:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+                if hasattr(inner, "eqns") and _holds_custom_vjp(inner, depth + 1):
+                    return True
+    return False
 
 
 def log_likelihood(
@@ -451,7 +468,7 @@ def log_likelihood(
     except TypeError as e:
         if forward or "custom_vjp" not in str(e):
             raise
-        if not _score_has_jvp(score, t0_, shape, dtype, args):
+        if not _score_has_jvp(score, t0_, shape, dtype, _args_as_arrays(args)):
             raise TypeError(
                 "log_likelihood: the divergence differentiates the score in forward "
                 "mode (Jacobian-vector products), and the score holds a "

@@ -66,7 +66,7 @@ from ._brownian import check_key, levy_area_for, threefry_key
 from ._custom_types import Args, Key
 from ._driver import _solve
 from ._grid import check_grid, grid_ends, remember_grid, uniform_grid
-from ._jit import filter_jit
+from ._jit import StaticFloat, filter_jit
 from ._reverse import probability_flow, reverse_sde
 from ._sample_checks import (
     _call_laid_out,
@@ -778,8 +778,9 @@ def sample(
     - `sharding`: the layout of the `(num_particles, *shape)` particles over
       devices, e.g. `NamedSharding(mesh, PartitionSpec("p"))` with
       `mesh = jax.sharding.Mesh(np.array(jax.devices()), ("p",))` shards the
-      particle axis (`jax.make_mesh` needs `axis_types=(jax.sharding.AxisType.Auto,)`
-      here: its default axis types are not `Auto`) (the number of particles must split evenly over its devices); a spec
+      particle axis (the number of particles must split evenly over its devices;
+      `jax.make_mesh` needs `axis_types=(jax.sharding.AxisType.Auto,)` here, its
+      default axis types are not `Auto`); a spec
       such as `PartitionSpec("p", "q")` also splits each particle's first axis
       (a saved trajectory keeps its save axis replicated). Each particle keeps its
       noise and prior draw, so its sample does not depend on the device count up
@@ -797,8 +798,8 @@ def sample(
       axes of type `Auto` only (`jax.make_mesh(..., axis_types=...)`); with a mesh
       that has axes of other types, `jax.grad` outside `jax.jit` needs `with
       jax.set_mesh(mesh):` around it (JAX's own limitation: "cannot reshape
-      array"). Inside a `jax.set_mesh` block the sharding's mesh is that block's. Not inside `jax.shard_map` (the body
-      already runs per shard).
+      array"). Inside a `jax.set_mesh` block the sharding's mesh is that
+      block's. Not inside `jax.shard_map` (the body already runs per shard).
     - `dtype`: the particles' floating-point dtype (default: JAX's default float;
       float64 needs `jax_enable_x64`, as for JAX's own arrays). 16-bit particles
       (`driver="scan"` only) step on a float32 time grid: the prior, the noise and
@@ -966,7 +967,7 @@ def sample(
         # drawn, compiled again for the same program)
         max_steps if driver == "diffeqsolve" else None,
         checkpoint,
-        tol if process == "sde" and brownian == "tree" else None,
+        StaticFloat(tol) if process == "sde" and brownian == "tree" else None,
         brownian if process == "sde" else None,
         truncate,
         single,

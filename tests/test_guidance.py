@@ -537,6 +537,50 @@ def test_a_new_python_float_per_call_that_recompiles_warns():
     with pytest.warns(UserWarning, match="new values of a Python float") as record:
         run(Scaled(2.0))
     assert "eqx.field(converter=jnp.asarray)" in str(record[0].message)
+    # floats that are static on purpose do not count (a review): an SDE's
+    # T = eqx.field(static=True) and brownian_tol, which fix the program
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for T in (1.0, 0.9, 0.8, 0.7):
+            gd.initial_noise(jr.key(0), gd.VPSDE(T=T), (2,), num_particles=2)
+        for tol in (1e-2, 1e-3, 1e-4, 1e-5):
+            gd.sample(jr.key(0), sde, s, (2,), num_particles=2, ts=ts,
+                      brownian="tree", brownian_tol=tol)  # fmt: skip
+
+
+def test_the_recompile_warning_counts_functions_and_floats_apart():
+    """(a review) Each kind of change has its own count, and a value seen before
+    does not count again: two float changes and one function change draw no
+    warning. A new NaN object per call is a new program to JAX (nan != nan), so it
+    counts; one NaN object is compiled once."""
+    import math
+
+    from guidediff._jit import filter_jit
+
+    def make():
+        @filter_jit
+        def f(x, c, fn):
+            return x * fn(c)
+
+        return f
+
+    def fns():
+        return lambda c: c  # a new function object per call, of one code
+
+    x, keep = jnp.ones(2), fns()
+    f, g = make(), make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(x, 1.0, keep), f(x, 2.0, keep)  # two float values
+        f(x, 2.0, fns())  # a second function: no third anything
+        f(x, 1.0, keep)  # both seen before (JAX's cache has it: not traced)
+        # (another program: g, of another shape, has its own count)
+        y = jnp.ones(3)
+        for _ in range(3):
+            g(y, math.nan, keep)  # one NaN object: compiled once
+        g(y, float("nan"), keep)  # a second
+    with pytest.warns(UserWarning, match="new values of a Python float"):
+        g(y, float("nan"), keep)  # a third NaN object: a third program
 
 
 def test_the_recompile_warning_spares_distinct_functions_and_odd_statics():

@@ -206,6 +206,8 @@ def test_bad_input_is_refused():
     no_jvp = gd.ScoreFn(lambda t, x, a: s(t, ident(x), a))
     with pytest.raises(TypeError, match="holds a jax.custom_vjp"):
         gd.log_likelihood(SDE, no_jvp, XS)
+    with pytest.raises(TypeError, match="holds a jax.custom_vjp"):  # under jit too
+        jax.jit(lambda xs: gd.log_likelihood(SDE, no_jvp, xs).log_prob)(XS)
     # one 2-D point without the particle axis: read as 2 points of shape ()
     with pytest.raises(ValueError, match=r"pass xs\[None\]"):
         gd.log_likelihood(SDE, s, XS[0])

@@ -27,9 +27,10 @@ class AbstractGuidance(eqx.Module):
     reaches them. Declare numeric parameters as arrays (`factor: jax.Array`, or
     `eqx.field(converter=jnp.asarray)`): a Python float field is not an array
     leaf but a static part of the compiled sampler, so each new value compiles it
-    again (guidediff warns when this repeats), and `eqx.filter_grad` skips it. It must be stateless (a solver may evaluate the guided score
-    several times per step). Apply it with `gd.guide(score, guidance)`; compose
-    guidances with `gd.chain`.
+    again (guidediff warns when this repeats), and `eqx.filter_grad` skips it. It
+    must be stateless (a solver may evaluate the guided score several times per
+    step). Apply it with `gd.guide(score, guidance)`; compose guidances with
+    `gd.chain`.
 
     **Methods:**
 
