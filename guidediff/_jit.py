@@ -162,6 +162,7 @@ def note_trace(name: str, static, avals=()) -> None:
     program again on every call; so does a new value of a Python float field of a
     module (a guidance's `k: float`), which is not an array leaf."""
     found: list = []
+    new_fn = new_floats = False
     try:  # a diagnostic: whatever goes wrong here, the call goes on
         # (the shapes too: a new shape is a new program, not a wasted one)
         key = (name, _code_key(static, found), avals)
@@ -196,7 +197,9 @@ def note_trace(name: str, static, avals=()) -> None:
     except Exception:
         return
     # the third: a first call and a first call under jax.jit compile twice anyway
-    if n_fn >= 3:
+    # only a trace that is new in that kind warns (a retrace after
+    # jax.clear_caches(), or for the other kind's change, does not)
+    if new_fn and n_fn >= 3:
         warnings.warn(
             f"{name} is compiling again, a third time at least, for new function "
             "objects with the same code as before (a lambda or closure built "
@@ -208,7 +211,7 @@ def note_trace(name: str, static, avals=()) -> None:
             "jax.grad, or jax.jit the differentiated function)",
             stacklevel=_user_stacklevel(),
         )
-    if n_float >= 3:
+    if new_floats and n_float >= 3:
         warnings.warn(
             f"{name} is compiling again, a third time at least, for new values of a "
             "Python float in its arguments (a float field of a guidance, score, "
