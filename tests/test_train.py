@@ -92,7 +92,7 @@ def unconditional(gmm):
     result = fit(
         lambda p, k, x0: dsm_loss(net.apply, p, k, x0, SDE),
         params,
-        lambda k: gmm.sample(k, BATCH),
+        lambda k: gmm.sample(k, BATCH).astype(jnp.float32),  # as users train
         optimizer=_schedule(1500),
         num_steps=1500,
         key=jr.key(1),
@@ -126,7 +126,7 @@ def reweighted(gmm, unconditional):
     result = fit(
         lambda p, k, x0: reward_weighted_dsm_loss(net.apply, p, k, x0, REWARD, SDE),
         phi0,
-        lambda k: gmm.sample(k, BATCH),
+        lambda k: gmm.sample(k, BATCH).astype(jnp.float32),  # as users train
         optimizer=_schedule(1000),
         num_steps=1000,
         key=jr.key(2),
