@@ -26,7 +26,7 @@ from ._guidance.base import (
     guide as guide,
     stateless as stateless,
 )
-from ._guidance.cfg import ClassifierFree as ClassifierFree, cfg as cfg
+from ._guidance.cfg import ClassifierFree as ClassifierFree, cfg as cfg, cfgpp as cfgpp
 from ._guidance.classifier import (
     ClassifierGuidance as ClassifierGuidance,
     classifier_guidance as classifier_guidance,
@@ -121,6 +121,7 @@ from ._solver import (
 )
 from ._weights import (
     Constant as Constant,
+    PerStep as PerStep,
     PiecewiseLinear as PiecewiseLinear,
     as_weight as as_weight,
 )

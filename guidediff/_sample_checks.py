@@ -19,7 +19,7 @@ from ._brownian import levy_area_for, unwrap_solver
 from ._guidance.base import Guided
 from ._jit import _user_stacklevel, check_real_scalar, is_real_scalar, reject_traced
 from ._oracle import GaussianMixture
-from ._weights import Constant, PiecewiseLinear
+from ._weights import Constant, PerStep, PiecewiseLinear
 
 
 # The memos of checked scores and log-potentials (`_CheckMemo`), in two levels, each
@@ -39,7 +39,7 @@ _SMALL = 64  # float arrays up to this size are keyed by value
 # training loop) and new weights (a sweep over w) then reuse the check instead of
 # re-tracing the score, and reading them costs no device-to-host copy (which waits
 # for the work queued before it: a sweep's previous samples).
-_SHAPE_KEYED: list[type] = [Constant, PiecewiseLinear]
+_SHAPE_KEYED: list[type] = [Constant, PiecewiseLinear, PerStep]
 # Pytree node types whose calls check their float values (a mixture rejects a class
 # whose components all weigh zero): their arrays are keyed as `_signature` keys a
 # score's, by value or identity, also inside a log-potential.
@@ -695,13 +695,15 @@ def _check_intervals(
 
     Likewise a `gd.PiecewiseLinear` weight whose knots all lie on one side of the
     sampled times (knots given as step indices): it holds its end value there, a
-    constant, though its values vary. (Judged from the copy its constructor checked:
+    constant, though its values vary; and a `gd.PerStep` weight (`gd.cfgpp`'s) made
+    for another grid than the sampler's (nor a run of its consecutive times): its
+    steps are not the sampler's. (Judged from the copy its constructor checked:
     the arrays of a schedule made otherwise, e.g. by `jax.tree.map`, are not read
     back for it.)"""
     from ._guidance.interval import Interval
     from ._weights import PiecewiseLinear, knots_on_host
 
-    kinds = (Interval, PiecewiseLinear)
+    kinds = (Interval, PiecewiseLinear, PerStep)
     found, schedules = [], []
 
     def collect(tree):  # intervals and schedules, also inside an interval's guidance
@@ -710,7 +712,7 @@ def _check_intervals(
                 found.append(node)
                 # all its fields (a subclass may hold more than its guidance)
                 collect([getattr(node, f.name) for f in dataclasses.fields(node)])
-            elif isinstance(node, PiecewiseLinear):
+            elif isinstance(node, PiecewiseLinear | PerStep):
                 schedules.append(node)
 
     collect(score)
@@ -725,6 +727,9 @@ def _check_intervals(
         if host is None:
             continue
         knots, values = host
+        if isinstance(w, PerStep):
+            _check_per_step_grid(knots, grid, stacklevel + 1)
+            continue
         if np.all(values == values[0]):
             continue  # a constant schedule: nothing is lost
         side = "after" if knots[0] > hi_t else "before" if knots[-1] < lo_t else None
@@ -779,6 +784,30 @@ def _check_intervals(
                 UserWarning,
                 stacklevel=stacklevel,
             )
+
+
+def _check_per_step_grid(knots, grid, stacklevel: int) -> None:
+    """Warn where a `gd.PerStep` weight's grid is not the sampler's, nor a run of
+    its consecutive times (a split run's segment), compared in the grid's dtype.
+    Also for equal values: gd.cfgpp's are on a log-SNR-uniform grid, and they
+    depend on its number of steps."""
+    with np.errstate(over="ignore"):
+        knots = knots.astype(grid.dtype)
+    start = np.flatnonzero(knots == grid[0])
+    if start.size and np.array_equal(knots[start[0] : start[0] + grid.size], grid):
+        return
+
+    def show(a):
+        return f"{a.size - 1} steps from {float(a[0]):g} to {float(a[-1]):g}"
+
+    warnings.warn(
+        f"a gd.PerStep weight (e.g. gd.cfgpp's) was made for a grid of {show(knots)}, "
+        f"but the sampler steps on another grid ({show(grid)}): each of its steps "
+        "takes the weight of the PerStep step its time falls in, and gd.cfgpp is "
+        "CFG++ only on its own grid. Pass the same ts to both",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _evaluates_at_step_end(solver) -> bool:

@@ -87,29 +87,16 @@ class PiecewiseLinear(eqx.Module):
     values: Float[Array, " n"]
 
     def __init__(self, times: ArrayLike, values: ArrayLike):
-        for name, a in (("times", times), ("values", values)):
-            try:  # jnp: a list of traced values is fine (under jit, grad, vmap)
-                dtype = jnp.result_type(a) if hasattr(a, "dtype") else None
-                dtype = jnp.asarray(a).dtype if dtype is None else dtype
-            except (TypeError, ValueError):
-                dtype = np.asarray(a).dtype  # strings: named below
-            if not _is_real_dtype(dtype):
-                raise TypeError(
-                    f"the knots' {name} must be real numbers, got {dtype} ({a!r})"
-                )
-        self.times = jnp.asarray(times, jnp.result_type(float))
-        self.values = jnp.asarray(values, jnp.result_type(float))
+        self.times, self.values = _float_arrays(
+            "the knots' ", times=times, values=values
+        )
         if self.times.ndim != 1 or self.times.shape != self.values.shape:
             raise ValueError("times and values must be 1-D arrays of the same length")
         if self.times.shape[0] < 1:
             raise ValueError("a piecewise-linear weight needs at least one knot")
-        host = {
-            "times": _host_values(times, self.times),
-            "values": _host_values(values, self.values),
-        }
-        for name, a in host.items():
-            if a is not None and not np.all(np.isfinite(a)):
-                raise ValueError(f"the knots' {name} must be finite, got {a}")
+        host = _finite_on_host(
+            "the knots' ", times=(times, self.times), values=(values, self.values)
+        )
         knots = host["times"]  # compared: np.diff wraps around for unsigned ints
         if knots is not None and not np.all(knots[1:] > knots[:-1]):
             raise ValueError(
@@ -120,6 +107,84 @@ class PiecewiseLinear(eqx.Module):
 
     def __call__(self, t: Time) -> Scalar:
         return jnp.interp(t, self.times, self.values)
+
+
+class PerStep(eqx.Module):
+    r"""One weight per step of a sampling grid (a per-step guidance-scale list):
+
+    $$w(t) = v_k \quad\text{for } t_{k+1} < t \le t_k,\qquad k = 0, \dots, N-1,$$
+
+    on the decreasing grid $t_0 > t_1 > \dots > t_N$ that `gd.sample` steps on
+    (`ts=`), so the score evaluated at a step's start $t_k$ sees that step's weight
+    $v_k$. Above $t_0$ it holds $v_0$, at or below $t_N$ it holds $v_{N-1}$ (the
+    final denoising step of `denoise=True` takes the last step's weight). A solver
+    with stages inside a step (Heun's at its end $t_{k+1}$) sees the weight of the
+    step each stage's time falls in. Times are compared in the dtype of the time
+    the score is called with, so float32 particles, which step on the grid rounded
+    to float32, find their step's weight exactly.
+
+    Sampling on another grid than `ts` reads the weights as this piecewise-constant
+    function of $t$; `gd.sample` warns when it sees that (concrete grids only).
+
+    **Arguments:**
+
+    - `ts`: the sampling grid $t_0 > \dots > t_N$, 1-D, finite and strictly
+      decreasing (at least two times): pass the same grid to `gd.sample`.
+    - `values`: the $N$ weights $v_k$, one per step, finite. They are array leaves:
+      `jax.grad` reaches them and new values do not recompile.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        ts = gd.uniform_grid(sde.T, 1e-3, 4)
+        w = gd.PerStep(ts, [3.0, 3.0, 1.0, 0.0])  # CFG off for the last step
+        assert [float(w(t)) for t in ts[:-1]] == [3.0, 3.0, 1.0, 0.0]
+        gmm = gd.GaussianMixture(
+            [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+        )
+        guided = gd.guide(
+            gmm.conditional_score(sde), gd.cfg(w, null_args=gmm.null_label)
+        )
+        out = gd.sample(jr.key(0), sde, guided, (2,), num_particles=8, ts=ts, args=1)
+        ```
+    """
+
+    times: Float[Array, " n"]
+    values: Float[Array, " n-1"]
+
+    def __init__(self, ts: ArrayLike, values: ArrayLike):
+        self.times, self.values = _float_arrays("gd.PerStep's ", ts=ts, values=values)
+        if self.times.ndim != 1 or self.times.shape[0] < 2:
+            raise ValueError(
+                "gd.PerStep's ts must be a 1-D grid of at least two times (one "
+                f"step), got shape {self.times.shape}"
+            )
+        n = self.times.shape[0] - 1
+        if self.values.shape != (n,):
+            raise ValueError(
+                f"gd.PerStep needs one value per step: a grid of {n + 1} times has "
+                f"{n} steps, got values of shape {self.values.shape}"
+            )
+        host = _finite_on_host(
+            "gd.PerStep's ", ts=(ts, self.times), values=(values, self.values)
+        )
+        grid = host["ts"]
+        if grid is not None and not np.all(grid[1:] < grid[:-1]):
+            raise ValueError(
+                "gd.PerStep's ts must be strictly decreasing, from the noise end "
+                f"towards the data as gd.sample steps, got {grid}"
+            )
+        if grid is not None and host["values"] is not None:
+            _remember_knots(self, grid, host["values"])
+
+    def __call__(self, t: Time) -> Scalar:
+        t = jnp.asarray(t)
+        dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else self.times.dtype
+        # k = the number of the grid's inner times t_1 .. t_{N-1} at or above t
+        inner = self.times[1:-1].astype(dtype)
+        k = jnp.sum(t.astype(dtype) <= inner)
+        return self.values[k]
 
 
 Weight: TypeAlias = float | ArrayLike | Callable[[Time], Scalar]
@@ -150,6 +215,34 @@ class _PytreeSchedule(eqx.Module):
 
 def _is_real_dtype(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
+def _float_arrays(owner: str, **given) -> list[Array]:
+    """A schedule's inputs, each checked to hold real numbers, as float arrays."""
+    for name, a in given.items():
+        _check_real(a, f"{owner}{name}")
+    return [jnp.asarray(a, jnp.result_type(float)) for a in given.values()]
+
+
+def _finite_on_host(owner: str, **given) -> dict:
+    """`{name: host copy or None}` of a schedule's `(input, stored)` arrays (None
+    where traced), each checked to be finite."""
+    host = {name: _host_values(a, stored) for name, (a, stored) in given.items()}
+    for name, a in host.items():
+        if a is not None and not np.all(np.isfinite(a)):
+            raise ValueError(f"{owner}{name} must be finite, got {a}")
+    return host
+
+
+def _check_real(a, what: str) -> None:
+    """A `TypeError` unless `a` is an array (or nested list) of real numbers."""
+    try:  # jnp: a list of traced values is fine (under jit, grad, vmap)
+        dtype = jnp.result_type(a) if hasattr(a, "dtype") else None
+        dtype = jnp.asarray(a).dtype if dtype is None else dtype
+    except (TypeError, ValueError):
+        dtype = np.asarray(a).dtype  # strings: named below
+    if not _is_real_dtype(dtype):
+        raise TypeError(f"{what} must be real numbers, got {dtype} ({a!r})")
 
 
 def _reject_non_number(weight) -> None:
@@ -244,7 +337,9 @@ _HOST_KNOTS: dict = {}
 _MAX_HOST_KNOTS = 64
 
 
-def _remember_knots(w: PiecewiseLinear, times: np.ndarray, values: np.ndarray):
+def _remember_knots(
+    w: PiecewiseLinear | PerStep, times: np.ndarray, values: np.ndarray
+):
     if len(_HOST_KNOTS) >= _MAX_HOST_KNOTS:  # drop the dead, then the oldest
         dead = [k for k, v in _HOST_KNOTS.items() if v[0]() is None or v[1]() is None]
         for key in dead:
@@ -260,7 +355,7 @@ def _remember_knots(w: PiecewiseLinear, times: np.ndarray, values: np.ndarray):
     )
 
 
-def knots_on_host(w: PiecewiseLinear) -> tuple[np.ndarray, np.ndarray] | None:
+def knots_on_host(w: PiecewiseLinear | PerStep) -> tuple[np.ndarray, np.ndarray] | None:
     """`(times, values)` of `w` on the host if its constructor saw concrete values
     (and its arrays are still the ones made then); None otherwise: not read from
     the device."""

@@ -5,10 +5,13 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jaxtyping import ArrayLike
 
 from .._custom_types import Args
+from .._grid import check_grid
 from .._score import AbstractScore
-from .._weights import Weight, as_weight
+from .._sde import AbstractSDE
+from .._weights import PerStep, Weight, _check_real, as_weight
 from .base import AbstractGuidance
 
 
@@ -174,3 +177,99 @@ def cfg(
     if unconditional is not None and not isinstance(unconditional, AbstractScore):
         raise TypeError("`unconditional` must be an AbstractScore")
     return ClassifierFree(as_weight(weight), null_args, unconditional, bool(batched))
+
+
+def cfgpp(
+    lam: ArrayLike,
+    sde: AbstractSDE,
+    ts: ArrayLike,
+    *,
+    null_args: Args = None,
+    unconditional: AbstractScore | None = None,
+    batched: bool = True,
+) -> ClassifierFree:
+    r"""CFG++ (Chung et al. 2024) as classifier-free guidance at per-step weights.
+
+    CFG++ changes DDIM's step from $t_k$ to $t_{k+1}$: the data prediction takes
+    the guided noise, the re-noising the *unconditional* noise,
+
+    $$x_{k+1} = \alpha_{k+1}\,\hat x_0(\varepsilon^\lambda_k)
+    + \sigma_{k+1}\,\varepsilon^\varnothing_k,\qquad
+    \varepsilon^\lambda = \varepsilon^\varnothing
+    + \lambda\,(\varepsilon^c - \varepsilon^\varnothing),\quad
+    \hat x_0(\varepsilon) = \frac{x_k - \sigma_k\varepsilon}{\alpha_k},$$
+
+    with $\lambda \in [0, 1]$. The step is linear in the noise, so it is exactly
+    DDIM's own step with classifier-free guidance at the scale
+
+    $$1 + w_k = \frac{\lambda}{1 - e^{-h_k}},\qquad
+    h_k = \ell(t_{k+1}) - \ell(t_k),\quad \ell = \log\frac{\alpha}{\sigma},$$
+
+    (match the coefficients of $\varepsilon^c - \varepsilon^\varnothing$): a
+    guidance term of the reverse process like any other, no change to the sampler.
+    This builds `gd.cfg(gd.PerStep(ts, w), ...)` with those $w_k$: sampled with
+    `gd.sample(..., ts=ts, process="ode", solver=gd.DDIM(sde))` on the *same*
+    grid, it is CFG++ (its DDIM algorithm) to rounding. With another solver that
+    evaluates the score once per step at the step's start (`gd.DPMSolverPP`,
+    Euler), it is CFG at the same per-step weights.
+
+    On a log-SNR-uniform grid (`gd.logsnr_grid`) every $h_k$ is the same, and
+    CFG++ is CFG at one constant weight. The scale grows as $\lambda / h_k$ when
+    the grid is refined: CFG++ is a
+    method of its grid, and one $\lambda$ guides more strongly on a finer grid
+    (the last step to $\sigma = 0$ has $h = \infty$ and scale $\lambda$). Compare
+    values of $\lambda$ at a fixed number of steps.
+
+    **Arguments:**
+
+    - `lam`: $\lambda$, a finite real scalar (CFG++ uses $[0, 1]$; $0$ is
+      unconditional sampling). An array leaf: `jax.grad` and `jax.vmap` over it
+      work, and a new value does not recompile.
+    - `sde`: the forward SDE, for $\alpha$ and $\sigma$.
+    - `ts`: the decreasing sampling grid, as passed to `gd.sample(ts=...)`.
+    - `null_args`, `unconditional`, `batched`: as in `gd.cfg`.
+
+    **Returns:** a `ClassifierFree` guidance whose weight is a `gd.PerStep`.
+
+    !!! example
+
+        ```python
+        sde = gd.VPSDE()
+        gmm = gd.GaussianMixture(
+            [0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], labels=[0, 1]
+        )
+        ts = gd.logsnr_grid(sde, sde.T, 1e-3, 20)
+        guidance = gd.cfgpp(0.6, sde, ts, null_args=gmm.null_label)
+        guided = gd.guide(gmm.conditional_score(sde), guidance)
+        out = gd.sample(jr.key(0), sde, guided, (2,), num_particles=500, ts=ts,
+                        args=1, process="ode", solver=gd.DDIM(sde))
+        ```
+    """
+    if not isinstance(sde, AbstractSDE):
+        raise TypeError(
+            f"gd.cfgpp: sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got "
+            f"{type(sde).__name__}"
+        )
+    if callable(lam):
+        raise TypeError(
+            "gd.cfgpp's lam is one number (CFG++'s scale is fixed per step by the "
+            f"grid), got the callable {lam!r}; for a schedule of t use gd.cfg"
+        )
+    _check_real(lam, "gd.cfgpp's lam")
+    lam = jnp.asarray(lam, jnp.result_type(float))
+    if lam.ndim != 0:
+        raise ValueError(
+            f"gd.cfgpp's lam must be a scalar, got shape {lam.shape}: jax.vmap over "
+            "a scalar to sweep it"
+        )
+    if not isinstance(lam, jax.core.Tracer) and not np.isfinite(np.asarray(lam)):
+        raise ValueError(f"gd.cfgpp's lam must be finite, got {lam}")
+    _check_real(ts, "gd.cfgpp's ts")
+    check_grid(sde, ts)  # decreasing, within [0, T]: sde.log_snr is defined there
+    times = jnp.asarray(ts, jnp.result_type(float))
+    ell = 0.5 * jax.vmap(sde.log_snr)(times)  # log(alpha / sigma); inf at sigma = 0
+    scale = lam / -jnp.expm1(-(ell[1:] - ell[:-1]))
+    weights = PerStep(times, (scale - 1.0).astype(times.dtype))
+    return cfg(
+        weights, null_args=null_args, unconditional=unconditional, batched=batched
+    )
