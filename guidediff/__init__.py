@@ -17,6 +17,7 @@ from ._grid import (
     quadratic_grid as quadratic_grid,
     uniform_grid as uniform_grid,
 )
+from ._guidance.apg import AdaptiveProjected as AdaptiveProjected, apg as apg
 from ._guidance.base import (
     AbstractGuidance as AbstractGuidance,
     Chain as Chain,

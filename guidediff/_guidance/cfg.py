@@ -34,42 +34,61 @@ class ClassifierFree(AbstractGuidance):
     batched: bool = eqx.field(static=True)
 
     def apply(self, score, t, x, args):
-        if self.unconditional is not None:
-            cond = score(t, x, args)
-            uncond = self.unconditional(t, x, args).astype(cond.dtype)
-            w = self.weight(t).astype(cond.dtype)
-            return cond + w * (cond - uncond)
-        if args is None:
-            # (a class-conditional network reads None as its null label: guidance
-            # would silently be off, cond == uncond)
-            raise TypeError(
-                "gd.cfg(null_args=...) needs the conditional args (e.g. the class "
-                "label) in the score's call: got args=None"
-            )
-        if self.batched and not _eager(t, x, args):
-            # One call of the score on the stacked (cond, null) args: under the outer
-            # particle vmap this is a single network call on 2N inputs. (An eager
-            # call with concrete values takes the two-call path below, where the
-            # score's own checks, e.g. of an unknown label, see the values.)
-            try:  # (null_args may hold args' leaves whole: a list for an array)
-                null = jtu.tree_map(_null_like, args, self.null_args)
-            except ValueError as e:
-                if "pytree" not in str(e).lower() and "structure" not in str(e):
-                    raise
-                raise ValueError(
-                    "batched gd.cfg stacks args and null_args into one call, so they "
-                    f"need the same structure; got args {jtu.tree_structure(args)} "
-                    f"and null_args {jtu.tree_structure(self.null_args)}. Give "
-                    "null_args every entry of args, or use gd.cfg(..., batched=False)"
-                ) from None
-            both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
-            out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)
-            cond, uncond = out[0], out[1]
-        else:
-            cond = score(t, x, args)
-            uncond = score(t, x, self.null_args)
+        cond, uncond = cond_and_uncond(
+            score, t, x, args, self.null_args, self.unconditional, self.batched
+        )
         w = self.weight(t).astype(cond.dtype)
         return cond + w * (cond - uncond)
+
+
+def cond_and_uncond(
+    score, t, x, args, null_args, unconditional, batched: bool, name: str = "gd.cfg"
+):
+    """The conditional and the unconditional score at `(t, x)`: `unconditional`
+    called with `args`, or `score` with `null_args`, the two calls stacked into one
+    with `batched` (shared by the guidances built on the pair, `name` in their
+    errors)."""
+    if unconditional is not None:
+        cond = score(t, x, args)
+        return cond, unconditional(t, x, args).astype(cond.dtype)
+    if args is None:
+        # (a class-conditional network reads None as its null label: guidance
+        # would silently be off, cond == uncond)
+        raise TypeError(
+            f"{name}(null_args=...) needs the conditional args (e.g. the class "
+            "label) in the score's call: got args=None"
+        )
+    if batched and not _eager(t, x, args):
+        # One call of the score on the stacked (cond, null) args: under the outer
+        # particle vmap this is a single network call on 2N inputs. (An eager
+        # call with concrete values takes the two-call path below, where the
+        # score's own checks, e.g. of an unknown label, see the values.)
+        try:  # (null_args may hold args' leaves whole: a list for an array)
+            null = jtu.tree_map(lambda a, n: _null_like(a, n, name), args, null_args)
+        except ValueError as e:
+            if "pytree" not in str(e).lower() and "structure" not in str(e):
+                raise
+            raise ValueError(
+                f"batched {name} stacks args and null_args into one call, so they "
+                f"need the same structure; got args {jtu.tree_structure(args)} "
+                f"and null_args {jtu.tree_structure(null_args)}. Give "
+                f"null_args every entry of args, or use {name}(..., batched=False)"
+            ) from None
+        both = jtu.tree_map(lambda a, n: jnp.stack([a, n]), args, null)
+        out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)
+        return out[0], out[1]
+    return score(t, x, args), score(t, x, null_args)
+
+
+def check_pair(null_args, unconditional, batched, name: str = "cfg") -> None:
+    """Exactly one of `null_args` / `unconditional` (an `AbstractScore`), and a
+    boolean `batched`: the arguments of a guidance built on `cond_and_uncond`."""
+    if (null_args is None) == (unconditional is None):
+        raise ValueError(f"{name} needs exactly one of `null_args` or `unconditional`")
+    if not isinstance(batched, bool | np.bool_):
+        raise TypeError(f"{name}: batched must be True or False, got {batched!r}")
+    if unconditional is not None and not isinstance(unconditional, AbstractScore):
+        raise TypeError("`unconditional` must be an AbstractScore")
 
 
 def _eager(*trees) -> bool:
@@ -91,7 +110,7 @@ def _numeric(leaf) -> bool:
         return False
 
 
-def _null_like(a, n):
+def _null_like(a, n, name: str = "gd.cfg"):
     """The null args `n` in the dtype of the conditional `a` they are stacked with.
     Into an integer (label) dtype, a concrete value that the cast would change (a
     float label 1.9 -> 1) is an error, not a silent other class; into a float
@@ -100,9 +119,9 @@ def _null_like(a, n):
     for leaf in (a, n):
         if not isinstance(leaf, jax.core.Tracer) and not _numeric(leaf):
             raise TypeError(
-                f"batched gd.cfg stacks the conditional args and null_args into one "
+                f"batched {name} stacks the conditional args and null_args into one "
                 f"call, so their leaves must be numbers or arrays; got {leaf!r} "
-                f"({type(leaf).__name__}). Use gd.cfg(..., batched=False) for args "
+                f"({type(leaf).__name__}). Use {name}(..., batched=False) for args "
                 "with other leaves (e.g. strings)"
             )
     dtype = jnp.asarray(a).dtype
@@ -111,16 +130,16 @@ def _null_like(a, n):
     n_shape = jnp.shape(n) if isinstance(n, jax.Array) else np.shape(n)
     if n_shape != shape:
         raise ValueError(
-            f"gd.cfg's null_args has shape {n_shape} but the conditional args "
+            f"{name}'s null_args has shape {n_shape} but the conditional args "
             f"have shape {shape}: batched CFG stacks them into one call. Give "
-            "null_args of the same shape, or use gd.cfg(..., batched=False)"
+            f"null_args of the same shape, or use {name}(..., batched=False)"
         )
     exact = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
     if exact and not isinstance(n, jax.core.Tracer):
         v = np.asarray(n)
         if not np.array_equal(v.astype(dtype), v):
             raise ValueError(
-                f"gd.cfg's null_args={n!r} is not representable as the conditional "
+                f"{name}'s null_args={n!r} is not representable as the conditional "
                 f"args' dtype {dtype} (they are stacked into one call)"
             )
     return jnp.asarray(n, dtype)
@@ -170,12 +189,7 @@ def cfg(
         out = gd.sample(jr.key(0), sde, guided, (2,), num_particles=1000, args=1)
         ```
     """
-    if (null_args is None) == (unconditional is None):
-        raise ValueError("cfg needs exactly one of `null_args` or `unconditional`")
-    if not isinstance(batched, bool | np.bool_):
-        raise TypeError(f"cfg: batched must be True or False, got {batched!r}")
-    if unconditional is not None and not isinstance(unconditional, AbstractScore):
-        raise TypeError("`unconditional` must be an AbstractScore")
+    check_pair(null_args, unconditional, batched)
     return ClassifierFree(as_weight(weight), null_args, unconditional, bool(batched))
 
 
