@@ -728,7 +728,7 @@ def _check_intervals(
             continue
         knots, values = host
         if isinstance(w, PerStep):
-            _check_per_step_grid(knots, grid, stacklevel + 1)
+            _check_per_step_grid(w, knots, grid, solver, adaptive, stacklevel + 1)
             continue
         if np.all(values == values[0]):
             continue  # a constant schedule: nothing is lost
@@ -786,28 +786,51 @@ def _check_intervals(
             )
 
 
-def _check_per_step_grid(knots, grid, stacklevel: int) -> None:
-    """Warn where a `gd.PerStep` weight's grid is not the sampler's, nor a run of
-    its consecutive times (a split run's segment), compared in the grid's dtype.
-    Also for equal values: gd.cfgpp's are on a log-SNR-uniform grid, and they
-    depend on its number of steps."""
-    with np.errstate(over="ignore"):
-        knots = knots.astype(grid.dtype)
-    start = np.flatnonzero(knots == grid[0])
-    if start.size and np.array_equal(knots[start[0] : start[0] + grid.size], grid):
-        return
+def _check_per_step_grid(w, knots, grid, solver, adaptive, stacklevel: int) -> None:
+    """Warn where a `gd.PerStep` weight's steps are not the sampler's: another grid
+    (not a run of its consecutive times, a split run's segment; compared in
+    float32, as `PerStep` finds its steps), or adaptive steps; and where
+    `gd.cfgpp`'s weights meet another solver than `gd.DDIM`, with which they are
+    CFG at per-step weights, not CFG++. Also for equal values: gd.cfgpp's are on a
+    log-SNR-uniform grid, and they depend on its number of steps."""
+    from ._guidance.cfg import CFGppSteps
+    from ._solver import DDIM
 
     def show(a):
         return f"{a.size - 1} steps from {float(a[0]):g} to {float(a[-1]):g}"
 
-    warnings.warn(
-        f"a gd.PerStep weight (e.g. gd.cfgpp's) was made for a grid of {show(knots)}, "
-        f"but the sampler steps on another grid ({show(grid)}): each of its steps "
-        "takes the weight of the PerStep step its time falls in, and gd.cfgpp is "
-        "CFG++ only on its own grid. Pass the same ts to both",
-        UserWarning,
-        stacklevel=stacklevel,
-    )
+    if isinstance(w, CFGppSteps):
+        what = "gd.cfgpp's weights were"
+    else:
+        what = "a gd.PerStep weight was"
+    if adaptive:
+        problem = "the sampler steps adaptively, not on that grid"
+    else:
+        with np.errstate(over="ignore"):
+            mine, theirs = knots.astype(np.float32), grid.astype(np.float32)
+        start = np.flatnonzero(mine == theirs[0])
+        if start.size and np.array_equal(
+            mine[start[0] : start[0] + theirs.size], theirs
+        ):
+            problem = None
+        else:
+            problem = f"the sampler steps on another grid ({show(grid)})"
+    if problem is not None:
+        warnings.warn(
+            f"{what} made for a grid of {show(knots)}, but {problem}: each of "
+            "its steps takes the weight of the PerStep step its time falls in (gd."
+            "cfgpp is CFG++ only on its own grid). Pass the same ts to both",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    elif isinstance(w, CFGppSteps) and type(unwrap_solver(solver)) is not DDIM:
+        warnings.warn(
+            f"gd.cfgpp's weights make gd.DDIM's step the CFG++ step; with "
+            f"{type(solver).__name__} they are classifier-free guidance at per-step "
+            "weights, not CFG++. Sample with process='ode', solver=gd.DDIM(sde)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _evaluates_at_step_end(solver) -> bool:

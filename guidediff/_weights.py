@@ -119,12 +119,16 @@ class PerStep(eqx.Module):
     $v_k$. Above $t_0$ it holds $v_0$, at or below $t_N$ it holds $v_{N-1}$ (the
     final denoising step of `denoise=True` takes the last step's weight). A solver
     with stages inside a step (Heun's at its end $t_{k+1}$) sees the weight of the
-    step each stage's time falls in. Times are compared in the dtype of the time
-    the score is called with, so float32 particles, which step on the grid rounded
-    to float32, find their step's weight exactly.
+    step each stage's time falls in. A time within a few float32 ulps of a grid
+    time counts as that time, so float32 particles, which step on the grid
+    rounded to float32, and a float32 copy of the grid find their steps' weights.
+    Called on an array of times, it returns their weights.
 
-    Sampling on another grid than `ts` reads the weights as this piecewise-constant
-    function of $t$; `gd.sample` warns when it sees that (concrete grids only).
+    Sampling on another grid than `ts`, or with adaptive steps, reads the weights
+    as this piecewise-constant function of $t$; the samplers warn when they see
+    that (concrete grids only). `gd.log_likelihood` integrates the probability
+    flow forward in time: on the same grid, a step's first stage is at its end
+    $t_{k+1}$ and takes the weight $v_{k+1}$.
 
     **Arguments:**
 
@@ -175,15 +179,22 @@ class PerStep(eqx.Module):
                 "gd.PerStep's ts must be strictly decreasing, from the noise end "
                 f"towards the data as gd.sample steps, got {grid}"
             )
-        if grid is not None and host["values"] is not None:
+        if grid is not None:  # (the samplers' grid check needs the times only)
             _remember_knots(self, grid, host["values"])
 
     def __call__(self, t: Time) -> Scalar:
-        t = jnp.asarray(t)
-        dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else self.times.dtype
-        # k = the number of the grid's inner times t_1 .. t_{N-1} at or above t
-        inner = self.times[1:-1].astype(dtype)
-        k = jnp.sum(t.astype(dtype) <= inner)
+        # k = the number of the grid's inner times t_1 .. t_{N-1} at or above t,
+        # each within a few float32 ulps (a quarter of its gaps at most): the grid
+        # rounded to float32 (float32 particles step on it, or a float32 copy
+        # given to the sampler) finds the same steps as the grid itself
+        times = self.times
+        t = jnp.asarray(t).astype(times.dtype)
+        inner = times[1:-1]
+        gaps = times[:-1] - times[1:]
+        ulps = 4 * float(np.finfo(np.float32).eps) * jnp.abs(inner)
+        tol = jnp.minimum(ulps, 0.25 * jnp.minimum(gaps[:-1], gaps[1:]))
+        edges = (inner + tol).reshape((1,) * t.ndim + inner.shape)
+        k = jnp.sum(t[..., None] <= edges, axis=-1)
         return self.values[k]
 
 

@@ -12,6 +12,7 @@ update written out in the denoiser's units with NumPy.
 
 import warnings
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -172,7 +173,7 @@ def test_sampling_on_another_grid_warns_at_the_callers_line():
         # a segment of the grid (a split run) takes its own steps' weights
         gd.sample(jr.key(0), VP, g, (2,), y0=Y0, ts=ts[2:6], **kw)
     for other in (gd.uniform_grid(VP.T, 1e-3, 9), ts[::2]):
-        with pytest.warns(UserWarning, match="made for a grid of 8 steps") as rec:
+        with pytest.warns(UserWarning, match="were made for a grid of 8 steps") as rec:
             gd.sample(jr.key(0), VP, g, (2,), num_particles=4, ts=other, **kw)
         assert rec[0].filename == __file__
     # a constant weight on a log-SNR grid depends on its number of steps too
@@ -181,6 +182,56 @@ def test_sampling_on_another_grid_warns_at_the_callers_line():
     with pytest.warns(UserWarning, match="Pass the same ts"):
         gd.sample(jr.key(0), VP, g_log, (2,), num_particles=4,
                   ts=gd.logsnr_grid(VP, VP.T, 1e-3, 16), **kw)  # fmt: skip
+
+
+def test_the_grid_warning_also_under_transformations_and_adaptive_steps():
+    """The check needs the grid only: it also warns where lam is traced (grad,
+    vmap); adaptive steps are not the grid's steps; and CFG++'s weights with
+    another solver than DDIM are not CFG++."""
+    ts, other = gd.uniform_grid(VP.T, 1e-3, 8), gd.uniform_grid(VP.T, 1e-3, 6)
+    score = GMM.conditional_score(VP)
+    kw = dict(num_particles=2, args=1, process="ode", solver=gd.DDIM(VP))
+
+    def mean(lam, grid=other, **extra):
+        g = gd.guide(score, gd.cfgpp(lam, VP, ts, null_args=GMM.null_label))
+        return gd.sample(jr.key(0), VP, g, (2,), ts=grid, **{**kw, **extra}).ys.mean()
+
+    for run, lam in ((jax.grad(mean), 0.5), (jax.vmap(mean), jnp.array([0.5, 0.6]))):
+        with pytest.warns(UserWarning, match="another grid"):
+            run(lam)
+    pid = dict(
+        driver="diffeqsolve",
+        solver=dfx.Tsit5(),
+        stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
+    )
+    with pytest.warns(UserWarning, match="steps adaptively"):
+        mean(0.5, ts, **pid)
+    for extra in (dict(solver=gd.DPMSolverPP(VP)), dict(solver=dfx.Heun())):
+        with pytest.warns(UserWarning, match="not CFG\\+\\+") as rec:
+            mean(0.5, ts, **extra)
+        assert rec[0].filename == __file__
+    with pytest.warns(UserWarning, match="not CFG\\+\\+"):
+        mean(0.5, ts, process="sde", solver=None)
+
+
+def test_a_float32_copy_of_the_grid_finds_the_same_steps():
+    """float64 particles on the float32-rounded grid (or the other way round):
+    each step still takes its own weight (within float32 ulps), and no warning."""
+    ts = gd.uniform_grid(VP.T, 1e-3, 40)
+    ts32 = ts.astype(jnp.float32)
+    score = GMM.conditional_score(VP)
+    kw = dict(y0=Y0, args=1, process="ode", solver=gd.DDIM(VP))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for made, used in ((ts, ts32), (ts32, ts)):
+            g = gd.guide(score, gd.cfgpp(0.7, VP, made, null_args=GMM.null_label))
+            out = gd.sample(jr.key(0), VP, g, (2,), ts=used, **kw)
+            ref = _cfgpp_by_the_paper(VP, score, used, 0.7, Y0, 1, GMM.null_label)
+            np.testing.assert_allclose(out.ys, ref, atol=1e-6)
+    # an array of times gets their weights
+    w = gd.PerStep(ts32, jnp.arange(40.0))
+    np.testing.assert_array_equal(w(ts[:-1]), np.arange(40.0))
+    np.testing.assert_array_equal(w(ts[None, 3:5]), [[3.0, 4.0]])
 
 
 def test_bad_inputs_name_the_problem():

@@ -193,6 +193,11 @@ def cfg(
     return ClassifierFree(as_weight(weight), null_args, unconditional, bool(batched))
 
 
+class CFGppSteps(PerStep):
+    """`gd.cfgpp`'s per-step weights: a `gd.PerStep` the samplers know to be CFG++'s
+    (they warn when it meets another solver than `gd.DDIM`)."""
+
+
 def cfgpp(
     lam: ArrayLike,
     sde: AbstractSDE,
@@ -225,7 +230,7 @@ def cfgpp(
     `gd.sample(..., ts=ts, process="ode", solver=gd.DDIM(sde))` on the *same*
     grid, it is CFG++ (its DDIM algorithm) to rounding. With another solver that
     evaluates the score once per step at the step's start (`gd.DPMSolverPP`,
-    Euler), it is CFG at the same per-step weights.
+    Euler), it is CFG at the same per-step weights (the samplers warn: not CFG++).
 
     On a log-SNR-uniform grid (`gd.logsnr_grid`) every $h_k$ is the same, and
     CFG++ is CFG at one constant weight. The scale grows as $\lambda / h_k$ when
@@ -283,7 +288,7 @@ def cfgpp(
     times = jnp.asarray(ts, jnp.result_type(float))
     ell = 0.5 * jax.vmap(sde.log_snr)(times)  # log(alpha / sigma); inf at sigma = 0
     scale = lam / -jnp.expm1(-(ell[1:] - ell[:-1]))
-    weights = PerStep(times, (scale - 1.0).astype(times.dtype))
+    weights = CFGppSteps(times, (scale - 1.0).astype(times.dtype))
     return cfg(
         weights, null_args=null_args, unconditional=unconditional, batched=batched
     )
