@@ -13,6 +13,7 @@ update written out in the denoiser's units with NumPy.
 import warnings
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -372,6 +373,58 @@ def test_apg_parameters_are_leaves():
     np.testing.assert_allclose(jax.grad(mean_x)(0.5), fd, rtol=1e-6)
 
 
+def test_apg_of_16_bit_particles_in_a_large_state():
+    """|D_c|^2 of a 20000-dimensional state passes float16's largest value: the
+    projection is computed in float32 (in float16 the norm was inf, the parallel
+    part 0, and APG silently plain CFG)."""
+    d = 20_000
+    x = 4.0 * jr.normal(jr.key(0), (d,))
+    score = gd.ScoreFn(lambda t, x, args: -x)  # N(0, I) data under the VP SDE
+    uncond = gd.ScoreFn(lambda t, x, args: -0.9 * x + 0.1)
+    out = {}
+    for dtype in (jnp.float16, jnp.float32):
+        xd = x.astype(dtype)
+        for name, g in (
+            ("apg", gd.apg(3.0, VP, unconditional=uncond)),
+            ("cfg", gd.cfg(3.0, unconditional=uncond)),
+        ):
+            out[name, dtype] = np.asarray(gd.guide(score, g)(0.1, xd), np.float64)
+            assert out[name, dtype].dtype == np.float64  # (cast above)
+    assert gd.guide(score, gd.apg(3.0, VP, unconditional=uncond))(0.1, x.astype(
+        jnp.float16)).dtype == jnp.float16  # fmt: skip
+    ref = out["apg", jnp.float32]
+    rel = np.linalg.norm(out["apg", jnp.float16] - ref) / np.linalg.norm(ref)
+    assert rel < 1e-2, rel
+    gap = np.linalg.norm(out["cfg", jnp.float32] - ref) / np.linalg.norm(ref)
+    assert gap > 0.05, gap  # APG is not CFG here
+
+
+def test_an_apg_sweep_does_not_trace_the_score_again():
+    """eta and r are keyed by shape in gd.sample's check, as weights are: new
+    values neither trace the score again nor recompile."""
+    traces = []
+
+    def fn(t, x, args):
+        traces.append(1)  # runs only while tracing
+        return -x + 0.1 * args
+
+    score = gd.ScoreFn(fn)
+    ts = gd.uniform_grid(VP.T, 1e-3, 4)
+    kw = dict(num_particles=2, ts=ts, args=1.0)
+
+    def run(eta, r):
+        g = gd.apg(2.0, VP, eta=eta, norm_threshold=r, null_args=0.0)
+        return gd.sample(jr.key(0), VP, gd.guide(score, g), (2,), **kw)
+
+    run(0.0, 1.0)
+    first = len(traces)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for eta, r in ((0.5, 1.0), (0.5, 2.0), (0.1, 3.0), (1.0, None)):
+            run(eta, r)
+    assert len(traces) == first
+
+
 def test_apg_bad_inputs_name_the_problem():
     cases = [
         (lambda: gd.apg(1.0, "vp", null_args=2), TypeError, "AbstractSDE"),
@@ -383,9 +436,32 @@ def test_apg_bad_inputs_name_the_problem():
         (lambda: gd.apg(1.0, VP, norm_threshold=0.0, null_args=2), ValueError, "> 0"),
         (lambda: gd.apg(1.0, VP, norm_threshold=-1, null_args=2), ValueError, "> 0"),
         (lambda: gd.apg("big", VP, null_args=2), TypeError, "number"),
+        (
+            lambda: gd.apg(1.0, VP, unconditional=lambda t, x, a: x),
+            TypeError,
+            r"gd.apg: `unconditional` must be",
+        ),
     ]
     for make, kind, match in cases:
         with pytest.raises(kind, match=match):
             make()
+    with jax.enable_x64(False):  # checked as stored, in float32: inf, and 0
+        with pytest.raises(ValueError, match=r"finite, got 1e\+39 \(inf in float32"):
+            gd.apg(1.0, VP, eta=1e39, null_args=2)
+        with pytest.raises(ValueError, match="> 0"):
+            gd.apg(1.0, VP, norm_threshold=1e-50, null_args=2)
+    # a negative traced threshold turns the update off (it reversed it)
+    neg = gd.apg(2.0, VP, norm_threshold=1.0, null_args=GMM.null_label)
+    neg = eqx.tree_at(lambda g: g.norm_threshold.value, neg, jnp.asarray(-0.1))
+    score = GMM.conditional_score(VP)
+    np.testing.assert_array_equal(
+        gd.guide(score, neg)(0.5, X_AGREE, 1), score(0.5, X_AGREE, 1)
+    )
+    # built directly from Python numbers, it works
+    direct = gd.AdaptiveProjected(gd.Constant(2.0), VP, 0.0, np.inf, 2, None, True)
+    np.testing.assert_allclose(
+        gd.guide(score, direct)(0.5, X_AGREE, 1),
+        gd.guide(score, gd.apg(2.0, VP, null_args=2))(0.5, X_AGREE, 1),
+    )
     with pytest.raises(TypeError, match=r"gd.apg\(null_args=...\) needs the"):
         gd.guide(GMM.conditional_score(VP), gd.apg(1.0, VP, null_args=2))(0.5, X_AGREE)

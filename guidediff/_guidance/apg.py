@@ -2,16 +2,16 @@ r"""Adaptive projected guidance (APG): classifier-free guidance with its update 
 along the conditional denoiser's prediction."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from .._custom_types import Args
 from .._jit import is_real_scalar
+from .._sample_checks import register_shape_keyed
 from .._score import AbstractScore
 from .._sde import AbstractSDE
-from .._weights import Weight, as_weight
+from .._weights import Weight, _host_values, as_weight
 from .base import AbstractGuidance
 from .cfg import check_pair, cond_and_uncond
 
@@ -24,6 +24,23 @@ def _safe_norm(v: Array) -> tuple[Array, Array]:
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0), jnp.sqrt(safe)
 
 
+class _Scalar(eqx.Module):
+    """A real scalar parameter of a guidance, an array leaf in a module of its
+    own: `gd.sample`'s check keys it by shape (registered below), as it keys
+    weights, so a sweep over it does not trace the score again."""
+
+    value: Float[Array, ""] = eqx.field(
+        converter=lambda v: jnp.asarray(v, jnp.result_type(float))
+    )
+
+
+register_shape_keyed(_Scalar)
+
+
+def _as_scalar(v) -> _Scalar:
+    return v if isinstance(v, _Scalar) else _Scalar(v)
+
+
 class AdaptiveProjected(AbstractGuidance):
     r"""APG's guided score. See `apg`, which builds it (with checks), states the
     equation and has an example.
@@ -34,14 +51,16 @@ class AdaptiveProjected(AbstractGuidance):
     - `sde`: the forward SDE (for the denoiser $D = (x + \sigma^2 s)/\alpha$).
     - `eta`: $\eta$, the weight of the update's component parallel to $D_c$.
     - `norm_threshold`: $r$, the largest norm of the update in $D$ units (`inf`:
-      none).
+      none; a negative value, e.g. a traced one, turns the update off).
     - `null_args`, `unconditional`, `batched`: as in `gd.ClassifierFree`.
+
+    `eta` and `norm_threshold` are numbers or scalar arrays (held as array leaves).
     """
 
     weight: eqx.Module
     sde: AbstractSDE
-    eta: Float[Array, ""]
-    norm_threshold: Float[Array, ""]
+    eta: _Scalar = eqx.field(converter=_as_scalar)
+    norm_threshold: _Scalar = eqx.field(converter=_as_scalar)
     null_args: Args
     unconditional: AbstractScore | None
     batched: bool = eqx.field(static=True)
@@ -57,23 +76,27 @@ class AdaptiveProjected(AbstractGuidance):
             self.batched,
             "gd.apg",
         )
-        dtype = cond.dtype
+        # in float32 at least: the squared norms of a 16-bit state overflow
+        out_dtype = cond.dtype
+        dtype = jnp.promote_types(out_dtype, jnp.float32)
+        cond, uncond = cond.astype(dtype), uncond.astype(dtype)
         alpha, sigma = self.sde.marginal(t)
         c = (sigma**2 / alpha).astype(dtype)  # D - x / alpha = c s
         d_cond = x.astype(dtype) / alpha.astype(dtype) + c * cond
         diff = cond - uncond  # (D_c - D_u) / c
         # the update's norm in D units, |c diff|, capped at r
         norm, safe = _safe_norm(diff)
-        r = self.norm_threshold.astype(dtype)
+        r = self.norm_threshold.value.astype(dtype)
         over = c * norm > r
-        shrink = jnp.where(over, r / jnp.where(over, c * safe, 1.0), 1.0)
+        cap = jnp.clip(r / jnp.where(over, c * safe, 1.0), 0.0, 1.0)
+        shrink = jnp.where(over, cap, 1.0)
         # split along D_c (a zero D_c has no direction: all of it is orthogonal)
         d_norm, d_safe = _safe_norm(d_cond)
         unit = jnp.where(d_norm > 0, d_cond / d_safe, 0.0)
         parallel = jnp.sum(diff * unit) * unit
-        eta = self.eta.astype(dtype)
+        eta = self.eta.value.astype(dtype)
         update = shrink * (diff - parallel + eta * parallel)
-        return cond + self.weight(t).astype(dtype) * update
+        return (cond + self.weight(t).astype(dtype) * update).astype(out_dtype)
 
 
 def _real_scalar(name: str, value, lo: float, hi_ok: bool) -> Array:
@@ -81,12 +104,19 @@ def _real_scalar(name: str, value, lo: float, hi_ok: bool) -> Array:
     concrete: at least `lo`, finite unless `hi_ok` (inf allowed)."""
     if not is_real_scalar(value):
         raise TypeError(f"gd.apg's {name} must be a real scalar, got {value!r}")
-    arr = jnp.asarray(value, jnp.result_type(float))
-    if not isinstance(value, jax.core.Tracer):
-        v = float(np.asarray(value, np.float64))
+    with np.errstate(over="ignore"):  # 1e39 in float32: inf, rejected below
+        arr = jnp.asarray(value, jnp.result_type(float))
+    host = _host_values(value, arr)  # as stored: 1e39 is inf in float32
+    if host is not None:
+        v = float(host)
         if np.isnan(v) or v < lo or (np.isinf(v) and not hi_ok):
             bound = "> 0" if lo > 0 else "finite"
-            raise ValueError(f"gd.apg's {name} must be {bound}, got {value!r}")
+            stored = (
+                ""
+                if v == float(np.asarray(value, np.float64))
+                else (f" ({v:g} in {arr.dtype})")
+            )
+            raise ValueError(f"gd.apg's {name} must be {bound}, got {value!r}{stored}")
     return arr
 
 
@@ -115,8 +145,11 @@ def apg(
 
     returned as the score of $\tilde D$, $\tilde s = (\alpha\tilde D - x)/\sigma^2$.
     With $\eta = 1$ and no threshold it is `gd.cfg(w)`; $w$ is gd.cfg's (the
-    paper's and diffusers' scale is $1 + w$). The norms are per particle (over
-    its state). APG's momentum (a running average of $\Delta$ over the steps)
+    paper's scale is $1 + w$; diffusers' `AdaptiveProjectedGuidance` takes $w$
+    with `use_original_formulation=True`, while its default adds the update to
+    the unconditional prediction instead, a different update, and it projects
+    the model's raw output, usually the noise, not $D$). The norms are per
+    particle (over its state), computed in float32 at least. APG's momentum (a running average of $\Delta$ over the steps)
     needs state across steps, which a guidance, a stateless score transform, does
     not have: it is left out ($\beta = 0$).
 

@@ -80,7 +80,7 @@ def cond_and_uncond(
     return score(t, x, args), score(t, x, null_args)
 
 
-def check_pair(null_args, unconditional, batched, name: str = "cfg") -> None:
+def check_pair(null_args, unconditional, batched, name: str = "gd.cfg") -> None:
     """Exactly one of `null_args` / `unconditional` (an `AbstractScore`), and a
     boolean `batched`: the arguments of a guidance built on `cond_and_uncond`."""
     if (null_args is None) == (unconditional is None):
@@ -88,7 +88,7 @@ def check_pair(null_args, unconditional, batched, name: str = "cfg") -> None:
     if not isinstance(batched, bool | np.bool_):
         raise TypeError(f"{name}: batched must be True or False, got {batched!r}")
     if unconditional is not None and not isinstance(unconditional, AbstractScore):
-        raise TypeError("`unconditional` must be an AbstractScore")
+        raise TypeError(f"{name}: `unconditional` must be an AbstractScore")
 
 
 def _eager(*trees) -> bool:
@@ -131,7 +131,7 @@ def _null_like(a, n, name: str = "gd.cfg"):
     if n_shape != shape:
         raise ValueError(
             f"{name}'s null_args has shape {n_shape} but the conditional args "
-            f"have shape {shape}: batched CFG stacks them into one call. Give "
+            f"have shape {shape}: batched {name} stacks them into one call. Give "
             f"null_args of the same shape, or use {name}(..., batched=False)"
         )
     exact = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
