@@ -684,6 +684,7 @@ def _check_intervals(
     denoise: bool = False,
     sde=None,
     stacklevel: int = 3,
+    entry: str = "gd.sample",
 ) -> None:
     """A `gd.interval` whose (concrete) bounds miss the sampled times altogether,
     or hold none of the times at which the solver evaluates the score, never
@@ -706,8 +707,13 @@ def _check_intervals(
     kinds = (Interval, PiecewiseLinear, PerStep)
     found, schedules = [], []
 
+    seen = set()  # (one object met twice, e.g. in a score and a proposal: once)
+
     def collect(tree):  # intervals and schedules, also inside an interval's guidance
         for node in jtu.tree_leaves(tree, is_leaf=lambda n: isinstance(n, kinds)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             if isinstance(node, Interval):
                 found.append(node)
                 # all its fields (a subclass may hold more than its guidance)
@@ -728,7 +734,9 @@ def _check_intervals(
             continue
         knots, values = host
         if isinstance(w, PerStep):
-            _check_per_step_grid(w, knots, grid, solver, adaptive, stacklevel + 1)
+            _check_per_step_grid(
+                w, knots, grid, solver, adaptive, entry, stacklevel + 1
+            )
             continue
         if np.all(values == values[0]):
             continue  # a constant schedule: nothing is lost
@@ -786,7 +794,9 @@ def _check_intervals(
             )
 
 
-def _check_per_step_grid(w, knots, grid, solver, adaptive, stacklevel: int) -> None:
+def _check_per_step_grid(
+    w, knots, grid, solver, adaptive, entry: str, stacklevel: int
+) -> None:
     """Warn where a `gd.PerStep` weight's steps are not the sampler's: another grid
     (not a run of its consecutive times, a split run's segment; compared in
     float32, as `PerStep` finds its steps), or adaptive steps; and where
@@ -823,11 +833,19 @@ def _check_per_step_grid(w, knots, grid, solver, adaptive, stacklevel: int) -> N
             UserWarning,
             stacklevel=stacklevel,
         )
-    elif isinstance(w, CFGppSteps) and type(unwrap_solver(solver)) is not DDIM:
+    elif isinstance(w, CFGppSteps) and type(solver) is not DDIM:
+        # (a wrapped DDIM, e.g. in a HalfSolver, evaluates between the grid times)
+        if entry == "gd.smc_sample":
+            fix = (
+                "gd.smc_sample steps the reverse SDE; CFG++ needs gd.sample(..., "
+                "process='ode', solver=gd.DDIM(sde))"
+            )
+        else:
+            fix = "Sample with process='ode', solver=gd.DDIM(sde)"
         warnings.warn(
             f"gd.cfgpp's weights make gd.DDIM's step the CFG++ step; with "
             f"{type(solver).__name__} they are classifier-free guidance at per-step "
-            "weights, not CFG++. Sample with process='ode', solver=gd.DDIM(sde)",
+            f"weights, not CFG++. {fix}",
             UserWarning,
             stacklevel=stacklevel,
         )

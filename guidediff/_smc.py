@@ -434,7 +434,6 @@ def smc_sample(
     _check_score_shape(score, ts, shape, dtype, args)
     _check_log_potential(log_potential, shape, dtype)
     _check_guidance_sde(score, sde)
-    _check_intervals(score, ts, solver)
     _check_network_end(score, solver, sde, ts)
     if proposal is not None:
         check_score(proposal, "proposal")
@@ -446,7 +445,8 @@ def smc_sample(
             )
         _check_score_shape(proposal, ts, shape, dtype, args)
         _check_guidance_sde(proposal, sde)
-        _check_intervals(proposal, ts, solver)
+    # (together: a schedule in both warns once)
+    _check_intervals((score, proposal), ts, solver, entry="gd.smc_sample")
     args = _args_as_arrays(args)  # a new label does not recompile
     # Only twist == 0 (no twist: not even 0 * log r, which is NaN where r = 0)
     # selects code; any other value is traced, so a new one does not recompile.

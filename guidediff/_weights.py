@@ -188,13 +188,18 @@ class PerStep(eqx.Module):
         # rounded to float32 (float32 particles step on it, or a float32 copy
         # given to the sampler) finds the same steps as the grid itself
         times = self.times
-        t = jnp.asarray(t).astype(times.dtype)
+        t = jnp.asarray(t)
+        eps = float(np.finfo(np.float32).eps)
+        if jnp.issubdtype(t.dtype, jnp.floating):  # (a 16-bit time rounds coarser)
+            eps = max(eps, float(jnp.finfo(t.dtype).eps))
+        t = t.astype(times.dtype)
         inner = times[1:-1]
         gaps = times[:-1] - times[1:]
-        ulps = 4 * float(np.finfo(np.float32).eps) * jnp.abs(inner)
-        tol = jnp.minimum(ulps, 0.25 * jnp.minimum(gaps[:-1], gaps[1:]))
-        edges = (inner + tol).reshape((1,) * t.ndim + inner.shape)
-        k = jnp.sum(t[..., None] <= edges, axis=-1)
+        tol = jnp.minimum(
+            4 * eps * jnp.abs(inner), 0.25 * jnp.minimum(gaps[:-1], gaps[1:])
+        )
+        # the edges decrease strictly (tol < half a gap): k by binary search
+        k = jnp.searchsorted(-(inner + tol), -t, side="right")
         return self.values[k]
 
 

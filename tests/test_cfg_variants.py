@@ -79,12 +79,13 @@ def test_cfgpp_is_the_ddim_cfgpp_algorithm(sde, grid):
         return
     # the other driver, the two-call path and a separate unconditional score
     # (the same law as the null label's)
-    for g, driver in (
+    for variant, driver in (
         (g, "diffeqsolve"),
         (gd.cfgpp(lam, sde, ts, null_args=GMM.null_label, batched=False), "scan"),
         (gd.cfgpp(lam, sde, ts, unconditional=GMM.score(sde)), "scan"),
     ):
-        out = gd.sample(jr.key(0), sde, gd.guide(score, g), (2,), driver=driver, **kw)
+        guided = gd.guide(score, variant)
+        out = gd.sample(jr.key(0), sde, guided, (2,), driver=driver, **kw)
         np.testing.assert_allclose(out.ys, ref, rtol=1e-10, atol=1e-10)
     # float32 particles (under x64) step on the float32 grid and find their weights
     out32 = gd.sample(jr.key(0), sde, gd.guide(score, g), (2,), **{
@@ -216,6 +217,15 @@ def test_the_grid_warning_also_under_transformations_and_adaptive_steps():
         assert rec[0].filename == __file__
     with pytest.warns(UserWarning, match="not CFG\\+\\+"):
         mean(0.5, ts, process="sde", solver=None)
+    # a wrapped DDIM evaluates between the grid times: not CFG++ either
+    with pytest.warns(UserWarning, match="with HalfSolver"):
+        mean(0.5, ts, solver=dfx.HalfSolver(gd.DDIM(VP)))
+    # smc_sample steps the reverse SDE: said so, once for a score and proposal
+    guided = gd.guide(score, gd.cfgpp(0.5, VP, ts, null_args=GMM.null_label))
+    with pytest.warns(UserWarning, match="gd.smc_sample steps the reverse SDE") as rec:
+        gd.smc_sample(jr.key(0), VP, guided, (2,), lambda x: -jnp.sum(x**2),
+                      num_particles=4, ts=ts, args=1, proposal=guided)  # fmt: skip
+    assert len(rec) == 1
 
 
 def test_a_float32_copy_of_the_grid_finds_the_same_steps():
@@ -232,10 +242,14 @@ def test_a_float32_copy_of_the_grid_finds_the_same_steps():
             out = gd.sample(jr.key(0), VP, g, (2,), ts=used, **kw)
             ref = _cfgpp_by_the_paper(VP, score, used, 0.7, Y0, 1, GMM.null_label)
             np.testing.assert_allclose(out.ys, ref, atol=1e-6)
-    # an array of times gets their weights
+    # an array of times gets their weights; 16-bit times (a direct call) too
     w = gd.PerStep(ts32, jnp.arange(40.0))
     np.testing.assert_array_equal(w(ts[:-1]), np.arange(40.0))
     np.testing.assert_array_equal(w(ts[None, 3:5]), [[3.0, 4.0]])
+    coarse = gd.uniform_grid(VP.T, 1e-3, 20)
+    w = gd.PerStep(coarse, jnp.arange(20.0))
+    for dtype in (jnp.bfloat16, jnp.float16):
+        np.testing.assert_array_equal(w(coarse[:-1].astype(dtype)), np.arange(20.0))
 
 
 def test_bad_inputs_name_the_problem():
@@ -254,7 +268,7 @@ def test_bad_inputs_name_the_problem():
         (lambda: gd.cfgpp(True, VP, ts, null_args=2), TypeError, "real numbers"),
         (lambda: gd.cfgpp(0.5, VP, ts[::-1], null_args=2), ValueError, "decreasing"),
         (lambda: gd.cfgpp(0.5, VP, [2.0, 1.0, 0.5], null_args=2), ValueError, "range"),
-        (lambda: gd.cfgpp(0.5, VP, ts), ValueError, "exactly one of"),
+        (lambda: gd.cfgpp(0.5, VP, ts), ValueError, "gd.cfgpp needs exactly one of"),
     ]
     for make, kind, match in cases:
         with pytest.raises(kind, match=match):

@@ -111,11 +111,9 @@ def _real_scalar(name: str, value, lo: float, hi_ok: bool) -> Array:
         v = float(host)
         if np.isnan(v) or v < lo or (np.isinf(v) and not hi_ok):
             bound = "> 0" if lo > 0 else "finite"
-            stored = (
-                ""
-                if v == float(np.asarray(value, np.float64))
-                else (f" ({v:g} in {arr.dtype})")
-            )
+            given = float(np.asarray(value, np.float64))
+            same = v == given or (np.isnan(v) and np.isnan(given))
+            stored = "" if same else f" ({v:g} in {arr.dtype})"
             raise ValueError(f"gd.apg's {name} must be {bound}, got {value!r}{stored}")
     return arr
 

@@ -264,6 +264,7 @@ def cfgpp(
                         args=1, process="ode", solver=gd.DDIM(sde))
         ```
     """
+    check_pair(null_args, unconditional, batched, "gd.cfgpp")
     if not isinstance(sde, AbstractSDE):
         raise TypeError(
             f"gd.cfgpp: sde must be a gd.AbstractSDE (e.g. gd.VPSDE()), got "
