@@ -534,10 +534,12 @@ class GaussianMixture(eqx.Module):
         # normalised within the class from the log-weights (the class's weights
         # can all round to 0 while their log-weights are finite)
         log_w = self.log_weights[keep]
+        # a diagonal mixture's variances (its evecs are the identity): kept diagonal
+        covs = self.evals[keep] if self.diagonal else self.covs[keep]
         return GaussianMixture(
             jnp.exp(log_w - jax.nn.logsumexp(log_w)),
             self.means[keep],
-            self.covs[keep],
+            covs,
             self.labels[keep],
             num_classes=self.num_classes,
         )

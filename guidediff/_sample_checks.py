@@ -312,27 +312,28 @@ def _check_score_shape_uncached(
         base = base.score
     # Classifier-free guidance's null args reach the base score inside the batched
     # (vmapped) call, where their values are hidden too: call it with them here.
-    from ._guidance.cfg import ClassifierFree
+    from ._guidance.cfg import pair_guidance_name
 
-    cfgs = jtu.tree_leaves(score, is_leaf=lambda n: isinstance(n, ClassifierFree))
+    pairs = jtu.tree_leaves(score, is_leaf=lambda n: pair_guidance_name(n) is not None)
     null_args = [
-        g.null_args
-        for g in cfgs
-        if isinstance(g, ClassifierFree) and g.null_args is not None
+        (pair_guidance_name(g), g.null_args)
+        for g in pairs
+        if pair_guidance_name(g) is not None and g.null_args is not None
     ]
-    for null in null_args if base is not score else ():
+    for name, null in null_args if base is not score else ():
         try:
             concrete = jtu.tree_map(_concrete, null)
             eqx.filter_eval_shape(lambda t, x_, n=concrete: base(t, x_, n), ts[0], x)
         except Exception as e:
             raise ValueError(
-                f"calling the score with gd.cfg's null_args={null!r} (the "
+                f"calling the score with {name}'s null_args={null!r} (the "
                 f"unconditional call) failed: {e}"
             ) from e
     first = _first_cfg(score)
     if first is not None and _ignores_args(base, ts[0], x, args, first.null_args):
         raise ValueError(
-            f"gd.cfg(null_args=...) guides a score that ignores its args "
+            f"{pair_guidance_name(first)}(null_args=...) guides a score that ignores "
+            "its args "
             f"({type(base).__name__}): its conditional and unconditional calls are "
             "equal, so the guidance would be a silent no-op. Guide a class-"
             "conditional score (e.g. gmm.conditional_score(sde), not gmm.score(sde), "
@@ -402,10 +403,11 @@ def _warn_null_label(base, args) -> None:
 
 def _first_cfg(score):
     """The guidance applied first to the innermost (unguided) score if it is
-    `gd.cfg` with `null_args` (inside a `chain` or an `interval`), else `None`: it
-    calls that score with the args and with the null args."""
+    `gd.cfg` (or `gd.cfgpp`, `gd.apg`) with `null_args` (inside a `chain` or an
+    `interval`), else `None`: it calls that score with the args and with the null
+    args."""
     from ._guidance.base import Chain
-    from ._guidance.cfg import ClassifierFree
+    from ._guidance.cfg import pair_guidance_name
     from ._guidance.interval import Interval
 
     while isinstance(score, Guided) and isinstance(score.score, Guided):
@@ -419,8 +421,8 @@ def _first_cfg(score):
         elif isinstance(g, Interval):
             g = g.guidance
         else:
-            cfg = isinstance(g, ClassifierFree) and g.null_args is not None
-            return g if cfg else None
+            pair = pair_guidance_name(g) is not None and g.null_args is not None
+            return g if pair else None
 
 
 def _split_args_arrays(args):
@@ -711,9 +713,9 @@ def _check_intervals(
 
     def collect(tree):  # intervals and schedules, also inside an interval's guidance
         for node in jtu.tree_leaves(tree, is_leaf=lambda n: isinstance(n, kinds)):
-            if id(node) in seen:
+            if not isinstance(node, kinds) or id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen.add(id(node))  # (kept alive by found / schedules)
             if isinstance(node, Interval):
                 found.append(node)
                 # all its fields (a subclass may hold more than its guidance)
@@ -815,21 +817,21 @@ def _check_per_step_grid(
         what = "a gd.PerStep weight was"
     if adaptive:
         problem = "the sampler steps adaptively, not on that grid"
+    elif _on_grid(knots, grid):
+        problem = None
     else:
-        with np.errstate(over="ignore"):
-            mine, theirs = knots.astype(np.float32), grid.astype(np.float32)
-        start = np.flatnonzero(mine == theirs[0])
-        if start.size and np.array_equal(
-            mine[start[0] : start[0] + theirs.size], theirs
-        ):
-            problem = None
-        else:
-            problem = f"the sampler steps on another grid ({show(grid)})"
+        problem = f"the sampler steps on another grid ({show(grid)}"
+        if grid.size == knots.size:
+            far = np.abs(grid.astype(np.float64) - knots)
+            k = int(np.argmax(far))
+            problem += f"; its time {k} differs by {far[k]:.3g}"
+        problem += ")"
     if problem is not None:
+        cfgpp = " (gd.cfgpp is CFG++ only on its own grid)" if "cfgpp" in what else ""
         warnings.warn(
             f"{what} made for a grid of {show(knots)}, but {problem}: each of "
-            "its steps takes the weight of the PerStep step its time falls in (gd."
-            "cfgpp is CFG++ only on its own grid). Pass the same ts to both",
+            f"its steps takes the weight of the PerStep step its time falls in"
+            f"{cfgpp}. Pass the same ts to both",
             UserWarning,
             stacklevel=stacklevel,
         )
@@ -849,6 +851,23 @@ def _check_per_step_grid(
             UserWarning,
             stacklevel=stacklevel,
         )
+
+
+def _on_grid(knots: np.ndarray, grid: np.ndarray) -> bool:
+    """Whether the sampler's `grid` is a `PerStep`'s grid `knots`, or a run of its
+    consecutive times, each time within the tolerance `PerStep` finds its steps
+    with (16 float32 ulps of the largest time, at most a quarter of the
+    neighbouring gaps)."""
+    knots = knots.astype(np.float64)
+    grid = grid.astype(np.float64)
+    gaps = np.abs(np.diff(knots))
+    near = np.minimum(np.append(gaps, np.inf), np.insert(gaps, 0, np.inf))
+    scale = max(abs(knots[0]), abs(knots[-1]))
+    tol = np.minimum(16 * np.finfo(np.float32).eps * scale, 0.25 * near)
+    for s in np.flatnonzero(np.abs(knots - grid[0]) <= tol)[:1]:
+        run, t = knots[s : s + grid.size], tol[s : s + grid.size]
+        return run.size == grid.size and bool(np.all(np.abs(run - grid) <= t))
+    return False
 
 
 def _evaluates_at_step_end(solver) -> bool:
@@ -927,6 +946,12 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
     an error estimate."""
     from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
 
+    if isinstance(solver, type) and issubclass(solver, dfx.AbstractSolver):
+        hint = "(sde)" if solver.__module__.startswith("guidediff") else "()"
+        raise TypeError(
+            f"solver must be a diffrax.AbstractSolver instance, got the class "
+            f"{solver.__name__}: pass {solver.__name__}{hint}"
+        )
     if not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(
             f"solver must be a diffrax.AbstractSolver, got {type(solver).__name__}"

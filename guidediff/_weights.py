@@ -119,9 +119,11 @@ class PerStep(eqx.Module):
     $v_k$. Above $t_0$ it holds $v_0$, at or below $t_N$ it holds $v_{N-1}$ (the
     final denoising step of `denoise=True` takes the last step's weight). A solver
     with stages inside a step (Heun's at its end $t_{k+1}$) sees the weight of the
-    step each stage's time falls in. A time within a few float32 ulps of a grid
-    time counts as that time, so float32 particles, which step on the grid
-    rounded to float32, and a float32 copy of the grid find their steps' weights.
+    step each stage's time falls in. A time within float32 rounding of a grid
+    time (16 float32 ulps of the grid's largest time, at most a quarter of the
+    neighbouring steps) counts as that time, so float32 particles, which step on
+    the grid rounded to float32, and the same grid computed another way in float32
+    find their steps' weights.
     Called on an array of times, it returns their weights.
 
     Sampling on another grid than `ts`, or with adaptive steps, reads the weights
@@ -184,9 +186,10 @@ class PerStep(eqx.Module):
 
     def __call__(self, t: Time) -> Scalar:
         # k = the number of the grid's inner times t_1 .. t_{N-1} at or above t,
-        # each within a few float32 ulps (a quarter of its gaps at most): the grid
-        # rounded to float32 (float32 particles step on it, or a float32 copy
-        # given to the sampler) finds the same steps as the grid itself
+        # each within float32 rounding at the grid's scale (a quarter of its gaps
+        # at most): the grid rounded to float32 (float32 particles step on it, or
+        # a float32 copy given to the sampler) or computed in float32 by another
+        # formula finds the same steps as the grid itself
         times = self.times
         t = jnp.asarray(t)
         eps = float(np.finfo(np.float32).eps)
@@ -195,12 +198,12 @@ class PerStep(eqx.Module):
         t = t.astype(times.dtype)
         inner = times[1:-1]
         gaps = times[:-1] - times[1:]
-        tol = jnp.minimum(
-            4 * eps * jnp.abs(inner), 0.25 * jnp.minimum(gaps[:-1], gaps[1:])
-        )
+        scale = jnp.maximum(jnp.abs(times[0]), jnp.abs(times[-1]))
+        tol = jnp.minimum(16 * eps * scale, 0.25 * jnp.minimum(gaps[:-1], gaps[1:]))
         # the edges decrease strictly (tol < half a gap): k by binary search
-        k = jnp.searchsorted(-(inner + tol), -t, side="right")
-        return self.values[k]
+        # (unrolled: no loop on the device per score call; a NaN time: step 0)
+        k = jnp.searchsorted(-(inner + tol), -t, side="right", method="scan_unrolled")
+        return self.values[jnp.where(jnp.isnan(t), 0, k)]
 
 
 Weight: TypeAlias = float | ArrayLike | Callable[[Time], Scalar]
@@ -386,13 +389,15 @@ def _host_values(a, stored: Array) -> np.ndarray | None:
     host for its checks; None if any of it is traced. Read from the input, not from
     `stored`: a Python number then costs no device round trip, and reading a new
     device array waits for all the work queued before it (in a sweep, the previous
-    samples). Values beyond float64's exact integers are read from `stored`: such
-    integers are rounded once or twice depending on how they are given (a NumPy
-    int64 array once, Python ints through float64)."""
+    samples). Finite values beyond float64's exact integers are read from `stored`
+    (unless it is traced: made under `jax.jit`): such integers are rounded once or
+    twice depending on how they are given (a NumPy int64 array once, Python ints
+    through float64)."""
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(a)):
         return None
-    with np.errstate(over="ignore"):  # 1e39 in float32: inf, rejected as such
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e39 in float32: inf
         exact = np.asarray(a, np.float64)
-        if np.any(np.abs(exact) > 2.0**53):
+        huge = np.isfinite(exact) & (np.abs(exact) > 2.0**53)
+        if np.any(huge) and not isinstance(stored, jax.core.Tracer):
             return np.asarray(stored)
         return exact.astype(stored.dtype)

@@ -252,6 +252,65 @@ def test_a_float32_copy_of_the_grid_finds_the_same_steps():
         np.testing.assert_array_equal(w(coarse[:-1].astype(dtype)), np.arange(20.0))
 
 
+def test_the_walkthroughs_cases():
+    """From a user walkthrough and a review: a cfgpp built for another SDE is
+    refused where it is sampled (its weights hold their SDE); a grid outside its
+    SDE's range names gd.cfgpp; the same grid computed another way in float32 is
+    the same grid; a grid that differs says where; a NaN time takes step 0."""
+    ts = gd.uniform_grid(VP.T, 1e-3, 8)
+    score = GMM.conditional_score(VP)
+    kw = dict(num_particles=2, ts=ts, args=1, process="ode", solver=gd.DDIM(VP))
+    other = gd.VPSDE(gd.LinearBeta(0.1, 10.0))
+    g = gd.guide(score, gd.cfgpp(0.5, other, ts, null_args=GMM.null_label))
+    with pytest.raises(ValueError, match="differs"):
+        gd.sample(jr.key(0), VP, g, (2,), **kw)
+    with pytest.raises(ValueError, match="gd.cfgpp's ts, for its sde: the time grid"):
+        gd.cfgpp(0.5, gd.VPSDE(gd.CosineSchedule()), ts, null_args=2)
+    # np.linspace in float64, rounded to float32, against gd.uniform_grid's float64
+    # formula: 5e-8 apart near t = 0.01 (50 float32 ulps there), the same steps
+    made = np.linspace(1.0, 1e-3, 101).astype(np.float32)
+    w = gd.PerStep(made, np.arange(100.0))
+    fine = gd.uniform_grid(1.0, 1e-3, 100)
+    np.testing.assert_array_equal(w(fine[:-1]), np.arange(100.0))
+    guided = gd.guide(score, gd.cfg(w, null_args=GMM.null_label))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gd.sample(jr.key(0), VP, guided, (2,), **{**kw, "ts": fine, "solver": None})
+    logsnr = gd.logsnr_grid(VP, 1.0, 1e-3, 100)
+    with pytest.warns(UserWarning, match=r"its time \d+ differs by"):
+        gd.sample(jr.key(0), VP, guided, (2,), **{**kw, "ts": logsnr, "solver": None})
+    assert float(w(jnp.nan)) == 0.0
+
+
+def test_apg_and_cfgpp_get_cfgs_sampling_checks():
+    """gd.cfg's checks of its null args and of a score that ignores its args
+    apply to gd.apg and gd.cfgpp too (an unknown null label made every particle
+    NaN, and a score ignoring its args a silent no-op), in their own names."""
+    ts = gd.uniform_grid(VP.T, 1e-3, 4)
+    kw = dict(num_particles=2, ts=ts, args=1)
+    cond, plain = GMM.conditional_score(VP), GMM.score(VP)
+    for name, make in (
+        ("gd.apg", lambda null: gd.apg(2.0, VP, null_args=null)),
+        ("gd.cfgpp", lambda null: gd.cfgpp(0.5, VP, ts, null_args=null)),
+    ):
+        with pytest.raises(ValueError, match=f"{name}'s null_args=7"):
+            gd.sample(jr.key(0), VP, gd.guide(cond, make(7)), (2,), **kw)
+        with pytest.raises(ValueError, match=f"{name}\\(null_args=...\\) guides a"):
+            gd.sample(jr.key(0), VP, gd.guide(plain, make(2)), (2,), **kw)
+
+
+def test_small_fixes_from_the_walkthrough():
+    # APG built under jax.jit with its default (infinite) threshold
+    eta = jax.jit(lambda w: gd.apg(w, VP, null_args=2).norm_threshold.value)(2.0)
+    assert float(eta) == np.inf
+    # a solver class instead of an instance says how to make one
+    with pytest.raises(TypeError, match=r"got the class DDIM: pass DDIM\(sde\)"):
+        gd.sample(jr.key(0), VP, GMM.score(VP), (2,), num_particles=2,
+                  process="ode", solver=gd.DDIM)  # fmt: skip
+    # a diagonal mixture's class-conditional law stays diagonal
+    assert GMM.diagonal and GMM.conditional(1).diagonal
+
+
 def test_bad_inputs_name_the_problem():
     ts = gd.uniform_grid(VP.T, 1e-3, 4)
     cases = [

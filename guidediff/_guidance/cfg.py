@@ -35,8 +35,9 @@ class ClassifierFree(AbstractGuidance):
 
     def apply(self, score, t, x, args):
         cond, uncond = cond_and_uncond(
-            score, t, x, args, self.null_args, self.unconditional, self.batched
-        )
+            score, t, x, args, self.null_args, self.unconditional, self.batched,
+            pair_guidance_name(self),
+        )  # fmt: skip
         w = self.weight(t).astype(cond.dtype)
         return cond + w * (cond - uncond)
 
@@ -78,6 +79,19 @@ def cond_and_uncond(
         out = jax.vmap(score, in_axes=(None, None, 0))(t, x, both)
         return out[0], out[1]
     return score(t, x, args), score(t, x, null_args)
+
+
+def pair_guidance_name(g) -> str | None:
+    """The public name of a guidance built on `cond_and_uncond` (`"gd.cfg"`,
+    `"gd.cfgpp"`, `"gd.apg"`), for the samplers' checks and messages; `None` for
+    any other object."""
+    from .apg import AdaptiveProjected
+
+    if isinstance(g, AdaptiveProjected):
+        return "gd.apg"
+    if isinstance(g, ClassifierFree):
+        return "gd.cfgpp" if isinstance(g.weight, CFGppSteps) else "gd.cfg"
+    return None
 
 
 def check_pair(null_args, unconditional, batched, name: str = "gd.cfg") -> None:
@@ -195,7 +209,15 @@ def cfg(
 
 class CFGppSteps(PerStep):
     """`gd.cfgpp`'s per-step weights: a `gd.PerStep` the samplers know to be CFG++'s
-    (they warn when it meets another solver than `gd.DDIM`)."""
+    (they warn when it meets another solver than `gd.DDIM`), holding the SDE they
+    were computed for (the samplers refuse another SDE, as for any guidance that
+    holds one)."""
+
+    sde: AbstractSDE
+
+    def __init__(self, ts: ArrayLike, values: ArrayLike, sde: AbstractSDE):
+        super().__init__(ts, values)
+        self.sde = sde
 
 
 def cfgpp(
@@ -237,7 +259,10 @@ def cfgpp(
     the grid is refined: CFG++ is a
     method of its grid, and one $\lambda$ guides more strongly on a finer grid
     (the last step to $\sigma = 0$ has $h = \infty$ and scale $\lambda$). Compare
-    values of $\lambda$ at a fixed number of steps.
+    values of $\lambda$ at a fixed number of steps. A step whose scale is below 1,
+    $\lambda < 1 - e^{-h_k}$ ($w_k < 0$), guides *less* than the conditional score
+    alone: on a 20-step log-SNR grid from 1 to 0.001 of the default VP SDE that is
+    every $\lambda$ below about 0.4.
 
     **Arguments:**
 
@@ -285,11 +310,14 @@ def cfgpp(
     if not isinstance(lam, jax.core.Tracer) and not np.isfinite(np.asarray(lam)):
         raise ValueError(f"gd.cfgpp's lam must be finite, got {lam}")
     _check_real(ts, "gd.cfgpp's ts")
-    check_grid(sde, ts)  # decreasing, within [0, T]: sde.log_snr is defined there
+    try:  # decreasing, within [0, T]: sde.log_snr is defined there
+        check_grid(sde, ts)
+    except ValueError as e:
+        raise ValueError(f"gd.cfgpp's ts, for its sde: {e}") from None
     times = jnp.asarray(ts, jnp.result_type(float))
     ell = 0.5 * jax.vmap(sde.log_snr)(times)  # log(alpha / sigma); inf at sigma = 0
     scale = lam / -jnp.expm1(-(ell[1:] - ell[:-1]))
-    weights = CFGppSteps(times, (scale - 1.0).astype(times.dtype))
+    weights = CFGppSteps(times, (scale - 1.0).astype(times.dtype), sde)
     return cfg(
         weights, null_args=null_args, unconditional=unconditional, batched=batched
     )
