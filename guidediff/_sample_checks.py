@@ -314,10 +314,11 @@ def _check_score_shape_uncached(
     # (vmapped) call, where their values are hidden too: call it with them here.
     from ._guidance.cfg import pair_guidance_name
 
-    pairs = jtu.tree_leaves(score, is_leaf=lambda n: pair_guidance_name(n) is not None)
+    # (only those applied to the base score: one inside another score, e.g. a
+    # reward guidance's s_r, has its own labels)
     null_args = [
         (pair_guidance_name(g), g.null_args)
-        for g in pairs
+        for g in _guidances_on(score)
         if pair_guidance_name(g) is not None and g.null_args is not None
     ]
     for name, null in null_args if base is not score else ():
@@ -399,6 +400,29 @@ def _warn_null_label(base, args) -> None:
                 stacklevel=_user_stacklevel(),
             )
             return
+
+
+def _guidances_on(score) -> list:
+    """The guidances applied to the innermost score of `score`: each `Guided`
+    layer's, with the members of `Chain`s and the guidances of `Interval`s."""
+    from ._guidance.base import Chain
+    from ._guidance.interval import Interval
+
+    out = []
+
+    def walk(g):
+        if isinstance(g, Chain):
+            for member in g.guidances:
+                walk(member)
+        elif isinstance(g, Interval):
+            walk(g.guidance)
+        else:
+            out.append(g)
+
+    while isinstance(score, Guided):
+        walk(score.guidance)
+        score = score.score
+    return out
 
 
 def _first_cfg(score):
@@ -650,7 +674,8 @@ def _check_guidance_sde(score, sde) -> None:
                 f"the score holds a {type(held).__name__} that differs (type or "
                 f"parameters) from the {type(sde).__name__} sampled: build every "
                 "score, classifier and guidance with the SDE that is sampled "
-                "(e.g. gmm.score(sde), gd.gradient_guidance(..., sde=sde))"
+                "(e.g. gmm.score(sde), gd.gradient_guidance(..., sde=sde), "
+                "gd.cfgpp(lam, sde, ts), gd.apg(w, sde))"
             )
 
 
@@ -856,14 +881,14 @@ def _check_per_step_grid(
 def _on_grid(knots: np.ndarray, grid: np.ndarray) -> bool:
     """Whether the sampler's `grid` is a `PerStep`'s grid `knots`, or a run of its
     consecutive times, each time within the tolerance `PerStep` finds its steps
-    with (16 float32 ulps of the largest time, at most a quarter of the
-    neighbouring gaps)."""
+    with (16 float32 ulps of the largest time, at most 1/64 of the neighbouring
+    gaps)."""
     knots = knots.astype(np.float64)
     grid = grid.astype(np.float64)
     gaps = np.abs(np.diff(knots))
     near = np.minimum(np.append(gaps, np.inf), np.insert(gaps, 0, np.inf))
     scale = max(abs(knots[0]), abs(knots[-1]))
-    tol = np.minimum(16 * np.finfo(np.float32).eps * scale, 0.25 * near)
+    tol = np.minimum(16 * np.finfo(np.float32).eps * scale, near / 64)
     for s in np.flatnonzero(np.abs(knots - grid[0]) <= tol)[:1]:
         run, t = knots[s : s + grid.size], tol[s : s + grid.size]
         return run.size == grid.size and bool(np.all(np.abs(run - grid) <= t))
@@ -947,10 +972,11 @@ def _check_solver(solver, process, controller, sde=None, driver="scan") -> None:
     from ._solver import DDIM, ExponentialIntegrator, SDEDPMSolverPP
 
     if isinstance(solver, type) and issubclass(solver, dfx.AbstractSolver):
-        hint = "(sde)" if solver.__module__.startswith("guidediff") else "()"
+        ours = solver.__module__.split(".")[0] == "guidediff"
+        hint = "(sde)" if ours else "(...)"
         raise TypeError(
             f"solver must be a diffrax.AbstractSolver instance, got the class "
-            f"{solver.__name__}: pass {solver.__name__}{hint}"
+            f"{solver.__name__}: pass an instance, {solver.__name__}{hint}"
         )
     if not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(

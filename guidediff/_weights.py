@@ -120,7 +120,7 @@ class PerStep(eqx.Module):
     final denoising step of `denoise=True` takes the last step's weight). A solver
     with stages inside a step (Heun's at its end $t_{k+1}$) sees the weight of the
     step each stage's time falls in. A time within float32 rounding of a grid
-    time (16 float32 ulps of the grid's largest time, at most a quarter of the
+    time (16 float32 ulps of the grid's largest time, at most 1/64 of the
     neighbouring steps) counts as that time, so float32 particles, which step on
     the grid rounded to float32, and the same grid computed another way in float32
     find their steps' weights.
@@ -199,7 +199,11 @@ class PerStep(eqx.Module):
         inner = times[1:-1]
         gaps = times[:-1] - times[1:]
         scale = jnp.maximum(jnp.abs(times[0]), jnp.abs(times[-1]))
-        tol = jnp.minimum(16 * eps * scale, 0.25 * jnp.minimum(gaps[:-1], gaps[1:]))
+        # capped at a small share of the neighbouring steps, so that a solver's
+        # stages late in a step keep its weight (a 16-bit time, rounded coarser,
+        # is a direct call: up to a quarter)
+        share = 0.25 if eps > float(np.finfo(np.float32).eps) else 1 / 64
+        tol = jnp.minimum(16 * eps * scale, share * jnp.minimum(gaps[:-1], gaps[1:]))
         # the edges decrease strictly (tol < half a gap): k by binary search
         # (unrolled: no loop on the device per score call; a NaN time: step 0)
         k = jnp.searchsorted(-(inner + tol), -t, side="right", method="scan_unrolled")
@@ -398,6 +402,8 @@ def _host_values(a, stored: Array) -> np.ndarray | None:
     with np.errstate(over="ignore", invalid="ignore"):  # 1e39 in float32: inf
         exact = np.asarray(a, np.float64)
         huge = np.isfinite(exact) & (np.abs(exact) > 2.0**53)
-        if np.any(huge) and not isinstance(stored, jax.core.Tracer):
+        if np.any(huge):  # rounded once, as stored (made traced under jax.jit)
+            if isinstance(stored, jax.core.Tracer):
+                return np.asarray(a).astype(stored.dtype)
             return np.asarray(stored)
         return exact.astype(stored.dtype)

@@ -280,6 +280,13 @@ def test_the_walkthroughs_cases():
     with pytest.warns(UserWarning, match=r"its time \d+ differs by"):
         gd.sample(jr.key(0), VP, guided, (2,), **{**kw, "ts": logsnr, "solver": None})
     assert float(w(jnp.nan)) == 0.0
+    # a solver's stages late in a step (Tsit5's c = 0.98, Dopri5's 8/9) keep the
+    # step's weight, also on fine log-SNR and geometric grids
+    for grid in (gd.logsnr_grid(VP, 1.0, 1e-3, 1000), np.geomspace(1000, 1e-3, 101)):
+        steps = gd.PerStep(grid, np.arange(len(grid) - 1.0))
+        for c in (0.5, 5 / 6, 8 / 9, 0.98):
+            stage = grid[:-1] - c * (grid[:-1] - grid[1:])
+            np.testing.assert_array_equal(steps(stage), np.arange(len(grid) - 1.0))
 
 
 def test_apg_and_cfgpp_get_cfgs_sampling_checks():
@@ -299,12 +306,28 @@ def test_apg_and_cfgpp_get_cfgs_sampling_checks():
             gd.sample(jr.key(0), VP, gd.guide(plain, make(2)), (2,), **kw)
 
 
+def test_a_pair_guidance_inside_another_score_keeps_its_own_labels():
+    """gd.apg (or gd.cfg) guiding the s_r of a reward guidance is checked against
+    that score, not the outer one: its null label 3 of a 3-class mixture is not
+    tried on the 2-class outer score (it was refused)."""
+    three = gd.GaussianMixture(
+        [0.3, 0.3, 0.4], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]], [0.5, 0.5, 0.5]
+    )
+    s_r = gd.guide(three.conditional_score(VP), gd.apg(1.0, VP, null_args=3))
+    outer = gd.guide(GMM.conditional_score(VP), gd.reward_guidance(s_r, 0.5))
+    out = gd.sample(jr.key(0), VP, outer, (2,), num_particles=2, args=1,
+                    ts=gd.uniform_grid(VP.T, 1e-3, 4))  # fmt: skip
+    assert int(out.num_failed) == 0
+
+
 def test_small_fixes_from_the_walkthrough():
     # APG built under jax.jit with its default (infinite) threshold
     eta = jax.jit(lambda w: gd.apg(w, VP, null_args=2).norm_threshold.value)(2.0)
     assert float(eta) == np.inf
     # a solver class instead of an instance says how to make one
-    with pytest.raises(TypeError, match=r"got the class DDIM: pass DDIM\(sde\)"):
+    with pytest.raises(
+        TypeError, match=r"got the class DDIM: pass an instance, DDIM\(sde\)"
+    ):
         gd.sample(jr.key(0), VP, GMM.score(VP), (2,), num_particles=2,
                   process="ode", solver=gd.DDIM)  # fmt: skip
     # a diagonal mixture's class-conditional law stays diagonal
