@@ -318,8 +318,8 @@ def _check_score_shape_uncached(
     # reward guidance's s_r, has its own labels)
     null_args = [
         (pair_guidance_name(g), g.null_args)
-        for g in _guidances_on(score)
-        if pair_guidance_name(g) is not None and g.null_args is not None
+        for g in _pair_guidances_on(score)
+        if g.null_args is not None
     ]
     for name, null in null_args if base is not score else ():
         try:
@@ -402,25 +402,21 @@ def _warn_null_label(base, args) -> None:
             return
 
 
-def _guidances_on(score) -> list:
-    """The guidances applied to the innermost score of `score`: each `Guided`
-    layer's, with the members of `Chain`s and the guidances of `Interval`s."""
-    from ._guidance.base import Chain
-    from ._guidance.interval import Interval
+def _pair_guidances_on(score) -> list:
+    """The guidances built on `cond_and_uncond` (gd.cfg, gd.cfgpp, gd.apg) applied
+    to the innermost score of `score`: anywhere inside each `Guided` layer's
+    guidance (a chain, an interval, a user's wrapper), but not inside a score it
+    holds (a reward guidance's s_r, an unconditional score: their own labels)."""
+    from ._guidance.cfg import pair_guidance_name
+    from ._score import AbstractScore
+
+    def stop(node):
+        return pair_guidance_name(node) is not None or isinstance(node, AbstractScore)
 
     out = []
-
-    def walk(g):
-        if isinstance(g, Chain):
-            for member in g.guidances:
-                walk(member)
-        elif isinstance(g, Interval):
-            walk(g.guidance)
-        else:
-            out.append(g)
-
     while isinstance(score, Guided):
-        walk(score.guidance)
+        leaves = jtu.tree_leaves(score.guidance, is_leaf=stop)
+        out += [g for g in leaves if pair_guidance_name(g) is not None]
         score = score.score
     return out
 
@@ -888,7 +884,10 @@ def _on_grid(knots: np.ndarray, grid: np.ndarray) -> bool:
     gaps = np.abs(np.diff(knots))
     near = np.minimum(np.append(gaps, np.inf), np.insert(gaps, 0, np.inf))
     scale = max(abs(knots[0]), abs(knots[-1]))
-    tol = np.minimum(16 * np.finfo(np.float32).eps * scale, near / 64)
+    # (the ends only hold their weights: a quarter of their gap, as 16-bit times)
+    share = np.full(knots.size, 1 / 64)
+    share[[0, -1]] = 0.25
+    tol = np.minimum(16 * np.finfo(np.float32).eps * scale, share * near)
     for s in np.flatnonzero(np.abs(knots - grid[0]) <= tol)[:1]:
         run, t = knots[s : s + grid.size], tol[s : s + grid.size]
         return run.size == grid.size and bool(np.all(np.abs(run - grid) <= t))

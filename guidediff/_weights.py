@@ -186,8 +186,8 @@ class PerStep(eqx.Module):
 
     def __call__(self, t: Time) -> Scalar:
         # k = the number of the grid's inner times t_1 .. t_{N-1} at or above t,
-        # each within float32 rounding at the grid's scale (a quarter of its gaps
-        # at most): the grid rounded to float32 (float32 particles step on it, or
+        # each within float32 rounding at the grid's scale (a small share of its
+        # gaps at most): the grid rounded to float32 (float32 particles step on it, or
         # a float32 copy given to the sampler) or computed in float32 by another
         # formula finds the same steps as the grid itself
         times = self.times

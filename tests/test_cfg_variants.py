@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import guidediff as gd
+from guidediff._sample_checks import _on_grid
 
 
 VP = gd.VPSDE()
@@ -320,6 +321,26 @@ def test_a_pair_guidance_inside_another_score_keeps_its_own_labels():
     assert int(out.num_failed) == 0
 
 
+class _Wrap(gd.AbstractGuidance):
+    """A user's guidance that applies another one."""
+
+    inner: gd.AbstractGuidance
+
+    def apply(self, score, t, x, args):
+        return gd.guide(score, self.inner)(t, x, args)
+
+
+def test_a_pair_guidance_inside_a_users_wrapper_is_checked():
+    """The null-args check looks inside any guidance applied to the base score
+    (not inside the scores it holds): an unknown null label through a user's
+    wrapper is an error, not NaN samples."""
+    kw = dict(num_particles=2, args=1, ts=gd.uniform_grid(VP.T, 1e-3, 4))
+    for inner in (gd.cfg(1.0, null_args=7), gd.apg(1.0, VP, null_args=7)):
+        wrapped = gd.guide(GMM.conditional_score(VP), _Wrap(inner))
+        with pytest.raises(ValueError, match="null_args=7"):
+            gd.sample(jr.key(0), VP, wrapped, (2,), **kw)
+
+
 def test_small_fixes_from_the_walkthrough():
     # APG built under jax.jit with its default (infinite) threshold
     eta = jax.jit(lambda w: gd.apg(w, VP, null_args=2).norm_threshold.value)(2.0)
@@ -330,6 +351,10 @@ def test_small_fixes_from_the_walkthrough():
     ):
         gd.sample(jr.key(0), VP, GMM.score(VP), (2,), num_particles=2,
                   process="ode", solver=gd.DDIM)  # fmt: skip
+    # the grid check's tolerance at the ends, which only hold their weights: the
+    # float32 copy of a 20000-step quadratic grid (last gap 2.5e-9) is the grid
+    q = np.asarray(gd.quadratic_grid(1.0, 1e-3, 20_000))
+    assert _on_grid(q, q.astype(np.float32))
     # a diagonal mixture's class-conditional law stays diagonal
     assert GMM.diagonal and GMM.conditional(1).diagonal
 
